@@ -1,0 +1,64 @@
+"""Loader for the optional native CPU op library (built by CMakeLists.txt).
+
+The native library, when present, owns the `gpd::` schemas (it defines them from
+`schemas.txt`, compiled in) and registers CPU kernels for them. Without it, the
+Python side defines the same schemas from the same file and registers the PyTorch
+references as the CPU kernels. Either way each schema has exactly one definition.
+Set GPD_DISABLE_NATIVE=1 to force the Python reference backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+_LOG = logging.getLogger("gpd_kernels")
+_LIB_DIR = Path(__file__).resolve().parent / "_lib"
+_LIB_NAME = {"darwin": "libgpd_native.dylib", "win32": "gpd_native.dll"}.get(
+    sys.platform, "libgpd_native.so"
+)
+
+_state: dict[str, object] = {"loaded": None, "error": None}
+
+
+def native_library_path() -> Path:
+    """Where the built native library is expected."""
+    return _LIB_DIR / _LIB_NAME
+
+
+def load_native() -> bool:
+    """Load the native library once; return True if its CPU kernels are active."""
+    if _state["loaded"] is not None:
+        return bool(_state["loaded"])
+    path = native_library_path()
+    loaded = False
+    if os.environ.get("GPD_DISABLE_NATIVE") == "1":
+        _state["error"] = "disabled by GPD_DISABLE_NATIVE=1"
+    elif not path.exists():
+        _state["error"] = f"{path} not built (pip install --no-build-isolation -e . builds it)"
+    else:
+        try:
+            torch.ops.load_library(str(path))
+            loaded = True
+        except OSError as exc:  # a stale build against another torch, typically
+            _state["error"] = f"failed to load {path}: {exc}"
+    _state["loaded"] = loaded
+    backend = "native" if loaded else "reference"
+    _LOG.info("gpd_kernels CPU backend: %s%s", backend,
+              "" if loaded else f" ({_state['error']})")
+    return loaded
+
+
+def cpu_backend() -> str:
+    """'native' when the C++ library serves the CPU ops, else 'reference'."""
+    return "native" if load_native() else "reference"
+
+
+def native_unavailable_reason() -> str | None:
+    """Why the native backend is not active, or None when it is."""
+    load_native()
+    return None if _state["loaded"] else str(_state["error"])
