@@ -1,0 +1,326 @@
+"""Fused adaLN modulation for DiT blocks.
+
+Two ops, each a Triton kernel pair (forward, backward), a float PyTorch reference,
+an autograd.Function and a thin module:
+
+- `layernorm_modulate(x, shift, scale)`: LayerNorm over the last dim without affine,
+  then `x_hat * (1 + scale) + shift` with per-sample `scale`/`shift` ([B, 1, D] or
+  [B, D]). One pass over `x` instead of eager's four (norm, mul, add, cast).
+- `gated_residual(x, y, gate)`: `x + gate * y` with a per-sample gate.
+
+Inputs fp32 or bf16/fp16; math in fp32; outputs in `x`'s dtype. The Triton path runs
+on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests); plain CPU
+calls use the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = [
+    "GatedResidual",
+    "LayerNormModulate",
+    "gated_residual",
+    "gated_residual_reference",
+    "layernorm_modulate",
+    "layernorm_modulate_reference",
+]
+
+
+@triton.jit
+def _ln_modulate_fwd_kernel(
+    x_ptr, shift_ptr, scale_ptr, out_ptr, mean_ptr, rstd_ptr,
+    seq_len, dim, eps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    batch = row // seq_len
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / dim
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / dim + eps)
+    shift = tl.load(shift_ptr + batch * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + batch * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    out = centered * rstd * (1.0 + scale) + shift
+    tl.store(out_ptr + row * dim + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _ln_modulate_bwd_kernel(
+    grad_out_ptr, x_ptr, scale_ptr, mean_ptr, rstd_ptr,
+    grad_x_ptr, partial_dscale_ptr, partial_dshift_ptr,
+    seq_len, dim, rows_per_prog, num_chunks,
+    BLOCK_D: tl.constexpr,
+):
+    # Each program walks a chunk of one sample's rows, writing dx per row and keeping
+    # the per-sample dscale/dshift partial sums in registers (summed over chunks later).
+    batch = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    one_plus_scale = 1.0 + tl.load(
+        scale_ptr + batch * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    dscale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dshift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = chunk * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, seq_len)
+    for local in range(start, stop):
+        row = batch * seq_len + local
+        x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(grad_out_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        dscale += dy * x_hat
+        dshift += dy
+        dx_hat = dy * one_plus_scale
+        c1 = tl.sum(dx_hat * x_hat, axis=0) / dim
+        c2 = tl.sum(dx_hat, axis=0) / dim
+        dx = (dx_hat - c2 - x_hat * c1) * rstd
+        tl.store(grad_x_ptr + row * dim + cols, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    partial = (batch * num_chunks + chunk) * dim + cols
+    tl.store(partial_dscale_ptr + partial, dscale, mask=mask)
+    tl.store(partial_dshift_ptr + partial, dshift, mask=mask)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    x_ptr, y_ptr, gate_ptr, out_ptr,
+    seq_len, dim,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    batch = row // seq_len
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + batch * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * dim + cols, (x + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    grad_out_ptr, y_ptr, gate_ptr, grad_y_ptr, partial_dgate_ptr,
+    seq_len, dim, rows_per_prog, num_chunks,
+    BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    gate = tl.load(gate_ptr + batch * dim + cols, mask=mask, other=0.0).to(tl.float32)
+    dgate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = chunk * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, seq_len)
+    for local in range(start, stop):
+        row = batch * seq_len + local
+        dout = tl.load(grad_out_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        dgate += dout * y
+        tl.store(grad_y_ptr + row * dim + cols,
+                 (dout * gate).to(grad_y_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_dgate_ptr + (batch * num_chunks + chunk) * dim + cols, dgate, mask=mask)
+
+
+def _num_warps(block_d: int) -> int:
+    return max(1, min(16, block_d // 256))
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on x: CUDA, or any device under the interpreter."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise TypeError unless tensor is a torch.Tensor of fp32/bf16/fp16."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+
+
+def per_sample_vector(name: str, vec: torch.Tensor, x: torch.Tensor) -> None:
+    """Check a per-sample modulation vector against x [B, L, D]: [B, 1, D] or [B, D]."""
+    check_float(name, vec)
+    batch, _, dim = x.shape
+    if tuple(vec.shape) not in ((batch, 1, dim), (batch, dim)):
+        raise ValueError(
+            f"{name} must be [{batch}, 1, {dim}] or [{batch}, {dim}] for x of shape "
+            f"{tuple(x.shape)}, got {tuple(vec.shape)}"
+        )
+    if vec.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} like x, got {vec.device}")
+
+
+def rows_per_program(seq_len: int, groups: int, device: torch.device) -> tuple[int, int]:
+    """Split seq_len rows into chunks so groups * chunks programs fill the device.
+
+    Returns (rows per program, chunks). Backward kernels keep a reduction in registers
+    per program, so fewer, longer programs mean fewer partial sums to add afterwards.
+    """
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    chunks = max(1, min(seq_len, -(-target // max(groups, 1))))
+    rows = -(-seq_len // chunks)
+    return rows, -(-seq_len // rows)
+
+
+def layernorm_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """PyTorch reference in the input's precision (pass float64 for an exact check)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_hat = torch.nn.functional.layer_norm(x.to(compute), (x.shape[-1],), eps=eps)
+    batch = x.shape[0]
+    shift = shift.reshape(batch, 1, -1).to(compute)
+    scale = scale.reshape(batch, 1, -1).to(compute)
+    return (x_hat * (1 + scale) + shift).to(x.dtype)
+
+
+def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of `x + gate * y` (math in at least fp32)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    gate = gate.reshape(x.shape[0], 1, -1).to(compute)
+    return (x.to(compute) + gate * y.to(compute)).to(x.dtype)
+
+
+class _LayerNormModulateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale, eps):
+        batch, seq_len, dim = x.shape
+        x_c = x.contiguous()
+        shift_c = shift.reshape(batch, dim).contiguous()
+        scale_c = scale.reshape(batch, dim).contiguous()
+        out = torch.empty_like(x_c)
+        mean = torch.empty(batch * seq_len, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        block_d = triton.next_power_of_2(dim)
+        _ln_modulate_fwd_kernel[(batch * seq_len,)](
+            x_c, shift_c, scale_c, out, mean, rstd, seq_len, dim, eps,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+        ctx.save_for_backward(x_c, scale_c, mean, rstd)
+        ctx.shapes = (shift.shape, shift.dtype, scale.shape, scale.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, mean, rstd = ctx.saved_tensors
+        shift_shape, shift_dtype, scale_shape, scale_dtype = ctx.shapes
+        batch, seq_len, dim = x.shape
+        rows, chunks = rows_per_program(seq_len, batch, x.device)
+        grad_x = torch.empty_like(x)
+        partial_dscale = torch.empty(batch, chunks, dim, device=x.device, dtype=torch.float32)
+        partial_dshift = torch.empty_like(partial_dscale)
+        block_d = triton.next_power_of_2(dim)
+        _ln_modulate_bwd_kernel[(batch, chunks)](
+            grad_out.contiguous(), x, scale, mean, rstd, grad_x, partial_dscale, partial_dshift,
+            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+        grad_shift = partial_dshift.sum(1).reshape(shift_shape).to(shift_dtype)
+        grad_scale = partial_dscale.sum(1).reshape(scale_shape).to(scale_dtype)
+        return grad_x, grad_shift, grad_scale, None
+
+
+class _GatedResidualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        batch, seq_len, dim = x.shape
+        y_c = y.contiguous()
+        gate_c = gate.reshape(batch, dim).contiguous()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        block_d = triton.next_power_of_2(dim)
+        _gated_residual_fwd_kernel[(batch * seq_len,)](
+            x.contiguous(), y_c, gate_c, out, seq_len, dim,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+        ctx.save_for_backward(y_c, gate_c)
+        ctx.gate_meta = (gate.shape, gate.dtype)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, gate = ctx.saved_tensors
+        gate_shape, gate_dtype = ctx.gate_meta
+        batch, seq_len, dim = y.shape
+        rows, chunks = rows_per_program(seq_len, batch, y.device)
+        grad_y = torch.empty_like(y)
+        partial_dgate = torch.empty(batch, chunks, dim, device=y.device, dtype=torch.float32)
+        block_d = triton.next_power_of_2(dim)
+        _gated_residual_bwd_kernel[(batch, chunks)](
+            grad_out.contiguous(), y, gate, grad_y, partial_dgate,
+            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+        grad_gate = partial_dgate.sum(1).reshape(gate_shape).to(gate_dtype)
+        return grad_out.to(ctx.x_dtype), grad_y, grad_gate
+
+
+def _check_tokens(name: str, tensor: torch.Tensor) -> None:
+    check_float(name, tensor)
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must be [B, L, D], got shape {tuple(tensor.shape)}")
+
+
+def layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """`LayerNorm(x) * (1 + scale) + shift`; x [B, L, D], shift/scale [B, 1, D] or [B, D]."""
+    _check_tokens("x", x)
+    per_sample_vector("shift", shift, x)
+    per_sample_vector("scale", scale, x)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if x.numel() == 0:
+        return layernorm_modulate_reference(x, shift, scale, eps)
+    if use_triton(x):
+        return _LayerNormModulateFunction.apply(x, shift, scale, float(eps))
+    return layernorm_modulate_reference(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`x + gate * y`; x, y [B, L, D] (same shape), gate [B, 1, D] or [B, D]."""
+    _check_tokens("x", x)
+    _check_tokens("y", y)
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(
+            f"y must match x ({tuple(x.shape)} on {x.device}), "
+            f"got {tuple(y.shape)} on {y.device}"
+        )
+    per_sample_vector("gate", gate, x)
+    if x.numel() == 0:
+        return gated_residual_reference(x, y, gate)
+    if use_triton(x):
+        return _GatedResidualFunction.apply(x, y, gate)
+    return gated_residual_reference(x, y, gate)
+
+
+class LayerNormModulate(torch.nn.Module):
+    """Module form of `layernorm_modulate` (no parameters)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return layernorm_modulate(x, shift, scale, self.eps)
+
+
+class GatedResidual(torch.nn.Module):
+    """Module form of `gated_residual` (no parameters)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_residual(x, y, gate)

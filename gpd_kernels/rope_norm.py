@@ -1,0 +1,204 @@
+"""Fused q/k RMSNorm + rotary position embedding (Wan's 3D RoPE) for DiT attention.
+
+`rms_norm_rope(x, weight, cos, sin)` with x `[B, L, H, Dh]`: RMSNorm over the whole
+`H * Dh` row (Wan normalises q and k across heads) with a learned weight, then rotates
+each adjacent pair `(x[2j], x[2j+1])` of every head by the token's angle:
+`(a, b) -> (a cos - b sin, a sin + b cos)`, the real form of Wan's complex product.
+The 3D structure lives in the tables: `cos`/`sin` are `[L, Dh/2]` per token (the
+caller concatenates the time/height/width angle bands), shared by all heads.
+
+Forward and backward are Triton kernels (math in fp32, output in x's dtype); the
+tables are constants (no gradient flows to them). Plain CPU calls use the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpd_kernels.adaln import check_float, rows_per_program, use_triton
+
+__all__ = ["RMSNormRoPE", "rms_norm_rope", "rms_norm_rope_reference"]
+
+
+@triton.jit
+def _rms_norm_rope_fwd_kernel(
+    x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
+    seq_len, heads, head_dim, half_dim, eps,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0)
+    token = row % seq_len
+    h = tl.arange(0, BLOCK_H)
+    p = tl.arange(0, BLOCK_P)
+    mask = (h < heads)[:, None] & (p < half_dim)[None, :]
+    even = h[:, None] * head_dim + 2 * p[None, :]
+    base = row * heads * head_dim
+    a = tl.load(x_ptr + base + even, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32)
+    sum_sq = tl.sum(tl.sum(a * a + b * b, axis=1), axis=0)
+    rstd = tl.rsqrt(sum_sq / (heads * head_dim) + eps)
+    wa = tl.load(weight_ptr + even, mask=mask, other=0.0).to(tl.float32)
+    wb = tl.load(weight_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + token * half_dim + p, mask=p < half_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * half_dim + p, mask=p < half_dim, other=0.0).to(tl.float32)
+    na = a * rstd * wa
+    nb = b * rstd * wb
+    out_a = na * cos[None, :] - nb * sin[None, :]
+    out_b = na * sin[None, :] + nb * cos[None, :]
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + base + even, out_a.to(out_ty), mask=mask)
+    tl.store(out_ptr + base + even + 1, out_b.to(out_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_rope_bwd_kernel(
+    grad_out_ptr, x_ptr, weight_ptr, cos_ptr, sin_ptr, rstd_ptr,
+    grad_x_ptr, partial_dweight_ptr,
+    total_rows, seq_len, heads, head_dim, half_dim, rows_per_prog,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # A program walks a chunk of rows; the weight gradient is summed in registers and
+    # its per-program partials are added afterwards.
+    chunk = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)
+    p = tl.arange(0, BLOCK_P)
+    mask = (h < heads)[:, None] & (p < half_dim)[None, :]
+    even = h[:, None] * head_dim + 2 * p[None, :]
+    row_size = heads * head_dim
+    wa = tl.load(weight_ptr + even, mask=mask, other=0.0).to(tl.float32)
+    wb = tl.load(weight_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+    dwa = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
+    dwb = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
+    start = chunk * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, total_rows)
+    for row in range(start, stop):
+        token = row % seq_len
+        base = row * row_size
+        cos = tl.load(cos_ptr + token * half_dim + p, mask=p < half_dim, other=0.0)
+        sin = tl.load(sin_ptr + token * half_dim + p, mask=p < half_dim, other=0.0)
+        cos = cos.to(tl.float32)[None, :]
+        sin = sin.to(tl.float32)[None, :]
+        ga = tl.load(grad_out_ptr + base + even, mask=mask, other=0.0).to(tl.float32)
+        gb = tl.load(grad_out_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32)
+        # The rotation is orthogonal: its backward is the rotation by -angle.
+        dna = ga * cos + gb * sin
+        dnb = gb * cos - ga * sin
+        rstd = tl.load(rstd_ptr + row)
+        xa = tl.load(x_ptr + base + even, mask=mask, other=0.0).to(tl.float32) * rstd
+        xb = tl.load(x_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32) * rstd
+        dwa += dna * xa
+        dwb += dnb * xb
+        dxa = dna * wa
+        dxb = dnb * wb
+        proj = tl.sum(tl.sum(dxa * xa + dxb * xb, axis=1), axis=0) / row_size
+        grad_ty = grad_x_ptr.dtype.element_ty
+        tl.store(grad_x_ptr + base + even, ((dxa - xa * proj) * rstd).to(grad_ty), mask=mask)
+        tl.store(grad_x_ptr + base + even + 1, ((dxb - xb * proj) * rstd).to(grad_ty), mask=mask)
+    partial = chunk * row_size
+    tl.store(partial_dweight_ptr + partial + even, dwa, mask=mask)
+    tl.store(partial_dweight_ptr + partial + even + 1, dwb, mask=mask)
+
+
+def rms_norm_rope_reference(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """PyTorch reference in at least fp32 (pass float64 inputs for an exact check)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    batch, seq_len, heads, head_dim = x.shape
+    xf = x.to(compute)
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=(-2, -1), keepdim=True) + eps)
+    normed = xf * rstd * weight.to(compute).view(heads, head_dim)
+    a, b = normed[..., 0::2], normed[..., 1::2]
+    cos = cos.to(compute)[None, :, None, :]
+    sin = sin.to(compute)[None, :, None, :]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class _RMSNormRoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, eps):
+        batch, seq_len, heads, head_dim = x.shape
+        x_c = x.contiguous()
+        weight_c = weight.contiguous()
+        cos_c, sin_c = cos.contiguous(), sin.contiguous()
+        out = torch.empty_like(x_c)
+        rstd = torch.empty(batch * seq_len, device=x.device, dtype=torch.float32)
+        block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
+        _rms_norm_rope_fwd_kernel[(batch * seq_len,)](
+            x_c, weight_c, cos_c, sin_c, out, rstd,
+            seq_len, heads, head_dim, head_dim // 2, eps,
+            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
+        )
+        ctx.save_for_backward(x_c, weight_c, cos_c, sin_c, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, cos, sin, rstd = ctx.saved_tensors
+        batch, seq_len, heads, head_dim = x.shape
+        total_rows = batch * seq_len
+        rows, chunks = rows_per_program(total_rows, 1, x.device)
+        grad_x = torch.empty_like(x)
+        partial = torch.empty(chunks, heads * head_dim, device=x.device, dtype=torch.float32)
+        block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
+        _rms_norm_rope_bwd_kernel[(chunks,)](
+            grad_out.contiguous(), x, weight, cos, sin, rstd, grad_x, partial,
+            total_rows, seq_len, heads, head_dim, head_dim // 2, rows,
+            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
+        )
+        return grad_x, partial.sum(0).to(weight.dtype), None, None, None
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """RMSNorm over heads*head_dim (with weight), then RoPE on adjacent pairs.
+
+    x [B, L, H, Dh] (Dh even), weight [H*Dh], cos/sin [L, Dh/2]; returns x's shape/dtype.
+    """
+    check_float("x", x)
+    check_float("weight", weight)
+    check_float("cos", cos)
+    check_float("sin", sin)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, L, H, Dh], got shape {tuple(x.shape)}")
+    batch, seq_len, heads, head_dim = x.shape
+    if head_dim % 2:
+        raise ValueError(f"head_dim (x.shape[3]) must be even for RoPE pairs, got {head_dim}")
+    if tuple(weight.shape) != (heads * head_dim,):
+        raise ValueError(f"weight must be [{heads * head_dim}] (H*Dh), got {tuple(weight.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if tuple(table.shape) != (seq_len, head_dim // 2):
+            raise ValueError(
+                f"{name} must be [{seq_len}, {head_dim // 2}] (L, Dh/2), got {tuple(table.shape)}"
+            )
+    for name, other in (("weight", weight), ("cos", cos), ("sin", sin)):
+        if other.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x, got {other.device}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if x.numel() == 0 or not use_triton(x):
+        return rms_norm_rope_reference(x, weight, cos, sin, eps)
+    return _RMSNormRoPEFunction.apply(x, weight, cos, sin, float(eps))
+
+
+class RMSNormRoPE(torch.nn.Module):
+    """RMSNorm (learned weight over H*Dh) fused with RoPE; tables passed per call."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return rms_norm_rope(x, self.weight, cos, sin, self.eps)

@@ -1,0 +1,91 @@
+"""Fused q/k RMSNorm + RoPE: Triton (interpreter on CPU) against a float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from gpd_kernels.rope_norm import RMSNormRoPE, rms_norm_rope, rms_norm_rope_reference
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _tables(seq_len: int, half: int, gen: torch.Generator):
+    angles = torch.rand(seq_len, half, generator=gen, dtype=torch.float64) * 2 * math.pi
+    return angles.cos().float(), angles.sin().float()
+
+
+def _complex_rope(normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's formulation: pairs as complex numbers times exp(i * angle)."""
+    pairs = torch.view_as_complex(normed.reshape(*normed.shape[:-1], -1, 2).contiguous())
+    rot = torch.polar(torch.ones_like(cos.double()), torch.atan2(sin.double(), cos.double()))
+    return torch.view_as_real(pairs * rot[None, :, None, :]).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seq_len,heads,head_dim", [
+    (2, 5, 3, 24), (1, 1, 1, 2), (2, 3, 12, 10), (1, 4, 2, 128)])
+def test_rms_norm_rope_matches_float64(batch, seq_len, heads, head_dim, dtype):
+    gen = torch.Generator().manual_seed(seq_len * 100 + heads * 10 + head_dim)
+    x = torch.randn(batch, seq_len, heads, head_dim, generator=gen) * 2
+    weight = 1 + 0.3 * torch.randn(heads * head_dim, generator=gen)
+    cos, sin = _tables(seq_len, head_dim // 2, gen)
+    grad = torch.randn(batch, seq_len, heads, head_dim, generator=gen)
+    x_ours = x.to(dtype).clone().requires_grad_(True)
+    w_ours = weight.to(dtype).clone().requires_grad_(True)
+    x_ref = x.to(dtype).detach().double().requires_grad_(True)
+    w_ref = weight.to(dtype).detach().double().requires_grad_(True)
+    out = rms_norm_rope(x_ours, w_ours, cos, sin, eps=1e-6)
+    want = rms_norm_rope_reference(x_ref, w_ref, cos.double(), sin.double(), eps=1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), want, atol=tol * 4, rtol=tol)
+    out.backward(grad.to(dtype))
+    want.backward(grad.to(dtype).double())
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, atol=tol * 10, rtol=tol * 10)
+    # The weight gradient sums B*L*... bf16-rounded products: scale tolerance by magnitude.
+    w_scale = w_ref.grad.abs().max().item() + 1
+    torch.testing.assert_close(w_ours.grad.double(), w_ref.grad, atol=tol * 10 * w_scale,
+                               rtol=tol * 10)
+
+
+def test_reference_agrees_with_complex_formulation():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 4, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(64, generator=gen, dtype=torch.float64)
+    cos, sin = _tables(6, 8, gen)
+    normed = x * torch.rsqrt(x.pow(2).mean(dim=(-2, -1), keepdim=True) + 1e-6)
+    normed = normed * weight.view(4, 16)
+    torch.testing.assert_close(
+        rms_norm_rope_reference(x, weight, cos.double(), sin.double()),
+        _complex_rope(normed, cos, sin))
+
+
+def test_module_holds_weight():
+    module = RMSNormRoPE(2 * 8)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 2, 8, generator=gen)
+    cos, sin = _tables(3, 4, gen)
+    module(x, cos, sin).square().sum().backward()
+    assert module.weight.grad is not None and module.weight.grad.shape == (16,)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(x=torch.randn(1, 2, 8)), ValueError, r"x must be \[B, L, H, Dh\]"),
+        (dict(x=torch.randn(1, 2, 2, 3)), ValueError,
+         r"head_dim \(x.shape\[3\]\) must be even for RoPE pairs, got 3"),
+        (dict(weight=torch.ones(8)), ValueError, r"weight must be \[16\] \(H\*Dh\), got \(8,\)"),
+        (dict(cos=torch.ones(3, 4)), ValueError, r"cos must be \[2, 4\] \(L, Dh/2\), got \(3, 4\)"),
+        (dict(sin=torch.ones(2, 4, dtype=torch.int32)), TypeError,
+         "sin must be float32, bfloat16 or float16, got torch.int32"),
+        (dict(eps=-1.0), ValueError, "eps must be > 0, got -1.0"),
+    ],
+)
+def test_bad_input_messages(kwargs, error, match):
+    args = dict(x=torch.randn(1, 2, 2, 8), weight=torch.ones(16), cos=torch.ones(2, 4),
+                sin=torch.zeros(2, 4), eps=1e-6)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        rms_norm_rope(**args)
