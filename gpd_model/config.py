@@ -1,0 +1,83 @@
+"""Configuration of the Wan2.1-style video DiT and its named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass
+class DiTConfig:
+    """Hyper-parameters of :class:`gpd_model.model.WanDiT` (Wan2.1 T2V layout)."""
+
+    in_channels: int
+    out_channels: int
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    text_dim: int
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        positive = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
+                    "text_dim", "freq_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
+            raise ValueError(
+                "DiTConfig.patch_size must be three positive ints (t, h, w), "
+                f"got {self.patch_size!r}"
+            )
+        self.patch_size = patch
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"DiTConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"DiTConfig: dim/num_heads must be even, got {self.head_dim}")
+        if self.freq_dim % 2:
+            raise ValueError(f"DiTConfig.freq_dim must be even, got {self.freq_dim}")
+        if not self.eps > 0:
+            raise ValueError(f"DiTConfig.eps must be > 0, got {self.eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"DiTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of each head given to the (t, h, w) rotary axes, as Wan2.1 splits them."""
+        spatial = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * spatial, spatial, spatial
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # CPU demo size; the built-in data are RGB videos used directly as latents.
+    "tiny": DiTConfig(
+        in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=4,
+        text_dim=32,
+    ),
+    "wan2.1-t2v-1.3b": DiTConfig(
+        in_channels=16, out_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+        text_dim=4096,
+    ),
+    "wan2.1-t2v-14b": DiTConfig(
+        in_channels=16, out_channels=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+        text_dim=4096,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: object) -> DiTConfig:
+    """Return the named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]

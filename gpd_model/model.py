@@ -1,0 +1,257 @@
+"""A compact Wan2.1 text-to-video diffusion transformer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import DiTConfig
+
+
+def rope_frequencies(axis_dim: int, length: int, theta: float) -> torch.Tensor:
+    """Rotation angles [length, axis_dim // 2] of one rotary axis (float64, as Wan2.1)."""
+    inverse = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+    return torch.outer(torch.arange(length, dtype=torch.float64), inverse)
+
+
+def rope_table(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Complex rotations [f*h*w, 1, head_dim // 2] for a token grid (f, h, w), t-major order."""
+    f, h, w = grid
+    dims = cfg.rope_split
+    angles = [rope_frequencies(d, n, cfg.rope_theta) for d, n in zip(dims, grid, strict=True)]
+    per_token = torch.cat(
+        [
+            angles[0].view(f, 1, 1, -1).expand(f, h, w, -1),
+            angles[1].view(1, h, 1, -1).expand(f, h, w, -1),
+            angles[2].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
+    # Angles are exact in float64; the rotation itself runs in float32 like the references.
+    return torch.polar(torch.ones_like(per_token), per_token).to(torch.complex64).to(device)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of x [B, L, heads, head_dim] by complex ``rotations``."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos | sin] features of ``timestep`` [B] at geometric frequencies 1 .. 1/10000."""
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32, device=timestep.device)
+    frequencies = torch.exp(steps * (-math.log(10000.0) / half))
+    angles = timestep.float()[:, None] * frequencies
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``normed * (1 + scale) + shift`` with per-sample [B, dim] shift and scale."""
+    return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm across all heads and 3D RoPE; q, k, v fused in one matmul."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.norm_q = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(q).unflatten(-1, heads), rotations)
+        k = apply_rope(self.norm_k(k).unflatten(-1, heads), rotations)
+        out = attention(q, k, v.unflatten(-1, heads))
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens, q/k RMSNorm across heads, k and v fused."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.norm_q = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(cfg.dim, eps=cfg.eps)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(context).chunk(2, dim=-1)
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        out = attention(q, self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads))
+        return self.o(out.flatten(2))
+
+
+class Block(nn.Module):
+    """Modulated self-attention, affine-LayerNorm cross-attention, modulated tanh-GELU FFN."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)  # Wan's name for the cross-attn norm
+        self.cross_attn = CrossAttention(cfg)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.ffn_dim, cfg.dim),
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), eps=self.eps)
+
+    def forward(
+        self, x: torch.Tensor, time_mod: torch.Tensor, rotations: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        mod = (self.modulation + time_mod).unbind(1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
+        attn = self.self_attn(modulate(self._norm(x), shift_sa, scale_sa), rotations)
+        x = torch.addcmul(x, attn, gate_sa.unsqueeze(1))
+        x = x + self.cross_attn(self.norm3(x), context)
+        ffn = self.ffn(modulate(self._norm(x), shift_ff, scale_ff))
+        return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to patch pixels."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + time_emb.unsqueeze(1)).unbind(1)
+        return self.head(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 text-to-video DiT: ``forward(x, timestep, context)`` predicts the velocity."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, DiTConfig):
+            raise TypeError(f"WanDiT expects a DiTConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.dim, cfg.dim),
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._rope_cache: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+
+    def rotations(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """RoPE table for a token grid, built once per (grid, device) and cached."""
+        key = (*grid, device)
+        table = self._rope_cache.get(key)
+        if table is None:
+            table = rope_table(self.cfg, grid, device)
+            self._rope_cache[key] = table
+        return table
+
+    def _check_inputs(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+    ) -> None:
+        cfg = self.cfg
+        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"WanDiT: {label} must be a torch.Tensor, got {type(tensor).__name__}"
+                )
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"WanDiT: x must be [B, {cfg.in_channels}, T, H, W] (rank 5, {cfg.in_channels} "
+                f"channels), got shape {tuple(x.shape)}"
+            )
+        bad = [
+            f"{axis}={size} (patch {p})"
+            for axis, size, p in zip("THW", x.shape[2:], cfg.patch_size, strict=True)
+            if size % p or size == 0
+        ]
+        if bad:
+            raise ValueError(
+                f"WanDiT: latent size must be a positive multiple of the patch {cfg.patch_size}, "
+                f"got {', '.join(bad)}"
+            )
+        batch = x.shape[0]
+        if timestep.shape != (batch,):
+            raise ValueError(
+                f"WanDiT: timestep must have shape [{batch}] (one per sample), "
+                f"got {tuple(timestep.shape)}"
+            )
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"WanDiT: context must be [{batch}, L, {cfg.text_dim}] (text_dim {cfg.text_dim}), "
+                f"got shape {tuple(context.shape)}"
+            )
+        if context.shape[1] == 0:
+            raise ValueError("WanDiT: context must hold at least one text token, got L=0")
+        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+            if label != "timestep" and not tensor.is_floating_point():
+                raise TypeError(f"WanDiT: {label} must be floating point, got {tensor.dtype}")
+            if tensor.is_complex() or tensor.dtype == torch.bool:
+                raise TypeError(f"WanDiT: {label} must be real numbers, got {tensor.dtype}")
+        device = self.head.head.weight.device
+        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+            if tensor.device != device:
+                raise ValueError(
+                    f"WanDiT: {label} is on {tensor.device} but the model is on {device}"
+                )
+
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """Velocity [B, out, T, H, W] for latents x [B, in, T, H, W] at timestep [B] = 1000 sigma.
+
+        ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
+        Inputs are cast to the parameters' dtype, which is also the output's.
+        """
+        self._check_inputs(x, timestep, context)
+        cfg = self.cfg
+        dtype = self.head.head.weight.dtype
+        batch, channels, frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+
+        # Patchify as one matmul: the Conv3d has stride == kernel, so each patch is a dot product.
+        patches = x.to(dtype).reshape(batch, channels, grid[0], pt, grid[1], ph, grid[2], pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, math.prod(grid), -1)
+        conv = self.patch_embedding
+        tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
+
+        time_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype))
+        time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
+        text = self.text_embedding(context.to(dtype))
+        rotations = self.rotations(grid, x.device)
+
+        for block in self.blocks:
+            tokens = block(tokens, time_mod, rotations, text)
+
+        out = self.head(tokens, time_emb)
+        out = out.view(batch, *grid, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(batch, cfg.out_channels, frames, height, width)

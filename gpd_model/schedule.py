@@ -1,0 +1,38 @@
+"""Shifted flow-matching sigma grids (Wan2.1 convention: sigma 1 is pure noise)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sigma_grid(steps: int, shift: float) -> torch.Tensor:
+    """Float64 sigmas [steps + 1] from exactly 1.0 down to exactly 0.0.
+
+    ``t_i = 1 - i / steps`` is shifted to ``shift * t / (1 + (shift - 1) * t)``; the
+    ``steps // 2`` grid is bit-for-bit the even-indexed points of the ``steps`` grid.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sigma_grid: steps must be an int >= 1, got {steps!r}")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise TypeError(f"sigma_grid: shift must be a real number, got {type(shift).__name__}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"sigma_grid: shift must be finite and > 0, got {shift!r}")
+    # i / steps is correctly rounded, so 2j / steps and j / (steps / 2) give the same float.
+    t = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
+    # shift*t + (1 - t) is the same denominator rearranged so that t = 1 gives exactly 1.0.
+    return shift * t / (shift * t + (1.0 - t))
+
+
+def timestep_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor | float:
+    """The network's timestep input, ``1000 * sigma``."""
+    if isinstance(sigma, torch.Tensor):
+        if not (sigma.is_floating_point()):
+            raise TypeError(f"timestep_from_sigma: sigma must be floating point, got {sigma.dtype}")
+        return sigma * 1000.0
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(
+            f"timestep_from_sigma: sigma must be a tensor or float, got {type(sigma).__name__}"
+        )
+    return 1000.0 * sigma
