@@ -1,0 +1,190 @@
+"""Fused teacher double-step: Triton kernels, launch wrappers, `gpd::` ops, public functions.
+
+Two elementwise ops (design section 4, online target):
+  cfg_euler_step:     g1 = CFG(u_cond, u_uncond, w); x_b = x_a + (s_b - s_a) g1
+  double_step_target: g2 = CFG(u_cond, u_uncond, w);
+                      u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a)
+Per-sample scalars ([B] tensors) broadcast over each sample; math in float32. The
+programs of one grid row share a sample, so each loads its scalars once. These ops
+produce teacher targets and have no autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_batched
+from ._registry import register_kernels
+from .reference import (
+    cfg_euler_step_reference,
+    check_guided_inputs,
+    double_step_target_reference,
+)
+
+_BLOCK = 2048
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask,
+                     HAS_UNCOND: tl.constexpr):
+    cond = tl.load(cond_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_UNCOND:
+        uncond = tl.load(uncond_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(guidance_ptr + sample).to(tl.float32)
+        cond = uncond + scale * (cond - uncond)
+    return cond
+
+
+@triton.jit
+def _cfg_euler_kernel(x_ptr, cond_ptr, uncond_ptr, guidance_ptr, sigma_from_ptr, sigma_to_ptr,
+                      x_next_ptr, g_ptr, per_sample,
+                      BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
+    sample = tl.program_id(1)
+    within = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = within < per_sample
+    offsets = sample.to(tl.int64) * per_sample + within
+    g = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
+    step = (tl.load(sigma_to_ptr + sample).to(tl.float32)
+            - tl.load(sigma_from_ptr + sample).to(tl.float32))
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_next_ptr + offsets, (x + step * g).to(x_next_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + offsets, g, mask=mask)
+
+
+@triton.jit
+def _double_step_target_kernel(g1_ptr, cond_ptr, uncond_ptr, guidance_ptr,
+                               s_a_ptr, s_b_ptr, s_c_ptr, target_ptr, per_sample,
+                               BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
+    sample = tl.program_id(1)
+    within = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = within < per_sample
+    offsets = sample.to(tl.int64) * per_sample + within
+    g2 = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
+    s_a = tl.load(s_a_ptr + sample).to(tl.float32)
+    s_b = tl.load(s_b_ptr + sample).to(tl.float32)
+    s_c = tl.load(s_c_ptr + sample).to(tl.float32)
+    g1 = tl.load(g1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(target_ptr + offsets, ((s_b - s_a) * g1 + (s_c - s_b) * g2) / (s_c - s_a),
+             mask=mask)
+
+
+def _launch_shape(lead: torch.Tensor) -> tuple[tuple[int, int], int]:
+    batch = lead.shape[0]
+    per_sample = lead.numel() // batch if batch else 0
+    return (triton.cdiv(per_sample, _BLOCK), batch), per_sample
+
+
+def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def cfg_euler_step_triton(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor | None,
+                          guidance: torch.Tensor | None, sigma_from: torch.Tensor,
+                          sigma_to: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the guided Euler step kernel; non-contiguous inputs are copied first."""
+    check_guided_inputs("x", x, u_cond, u_uncond, guidance,
+                        sigma_from=sigma_from, sigma_to=sigma_to)
+    x, u_cond, u_uncond, guidance, sigma_from, sigma_to = _contiguous(
+        x, u_cond, u_uncond, guidance, sigma_from, sigma_to)
+    x_next = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    g = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    grid, per_sample = _launch_shape(x)
+    if x.numel():
+        has_uncond = u_uncond is not None
+        # Placeholders for absent optional inputs: the kernel never reads them.
+        _cfg_euler_kernel[grid](
+            x, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else sigma_to,
+            sigma_from, sigma_to, x_next, g, per_sample,
+            BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
+        )
+    return x_next, g
+
+
+def double_step_target_triton(g1: torch.Tensor, u_cond: torch.Tensor,
+                              u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+                              s_a: torch.Tensor, s_b: torch.Tensor,
+                              s_c: torch.Tensor) -> torch.Tensor:
+    """Launch the two-step target kernel; non-contiguous inputs are copied first."""
+    check_guided_inputs("g1", g1, u_cond, u_uncond, guidance, s_a=s_a, s_b=s_b, s_c=s_c)
+    g1, u_cond, u_uncond, guidance, s_a, s_b, s_c = _contiguous(
+        g1, u_cond, u_uncond, guidance, s_a, s_b, s_c)
+    target = torch.empty(g1.shape, dtype=torch.float32, device=g1.device)
+    grid, per_sample = _launch_shape(g1)
+    if g1.numel():
+        has_uncond = u_uncond is not None
+        _double_step_target_kernel[grid](
+            g1, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else s_a,
+            s_a, s_b, s_c, target, per_sample,
+            BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
+        )
+    return target
+
+
+def _cfg_euler_step_cpu(x, u_cond, u_uncond, guidance, sigma_from, sigma_to):
+    x_next, g = cfg_euler_step_reference(x, u_cond, u_uncond, guidance, sigma_from, sigma_to)
+    return x_next.contiguous(), g.contiguous()
+
+
+def _double_step_target_cpu(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c):
+    return double_step_target_reference(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c).contiguous()
+
+
+register_kernels("cfg_euler_step", _cfg_euler_step_cpu, cfg_euler_step_triton)
+register_kernels("double_step_target", _double_step_target_cpu, double_step_target_triton)
+
+
+@torch.library.register_fake("gpd::cfg_euler_step")
+def _cfg_euler_step_fake(x, u_cond, u_uncond, guidance, sigma_from, sigma_to):
+    check_guided_inputs("x", x, u_cond, u_uncond, guidance,
+                        sigma_from=sigma_from, sigma_to=sigma_to)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("gpd::double_step_target")
+def _double_step_target_fake(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c):
+    check_guided_inputs("g1", g1, u_cond, u_uncond, guidance, s_a=s_a, s_b=s_b, s_c=s_c)
+    return g1.new_empty(g1.shape, dtype=torch.float32)
+
+
+Scalar = float | torch.Tensor
+
+
+def _per_sample_tensor(name: str, value: Scalar | None, lead: torch.Tensor) -> torch.Tensor | None:
+    """A python float or 0-D tensor becomes a float32 [B] tensor on lead's device."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.expand(lead.shape[0])
+        return value.to(torch.float32)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((lead.shape[0],), float(value), dtype=torch.float32, device=lead.device)
+    raise TypeError(f"{name}: expected a float or a [B] tensor, got {type(value).__name__}")
+
+
+def cfg_euler_step(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor | None,
+                   guidance: Scalar | None, sigma_from: Scalar,
+                   sigma_to: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided velocity g (float32) and Euler step x + (sigma_to - sigma_from) g (x's dtype).
+
+    Pass u_uncond=None and guidance=None for a single (unguided) teacher output.
+    """
+    check_batched("x", x)
+    return torch.ops.gpd.cfg_euler_step(
+        x, u_cond, u_uncond, _per_sample_tensor("guidance", guidance, x),
+        _per_sample_tensor("sigma_from", sigma_from, x),
+        _per_sample_tensor("sigma_to", sigma_to, x))
+
+
+def double_step_target(g1: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor | None,
+                       guidance: Scalar | None, s_a: Scalar, s_b: Scalar,
+                       s_c: Scalar) -> torch.Tensor:
+    """Velocity u* whose single step from s_a to s_c equals the teacher's two steps (float32)."""
+    check_batched("g1", g1)
+    return torch.ops.gpd.double_step_target(
+        g1, u_cond, u_uncond, _per_sample_tensor("guidance", guidance, g1),
+        _per_sample_tensor("s_a", s_a, g1), _per_sample_tensor("s_b", s_b, g1),
+        _per_sample_tensor("s_c", s_c, g1))

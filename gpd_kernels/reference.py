@@ -1,0 +1,145 @@
+"""Plain PyTorch references for the gpd ops: the CPU path and the test oracle.
+
+Frequency loss (design section 4): d = pred - target, D = fftn(d, (T, H, W), "ortho"),
+w = 1 + alpha_s (f_H^gamma + f_W^gamma) / 2 + alpha_t f_T^gamma with
+f_X(k) = min(k, n - k) / (n / 2), loss = sum(w |D|^2) / numel. Computed in float64 when
+an input is float64, else float32.
+
+Teacher double-step: g = u_uncond + w (u_cond - u_uncond) (g = u_cond without CFG),
+x_next = x + (sigma_to - sigma_from) g, and the two-step target
+u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a); per-sample scalars, float32 math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import (
+    check_batched,
+    check_float_tensor,
+    check_loss_params,
+    check_per_sample,
+    check_rank,
+    check_same_device,
+    check_same_shape,
+)
+
+DEFAULT_ALPHA_S = 1.0
+DEFAULT_ALPHA_T = 1.0
+DEFAULT_GAMMA = 1.0
+LATENT_LAYOUT = "[B, C, T, H, W]"
+
+
+def check_freq_loss_inputs(pred: torch.Tensor, target: torch.Tensor, alpha_s: float,
+                           alpha_t: float, gamma: float) -> None:
+    check_float_tensor("pred", pred)
+    check_float_tensor("target", target)
+    check_rank("pred", pred, 5, LATENT_LAYOUT)
+    check_same_shape("pred", pred, target=target)
+    check_same_device(pred=pred, target=target)
+    check_loss_params(alpha_s, alpha_t, gamma)
+
+
+def check_guided_inputs(lead_name: str, lead: torch.Tensor, u_cond: torch.Tensor,
+                        u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+                        **per_sample: torch.Tensor) -> None:
+    """Checks for the double-step ops: same-shaped [B, ...] inputs and [B] scalars."""
+    check_batched(lead_name, lead)
+    check_float_tensor("u_cond", u_cond)
+    if (u_uncond is None) != (guidance is None):
+        raise ValueError("guidance is required exactly when u_uncond is given; got "
+                         f"u_uncond={'a tensor' if u_uncond is not None else None}, "
+                         f"guidance={'a tensor' if guidance is not None else None}")
+    if u_uncond is not None:
+        check_float_tensor("u_uncond", u_uncond)
+    check_same_shape(lead_name, lead, u_cond=u_cond, u_uncond=u_uncond)
+    batch = lead.shape[0]
+    scalars = dict(per_sample, guidance=guidance) if guidance is not None else per_sample
+    for name, value in scalars.items():
+        check_per_sample(name, value, batch)
+    check_same_device(**{lead_name: lead}, u_cond=u_cond, u_uncond=u_uncond, **scalars)
+
+
+def axis_frequency(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """f(k) = min(k, n - k) / (n / 2) for k in 0..n-1 (n = 1 gives [0])."""
+    k = torch.arange(n, dtype=dtype, device=device)
+    return torch.minimum(k, n - k) / (n / 2)
+
+
+def frequency_weights(t: int, h: int, w: int, alpha_s: float, alpha_t: float, gamma: float,
+                      dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [T, H, W] spectral weight w of the design."""
+    f_t, f_h, f_w = (axis_frequency(n, dtype, device).pow(gamma) for n in (t, h, w))
+    spatial = (f_h[:, None] + f_w[None, :]) / 2
+    return 1 + alpha_s * spatial[None, :, :] + alpha_t * f_t[:, None, None]
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _weighted_spectrum(pred, target, alpha_s, alpha_t, gamma):
+    dtype = _compute_dtype(pred, target)
+    d = pred.to(dtype) - target.to(dtype)
+    spectrum = torch.fft.fftn(d, dim=(2, 3, 4), norm="ortho")
+    weights = frequency_weights(*d.shape[2:], alpha_s, alpha_t, gamma, dtype, d.device)
+    return spectrum, weights
+
+
+def freq_loss_reference(pred: torch.Tensor, target: torch.Tensor,
+                        alpha_s: float = DEFAULT_ALPHA_S, alpha_t: float = DEFAULT_ALPHA_T,
+                        gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """Mean frequency-weighted squared error, differentiable through torch.fft."""
+    check_freq_loss_inputs(pred, target, alpha_s, alpha_t, gamma)
+    spectrum, weights = _weighted_spectrum(pred, target, alpha_s, alpha_t, gamma)
+    return (weights * spectrum.abs().square()).sum() / pred.numel()
+
+
+def freq_loss_grad_reference(pred: torch.Tensor, target: torch.Tensor,
+                             alpha_s: float = DEFAULT_ALPHA_S, alpha_t: float = DEFAULT_ALPHA_T,
+                             gamma: float = DEFAULT_GAMMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d pred) by the closed form 2/numel * real(ifftn(w D))."""
+    check_freq_loss_inputs(pred, target, alpha_s, alpha_t, gamma)
+    spectrum, weights = _weighted_spectrum(pred, target, alpha_s, alpha_t, gamma)
+    loss = (weights * spectrum.abs().square()).sum() / pred.numel()
+    grad = torch.fft.ifftn(weights * spectrum, dim=(2, 3, 4), norm="ortho").real
+    return loss, grad * (2.0 / pred.numel())
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B] scalar as float32 shaped to broadcast over one sample of `like`."""
+    return value.to(torch.float32).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def guided_velocity_reference(u_cond: torch.Tensor, u_uncond: torch.Tensor | None,
+                              guidance: torch.Tensor | None) -> torch.Tensor:
+    """CFG combine in float32: u_uncond + w (u_cond - u_uncond), or u_cond alone."""
+    cond = u_cond.to(torch.float32)
+    if u_uncond is None:
+        return cond.clone() if cond is u_cond else cond
+    uncond = u_uncond.to(torch.float32)
+    return uncond + _per_sample(guidance, cond) * (cond - uncond)
+
+
+def cfg_euler_step_reference(x: torch.Tensor, u_cond: torch.Tensor,
+                             u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+                             sigma_from: torch.Tensor, sigma_to: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next in x's dtype, g float32) for one guided Euler step; scalars are [B]."""
+    check_guided_inputs("x", x, u_cond, u_uncond, guidance,
+                        sigma_from=sigma_from, sigma_to=sigma_to)
+    g = guided_velocity_reference(u_cond, u_uncond, guidance)
+    step = _per_sample(sigma_to, g) - _per_sample(sigma_from, g)
+    x_next = x.to(torch.float32) + step * g
+    return x_next.to(x.dtype), g
+
+
+def double_step_target_reference(g1: torch.Tensor, u_cond: torch.Tensor,
+                                 u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+                                 s_a: torch.Tensor, s_b: torch.Tensor, s_c: torch.Tensor
+                                 ) -> torch.Tensor:
+    """u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a), float32; scalars are [B]."""
+    check_guided_inputs("g1", g1, u_cond, u_uncond, guidance, s_a=s_a, s_b=s_b, s_c=s_c)
+    g2 = guided_velocity_reference(u_cond, u_uncond, guidance)
+    a, b, c = (_per_sample(s, g2) for s in (s_a, s_b, s_c))
+    return ((b - a) * g1.to(torch.float32) + (c - b) * g2) / (c - a)
