@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sampler import guided_velocity
+from .sampler import _per_sample, euler_step, guided_velocity
 
 __all__ = ["CaptureKey", "GraphSampler", "capture_key", "sample_teacher"]
 
@@ -62,13 +62,15 @@ def _euler_loop(
 ) -> torch.Tensor:
     """The sampling loop with every per-step tensor precomputed (capture-safe).
 
-    `sigmas` here is a float32 [K+1, B] tensor on the sampling device.
+    `sigmas` here is a float32 [K+1, B] tensor on the sampling device, so no step
+    copies from the host (which a capture forbids); float32 is where `euler_sample`
+    rounds its float64 grid too, so both loops compute the same numbers.
     """
     x = noise
     for step in range(sigmas.shape[0] - 1):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         velocity = guided_velocity(model, x, sigma, context, neg_context, guidance)
-        x = x + (sigma_next - sigma).view(-1, *([1] * (x.dim() - 1))).to(x.dtype) * velocity
+        x = euler_step(x, velocity, sigma, sigma_next)
     return x
 
 
@@ -112,10 +114,9 @@ class GraphSampler:
     def steps(self) -> int:
         return self.sigmas.numel() - 1
 
-    @property
-    def nfe(self) -> int:
+    def nfe(self, guided: bool) -> int:
         """Network evaluations per sample (a CFG step counts as two)."""
-        return self.steps
+        return self.steps * (2 if guided else 1)
 
     def graphs_enabled(self, device: torch.device) -> bool:
         """Whether a call on `device` replays a CUDA graph."""
@@ -153,17 +154,6 @@ class GraphSampler:
     def _grid(self, batch: int, device: torch.device) -> torch.Tensor:
         return self.sigmas.float().to(device)[:, None].expand(-1, batch).contiguous()
 
-    def _guidance(self, guidance, batch: int, device: torch.device) -> torch.Tensor | None:
-        if guidance is None:
-            return None
-        if isinstance(guidance, torch.Tensor):
-            if guidance.shape not in ((), (batch,)):
-                raise ValueError(
-                    f"guidance must be a float or a [{batch}] tensor, got {tuple(guidance.shape)}"
-                )
-            return guidance.to(device=device, dtype=torch.float32).expand(batch).contiguous()
-        return torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
-
     @torch.no_grad()
     def __call__(
         self, noise: torch.Tensor, context: torch.Tensor,
@@ -171,7 +161,7 @@ class GraphSampler:
     ) -> torch.Tensor:
         self._check(noise, context, neg_context, guidance)
         batch, device = noise.shape[0], noise.device
-        guidance_vec = self._guidance(guidance, batch, device)
+        guidance_vec = None if guidance is None else _per_sample(guidance, batch, noise, "guidance")
         if not self.graphs_enabled(device):
             return _euler_loop(self.model, noise, context, self._grid(batch, device),
                                neg_context, guidance_vec)
