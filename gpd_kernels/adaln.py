@@ -39,7 +39,7 @@ def _ln_modulate_fwd_kernel(
     seq_len, dim, eps,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * dim passes 2**31 for big 480p batches
     batch = row // seq_len
     cols = tl.arange(0, BLOCK_D)
     mask = cols < dim
@@ -64,7 +64,7 @@ def _ln_modulate_bwd_kernel(
 ):
     # Each program walks a chunk of one sample's rows, writing dx per row and keeping
     # the per-sample dscale/dshift partial sums in registers (summed over chunks later).
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < dim
@@ -99,7 +99,7 @@ def _gated_residual_fwd_kernel(
     seq_len, dim,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * dim passes 2**31 for big 480p batches
     batch = row // seq_len
     cols = tl.arange(0, BLOCK_D)
     mask = cols < dim
@@ -115,7 +115,7 @@ def _gated_residual_bwd_kernel(
     seq_len, dim, rows_per_prog, num_chunks,
     BLOCK_D: tl.constexpr,
 ):
-    batch = tl.program_id(0)
+    batch = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < dim

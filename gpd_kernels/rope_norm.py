@@ -26,28 +26,31 @@ __all__ = ["RMSNormRoPE", "rms_norm_rope", "rms_norm_rope_reference"]
 def _rms_norm_rope_fwd_kernel(
     x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     seq_len, heads, head_dim, half_dim, eps,
+    x_stride_b, x_stride_l, table_stride_l, table_stride_p,
     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * dim passes 2**31 for big 480p batches
     token = row % seq_len
     h = tl.arange(0, BLOCK_H)
     p = tl.arange(0, BLOCK_P)
     mask = (h < heads)[:, None] & (p < half_dim)[None, :]
     even = h[:, None] * head_dim + 2 * p[None, :]
-    base = row * heads * head_dim
-    a = tl.load(x_ptr + base + even, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + (row // seq_len) * x_stride_b + token * x_stride_l
+    a = tl.load(x_row + even, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_row + even + 1, mask=mask, other=0.0).to(tl.float32)
     sum_sq = tl.sum(tl.sum(a * a + b * b, axis=1), axis=0)
     rstd = tl.rsqrt(sum_sq / (heads * head_dim) + eps)
     wa = tl.load(weight_ptr + even, mask=mask, other=0.0).to(tl.float32)
     wb = tl.load(weight_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + token * half_dim + p, mask=p < half_dim, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + token * half_dim + p, mask=p < half_dim, other=0.0).to(tl.float32)
+    table = token * table_stride_l + p * table_stride_p
+    cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)
     na = a * rstd * wa
     nb = b * rstd * wb
     out_a = na * cos[None, :] - nb * sin[None, :]
     out_b = na * sin[None, :] + nb * cos[None, :]
     out_ty = out_ptr.dtype.element_ty
+    base = row * heads * head_dim
     tl.store(out_ptr + base + even, out_a.to(out_ty), mask=mask)
     tl.store(out_ptr + base + even + 1, out_b.to(out_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
@@ -58,11 +61,12 @@ def _rms_norm_rope_bwd_kernel(
     grad_out_ptr, x_ptr, weight_ptr, cos_ptr, sin_ptr, rstd_ptr,
     grad_x_ptr, partial_dweight_ptr,
     total_rows, seq_len, heads, head_dim, half_dim, rows_per_prog,
+    x_stride_b, x_stride_l, table_stride_l, table_stride_p,
     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # A program walks a chunk of rows; the weight gradient is summed in registers and
     # its per-program partials are added afterwards.
-    chunk = tl.program_id(0)
+    chunk = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     p = tl.arange(0, BLOCK_P)
     mask = (h < heads)[:, None] & (p < half_dim)[None, :]
@@ -77,8 +81,10 @@ def _rms_norm_rope_bwd_kernel(
     for row in range(start, stop):
         token = row % seq_len
         base = row * row_size
-        cos = tl.load(cos_ptr + token * half_dim + p, mask=p < half_dim, other=0.0)
-        sin = tl.load(sin_ptr + token * half_dim + p, mask=p < half_dim, other=0.0)
+        x_row = x_ptr + (row // seq_len) * x_stride_b + token * x_stride_l
+        table = token * table_stride_l + p * table_stride_p
+        cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0)
+        sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0)
         cos = cos.to(tl.float32)[None, :]
         sin = sin.to(tl.float32)[None, :]
         ga = tl.load(grad_out_ptr + base + even, mask=mask, other=0.0).to(tl.float32)
@@ -87,8 +93,8 @@ def _rms_norm_rope_bwd_kernel(
         dna = ga * cos + gb * sin
         dnb = gb * cos - ga * sin
         rstd = tl.load(rstd_ptr + row)
-        xa = tl.load(x_ptr + base + even, mask=mask, other=0.0).to(tl.float32) * rstd
-        xb = tl.load(x_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32) * rstd
+        xa = tl.load(x_row + even, mask=mask, other=0.0).to(tl.float32) * rstd
+        xb = tl.load(x_row + even + 1, mask=mask, other=0.0).to(tl.float32) * rstd
         dwa += dna * xa
         dwb += dnb * xb
         dxa = dna * wa
@@ -123,15 +129,16 @@ class _RMSNormRoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, cos, sin, eps):
         batch, seq_len, heads, head_dim = x.shape
-        x_c = x.contiguous()
+        x_c = _rows_of_contiguous_heads(x)
         weight_c = weight.contiguous()
-        cos_c, sin_c = cos.contiguous(), sin.contiguous()
-        out = torch.empty_like(x_c)
+        cos_c, sin_c = _same_strides(cos, sin)
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         rstd = torch.empty(batch * seq_len, device=x.device, dtype=torch.float32)
         block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
         _rms_norm_rope_fwd_kernel[(batch * seq_len,)](
             x_c, weight_c, cos_c, sin_c, out, rstd,
             seq_len, heads, head_dim, head_dim // 2, eps,
+            x_c.stride(0), x_c.stride(1), cos_c.stride(0), cos_c.stride(1),
             BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
         )
         ctx.save_for_backward(x_c, weight_c, cos_c, sin_c, rstd)
@@ -143,15 +150,33 @@ class _RMSNormRoPEFunction(torch.autograd.Function):
         batch, seq_len, heads, head_dim = x.shape
         total_rows = batch * seq_len
         rows, chunks = rows_per_program(total_rows, 1, x.device)
-        grad_x = torch.empty_like(x)
+        grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         partial = torch.empty(chunks, heads * head_dim, device=x.device, dtype=torch.float32)
         block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim // 2)
         _rms_norm_rope_bwd_kernel[(chunks,)](
             grad_out.contiguous(), x, weight, cos, sin, rstd, grad_x, partial,
             total_rows, seq_len, heads, head_dim, head_dim // 2, rows,
+            x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
             BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
         )
         return grad_x, partial.sum(0).to(weight.dtype), None, None, None
+
+
+def _rows_of_contiguous_heads(x: torch.Tensor) -> torch.Tensor:
+    """x itself when each token's [H, Dh] block is dense (e.g. q sliced out of a fused qkv
+    projection), else a contiguous copy: the kernels take batch/token strides only."""
+    heads, head_dim = x.shape[2:]
+    if x.stride(3) == 1 and x.stride(2) == head_dim:
+        return x
+    return x.contiguous()
+
+
+def _same_strides(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as given when they share strides (e.g. the real and imaginary views of a
+    complex table), else contiguous copies."""
+    if cos.stride() == sin.stride():
+        return cos, sin
+    return cos.contiguous(), sin.contiguous()
 
 
 def _num_warps(block: int) -> int:

@@ -89,3 +89,27 @@ def test_bad_input_messages(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rms_norm_rope(**args)
+
+
+def test_strided_views_from_fused_qkv_and_complex_table():
+    """q sliced from a fused qkv output and tables viewed from a complex table: no copies
+    needed, same numbers as contiguous inputs (values and gradients)."""
+    gen = torch.Generator().manual_seed(11)
+    batch, seq_len, heads, head_dim = 2, 3, 3, 6
+    qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, generator=gen, requires_grad=True)
+    weight = torch.randn(heads * head_dim, generator=gen)
+    angles = torch.rand(seq_len, 1, head_dim // 2, generator=gen, dtype=torch.float64)
+    rotations = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    table = torch.view_as_real(rotations.squeeze(1))
+    q = qkv.chunk(3, dim=-1)[1].unflatten(-1, (heads, head_dim))
+    out = rms_norm_rope(q, weight, table[..., 0], table[..., 1])
+    dense_q = q.detach().contiguous().double().requires_grad_(True)
+    want = rms_norm_rope_reference(dense_q, weight.double(), table[..., 0].double(),
+                                   table[..., 1].double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad)
+    want.backward(grad.double())
+    torch.testing.assert_close(qkv.grad.chunk(3, dim=-1)[1].unflatten(-1, (heads, head_dim)),
+                               dense_q.grad.float(), atol=1e-5, rtol=1e-5)
+    assert qkv.grad.chunk(3, dim=-1)[0].abs().max() == 0
