@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpd_kernels import gated_residual, layernorm_modulate, rms_norm_rope
+
 from .attention import attention
 from .config import DiTConfig
 
@@ -18,7 +20,10 @@ def rope_frequencies(axis_dim: int, length: int, theta: float) -> torch.Tensor:
     return torch.outer(torch.arange(length, dtype=torch.float64), inverse)
 
 
-def rope_table(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def rope_table(
+    cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device,
+    dtype: torch.dtype = torch.complex64,
+) -> torch.Tensor:
     """Complex rotations [f*h*w, 1, head_dim // 2] for a token grid (f, h, w), t-major order."""
     f, h, w = grid
     dims = cfg.rope_split
@@ -31,13 +36,14 @@ def rope_table(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device)
         ],
         dim=-1,
     ).reshape(f * h * w, 1, -1)
-    # Angles are exact in float64; the rotation itself runs in float32 like the references.
-    return torch.polar(torch.ones_like(per_token), per_token).to(torch.complex64).to(device)
+    # Angles are computed in float64 and rounded once to the rotation dtype, as Wan and diffusers.
+    return torch.polar(torch.ones_like(per_token), per_token).to(device=device, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x [B, L, heads, head_dim] by complex ``rotations``."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    real = torch.promote_types(x.dtype, torch.float32)
+    pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
@@ -55,6 +61,31 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
     return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
 
 
+# On CUDA the three helpers below run gpd_kernels' fused Triton ops; elsewhere the eager
+# reference code, unchanged.
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+    """LayerNorm without affine, then adaLN with per-sample [B, dim] shift and scale."""
+    if x.is_cuda:
+        return layernorm_modulate(x, shift, scale, eps)
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` with a per-sample [B, dim] gate."""
+    if x.is_cuda:
+        return gated_residual(x, y, gate)
+    return torch.addcmul(x, y, gate.unsqueeze(1))
+
+
+def norm_rope(x: torch.Tensor, norm: nn.RMSNorm, rotations: torch.Tensor, num_heads: int):
+    """RMSNorm across heads, split into heads [B, L, heads, head_dim], rotate by RoPE."""
+    if x.is_cuda:
+        table = torch.view_as_real(rotations.squeeze(1))  # cos/sin as views, no copy
+        heads = x.unflatten(-1, (num_heads, -1))
+        return rms_norm_rope(heads, norm.weight, table[..., 0], table[..., 1], norm.eps)
+    return apply_rope(norm(x).unflatten(-1, (num_heads, -1)), rotations)
+
+
 class SelfAttention(nn.Module):
     """Self-attention with q/k RMSNorm across all heads and 3D RoPE; q, k, v fused in one matmul."""
 
@@ -68,10 +99,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(q).unflatten(-1, heads), rotations)
-        k = apply_rope(self.norm_k(k).unflatten(-1, heads), rotations)
-        out = attention(q, k, v.unflatten(-1, heads))
+        q = norm_rope(q, self.norm_q, rotations, self.num_heads)
+        k = norm_rope(k, self.norm_k, rotations, self.num_heads)
+        out = attention(q, k, v.unflatten(-1, (self.num_heads, -1)))
         return self.o(out.flatten(2))
 
 
@@ -100,7 +130,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.dim = cfg.dim
         self.eps = cfg.eps
         self.self_attn = SelfAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)  # Wan's name for the cross-attn norm
@@ -111,20 +140,17 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.dim,), eps=self.eps)
-
     def forward(
         self, x: torch.Tensor, time_mod: torch.Tensor, rotations: torch.Tensor,
         context: torch.Tensor,
     ) -> torch.Tensor:
         mod = (self.modulation + time_mod).unbind(1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
-        attn = self.self_attn(modulate(self._norm(x), shift_sa, scale_sa), rotations)
-        x = torch.addcmul(x, attn, gate_sa.unsqueeze(1))
+        attn = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.eps), rotations)
+        x = gated_add(x, attn, gate_sa)
         x = x + self.cross_attn(self.norm3(x), context)
-        ffn = self.ffn(modulate(self._norm(x), shift_ff, scale_ff))
-        return torch.addcmul(x, ffn, gate_ff.unsqueeze(1))
+        ffn = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.eps))
+        return gated_add(x, ffn, gate_ff)
 
 
 class Head(nn.Module):
@@ -132,14 +158,13 @@ class Head(nn.Module):
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.dim = cfg.dim
         self.eps = cfg.eps
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation + time_emb.unsqueeze(1)).unbind(1)
-        return self.head(modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale))
+        return self.head(norm_modulate(x, shift, scale, self.eps))
 
 
 class WanDiT(nn.Module):
@@ -163,14 +188,17 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self._rope_cache: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+        self._rope_cache: dict[tuple, torch.Tensor] = {}
 
-    def rotations(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        """RoPE table for a token grid, built once per (grid, device) and cached."""
-        key = (*grid, device)
+    def rotations(
+        self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Complex RoPE table for a token grid and real ``dtype``, built once and cached."""
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        key = (*grid, device, complex_dtype)
         table = self._rope_cache.get(key)
         if table is None:
-            table = rope_table(self.cfg, grid, device)
+            table = rope_table(self.cfg, grid, device, complex_dtype)
             self._rope_cache[key] = table
         return table
 
@@ -247,7 +275,7 @@ class WanDiT(nn.Module):
         time_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype))
         time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
-        rotations = self.rotations(grid, x.device)
+        rotations = self.rotations(grid, x.device, dtype)
 
         for block in self.blocks:
             tokens = block(tokens, time_mod, rotations, text)
