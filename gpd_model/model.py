@@ -61,25 +61,29 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
     return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
 
 
-# On CUDA the three helpers below run gpd_kernels' fused Triton ops; elsewhere the eager
-# reference code, unchanged.
+# On CUDA the three helpers below run gpd_kernels' fused Triton ops (fp32/bf16/fp16);
+# elsewhere, and for float64 checks, the eager reference code, unchanged.
+def _fused(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype != torch.float64
+
+
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """LayerNorm without affine, then adaLN with per-sample [B, dim] shift and scale."""
-    if x.is_cuda:
+    if _fused(x):
         return layernorm_modulate(x, shift, scale, eps)
     return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate * y`` with a per-sample [B, dim] gate."""
-    if x.is_cuda:
+    if _fused(x):
         return gated_residual(x, y, gate)
     return torch.addcmul(x, y, gate.unsqueeze(1))
 
 
 def norm_rope(x: torch.Tensor, norm: nn.RMSNorm, rotations: torch.Tensor, num_heads: int):
     """RMSNorm across heads, split into heads [B, L, heads, head_dim], rotate by RoPE."""
-    if x.is_cuda:
+    if _fused(x):
         table = torch.view_as_real(rotations.squeeze(1))  # cos/sin as views, no copy
         heads = x.unflatten(-1, (num_heads, -1))
         return rms_norm_rope(heads, norm.weight, table[..., 0], table[..., 1], norm.eps)
