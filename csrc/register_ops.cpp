@@ -1,0 +1,24 @@
+// Defines the gpd:: schemas (compiled in from gpd_kernels/schemas.txt) and registers the CPU
+// kernels. Python's gpd_kernels registers CUDA, Meta and autograd on top of these.
+#include <torch/library.h>
+
+#include "gpd_schemas.h"
+#include "ops.h"
+
+TORCH_LIBRARY(gpd, m) {
+  for (const char* schema : gpd::kOpSchemas) {
+    m.def(schema);
+  }
+}
+
+TORCH_LIBRARY_IMPL(gpd, CPU, m) {
+  m.impl("freq_loss_fwd", TORCH_FN(gpd::freq_loss_fwd_cpu));
+  m.impl("cfg_euler_step", TORCH_FN(gpd::cfg_euler_step_cpu));
+  m.impl("double_step_target", TORCH_FN(gpd::double_step_target_cpu));
+}
+
+// A linkable symbol, so C++ consumers keep the library (and its registrations) even under
+// --as-needed linking.
+extern "C" __attribute__((visibility("default"))) int gpd_native_schema_count() {
+  return static_cast<int>(sizeof(gpd::kOpSchemas) / sizeof(gpd::kOpSchemas[0]));
+}
