@@ -109,3 +109,39 @@ def test_rows_per_program_covers_every_row():
 def test_bad_input_messages(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_matches_the_models_eager_modulation():
+    """The fused ops against the model's eager code for the same step (CPU branch)."""
+    from gpd_model.model import modulate
+
+    x = torch.randn(2, 9, 72)
+    mod = torch.randn(2, 6, 72)  # a block's six modulation vectors; unbind gives views
+    shift, scale, gate = mod.unbind(1)[:3]
+    want = modulate(torch.nn.functional.layer_norm(x, (72,), eps=1e-6), shift, scale)
+    torch.testing.assert_close(layernorm_modulate(x, shift, scale, 1e-6), want,
+                               atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(gated_residual(x, want, gate),
+                               torch.addcmul(x, want, gate.unsqueeze(1)), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the model's fused CUDA path needs a CUDA GPU (none on this machine)")
+def test_model_on_cuda_with_fused_ops_matches_cpu_reference():
+    from gpd_model import WanDiT, get_preset
+
+    torch.manual_seed(0)
+    model = WanDiT(get_preset("tiny", num_layers=2))
+    x = torch.randn(2, 3, 3, 6, 10, requires_grad=True)
+    t = torch.tensor([900.0, 250.0])
+    context = torch.randn(2, 5, model.cfg.text_dim)
+    want = model(x, t, context)
+    want.square().mean().backward()
+    want_grad = x.grad.clone()
+    x.grad = None
+    model.cuda()
+    x_cuda = x.detach().cuda().requires_grad_(True)
+    got = model(x_cuda, t.cuda(), context.cuda())
+    got.square().mean().backward()
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_cuda.grad.cpu(), want_grad, atol=1e-4, rtol=1e-3)

@@ -113,3 +113,23 @@ def test_strided_views_from_fused_qkv_and_complex_table():
     torch.testing.assert_close(qkv.grad.chunk(3, dim=-1)[1].unflatten(-1, (heads, head_dim)),
                                dense_q.grad.float(), atol=1e-5, rtol=1e-5)
     assert qkv.grad.chunk(3, dim=-1)[0].abs().max() == 0
+
+
+def test_matches_the_models_eager_rmsnorm_and_complex_rope():
+    """The model's CUDA branch (fused op on views of its complex table) against its CPU
+    branch (nn.RMSNorm then complex RoPE), on the model's real 3D table, here on the CPU."""
+    from gpd_model import get_preset
+    from gpd_model.model import apply_rope, rope_table
+
+    cfg = get_preset("tiny", dim=72, num_heads=3)  # head_dim 24 -> rope split 8/8/8
+    grid = (3, 2, 5)
+    rotations = rope_table(cfg, grid, torch.device("cpu"))
+    norm = torch.nn.RMSNorm(cfg.dim, eps=cfg.eps)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(2, 30, cfg.dim)
+    want = apply_rope(norm(x).unflatten(-1, (cfg.num_heads, -1)), rotations)
+    table = torch.view_as_real(rotations.squeeze(1))
+    got = rms_norm_rope(x.unflatten(-1, (cfg.num_heads, -1)), norm.weight,
+                        table[..., 0], table[..., 1], cfg.eps)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
