@@ -1,0 +1,326 @@
+"""Sample videos from a checkpoint: `python -m gpd_train.sample --checkpoint PATH ...`.
+
+PATH may be a run folder (the last finished stage of `--chain`, or `--stage N`), a stage
+folder or its `model.safetensors`, or an original-Wan / diffusers checkpoint (file, folder
+or sharded index; give `--preset` unless the folder has a diffusers config.json).
+Prompts come from the built-in set (RGB models), the run's prompt-embedding data set, or
+`--prompt-embeddings` (a data-set folder, or a safetensors file with `context` [N, L, D],
+optional `negative` [L, D] and metadata `latent_shape` = "C,T,H,W").
+
+Writes `latents.safetensors` ([N, C, T, H, W] float32 plus the prompts' names in the
+metadata), `summary.json`, and for the built-in set one GIF per video. Sampling uses the
+CUDA-graph sampler on CUDA (`--eager` to turn it off), eager Euler elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gpd_model import (
+    PRESETS,
+    DiTConfig,
+    WanDiT,
+    get_preset,
+    load_checkpoint,
+    make_noise,
+    sigma_grid,
+)
+from gpd_model.checkpoint import config_from_diffusers
+from gpd_model.graph_sampler import GraphSampler
+
+from .checkpoint import load_exact, load_weights, read_metadata
+from .config import CHAINS, DEFAULT_SHIFT, PRESET_SHIFT, RunConfig, load_config
+from .data import ProceduralVideos, PromptEmbeddingSet, open_data
+from .evaluate import write_gif
+from .loop import resolve_device
+from .pipeline import Run, stage_command, stage_name
+
+TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
+              "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
+              "checkpoint with --preset")
+
+
+class SampleError(RuntimeError):
+    """A user-facing problem with the sampling request (printed without a traceback)."""
+
+
+@dataclass
+class LoadedModel:
+    model: WanDiT
+    description: str
+    run_config: RunConfig | None  # the run the weights came from, when known
+
+
+@dataclass
+class Prompts:
+    context: torch.Tensor  # [N, L, text_dim]
+    negative: torch.Tensor | None  # [N, L, text_dim]
+    names: list[str]
+    latent_shape: tuple[int, ...]
+    built_in: bool
+
+
+def _run_config(folder: Path, device: str) -> RunConfig:
+    raw = json.loads((folder / "config.json").read_text())
+    raw.update(run_dir=str(folder), device=device)
+    return load_config(None, raw)
+
+
+def _is_run_folder(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and '"steps"' in config.read_text()
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run folder holding a stage file (stageN/model.safetensors or vanilla/stageN/...)."""
+    for parent in list(path.parents)[:3]:
+        if _is_run_folder(parent):
+            return parent
+    return None
+
+
+def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
+    config = _run_config(folder, device)
+    run = Run(config)
+    if stage is None:
+        done = [s for s in range(len(config.steps) - 1, -1, -1) if run.is_done(chain, s)]
+        if not done:
+            raise SampleError(f"run folder {folder} has no finished stage; run "
+                              f"`{stage_command(chain, 0)} --run-dir {folder}` first")
+        stage = done[0]
+    model = run.load_stage_model(chain, stage)
+    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config)
+
+
+def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
+    meta = read_metadata(path)
+    cfg = DiTConfig(**json.loads(meta["dit_config"]))
+    model = WanDiT(cfg)
+    load_exact(model, load_weights(path), path)
+    run = _enclosing_run(path)
+    return LoadedModel(model.to(device), str(path),
+                       None if run is None else _run_config(run, run_device))
+
+
+def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
+    if preset is not None:
+        cfg = get_preset(preset)
+    elif path.is_dir() and (path / "config.json").is_file():
+        cfg = config_from_diffusers(path)
+    else:
+        raise SampleError(f"{path} is not a gpd_train checkpoint: pass --preset (one of "
+                          "tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b) to say which model it holds")
+    model = WanDiT(cfg)
+    try:
+        fmt = load_checkpoint(model, path)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise SampleError(f"checkpoint {path} does not fit the {preset or 'configured'} model: "
+                          f"{exc}") from None
+    return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
+
+
+def load_model(path: str | Path, *, preset: str | None = None, chain: str = "gpd",
+               stage: int | None = None, device: str = "auto") -> LoadedModel:
+    """Resolve PATH (run folder, stage folder/file, Wan or diffusers checkpoint) to a model."""
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"no checkpoint at {path}: {TRAIN_HINT}")
+    try:
+        torch_device = resolve_device(device)
+        if path.is_dir() and _is_run_folder(path):
+            return _load_from_run(path, chain, stage, device)
+        if path.is_dir() and (path / "done.json").is_file():
+            path = path / "model.safetensors"
+        if path.is_file() and path.suffix == ".safetensors":
+            if read_metadata(path).get("format") == "gpd_train":
+                return _load_gpd_file(path, torch_device, device)
+        return _load_external(path, preset, torch_device)
+    except SampleError:
+        raise
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise SampleError(f"cannot load {path}: {exc}") from None
+
+
+def _embeddings_file(path: Path, text_dim: int, latent_shape: str | None,
+                     num: int, guided: bool) -> Prompts:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            if "context" not in keys:
+                raise SampleError(f"{path} has no 'context' tensor (expected [N, L, {text_dim}])")
+            context = handle.get_tensor("context").float()
+            negative = handle.get_tensor("negative").float() if "negative" in keys else None
+            latent_shape = latent_shape or (handle.metadata() or {}).get("latent_shape")
+    except (SafetensorError, OSError) as exc:
+        raise SampleError(f"cannot read prompt embeddings {path}: {exc}") from None
+    if context.dim() != 3 or context.shape[2] != text_dim or context.shape[0] < 1:
+        raise SampleError(f"{path}: 'context' must be [N, L, {text_dim}] (the model's text_dim), "
+                          f"got {tuple(context.shape)}")
+    if latent_shape is None:
+        raise SampleError(f"{path} has no latent_shape metadata: pass --latent-shape C,T,H,W")
+    if guided and negative is None:
+        raise SampleError(f"--guidance needs a 'negative' tensor [L, {text_dim}] in {path}")
+    rows = [i % context.shape[0] for i in range(num)]
+    if negative is not None:
+        negative = negative.reshape(-1, context.shape[1], text_dim)[:1].expand(num, -1, -1)
+    return Prompts(context[rows], negative, [f"row {i}" for i in rows],
+                   _parse_shape(latent_shape), built_in=False)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise SampleError(f"latent shape must be four positive ints 'C,T,H,W', got {text!r}")
+    return shape
+
+
+def _from_data_set(data: ProceduralVideos | PromptEmbeddingSet, num: int,
+                   prompt_ids: list[int] | None) -> Prompts:
+    built_in = isinstance(data, ProceduralVideos)
+    if prompt_ids is not None:
+        if not built_in:
+            raise SampleError("--prompts picks built-in prompts; with prompt embeddings the "
+                              "first --num rows are used")
+        bad = [p for p in prompt_ids if not 0 <= p < data.num_prompts]
+        if bad:
+            raise SampleError(f"--prompts ids must be in [0, {data.num_prompts}), got {bad}; "
+                              f"0 is {data.prompt_name(0)!r}")
+        ids = torch.tensor([prompt_ids[i % len(prompt_ids)] for i in range(num)])
+        context, names = data.context(ids), [data.prompt_name(int(i)) for i in ids]
+    else:
+        context, names = data.eval_prompts(num)
+    negative = data.negative_context.float()[None].expand(num, -1, -1)
+    return Prompts(context.float(), negative, names, tuple(data.latent_shape), built_in)
+
+
+def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
+    cfg = loaded.model.cfg
+    if args.prompt_embeddings is not None:
+        path = Path(args.prompt_embeddings)
+        if path.is_dir():
+            return _from_data_set(PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels),
+                                  args.num, args.prompts)
+        if not path.is_file():
+            raise SampleError(f"no prompt embeddings at {path}")
+        return _embeddings_file(path, cfg.text_dim, args.latent_shape, args.num,
+                                args.guidance is not None)
+    run = loaded.run_config
+    try:
+        data = open_data(run.data if run else None, cfg.text_dim, cfg.in_channels,
+                         run.seed if run else 0)
+    except ValueError as exc:
+        raise SampleError(f"{exc} (or --prompt-embeddings FILE)") from None
+    return _from_data_set(data, args.num, args.prompts)
+
+
+def _preset_shift(cfg: DiTConfig) -> float:
+    """The trainer's default shift for the preset this config equals, else Wan's 480p."""
+    names = [name for name, preset in PRESETS.items() if preset == cfg]
+    return PRESET_SHIFT.get(names[0], DEFAULT_SHIFT) if names else DEFAULT_SHIFT
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def sample(args: argparse.Namespace) -> dict[str, object]:
+    loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
+                        device=args.device)
+    model = loaded.model.eval()
+    device = next(model.parameters()).device
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    prompts = choose_prompts(loaded, args)
+    run = loaded.run_config
+    shift = args.shift if args.shift is not None else (
+        run.resolved_shift if run else _preset_shift(loaded.model.cfg))
+    sigmas = sigma_grid(args.steps, shift)
+    sampler = GraphSampler(model, sigmas, use_graphs=False if args.eager else None)
+    noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
+    guided = args.guidance is not None
+    outputs, elapsed = [], 0.0
+    for start in range(0, args.num, args.batch_size):
+        part = slice(start, start + args.batch_size)
+        context = prompts.context[part].to(device)
+        negative = prompts.negative[part].to(device) if guided else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        outputs.append(sampler(noise[part], context, negative, args.guidance).float().cpu())
+        elapsed += time.perf_counter() - began
+    latents = torch.cat(outputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "checkpoint": loaded.description, "num": args.num, "steps": args.steps,
+        "guidance": args.guidance, "shift": shift, "seed": args.seed,
+        "nfe_per_video": sampler.nfe(guided), "seconds_per_video": elapsed / args.num,
+        "device": str(device), "dtype": args.dtype,
+        "cuda_graphs": sampler.graphs_enabled(device),
+        "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
+    }
+    save_file({"latents": latents.contiguous()}, str(out / "latents.safetensors"),
+              metadata={"summary": json.dumps(summary)})
+    if prompts.built_in:
+        for i, (video, name) in enumerate(zip(latents, prompts.names, strict=True)):
+            write_gif(out / f"{i:03d}-{_slug(name)}.gif", video.clamp(-1, 1)[None])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gpd_train.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run folder, stage, Wan or diffusers")
+    parser.add_argument("--stage", type=int, help="stage of a run folder (default: the last done)")
+    parser.add_argument("--chain", choices=CHAINS, default="gpd")
+    parser.add_argument("--preset", help="model preset for a Wan/diffusers file")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--guidance", type=float, help="CFG scale (default: none, as students)")
+    parser.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's)")
+    parser.add_argument("--prompts", type=int, nargs="+", help="built-in prompt ids")
+    parser.add_argument("--prompt-embeddings", help="data-set folder or safetensors file")
+    parser.add_argument("--latent-shape", help="C,T,H,W when the embeddings file lacks it")
+    parser.add_argument("--num", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "num", "batch_size"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
+                  file=sys.stderr)
+            return 2
+    try:
+        summary = sample(args)
+    except SampleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
+          f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "
+          f"({summary['steps']} steps, guidance {summary['guidance']}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
