@@ -23,9 +23,13 @@ from gpd_kernels.reference import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 2e-3 if DEVICE == "cuda" else 1e-5
 
-# Awkward shapes: Wan 480p latent planes (21x60x104), odd and prime sizes, size-1 axes.
+# Awkward shapes: Wan 480p latent planes (21x60x104), odd and prime sizes, size-1 axes,
+# and sizes past one 32-wide contraction slice per axis (T 40, W 160) with several
+# row blocks per plane (H 90).
 SHAPES = [
     (1, 1, 21, 60, 104),
+    (1, 1, 2, 90, 160),
+    (1, 2, 40, 5, 3),
     (2, 3, 5, 7, 9),
     (1, 2, 1, 17, 33),
     (2, 1, 6, 1, 20),

@@ -1,0 +1,73 @@
+"""Fused frequency loss and teacher double-step: Triton vs eager reference vs compiled reference.
+
+Groups are per op, shape and dtype (Wan 480p latents [B, 16, 21, 60, 104] at B = 1, 2, 4
+and the tiny preset's [16, 3, 8, 16, 16]). GPU cases replay a CUDA graph of
+kernel_cases.CALLS_PER_GRAPH calls per round; the table's times are per round, and
+extra_info carries per-call microseconds, achieved GB/s (bytes the op must move, see
+kernel_cases) and the fraction of the card's HBM peak. On a CPU-only machine the GPU
+cases skip with the reason, and a few quick CPU reference cases still run.
+
+Run: `python -m pytest benchmarks/bench_kernels.py -rs` (on a GPU, device_check.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    CALLS_PER_GRAPH,
+    IMPLS,
+    OPS,
+    SHAPES,
+    capture_calls,
+    hbm_peak,
+    implementation,
+    input_sets,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NO_GPU = "GPU benchmark: needs CUDA (Triton kernels and GPU timings only on a lent GPU)"
+# CPU: the references only (the Triton interpreter is a correctness tool, not a speed one);
+# the compiled reference only at the small shape, to keep compile time down.
+CPU_CASES = [("eager", "tiny-b16"), ("compile", "tiny-b16"), ("eager", "wan480p-b1")]
+
+
+def _record(benchmark, op, shape, dtype, seconds_per_call: float) -> None:
+    moved = op.bytes_moved(shape, dtype)
+    benchmark.extra_info["us_per_call"] = round(seconds_per_call * 1e6, 2)
+    benchmark.extra_info["GB/s"] = round(moved / seconds_per_call / 1e9, 1)
+    if torch.cuda.is_available():
+        peak = hbm_peak(torch.cuda.get_device_name())
+        if peak is not None:
+            benchmark.extra_info[f"% of {peak[0]} HBM peak"] = round(
+                100 * moved / seconds_per_call / peak[1], 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape_name", SHAPES)
+@pytest.mark.parametrize("op_name", OPS)
+def test_gpu(benchmark, op_name, shape_name, dtype_name, impl):
+    op, shape, dtype = OPS[op_name], SHAPES[shape_name], DTYPES[dtype_name]
+    benchmark.group = f"{op_name} {shape_name} {dtype_name} (cuda, {CALLS_PER_GRAPH} calls)"
+    replay = capture_calls(implementation(op, impl), input_sets(op, shape, dtype, "cuda"))
+
+    def one_round():
+        replay()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(one_round, rounds=20, iterations=1, warmup_rounds=2)
+    _record(benchmark, op, shape, dtype, benchmark.stats.stats.median / CALLS_PER_GRAPH)
+
+
+@pytest.mark.parametrize("impl,shape_name", CPU_CASES)
+@pytest.mark.parametrize("op_name", OPS)
+def test_cpu_reference(benchmark, op_name, impl, shape_name):
+    op, shape = OPS[op_name], SHAPES[shape_name]
+    benchmark.group = f"{op_name} {shape_name} fp32 (cpu reference)"
+    fn = implementation(op, impl)
+    (args,) = input_sets(op, shape, torch.float32, "cpu")
+    fn(*args)  # compile outside the timing
+    benchmark.pedantic(fn, args=args, rounds=5, iterations=1, warmup_rounds=1)
+    _record(benchmark, op, shape, torch.float32, benchmark.stats.stats.median)

@@ -1,0 +1,209 @@
+"""On a CUDA GPU: Triton kernels vs reference (correctness), then timings; a table last.
+
+Called by device_check.sh. Correctness runs the registered gpd:: ops on CUDA (so the
+dispatch is checked too) against the float64 reference on fresh random inputs, with
+the caching allocator poisoned with NaN first so an unwritten output element shows.
+Timings: see kernel_cases (CUDA-graph replays, L2-overflowing input rotation).
+Exit status 1 if any correctness check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from kernel_cases import (
+    IMPLS,
+    OPS,
+    SHAPES,
+    capture_calls,
+    hbm_peak,
+    implementation,
+    input_sets,
+    median_seconds_per_call,
+)
+
+from gpd_kernels import freq_loss
+from gpd_kernels.reference import (
+    cfg_euler_step_reference,
+    double_step_target_reference,
+    freq_loss_grad_reference,
+)
+
+# Awkward sizes on top of the benchmark shapes: odd/prime, size-1 axes, a 720p-like
+# latent whose width (160 -> 256 padded) exercises the contraction loops.
+CHECK_SHAPES = {
+    "wan480p-b1": SHAPES["wan480p-b1"], "tiny-b16": SHAPES["tiny-b16"],
+    "odd": (2, 3, 5, 7, 9), "t1": (1, 2, 1, 17, 33), "w1": (1, 1, 3, 16, 1),
+    "all1": (1, 2, 1, 1, 1), "720p-like": (1, 2, 9, 90, 160),
+}
+FREQ_RTOL = 2e-3  # tf32 dots on the alpha-weighted terms
+STEP_TOL = {"rtol": 1e-5, "atol": 1e-5}
+BF16_STEP_TOL = {"rtol": 2**-8 + 1e-5, "atol": 1e-5}  # one round-to-nearest to bf16
+TIMING_CASES = [
+    ("freq_loss", "wan480p-b1", torch.bfloat16), ("freq_loss", "wan480p-b2", torch.bfloat16),
+    ("freq_loss", "wan480p-b4", torch.bfloat16), ("freq_loss", "wan480p-b1", torch.float32),
+    ("freq_loss", "tiny-b16", torch.bfloat16),
+    ("cfg_euler_step", "wan480p-b1", torch.bfloat16),
+    ("cfg_euler_step", "wan480p-b4", torch.bfloat16),
+    ("cfg_euler_step", "tiny-b16", torch.bfloat16),
+    ("double_step_target", "wan480p-b1", torch.bfloat16),
+    ("double_step_target", "wan480p-b4", torch.bfloat16),
+    ("double_step_target", "tiny-b16", torch.bfloat16),
+]
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def poison_allocator(nbytes: int, device: str) -> None:
+    """Leave NaN-filled blocks in the caching allocator for the next outputs to reuse."""
+    if device == "cuda":
+        blocks = [torch.full((nbytes // 4 + 1024,), float("nan"), device=device)
+                  for _ in range(4)]
+        del blocks
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.double(), expected.double()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def check_freq_loss(shape, dtype, device, generator) -> list[str]:
+    pred, target = (torch.randn(shape, generator=generator, device=device).to(dtype)
+                    for _ in range(2))
+    params = (1.3, 0.7, 1.5)
+    poison_allocator(pred.numel() * 4, device)
+    loss, grad = torch.ops.gpd.freq_loss_fwd(pred, target, *params, True)
+    loss_only, _ = torch.ops.gpd.freq_loss_fwd(pred, target, *params, False)
+    loss_ref, grad_ref = freq_loss_grad_reference(pred.double(), target.double(), *params)
+    leaf = pred.detach().requires_grad_()
+    freq_loss(leaf, target, *params).backward()
+    errors = {"loss": _relative(loss, loss_ref), "loss(no grad)": _relative(loss_only, loss_ref),
+              "grad": _relative(grad, grad_ref), "autograd": _relative(leaf.grad, grad_ref)}
+    # autograd casts the gradient to the input dtype: bf16 rounding on top of tf32
+    limits = {"autograd": 1e-2 if dtype == torch.bfloat16 else FREQ_RTOL}
+    return [f"{name} rel err {err:.2e}" for name, err in errors.items()
+            if not err <= limits.get(name, FREQ_RTOL)]
+
+
+def check_double_step(shape, dtype, device, generator) -> list[str]:
+    failures = []
+    for guided in (True, False):
+        x, u_cond, u_uncond, guidance, s_a, s_b = OPS["cfg_euler_step"].make_inputs(
+            shape, dtype, device, generator)
+        if not guided:
+            u_uncond = guidance = None
+        poison_allocator(x.numel() * 4, device)
+        x_b, g1 = torch.ops.gpd.cfg_euler_step(x, u_cond, u_uncond, guidance, s_a, s_b)
+        ref_x_b, ref_g1 = cfg_euler_step_reference(x, u_cond, u_uncond, guidance, s_a, s_b)
+        s_c = s_b - 0.1
+        u_star = torch.ops.gpd.double_step_target(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c)
+        ref_u_star = double_step_target_reference(ref_g1, u_cond, u_uncond, guidance,
+                                                  s_a, s_b, s_c)
+        x_tol = BF16_STEP_TOL if dtype == torch.bfloat16 else STEP_TOL
+        for name, got, expected, tol in (("x_next", x_b, ref_x_b, x_tol),
+                                         ("g", g1, ref_g1, STEP_TOL),
+                                         ("u_star", u_star, ref_u_star, STEP_TOL)):
+            if not torch.allclose(got.float(), expected.float(), **tol) or not got.isfinite().all():
+                worst = (got.float() - expected.float()).abs().max().item()
+                failures.append(f"{name} (guided={guided}) max abs err {worst:.2e}")
+    return failures
+
+
+def run_checks(device: str) -> list[dict]:
+    generator = torch.Generator(device=device).manual_seed(int(time.time()))  # fresh inputs
+    rows = []
+    for shape_name, shape in CHECK_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for op_name, check in (("freq_loss", check_freq_loss),
+                                   ("double_step", check_double_step)):
+                failures = check(shape, dtype, device, generator)
+                rows.append({"op": op_name, "shape": shape_name, "dtype": DTYPE_NAMES[dtype],
+                             "ok": not failures, "failures": failures})
+                print(f"check {op_name:12s} {shape_name:11s} {DTYPE_NAMES[dtype]}: "
+                      f"{'ok' if not failures else 'FAIL ' + '; '.join(failures)}", flush=True)
+    return rows
+
+
+def run_timings(peak) -> list[dict]:
+    rows = []
+    for op_name, shape_name, dtype in TIMING_CASES:
+        op, shape = OPS[op_name], SHAPES[shape_name]
+        sets = input_sets(op, shape, dtype, "cuda")
+        row = {"op": op_name, "shape": shape_name, "dtype": DTYPE_NAMES[dtype],
+               "bytes": op.bytes_moved(shape, dtype)}
+        for impl in IMPLS:
+            try:
+                seconds = median_seconds_per_call(capture_calls(implementation(op, impl), sets))
+                row[f"{impl}_us"] = seconds * 1e6
+            except Exception as exc:  # one broken case must not hide the others' numbers
+                row[f"{impl}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                print(f"timing {op_name} {shape_name} {impl} failed: {row[f'{impl}_error']}")
+        if "triton_us" in row:
+            row["GB/s"] = row["bytes"] / row["triton_us"] / 1e3
+            if peak is not None:
+                row["pct_peak"] = 100 * row["bytes"] / (row["triton_us"] * 1e-6) / peak[1]
+        rows.append(row)
+        print(f"timed {op_name} {shape_name} {row['dtype']}", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _cell(row, key, fmt):
+    return format(row[key], fmt) if key in row else "err"
+
+
+def print_table(checks, timings, device_name, peak) -> None:
+    failed = [r for r in checks if not r["ok"]]
+    print(f"\n## {device_name}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"HBM peak {'%.2f TB/s' % (peak[1] / 1e12) if peak else 'unknown'}")
+    print(f"correctness: {len(checks) - len(failed)}/{len(checks)} ok"
+          + "".join(f"\n  FAIL {r['op']} {r['shape']} {r['dtype']}: {r['failures']}"
+                    for r in failed))
+    header = ("op", "shape", "dtype", "triton us", "eager us", "compile us", "GB/s",
+              "% HBM", "x eager", "x compile")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in timings:
+        speedups = [f"{r[f'{ref}_us'] / r['triton_us']:.2f}"
+                    if f"{ref}_us" in r and "triton_us" in r else "err"
+                    for ref in ("eager", "compile")]
+        print("| " + " | ".join([r["op"], r["shape"], r["dtype"], _cell(r, "triton_us", ".1f"),
+                                 _cell(r, "eager_us", ".1f"), _cell(r, "compile_us", ".1f"),
+                                 _cell(r, "GB/s", ".0f"), _cell(r, "pct_peak", ".1f"),
+                                 *speedups]) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results")
+    parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--device", default="cuda",
+                        help="cpu: dry run of this script's logic (ops dispatch to the CPU "
+                             "reference there, so it checks nothing about Triton)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("device_check: no CUDA device visible; nothing to check", file=sys.stderr)
+        return 2
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
+    peak = hbm_peak(device_name)
+    checks = run_checks(args.device)
+    timings = [] if args.skip_timings or args.device != "cuda" else run_timings(peak)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "device_check.json").write_text(json.dumps(
+            {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
+             "checks": checks, "timings": timings}, indent=1))
+    print_table(checks, timings, device_name, peak)
+    return 0 if all(r["ok"] for r in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
