@@ -28,6 +28,14 @@ _NUM_WARPS = 8
 
 
 @triton.jit
+def _sample_block(per_sample, BLOCK: tl.constexpr):
+    """This program's sample (grid axis 1) and its block of that sample's elements."""
+    sample = tl.program_id(1)
+    within = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return sample, sample.to(tl.int64) * per_sample + within, within < per_sample
+
+
+@triton.jit
 def _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask,
                      HAS_UNCOND: tl.constexpr):
     cond = tl.load(cond_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -42,10 +50,7 @@ def _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask,
 def _cfg_euler_kernel(x_ptr, cond_ptr, uncond_ptr, guidance_ptr, sigma_from_ptr, sigma_to_ptr,
                       x_next_ptr, g_ptr, per_sample,
                       BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
-    sample = tl.program_id(1)
-    within = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = within < per_sample
-    offsets = sample.to(tl.int64) * per_sample + within
+    sample, offsets, mask = _sample_block(per_sample, BLOCK)
     g = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
     step = (tl.load(sigma_to_ptr + sample).to(tl.float32)
             - tl.load(sigma_from_ptr + sample).to(tl.float32))
@@ -58,10 +63,7 @@ def _cfg_euler_kernel(x_ptr, cond_ptr, uncond_ptr, guidance_ptr, sigma_from_ptr,
 def _double_step_target_kernel(g1_ptr, cond_ptr, uncond_ptr, guidance_ptr,
                                s_a_ptr, s_b_ptr, s_c_ptr, target_ptr, per_sample,
                                BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
-    sample = tl.program_id(1)
-    within = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = within < per_sample
-    offsets = sample.to(tl.int64) * per_sample + within
+    sample, offsets, mask = _sample_block(per_sample, BLOCK)
     g2 = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
     s_a = tl.load(s_a_ptr + sample).to(tl.float32)
     s_b = tl.load(s_b_ptr + sample).to(tl.float32)
@@ -71,14 +73,25 @@ def _double_step_target_kernel(g1_ptr, cond_ptr, uncond_ptr, guidance_ptr,
              mask=mask)
 
 
-def _launch_shape(lead: torch.Tensor) -> tuple[tuple[int, int], int]:
-    batch = lead.shape[0]
-    per_sample = lead.numel() // batch if batch else 0
-    return (triton.cdiv(per_sample, _BLOCK), batch), per_sample
-
-
 def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _launch_guided(kernel, lead: torch.Tensor, u_cond: torch.Tensor,
+                   u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
+                   *scalars_and_outputs: torch.Tensor) -> None:
+    """Run an elementwise guided kernel over lead's samples (one grid row per sample)."""
+    if lead.numel() == 0:
+        return
+    batch = lead.shape[0]
+    per_sample = lead.numel() // batch
+    has_uncond = u_uncond is not None
+    # Without CFG, u_cond and lead stand in for the absent inputs; the kernel never reads them.
+    kernel[(triton.cdiv(per_sample, _BLOCK), batch)](
+        lead, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else lead,
+        *scalars_and_outputs, per_sample,
+        BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
+    )
 
 
 def cfg_euler_step_triton(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor | None,
@@ -91,15 +104,8 @@ def cfg_euler_step_triton(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch
         x, u_cond, u_uncond, guidance, sigma_from, sigma_to)
     x_next = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     g = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    grid, per_sample = _launch_shape(x)
-    if x.numel():
-        has_uncond = u_uncond is not None
-        # Placeholders for absent optional inputs: the kernel never reads them.
-        _cfg_euler_kernel[grid](
-            x, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else sigma_to,
-            sigma_from, sigma_to, x_next, g, per_sample,
-            BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
-        )
+    _launch_guided(_cfg_euler_kernel, x, u_cond, u_uncond, guidance, sigma_from, sigma_to,
+                   x_next, g)
     return x_next, g
 
 
@@ -112,14 +118,8 @@ def double_step_target_triton(g1: torch.Tensor, u_cond: torch.Tensor,
     g1, u_cond, u_uncond, guidance, s_a, s_b, s_c = _contiguous(
         g1, u_cond, u_uncond, guidance, s_a, s_b, s_c)
     target = torch.empty(g1.shape, dtype=torch.float32, device=g1.device)
-    grid, per_sample = _launch_shape(g1)
-    if g1.numel():
-        has_uncond = u_uncond is not None
-        _double_step_target_kernel[grid](
-            g1, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else s_a,
-            s_a, s_b, s_c, target, per_sample,
-            BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
-        )
+    _launch_guided(_double_step_target_kernel, g1, u_cond, u_uncond, guidance, s_a, s_b, s_c,
+                   target)
     return target
 
 
