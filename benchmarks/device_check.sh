@@ -13,4 +13,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temp
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out_args=()
 if [[ -n "${OUT:-}" ]]; then out_args=(--out "$OUT"); fi
-exec "$PYTHON" benchmarks/device_check.py "${out_args[@]}" "$@"
+status=0  # (was `exec`: lets the issue-5 block below run too; the exit status is kept)
+"$PYTHON" benchmarks/device_check.py "${out_args[@]}" "$@" || status=$?
+
+# ---- issue 5 (sampling helper) -------------------------------------------------------
+# Fused DiT ops (adaLN, RMSNorm+RoPE) vs eager and torch.compile at the 1.3B shape; the
+# 6-step sampler eager vs CUDA graph at tiny and 1.3B; the DiT training-step MFU at the
+# 1.3B shape (bf16, 480p latent 16x21x60x104, random weights; FLOPs counted from the
+# matmuls + attention, see dit_forward_flops in bench_dit_ops.py). Selected with -k so
+# that benchmarks/conftest.py collects each module once.
+bench_args=(-q -rs -s -p no:cacheprovider -k "bench_dit_ops or bench_sampler")
+if [[ -n "${OUT:-}" ]]; then bench_args+=(--benchmark-json "$OUT/issue5_bench.json"); fi
+"$PYTHON" -m pytest benchmarks/ "${bench_args[@]}" || status=$?
+exit $status
