@@ -170,19 +170,29 @@ def test_flop_count_matches_torch_flop_counter():
 
 
 @pytest.mark.benchmark(group="DiT training step 1.3B bf16 (MFU)")
+@pytest.mark.parametrize("layers", [30, 12])
 @needs_cuda
-def test_dit_training_step_mfu(benchmark):
+def test_dit_training_step_mfu(benchmark, layers):
+    """fwd + bwd + fused AdamW step, bf16 weights, batch 1, 480p latent, random weights.
+
+    30 layers is the 1.3B model; without activation checkpointing its activations may not
+    fit 80 GB, so a 12-layer case (the same per-layer shapes, hence nearly the same MFU)
+    is measured too. An out-of-memory case skips with the reason.
+    """
     from gpd_model.config import get_preset
     from gpd_model.model import WanDiT
 
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    cfg = get_preset("wan2.1-t2v-1.3b")
-    model = WanDiT(cfg).to(device="cuda", dtype=torch.bfloat16)
+    cfg = get_preset("wan2.1-t2v-1.3b", num_layers=layers)
+    with torch.device("cuda"):
+        model = WanDiT(cfg).to(torch.bfloat16)
+        x = torch.randn(1, *MFU_LATENT, dtype=torch.bfloat16)
+        target = torch.randn_like(x)
+        context = torch.randn(1, MFU_TEXT_TOKENS, cfg.text_dim, dtype=torch.bfloat16)
+        timestep = torch.tensor([500.0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    x = torch.randn(1, *MFU_LATENT, device="cuda", dtype=torch.bfloat16)
-    target = torch.randn_like(x)
-    context = torch.randn(1, MFU_TEXT_TOKENS, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
-    timestep = torch.tensor([500.0], device="cuda")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -191,16 +201,21 @@ def test_dit_training_step_mfu(benchmark):
         optimizer.step()
         torch.cuda.synchronize()
 
-    step()
+    try:
+        step()
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{layers} layers do not fit without activation checkpointing: {exc}")
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
     flops = training_step_flops(dit_forward_flops(cfg, 1, MFU_LATENT[1:], MFU_TEXT_TOKENS))
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update({
+        "layers": layers,
         "model_TFLOP_per_step": flops / 1e12,
         "TFLOP/s": flops / seconds / 1e12,
         "MFU_vs_989": flops / seconds / H100_BF16_DENSE_PEAK,
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
     })
-    print(f"\nDiT 1.3B training step (bf16, latent {MFU_LATENT}, text {MFU_TEXT_TOKENS}): "
-          f"{seconds:.3f} s, {flops / seconds / 1e12:.1f} TFLOP/s, "
-          f"MFU {100 * flops / seconds / H100_BF16_DENSE_PEAK:.1f}% of 989 TFLOP/s")
+    print(f"\nDiT 1.3B-shape training step, {layers} layers (bf16, latent {MFU_LATENT}, text "
+          f"{MFU_TEXT_TOKENS}): {seconds:.3f} s, {flops / seconds / 1e12:.1f} TFLOP/s, "
+          f"MFU {100 * flops / seconds / H100_BF16_DENSE_PEAK:.1f}% of 989 TFLOP/s, peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
