@@ -43,12 +43,14 @@ def _record(benchmark, op, shape, dtype, seconds_per_call: float) -> None:
                 100 * moved / seconds_per_call / peak[1], 1)
 
 
+GPU_IMPLS = [(op_name, impl) for op_name, op in OPS.items() for impl in IMPLS + tuple(op.variants)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape_name", SHAPES)
-@pytest.mark.parametrize("op_name", OPS)
-def test_gpu(benchmark, op_name, shape_name, dtype_name, impl):
+@pytest.mark.parametrize("op_name,impl", GPU_IMPLS)
+def test_gpu(benchmark, op_name, impl, shape_name, dtype_name):
     op, shape, dtype = OPS[op_name], SHAPES[shape_name], DTYPES[dtype_name]
     benchmark.group = f"{op_name} {shape_name} {dtype_name} (cuda, {CALLS_PER_GRAPH} calls)"
     replay = capture_calls(implementation(op, impl), input_sets(op, shape, dtype, "cuda"))

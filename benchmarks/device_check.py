@@ -139,7 +139,7 @@ def run_timings(peak) -> list[dict]:
         sets = input_sets(op, shape, dtype, "cuda")
         row = {"op": op_name, "shape": shape_name, "dtype": DTYPE_NAMES[dtype],
                "bytes": op.bytes_moved(shape, dtype)}
-        for impl in IMPLS:
+        for impl in IMPLS + tuple(op.variants):
             try:
                 seconds = median_seconds_per_call(capture_calls(implementation(op, impl), sets))
                 row[f"{impl}_us"] = seconds * 1e6
@@ -169,16 +169,18 @@ def print_table(checks, timings, device_name, peak) -> None:
           + "".join(f"\n  FAIL {r['op']} {r['shape']} {r['dtype']}: {r['failures']}"
                     for r in failed))
     header = ("op", "shape", "dtype", "triton us", "eager us", "compile us", "GB/s",
-              "% HBM", "x eager", "x compile")
+              "% HBM", "x eager", "x compile", "variants us")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in timings:
         speedups = [f"{r[f'{ref}_us'] / r['triton_us']:.2f}"
                     if f"{ref}_us" in r and "triton_us" in r else "err"
                     for ref in ("eager", "compile")]
+        variants = ", ".join(f"{name}={_cell(r, f'{name}_us', '.1f')}"
+                             for name in OPS[r["op"]].variants) or "-"
         print("| " + " | ".join([r["op"], r["shape"], r["dtype"], _cell(r, "triton_us", ".1f"),
                                  _cell(r, "eager_us", ".1f"), _cell(r, "compile_us", ".1f"),
                                  _cell(r, "GB/s", ".0f"), _cell(r, "pct_peak", ".1f"),
-                                 *speedups]) + " |")
+                                 *speedups, variants]) + " |")
 
 
 def main() -> int:

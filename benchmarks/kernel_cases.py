@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from gpd_kernels.double_step import cfg_euler_step_triton, double_step_target_triton
-from gpd_kernels.freq_loss import freq_loss_triton
+from gpd_kernels.freq_loss import freq_loss_triton, slabs_fitting_in
 from gpd_kernels.reference import (
     cfg_euler_step_reference,
     double_step_target_reference,
@@ -35,6 +35,7 @@ LOSS_PARAMS = (1.0, 1.0, 1.0)  # alpha_s, alpha_t, gamma: every term active
 HBM_PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 CALLS_PER_GRAPH = 100
 ROTATION_BYTES = 256 * 2**20  # input sets per graph span at least this (> 5x an H100's L2)
+L2_GROUP_BYTES = 16 * 2**20  # freq loss launch groups sized to stay resident in L2
 
 
 def hbm_peak(device_name: str) -> tuple[str, float] | None:
@@ -54,6 +55,7 @@ class OpCase:
     bytes_moved: Callable[[tuple[int, ...], torch.dtype], int]
     triton: Callable
     reference: Callable
+    variants: dict[str, Callable] = field(default_factory=dict)  # other Triton launch plans
 
 
 def _randn(shape, dtype, device, generator):
@@ -96,6 +98,9 @@ OPS = {
         lambda shape, dtype: math.prod(shape) * (2 * _size(dtype) + 4),
         lambda *args: freq_loss_triton(*args, need_grad=True),
         freq_loss_grad_reference,
+        {"triton_l2groups": lambda pred, target, *params: freq_loss_triton(
+            pred, target, *params, need_grad=True,
+            slabs_per_launch=slabs_fitting_in(L2_GROUP_BYTES, pred, target))},
     ),
     "cfg_euler_step": OpCase(
         "cfg_euler_step", _step_inputs,
@@ -114,6 +119,8 @@ IMPLS = ("triton", "eager", "compile")
 
 
 def implementation(op: OpCase, impl: str) -> Callable:
+    if impl in op.variants:
+        return op.variants[impl]
     if impl == "triton":
         return op.triton
     if impl == "eager":

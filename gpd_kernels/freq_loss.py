@@ -16,6 +16,7 @@ sums them in float64, so the result does not depend on scheduling.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -134,50 +135,60 @@ def _freq_time_kernel(pred_ptr, target_ptr, grad_ptr, partial_ptr, a_t_ptr,
         tl.store(grad_ptr + tile, grad + (grad_scale * alpha_t) * mixed, mask=tile_ok)
 
 
+def slabs_fitting_in(budget_bytes: int, pred: torch.Tensor, target: torch.Tensor) -> int:
+    """How many [T, H, W] slabs' inputs and float32 gradient fit in `budget_bytes`."""
+    per_element = pred.element_size() + target.element_size() + 4
+    return max(1, budget_bytes // (per_element * math.prod(pred.shape[2:])))
+
+
 def freq_loss_triton(pred: torch.Tensor, target: torch.Tensor, alpha_s: float, alpha_t: float,
-                     gamma: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     gamma: float, need_grad: bool,
+                     slabs_per_launch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-    Non-contiguous inputs are copied to contiguous ones first.
+    Non-contiguous inputs are copied to contiguous ones first. `slabs_per_launch`
+    (default: all) runs both kernels over that many [T, H, W] slabs at a time, so that
+    the time kernel's second read of inputs and gradient can come from L2, not HBM
+    (a variant for the GPU timing to decide; see `slabs_fitting_in`).
     """
     check_freq_loss_inputs(pred, target, alpha_s, alpha_t, gamma)
     pred, target = pred.contiguous(), target.contiguous()
     batch, channels, frames, height, width = pred.shape
-    device, numel = pred.device, pred.numel()
-    grad_shape = pred.shape if need_grad else (0,)
-    grad = torch.empty(grad_shape, dtype=torch.float32, device=device)
+    slabs, device, numel = batch * channels, pred.device, pred.numel()
+    grad = torch.empty(pred.shape if need_grad else (0,), dtype=torch.float32, device=device)
     grad_scale = 2.0 / numel
     t_pad, h_pad, w_pad = (_padded(n) for n in (frames, height, width))
-
     block_h = max(_MIN_DOT_DIM, min(h_pad, _TILE_ELEMENTS // w_pad))
-    plane_grid = (batch * channels * frames, triton.cdiv(height, block_h))
-    plane_partials = torch.empty(plane_grid[0] * plane_grid[1], dtype=torch.float32,
-                                 device=device)
-    _freq_plane_kernel[plane_grid](
-        pred, target, grad, plane_partials,
-        axis_operator(height, gamma, device), axis_operator(width, gamma, device),
-        height, width, alpha_s / 2, grad_scale,
-        H_PAD=h_pad, W_PAD=w_pad, BLOCK_H=block_h,
-        K_H=min(h_pad, _MAX_CONTRACTION), K_W=min(w_pad, _MAX_CONTRACTION),
-        NEED_GRAD=need_grad, DOT_PRECISION=DOT_PRECISION,
-        num_warps=8 if block_h * w_pad >= _TILE_ELEMENTS else 4,
-    )
-    total = plane_partials.sum(dtype=torch.float64)
+    row_blocks = triton.cdiv(height, block_h)
+    block_s = max(_MIN_DOT_DIM, _TILE_ELEMENTS // t_pad)
+    col_blocks = triton.cdiv(height * width, block_s)
+    with_time = alpha_t != 0.0 and (frames > 1 or gamma == 0.0)  # else A_T d is zero
+    plane_partials = torch.empty(slabs * frames * row_blocks, dtype=torch.float32, device=device)
+    time_partials = torch.empty(slabs * col_blocks if with_time else 0, dtype=torch.float32,
+                                device=device)
+    operators = [axis_operator(n, gamma, device) for n in (frames, height, width)]
 
-    time_operator = axis_operator(frames, gamma, device)
-    if alpha_t != 0.0 and (frames > 1 or gamma == 0.0):  # otherwise A_T d is zero
-        block_s = max(_MIN_DOT_DIM, _TILE_ELEMENTS // t_pad)
-        time_grid = (batch * channels, triton.cdiv(height * width, block_s))
-        time_partials = torch.empty(time_grid[0] * time_grid[1], dtype=torch.float32,
-                                    device=device)
-        _freq_time_kernel[time_grid](
-            pred, target, grad, time_partials, time_operator,
-            frames, height * width, alpha_t, grad_scale,
-            T_PAD=t_pad, BLOCK_S=block_s, K_T=min(t_pad, _MAX_CONTRACTION),
+    group = slabs if slabs_per_launch is None else max(1, slabs_per_launch)
+    for first in range(0, slabs, group):
+        count = min(group, slabs - first)
+        pred_part, target_part = (t.view(slabs, -1)[first:first + count] for t in (pred, target))
+        grad_part = grad.view(slabs, -1)[first:first + count] if need_grad else grad
+        _freq_plane_kernel[(count * frames, row_blocks)](
+            pred_part, target_part, grad_part, plane_partials[first * frames * row_blocks:],
+            operators[1], operators[2], height, width, alpha_s / 2, grad_scale,
+            H_PAD=h_pad, W_PAD=w_pad, BLOCK_H=block_h,
+            K_H=min(h_pad, _MAX_CONTRACTION), K_W=min(w_pad, _MAX_CONTRACTION),
             NEED_GRAD=need_grad, DOT_PRECISION=DOT_PRECISION,
-            num_warps=8,
+            num_warps=8 if block_h * w_pad >= _TILE_ELEMENTS else 4,
         )
-        total = total + time_partials.sum(dtype=torch.float64)
+        if with_time:
+            _freq_time_kernel[(count, col_blocks)](
+                pred_part, target_part, grad_part, time_partials[first * col_blocks:],
+                operators[0], frames, height * width, alpha_t, grad_scale,
+                T_PAD=t_pad, BLOCK_S=block_s, K_T=min(t_pad, _MAX_CONTRACTION),
+                NEED_GRAD=need_grad, DOT_PRECISION=DOT_PRECISION, num_warps=8,
+            )
+    total = plane_partials.sum(dtype=torch.float64) + time_partials.sum(dtype=torch.float64)
     return (total / numel).to(torch.float32), grad
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpd_kernels import FrequencyLoss, freq_loss
-from gpd_kernels.freq_loss import axis_operator, freq_loss_triton
+from gpd_kernels.freq_loss import axis_operator, freq_loss_triton, slabs_fitting_in
 from gpd_kernels.reference import (
     axis_frequency,
     freq_loss_grad_reference,
@@ -78,6 +78,18 @@ def test_triton_without_grad_returns_empty_grad_and_same_loss():
     loss, grad = freq_loss_triton(pred.to(DEVICE), target.to(DEVICE), 1.0, 1.0, 1.0, False)
     assert grad.numel() == 0
     assert math.isclose(loss.item(), with_grad.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("slabs_per_launch", [1, 2, 4])
+def test_triton_launch_groups_give_the_same_result(slabs_per_launch):
+    pred, target = _inputs((5, 1, 3, 9, 17), torch.bfloat16, seed=21)
+    pred, target = pred.to(DEVICE), target.to(DEVICE)
+    whole = freq_loss_triton(pred, target, 0.6, 1.4, 1.0, True)
+    grouped = freq_loss_triton(pred, target, 0.6, 1.4, 1.0, True, slabs_per_launch)
+    for got, expected in zip(grouped, whole, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    bytes_per_slab = (2 + 2 + 4) * 3 * 9 * 17  # bf16 pred, target; float32 grad
+    assert slabs_fitting_in(2 * bytes_per_slab + 1, pred, target) == 2
 
 
 def test_triton_non_contiguous_inputs_are_handled():
