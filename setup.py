@@ -1,6 +1,84 @@
-"""Packaging for the GPD engine: gpd_kernels, gpd_model, gpd_train."""
+"""Packaging for the GPD engine: gpd_kernels, gpd_model, gpd_train.
 
-from setuptools import find_packages, setup
+`pip install --no-build-isolation -e .` also builds the optional native CPU op library
+(CMakeLists.txt) into gpd_kernels/_lib/ when cmake, a C++ compiler and torch are present;
+--no-build-isolation lets the build see the installed torch. Without them the install still
+succeeds and gpd_kernels serves the CPU from its PyTorch reference (gpd_kernels.cpu_backend()
+says which). GPD_SKIP_NATIVE=1 skips the build; GPD_REQUIRE_NATIVE=1 makes a failed build an
+error.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Distribution, find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+NATIVE_BUILD_DIR = ROOT / "build" / "native"
+
+
+def _native_build_blocker() -> str | None:
+    """Why the native library cannot be built here, or None."""
+    if os.environ.get("GPD_SKIP_NATIVE") == "1":
+        return "GPD_SKIP_NATIVE=1"
+    if shutil.which("cmake") is None:
+        return "cmake not found"
+    compiler = os.environ.get("CXX", "c++")
+    if not any(shutil.which(c) for c in (compiler, "c++", "g++", "clang++")):
+        return "no C++ compiler found"
+    try:
+        import torch.utils  # noqa: F401
+    except ImportError:
+        return "torch is not importable by the build (install torch, then pip install " \
+               "--no-build-isolation)"
+    return None
+
+
+def build_native_library(output_dir: Path) -> None:
+    """Configure and build libgpd_native into output_dir through CMake."""
+    import torch.utils
+
+    subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(NATIVE_BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
+         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DGPD_PYTHON={sys.executable}",
+         f"-DGPD_NATIVE_OUTPUT_DIR={output_dir}", "-DGPD_BUILD_EXAMPLES=OFF"],
+        check=True)
+    subprocess.run(
+        ["cmake", "--build", str(NATIVE_BUILD_DIR), "--target", "gpd_native",
+         "--parallel", str(os.cpu_count() or 1)],
+        check=True)
+
+
+class BuildPyWithNative(build_py):
+    """build_py, then the native library (into the source tree for editable installs)."""
+
+    def run(self) -> None:
+        super().run()
+        editable = getattr(self, "editable_mode", False)
+        package_root = ROOT if editable else Path(self.build_lib)
+        blocker = _native_build_blocker()
+        if blocker is None:
+            try:
+                build_native_library(package_root / "gpd_kernels" / "_lib")
+                return
+            except (OSError, subprocess.CalledProcessError) as exc:
+                blocker = f"build failed: {exc}"
+        if os.environ.get("GPD_REQUIRE_NATIVE") == "1":
+            raise RuntimeError(f"gpd native library required but not built: {blocker}")
+        print(f"gpd: native CPU op library not built ({blocker}); "
+              "gpd_kernels will use its PyTorch reference on the CPU", file=sys.stderr)
+
+
+class PlatformDistribution(Distribution):
+    """The wheel may carry a compiled library, so it is platform-specific."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
 
 setup(
     name="gpd-engine",
@@ -9,6 +87,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gpd_kernels*", "gpd_model*", "gpd_train*"]),
     package_data={"gpd_kernels": ["schemas.txt"]},
+    cmdclass={"build_py": BuildPyWithNative},
+    distclass=PlatformDistribution,
     install_requires=[
         "torch>=2.5",
         "triton>=3.3",

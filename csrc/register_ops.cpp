@@ -2,6 +2,7 @@
 // kernels. Python's gpd_kernels registers CUDA, Meta and autograd on top of these.
 #include <torch/library.h>
 
+#include "gpd_native.h"
 #include "gpd_schemas.h"
 #include "ops.h"
 
@@ -17,8 +18,6 @@ TORCH_LIBRARY_IMPL(gpd, CPU, m) {
   m.impl("double_step_target", TORCH_FN(gpd::double_step_target_cpu));
 }
 
-// A linkable symbol, so C++ consumers keep the library (and its registrations) even under
-// --as-needed linking.
 extern "C" __attribute__((visibility("default"))) int gpd_native_schema_count() {
   return static_cast<int>(sizeof(gpd::kOpSchemas) / sizeof(gpd::kOpSchemas[0]));
 }

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 
 _LOG = logging.getLogger("gpd_kernels")
-_LIB_DIR = Path(__file__).resolve().parent / "_lib"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_LIB_DIR = _PACKAGE_DIR / "_lib"
+_SCHEMA_FILE = _PACKAGE_DIR / "schemas.txt"
+_REBUILD = "rebuild with `pip install --no-build-isolation -e .` or set GPD_DISABLE_NATIVE=1"
 _LIB_NAME = {"darwin": "libgpd_native.dylib", "win32": "gpd_native.dll"}.get(
     sys.platform, "libgpd_native.so"
 )
@@ -28,6 +31,21 @@ _state: dict[str, object] = {"loaded": None, "error": None}
 def native_library_path() -> Path:
     """Where the built native library is expected."""
     return _LIB_DIR / _LIB_NAME
+
+
+def schema_mismatches() -> list[str]:
+    """Ops whose registered `gpd::` schema differs from schemas.txt (empty when they agree)."""
+    mismatches = []
+    for line in _SCHEMA_FILE.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name = line.split("(", 1)[0]
+        packet = getattr(torch.ops.gpd, name, None)
+        registered = str(packet.default._schema) if packet is not None else "nothing"
+        if registered != f"gpd::{line}":
+            mismatches.append(f"gpd::{name}: schemas.txt says {line!r}, registered {registered!r}")
+    return mismatches
 
 
 def load_native() -> bool:
@@ -46,6 +64,10 @@ def load_native() -> bool:
             loaded = True
         except OSError as exc:  # a stale build against another torch, typically
             _state["error"] = f"failed to load {path}: {exc}"
+        if loaded and (mismatches := schema_mismatches()):
+            # The stale schemas are registered now and cannot be unloaded: stop here.
+            raise RuntimeError(f"{path} was built from another schemas.txt ({_REBUILD}): "
+                               + "; ".join(mismatches))
     _state["loaded"] = loaded
     backend = "native" if loaded else "reference"
     _LOG.info("gpd_kernels CPU backend: %s%s", backend,
