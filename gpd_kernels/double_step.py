@@ -153,13 +153,13 @@ Scalar = float | torch.Tensor
 
 
 def _per_sample_tensor(name: str, value: Scalar | None, lead: torch.Tensor) -> torch.Tensor | None:
-    """A python float or 0-D tensor becomes a float32 [B] tensor on lead's device."""
+    """A python float, 0-D or [B] tensor becomes a float32 [B] tensor on lead's device."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.expand(lead.shape[0])
-        return value.to(torch.float32)
+        return value.to(device=lead.device, dtype=torch.float32)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((lead.shape[0],), float(value), dtype=torch.float32, device=lead.device)
     raise TypeError(f"{name}: expected a float or a [B] tensor, got {type(value).__name__}")
@@ -171,6 +171,7 @@ def cfg_euler_step(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.Tensor
     """Guided velocity g (float32) and Euler step x + (sigma_to - sigma_from) g (x's dtype).
 
     Pass u_uncond=None and guidance=None for a single (unguided) teacher output.
+    Scalars may be python floats or [B] tensors (moved to x's device, cast to float32).
     """
     check_batched("x", x)
     return torch.ops.gpd.cfg_euler_step(
