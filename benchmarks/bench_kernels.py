@@ -63,13 +63,22 @@ def test_gpu(benchmark, op_name, impl, shape_name, dtype_name):
     _record(benchmark, op, shape, dtype, benchmark.stats.stats.median / CALLS_PER_GRAPH)
 
 
+@pytest.fixture
+def one_cpu_thread():
+    """One thread: on a shared 2-core machine, OpenMP barriers under contention stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("impl,shape_name", CPU_CASES)
 @pytest.mark.parametrize("op_name", OPS)
-def test_cpu_reference(benchmark, op_name, impl, shape_name):
+def test_cpu_reference(benchmark, one_cpu_thread, op_name, impl, shape_name):
     op, shape = OPS[op_name], SHAPES[shape_name]
-    benchmark.group = f"{op_name} {shape_name} fp32 (cpu reference)"
+    benchmark.group = f"{op_name} {shape_name} fp32 (cpu reference, 1 thread)"
     fn = implementation(op, impl)
     (args,) = input_sets(op, shape, torch.float32, "cpu")
     fn(*args)  # compile outside the timing
-    benchmark.pedantic(fn, args=args, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, args=args, rounds=10, iterations=1, warmup_rounds=2)
     _record(benchmark, op, shape, torch.float32, benchmark.stats.stats.median)
