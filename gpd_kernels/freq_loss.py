@@ -7,10 +7,13 @@ where A_X is the real symmetric circulant matrix with eigenvalues f_X(k)^gamma a
 along axis X. No complex arithmetic: three small matrix products per element, done
 with tl.dot on zero-padded power-of-two tiles (tl.dot needs every dim >= 16).
 
-Two launches: a plane kernel (one [H, W] plane per program row block: identity, H and
-W terms) writes the gradient, then a time kernel (a [T, spatial block] tile per
-program: the T term) adds into it. Each writes one partial loss per program; the host
-sums them in float64, so the result does not depend on scheduling.
+Two launches: a plane kernel (a block of rows of one [H, W] plane per program:
+identity, H and W terms) writes the gradient, then a time kernel (a [T, spatial block]
+tile per program: the T term) adds into it. Each writes one partial loss per program;
+the host sums them in float64, so the result does not depend on scheduling.
+Traffic: the time kernel reads the inputs again and updates the gradient, so if those
+reads miss L2 the pair moves ~2.5x the bytes of one pass (bf16 in, fp32 grad); launch
+groups of slabs (`slabs_per_launch`) are the lever to keep them in L2.
 """
 
 from __future__ import annotations
