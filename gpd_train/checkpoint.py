@@ -1,0 +1,205 @@
+"""Atomic checkpoints: weights and EMA in safetensors, trainer state beside them.
+
+A checkpoint is a folder ``<stage>/ckpt/step-NNNNNNNN/`` holding ``model.safetensors``,
+``ema.safetensors``, ``state.pt`` (optimizer, RNG, step, data-stream state) and
+``manifest.json`` (sizes and SHA-256 of the other files). It is written under a temporary
+name and renamed into place; only then does the ``latest`` pointer (itself replaced
+atomically) move to it. A crash at any moment therefore leaves the previous checkpoint
+as the one that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+KEEP_CHECKPOINTS = 2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "posix":
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Save tensors as safetensors at ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning any read failure into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt weights file {path}: {exc}") from None
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt weights file {path}: {exc}") from None
+
+
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` into ``module`` only if keys, shapes and dtypes all match."""
+    load_exact_state(module.state_dict(), state, source)
+
+
+def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                     source: Path) -> None:
+    """Copy ``state`` into ``target``'s tensors, all or nothing: keys/shapes/dtypes must match."""
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} {state[k].dtype}, model "
+        f"{tuple(target[k].shape)} {target[k].dtype}"
+        for k in sorted(set(target) & set(state))
+        if state[k].shape != target[k].shape or state[k].dtype != target[k].dtype
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model; nothing was loaded.\n"
+            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
+            f"  mismatched: {mismatched}"
+        )
+    with torch.no_grad():
+        for key, value in target.items():
+            value.copy_(state[key])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointStore:
+    """The rolling checkpoints of one training stage, in ``folder``."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def _pointer(self) -> Path:
+        return self.folder / "latest"
+
+    def latest(self) -> Path | None:
+        """The folder of the newest complete checkpoint, or None."""
+        if not self._pointer.is_file():
+            return None
+        target = self.folder / self._pointer.read_text().strip()
+        if not target.is_dir():
+            raise CheckpointError(f"{self._pointer} points to {target}, which does not exist")
+        return target
+
+    def clear(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+
+    def save(self, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+             state: dict[str, Any], metadata: dict[str, str]) -> Path:
+        """Write checkpoint ``step`` and make it the latest; prune older ones."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:08d}"
+        tmp = self.folder / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        meta = {**metadata, "step": str(step)}
+        save_weights(tmp / "model.safetensors", model, meta)
+        save_weights(tmp / "ema.safetensors", ema, meta)
+        torch.save(state, tmp / "state.pt")
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / "manifest.json",
+                          json.dumps({"step": step, "files": files}, indent=1))
+        final = self.folder / name
+        if final.exists():  # left by a run that was restarted from an earlier step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        atomic_write_text(self._pointer, name)
+        self._prune(keep=name)
+        return final
+
+    def _prune(self, keep: str) -> None:
+        steps = sorted(p for p in self.folder.iterdir() if p.name.startswith("step-"))
+        for old in steps[:-KEEP_CHECKPOINTS]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in self.folder.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, path: Path | None = None
+             ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any],
+                        dict[str, str]]:
+        """(step, model, ema, state, metadata) of the latest (or given) checkpoint, verified."""
+        path = path or self.latest()
+        if path is None:
+            raise CheckpointError(f"no checkpoint in {self.folder}")
+        manifest_path = path / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+            step = int(manifest["step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"corrupt checkpoint manifest {manifest_path}: {exc}") from None
+        expected = {"model.safetensors", "ema.safetensors", "state.pt"}
+        if set(files) != expected:
+            raise CheckpointError(f"{manifest_path} lists {sorted(files)}, expected "
+                                  f"{sorted(expected)}")
+        for name, info in files.items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {path} is missing {name}")
+            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+                raise CheckpointError(f"checkpoint file {file} is corrupt (size or SHA-256 "
+                                      "differs from the manifest)")
+        model = load_weights(path / "model.safetensors")
+        ema = load_weights(path / "ema.safetensors")
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for a bad pickle
+            raise CheckpointError(f"corrupt trainer state {path / 'state.pt'}: {exc}") from None
+        return step, model, ema, state, read_metadata(path / "model.safetensors")

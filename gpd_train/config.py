@@ -1,0 +1,209 @@
+"""Run configuration: defaults for the embedded demo, a TOML file, and command-line flags.
+
+Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
+
+    run_dir = "runs/default"
+    preset = "tiny"            # gpd_model preset
+    device = "auto"            # auto | cpu | cuda | cuda:N
+    precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
+    seed = 0
+    data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
+    teacher = "path/to/wan2.1"           # stage 0 imports instead of training
+    shift = 3.0                # sigma-grid shift (Wan 480p T2V: 5.0)
+    guidance = 4.0             # the base teacher's CFG scale
+    steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
+    batch_size = 16
+    checkpoint_every = 50
+
+    [stage0]                   # flow-matching training of the base teacher
+    iterations = 1500
+    lr = 1e-3
+    cfg_dropout = 0.1
+    ema_decay = 0.995
+
+    [distill]                  # GPD stages 1..3 (one list entry per stage)
+    iterations = [600, 150, 150]
+    lr = 1e-4
+    state_source = "student"   # student | teacher | data
+    freq_weight = [0.0, 0.0, 1.0]
+    freq_alpha_s = 4.0
+    freq_alpha_t = 1.0
+    freq_gamma = 2.0
+    ema_decay = 0.99
+
+    [vanilla]                  # the ablation chain: data states, MSE only
+    iterations = [300, 100, 100]
+
+    [eval]
+    prompts = 24
+    batch_size = 24
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+STATE_SOURCES = ("student", "teacher", "data")
+CHAINS = ("gpd", "vanilla")
+# Per-preset defaults for values the DiT config does not carry.
+PRESET_SHIFT = {"tiny": 3.0}
+DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
+
+
+@dataclass
+class Stage0Config:
+    iterations: int = 1500
+    lr: float = 1e-3
+    warmup: int = 100
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.995
+
+
+@dataclass
+class DistillConfig:
+    iterations: list[int] = field(default_factory=lambda: [600, 150, 150])
+    lr: float = 1e-4
+    warmup: int = 10
+    state_source: str = "student"
+    freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
+    freq_alpha_s: float = 4.0
+    freq_alpha_t: float = 1.0
+    freq_gamma: float = 2.0
+    ema_decay: float = 0.99
+
+
+def _vanilla_default() -> DistillConfig:
+    return DistillConfig(iterations=[300, 100, 100], state_source="data",
+                         freq_weight=[0.0, 0.0, 0.0])
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = 24
+    batch_size: int = 24
+    seed: int = 1234
+    examples: int = 4
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    preset: str = "tiny"
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    data: str | None = None
+    teacher: str | None = None
+    shift: float | None = None
+    guidance: float = 4.0
+    steps: list[int] = field(default_factory=lambda: [48, 24, 12, 6])
+    batch_size: int = 16
+    checkpoint_every: int = 50
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    vanilla: DistillConfig = field(default_factory=_vanilla_default)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_shift(self) -> float:
+        if self.shift is not None:
+            return float(self.shift)
+        return PRESET_SHIFT.get(self.preset, DEFAULT_SHIFT)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.steps) - 1
+
+    def chain(self, name: str) -> DistillConfig:
+        if name not in CHAINS:
+            raise ValueError(f"chain must be one of {CHAINS}, got {name!r}")
+        return self.distill if name == "gpd" else self.vanilla
+
+    def validate(self) -> None:
+        steps = self.steps
+        if len(steps) < 2 or any(not isinstance(k, int) or k < 1 for k in steps):
+            raise ValueError(f"steps must list >= 2 positive ints, got {steps!r}")
+        for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
+            if teacher_steps != 2 * student_steps:
+                raise ValueError(f"steps must halve stage by stage; stage {k + 1} has "
+                                 f"{teacher_steps} -> {student_steps} (expected "
+                                 f"{teacher_steps} -> {teacher_steps // 2})")
+        for name in ("batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not self.resolved_shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        if not 0 <= self.stage0.cfg_dropout < 1:
+            raise ValueError(f"stage0.cfg_dropout must be in [0, 1), got {self.stage0.cfg_dropout}")
+        for name in CHAINS:
+            chain = self.chain(name)
+            stages = self.num_stages
+            if chain.state_source not in STATE_SOURCES:
+                raise ValueError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
+                                 f"{chain.state_source!r}")
+            for key in ("iterations", "freq_weight"):
+                values = getattr(chain, key)
+                if len(values) != stages:
+                    raise ValueError(f"{name}.{key} needs one entry per stage ({stages}), got "
+                                     f"{values!r}")
+            if any(int(n) < 1 for n in chain.iterations):
+                raise ValueError(f"{name}.iterations must be positive, got {chain.iterations!r}")
+            if any(float(w) < 0 for w in chain.freq_weight):
+                raise ValueError(f"{name}.freq_weight must be >= 0, got {chain.freq_weight!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,
+             "eval": EvalConfig}
+
+
+def _merge(target: object, values: dict[str, Any], where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown key {where}{key!r}; expected one of {sorted(names)}")
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")
+            _merge(getattr(target, key), value, f"{key}.")
+        else:
+            setattr(target, key, value)
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed)."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        with path.open("rb") as handle:
+            try:
+                _merge(config, tomllib.load(handle), "")
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    nested: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name or key] = value
+    _merge(config, nested, "")
+    config.validate()
+    return config

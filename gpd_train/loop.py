@@ -1,0 +1,208 @@
+"""The training loop shared by every stage: optimizer, EMA, checkpoints, metrics, guard.
+
+A stage supplies an ``Objective`` (its loss and its data-stream state); this module does
+the rest, so that resuming, the non-finite guard and logging behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import CheckpointStore, atomic_write_text, load_exact, load_exact_state
+
+GRAD_CLIP = 1.0
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/inf loss or gradient and stopped without saving."""
+
+
+class Objective(Protocol):
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The differentiable loss of one batch and extra scalars to log."""
+
+    def after_update(self) -> None:
+        """Advance any online state (rollout lanes) once the optimizer has stepped."""
+
+    def stream_state(self) -> dict[str, Any]:
+        """Tensors/values that, with the RNG, let a resumed run continue exactly."""
+
+    def load_stream_state(self, state: dict[str, Any]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a no-op otherwise."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Ema:
+    """Exponential moving average of a module's float tensors, with a short warm-up."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        # Early on the average would mostly remember the initial weights.
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for key, value in module.state_dict().items():
+            self.shadow[key].lerp_(value.float(), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        load_exact(module, {k: v.to(module.state_dict()[k].dtype)
+                            for k, v in self.shadow.items()}, Path("<ema>"))
+
+
+class MetricsLog:
+    """Metrics as JSON lines; a resumed run drops the records after its checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def reset(self, keep_until_step: int | None = None) -> None:
+        if keep_until_step is None or not self.path.exists():
+            self.path.unlink(missing_ok=True)
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+
+class StageTrainer:
+    """Run ``objective`` for ``iterations`` steps on ``model`` with checkpoints in ``folder``."""
+
+    def __init__(self, *, name: str, model: torch.nn.Module, objective: Objective,
+                 folder: Path, iterations: int, lr: float, warmup: int, ema_decay: float,
+                 checkpoint_every: int, generator: torch.Generator,
+                 metadata: dict[str, str]) -> None:
+        self.name = name
+        self.model = model
+        self.objective = objective
+        self.folder = folder
+        self.iterations = iterations
+        self.lr = lr
+        self.warmup = warmup
+        self.checkpoint_every = checkpoint_every
+        self.generator = generator
+        self.metadata = metadata
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        self.ema = Ema(model, ema_decay)
+        self.checkpoints = CheckpointStore(folder / "ckpt")
+        self.metrics = MetricsLog(folder / "metrics.jsonl")
+        self.step = 0
+
+    def _restore(self) -> None:
+        step, model, ema, state, meta = self.checkpoints.load()
+        for key in ("stage", "dit_config"):
+            if meta.get(key) != self.metadata.get(key):
+                raise ValueError(
+                    f"checkpoint {self.checkpoints.folder} was written for {key}="
+                    f"{meta.get(key)!r}, this run has {self.metadata.get(key)!r}; start over "
+                    "without --resume")
+        load_exact(self.model, model, self.checkpoints.folder)
+        load_exact_state(self.ema.shadow, ema, self.checkpoints.folder)
+        self.ema.updates = int(state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"])
+        self.objective.load_stream_state(state["stream"])
+        self.step = step
+
+    def _save(self) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "rng": self.generator.get_state(),
+                 "stream": self.objective.stream_state(), "ema_updates": self.ema.updates}
+        self.checkpoints.save(self.step, self.model.state_dict(), self.ema.state_dict(), state,
+                              self.metadata)
+
+    def run(self, resume: bool) -> None:
+        if resume and self.checkpoints.latest() is not None:
+            self._restore()
+            self.metrics.reset(keep_until_step=self.step)
+            tqdm.write(f"[{self.name}] resumed from step {self.step}")
+        else:
+            self.checkpoints.clear()
+            self.metrics.reset()
+        bar = tqdm(total=self.iterations, initial=self.step, desc=self.name, unit="it",
+                   mininterval=2.0, dynamic_ncols=True)
+        try:
+            while self.step < self.iterations:
+                self._train_step(bar)
+        finally:
+            bar.close()
+        if self.checkpoints.latest() is None or self.step % self.checkpoint_every:
+            self._save()
+
+    def _train_step(self, bar: tqdm) -> None:
+        started = time.perf_counter()
+        step = self.step + 1
+        lr = self.lr * min(1.0, step / max(1, self.warmup))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss, extras = self.objective.loss(step)
+        self._guard(loss, step, "loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP)
+        self._guard(grad_norm, step, "gradient norm")
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.objective.after_update()
+        self.step = step
+        record = {"stage": self.name, "step": step, "loss": loss.item(), "lr": lr,
+                  "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,
+                  **extras}
+        self.metrics.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        bar.update(1)
+        if step % self.checkpoint_every == 0:
+            self._save()
+
+    def _guard(self, value: torch.Tensor, step: int, what: str) -> None:
+        if torch.isfinite(value).all():
+            return
+        latest = self.checkpoints.latest()
+        kept = (f"the last good checkpoint {latest} is intact" if latest is not None
+                else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"[{self.name}] non-finite {what} ({float(value)}) at step {step}; training stopped "
+            f"without saving and {kept}. Lower the learning rate and continue with --resume.")

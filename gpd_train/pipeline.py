@@ -1,0 +1,205 @@
+"""Stages in a run folder: where their outputs live, what each needs, and running them.
+
+Layout of a run folder::
+
+    config.json                  the configuration of the last invocation
+    stage0/                      the base teacher T0 (trained or imported)
+    stage1/ stage2/ stage3/      the GPD chain (students S_1..S_3)
+    vanilla/stage1/ ...          the vanilla progressive-distillation ablation chain
+    eval/                        report.md, report.json, contact_sheet.png, *.gif
+
+Each stage folder holds ``model.safetensors`` (the stage output: the EMA weights),
+``done.json`` (written last: the stage is complete), ``metrics.jsonl`` and ``ckpt/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from gpd_model import DiTConfig, WanDiT, get_preset
+
+from .checkpoint import atomic_write_text, load_exact, load_weights, read_metadata, save_weights
+from .config import RunConfig
+from .data import open_data
+from .loop import StageTrainer, resolve_device
+from .objectives import FlowMatching, OnlineDistillation
+
+
+class MissingStageError(RuntimeError):
+    """A stage's input (the previous stage's output) is not in the run folder."""
+
+
+def stage_name(chain: str, stage: int) -> str:
+    return "stage0" if stage == 0 else (f"stage{stage}" if chain == "gpd"
+                                        else f"vanilla/stage{stage}")
+
+
+def stage_command(chain: str, stage: int) -> str:
+    suffix = " --chain vanilla" if chain == "vanilla" and stage > 0 else ""
+    return f"python -m gpd_train --stage {stage}{suffix}"
+
+
+class Run:
+    """One run folder with its configuration, model shape, device and data."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.folder = Path(config.run_dir)
+        self.device = resolve_device(config.device)
+        self.dit_config: DiTConfig = get_preset(config.preset)
+        self.data = open_data(config.data, self.dit_config.text_dim,
+                              self.dit_config.in_channels, config.seed)
+
+    def stage_folder(self, chain: str, stage: int) -> Path:
+        return self.folder / stage_name(chain, stage)
+
+    def is_done(self, chain: str, stage: int) -> bool:
+        folder = self.stage_folder(chain, stage)
+        return (folder / "done.json").is_file() and (folder / "model.safetensors").is_file()
+
+    def metadata(self, chain: str, stage: int) -> dict[str, str]:
+        return {"format": "gpd_train", "stage": stage_name(chain, stage),
+                "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True)}
+
+    def new_model(self) -> WanDiT:
+        torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
+        return WanDiT(self.dit_config).to(self.device)
+
+    def load_stage_model(self, chain: str, stage: int) -> WanDiT:
+        """The output (EMA weights) of a finished stage; a clear error when it is missing."""
+        if not self.is_done(chain, stage):
+            raise MissingStageError(
+                f"{stage_name(chain, stage)} is not complete in {self.folder} (no "
+                f"{self.stage_folder(chain, stage) / 'done.json'}); run "
+                f"`{stage_command(chain, stage)}"
+                f"{'' if str(self.folder) == 'runs/default' else ' --run-dir ' + str(self.folder)}`"
+                " first")
+        path = self.stage_folder(chain, stage) / "model.safetensors"
+        meta = read_metadata(path)
+        expected = self.metadata(chain, stage)["dit_config"]
+        if meta.get("dit_config") != expected:
+            raise ValueError(f"{path} was written for model config {meta.get('dit_config')}, "
+                             f"this run uses {expected} (preset {self.config.preset!r})")
+        model = self.new_model()
+        load_exact(model, load_weights(path), path)
+        return model
+
+    def finish_stage(self, chain: str, stage: int, weights: dict[str, torch.Tensor],
+                     summary: dict[str, Any]) -> Path:
+        folder = self.stage_folder(chain, stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "done.json").unlink(missing_ok=True)
+        save_weights(folder / "model.safetensors", weights, self.metadata(chain, stage))
+        atomic_write_text(folder / "done.json", json.dumps(summary, indent=1, sort_keys=True))
+        return folder / "model.safetensors"
+
+    def save_config(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / "config.json", self.config.to_json())
+
+
+def _trainer(run: Run, chain: str, stage: int, model: torch.nn.Module, objective: Any,
+             iterations: int, lr: float, warmup: int, ema_decay: float,
+             generator: torch.Generator) -> StageTrainer:
+    return StageTrainer(
+        name=stage_name(chain, stage), model=model, objective=objective,
+        folder=run.stage_folder(chain, stage), iterations=iterations, lr=lr, warmup=warmup,
+        ema_decay=ema_decay, checkpoint_every=run.config.checkpoint_every, generator=generator,
+        metadata=run.metadata(chain, stage))
+
+
+def stage_generator(run: Run, chain: str, stage: int) -> torch.Generator:
+    offset = {"gpd": 0, "vanilla": 100}[chain] + stage
+    return torch.Generator().manual_seed(run.config.seed * 1000 + offset)
+
+
+def build_stage0(run: Run) -> StageTrainer:
+    cfg = run.config
+    model = run.new_model()
+    generator = stage_generator(run, "gpd", 0)
+    objective = FlowMatching(model=model, data=run.data, generator=generator,
+                             batch_size=cfg.batch_size, shift=cfg.resolved_shift,
+                             cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
+                             precision=cfg.precision)
+    return _trainer(run, "gpd", 0, model, objective, cfg.stage0.iterations, cfg.stage0.lr,
+                    cfg.stage0.warmup, cfg.stage0.ema_decay, generator)
+
+
+def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
+    """Stage ``stage`` of ``chain``: student S_k from S_{k-1}, stage teacher frozen S_{k-1}."""
+    cfg = run.config
+    if not 1 <= stage <= cfg.num_stages:
+        raise ValueError(f"distillation stage must be in 1..{cfg.num_stages}, got {stage}")
+    chain_cfg = cfg.chain(chain)
+    previous = run.load_stage_model(chain, stage - 1)
+    teacher = run.load_stage_model(chain, stage - 1).eval().requires_grad_(False)
+    generator = stage_generator(run, chain, stage)
+    objective = OnlineDistillation(
+        student=previous, teacher=teacher, data=run.data, generator=generator,
+        student_steps=cfg.steps[stage], shift=cfg.resolved_shift,
+        guidance=cfg.guidance if stage == 1 else None, source=chain_cfg.state_source,
+        batch_size=cfg.batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
+        freq_params={"alpha_s": chain_cfg.freq_alpha_s, "alpha_t": chain_cfg.freq_alpha_t,
+                     "gamma": chain_cfg.freq_gamma},
+        device=run.device, precision=cfg.precision)
+    return _trainer(run, chain, stage, previous, objective,
+                    int(chain_cfg.iterations[stage - 1]), chain_cfg.lr, chain_cfg.warmup,
+                    chain_cfg.ema_decay, generator)
+
+
+def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:
+    """Train (or import, for stage 0 with a teacher path) one stage; returns its output."""
+    started = time.perf_counter()
+    run.save_config()
+    if stage == 0 and run.config.teacher is not None:
+        return import_teacher(run, run.config.teacher)
+    trainer = build_stage0(run) if stage == 0 else build_distill(run, chain, stage)
+    trainer.run(resume=resume)
+    final = list(trainer.metrics.records())[-20:]
+    summary = {"stage": stage_name(chain, stage), "iterations": trainer.iterations,
+               "final_loss_mean20": sum(r["loss"] for r in final) / max(1, len(final)),
+               "seconds": time.perf_counter() - started,
+               "steps": run.config.steps[stage]}
+    output = run.finish_stage(chain, stage, trainer.ema.state_dict(), summary)
+    tqdm.write(f"[{stage_name(chain, stage)}] done in {summary['seconds']:.0f} s -> {output}")
+    return output
+
+
+def import_teacher(run: Run, path: str) -> Path:
+    """Stage 0 from pretrained Wan2.1 weights (either key format) through gpd_model."""
+    from gpd_model import load_checkpoint
+
+    model = run.new_model()
+    load_checkpoint(model, path)
+    output = run.finish_stage("gpd", 0, model.state_dict(), {
+        "stage": "stage0", "imported_from": str(path), "steps": run.config.steps[0]})
+    tqdm.write(f"[stage0] imported {path} -> {output}")
+    return output
+
+
+def pipeline_plan(config: RunConfig) -> list[tuple[str, int]]:
+    """Every stage of the embedded pipeline in order: T0, the GPD chain, the vanilla chain."""
+    stages = range(1, config.num_stages + 1)
+    return [("gpd", 0)] + [("gpd", k) for k in stages] + [("vanilla", k) for k in stages]
+
+
+def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:
+    """All stages (skipping complete ones, resuming partial ones), then the evaluation."""
+    run = Run(config)
+    for chain, stage in pipeline_plan(config):
+        if run.is_done(chain, stage):
+            tqdm.write(f"[{stage_name(chain, stage)}] already complete, skipped")
+            continue
+        run_stage(run, chain, stage, resume=resume)
+    if not evaluate:
+        return None
+    from .evaluate import evaluate_run
+
+    return evaluate_run(run)
