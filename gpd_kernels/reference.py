@@ -38,6 +38,8 @@ def check_freq_loss_inputs(pred: torch.Tensor, target: torch.Tensor, alpha_s: fl
     check_same_shape("pred", pred, target=target)
     check_same_device(pred=pred, target=target)
     check_loss_params(alpha_s, alpha_t, gamma)
+    if pred.numel() == 0:  # the mean would be 0/0
+        raise ValueError(f"pred: expected a non-empty tensor, got shape {tuple(pred.shape)}")
 
 
 def check_guided_inputs(lead_name: str, lead: torch.Tensor, u_cond: torch.Tensor,

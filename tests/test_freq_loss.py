@@ -211,6 +211,8 @@ BAD_INPUTS = [
     (lambda: (torch.ones(1, 1, 2, 2, 2, dtype=torch.int64), torch.ones(1, 1, 2, 2, 2)),
      TypeError,
      r"pred: expected dtype in \(float32, bfloat16, float16, float64\), got torch.int64"),
+    (lambda: (torch.randn(1, 0, 2, 2, 2), torch.randn(1, 0, 2, 2, 2)), ValueError,
+     r"pred: expected a non-empty tensor, got shape \(1, 0, 2, 2, 2\)"),
     (lambda: (torch.randn(1, 1, 2, 2, 2), [[1.0]]), TypeError,
      "target: expected a torch.Tensor, got list"),
     (lambda: (torch.randn(1, 1, 2, 2, 2), torch.randn(1, 1, 2, 2, 2, device="meta")), ValueError,
