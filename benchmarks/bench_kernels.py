@@ -32,7 +32,10 @@ NO_GPU = "GPU benchmark: needs CUDA (Triton kernels and GPU timings only on a le
 CPU_CASES = [("eager", "tiny-b16"), ("compile", "tiny-b16"), ("eager", "wan480p-b1")]
 
 
-def _record(benchmark, op, shape, dtype, seconds_per_call: float) -> None:
+def _record(benchmark, op, shape, dtype, calls_per_round: int) -> None:
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
+    seconds_per_call = benchmark.stats.stats.median / calls_per_round
     moved = op.bytes_moved(shape, dtype)
     benchmark.extra_info["us_per_call"] = round(seconds_per_call * 1e6, 2)
     benchmark.extra_info["GB/s"] = round(moved / seconds_per_call / 1e9, 1)
@@ -60,7 +63,7 @@ def test_gpu(benchmark, op_name, impl, shape_name, dtype_name):
         torch.cuda.synchronize()
 
     benchmark.pedantic(one_round, rounds=20, iterations=1, warmup_rounds=2)
-    _record(benchmark, op, shape, dtype, benchmark.stats.stats.median / CALLS_PER_GRAPH)
+    _record(benchmark, op, shape, dtype, CALLS_PER_GRAPH)
 
 
 @pytest.fixture
@@ -81,4 +84,4 @@ def test_cpu_reference(benchmark, one_cpu_thread, op_name, impl, shape_name):
     (args,) = input_sets(op, shape, torch.float32, "cpu")
     fn(*args)  # compile outside the timing
     benchmark.pedantic(fn, args=args, rounds=10, iterations=1, warmup_rounds=2)
-    _record(benchmark, op, shape, torch.float32, benchmark.stats.stats.median)
+    _record(benchmark, op, shape, torch.float32, 1)
