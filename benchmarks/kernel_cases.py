@@ -118,6 +118,11 @@ OPS = {
 IMPLS = ("triton", "eager", "compile")
 
 
+# One compiled reference serves every shape and dtype here (4 x 2 per op): above dynamo's
+# default limit of 8 recompiles it would silently run eager under the "compile" label.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
 def implementation(op: OpCase, impl: str) -> Callable:
     if impl in op.variants:
         return op.variants[impl]
