@@ -102,7 +102,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     if features_a.shape[1] != features_b.shape[1]:
         raise ValueError(f"feature sizes differ: {features_a.shape[1]} vs {features_b.shape[1]}")
     a, b = features_a.double(), features_b.double()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
     root_a = _psd_sqrt(cov_a)
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
     mean_term = (a.mean(dim=0) - b.mean(dim=0)).square().sum()

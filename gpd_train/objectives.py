@@ -188,11 +188,11 @@ class OnlineDistillation:
             u_student = self.student(x_a, timestep_from_sigma(s_a), context).float()
         mse = (u_student - u_star).square().mean()
         loss = mse
-        extras = {"mse": float(mse), "mean_index": float(index.float().mean())}
+        extras = {"mse": mse.item(), "mean_index": index.float().mean().item()}
         if self.freq_weight > 0:
             freq = freq_loss(u_student, u_star, **self.freq_params)
             loss = loss + self.freq_weight * freq
-            extras["freq"] = float(freq)
+            extras["freq"] = freq.item()
         self._last = {"x": x_a, "u_student": u_student.detach(), "u_star": u_star,
                       "index": index}
         return loss, extras

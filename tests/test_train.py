@@ -1,0 +1,277 @@
+"""gpd_train stages on micro configs: who changes, the online target, grids, resume, faults."""
+
+import json
+
+import pytest
+import torch
+
+import gpd_train.checkpoint as checkpoint_module
+from gpd_model import euler_step, get_preset, guided_velocity, sigma_grid
+from gpd_train.__main__ import main
+from gpd_train.checkpoint import CheckpointError, CheckpointStore, load_exact
+from gpd_train.config import load_config
+from gpd_train.data import ProceduralVideos
+from gpd_train.evaluate import evaluate_run
+from gpd_train.loop import NonFiniteLossError
+from gpd_train.objectives import online_target
+from gpd_train.pipeline import (
+    MissingStageError,
+    Run,
+    build_distill,
+    build_stage0,
+    pipeline_plan,
+    run_stage,
+)
+
+
+def micro_run(tmp_path, **overrides) -> Run:
+    values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4, 2, 1],
+              "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 3,
+              "distill.iterations": [4, 4, 4], "vanilla.iterations": [2, 2, 2],
+              "eval.prompts": 4, "eval.batch_size": 4, "eval.examples": 2}
+    values.update(overrides)
+    run = Run(load_config(None, values))
+    run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
+    run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8)
+    return run
+
+
+def with_random_stages(run: Run, chain: str, upto: int) -> None:
+    """Stand-in outputs for stages 0..upto, so a later stage can be built directly."""
+    for stage in range(upto + 1):
+        run.finish_stage(chain, stage, run.new_model().state_dict(), {"steps": 0})
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def losses(trainer) -> list[float]:
+    return [record["loss"] for record in trainer.metrics.records()]
+
+
+@pytest.mark.parametrize("stage,source", [(1, "student"), (1, "teacher"), (2, "data"),
+                                          (3, "student")])
+def test_one_step_changes_only_the_student(tmp_path, stage, source):
+    run = micro_run(tmp_path, **{"distill.state_source": source,
+                                 "distill.freq_weight": [0.0, 0.0, 1.0]})
+    with_random_stages(run, "gpd", stage - 1)
+    trainer = build_distill(run, "gpd", stage)
+    teacher, student = trainer.objective.teacher, trainer.model
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    before_teacher, before_student = snapshot(teacher), snapshot(student)
+    # S_k starts as S_{k-1}.
+    assert all(torch.equal(before_teacher[k], before_student[k]) for k in before_teacher)
+    trainer.iterations = 1
+    trainer.run(resume=False)
+    assert all(torch.equal(before_teacher[k], v) for k, v in teacher.state_dict().items())
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(before_student[k], v)]
+    assert len(changed) > len(before_student) // 2
+    assert (trainer.objective.guidance is not None) == (stage == 1)  # CFG only from T0
+
+
+def test_stage0_step_trains_the_teacher_with_cfg_dropout(tmp_path):
+    run = micro_run(tmp_path, **{"stage0.cfg_dropout": 0.5})
+    trainer = build_stage0(run)
+    before = snapshot(trainer.model)
+    trainer.iterations = 1
+    trainer.run(resume=False)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert len(losses(trainer)) == 1 and losses(trainer)[0] > 0
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_online_target_equals_two_explicit_teacher_euler_steps(tmp_path, guided):
+    run = micro_run(tmp_path)
+    teacher = run.new_model().eval()
+    torch.manual_seed(1)
+    batch = 3
+    x_a = torch.randn(batch, 3, 4, 8, 8)
+    context = torch.randn(batch, 4, run.dit_config.text_dim)
+    neg = torch.randn(batch, 4, run.dit_config.text_dim) if guided else None
+    guidance = torch.tensor([1.0, 3.5, 7.0]) if guided else None
+    grid = sigma_grid(6, 3.0).float()
+    index = torch.tensor([0, 1, 2])  # a batch mixing grid indices
+    s_a, s_b, s_c = grid[2 * index], grid[2 * index + 1], grid[2 * index + 2]
+    u_star = online_target(teacher, x_a, context, neg, guidance, s_a, s_b, s_c)
+    with torch.no_grad():
+        g1 = guided_velocity(teacher, x_a, s_a, context, neg, guidance)
+        x_b = euler_step(x_a, g1, s_a, s_b)
+        g2 = guided_velocity(teacher, x_b, s_b, context, neg, guidance)
+        x_c = euler_step(x_b, g2, s_b, s_c)
+    got = x_a + (s_c - s_a).view(-1, 1, 1, 1, 1) * u_star
+    torch.testing.assert_close(got, x_c, atol=2e-5, rtol=1e-5)
+
+
+def test_online_target_rejects_half_a_cfg_pair(tmp_path):
+    run = micro_run(tmp_path)
+    x = torch.randn(2, 3, 4, 8, 8)
+    context = torch.randn(2, 4, run.dit_config.text_dim)
+    s = torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="guidance and neg_context must be given together"):
+        online_target(run.new_model(), x, context, None, torch.ones(2), s, s, s)
+
+
+def test_stage_grids_are_even_points_of_the_previous_grid(tmp_path):
+    run = micro_run(tmp_path, steps=[48, 24, 12, 6], **{"distill.iterations": [1, 1, 1],
+                                                        "vanilla.iterations": [1, 1, 1]})
+    with_random_stages(run, "gpd", 2)
+    objectives = [build_distill(run, "gpd", k).objective for k in (1, 2, 3)]
+    assert [o.steps for o in objectives] == [24, 12, 6]
+    assert torch.equal(objectives[0].teacher_grid, sigma_grid(48, 3.0).float())
+    for obj in objectives:
+        assert torch.equal(obj.student_grid, obj.teacher_grid[::2])
+    for previous, current in zip(objectives, objectives[1:], strict=False):
+        assert torch.equal(current.teacher_grid, previous.student_grid)
+    index = torch.arange(6)
+    s_a, s_b, s_c = objectives[2].sigmas(index)
+    teacher = objectives[2].teacher_grid
+    assert torch.equal(s_a, teacher[2 * index]) and torch.equal(s_c, teacher[2 * index + 2])
+    assert bool(((s_a > s_b) & (s_b > s_c)).all())
+
+
+def test_pipelined_lanes_mix_grid_indices_and_restart(tmp_path):
+    run = micro_run(tmp_path, batch_size=4)
+    with_random_stages(run, "gpd", 0)
+    trainer = build_distill(run, "gpd", 1)  # 4 student steps, 4 lanes
+    trainer.iterations = 3
+    trainer.run(resume=False)
+    indices = [r["mean_index"] for r in trainer.metrics.records()]
+    # Lanes start at 0, 1, 2, 3 and advance together, wrapping to fresh noise at the end.
+    assert indices == [1.5, 1.5, 1.5]
+    assert sorted(trainer.objective.lanes["index"].tolist()) == [0, 1, 2, 3]
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = micro_run(tmp_path / "a", **{"distill.iterations": [7, 4, 4]})
+    with_random_stages(straight, "gpd", 0)
+    reference = build_distill(straight, "gpd", 1)
+    reference.run(resume=False)
+    want = losses(reference)
+
+    broken = micro_run(tmp_path / "b", **{"distill.iterations": [7, 4, 4]})
+    with_random_stages(broken, "gpd", 0)
+    trainer = build_distill(broken, "gpd", 1)
+    real_loss = trainer.objective.loss
+
+    def crash_at_five(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(step)
+
+    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+    assert trainer.checkpoints.load()[0] == 3
+    resumed = build_distill(broken, "gpd", 1)
+    resumed.run(resume=True)
+    assert losses(resumed) == want
+    for key, value in reference.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key], value)
+
+
+def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    run = micro_run(tmp_path, checkpoint_every=2, **{"stage0.iterations": 4})
+    trainer = build_stage0(run)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dies_on_second_checkpoint(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            path.write_bytes(b"partial")
+            raise OSError("disk vanished mid-save")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_on_second_checkpoint)
+    with pytest.raises(OSError, match="mid-save"):
+        trainer.run(resume=False)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    step, model, _, state, _ = trainer.checkpoints.load()
+    assert step == 2 and set(state) >= {"optimizer", "rng", "stream"}
+    load_exact(run.new_model(), model, tmp_path)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    run = micro_run(tmp_path, checkpoint_every=2, **{"stage0.iterations": 2})
+    trainer = build_stage0(run)
+    trainer.run(resume=False)
+    weights = trainer.checkpoints.latest() / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        CheckpointStore(trainer.checkpoints.folder).load()
+
+
+def test_mismatched_weights_are_refused_and_nothing_is_loaded(tmp_path):
+    model = micro_run(tmp_path).new_model()
+    before = snapshot(model)
+    state = {k: torch.zeros_like(v) for k, v in before.items()}
+    dropped = sorted(state)[0]
+    del state[dropped]
+    state["extra.weight"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match=r"missing keys: \['" + dropped.replace(".", r"\.")):
+        load_exact(model, state, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    run = micro_run(tmp_path, checkpoint_every=2, **{"stage0.iterations": 6})
+    trainer = build_stage0(run)
+    real_loss = trainer.objective.loss
+
+    def nan_at_three(step):
+        loss, extras = real_loss(step)
+        return (loss * float("nan") if step == 3 else loss), extras
+
+    monkeypatch.setattr(trainer.objective, "loss", nan_at_three)
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*step-00000002 is intact"):
+        trainer.run(resume=False)
+    step, model, _, _, _ = trainer.checkpoints.load()
+    assert step == 2 and all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_missing_previous_stage_names_the_command(tmp_path, capsys):
+    run = micro_run(tmp_path)
+    with pytest.raises(MissingStageError, match=r"`python -m gpd_train --stage 0 --run-dir"):
+        build_distill(run, "gpd", 1)
+    with_random_stages(run, "gpd", 0)
+    with pytest.raises(MissingStageError, match=r"--stage 1 --chain vanilla"):
+        build_distill(run, "vanilla", 2)
+    assert main(["--stage", "2", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert "python -m gpd_train --stage 1" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('batch_size = 8\n[distill]\niterations = [5, 6, 7]\nstate_source = "data"\n')
+    config = load_config(toml, {"distill.lr": 3e-4, "guidance": 2.0})
+    assert (config.batch_size, config.distill.iterations, config.distill.state_source,
+            config.distill.lr, config.guidance) == (8, [5, 6, 7], "data", 3e-4, 2.0)
+    toml.write_text("bacth_size = 8\n")
+    with pytest.raises(ValueError, match="unknown key 'bacth_size'"):
+        load_config(toml)
+    with pytest.raises(ValueError, match="steps must halve.*48 -> 20"):
+        load_config(None, {"steps": [48, 20, 10, 5]})
+    with pytest.raises(ValueError, match="state_source must be one of"):
+        load_config(None, {"distill.state_source": "buffer"})
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+
+def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
+    run = micro_run(tmp_path)
+    for chain, stage in pipeline_plan(run.config):
+        run_stage(run, chain, stage, resume=True)
+    report = evaluate_run(run)
+    table = report.read_text()
+    for label in ("teacher@8 (ref)", "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1"):
+        assert f"| {label} |" in table
+    data = json.loads((report.parent / "report.json").read_text())
+    assert [r["nfe"] for r in data["rows"]] == [16, 8, 4, 2, 1, 4, 2, 1]
+    assert data["rows"][0]["psnr_db"] is None and data["rows"][1]["psnr_db"] > 0
+    assert (report.parent / "contact_sheet.png").stat().st_size > 0
+    assert len(list(report.parent.glob("*.gif"))) == 8
+    assert json.loads((run.stage_folder("vanilla", 1) / "done.json").read_text())["iterations"] == 2
