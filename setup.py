@@ -99,6 +99,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.33", "ruff"],
+        # accelerate: diffusers needs it for WanTransformer3DModel.from_pretrained
+        "test": ["pytest", "pytest-benchmark", "diffusers>=0.33", "accelerate", "ruff"],
     },
 )
