@@ -135,24 +135,34 @@ def _per_sample(values, like):
 GUIDED_SHAPES = {"4d-odd": (3, 5, 1, 7), "latent": (2, 4, 3, 6, 10), "1d": (5,), "b1": (1, 9)}
 
 
+def _teacher_outputs(shape, lead_dtype, u_dtype, guided, seed):
+    """A leading tensor, u_cond, u_uncond and guidance (None without CFG), and the generator."""
+    generator = torch.Generator().manual_seed(seed)
+    lead = torch.randn(shape, generator=generator).to(lead_dtype)
+    cond = torch.randn(shape, generator=generator).to(u_dtype)
+    uncond = torch.randn(shape, generator=generator).to(u_dtype) if guided else None
+    guidance = 1 + 5 * torch.rand(shape[0], generator=generator) if guided else None
+    return lead, cond, uncond, guidance, generator
+
+
+def _explicit_velocity(cond, uncond, guidance):
+    """float64 CFG combine, written out."""
+    if uncond is None:
+        return cond.double()
+    return uncond.double() + _per_sample(guidance, cond) * (cond.double() - uncond.double())
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("guided", [True, False], ids=["cfg", "no-cfg"])
 @pytest.mark.parametrize("shape_name", GUIDED_SHAPES)
 def test_cfg_euler_step_explicit_math(shape_name, guided, x_dtype):
     shape = GUIDED_SHAPES[shape_name]
-    batch = shape[0]
-    generator = torch.Generator().manual_seed(5)
-    x = torch.randn(shape, generator=generator).to(x_dtype)
-    cond = torch.randn(shape, generator=generator).to(x_dtype)
-    uncond = torch.randn(shape, generator=generator).to(x_dtype) if guided else None
-    guidance = 1 + 5 * torch.rand(batch, generator=generator) if guided else None
-    sigma_from = torch.rand(batch, generator=generator)
-    sigma_to = sigma_from * torch.rand(batch, generator=generator)
+    x, cond, uncond, guidance, generator = _teacher_outputs(shape, x_dtype, x_dtype, guided, 5)
+    sigma_from = torch.rand(shape[0], generator=generator)
+    sigma_to = sigma_from * torch.rand(shape[0], generator=generator)
     x_next, g = cfg_euler_step(x, cond, uncond, guidance, sigma_from, sigma_to)
     assert x_next.dtype == x_dtype and g.dtype == torch.float32
-    velocity = cond.double()
-    if guided:
-        velocity = uncond.double() + _per_sample(guidance, x) * (cond.double() - uncond.double())
+    velocity = _explicit_velocity(cond, uncond, guidance)
     step = _per_sample(sigma_to, x) - _per_sample(sigma_from, x)
     torch.testing.assert_close(g.double(), velocity, rtol=1e-6, atol=1e-6)
     # x_next is rounded once, to x's dtype, from the float32 result.
@@ -168,20 +178,14 @@ def test_cfg_euler_step_explicit_math(shape_name, guided, x_dtype):
 @pytest.mark.parametrize("shape_name", GUIDED_SHAPES)
 def test_double_step_target_explicit_math(shape_name, guided, u_dtype):
     shape = GUIDED_SHAPES[shape_name]
-    batch = shape[0]
-    generator = torch.Generator().manual_seed(6)
-    g1 = torch.randn(shape, generator=generator)
-    cond = torch.randn(shape, generator=generator).to(u_dtype)
-    uncond = torch.randn(shape, generator=generator).to(u_dtype) if guided else None
-    guidance = 1 + 5 * torch.rand(batch, generator=generator) if guided else None
-    s_a = 0.5 + 0.5 * torch.rand(batch, generator=generator)
-    s_b = s_a * (0.5 + 0.4 * torch.rand(batch, generator=generator))
+    g1, cond, uncond, guidance, generator = _teacher_outputs(shape, torch.float32, u_dtype,
+                                                             guided, 6)
+    s_a = 0.5 + 0.5 * torch.rand(shape[0], generator=generator)
+    s_b = s_a * (0.5 + 0.4 * torch.rand(shape[0], generator=generator))
     s_c = s_b * 0.5
     u_star = double_step_target(g1, cond, uncond, guidance, s_a, s_b, s_c)
     assert u_star.dtype == torch.float32 and u_star.shape == shape
-    g2 = cond.double()
-    if guided:
-        g2 = uncond.double() + _per_sample(guidance, g1) * (cond.double() - uncond.double())
+    g2 = _explicit_velocity(cond, uncond, guidance)
     a, b, c = (_per_sample(s, g1) for s in (s_a, s_b, s_c))
     # One step of u* from s_a lands where the two Euler steps (g1 then g2) land.
     torch.testing.assert_close(u_star.double() * (c - a), (b - a) * g1.double() + (c - b) * g2,
