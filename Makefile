@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test bench lint
 
-$(BIN)/.installed: setup.py CMakeLists.txt $(wildcard csrc/*)
+$(BIN)/.installed: setup.py CMakeLists.txt $(wildcard csrc/*) gpd_kernels/schemas.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip "setuptools>=64" wheel
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
