@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from . import parallel
 from .checkpoint import CheckpointError
 from .config import CHAINS, STATE_SOURCES, load_config
 from .loop import NonFiniteLossError
@@ -21,6 +22,7 @@ gpd_train/config.py. Examples:
   python -m gpd_train --stage 1 --resume   # continue GPD stage 1 from its last checkpoint
   python -m gpd_train --stage 0 --preset wan2.1-t2v-1.3b --teacher /ckpt/Wan2.1-T2V-1.3B \\
       --data /data/prompt-embeddings --run-dir runs/wan
+  torchrun --nproc_per_node 8 -m gpd_train --stage 1 ...   # the same command on 8 GPUs
 """
 
 
@@ -56,6 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--state-source", "distill.state_source", str,
          f"GPD state source: {' | '.join(STATE_SOURCES)}"),
         ("--lr", "distill.lr", float, "distillation learning rate"),
+        ("--data-streams", "parallel.data_streams", int,
+         "data streams over all ranks (default one per rank; keep it to change rank count)"),
+        ("--teacher-sharding", "parallel.teacher", str,
+         "under torchrun: shard | replicate the frozen stage teacher"),
     ]
     for flag, key, kind, text in options:
         parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
@@ -64,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freq-weight", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.freq_weight",
                         help="frequency-loss weight per GPD stage (default 0 0 1)")
+    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
+                        dest="parallel.activation_checkpointing",
+                        help="recompute each transformer block in the backward (less memory)")
     return parser.parse_args(argv)
 
 
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         config = load_config(args.config, overrides)
+        parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
         if args.stage is not None:
             if not 0 <= args.stage <= config.num_stages:
                 raise ValueError(f"--stage must be in 0..{config.num_stages}, got {args.stage}")
@@ -83,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval:
             from .evaluate import evaluate_run
 
-            report = evaluate_run(Run(config))
+            report = evaluate_run(Run(config)) if parallel.is_main() else None
         else:
             report = run_pipeline(config, resume=True)
     except (MissingStageError, NonFiniteLossError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        parallel.teardown()
     print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
     print(report.read_text() if report is not None else "")
     return 0

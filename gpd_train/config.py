@@ -37,6 +37,13 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     [eval]
     prompts = 24
     batch_size = 24
+
+    [parallel]                 # used under torchrun (gpd_train/parallel.py)
+    data_streams = 0           # 0 = one per rank; fix it to resume on another rank count
+    activation_checkpointing = false
+    teacher = "shard"          # shard | replicate (the frozen stage teacher)
+
+``batch_size`` is per process: the global batch is batch_size x the number of ranks.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from .parallel import ParallelConfig
 
 STATE_SOURCES = ("student", "teacher", "data")
 CHAINS = ("gpd", "vanilla")
@@ -109,6 +118,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     vanilla: DistillConfig = field(default_factory=_vanilla_default)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +153,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        self.parallel.validate()
         if not self.resolved_shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift!r}")
         if not 0 <= self.stage0.cfg_dropout < 1:
@@ -171,7 +182,7 @@ class RunConfig:
 
 
 _SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,
-             "eval": EvalConfig}
+             "eval": EvalConfig, "parallel": ParallelConfig}
 
 
 def _merge(target: object, values: dict[str, Any], where: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from . import parallel
 from .checkpoint import CheckpointStore, atomic_write_text, load_exact, load_exact_state
 
 GRAD_CLIP = 1.0
@@ -131,6 +132,12 @@ class StageTrainer:
         self.step = 0
 
     def _restore(self) -> None:
+        from .dist_checkpoint import is_dcp, restore
+
+        latest = self.checkpoints.latest()
+        if parallel.world().distributed or is_dcp(latest):
+            restore(self, latest)  # sharded (DCP); any number of ranks
+            return
         step, model, ema, state, meta = self.checkpoints.load()
         for key in ("stage", "dit_config"):
             if meta.get(key) != self.metadata.get(key):
@@ -147,6 +154,11 @@ class StageTrainer:
         self.step = step
 
     def _save(self) -> None:
+        if parallel.world().distributed:
+            from .dist_checkpoint import save
+
+            save(self)
+            return
         state = {"optimizer": self.optimizer.state_dict(), "rng": self.generator.get_state(),
                  "stream": self.objective.stream_state(), "ema_updates": self.ema.updates}
         self.checkpoints.save(self.step, self.model.state_dict(), self.ema.state_dict(), state,
@@ -155,13 +167,13 @@ class StageTrainer:
     def run(self, resume: bool) -> None:
         if resume and self.checkpoints.latest() is not None:
             self._restore()
-            self.metrics.reset(keep_until_step=self.step)
+            parallel.main_only(self.metrics.reset, keep_until_step=self.step)
             tqdm.write(f"[{self.name}] resumed from step {self.step}")
         else:
-            self.checkpoints.clear()
-            self.metrics.reset()
+            parallel.main_only(self.checkpoints.clear)
+            parallel.main_only(self.metrics.reset)
         bar = tqdm(total=self.iterations, initial=self.step, desc=self.name, unit="it",
-                   mininterval=2.0, dynamic_ncols=True)
+                   mininterval=2.0, dynamic_ncols=True, disable=not parallel.is_main())
         try:
             while self.step < self.iterations:
                 self._train_step(bar)
@@ -181,8 +193,8 @@ class StageTrainer:
         self._guard(loss, step, "loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP)
+        grad_norm = parallel.full_value(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP))
         self._guard(grad_norm, step, "gradient norm")
         self.optimizer.step()
         self.ema.update(self.model)
@@ -191,14 +203,16 @@ class StageTrainer:
         record = {"stage": self.name, "step": step, "loss": loss.item(), "lr": lr,
                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,
                   **extras}
-        self.metrics.log(record)
+        record.update(parallel.mean_across_ranks({k: record[k] for k in ("loss", *extras)}))
+        if parallel.is_main():
+            self.metrics.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         bar.update(1)
         if step % self.checkpoint_every == 0:
             self._save()
 
     def _guard(self, value: torch.Tensor, step: int, what: str) -> None:
-        if torch.isfinite(value).all():
+        if parallel.all_finite(value):
             return
         latest = self.checkpoints.latest()
         kept = (f"the last good checkpoint {latest} is intact" if latest is not None

@@ -30,6 +30,7 @@ from .config import RunConfig
 from .data import open_data
 from .loop import StageTrainer, resolve_device
 from .objectives import FlowMatching, OnlineDistillation
+from .parallel import is_main, main_only, prepare_teacher, shard_student, stream_objectives
 
 
 class MissingStageError(RuntimeError):
@@ -108,6 +109,7 @@ class Run:
 def _trainer(run: Run, chain: str, stage: int, model: torch.nn.Module, objective: Any,
              iterations: int, lr: float, warmup: int, ema_decay: float,
              generator: torch.Generator) -> StageTrainer:
+    model = shard_student(model, run.config.parallel, run.config.precision, run.device)
     return StageTrainer(
         name=stage_name(chain, stage), model=model, objective=objective,
         folder=run.stage_folder(chain, stage), iterations=iterations, lr=lr, warmup=warmup,
@@ -123,11 +125,12 @@ def stage_generator(run: Run, chain: str, stage: int) -> torch.Generator:
 def build_stage0(run: Run) -> StageTrainer:
     cfg = run.config
     model = run.new_model()
-    generator = stage_generator(run, "gpd", 0)
-    objective = FlowMatching(model=model, data=run.data, generator=generator,
-                             batch_size=cfg.batch_size, shift=cfg.resolved_shift,
-                             cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
-                             precision=cfg.precision)
+    objective, generator = stream_objectives(  # one stream per rank unless configured
+        stage_generator(run, "gpd", 0), cfg.batch_size, cfg.parallel,
+        lambda generator, batch_size: FlowMatching(
+            model=model, data=run.data, generator=generator, batch_size=batch_size,
+            shift=cfg.resolved_shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
+            precision=cfg.precision))
     return _trainer(run, "gpd", 0, model, objective, cfg.stage0.iterations, cfg.stage0.lr,
                     cfg.stage0.warmup, cfg.stage0.ema_decay, generator)
 
@@ -139,16 +142,18 @@ def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
         raise ValueError(f"distillation stage must be in 1..{cfg.num_stages}, got {stage}")
     chain_cfg = cfg.chain(chain)
     previous = run.load_stage_model(chain, stage - 1)
-    teacher = run.load_stage_model(chain, stage - 1).eval().requires_grad_(False)
-    generator = stage_generator(run, chain, stage)
-    objective = OnlineDistillation(
-        student=previous, teacher=teacher, data=run.data, generator=generator,
-        student_steps=cfg.steps[stage], shift=cfg.resolved_shift,
-        guidance=cfg.guidance if stage == 1 else None, source=chain_cfg.state_source,
-        batch_size=cfg.batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
-        freq_params={"alpha_s": chain_cfg.freq_alpha_s, "alpha_t": chain_cfg.freq_alpha_t,
-                     "gamma": chain_cfg.freq_gamma},
-        device=run.device, precision=cfg.precision)
+    teacher = prepare_teacher(run.load_stage_model(chain, stage - 1).eval().requires_grad_(False),
+                              cfg.parallel, cfg.precision, run.device)
+    objective, generator = stream_objectives(
+        stage_generator(run, chain, stage), cfg.batch_size, cfg.parallel,
+        lambda generator, batch_size: OnlineDistillation(
+            student=previous, teacher=teacher, data=run.data, generator=generator,
+            student_steps=cfg.steps[stage], shift=cfg.resolved_shift,
+            guidance=cfg.guidance if stage == 1 else None, source=chain_cfg.state_source,
+            batch_size=batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
+            freq_params={"alpha_s": chain_cfg.freq_alpha_s,
+                         "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
+            device=run.device, precision=cfg.precision))
     return _trainer(run, chain, stage, previous, objective,
                     int(chain_cfg.iterations[stage - 1]), chain_cfg.lr, chain_cfg.warmup,
                     chain_cfg.ema_decay, generator)
@@ -159,7 +164,7 @@ def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:
     started = time.perf_counter()
     run.save_config()
     if stage == 0 and run.config.teacher is not None:
-        return import_teacher(run, run.config.teacher)
+        return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
     trainer = build_stage0(run) if stage == 0 else build_distill(run, chain, stage)
     trainer.run(resume=resume)
     final = list(trainer.metrics.records())[-20:]
@@ -167,7 +172,9 @@ def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:
                "final_loss_mean20": sum(r["loss"] for r in final) / max(1, len(final)),
                "seconds": time.perf_counter() - started,
                "steps": run.config.steps[stage]}
-    output = run.finish_stage(chain, stage, trainer.ema.state_dict(), summary)
+    from .dist_checkpoint import finish_stage  # gathers a sharded EMA under torchrun
+
+    output = finish_stage(run, chain, stage, trainer.ema.state_dict(), summary)
     tqdm.write(f"[{stage_name(chain, stage)}] done in {summary['seconds']:.0f} s -> {output}")
     return output
 
@@ -198,7 +205,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
             tqdm.write(f"[{stage_name(chain, stage)}] already complete, skipped")
             continue
         run_stage(run, chain, stage, resume=resume)
-    if not evaluate:
+    if not evaluate or not is_main():  # under torchrun rank 0 evaluates alone
         return None
     from .evaluate import evaluate_run
 

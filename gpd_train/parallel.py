@@ -1,0 +1,345 @@
+"""Data-parallel training on PyTorch's own stack: torchrun, FSDP2, per-rank data streams.
+
+Everything that depends on the number of processes is decided here, so the trainer reads
+the same with one process or many:
+
+- ``setup`` joins the process group torchrun describes in the environment (NCCL on CUDA,
+  gloo on the CPU; each rank on ``cuda:LOCAL_RANK``) and mutes stdout on ranks > 0;
+  without torchrun it does nothing and the run is the plain single-process one.
+- ``shard_student`` / ``prepare_teacher`` wrap a WanDiT with FSDP2 (``fully_shard`` per
+  transformer block, then the root), bf16 compute and fp32 master weights / gradient
+  reduction when the run's precision is bf16 on CUDA; optional per-block activation
+  checkpointing. Optimizer state and the EMA follow the parameters (sharded DTensors).
+- Data streams: the global batch is cut into ``data_streams`` streams (default: one per
+  rank), each with its own generator (stream 0 keeps the single-process seed, stream j
+  is offset by ``j``), its own rollout lanes and its own objective. A rank owns a
+  contiguous run of streams, so the global batch - and a resumed run - do not depend on
+  how many processes share it.
+- ``mean_across_ranks`` / ``all_finite`` / ``main_only`` keep logging, the non-finite
+  guard and one-writer outputs consistent across ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TextIO, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+TEACHER_MODES = ("shard", "replicate")
+# Streams j > 0 seed their generator at base_seed + j * STREAM_SEED_STRIDE (a prime larger
+# than any offset gpd_train adds to a run's seed, so streams never share a sequence).
+STREAM_SEED_STRIDE = 1_000_003
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)  # rank 0 alone writes the stage export
+
+T = TypeVar("T")
+
+
+@dataclass
+class ParallelConfig:
+    """The ``[parallel]`` TOML section (also flags of ``python -m gpd_train``)."""
+
+    data_streams: int = 0  # 0: one per rank. Fix it to resume on another number of ranks.
+    activation_checkpointing: bool = False  # recompute each block in the backward
+    teacher: str = "shard"  # the frozen stage teacher under torchrun: shard | replicate
+
+    def validate(self) -> None:
+        if not isinstance(self.data_streams, int) or self.data_streams < 0:
+            raise ValueError(f"parallel.data_streams must be an int >= 0, got "
+                             f"{self.data_streams!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError("parallel.activation_checkpointing must be true or false, got "
+                             f"{self.activation_checkpointing!r}")
+        if self.teacher not in TEACHER_MODES:
+            raise ValueError(f"parallel.teacher must be one of {TEACHER_MODES}, got "
+                             f"{self.teacher!r}")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job; the default is the single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_world = World()
+_muted_stdout: tuple[TextIO, TextIO] | None = None  # (the real stdout, /dev/null) on ranks > 0
+
+
+def world() -> World:
+    return _world
+
+
+def is_main() -> bool:
+    return _world.is_main
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer (set by torchrun), "
+                         f"got {value!r}") from None
+
+
+def setup(device: str = "auto") -> World:
+    """Join torchrun's process group (env://); a no-op when not launched by torchrun.
+
+    ``device`` is the run's device setting: ``auto``/``cuda`` put rank r on
+    ``cuda:LOCAL_RANK`` with NCCL, ``cpu`` (or no CUDA) uses gloo.
+    """
+    global _world, _muted_stdout
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string, got {type(device).__name__}")
+    if _world.distributed:
+        return _world
+    if "WORLD_SIZE" not in os.environ:
+        return _world
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK")
+    if device.startswith("cuda:"):
+        raise ValueError(f"under torchrun pass --device auto or cuda (each rank uses "
+                         f"cuda:LOCAL_RANK), got {device!r}")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not use_cuda:
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    _world = World(rank=rank, world_size=world_size, local_rank=local_rank, distributed=True)
+    if rank != 0:  # one voice: progress, prints and reports come from rank 0
+        _muted_stdout = (sys.stdout, open(os.devnull, "w"))  # closed by teardown()
+        sys.stdout = _muted_stdout[1]
+    return _world
+
+
+def teardown() -> None:
+    """Leave the process group and restore stdout (for tests running several jobs)."""
+    global _world, _muted_stdout
+    if _world.distributed and dist.is_initialized():  # only the group setup() joined
+        dist.destroy_process_group()
+    if _muted_stdout is not None:
+        sys.stdout, devnull = _muted_stdout
+        devnull.close()
+        _muted_stdout = None
+    _world = World()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if _world.distributed:
+        dist.barrier()
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (collective); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(tensor).__name__}")
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank must pass the same keys)."""
+    if not _world.distributed:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                          device=_collective_device())
+    dist.all_reduce(packed)
+    return dict(zip(keys, (packed / _world.world_size).tolist(), strict=True))
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every rank, so all ranks stop together."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    finite = bool(torch.isfinite(full_value(value)).all())
+    if not _world.distributed:
+        return finite
+    flag = torch.tensor([0 if finite else 1], device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
+def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 only and hand its result (or its failure) to every rank."""
+    if not _world.distributed:
+        return fn(*args, **kwargs)
+    outcome: list[Any] = [None]
+    failure: BaseException | None = None
+    if _world.is_main:
+        try:
+            outcome[0] = ("ok", fn(*args, **kwargs))
+        except Exception as exc:  # re-raised below, after the other ranks are told
+            failure = exc
+            outcome[0] = ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+# -- data streams -----------------------------------------------------------------------
+def owned_streams(config: ParallelConfig) -> list[int]:
+    """The data streams this rank runs (contiguous; all of them in a single process)."""
+    total = config.data_streams or _world.world_size
+    if total % _world.world_size:
+        raise ValueError(f"parallel.data_streams ({total}) must be a multiple of the number "
+                         f"of ranks ({_world.world_size})")
+    per_rank = total // _world.world_size
+    return list(range(_world.rank * per_rank, (_world.rank + 1) * per_rank))
+
+
+def stream_generator(base: torch.Generator, stream: int) -> torch.Generator:
+    """Stream 0 is ``base`` itself (the single-process run); stream j is offset by j."""
+    if not isinstance(base, torch.Generator):
+        raise TypeError(f"base must be a torch.Generator, got {type(base).__name__}")
+    if stream == 0:
+        return base
+    return torch.Generator().manual_seed(base.initial_seed() + stream * STREAM_SEED_STRIDE)
+
+
+class StreamGroup:
+    """Several data streams run by one rank; the loss is the mean over the streams.
+
+    Every stream has the same batch, so the mean equals the loss of their concatenated
+    batch, and FSDP's gradient average over ranks then gives the global-batch gradient.
+    """
+
+    def __init__(self, ids: Sequence[int], generators: Sequence[torch.Generator],
+                 objectives: Sequence[Any]) -> None:
+        if not len(ids) == len(generators) == len(objectives) >= 1:
+            raise ValueError(f"StreamGroup needs one generator and objective per stream id, got "
+                             f"{len(ids)} ids, {len(generators)} generators, "
+                             f"{len(objectives)} objectives")
+        self.ids = list(ids)
+        self.generators = list(generators)
+        self.objectives = list(objectives)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = [objective.loss(step) for objective in self.objectives]
+        loss = torch.stack([part[0] for part in parts]).mean()
+        extras = {key: sum(part[1][key] for part in parts) / len(parts) for key in parts[0][1]}
+        return loss, extras
+
+    def after_update(self) -> None:
+        for objective in self.objectives:
+            objective.after_update()
+
+    def stream_state(self) -> dict[str, Any]:
+        return {str(i): {"rng": g.get_state(), "stream": o.stream_state()}
+                for i, g, o in zip(self.ids, self.generators, self.objectives, strict=True)}
+
+    def load_stream_state(self, state: dict[str, Any]) -> None:
+        if sorted(state) != sorted(map(str, self.ids)):
+            raise ValueError(f"checkpoint holds data streams {sorted(state)}, this run has "
+                             f"{[str(i) for i in self.ids]}")
+        for i, generator, objective in zip(self.ids, self.generators, self.objectives,
+                                           strict=True):
+            generator.set_state(state[str(i)]["rng"])
+            objective.load_stream_state(state[str(i)]["stream"])
+
+
+def stream_objectives(base_generator: torch.Generator, batch_size: int,
+                      config: ParallelConfig, make: Callable[[torch.Generator, int], Any]
+                      ) -> tuple[Any, torch.Generator]:
+    """This rank's objective (``make(generator, stream_batch)`` per owned stream) and the
+    generator the trainer checkpoints. ``batch_size`` is the per-rank batch.
+
+    One stream and one process is exactly the single-process objective.
+    """
+    ids = owned_streams(config)
+    if batch_size % len(ids):
+        raise ValueError(f"the per-rank batch {batch_size} must be a multiple of the data "
+                         f"streams per rank ({len(ids)})")
+    generators = [stream_generator(base_generator, i) for i in ids]
+    objectives = [make(g, batch_size // len(ids)) for g in generators]
+    if len(ids) == 1 and not _world.distributed:
+        return objectives[0], generators[0]
+    return StreamGroup(ids, generators, objectives), generators[0]
+
+
+def stream_batch(config: ParallelConfig, batch_size: int) -> int:
+    """Samples per data stream for a per-rank ``batch_size``."""
+    return batch_size // len(owned_streams(config))
+
+
+# -- sharding ---------------------------------------------------------------------------
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward instead of keeping its activations.
+
+    Patches the blocks' ``forward`` (parameter names, hence checkpoints, stay the same).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"expected a WanDiT (with .blocks), got {type(model).__name__}")
+    for block in blocks:
+        if "forward" not in vars(block):  # idempotent
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _mixed_precision(precision: str, device: torch.device) -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    # Inputs are not cast: the model casts latents/text itself and keeps the timestep in
+    # fp32 (a bf16 timestep near 1000 would be rounded by up to 4).
+    if precision == "bf16" and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
+
+
+def _fully_shard(model: nn.Module, precision: str, device: torch.device) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    policy = _mixed_precision(precision, device)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # embeddings and head: the root group
+
+
+def shard_student(model: nn.Module, config: ParallelConfig, precision: str,
+                  device: torch.device) -> nn.Module:
+    """The trained model: FSDP2 under torchrun, activation checkpointing when asked."""
+    if config.activation_checkpointing:
+        checkpoint_blocks(model)
+    if _world.distributed:
+        _fully_shard(model, precision, device)
+    return model
+
+
+def prepare_teacher(teacher: nn.Module, config: ParallelConfig, precision: str,
+                    device: torch.device) -> nn.Module:
+    """The frozen stage teacher: FSDP2-sharded (no gradients) or a full copy per rank."""
+    if any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("the stage teacher must be frozen (requires_grad_(False)) first")
+    if _world.distributed and config.teacher == "shard":
+        _fully_shard(teacher, precision, device)
+    return teacher
