@@ -62,7 +62,7 @@ class DiTConfig:
 PRESETS: dict[str, DiTConfig] = {
     # CPU demo size; the built-in data are RGB videos used directly as latents.
     "tiny": DiTConfig(
-        in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=4,
+        in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=3,
         text_dim=32,
     ),
     "wan2.1-t2v-1.3b": DiTConfig(

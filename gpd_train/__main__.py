@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+import torch
+
 from . import parallel
 from .checkpoint import CheckpointError
 from .config import CHAINS, STATE_SOURCES, load_config
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
         ("--preset", "preset", str, "gpd_model preset (default tiny)"),
         ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+        ("--threads", "threads", int, "CPU threads for torch (0 = torch's default)"),
         ("--precision", "precision", str, "fp32 | bf16 (bf16 autocast on CUDA)"),
         ("--seed", "seed", int, "seed of data, initialisation and noise"),
         ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         config = load_config(args.config, overrides)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
         if args.stage is not None:
             if not 0 <= args.stage <= config.num_stages:

@@ -5,6 +5,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
     device = "auto"            # auto | cpu | cuda | cuda:N
+    threads = 0                # CPU threads for torch; 0 keeps torch's default
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
     seed = 0
     data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
@@ -17,7 +18,8 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
 
     [stage0]                   # flow-matching training of the base teacher
     iterations = 1500
-    lr = 1e-3
+    lr = 3e-3
+    final_lr_ratio = 0.1       # cosine decay to this fraction of lr (1.0 = constant)
     cfg_dropout = 0.1
     ema_decay = 0.995
 
@@ -68,8 +70,9 @@ DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 @dataclass
 class Stage0Config:
     iterations: int = 1500
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 100
+    final_lr_ratio: float = 0.1
     cfg_dropout: float = 0.1
     ema_decay: float = 0.995
 
@@ -79,6 +82,7 @@ class DistillConfig:
     iterations: list[int] = field(default_factory=lambda: [600, 150, 150])
     lr: float = 1e-4
     warmup: int = 10
+    final_lr_ratio: float = 1.0
     state_source: str = "student"
     freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
     freq_alpha_s: float = 4.0
@@ -105,6 +109,7 @@ class RunConfig:
     run_dir: str = "runs/default"
     preset: str = "tiny"
     device: str = "auto"
+    threads: int = 0
     precision: str = "fp32"
     seed: int = 0
     data: str | None = None
@@ -147,6 +152,8 @@ class RunConfig:
                 raise ValueError(f"steps must halve stage by stage; stage {k + 1} has "
                                  f"{teacher_steps} -> {student_steps} (expected "
                                  f"{teacher_steps} -> {teacher_steps // 2})")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
         for name in ("batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -156,6 +163,9 @@ class RunConfig:
         self.parallel.validate()
         if not self.resolved_shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        for section in (self.stage0, self.distill, self.vanilla):
+            if not 0 < section.final_lr_ratio <= 1:
+                raise ValueError(f"final_lr_ratio must be in (0, 1], got {section.final_lr_ratio}")
         if not 0 <= self.stage0.cfg_dropout < 1:
             raise ValueError(f"stage0.cfg_dropout must be in [0, 1), got {self.stage0.cfg_dropout}")
         for name in CHAINS:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 SHAPES: tuple[str, ...] = ("square", "disc", "cross")
 MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
-# Pixels per frame along (x, y); y grows downwards.
+# Direction of motion along (x, y), times the speed in pixels per frame; y grows downwards.
 _MOTION_VELOCITY = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0),
                     "up": (0.0, -1.0)}
 _BACKGROUND = -1.0
@@ -68,22 +68,24 @@ class ProceduralVideos:
 
     Prompt ``c`` is (SHAPES[c // 4], MOTIONS[c % 4]); sample ``index`` has prompt
     ``index % num_prompts`` and a position, size and colour drawn from (seed, index).
-    Videos are [3, frames, size, size] in [-1, 1] on a black background, moving one
-    pixel per frame (shape radius 2, or 2..3 when the canvas leaves room). Prompt
+    Videos are [3, frames, size, size] in [-1, 1] on a black background, moving ``speed``
+    pixels per frame (shape radius 2..3, or 2 when the canvas leaves no room). Prompt
     embeddings are fixed random token vectors: [start, shape, motion, end];
     the null (negative) prompt is [start, end, 0, 0].
     """
 
     context_len = 4
 
-    def __init__(self, text_dim: int, frames: int = 8, size: int = 12, seed: int = 0) -> None:
+    def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int = 2,
+                 seed: int = 0) -> None:
         for name, value, low in (("text_dim", text_dim, 1), ("frames", frames, 2),
-                                 ("size", size, frames + 4)):
+                                 ("speed", speed, 1), ("size", size, 5 + speed * (frames - 1))):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ProceduralVideos.{name} must be an int >= {low}, got {value!r}")
         self.text_dim = text_dim
         self.frames = frames
         self.size = size
+        self.speed = speed
         self.seed = int(seed)
         self.has_latents = True
         self.latent_shape = (3, frames, size, size)
@@ -120,7 +122,7 @@ class ProceduralVideos:
     def _appearance(self, index: int) -> torch.Tensor:
         """(radius, x0, y0, r, g, b) of sample ``index``: a pure function of (seed, index)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        travel = self.frames - 1
+        travel = self.speed * (self.frames - 1)
         largest = min(3, (self.size - 1 - travel) // 2)  # the shape must fit beside its travel
         radius = float(torch.randint(2, largest + 1, (1,), generator=gen))
         prompt = index % self.num_prompts
@@ -137,7 +139,8 @@ class ProceduralVideos:
     def render(self, prompt_ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Videos [B, 3, T, H, W] of prompts [B] with appearance rows [B, 6]."""
         shape_ids = prompt_ids // len(MOTIONS)
-        velocity = torch.tensor([_MOTION_VELOCITY[m] for m in MOTIONS])[prompt_ids % len(MOTIONS)]
+        velocity = self.speed * torch.tensor([_MOTION_VELOCITY[m] for m in MOTIONS])[
+            prompt_ids % len(MOTIONS)]
         time = torch.arange(self.frames, dtype=torch.float32)
         cx = params[:, 1, None] + velocity[:, 0, None] * time  # [B, T]
         cy = params[:, 2, None] + velocity[:, 1, None] * time

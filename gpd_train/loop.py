@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,7 +112,8 @@ class StageTrainer:
     """Run ``objective`` for ``iterations`` steps on ``model`` with checkpoints in ``folder``."""
 
     def __init__(self, *, name: str, model: torch.nn.Module, objective: Objective,
-                 folder: Path, iterations: int, lr: float, warmup: int, ema_decay: float,
+                 folder: Path, iterations: int, lr: float, warmup: int,
+                 final_lr_ratio: float, ema_decay: float,
                  checkpoint_every: int, generator: torch.Generator,
                  metadata: dict[str, str]) -> None:
         self.name = name
@@ -121,6 +123,7 @@ class StageTrainer:
         self.iterations = iterations
         self.lr = lr
         self.warmup = warmup
+        self.final_lr_ratio = final_lr_ratio
         self.checkpoint_every = checkpoint_every
         self.generator = generator
         self.metadata = metadata
@@ -182,10 +185,17 @@ class StageTrainer:
         if self.checkpoints.latest() is None or self.step % self.checkpoint_every:
             self._save()
 
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``final_lr_ratio * lr`` at the last step."""
+        progress = step / max(1, self.iterations)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        scale = self.final_lr_ratio + (1.0 - self.final_lr_ratio) * cosine
+        return self.lr * min(1.0, step / max(1, self.warmup)) * scale
+
     def _train_step(self, bar: tqdm) -> None:
         started = time.perf_counter()
         step = self.step + 1
-        lr = self.lr * min(1.0, step / max(1, self.warmup))
+        lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -218,5 +228,5 @@ class StageTrainer:
         kept = (f"the last good checkpoint {latest} is intact" if latest is not None
                 else "no checkpoint had been written yet")
         raise NonFiniteLossError(
-            f"[{self.name}] non-finite {what} ({float(value)}) at step {step}; training stopped "
+            f"[{self.name}] non-finite {what} ({value.item()}) at step {step}; training stopped "
             f"without saving and {kept}. Lower the learning rate and continue with --resume.")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from gpd_model import DiTConfig, WanDiT, get_preset
 
 from .checkpoint import atomic_write_text, load_exact, load_weights, read_metadata, save_weights
-from .config import RunConfig
+from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import StageTrainer, resolve_device
 from .objectives import FlowMatching, OnlineDistillation
@@ -107,13 +107,14 @@ class Run:
 
 
 def _trainer(run: Run, chain: str, stage: int, model: torch.nn.Module, objective: Any,
-             iterations: int, lr: float, warmup: int, ema_decay: float,
+             iterations: int, optim: Stage0Config | DistillConfig,
              generator: torch.Generator) -> StageTrainer:
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
     return StageTrainer(
         name=stage_name(chain, stage), model=model, objective=objective,
-        folder=run.stage_folder(chain, stage), iterations=iterations, lr=lr, warmup=warmup,
-        ema_decay=ema_decay, checkpoint_every=run.config.checkpoint_every, generator=generator,
+        folder=run.stage_folder(chain, stage), iterations=iterations, lr=optim.lr,
+        warmup=optim.warmup, final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
+        checkpoint_every=run.config.checkpoint_every, generator=generator,
         metadata=run.metadata(chain, stage))
 
 
@@ -131,8 +132,8 @@ def build_stage0(run: Run) -> StageTrainer:
             model=model, data=run.data, generator=generator, batch_size=batch_size,
             shift=cfg.resolved_shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
             precision=cfg.precision))
-    return _trainer(run, "gpd", 0, model, objective, cfg.stage0.iterations, cfg.stage0.lr,
-                    cfg.stage0.warmup, cfg.stage0.ema_decay, generator)
+    return _trainer(run, "gpd", 0, model, objective, cfg.stage0.iterations, cfg.stage0,
+                    generator)
 
 
 def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
@@ -155,8 +156,7 @@ def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
                          "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
             device=run.device, precision=cfg.precision))
     return _trainer(run, chain, stage, previous, objective,
-                    int(chain_cfg.iterations[stage - 1]), chain_cfg.lr, chain_cfg.warmup,
-                    chain_cfg.ema_decay, generator)
+                    int(chain_cfg.iterations[stage - 1]), chain_cfg, generator)
 
 
 def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:

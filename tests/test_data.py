@@ -7,23 +7,24 @@ from safetensors.torch import save_file
 from gpd_train.data import MOTIONS, SHAPES, ProceduralVideos, PromptEmbeddingSet, open_data
 
 
-@pytest.mark.parametrize("frames,size", [(8, 12), (4, 8), (5, 11)])
-def test_procedural_videos_are_deterministic_from_the_seed(frames, size):
-    data = ProceduralVideos(16, frames=frames, size=size, seed=7)
+@pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (8, 12, 1), (3, 9, 2)])
+def test_procedural_videos_are_deterministic_from_the_seed(frames, size, speed):
+    data = ProceduralVideos(16, frames=frames, size=size, speed=speed, seed=7)
     indices = torch.tensor([0, 5, 123456, 2**30])
     first = data.videos(indices)
-    assert torch.equal(first, ProceduralVideos(16, frames=frames, size=size, seed=7)
-                       .videos(indices))
-    assert not torch.equal(first, ProceduralVideos(16, frames=frames, size=size, seed=8)
-                           .videos(indices))
+    same = ProceduralVideos(16, frames=frames, size=size, speed=speed, seed=7)
+    other = ProceduralVideos(16, frames=frames, size=size, speed=speed, seed=8)
+    assert torch.equal(first, same.videos(indices))
+    assert not torch.equal(first, other.videos(indices))
     assert first.shape == (4, 3, frames, size, size)
     assert first.min() >= -1 and first.max() <= 1
     draws = [data.draw(torch.Generator().manual_seed(3), 5, with_latents=True) for _ in range(2)]
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
-def test_every_sample_keeps_its_whole_shape_on_the_canvas():
-    data = ProceduralVideos(16, frames=8, size=12)
+@pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (8, 12, 1)])
+def test_every_sample_keeps_its_whole_shape_on_the_canvas(frames, size, speed):
+    data = ProceduralVideos(16, frames=frames, size=size, speed=speed)
     videos = data.videos(torch.arange(240))
     area = (videos.amax(dim=1) > -0.5).float().sum(dim=(2, 3))  # [N, T]
     assert (area > 0).all() and torch.equal(area, area[:, :1].expand_as(area))
@@ -54,8 +55,10 @@ def test_classify_rejects_an_empty_canvas_and_bad_shapes():
 
 
 def test_procedural_input_errors():
-    with pytest.raises(ValueError, match="size must be an int >= 12, got 9"):
-        ProceduralVideos(8, frames=8, size=9)
+    with pytest.raises(ValueError, match="size must be an int >= 11, got 9"):
+        ProceduralVideos(8, frames=4, size=9)
+    with pytest.raises(ValueError, match="speed must be an int >= 1, got 0"):
+        ProceduralVideos(8, speed=0)
     data = ProceduralVideos(8)
     with pytest.raises(ValueError, match="prompt_ids must lie in"):
         data.context(torch.tensor([12]))

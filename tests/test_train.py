@@ -32,7 +32,7 @@ def micro_run(tmp_path, **overrides) -> Run:
     values.update(overrides)
     run = Run(load_config(None, values))
     run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
-    run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8)
+    run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8, speed=1)
     return run
 
 
