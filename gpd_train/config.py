@@ -17,24 +17,24 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     checkpoint_every = 50
 
     [stage0]                   # flow-matching training of the base teacher
-    iterations = 1500
+    iterations = 3000
     lr = 3e-3
     final_lr_ratio = 0.1       # cosine decay to this fraction of lr (1.0 = constant)
     cfg_dropout = 0.1
     ema_decay = 0.995
 
     [distill]                  # GPD stages 1..3 (one list entry per stage)
-    iterations = [600, 150, 150]
-    lr = 1e-4
+    iterations = [800, 400, 400]  # stage 1 also absorbs CFG: it gets more
+    lr = 3e-4
     state_source = "student"   # student | teacher | data
     freq_weight = [0.0, 0.0, 1.0]
     freq_alpha_s = 4.0
     freq_alpha_t = 1.0
     freq_gamma = 2.0
-    ema_decay = 0.99
+    ema_decay = 0.98
 
     [vanilla]                  # the ablation chain: data states, MSE only
-    iterations = [300, 100, 100]
+    iterations = [800, 400, 400]
 
     [eval]
     prompts = 24
@@ -69,7 +69,7 @@ DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 
 @dataclass
 class Stage0Config:
-    iterations: int = 1500
+    iterations: int = 3000
     lr: float = 3e-3
     warmup: int = 100
     final_lr_ratio: float = 0.1
@@ -79,8 +79,8 @@ class Stage0Config:
 
 @dataclass
 class DistillConfig:
-    iterations: list[int] = field(default_factory=lambda: [600, 150, 150])
-    lr: float = 1e-4
+    iterations: list[int] = field(default_factory=lambda: [800, 400, 400])
+    lr: float = 3e-4
     warmup: int = 10
     final_lr_ratio: float = 1.0
     state_source: str = "student"
@@ -88,11 +88,11 @@ class DistillConfig:
     freq_alpha_s: float = 4.0
     freq_alpha_t: float = 1.0
     freq_gamma: float = 2.0
-    ema_decay: float = 0.99
+    ema_decay: float = 0.98
 
 
 def _vanilla_default() -> DistillConfig:
-    return DistillConfig(iterations=[300, 100, 100], state_source="data",
+    return DistillConfig(state_source="data",
                          freq_weight=[0.0, 0.0, 0.0])
 
 
