@@ -1,25 +1,27 @@
-"""Fused ops for GPD training: frequency loss and teacher double-step (torch + triton only).
+"""Fused ops for GPD training (imports only torch and triton).
 
-Ops live in the `gpd` torch.library namespace (Triton on CUDA, a PyTorch reference or
-the native library on CPU); the functions below are the documented entry points.
+Distillation ops: the latent frequency loss and the online-target teacher double-step.
+DiT ops: adaLN LayerNorm+modulation, gated residual, and q/k RMSNorm fused with 3D RoPE.
+They live in the `gpd` torch.library namespace (Triton on CUDA; the native C++ library or
+a PyTorch reference on the CPU, see `cpu_backend()`); the functions below are the
+documented entry points and work under `torch.compile(fullgraph=True)`.
 """
 
 from ._native import cpu_backend
-from .adaln import GatedResidual, LayerNormModulate, gated_residual, layernorm_modulate  # issue 5
+from .adaln import GatedResidual, LayerNormModulate, gated_residual, layernorm_modulate
 from .double_step import cfg_euler_step, double_step_target
 from .freq_loss import FrequencyLoss, freq_loss
-from .rope_norm import RMSNormRoPE, rms_norm_rope  # issue 5: fused DiT ops
+from .rope_norm import RMSNormRoPE, rms_norm_rope
 
 __all__ = [
     "FrequencyLoss",
+    "GatedResidual",
+    "LayerNormModulate",
+    "RMSNormRoPE",
     "cfg_euler_step",
     "cpu_backend",
     "double_step_target",
     "freq_loss",
-    # Fused DiT ops (issue 5)
-    "GatedResidual",
-    "LayerNormModulate",
-    "RMSNormRoPE",
     "gated_residual",
     "layernorm_modulate",
     "rms_norm_rope",
