@@ -2,9 +2,10 @@
 
 Distillation ops: the latent frequency loss and the online-target teacher double-step.
 DiT ops: adaLN LayerNorm+modulation, gated residual, and q/k RMSNorm fused with 3D RoPE.
-They live in the `gpd` torch.library namespace (Triton on CUDA; the native C++ library or
-a PyTorch reference on the CPU, see `cpu_backend()`); the functions below are the
-documented entry points and work under `torch.compile(fullgraph=True)`.
+The distillation ops live in the `gpd` torch.library namespace (Triton on CUDA; the
+native C++ library or a PyTorch reference on the CPU, see `cpu_backend()`) and work under
+`torch.compile(fullgraph=True)`. The DiT ops are Triton autograd Functions for CUDA
+tensors, each with a PyTorch reference beside it.
 """
 
 from ._native import cpu_backend
