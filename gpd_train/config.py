@@ -27,6 +27,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     iterations = [800, 400, 400]  # stage 1 also absorbs CFG: it gets more
     lr = 3e-4
     state_source = "student"   # student | teacher | data
+    lane_groups = 4            # rollout lanes = batch_size x lane_groups; one group per update
     freq_weight = [0.0, 0.0, 1.0]
     freq_alpha_s = 4.0
     freq_alpha_t = 1.0
@@ -84,6 +85,7 @@ class DistillConfig:
     warmup: int = 10
     final_lr_ratio: float = 1.0
     state_source: str = "student"
+    lane_groups: int = 4
     freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
     freq_alpha_s: float = 4.0
     freq_alpha_t: float = 1.0
@@ -179,6 +181,11 @@ class RunConfig:
                 if len(values) != stages:
                     raise ValueError(f"{name}.{key} needs one entry per stage ({stages}), got "
                                      f"{values!r}")
+            if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
+                    or chain.lane_groups < 1):
+                section = "distill" if name == "gpd" else name  # the TOML table
+                raise ValueError(f"{section}.lane_groups must be a positive int, got "
+                                 f"{chain.lane_groups!r}")
             if any(int(n) < 1 for n in chain.iterations):
                 raise ValueError(f"{name}.iterations must be positive, got {chain.iterations!r}")
             if any(float(w) < 0 for w in chain.freq_weight):

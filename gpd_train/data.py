@@ -34,6 +34,7 @@ MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
 _MOTION_VELOCITY = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0),
                     "up": (0.0, -1.0)}
 _BACKGROUND = -1.0
+DEFAULT_SPEED = 2
 _EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data seed
 
 
@@ -69,15 +70,19 @@ class ProceduralVideos:
     Prompt ``c`` is (SHAPES[c // 4], MOTIONS[c % 4]); sample ``index`` has prompt
     ``index % num_prompts`` and a position, size and colour drawn from (seed, index).
     Videos are [3, frames, size, size] in [-1, 1] on a black background, moving ``speed``
-    pixels per frame (shape radius 2..3, or 2 when the canvas leaves no room). Prompt
+    pixels per frame (default 2, slower when the canvas is too small; shape radius 2..3, or 2
+    when the canvas leaves no room). Prompt
     embeddings are fixed random token vectors: [start, shape, motion, end];
     the null (negative) prompt is [start, end, 0, 0].
     """
 
     context_len = 4
 
-    def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int = 2,
+    def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int | None = None,
                  seed: int = 0) -> None:
+        if speed is None and isinstance(frames, int) and isinstance(size, int) and frames >= 2:
+            # 2 px per frame (one 2x2 patch), slower when a small canvas leaves no room.
+            speed = max(1, min(DEFAULT_SPEED, (size - 5) // (frames - 1)))
         for name, value, low in (("text_dim", text_dim, 1), ("frames", frames, 2),
                                  ("speed", speed, 1), ("size", size, 5 + speed * (frames - 1))):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

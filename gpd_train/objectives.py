@@ -95,18 +95,24 @@ def online_target(teacher: nn.Module, x_a: torch.Tensor, context: torch.Tensor,
 class OnlineDistillation:
     """Stage k >= 1: regress the student on the frozen stage teacher's double step.
 
-    States come from ``source``: ``student`` or ``teacher`` rollouts kept as one lane per
-    batch row, staggered over the student grid so every batch mixes grid indices (each
-    lane advances one student step per update and restarts from fresh noise at the end),
-    or ``data`` (noised data latents at a random grid index: vanilla PD).
+    States come from ``source``: ``student`` or ``teacher`` rollouts, or ``data`` (noised
+    data latents at a random grid index: vanilla PD). Rollouts live in a pool of
+    ``batch_size * lane_groups`` lanes staggered over the student grid; update ``n`` trains
+    on group ``n % lane_groups`` (every ``lane_groups``-th lane, so each batch mixes grid
+    indices) and advances only those lanes one student step, restarting finished ones from
+    fresh noise and a fresh prompt. With one group, consecutive batches are the same
+    trajectories one step on; more groups decorrelate them at no extra compute.
     """
 
     def __init__(self, *, student: nn.Module, teacher: nn.Module, data: Any,
                  generator: torch.Generator, student_steps: int, shift: float,
                  guidance: float | None, source: str, batch_size: int, freq_weight: float,
-                 freq_params: dict[str, float], device: torch.device, precision: str) -> None:
+                 freq_params: dict[str, float], device: torch.device, precision: str,
+                 lane_groups: int = 1) -> None:
         if source not in ("student", "teacher", "data"):
             raise ValueError(f"state source must be student, teacher or data, got {source!r}")
+        if not isinstance(lane_groups, int) or isinstance(lane_groups, bool) or lane_groups < 1:
+            raise ValueError(f"lane_groups must be a positive int, got {lane_groups!r}")
         self.student = student
         self.teacher = teacher
         self.data = data
@@ -117,6 +123,7 @@ class OnlineDistillation:
         self.guidance = guidance
         self.source = source
         self.batch_size = batch_size
+        self.lane_groups = lane_groups
         self.freq_weight = freq_weight
         self.freq_params = freq_params
         self.device = device
@@ -154,15 +161,23 @@ class OnlineDistillation:
     @torch.no_grad()
     def _start_lanes(self) -> None:
         """Fresh lanes staggered over the grid, rolled out by the state source."""
-        x, context = self._fresh(self.batch_size)
-        index = torch.arange(self.batch_size, device=self.device) * self.steps // self.batch_size
+        count = self.batch_size * self.lane_groups
+        x, context = self._fresh(count)
+        index = torch.arange(count, device=self.device) * self.steps // count
         for position in range(int(index.max())):
             active = index > position
             at = torch.full((int(active.sum()),), position, device=self.device)
             velocity = self._rollout_velocity(x[active], context[active], at)
             s_a, _, s_c = self.sigmas(at)
             x[active] = (x[active] + _per_sample(s_c - s_a, velocity) * velocity).to(x.dtype)
-        self.lanes = {"x": x, "context": context, "index": index}
+        self.lanes = {"x": x, "context": context, "index": index,
+                      "group": torch.zeros((), dtype=torch.long)}
+
+    def _group_rows(self) -> torch.Tensor:
+        assert self.lanes is not None
+        group = int(self.lanes["group"])
+        return torch.arange(group, self.batch_size * self.lane_groups, self.lane_groups,
+                            device=self.device)
 
     def _states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.source == "data":
@@ -175,8 +190,9 @@ class OnlineDistillation:
             return x_a.to(self.device), context.to(self.device), index
         if self.lanes is None:
             self._start_lanes()
+        rows = self._group_rows()
         assert self.lanes is not None
-        return self.lanes["x"], self.lanes["context"], self.lanes["index"]
+        return self.lanes["x"][rows], self.lanes["context"][rows], self.lanes["index"][rows]
 
     # -- objective ----------------------------------------------------------------------
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -201,18 +217,21 @@ class OnlineDistillation:
     def after_update(self) -> None:
         if self.source == "data" or self.lanes is None:
             return
-        last = self._last
+        last, rows = self._last, self._group_rows()
         velocity = last["u_star"] if self.source == "teacher" else last["u_student"]
         s_a, _, s_c = self.sigmas(last["index"])
         x = (last["x"] + _per_sample(s_c - s_a, velocity) * velocity).to(last["x"].dtype)
         index = last["index"] + 1
+        context = self.lanes["context"][rows]
         finished = index >= self.steps
         if finished.any():
-            noise, context = self._fresh(int(finished.sum()))
+            noise, fresh_context = self._fresh(int(finished.sum()))
             x[finished] = noise.to(x.dtype)
-            self.lanes["context"][finished] = context
+            context[finished] = fresh_context
             index[finished] = 0
-        self.lanes["x"], self.lanes["index"] = x, index
+        self.lanes["x"][rows], self.lanes["context"][rows] = x, context
+        self.lanes["index"][rows] = index
+        self.lanes["group"] = (self.lanes["group"] + 1) % self.lane_groups
 
     def stream_state(self) -> dict[str, Any]:
         if self.lanes is None:
@@ -223,9 +242,11 @@ class OnlineDistillation:
         if self.source == "data" or not state:
             self.lanes = None
             return
-        expected = {"x", "context", "index"}
-        if set(state) != expected or state["x"].shape[0] != self.batch_size:
+        expected = {"x", "context", "index", "group"}
+        lanes = self.batch_size * self.lane_groups
+        if set(state) != expected or state["x"].shape[0] != lanes:
             raise ValueError(f"checkpoint rollout lanes do not match this run (keys "
-                             f"{sorted(state)}, expected {sorted(expected)} with batch "
-                             f"{self.batch_size})")
-        self.lanes = {key: value.to(self.device) for key, value in state.items()}
+                             f"{sorted(state)}, expected {sorted(expected)} with {lanes} lanes "
+                             f"= batch {self.batch_size} x {self.lane_groups} groups)")
+        self.lanes = {key: value.to(self.device) if key != "group" else value
+                      for key, value in state.items()}

@@ -154,7 +154,7 @@ def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
             batch_size=batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
             freq_params={"alpha_s": chain_cfg.freq_alpha_s,
                          "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
-            device=run.device, precision=cfg.precision))
+            device=run.device, precision=cfg.precision, lane_groups=chain_cfg.lane_groups))
     return _trainer(run, chain, stage, previous, objective,
                     int(chain_cfg.iterations[stage - 1]), chain_cfg, generator)
 

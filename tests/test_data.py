@@ -30,6 +30,16 @@ def test_every_sample_keeps_its_whole_shape_on_the_canvas(frames, size, speed):
     assert (area > 0).all() and torch.equal(area, area[:, :1].expand_as(area))
 
 
+@pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (4, 11, 2), (4, 10, 1), (4, 8, 1),
+                                               (2, 7, 2), (3, 7, 1)])
+def test_default_speed_is_two_pixels_unless_the_canvas_is_too_small(frames, size, speed):
+    data = ProceduralVideos(8, frames=frames, size=size)
+    assert data.speed == speed
+    videos = data.videos(torch.arange(24))
+    _, motion = data.classify(videos)
+    assert torch.equal(motion, torch.arange(24) % 4)
+
+
 def test_classes_are_distinct_and_recognisable():
     data = ProceduralVideos(32, seed=1)
     contexts = data.context(torch.arange(data.num_prompts))
@@ -56,7 +66,9 @@ def test_classify_rejects_an_empty_canvas_and_bad_shapes():
 
 def test_procedural_input_errors():
     with pytest.raises(ValueError, match="size must be an int >= 11, got 9"):
-        ProceduralVideos(8, frames=4, size=9)
+        ProceduralVideos(8, frames=4, size=9, speed=2)
+    with pytest.raises(ValueError, match="size must be an int >= 8, got 7"):
+        ProceduralVideos(8, frames=4, size=7)  # too small even at the slowest default
     with pytest.raises(ValueError, match="speed must be an int >= 1, got 0"):
         ProceduralVideos(8, speed=0)
     data = ProceduralVideos(8)

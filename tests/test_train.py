@@ -132,7 +132,7 @@ def test_stage_grids_are_even_points_of_the_previous_grid(tmp_path):
 
 
 def test_pipelined_lanes_mix_grid_indices_and_restart(tmp_path):
-    run = micro_run(tmp_path, batch_size=4)
+    run = micro_run(tmp_path, batch_size=4, **{"distill.lane_groups": 1})
     with_random_stages(run, "gpd", 0)
     trainer = build_distill(run, "gpd", 1)  # 4 student steps, 4 lanes
     trainer.iterations = 3
@@ -141,6 +141,42 @@ def test_pipelined_lanes_mix_grid_indices_and_restart(tmp_path):
     # Lanes start at 0, 1, 2, 3 and advance together, wrapping to fresh noise at the end.
     assert indices == [1.5, 1.5, 1.5]
     assert sorted(trainer.objective.lanes["index"].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("source", ["student", "teacher"])
+def test_lane_groups_take_turns_advance_by_the_source_and_restart_fresh(tmp_path, source):
+    run = micro_run(tmp_path, batch_size=3, **{"distill.lane_groups": 2,
+                                                "distill.state_source": source})
+    with_random_stages(run, "gpd", 0)
+    objective = build_distill(run, "gpd", 1).objective  # 4 student steps, 6 lanes
+    lanes: dict[str, torch.Tensor] = {}
+    for update, (group, waiting, after) in enumerate([([0, 2, 4], [1, 3, 5], [1, 2, 3]),
+                                                      ([1, 3, 5], [0, 2, 4], [1, 3, 0])]):
+        objective.loss(update + 1)
+        if update == 0:
+            lanes = {key: value.clone() for key, value in objective.lanes.items()}
+            assert lanes["index"].tolist() == [0, 0, 1, 2, 2, 3]  # staggered over the grid
+        group, waiting = torch.tensor(group), torch.tensor(waiting)
+        before = {key: value.clone() for key, value in objective.lanes.items()}
+        assert torch.equal(objective._last["x"], before["x"][group])
+        objective.after_update()
+        for key in ("x", "context", "index"):  # the other group waits its turn
+            assert torch.equal(objective.lanes[key][waiting], before[key][waiting])
+        assert objective.lanes["index"][group].tolist() == after
+        s_a, _, s_c = objective.sigmas(before["index"][group])
+        velocity = objective._last["u_star" if source == "teacher" else "u_student"]
+        stepped = before["x"][group] + (s_c - s_a).view(-1, 1, 1, 1, 1) * velocity
+        running = torch.tensor(after) > 0
+        assert torch.allclose(objective.lanes["x"][group[running]], stepped[running], atol=1e-6)
+    # Lane 5 finished on update 2 and restarted from fresh noise.
+    assert not torch.allclose(objective.lanes["x"][5], stepped[2], atol=1e-3)
+    assert objective.lanes["x"][5].std() > 0.5
+    assert int(objective.lanes["group"]) == 0
+
+
+def test_lane_groups_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="distill.lane_groups must be a positive int, got 0"):
+        micro_run(tmp_path, **{"distill.lane_groups": 0})
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
