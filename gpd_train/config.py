@@ -24,9 +24,9 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     ema_decay = 0.995
 
     [distill]                  # GPD stages 1..3 (one list entry per stage)
-    iterations = [800, 400, 400]  # stage 1 also absorbs CFG: it gets more
+    iterations = [800, 400, 800]  # stage 1 absorbs CFG, stage 3 makes the largest steps
     lr = 3e-4
-    state_source = "student"   # student | teacher | data
+    state_source = "teacher"   # student | teacher | data
     lane_groups = 4            # rollout lanes = batch_size x lane_groups; one group per update
     freq_weight = [0.0, 0.0, 1.0]
     freq_alpha_s = 4.0
@@ -35,7 +35,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     ema_decay = 0.98
 
     [vanilla]                  # the ablation chain: data states, MSE only
-    iterations = [800, 400, 400]
+    iterations = [800, 400, 800]
 
     [eval]
     prompts = 24
@@ -80,11 +80,11 @@ class Stage0Config:
 
 @dataclass
 class DistillConfig:
-    iterations: list[int] = field(default_factory=lambda: [800, 400, 400])
+    iterations: list[int] = field(default_factory=lambda: [800, 400, 800])
     lr: float = 3e-4
     warmup: int = 10
     final_lr_ratio: float = 1.0
-    state_source: str = "student"
+    state_source: str = "teacher"
     lane_groups: int = 4
     freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
     freq_alpha_s: float = 4.0
