@@ -47,7 +47,7 @@ def test_ours_forward_backward(benchmark, models) -> None:
     ours, _, x, timestep, context = models
     params = list(ours.parameters())
     benchmark.pedantic(_train_step, args=(ours, params, x, timestep, context),
-                       rounds=10, iterations=1, warmup_rounds=1)
+                       rounds=30, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.benchmark(group="dit-fwd-bwd-tiny")
@@ -55,4 +55,4 @@ def test_diffusers_forward_backward(benchmark, models) -> None:
     _, reference, x, timestep, context = models
     params = list(reference.parameters())
     benchmark.pedantic(_train_step, args=(lambda *a: reference(*a).sample, params, x, timestep,
-                                          context), rounds=10, iterations=1, warmup_rounds=1)
+                                          context), rounds=30, iterations=1, warmup_rounds=2)
