@@ -83,13 +83,29 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Ten
     return torch.addcmul(x, y, gate.unsqueeze(1))
 
 
-def norm_rope(x: torch.Tensor, norm: nn.RMSNorm, rotations: torch.Tensor, num_heads: int):
+def norm_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, norm_q: nn.RMSNorm, norm_k: nn.RMSNorm,
+    rotations: torch.Tensor, num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm across heads, split into heads [B, L, heads, head_dim], rotate by RoPE."""
-    if _fused(x):
+    if _fused(q):
         table = torch.view_as_real(rotations.squeeze(1))  # cos/sin as views, no copy
-        heads = x.unflatten(-1, (num_heads, -1))
-        return rms_norm_rope(heads, norm.weight, table[..., 0], table[..., 1], norm.eps)
-    return apply_rope(norm(x).unflatten(-1, (num_heads, -1)), rotations)
+        q, k = (
+            rms_norm_rope(x.unflatten(-1, (num_heads, -1)), norm.weight, table[..., 0],
+                          table[..., 1], norm.eps)
+            for x, norm in ((q, norm_q), (k, norm_k))
+        )
+        return q, k
+    # Eager path: q and k go through RMSNorm and RoPE stacked, one set of ops for both,
+    # which halves the kernel launches and autograd nodes that dominate small CPU models.
+    qk = torch.stack([q, k], dim=2)  # [B, L, 2, dim]
+    real = torch.promote_types(qk.dtype, torch.float32)
+    mean_square = qk.to(real).square().mean(-1, keepdim=True)
+    weight = torch.stack([norm_q.weight, norm_k.weight])
+    qk = (qk.to(real) * torch.rsqrt(mean_square + norm_q.eps)).to(qk.dtype) * weight
+    qk = apply_rope(qk.unflatten(-1, (num_heads, -1)), rotations.unsqueeze(1))
+    q, k = qk.unbind(2)
+    return q, k
 
 
 class SelfAttention(nn.Module):
@@ -105,27 +121,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if _fused(x):
-            q = norm_rope(q, self.norm_q, rotations, self.num_heads)
-            k = norm_rope(k, self.norm_k, rotations, self.num_heads)
-        else:
-            q, k = self._norm_rope_together(q, k, rotations)
+        q, k = norm_rope_qk(q, k, self.norm_q, self.norm_k, rotations, self.num_heads)
         out = attention(q, k, v.unflatten(-1, (self.num_heads, -1)))
         return self.o(out.flatten(2))
-
-
-    def _norm_rope_together(
-        self, q: torch.Tensor, k: torch.Tensor, rotations: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Eager path: q and k share every op of RMSNorm and RoPE as one stacked tensor, which
-        # halves the kernel launches and autograd nodes that dominate small CPU models.
-        qk = torch.stack([q, k], dim=2)  # [B, L, 2, dim]
-        real = torch.promote_types(qk.dtype, torch.float32)
-        mean_square = qk.to(real).square().mean(-1, keepdim=True)
-        weight = torch.stack([self.norm_q.weight, self.norm_k.weight])
-        qk = (qk.to(real) * torch.rsqrt(mean_square + self.norm_q.eps)).to(qk.dtype) * weight
-        qk = apply_rope(qk.unflatten(-1, (self.num_heads, -1)), rotations.unsqueeze(1))
-        return qk.unbind(2)
 
 
 class CrossAttention(nn.Module):
