@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a lent GPU: the fused kernels' correctness against the reference on CUDA, then their
-# timings against eager and torch.compile'd references; a short table is printed last.
+# On a lent GPU: the fused DiT ops and sampler benchmarks, one 1.3B stage step (memory, time),
+# then the fused kernels' correctness against the reference on CUDA and their timings
+# against eager and torch.compile'd references; the kernels' table is printed last.
 # Installs and downloads nothing: uses the torch and triton already on the machine
 # (PYTHON overrides the interpreter). Full results go to $OUT/device_check.json when
 # OUT is set. Extra arguments pass through (e.g. --skip-timings).
@@ -13,8 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temp
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out_args=()
 if [[ -n "${OUT:-}" ]]; then out_args=(--out "$OUT"); fi
-status=0  # (was `exec`: lets the issue-5 block below run too; the exit status is kept)
-"$PYTHON" benchmarks/device_check.py "${out_args[@]}" "$@" || status=$?
+status=0  # every block runs; the script exits non-zero if any failed
 
 # ---- issue 5 (sampling helper) -------------------------------------------------------
 # Fused DiT ops (adaLN, RMSNorm+RoPE) vs eager and torch.compile at the 1.3B shape; the
@@ -32,4 +32,7 @@ if [[ -n "${OUT:-}" ]]; then bench_args+=(--benchmark-json "$OUT/issue5_bench.js
 # and step time (the README's memory section is arithmetic; this is the measurement).
 # `benchmarks/stage_step.py --preset tiny --latent 3,4,8,8` is the CPU dry run (tested).
 "$PYTHON" benchmarks/stage_step.py ${OUT:+--out "$OUT/issue6_stage_step.json"} || status=$?
+# ---- issue 3 (fused kernels), last so that its table is the last thing printed ------------
+# Correctness of the Triton kernels against the float64 reference on CUDA, then timings.
+"$PYTHON" benchmarks/device_check.py "${out_args[@]}" "$@" || status=$?
 exit $status
