@@ -10,10 +10,11 @@ from .checkpoint import (
 )
 from .config import PRESETS, DiTConfig, get_preset
 from .model import WanDiT
-from .sampler import euler_sample, euler_step, guided_velocity, make_noise
+from .sampler import branch_velocities, euler_sample, euler_step, guided_velocity, make_noise
 from .schedule import sigma_grid, timestep_from_sigma
 
 __all__ = [
+    "branch_velocities",
     "CheckpointError",
     "PRESETS",
     "DiTConfig",

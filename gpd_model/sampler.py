@@ -44,6 +44,33 @@ def euler_step(
     return (x + _broadcast_to(delta, x) * u).to(x.dtype)
 
 
+def branch_velocities(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    context: torch.Tensor,
+    neg_context: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(u_cond, u_uncond)`` at ``sigma`` [B]; ``u_uncond`` is None without ``neg_context``.
+
+    With ``neg_context`` both branches run as one forward pass of batch 2B, the form the
+    fused CFG kernels (gpd_kernels.cfg_euler_step) consume.
+    """
+    timestep = timestep_from_sigma(sigma)
+    if neg_context is None:
+        return model(x, timestep, context), None
+    if neg_context.shape != context.shape:
+        raise ValueError(
+            "branch_velocities: neg_context must match context's shape to batch both branches, "
+            f"got {tuple(neg_context.shape)} vs {tuple(context.shape)} (pad the text to one length)"
+        )
+    both = model(
+        torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([context, neg_context])
+    )
+    u_cond, u_uncond = both.chunk(2)
+    return u_cond, u_uncond
+
+
 def guided_velocity(
     model: nn.Module,
     x: torch.Tensor,
@@ -60,23 +87,14 @@ def guided_velocity(
         raise ValueError("guided_velocity: x must be a batched tensor")
     batch = x.shape[0]
     sigma = _per_sample(sigma, batch, x, "guided_velocity: sigma")
-    timestep = timestep_from_sigma(sigma)
     if guidance is None:
         if neg_context is not None:
             raise ValueError("guided_velocity: neg_context given without guidance")
-        return model(x, timestep, context)
+        return branch_velocities(model, x, sigma, context)[0]
     if neg_context is None:
         raise ValueError("guided_velocity: guidance needs neg_context (the unconditional text)")
-    if neg_context.shape != context.shape:
-        raise ValueError(
-            "guided_velocity: neg_context must match context's shape to batch both branches, "
-            f"got {tuple(neg_context.shape)} vs {tuple(context.shape)} (pad the text to one length)"
-        )
     weight = _per_sample(guidance, batch, x, "guided_velocity: guidance")
-    both = model(
-        torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([context, neg_context])
-    )
-    u_cond, u_uncond = both.chunk(2)
+    u_cond, u_uncond = branch_velocities(model, x, sigma, context, neg_context)
     return torch.lerp(u_uncond, u_cond, _broadcast_to(weight, u_cond).to(u_cond.dtype))
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
-from gpd_model import sigma_grid, timestep_from_sigma
+from gpd_model import branch_velocities, sigma_grid, timestep_from_sigma
 
 from .loop import autocast
 
@@ -61,19 +61,6 @@ class FlowMatching:
             raise ValueError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
 
 
-def teacher_velocities(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
-                       context: torch.Tensor, neg_context: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(u_cond, u_uncond) at ``sigma`` [B]; both branches in one forward of 2B when guided."""
-    timestep = timestep_from_sigma(sigma)
-    if neg_context is None:
-        return teacher(x, timestep, context), None
-    both = teacher(torch.cat([x, x]), torch.cat([timestep, timestep]),
-                   torch.cat([context, neg_context]))
-    u_cond, u_uncond = both.chunk(2)
-    return u_cond, u_uncond
-
-
 @torch.no_grad()
 def online_target(teacher: nn.Module, x_a: torch.Tensor, context: torch.Tensor,
                   neg_context: torch.Tensor | None, guidance: torch.Tensor | None,
@@ -86,9 +73,9 @@ def online_target(teacher: nn.Module, x_a: torch.Tensor, context: torch.Tensor,
         raise ValueError("online_target: guidance and neg_context must be given together, got "
                          f"guidance={'set' if guidance is not None else None}, "
                          f"neg_context={'set' if neg_context is not None else None}")
-    u_cond, u_uncond = teacher_velocities(teacher, x_a, s_a, context, neg_context)
+    u_cond, u_uncond = branch_velocities(teacher, x_a, s_a, context, neg_context)
     x_b, g1 = cfg_euler_step(x_a, u_cond, u_uncond, guidance, s_a, s_b)
-    u_cond, u_uncond = teacher_velocities(teacher, x_b, s_b, context, neg_context)
+    u_cond, u_uncond = branch_velocities(teacher, x_b, s_b, context, neg_context)
     return double_step_target(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c)
 
 
