@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sampler import _per_sample, euler_step, guided_velocity
+from .sampler import _per_sample, euler_loop
 
 __all__ = ["CaptureKey", "GraphSampler", "capture_key", "sample_teacher"]
 
@@ -54,24 +54,6 @@ def capture_key(
         sigmas=tuple(float(s) for s in sigmas.tolist()),
         params=tuple(p.data_ptr() for p in model.parameters()),
     )
-
-
-def _euler_loop(
-    model: nn.Module, noise: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor,
-    neg_context: torch.Tensor | None, guidance: torch.Tensor | None,
-) -> torch.Tensor:
-    """The sampling loop with every per-step tensor precomputed (capture-safe).
-
-    `sigmas` here is a float32 [K+1, B] tensor on the sampling device, so no step
-    copies from the host (which a capture forbids); float32 is where `euler_sample`
-    rounds its float64 grid too, so both loops compute the same numbers.
-    """
-    x = noise
-    for step in range(sigmas.shape[0] - 1):
-        sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        velocity = guided_velocity(model, x, sigma, context, neg_context, guidance)
-        x = euler_step(x, velocity, sigma, sigma_next)
-    return x
 
 
 class _Capture:
@@ -163,7 +145,7 @@ class GraphSampler:
         batch, device = noise.shape[0], noise.device
         guidance_vec = None if guidance is None else _per_sample(guidance, batch, noise, "guidance")
         if not self.graphs_enabled(device):
-            return _euler_loop(self.model, noise, context, self._grid(batch, device),
+            return euler_loop(self.model, noise, context, self._grid(batch, device),
                                neg_context, guidance_vec)
         key = capture_key(self.model, noise, context, self.sigmas, neg_context)
         capture = self._graphs.get(key)
@@ -191,7 +173,7 @@ class GraphSampler:
         }
 
         def run() -> torch.Tensor:
-            return _euler_loop(self.model, inputs["noise"], inputs["context"], inputs["sigmas"],
+            return euler_loop(self.model, inputs["noise"], inputs["context"], inputs["sigmas"],
                                inputs["neg_context"], inputs["guidance"])
 
         # Warm-up on a side stream (as CUDA graphs require): fills lazy caches such as the

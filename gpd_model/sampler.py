@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn as nn
 
@@ -137,8 +139,26 @@ def euler_sample(
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="euler", unit="step")
+    return euler_loop(model, noise, context, sigmas, neg_context, guidance, steps)
+
+
+def euler_loop(
+    model: nn.Module,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    sigmas: torch.Tensor,
+    neg_context: torch.Tensor | None,
+    guidance: torch.Tensor | float | None,
+    steps: Iterable[int] | None = None,
+) -> torch.Tensor:
+    """The unchecked loop of ``euler_sample``: Euler steps ``sigmas[i] -> sigmas[i + 1]``.
+
+    Also the body the CUDA-graph sampler captures: given ``sigmas`` as a float32 [K+1, B]
+    tensor on the sampling device, no step copies from the host; float32 is also where
+    ``euler_sample``'s float64 grid is rounded, so both paths compute the same numbers.
+    """
     x = noise
-    for i in steps:
+    for i in range(sigmas.shape[0] - 1) if steps is None else steps:
         s, s_next = sigmas[i], sigmas[i + 1]
         u = guided_velocity(model, x, s, context, neg_context, guidance)
         x = euler_step(x, u, s, s_next)

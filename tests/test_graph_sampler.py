@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpd_model import WanDiT, euler_sample, get_preset, sigma_grid
-from gpd_model.graph_sampler import GraphSampler, _Capture, _euler_loop, capture_key, sample_teacher
+from gpd_model.graph_sampler import GraphSampler, _Capture, capture_key, sample_teacher
+from gpd_model.sampler import euler_loop
 
 LATENT = (2, 3, 2, 4, 6)  # B, C, T, H, W: non-square, T=2
 
@@ -83,7 +84,7 @@ class _CpuGraphSampler(GraphSampler):
                   "sigmas": self._grid(noise.shape[0], noise.device)}
 
         def run():
-            return _euler_loop(self.model, inputs["noise"], inputs["context"], inputs["sigmas"],
+            return euler_loop(self.model, inputs["noise"], inputs["context"], inputs["sigmas"],
                                inputs["neg_context"], inputs["guidance"])
 
         self.captures_made += 1
