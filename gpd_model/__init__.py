@@ -11,7 +11,7 @@ from .checkpoint import (
 from .config import PRESETS, DiTConfig, get_preset
 from .model import WanDiT
 from .sampler import branch_velocities, euler_sample, euler_step, guided_velocity, make_noise
-from .schedule import sigma_grid, timestep_from_sigma
+from .schedule import shift_sigma, sigma_grid, timestep_from_sigma
 
 __all__ = [
     "branch_velocities",
@@ -31,6 +31,7 @@ __all__ = [
     "make_noise",
     "read_state_dict",
     "save_diffusers",
+    "shift_sigma",
     "sigma_grid",
     "timestep_from_sigma",
 ]

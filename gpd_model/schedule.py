@@ -7,6 +7,14 @@ import math
 import torch
 
 
+def shift_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's shift of uniform times ``t`` in [0, 1]: ``shift t / (1 + (shift - 1) t)``.
+
+    Written as ``shift t / (shift t + (1 - t))`` so that ``t = 1`` gives exactly 1.0.
+    """
+    return shift * t / (shift * t + (1.0 - t))
+
+
 def sigma_grid(steps: int, shift: float) -> torch.Tensor:
     """Float64 sigmas [steps + 1] from exactly 1.0 down to exactly 0.0.
 
@@ -21,8 +29,7 @@ def sigma_grid(steps: int, shift: float) -> torch.Tensor:
         raise ValueError(f"sigma_grid: shift must be finite and > 0, got {shift!r}")
     # i / steps is correctly rounded, so 2j / steps and j / (steps / 2) give the same float.
     t = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
-    # shift*t + (1 - t) is the same denominator rearranged so that t = 1 gives exactly 1.0.
-    return shift * t / (shift * t + (1.0 - t))
+    return shift_sigma(t, shift)
 
 
 def timestep_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor | float:

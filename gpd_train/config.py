@@ -17,14 +17,14 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     checkpoint_every = 50
 
     [stage0]                   # flow-matching training of the base teacher
-    iterations = 3000
+    iterations = 10000
     lr = 3e-3
     final_lr_ratio = 0.1       # cosine decay to this fraction of lr (1.0 = constant)
     cfg_dropout = 0.1
     ema_decay = 0.995
 
     [distill]                  # GPD stages 1..3 (one list entry per stage)
-    iterations = [800, 400, 800]  # stage 1 absorbs CFG, stage 3 makes the largest steps
+    iterations = [2000, 1000, 2000]  # stage 1 absorbs CFG, stage 3 makes the largest steps
     lr = 3e-4
     state_source = "teacher"   # student | teacher | data
     lane_groups = 4            # rollout lanes = batch_size x lane_groups; one group per update
@@ -35,7 +35,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     ema_decay = 0.98
 
     [vanilla]                  # the ablation chain: data states, MSE only
-    iterations = [800, 400, 800]
+    iterations = [2000, 1000, 2000]
 
     [eval]
     prompts = 24
@@ -70,7 +70,7 @@ DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 
 @dataclass
 class Stage0Config:
-    iterations: int = 3000
+    iterations: int = 10000
     lr: float = 3e-3
     warmup: int = 100
     final_lr_ratio: float = 0.1
@@ -80,7 +80,7 @@ class Stage0Config:
 
 @dataclass
 class DistillConfig:
-    iterations: list[int] = field(default_factory=lambda: [800, 400, 800])
+    iterations: list[int] = field(default_factory=lambda: [2000, 1000, 2000])
     lr: float = 3e-4
     warmup: int = 10
     final_lr_ratio: float = 1.0

@@ -33,6 +33,10 @@ MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
 # Direction of motion along (x, y), times the speed in pixels per frame; y grows downwards.
 _MOTION_VELOCITY = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0),
                     "up": (0.0, -1.0)}
+# One colour per shape: a prompt then decides most of a video's look, which is what lets the
+# tiny CPU teacher learn to follow prompts in minutes (random colours and sizes left its
+# samples off-prompt; gpd_train issue 4).
+_SHAPE_COLOURS = {"square": (1.0, 0.3, 0.3), "disc": (0.3, 1.0, 0.3), "cross": (0.3, 0.5, 1.0)}
 _BACKGROUND = -1.0
 DEFAULT_SPEED = 2
 _EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data seed
@@ -68,10 +72,10 @@ class ProceduralVideos:
     """Class-conditional moving shapes, made from code, deterministic from ``seed``.
 
     Prompt ``c`` is (SHAPES[c // 4], MOTIONS[c % 4]); sample ``index`` has prompt
-    ``index % num_prompts`` and a position, size and colour drawn from (seed, index).
+    ``index % num_prompts`` and a start position drawn from (seed, index). Each shape has
+    its own colour; every shape has radius 3 (2 when the canvas leaves no room for 3).
     Videos are [3, frames, size, size] in [-1, 1] on a black background, moving ``speed``
-    pixels per frame (default 2, slower when the canvas is too small; shape radius 2..3, or 2
-    when the canvas leaves no room). Prompt
+    pixels per frame (default 2, slower when the canvas is too small). Prompt
     embeddings are fixed random token vectors: [start, shape, motion, end];
     the null (negative) prompt is [start, end, 0, 0].
     """
@@ -128,8 +132,7 @@ class ProceduralVideos:
         """(radius, x0, y0, r, g, b) of sample ``index``: a pure function of (seed, index)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         travel = self.speed * (self.frames - 1)
-        largest = min(3, (self.size - 1 - travel) // 2)  # the shape must fit beside its travel
-        radius = float(torch.randint(2, largest + 1, (1,), generator=gen))
+        radius = float(min(3, (self.size - 1 - travel) // 2))  # fits beside its travel
         prompt = index % self.num_prompts
         vx, vy = _MOTION_VELOCITY[MOTIONS[prompt % len(MOTIONS)]]
         starts = []
@@ -138,8 +141,8 @@ class ProceduralVideos:
             low = radius + (travel if v < 0 else 0)
             high = self.size - 1 - radius - (travel if v > 0 else 0)
             starts.append(float(torch.randint(int(low), int(high) + 1, (1,), generator=gen)))
-        colour = 0.2 + 0.8 * torch.rand(3, generator=gen)
-        return torch.tensor([radius, *starts, *colour.tolist()])
+        colour = _SHAPE_COLOURS[SHAPES[prompt // len(MOTIONS)]]
+        return torch.tensor([radius, *starts, *colour])
 
     def render(self, prompt_ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Videos [B, 3, T, H, W] of prompts [B] with appearance rows [B, 6]."""

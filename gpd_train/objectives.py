@@ -8,14 +8,9 @@ import torch
 import torch.nn as nn
 
 from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
-from gpd_model import branch_velocities, sigma_grid, timestep_from_sigma
+from gpd_model import branch_velocities, shift_sigma, sigma_grid, timestep_from_sigma
 
 from .loop import autocast
-
-
-def shifted_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The design's shift applied to uniform times: ``shift t / (1 + (shift - 1) t)``."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +36,7 @@ class FlowMatching:
         context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         dropped = torch.rand(self.batch_size, generator=self.generator) < self.cfg_dropout
         context = torch.where(dropped[:, None, None], self.data.negative_context, context)
-        sigma = shifted_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
+        sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
         noisy = (1.0 - _per_sample(sigma, clean)) * clean + _per_sample(sigma, clean) * noise
         noisy, target = noisy.to(self.device), (noise - clean).to(self.device)

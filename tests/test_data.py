@@ -40,6 +40,23 @@ def test_default_speed_is_two_pixels_unless_the_canvas_is_too_small(frames, size
     assert torch.equal(motion, torch.arange(24) % 4)
 
 
+@pytest.mark.parametrize("frames,size,radius", [(4, 16, 3), (4, 11, 2), (3, 9, 2)])
+def test_each_shape_has_one_colour_and_one_size(frames, size, radius):
+    data = ProceduralVideos(8, frames=frames, size=size, seed=4)
+    indices = torch.arange(120)
+    videos = data.videos(indices)
+    foreground = videos.amax(dim=1) > -0.5  # [N, T, H, W]
+    colours = torch.stack([videos[n, :, 0][:, foreground[n, 0]].mean(dim=1)
+                           for n in range(len(indices))])  # [N, 3]
+    shape_ids = (indices % data.num_prompts) // len(MOTIONS)
+    for shape_id in range(len(SHAPES)):
+        mine = colours[shape_ids == shape_id]
+        assert torch.allclose(mine, mine[:1].expand_as(mine))
+        assert not torch.allclose(mine[0], colours[shape_ids != shape_id][0])
+    square_area = foreground[shape_ids == 0, 0].sum(dim=(1, 2))
+    assert (square_area == (2 * radius + 1) ** 2).all()
+
+
 def test_classes_are_distinct_and_recognisable():
     data = ProceduralVideos(32, seed=1)
     contexts = data.context(torch.arange(data.num_prompts))

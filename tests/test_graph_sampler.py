@@ -12,7 +12,7 @@ LATENT = (2, 3, 2, 4, 6)  # B, C, T, H, W: non-square, T=2
 
 def _model(seed: int = 0) -> WanDiT:
     torch.manual_seed(seed)
-    return WanDiT(get_preset("tiny", num_layers=1)).eval()
+    return WanDiT(get_preset("tiny", num_layers=1, patch_size=(1, 2, 2))).eval()
 
 
 def _inputs(model: WanDiT, latent=LATENT, text_len: int = 3, seed: int = 1):

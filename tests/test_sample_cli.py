@@ -85,12 +85,12 @@ def test_prompt_embeddings_file(run_folder, tmp_path):
     _, model, _ = run_folder
     context = torch.randn(2, 5, model.cfg.text_dim)
     path = tmp_path / "prompts.safetensors"
-    save_file({"context": context}, str(path), metadata={"latent_shape": "3,2,4,6"})
+    save_file({"context": context}, str(path), metadata={"latent_shape": "3,4,4,6"})
     code, out = _run(tmp_path, "--checkpoint", save_diffusers(model, tmp_path / "d"),
                      "--prompt-embeddings", path, "--num", 3, "--shift", 3.0)
     assert code == 0
     latents = load_file(str(out / "latents.safetensors"))["latents"]
-    want = euler_sample(model, make_noise((3, 3, 2, 4, 6), 3), context[[0, 1, 0]],
+    want = euler_sample(model, make_noise((3, 3, 4, 4, 6), 3), context[[0, 1, 0]],
                         sigma_grid(STEPS, 3.0))
     torch.testing.assert_close(latents, want)
     assert not list(out.glob("*.gif"))  # videos only for the built-in set

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpd_model import sigma_grid, timestep_from_sigma
+from gpd_model import shift_sigma, sigma_grid, timestep_from_sigma
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 0.37, 12.5])
@@ -32,3 +32,12 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(TypeError, match="sigma must be floating point"):
         timestep_from_sigma(torch.tensor([1]))
     assert timestep_from_sigma(0.25) == 250.0
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 0.7])
+def test_shift_sigma_matches_the_textbook_formula_and_keeps_the_ends(shift):
+    t = torch.rand(257, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want = shift * t / (1.0 + (shift - 1.0) * t)
+    torch.testing.assert_close(shift_sigma(t, shift), want, rtol=1e-14, atol=0)
+    ends = shift_sigma(torch.tensor([0.0, 1.0], dtype=torch.float64), shift)
+    assert ends.tolist() == [0.0, 1.0]
