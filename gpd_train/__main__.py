@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
         ("--teacher", "teacher", str, "import stage 0 from Wan2.1 weights at this path"),
         ("--shift", "shift", float, "sigma-grid shift (tiny default 3.0, else 5.0)"),
-        ("--guidance", "guidance", float, "the base teacher's CFG scale"),
+        ("--guidance", "guidance", float, "the teacher's CFG scale (tiny default 1.5, else 5.0)"),
         ("--batch-size", "batch_size", int, "training batch size"),
         ("--checkpoint-every", "checkpoint_every", int, "checkpoint interval in iterations"),
         ("--teacher-iterations", "stage0.iterations", int, "stage-0 training iterations"),

@@ -11,7 +11,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
     teacher = "path/to/wan2.1"           # stage 0 imports instead of training
     shift = 3.0                # sigma-grid shift (Wan 480p T2V: 5.0)
-    guidance = 4.0             # the base teacher's CFG scale
+    guidance = 1.5             # the base teacher's CFG scale (tiny default 1.5, else 5.0)
     steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
     batch_size = 16
     checkpoint_every = 50
@@ -32,14 +32,15 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     freq_alpha_s = 4.0
     freq_alpha_t = 1.0
     freq_gamma = 2.0
-    ema_decay = 0.98
+    final_lr_ratio = 0.1
+    ema_decay = 0.998
 
     [vanilla]                  # the ablation chain: data states, MSE only
     iterations = [2000, 1000, 2000]
 
     [eval]
-    prompts = 24
-    batch_size = 24
+    prompts = 96               # 8 noise seeds per built-in prompt
+    batch_size = 48
 
     [parallel]                 # used under torchrun (gpd_train/parallel.py)
     data_streams = 0           # 0 = one per rank; fix it to resume on another rank count
@@ -66,6 +67,10 @@ CHAINS = ("gpd", "vanilla")
 # Per-preset defaults for values the DiT config does not carry.
 PRESET_SHIFT = {"tiny": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
+# The tiny teacher follows prompts as well unguided as at scale 4 (prompt accuracy 0.77 vs
+# 0.71 over 48 videos), while the guidance-free stage-1 student's error grows as (w - 1)^2.
+PRESET_GUIDANCE = {"tiny": 1.5}
+DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 
 
 @dataclass
@@ -83,14 +88,14 @@ class DistillConfig:
     iterations: list[int] = field(default_factory=lambda: [2000, 1000, 2000])
     lr: float = 3e-4
     warmup: int = 10
-    final_lr_ratio: float = 1.0
+    final_lr_ratio: float = 0.1
     state_source: str = "teacher"
     lane_groups: int = 4
     freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
     freq_alpha_s: float = 4.0
     freq_alpha_t: float = 1.0
     freq_gamma: float = 2.0
-    ema_decay: float = 0.98
+    ema_decay: float = 0.998
 
 
 def _vanilla_default() -> DistillConfig:
@@ -100,8 +105,8 @@ def _vanilla_default() -> DistillConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: int = 24
-    batch_size: int = 24
+    prompts: int = 96
+    batch_size: int = 48
     seed: int = 1234
     examples: int = 4
 
@@ -117,7 +122,7 @@ class RunConfig:
     data: str | None = None
     teacher: str | None = None
     shift: float | None = None
-    guidance: float = 4.0
+    guidance: float | None = None
     steps: list[int] = field(default_factory=lambda: [48, 24, 12, 6])
     batch_size: int = 16
     checkpoint_every: int = 50
@@ -135,6 +140,12 @@ class RunConfig:
         if self.shift is not None:
             return float(self.shift)
         return PRESET_SHIFT.get(self.preset, DEFAULT_SHIFT)
+
+    @property
+    def resolved_guidance(self) -> float:
+        if self.guidance is not None:
+            return float(self.guidance)
+        return PRESET_GUIDANCE.get(self.preset, DEFAULT_GUIDANCE)
 
     @property
     def num_stages(self) -> int:
@@ -165,6 +176,8 @@ class RunConfig:
         self.parallel.validate()
         if not self.resolved_shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        if not self.resolved_guidance > 0:
+            raise ValueError(f"guidance must be > 0 (1 = no guidance), got {self.guidance!r}")
         for section in (self.stage0, self.distill, self.vanilla):
             if not 0 < section.final_lr_ratio <= 1:
                 raise ValueError(f"final_lr_ratio must be in (0, 1], got {section.final_lr_ratio}")

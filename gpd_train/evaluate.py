@@ -237,7 +237,7 @@ def evaluate_run(run: Any) -> Path:
     results, sheet_rows, reference = [], [], None
     for candidate in tqdm(candidates, desc="eval", unit="model"):
         videos, seconds = sample_set(candidate, noise, context, run.data.negative_context,
-                                     cfg.resolved_shift, cfg.guidance, ev.batch_size,
+                                     cfg.resolved_shift, cfg.resolved_guidance, ev.batch_size,
                                      run.device, cfg.precision)
         if reference is None:
             reference, reference_features = videos, video_features(videos)

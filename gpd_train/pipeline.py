@@ -150,7 +150,7 @@ def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
         lambda generator, batch_size: OnlineDistillation(
             student=previous, teacher=teacher, data=run.data, generator=generator,
             student_steps=cfg.steps[stage], shift=cfg.resolved_shift,
-            guidance=cfg.guidance if stage == 1 else None, source=chain_cfg.state_source,
+            guidance=cfg.resolved_guidance if stage == 1 else None, source=chain_cfg.state_source,
             batch_size=batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
             freq_params={"alpha_s": chain_cfg.freq_alpha_s,
                          "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
