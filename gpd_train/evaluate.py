@@ -262,7 +262,8 @@ def evaluate_run(run: Any) -> Path:
         write_gif(out / f"{_slug(candidate.label)}.gif", videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     report = {"rows": results, "prompts": [names[int(i)] for i in examples],
-              "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed},
+              "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
+                           "guidance": cfg.resolved_guidance},
               "stages": _stage_summaries(run), "config": cfg.to_dict()}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -297,7 +298,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     header += ["s/video"]
     lines = ["# GPD evaluation report", "",
              f"Evaluation set: {report['eval_set']['prompts']} videos (prompts cycled, noise seed "
-             f"{report['eval_set']['noise_seed']}); examples shown: "
+             f"{report['eval_set']['noise_seed']}, teacher CFG scale "
+             f"{report['eval_set'].get('guidance', '?')}); examples shown: "
              + ", ".join(report["prompts"]) + ".", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

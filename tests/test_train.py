@@ -280,6 +280,19 @@ def test_missing_previous_stage_names_the_command(tmp_path, capsys):
     assert "python -m gpd_train --stage 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preset,given,resolved", [("tiny", None, 1.5),
+                                                   ("wan2.1-t2v-1.3b", None, 5.0),
+                                                   ("tiny", 3.0, 3.0)])
+def test_guidance_defaults_per_preset_and_flags_override(preset, given, resolved):
+    config = load_config(None, {"preset": preset, "guidance": given})
+    assert config.resolved_guidance == resolved
+
+
+def test_guidance_must_be_positive():
+    with pytest.raises(ValueError, match=r"guidance must be > 0 \(1 = no guidance\), got -1.0"):
+        load_config(None, {"guidance": -1.0})
+
+
 def test_config_file_and_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('batch_size = 8\n[distill]\niterations = [5, 6, 7]\nstate_source = "data"\n')
@@ -307,6 +320,8 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
         assert f"| {label} |" in table
     data = json.loads((report.parent / "report.json").read_text())
     assert [r["nfe"] for r in data["rows"]] == [16, 8, 4, 2, 1, 4, 2, 1]
+    assert data["eval_set"]["guidance"] == run.config.resolved_guidance
+    assert f"teacher CFG scale {run.config.resolved_guidance}" in table
     assert data["rows"][0]["psnr_db"] is None and data["rows"][1]["psnr_db"] > 0
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert len(list(report.parent.glob("*.gif"))) == 8
