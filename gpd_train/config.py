@@ -68,7 +68,7 @@ CHAINS = ("gpd", "vanilla")
 PRESET_SHIFT = {"tiny": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # The tiny teacher follows prompts as well unguided as at scale 4 (prompt accuracy 0.77 vs
-# 0.71 over 48 videos), while the guidance-free stage-1 student's error grows as (w - 1)^2.
+# 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
 PRESET_GUIDANCE = {"tiny": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 
