@@ -149,7 +149,8 @@ def training_step_flops(forward_flops: int) -> int:
     return 3 * forward_flops
 
 
-def test_flop_count_matches_torch_flop_counter():
+@pytest.mark.parametrize("patch,latent", [((1, 2, 2), (3, 6, 10)), ((4, 2, 2), (8, 6, 10))])
+def test_flop_count_matches_torch_flop_counter(patch, latent):
     """CPU check of dit_forward_flops against torch's FlopCounterMode on a small model."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -157,9 +158,9 @@ def test_flop_count_matches_torch_flop_counter():
     from gpd_model.config import get_preset
     from gpd_model.model import WanDiT
 
-    cfg = get_preset("tiny", num_layers=2)
+    cfg = get_preset("tiny", num_layers=2, patch_size=patch)
     model = WanDiT(cfg)
-    batch, latent, text_tokens = 2, (3, 6, 10), 7
+    batch, text_tokens = 2, 7
     x = torch.randn(batch, cfg.in_channels, *latent)
     context = torch.randn(batch, text_tokens, cfg.text_dim)
     # The explicit-matmul attention path, so the counter sees the attention FLOPs too.

@@ -1,6 +1,6 @@
 """6-step guidance-free student sampling: eager Euler vs the CUDA-graph sampler.
 
-Sizes: `tiny` (the built-in data set's latent 3x8x16x16, batch 4, fp32; launch-bound,
+Sizes: `tiny` (16x16 RGB latents of 8 frames, 3x8x16x16, batch 4, fp32; launch-bound,
 the design asks graph >= 1.3x eager here) and `1.3b` (Wan2.1-T2V-1.3B, random weights,
 bf16, 480p latent 16x21x60x104, 512 text tokens, batch 1; compute-bound, graph must not
 be slower). Both modes of a size share one model and inputs, so the pytest-benchmark
