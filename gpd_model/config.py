@@ -60,11 +60,10 @@ class DiTConfig:
 
 
 PRESETS: dict[str, DiTConfig] = {
-    # CPU demo size; the built-in data are RGB videos used directly as latents.
-    # The built-in data set is raw RGB video with no VAE; Wan's VAE packs 4 frames into one
-    # latent frame, so the tiny preset's patch takes 4 frames at once. On the 4-frame demo
-    # videos this made motion learnable within the CPU budget (prompt accuracy of the
-    # 48-step teacher 0.12 -> 0.75, gpd_train issue 4) at 1/4 of the tokens.
+    # CPU demo size. The built-in data are RGB videos used directly as latents (no VAE);
+    # Wan's VAE packs 4 frames into one latent frame, so the tiny patch takes 4 frames. On
+    # the 4-frame demo videos this made motion learnable within the CPU budget (prompt
+    # accuracy of the 48-step teacher 0.12 -> 0.75, gpd_train issue 4) at 1/4 of the tokens.
     "tiny": DiTConfig(
         in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=3,
         text_dim=32, patch_size=(4, 2, 2),

@@ -99,8 +99,7 @@ class DistillConfig:
 
 
 def _vanilla_default() -> DistillConfig:
-    return DistillConfig(state_source="data",
-                         freq_weight=[0.0, 0.0, 0.0])
+    return DistillConfig(state_source="data", freq_weight=[0.0, 0.0, 0.0])
 
 
 @dataclass
@@ -135,17 +134,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _or_preset_default(self, value: float | None, per_preset: dict[str, float],
+                           default: float) -> float:
+        return float(value) if value is not None else per_preset.get(self.preset, default)
+
     @property
     def resolved_shift(self) -> float:
-        if self.shift is not None:
-            return float(self.shift)
-        return PRESET_SHIFT.get(self.preset, DEFAULT_SHIFT)
+        return self._or_preset_default(self.shift, PRESET_SHIFT, DEFAULT_SHIFT)
 
     @property
     def resolved_guidance(self) -> float:
-        if self.guidance is not None:
-            return float(self.guidance)
-        return PRESET_GUIDANCE.get(self.preset, DEFAULT_GUIDANCE)
+        return self._or_preset_default(self.guidance, PRESET_GUIDANCE, DEFAULT_GUIDANCE)
 
     @property
     def num_stages(self) -> int:

@@ -95,6 +95,7 @@ class ProceduralVideos:
         self.frames = frames
         self.size = size
         self.speed = speed
+        self.radius = min(3, (size - 1 - speed * (frames - 1)) // 2)  # fits beside its travel
         self.seed = int(seed)
         self.has_latents = True
         self.latent_shape = (3, frames, size, size)
@@ -132,7 +133,7 @@ class ProceduralVideos:
         """(radius, x0, y0, r, g, b) of sample ``index``: a pure function of (seed, index)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         travel = self.speed * (self.frames - 1)
-        radius = float(min(3, (self.size - 1 - travel) // 2))  # fits beside its travel
+        radius = float(self.radius)
         prompt = index % self.num_prompts
         vx, vy = _MOTION_VELOCITY[MOTIONS[prompt % len(MOTIONS)]]
         starts = []

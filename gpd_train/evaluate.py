@@ -299,7 +299,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# GPD evaluation report", "",
              f"Evaluation set: {report['eval_set']['prompts']} videos (prompts cycled, noise seed "
              f"{report['eval_set']['noise_seed']}, teacher CFG scale "
-             f"{report['eval_set'].get('guidance', '?')}); examples shown: "
+             f"{report['eval_set']['guidance']}); examples shown: "
              + ", ".join(report["prompts"]) + ".", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
