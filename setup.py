@@ -80,6 +80,8 @@ class PlatformDistribution(Distribution):
         return True
 
 
+REAL = ["diffusers>=0.33", "accelerate", "transformers>=4.56", "tokenizers", "ftfy", "av>=12"]
+
 setup(
     name="gpd-engine",
     version="0.1.0",
@@ -99,7 +101,11 @@ setup(
         "pillow",
     ],
     extras_require={
+        # Real scale (a Wan2.1-T2V-Diffusers folder): umT5 prompt encoding (transformers,
+        # tokenizers; ftfy cleans prompts as WanPipeline does), AutoencoderKLWan decoding and
+        # export (diffusers, accelerate), MP4 writing (PyAV bundles FFmpeg with libx264).
+        "real": REAL,
         # accelerate: diffusers needs it for WanTransformer3DModel.from_pretrained
-        "test": ["pytest", "pytest-benchmark", "diffusers>=0.33", "accelerate", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ruff", *REAL],
     },
 )

@@ -11,9 +11,11 @@ import torch
 
 from . import parallel
 from .checkpoint import CheckpointError
-from .config import CHAINS, STATE_SOURCES, load_config
+from .config import CHAINS, STATE_SOURCES, RunConfig, load_config
+from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .loop import NonFiniteLossError
 from .pipeline import MissingStageError, Run, run_pipeline, run_stage
+from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
 With no action the embedded pipeline runs: stage 0 (teacher), GPD stages 1..3, the
@@ -52,7 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--precision", "precision", str, "fp32 | bf16 (bf16 autocast on CUDA)"),
         ("--seed", "seed", int, "seed of data, initialisation and noise"),
         ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
-        ("--teacher", "teacher", str, "import stage 0 from Wan2.1 weights at this path"),
+        ("--teacher", "teacher", str, "import stage 0 from Wan2.1 weights at this path (a "
+         "Wan2.1-T2V-Diffusers folder gives the model shape itself: no --preset needed)"),
+        ("--prompts", "prompts", str, "prompts file (one per line) that the --teacher folder's "
+         "umT5 encodes into <run-dir>/prompt-embeddings (instead of --data)"),
         ("--shift", "shift", float, "sigma-grid shift (tiny default 3.0, else 5.0)"),
         ("--guidance", "guidance", float, "the teacher's CFG scale (tiny default 1.5, else 5.0)"),
         ("--batch-size", "batch_size", int, "training batch size"),
@@ -73,6 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freq-weight", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.freq_weight",
                         help="frequency-loss weight per GPD stage (default 0 0 1)")
+    video = parser.add_argument_group("with --prompts: the videos to train for (WanPipeline's "
+                                      "defaults) and the negative prompt")
+    video.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"], dest="video_height")
+    video.add_argument("--width", type=int, default=VIDEO_DEFAULTS["width"], dest="video_width")
+    video.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"], dest="video_frames")
+    video.add_argument("--negative", default="", dest="video_negative",
+                       help="negative prompt (default '' as WanPipeline; 'wan' = Wan's own)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         dest="parallel.activation_checkpointing",
                         help="recompute each transformer block in the backward (less memory)")
@@ -81,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    skip = {"stage", "eval", "all", "chain", "resume", "config"}
+    skip = {"stage", "eval", "all", "chain", "resume", "config", "video_height", "video_width",
+            "video_frames", "video_negative"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     started = time.perf_counter()
     try:
@@ -89,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
+        adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
+        if config.prompts is not None:  # one rank encodes; every rank then reads the shards
+            config.data = parallel.main_only(
+                encode_for_run, config, negative_text(args.video_negative), args.video_height,
+                args.video_width, args.video_frames)
         if args.stage is not None:
             if not 0 <= args.stage <= config.num_stages:
                 raise ValueError(f"--stage must be in 0..{config.num_stages}, got {args.stage}")

@@ -10,6 +10,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     seed = 0
     data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
     teacher = "path/to/wan2.1"           # stage 0 imports instead of training
+    prompts = "prompts.txt"    # with a Diffusers teacher: encoded into <run_dir>/prompt-embeddings
     shift = 3.0                # sigma-grid shift (Wan 480p T2V: 5.0)
     guidance = 1.5             # the base teacher's CFG scale (tiny default 1.5, else 5.0)
     steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
@@ -120,6 +121,7 @@ class RunConfig:
     seed: int = 0
     data: str | None = None
     teacher: str | None = None
+    prompts: str | None = None
     shift: float | None = None
     guidance: float | None = None
     steps: list[int] = field(default_factory=lambda: [48, 24, 12, 6])
@@ -173,6 +175,9 @@ class RunConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         self.parallel.validate()
+        if self.prompts is not None and self.teacher is None:
+            raise ValueError(f"prompts ({self.prompts!r}) are encoded by the teacher's "
+                             "Wan2.1-T2V-Diffusers folder: give teacher too")
         if not self.resolved_shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift!r}")
         if not self.resolved_guidance > 0:

@@ -31,6 +31,7 @@ from .data import open_data
 from .loop import StageTrainer, resolve_device
 from .objectives import FlowMatching, OnlineDistillation
 from .parallel import is_main, main_only, prepare_teacher, shard_student, stream_objectives
+from .wan_folder import teacher_dit_config, transformer_folder
 
 
 class MissingStageError(RuntimeError):
@@ -54,7 +55,9 @@ class Run:
         self.config = config
         self.folder = Path(config.run_dir)
         self.device = resolve_device(config.device)
-        self.dit_config: DiTConfig = get_preset(config.preset)
+        # A Diffusers teacher folder states its own shape (any Wan2.1 size); else the preset.
+        self.dit_config: DiTConfig = (teacher_dit_config(config.teacher)
+                                      or get_preset(config.preset))
         self.data = open_data(config.data, self.dit_config.text_dim,
                               self.dit_config.in_channels, config.seed)
 
@@ -184,7 +187,7 @@ def import_teacher(run: Run, path: str) -> Path:
     from gpd_model import load_checkpoint
 
     model = run.new_model()
-    load_checkpoint(model, path)
+    load_checkpoint(model, transformer_folder(path) or path)
     output = run.finish_stage("gpd", 0, model.state_dict(), {
         "stage": "stage0", "imported_from": str(path), "steps": run.config.steps[0]})
     tqdm.write(f"[stage0] imported {path} -> {output}")

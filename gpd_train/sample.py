@@ -7,9 +7,19 @@ Prompts come from the built-in set (RGB models), the run's prompt-embedding data
 `--prompt-embeddings` (a data-set folder, or a safetensors file with `context` [N, L, D],
 optional `negative` [L, D] and metadata `latent_shape` = "C,T,H,W").
 
+Text prompts (`--prompt "..."`, repeatable, or `--prompts FILE`, one per line) are encoded
+on the fly by the umT5 of `--model DIR` (a Wan2.1-T2V-Diffusers folder), padded to 512
+tokens as WanPipeline does; the noise shape then follows `--height/--width/--frames`
+(WanPipeline's defaults 480 x 832 x 81) through the folder's VAE. `--prompts 0 3` (numbers)
+picks built-in prompts instead.
+
 Writes `latents.safetensors` ([N, C, T, H, W] float32 plus the prompts' names in the
-metadata), `summary.json`, and for the built-in set one GIF per video. Sampling uses the
-CUDA-graph sampler on CUDA (`--eager` to turn it off), eager Euler elsewhere.
+metadata), `summary.json`, and for the built-in set one GIF per video and a contact sheet.
+With `--vae DIR` (a VAE folder or a Diffusers folder with vae/) the latents are
+de-normalised with the VAE config's latents_mean/std and decoded, as WanPipeline does, and
+each video is written as H.264 MP4 at 16 fps (`--fps`); `--vae-tiling` and `--vae-slicing`
+bound the decoder's memory. Sampling uses the CUDA-graph sampler on CUDA (`--eager` to
+turn it off), eager Euler elsewhere.
 """
 
 from __future__ import annotations
@@ -41,10 +51,21 @@ from gpd_model.graph_sampler import GraphSampler
 from .checkpoint import load_exact, load_weights, read_metadata
 from .config import CHAINS, DEFAULT_SHIFT, PRESET_SHIFT, RunConfig, load_config
 from .data import ProceduralVideos, PromptEmbeddingSet, open_data
-from .evaluate import write_gif
+from .encode_prompts import (
+    VIDEO_DEFAULTS,
+    EncodeError,
+    TextEncoder,
+    latent_shape_for,
+    negative_text,
+    read_prompts,
+)
+from .evaluate import write_contact_sheet, write_gif
 from .loop import resolve_device
+from .media import WAN_FPS, decode_latents, load_vae, write_mp4
 from .pipeline import Run, stage_command, stage_name
+from .wan_folder import WanFolderError, transformer_folder
 
+DEFAULT_NUM = 4
 TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
               "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
               "checkpoint with --preset")
@@ -59,6 +80,7 @@ class LoadedModel:
     model: WanDiT
     description: str
     run_config: RunConfig | None  # the run the weights came from, when known
+    stage: int | None = None  # the run's stage the weights are the output of
 
 
 @dataclass
@@ -99,7 +121,7 @@ def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> 
                               f"`{stage_command(chain, 0)} --run-dir {folder}` first")
         stage = done[0]
     model = run.load_stage_model(chain, stage)
-    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config)
+    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config, stage)
 
 
 def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
@@ -115,7 +137,8 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
 def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
     if preset is not None:
         cfg = get_preset(preset)
-    elif path.is_dir() and (path / "config.json").is_file():
+    elif transformer_folder(path) is not None:  # a transformer or a whole Diffusers folder
+        path = transformer_folder(path)
         cfg = config_from_diffusers(path)
     else:
         raise SampleError(f"{path} is not a gpd_train checkpoint: pass --preset (one of "
@@ -206,13 +229,61 @@ def _from_data_set(data: ProceduralVideos | PromptEmbeddingSet, num: int,
     return Prompts(context.float(), negative, names, tuple(data.latent_shape), built_in)
 
 
+def _prompt_request(args: argparse.Namespace) -> tuple[list[int] | None, list[str] | None]:
+    """(built-in prompt ids, text prompts) from --prompt and --prompts (ids or a file)."""
+    if args.prompts is None:
+        return None, args.prompt
+    if args.prompt:
+        raise SampleError("give --prompt TEXT or --prompts, not both")
+    try:
+        return [int(v) for v in args.prompts], None
+    except ValueError:
+        pass
+    if len(args.prompts) != 1:
+        raise SampleError("--prompts takes built-in prompt ids (numbers) or one prompts file, got "
+                          f"{args.prompts}")
+    try:
+        return None, read_prompts(args.prompts[0])
+    except EncodeError as exc:
+        raise SampleError(str(exc)) from None
+
+
+def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
+    """Text prompts through the umT5 of --model, cycled to --num rows."""
+    if args.model is None:
+        raise SampleError("text prompts are encoded by a Wan2.1 text encoder: pass --model DIR "
+                          "(a Wan2.1-T2V-Diffusers folder)")
+    cfg = loaded.model.cfg
+    encoder = TextEncoder(args.model, args.device)
+    if encoder.text_dim != cfg.text_dim:
+        raise SampleError(f"the text encoder of {args.model} makes {encoder.text_dim}-d "
+                          f"embeddings, the model takes text_dim {cfg.text_dim}")
+    rows = [texts[i % len(texts)] for i in range(args.num)]
+    unique = list(dict.fromkeys(rows))
+    encoded = torch.cat([encoder.encode(unique[i:i + 8]).float().cpu()
+                         for i in range(0, len(unique), 8)])
+    context = encoded[[unique.index(text) for text in rows]]
+    negative = None
+    if args.guidance is not None:
+        negative = encoder.encode([negative_text(args.negative)]).float().cpu()
+        negative = negative.expand(args.num, -1, -1)
+    shape = args.latent_shape or latent_shape_for(args.model, args.height, args.width,
+                                                  args.frames)
+    return Prompts(context, negative, rows, _parse_shape(shape), built_in=False)
+
+
 def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
     cfg = loaded.model.cfg
+    ids, texts = _prompt_request(args)
+    if args.num is None:  # one video per text prompt, else a few
+        args.num = len(texts) if texts else DEFAULT_NUM
+    if texts:
+        return _encode_texts(texts, loaded, args)
     if args.prompt_embeddings is not None:
         path = Path(args.prompt_embeddings)
         if path.is_dir():
             return _from_data_set(PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels),
-                                  args.num, args.prompts)
+                                  args.num, ids)
         if not path.is_file():
             raise SampleError(f"no prompt embeddings at {path}")
         return _embeddings_file(path, cfg.text_dim, args.latent_shape, args.num,
@@ -222,8 +293,9 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
         data = open_data(run.data if run else None, cfg.text_dim, cfg.in_channels,
                          run.seed if run else 0)
     except ValueError as exc:
-        raise SampleError(f"{exc} (or --prompt-embeddings FILE)") from None
-    return _from_data_set(data, args.num, args.prompts)
+        raise SampleError(f"{exc} (or --prompt-embeddings FILE, or --prompt TEXT with "
+                          "--model DIR)") from None
+    return _from_data_set(data, args.num, ids)
 
 
 def _preset_shift(cfg: DiTConfig) -> float:
@@ -244,6 +316,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
+    vae = None if args.vae is None else load_vae(  # loaded first: a wrong VAE fails fast
+        args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
+        dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
+        slicing=args.vae_slicing)
     run = loaded.run_config
     shift = args.shift if args.shift is not None else (
         run.resolved_shift if run else _preset_shift(loaded.model.cfg))
@@ -277,8 +353,22 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
     if prompts.built_in:
         for i, (video, name) in enumerate(zip(latents, prompts.names, strict=True)):
             write_gif(out / f"{i:03d}-{_slug(name)}.gif", video.clamp(-1, 1)[None])
+        write_contact_sheet(out / "contact_sheet.png", [("samples", latents[:8].clamp(-1, 1))])
+    if vae is not None:
+        summary.update(write_videos(vae, latents, prompts.names, out, args.fps))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def write_videos(vae: object, latents: torch.Tensor, names: list[str], out: Path,
+                 fps: int) -> dict[str, object]:
+    """Decode each video and write it as MP4; returns what to add to the summary."""
+    files, began = [], time.perf_counter()
+    for i, name in enumerate(names):
+        video = decode_latents(vae, latents[i:i + 1])[0]
+        files.append(write_mp4(out / f"{i:03d}-{_slug(name)[:60]}.mp4", video, fps).name)
+    return {"videos": files, "fps": fps, "frames": int(video.shape[1]),
+            "decode_seconds_per_video": (time.perf_counter() - began) / len(names)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,10 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--guidance", type=float, help="CFG scale (default: none, as students)")
     parser.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's)")
-    parser.add_argument("--prompts", type=int, nargs="+", help="built-in prompt ids")
+    parser.add_argument("--prompts", nargs="+", metavar="IDS_OR_FILE",
+                        help="built-in prompt ids, or a text file with one prompt per line")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a text prompt (repeatable); needs --model")
+    parser.add_argument("--model", help="Wan2.1-T2V-Diffusers folder whose umT5 encodes prompts")
+    parser.add_argument("--negative", default="",
+                        help="negative prompt with --guidance (default '' as WanPipeline; "
+                             "'wan' = Wan's own)")
+    parser.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"])
+    parser.add_argument("--width", type=int, default=VIDEO_DEFAULTS["width"])
+    parser.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"])
+    parser.add_argument("--vae", help="decode to MP4 with this AutoencoderKLWan (or Diffusers) "
+                                      "folder")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
+    parser.add_argument("--vae-slicing", action="store_true", help="decode one video at a time")
+    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--fps", type=int, default=WAN_FPS)
     parser.add_argument("--prompt-embeddings", help="data-set folder or safetensors file")
     parser.add_argument("--latent-shape", help="C,T,H,W when the embeddings file lacks it")
-    parser.add_argument("--num", type=int, default=4)
+    parser.add_argument("--num", type=int, help="videos (default: one per text prompt, else 4)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -306,14 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "num", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "num", "batch_size", "fps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
     try:
         summary = sample(args)
-    except SampleError as exc:
+    except (SampleError, EncodeError, WanFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "

@@ -1,0 +1,176 @@
+"""Export a distilled student as a Diffusers folder that diffusers' WanPipeline runs.
+
+    python -m gpd_train.export --run runs/wan --base Wan2.1-T2V-1.3B-Diffusers --out student/
+
+then, in Python::
+
+    pipe = WanPipeline.from_pretrained("student/")
+    video = pipe(prompt, num_inference_steps=6, guidance_scale=1.0).frames[0]
+
+The folder holds the base's ``text_encoder/``, ``tokenizer/`` and ``vae/`` (symbolic links
+by default, ``--copy`` for copies), the student as ``transformer/`` and a
+FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
+``gpd_model.sigma_grid(steps, shift)`` (see ``student_scheduler_config``). Guidance-free
+students want ``guidance_scale=1.0`` (no CFG). ``gpd_export.json`` records what was exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpd_model import WanDiT, save_diffusers
+
+from .config import CHAINS
+from .sample import SampleError, load_model
+from .wan_folder import WanFolderError, component
+
+LINKED = ("text_encoder", "tokenizer", "vae")
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
+
+
+def student_scheduler_config(steps: int, shift: float,
+                             num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> dict[str, Any]:
+    """A FlowMatchEulerDiscreteScheduler config whose ``set_timesteps(steps)`` grid is ours.
+
+    Ours: ``S(t)`` at ``t = 1 - i/K`` (``S`` the shift by ``shift``), then 0. diffusers'
+    (0.33-0.42): unshifted points ``linspace(1, m, K)`` with ``m = S'(1/N)``, shifted by its
+    ``shift`` s', then, with ``shift_terminal``, ``1 - sigma`` scaled so the last point is
+    ``shift_terminal``; then 0. With ``shift = s`` alone the grids differ (6 steps at shift 5:
+    0.56 where ours has 0.71). Both ``1 - sigma_i`` are of the form ``a i / (b - c i)``: they
+    agree when their poles agree, which is a quadratic in s' (its smaller root is taken), and
+    ``shift_terminal = S(1/K)``, our last nonzero sigma. The grids then agree to float32
+    rounding (tests/test_real_scale.py checks 1e-6). For other step counts the scheduler gives
+    its own grid, not ours.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be finite and > 0, got {shift!r}")
+    config: dict[str, Any] = {"num_train_timesteps": num_train_timesteps, "shift": 1.0,
+                              "use_dynamic_shifting": False, "shift_terminal": None,
+                              "invert_sigmas": False, "stochastic_sampling": False}
+    if steps == 1:  # one step from 1 to 0: diffusers' grid is [1, 0] at any shift
+        return config
+    n = num_train_timesteps
+    pole = (shift - 1) / (shift * steps)  # our 1 - sigma_i has its pole at i = 1 / pole
+    r = pole * (steps - 1) / (n - 1)
+    b = 1 - r * (n - 1)
+    discriminant = b * b - 4 * r
+    if discriminant < 0:
+        raise ValueError(f"no FlowMatchEulerDiscreteScheduler config reproduces {steps} steps at "
+                         f"shift {shift} with {n} train timesteps")
+    config["shift"] = 2 / (b + math.sqrt(discriminant))  # the smaller root, stable form
+    t_last = 1.0 / steps
+    config["shift_terminal"] = shift * t_last / (shift * t_last + 1 - t_last)
+    return config
+
+
+def export_transformer(model: WanDiT, folder: str | Path) -> Path:
+    """Write the student as diffusers' WanTransformer3DModel folder.
+
+    The one place a student becomes a plain Wan2.1 transformer: a student with a guidance
+    input gets its fixed-w folding here, before writing.
+    """
+    return save_diffusers(model, folder)
+
+
+def _place(source: Path, target: Path, copy: bool) -> None:
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target)
+    if copy:
+        shutil.copytree(source, target, symlinks=False)
+    else:
+        target.symlink_to(source.resolve(), target_is_directory=True)
+
+
+def _model_index(base: Path) -> dict[str, Any]:
+    path = base / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WanFolderError(f"{base} has no model_index.json: expected a "
+                             "Wan2.1-T2V-Diffusers folder") from None
+    except (OSError, ValueError) as exc:
+        raise WanFolderError(f"cannot read {path}: {exc}") from None
+    if index.get("_class_name") != "WanPipeline":
+        raise WanFolderError(f"{path} describes {index.get('_class_name')!r}, expected "
+                             "'WanPipeline' (a Wan2.1-T2V-Diffusers folder)")
+    return index
+
+
+def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
+                    chain: str = "gpd", stage: int | None = None,
+                    copy: bool = False) -> dict[str, Any]:
+    """Write the Diffusers folder ``out`` for a run's stage; returns what was exported."""
+    base, out = Path(base), Path(out)
+    index = _model_index(base)
+    sources = {name: component(base, name) for name in LINKED}
+    loaded = load_model(run_dir, chain=chain, stage=stage, device="cpu")
+    if loaded.run_config is None or loaded.stage is None:
+        raise SampleError(f"{run_dir} is not a gpd_train run folder (no config.json with the "
+                          "run's steps); pass the --run-dir of `python -m gpd_train`")
+    run = loaded.run_config
+    steps, shift = run.steps[loaded.stage], run.resolved_shift
+    vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
+    if vae_channels != loaded.model.cfg.in_channels:
+        raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "
+                             f"the student {loaded.model.cfg.in_channels}: --base must be the "
+                             "folder the teacher came from")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        _place(source, out / name, copy)
+    export_transformer(loaded.model.float(), out / "transformer")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift)).save_pretrained(
+        str(out / "scheduler"))
+    index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 transformer=["diffusers", "WanTransformer3DModel"])
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
+              "base": str(base.resolve()), "steps": steps, "shift": shift,
+              "guidance_scale": 1.0, "components": "copied" if copy else "linked"}
+    (out / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gpd_train.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run folder of python -m gpd_train")
+    parser.add_argument("--base", required=True, help="the Wan2.1-T2V-Diffusers folder trained on")
+    parser.add_argument("--out", required=True, help="the Diffusers folder to write")
+    parser.add_argument("--chain", choices=CHAINS, default="gpd")
+    parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
+    parser.add_argument("--copy", action="store_true",
+                        help="copy text_encoder/, tokenizer/ and vae/ instead of linking them")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.no_grad():
+            record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
+                                     stage=args.stage, copy=args.copy)
+    except (SampleError, WanFolderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {record['model']} -> {args.out}: WanPipeline.from_pretrained("
+          f"{str(args.out)!r})(prompt, num_inference_steps={record['steps']}, "
+          "guidance_scale=1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""A tiny Wan2.1-T2V-Diffusers folder built in code (nothing downloaded).
+
+Same layout and classes as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, at toy sizes: a random
+transformers UMT5EncoderModel (d_model = the DiT's text_dim), a Unigram tokenizer made with
+the `tokenizers` library and saved as a transformers fast tokenizer (pad 0, eos 1 appended,
+as umT5's), a random AutoencoderKLWan with 4 latent channels, a random
+WanTransformer3DModel, Wan's UniPC scheduler config and model_index.json, all written by
+diffusers' WanPipeline.save_pretrained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32
+LATENT_CHANNELS = 4
+# A 5-frame 32 x 48 video: latents [4, 2, 4, 6] through the VAE's 4x time / 8x space.
+VIDEO = {"frames": 5, "height": 32, "width": 48}
+LATENT_SHAPE = (LATENT_CHANNELS, 2, 4, 6)
+WORDS = ("a the red blue green cat dog bird runs jumps flies over under quickly slowly "
+         "in park sky water").split()
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -2.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    pieces += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581", -9.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def build_wan_folder(root: Path, seed: int = 0) -> Path:
+    """Write the tiny folder at ``root`` and return it."""
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", pad_token_id=0,
+        eos_token_id=1))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1],
+                           num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM,
+        freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=3.0, num_train_timesteps=1000)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(str(root))
+    return root
