@@ -6,6 +6,10 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "checks.h"
@@ -31,16 +35,38 @@ void for_each_sample_chunk(int64_t batch, int64_t per_sample, const Body& body) 
   }
 }
 
-// CFG combine in fp32: u_uncond + w (u_cond - u_uncond), or u_cond without guidance.
+// CFG combine in fp32: u_uncond + w (u_cond - u_uncond), or u_cond without guidance. The
+// multiply-add rounds once, as the Triton kernel's fma: the double product of two floats is
+// exact (see gpd_kernels/double_step.py, "Rounding").
 template <bool kGuided, typename u_t>
 inline float guided_velocity(const u_t* __restrict__ cond, const u_t* __restrict__ uncond,
                              float w, int64_t i) {
   const float c = static_cast<float>(cond[i]);
   if constexpr (kGuided) {
     const float u = static_cast<float>(uncond[i]);
-    return u + w * (c - u);
+    return static_cast<float>(static_cast<double>(u) +
+                              static_cast<double>(w) * static_cast<double>(c - u));
   } else {
     return c;
+  }
+}
+
+// A double rounded once to x_t: float32 with round-to-odd first, so that the cast to a
+// half type (round to nearest even) is the only rounding that counts.
+template <typename x_t>
+inline x_t round_once(double value) {
+  if constexpr (std::is_same_v<x_t, double> || std::is_same_v<x_t, float>) {
+    return static_cast<x_t>(value);
+  } else {
+    float nearest = static_cast<float>(value);
+    const double back = static_cast<double>(nearest);
+    std::int32_t bits;
+    std::memcpy(&bits, &nearest, sizeof bits);
+    if (back != value && (bits & 1) == 0) {
+      bits += std::fabs(value) > std::fabs(back) ? 1 : -1;
+      std::memcpy(&nearest, &bits, sizeof bits);
+    }
+    return static_cast<x_t>(nearest);
   }
 }
 
@@ -53,7 +79,8 @@ void cfg_euler_chunk(const x_t* __restrict__ x, const u_t* __restrict__ cond,
   for (int64_t i = 0; i < n; ++i) {
     const float gi = guided_velocity<kGuided>(cond, uncond, w, i);
     g[i] = gi;
-    x_next[i] = static_cast<x_t>(static_cast<float>(x[i]) + step * gi);
+    x_next[i] = round_once<x_t>(static_cast<double>(x[i]) +
+                                static_cast<double>(step) * static_cast<double>(gi));
   }
 }
 

@@ -10,18 +10,19 @@ an autograd.Function and a thin module:
 
 Inputs fp32 or bf16/fp16; math in fp32; outputs in `x`'s dtype. The Triton path runs
 on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests); plain CPU
-calls use the reference.
+calls and float64 inputs use the reference (launch rules: `_launch`).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._checks import check_float_tensor
+from ._launch import num_warps, rows_per_program, use_triton
+
+_MAX_WARPS = 16
 
 __all__ = [
     "GatedResidual",
@@ -133,26 +134,9 @@ def _gated_residual_bwd_kernel(
     tl.store(partial_dgate_ptr + (batch * num_chunks + chunk) * dim + cols, dgate, mask=mask)
 
 
-def _num_warps(block_d: int) -> int:
-    return max(1, min(16, block_d // 256))
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on x: CUDA, or any device under the interpreter."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_float(name: str, tensor: torch.Tensor) -> None:
-    """Raise TypeError unless tensor is a torch.Tensor of fp32/bf16/fp16."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-
-
 def per_sample_vector(name: str, vec: torch.Tensor, x: torch.Tensor) -> None:
     """Check a per-sample modulation vector against x [B, L, D]: [B, 1, D] or [B, D]."""
-    check_float(name, vec)
+    check_float_tensor(name, vec)
     batch, _, dim = x.shape
     if tuple(vec.shape) not in ((batch, 1, dim), (batch, dim)):
         raise ValueError(
@@ -161,21 +145,6 @@ def per_sample_vector(name: str, vec: torch.Tensor, x: torch.Tensor) -> None:
         )
     if vec.device != x.device:
         raise ValueError(f"{name} must be on {x.device} like x, got {vec.device}")
-
-
-def rows_per_program(seq_len: int, groups: int, device: torch.device) -> tuple[int, int]:
-    """Split seq_len rows into chunks so groups * chunks programs fill the device.
-
-    Returns (rows per program, chunks). Backward kernels keep a reduction in registers
-    per program, so fewer, longer programs mean fewer partial sums to add afterwards.
-    """
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    chunks = max(1, min(seq_len, -(-target // max(groups, 1))))
-    rows = -(-seq_len // chunks)
-    return rows, -(-seq_len // rows)
 
 
 def layernorm_modulate_reference(
@@ -210,7 +179,7 @@ class _LayerNormModulateFunction(torch.autograd.Function):
         block_d = triton.next_power_of_2(dim)
         _ln_modulate_fwd_kernel[(batch * seq_len,)](
             x_c, shift_c, scale_c, out, mean, rstd, seq_len, dim, eps,
-            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            BLOCK_D=block_d, num_warps=num_warps(block_d, _MAX_WARPS),
         )
         ctx.save_for_backward(x_c, scale_c, mean, rstd)
         ctx.shapes = (shift.shape, shift.dtype, scale.shape, scale.dtype)
@@ -228,7 +197,7 @@ class _LayerNormModulateFunction(torch.autograd.Function):
         block_d = triton.next_power_of_2(dim)
         _ln_modulate_bwd_kernel[(batch, chunks)](
             grad_out.contiguous(), x, scale, mean, rstd, grad_x, partial_dscale, partial_dshift,
-            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=num_warps(block_d, _MAX_WARPS),
         )
         grad_shift = partial_dshift.sum(1).reshape(shift_shape).to(shift_dtype)
         grad_scale = partial_dscale.sum(1).reshape(scale_shape).to(scale_dtype)
@@ -245,7 +214,7 @@ class _GatedResidualFunction(torch.autograd.Function):
         block_d = triton.next_power_of_2(dim)
         _gated_residual_fwd_kernel[(batch * seq_len,)](
             x.contiguous(), y_c, gate_c, out, seq_len, dim,
-            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            BLOCK_D=block_d, num_warps=num_warps(block_d, _MAX_WARPS),
         )
         ctx.save_for_backward(y_c, gate_c)
         ctx.gate_meta = (gate.shape, gate.dtype)
@@ -263,14 +232,14 @@ class _GatedResidualFunction(torch.autograd.Function):
         block_d = triton.next_power_of_2(dim)
         _gated_residual_bwd_kernel[(batch, chunks)](
             grad_out.contiguous(), y, gate, grad_y, partial_dgate,
-            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            seq_len, dim, rows, chunks, BLOCK_D=block_d, num_warps=num_warps(block_d, _MAX_WARPS),
         )
         grad_gate = partial_dgate.sum(1).reshape(gate_shape).to(gate_dtype)
         return grad_out.to(ctx.x_dtype), grad_y, grad_gate
 
 
 def _check_tokens(name: str, tensor: torch.Tensor) -> None:
-    check_float(name, tensor)
+    check_float_tensor(name, tensor)
     if tensor.dim() != 3:
         raise ValueError(f"{name} must be [B, L, D], got shape {tuple(tensor.shape)}")
 

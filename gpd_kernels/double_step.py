@@ -4,9 +4,26 @@ Two elementwise ops (design section 4, online target):
   cfg_euler_step:     g1 = CFG(u_cond, u_uncond, w); x_b = x_a + (s_b - s_a) g1
   double_step_target: g2 = CFG(u_cond, u_uncond, w);
                       u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a)
-Per-sample scalars ([B] tensors) broadcast over each sample; math in float32. The
+Per-sample scalars ([B] tensors) broadcast over each sample; math in float32 (x_next:
+see Rounding below). The
 programs of one grid row share a sample, so each loads its scalars once. These ops
 produce teacher targets and have no autograd formula.
+
+Rounding (issue 14: a bf16 x_next was one ulp off the reference on 3 of 7 GPU shapes).
+Both sides rounded x + step * g twice: to fp32 first (the kernel in one fma, the old
+reference in a multiply and an add), then to bf16. Inputs that are bf16 values make the
+exact sum land just past a bf16 midpoint often, where the fp32 rounding moves it onto the
+midpoint and the bf16 rounding then goes to even, the wrong way. On 2M bf16 elements
+(CPU, float64 check), against x + step * g of its own g rounded once, the old reference
+was one ulp off 1005 times and the fma form 818 times; they disagreed 229 times (the
+kind of one-ulp failure the device check reported). So neither side rounded right. Now
+x_next is x + (s' - s) g computed exactly (float64: the product of two floats is exact)
+and rounded once to x's dtype: to fp32 with round-to-odd, which a later round-to-nearest
+to a format of at most 22 significant bits (bf16, fp16) turns into the correctly rounded
+result. The guided velocity g is
+an fp32 output itself: fma(w, u_cond - u_uncond, u_uncond), one rounding. The kernel
+rounds to bf16 on the bits, so the Triton interpreter (whose fp32 -> bf16 cast truncates)
+gives the GPU's bits and CI checks them against the reference, which does the same.
 """
 
 from __future__ import annotations
@@ -24,6 +41,8 @@ from .reference import (
 )
 
 _BLOCK = 2048
+# How the kernel rounds x_next to x's dtype (see the module docstring).
+_OUT_ROUNDING = {torch.float16: 1, torch.bfloat16: 2}
 _NUM_WARPS = 8
 
 
@@ -42,27 +61,57 @@ def _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask,
     if HAS_UNCOND:
         uncond = tl.load(uncond_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(guidance_ptr + sample).to(tl.float32)
-        cond = uncond + scale * (cond - uncond)
+        cond = tl.fma(scale, cond - uncond, uncond)
     return cond
+
+
+@triton.jit
+def _round_to_odd_fp32(value):
+    """float64 -> fp32, rounding an inexact result to the neighbour with an odd last bit
+    (round-to-odd): a later round-to-nearest to a narrower format then rounds only once."""
+    nearest = value.to(tl.float32)
+    bits = nearest.to(tl.int32, bitcast=True)
+    back = nearest.to(tl.float64)
+    fix = (back != value) & ((bits & 1) == 0)
+    # +1 on the bits moves away from zero (a signed zero included), -1 towards it.
+    return tl.where(fix, bits + tl.where(tl.abs(value) > tl.abs(back), 1, -1),
+                    bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_bf16(value):
+    """fp32 -> bf16 round-to-nearest-even on the bits (the GPU's cvt.rn; the interpreter's
+    cast would truncate). NaN stays a quiet NaN; overflow rounds to inf, as cvt.rn."""
+    bits = value.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(value != value, (bits >> 16) | 0x40, rounded)
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _cfg_euler_kernel(x_ptr, cond_ptr, uncond_ptr, guidance_ptr, sigma_from_ptr, sigma_to_ptr,
                       x_next_ptr, g_ptr, per_sample,
-                      BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
+                      BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr, OUT_ROUNDING: tl.constexpr):
     sample, offsets, mask = _sample_block(per_sample, BLOCK)
     g = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
     step = (tl.load(sigma_to_ptr + sample).to(tl.float32)
             - tl.load(sigma_from_ptr + sample).to(tl.float32))
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_next_ptr + offsets, (x + step * g).to(x_next_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    x_next = x + step.to(tl.float64) * g.to(tl.float64)  # exact product, one rounding
+    if OUT_ROUNDING == 2:  # bf16
+        tl.store(x_next_ptr + offsets, _round_to_bf16(_round_to_odd_fp32(x_next)), mask=mask)
+    elif OUT_ROUNDING == 1:  # fp16
+        tl.store(x_next_ptr + offsets, _round_to_odd_fp32(x_next).to(tl.float16), mask=mask)
+    else:  # fp32 rounds once here, float64 not at all
+        tl.store(x_next_ptr + offsets, x_next.to(x_next_ptr.dtype.element_ty), mask=mask)
     tl.store(g_ptr + offsets, g, mask=mask)
 
 
 @triton.jit
 def _double_step_target_kernel(g1_ptr, cond_ptr, uncond_ptr, guidance_ptr,
                                s_a_ptr, s_b_ptr, s_c_ptr, target_ptr, per_sample,
-                               BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr):
+                               BLOCK: tl.constexpr, HAS_UNCOND: tl.constexpr,
+                               OUT_ROUNDING: tl.constexpr):
     sample, offsets, mask = _sample_block(per_sample, BLOCK)
     g2 = _guided_velocity(cond_ptr, uncond_ptr, guidance_ptr, sample, offsets, mask, HAS_UNCOND)
     s_a = tl.load(s_a_ptr + sample).to(tl.float32)
@@ -79,7 +128,7 @@ def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 def _launch_guided(kernel, lead: torch.Tensor, u_cond: torch.Tensor,
                    u_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
-                   *scalars_and_outputs: torch.Tensor) -> None:
+                   *scalars_and_outputs: torch.Tensor, out_rounding: int = 0) -> None:
     """Run an elementwise guided kernel over lead's samples (one grid row per sample)."""
     if lead.numel() == 0:
         return
@@ -90,7 +139,7 @@ def _launch_guided(kernel, lead: torch.Tensor, u_cond: torch.Tensor,
     kernel[(triton.cdiv(per_sample, _BLOCK), batch)](
         lead, u_cond, u_uncond if has_uncond else u_cond, guidance if has_uncond else lead,
         *scalars_and_outputs, per_sample,
-        BLOCK=_BLOCK, HAS_UNCOND=has_uncond, num_warps=_NUM_WARPS,
+        BLOCK=_BLOCK, HAS_UNCOND=has_uncond, OUT_ROUNDING=out_rounding, num_warps=_NUM_WARPS,
     )
 
 
@@ -105,7 +154,7 @@ def cfg_euler_step_triton(x: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch
     x_next = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     g = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     _launch_guided(_cfg_euler_kernel, x, u_cond, u_uncond, guidance, sigma_from, sigma_to,
-                   x_next, g)
+                   x_next, g, out_rounding=_OUT_ROUNDING.get(x.dtype, 0))
     return x_next, g
 
 

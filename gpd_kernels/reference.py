@@ -7,7 +7,9 @@ an input is float64, else float32.
 
 Teacher double-step: g = u_uncond + w (u_cond - u_uncond) (g = u_cond without CFG),
 x_next = x + (sigma_to - sigma_from) g, and the two-step target
-u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a); per-sample scalars, float32 math.
+u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a); per-sample scalars, float32 math,
+g rounded once (an fma), x_next computed exactly and rounded once to x's dtype (why:
+gpd_kernels.double_step).
 """
 
 from __future__ import annotations
@@ -120,7 +122,13 @@ def guided_velocity_reference(u_cond: torch.Tensor, u_uncond: torch.Tensor | Non
     if u_uncond is None:
         return cond.clone() if cond is u_cond else cond
     uncond = u_uncond.to(torch.float32)
-    return uncond + _per_sample(guidance, cond) * (cond - uncond)
+    return _fma(_per_sample(guidance, cond), cond - uncond, uncond)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c of float32 tensors, rounded once to float32: the float64 product of two
+    floats is exact, so only the final cast rounds (as the kernels' fma)."""
+    return torch.addcmul(c.double(), a.double(), b.double()).to(torch.float32)
 
 
 def cfg_euler_step_reference(x: torch.Tensor, u_cond: torch.Tensor,
@@ -132,8 +140,24 @@ def cfg_euler_step_reference(x: torch.Tensor, u_cond: torch.Tensor,
                         sigma_from=sigma_from, sigma_to=sigma_to)
     g = guided_velocity_reference(u_cond, u_uncond, guidance)
     step = _per_sample(sigma_to, g) - _per_sample(sigma_from, g)
-    x_next = x.to(torch.float32) + step * g
-    return x_next.to(x.dtype), g
+    exact = torch.addcmul(x.double(), step.double(), g.double())
+    return round_once(exact, x.dtype), g
+
+
+def round_once(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `value` rounded once (to nearest even) to `dtype`.
+
+    torch's float64 -> bf16/fp16 cast rounds to float32 first and then again; rounding
+    to float32 with round-to-odd instead makes the second rounding the only one.
+    """
+    if dtype in (torch.float64, torch.float32):
+        return value.to(dtype)
+    nearest = value.float()
+    back = nearest.double()
+    bits = nearest.view(torch.int32)
+    fix = (back != value) & (bits % 2 == 0)
+    step = torch.where(value.abs() > back.abs(), 1, -1).to(torch.int32)
+    return torch.where(fix, bits + step, bits).view(torch.float32).to(dtype)
 
 
 def double_step_target_reference(g1: torch.Tensor, u_cond: torch.Tensor,

@@ -8,7 +8,8 @@ The 3D structure lives in the tables: `cos`/`sin` are `[L, Dh/2]` per token (the
 caller concatenates the time/height/width angle bands), shared by all heads.
 
 Forward and backward are Triton kernels (math in fp32, output in x's dtype); the
-tables are constants (no gradient flows to them). Plain CPU calls use the reference.
+tables are constants (no gradient flows to them). Plain CPU calls and float64 inputs
+use the reference (launch rules: `_launch`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gpd_kernels.adaln import check_float, rows_per_program, use_triton
+from ._checks import check_float_tensor
+from ._launch import num_warps, rows_per_program, use_triton
 
 __all__ = ["RMSNormRoPE", "rms_norm_rope", "rms_norm_rope_reference"]
+
+_MAX_WARPS = 8
 
 
 @triton.jit
@@ -139,7 +143,7 @@ class _RMSNormRoPEFunction(torch.autograd.Function):
             x_c, weight_c, cos_c, sin_c, out, rstd,
             seq_len, heads, head_dim, head_dim // 2, eps,
             x_c.stride(0), x_c.stride(1), cos_c.stride(0), cos_c.stride(1),
-            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
+            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=num_warps(block_h * block_p, _MAX_WARPS),
         )
         ctx.save_for_backward(x_c, weight_c, cos_c, sin_c, rstd)
         return out
@@ -157,7 +161,7 @@ class _RMSNormRoPEFunction(torch.autograd.Function):
             grad_out.contiguous(), x, weight, cos, sin, rstd, grad_x, partial,
             total_rows, seq_len, heads, head_dim, head_dim // 2, rows,
             x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
-            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_num_warps(block_h * block_p),
+            BLOCK_H=block_h, BLOCK_P=block_p, num_warps=num_warps(block_h * block_p, _MAX_WARPS),
         )
         return grad_x, partial.sum(0).to(weight.dtype), None, None, None
 
@@ -179,10 +183,6 @@ def _same_strides(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, t
     return cos.contiguous(), sin.contiguous()
 
 
-def _num_warps(block: int) -> int:
-    return max(1, min(8, block // 256))
-
-
 def rms_norm_rope(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     eps: float = 1e-6,
@@ -191,10 +191,8 @@ def rms_norm_rope(
 
     x [B, L, H, Dh] (Dh even), weight [H*Dh], cos/sin [L, Dh/2]; returns x's shape/dtype.
     """
-    check_float("x", x)
-    check_float("weight", weight)
-    check_float("cos", cos)
-    check_float("sin", sin)
+    for name, tensor in (("x", x), ("weight", weight), ("cos", cos), ("sin", sin)):
+        check_float_tensor(name, tensor)
     if x.dim() != 4:
         raise ValueError(f"x must be [B, L, H, Dh], got shape {tuple(x.shape)}")
     batch, seq_len, heads, head_dim = x.shape

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpd_kernels import gated_residual, layernorm_modulate, rms_norm_rope
+from gpd_kernels import dit_op, fused_dit_ops
 
 from .attention import attention
 from .config import DiTConfig
@@ -63,23 +63,25 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
     return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
 
 
-# On CUDA the three helpers below run gpd_kernels' fused Triton ops (fp32/bf16/fp16);
-# elsewhere, and for float64 checks, the eager reference code, unchanged.
+# On CUDA the three helpers below run gpd_kernels' fused DiT ops (fp32/bf16/fp16; each
+# op's Triton kernel or compiled reference, see gpd_kernels.dit); elsewhere, and for
+# float64 checks, the eager reference code, unchanged. Tests force the fused path on the
+# CPU with gpd_kernels.force_fused_dit_ops() (Triton interpreted).
 def _fused(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype != torch.float64
+    return fused_dit_ops(x)
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """LayerNorm without affine, then adaLN with per-sample [B, dim] shift and scale."""
     if _fused(x):
-        return layernorm_modulate(x, shift, scale, eps)
+        return dit_op("layernorm_modulate")(x, shift, scale, eps)
     return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + gate * y`` with a per-sample [B, dim] gate."""
     if _fused(x):
-        return gated_residual(x, y, gate)
+        return dit_op("gated_residual")(x, y, gate)
     return torch.addcmul(x, y, gate.unsqueeze(1))
 
 
@@ -91,7 +93,7 @@ def norm_rope_qk(
     if _fused(q):
         table = torch.view_as_real(rotations.squeeze(1))  # cos/sin as views, no copy
         q, k = (
-            rms_norm_rope(x.unflatten(-1, (num_heads, -1)), norm.weight, table[..., 0],
+            dit_op("rms_norm_rope")(x.unflatten(-1, (num_heads, -1)), norm.weight, table[..., 0],
                           table[..., 1], norm.eps)
             for x, norm in ((q, norm_q), (k, norm_k))
         )
@@ -101,11 +103,20 @@ def norm_rope_qk(
     qk = torch.stack([q, k], dim=2)  # [B, L, 2, dim]
     real = torch.promote_types(qk.dtype, torch.float32)
     mean_square = qk.to(real).square().mean(-1, keepdim=True)
-    weight = torch.stack([norm_q.weight, norm_k.weight])
+    # Weights in the activations' dtype: under bf16 autocast fp32 weights would promote q
+    # and k to fp32 (and differ from v); in fp32 the cast is a no-op.
+    weight = torch.stack([norm_q.weight, norm_k.weight]).to(qk.dtype)
     qk = (qk.to(real) * torch.rsqrt(mean_square + norm_q.eps)).to(qk.dtype) * weight
     qk = apply_rope(qk.unflatten(-1, (num_heads, -1)), rotations.unsqueeze(1))
     q, k = qk.unbind(2)
     return q, k
+
+
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """``norm(x)`` with its weight cast to x's dtype: under bf16 autocast an fp32 weight
+    makes torch skip its fused RMSNorm ("Mismatch dtype between input and weight");
+    in fp32 the cast is a no-op, so the numerics are nn.RMSNorm's."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 class SelfAttention(nn.Module):
@@ -141,8 +152,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.kv(context).chunk(2, dim=-1)
         heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        out = attention(q, self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads))
+        q = rms_norm(self.q(x), self.norm_q).unflatten(-1, heads)
+        out = attention(q, rms_norm(k, self.norm_k).unflatten(-1, heads), v.unflatten(-1, heads))
         return self.o(out.flatten(2))
 
 

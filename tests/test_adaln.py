@@ -1,8 +1,12 @@
-"""adaLN modulation ops: Triton (interpreter on CPU) against a float64 reference."""
+"""adaLN modulation ops: Triton (interpreter on CPU) against a float64 reference; the
+model's fused-op path (forced on the CPU under the interpreter) against its eager path."""
 
 import pytest
 import torch
 
+import gpd_kernels.dit as dit
+from gpd_kernels import force_fused_dit_ops, fused_dit_ops, set_dit_op_backend
+from gpd_kernels._launch import rows_per_program
 from gpd_kernels.adaln import (
     GatedResidual,
     LayerNormModulate,
@@ -10,7 +14,6 @@ from gpd_kernels.adaln import (
     gated_residual_reference,
     layernorm_modulate,
     layernorm_modulate_reference,
-    rows_per_program,
 )
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -94,16 +97,16 @@ def test_rows_per_program_covers_every_row():
          ValueError, r"x must be \[B, L, D\], got shape \(2, 3\)"),
         (lambda: layernorm_modulate(torch.randn(2, 3, 4), torch.zeros(2, 4), torch.zeros(1, 4)),
          ValueError, r"scale must be \[2, 1, 4\] or \[2, 4\].*got \(1, 4\)"),
-        (lambda: layernorm_modulate(torch.randn(2, 3, 4).double(), torch.zeros(2, 4),
+        (lambda: layernorm_modulate(torch.ones(2, 3, 4, dtype=torch.int32), torch.zeros(2, 4),
                                     torch.zeros(2, 4)),
-         TypeError, "x must be float32, bfloat16 or float16, got torch.float64"),
+         TypeError, r"x: expected dtype in \(float32, .*, float64\), got torch.int32"),
         (lambda: layernorm_modulate(torch.randn(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 4),
                                     eps=0.0),
          ValueError, "eps must be > 0, got 0.0"),
         (lambda: gated_residual(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.zeros(2, 4)),
          ValueError, r"y must match x \(\(2, 3, 4\) on cpu\), got \(2, 5, 4\)"),
         (lambda: gated_residual(torch.randn(2, 3, 4), torch.randn(2, 3, 4), "gate"),
-         TypeError, "gate must be a torch.Tensor, got str"),
+         TypeError, "gate: expected a torch.Tensor, got str"),
     ],
 )
 def test_bad_input_messages(call, error, match):
@@ -125,23 +128,126 @@ def test_matches_the_models_eager_modulation():
                                torch.addcmul(x, want, gate.unsqueeze(1)), atol=2e-6, rtol=2e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the model's fused CUDA path needs a CUDA GPU (none on this machine)")
-def test_model_on_cuda_with_fused_ops_matches_cpu_reference():
+def test_float64_takes_the_exact_reference():
+    """One dtype rule with the library ops: float64 is accepted, and computed in float64."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    shift, scale = (torch.randn(2, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    assert torch.equal(layernorm_modulate(x, shift, scale), layernorm_modulate_reference(
+        x, shift, scale))
+    assert torch.equal(gated_residual(x, y, shift), gated_residual_reference(x, y, shift))
+
+
+FUSED_NODES = {"_LayerNormModulateFunctionBackward", "_GatedResidualFunctionBackward",
+               "_RMSNormRoPEFunctionBackward"}
+
+
+def _autograd_nodes(out: torch.Tensor) -> set[str]:
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def _model_case(num_layers: int = 2):
+    """A 2-layer tiny model and inputs shaped from its own patch (2 token frames), so a
+    preset change cannot leave the input invalid for one device only."""
     from gpd_model import WanDiT, get_preset
 
     torch.manual_seed(0)
-    model = WanDiT(get_preset("tiny", num_layers=2))
-    x = torch.randn(2, 3, 3, 6, 10, requires_grad=True)
+    model = WanDiT(get_preset("tiny", num_layers=num_layers))
+    pt, ph, pw = model.cfg.patch_size
+    x = torch.randn(2, model.cfg.in_channels, 2 * pt, 3 * ph, 5 * pw)
     t = torch.tensor([900.0, 250.0])
     context = torch.randn(2, 5, model.cfg.text_dim)
-    want = model(x, t, context)
-    want.square().mean().backward()
-    want_grad = x.grad.clone()
-    x.grad = None
+    return model, x, t, context
+
+
+def _forward_backward(model, x, t, context):
+    x = x.detach().requires_grad_(True)
+    out = model(x, t, context)
+    out.square().mean().backward()
+    return out, x.grad
+
+
+def _eager_cpu_reference(num_layers: int = 2):
+    model, x, t, context = _model_case(num_layers)
+    want, want_grad = _forward_backward(model, x, t, context)
+    return model, (x, t, context), want, want_grad
+
+
+def test_model_fused_path_on_cpu_matches_eager():
+    """The CPU twin of the CUDA test below: the same model and inputs through the fused
+    DiT ops (Triton interpreted), against the model's own eager path."""
+    model, inputs, want, want_grad = _eager_cpu_reference()
+    assert not fused_dit_ops(inputs[0])
+    with force_fused_dit_ops():
+        assert fused_dit_ops(inputs[0]) and not fused_dit_ops(inputs[0].double())
+        got, got_grad = _forward_backward(model, *inputs)
+    assert FUSED_NODES <= _autograd_nodes(got)  # the fused path really ran
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the model's fused CUDA path needs a CUDA GPU (none on this machine; "
+                           "test_model_fused_path_on_cpu_matches_eager runs its logic on the CPU)")
+def test_model_on_cuda_with_fused_ops_matches_cpu_reference():
+    model, inputs, want, want_grad = _eager_cpu_reference()
     model.cuda()
-    x_cuda = x.detach().cuda().requires_grad_(True)
-    got = model(x_cuda, t.cuda(), context.cuda())
-    got.square().mean().backward()
+    got, got_grad = _forward_backward(model, *(t.cuda() for t in inputs))
+    assert FUSED_NODES <= _autograd_nodes(got)
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(x_cuda.grad.cpu(), want_grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got_grad.cpu(), want_grad, atol=1e-4, rtol=1e-3)
+
+
+def test_compile_backend_serves_the_reference_per_op(monkeypatch):
+    """A DiT op switched to "compile" runs torch.compile of its reference, the others stay
+    fused. torch.compile is stubbed (inductor would take minutes on 2 cores): what is checked
+    is the dispatch, and that the model's numbers do not move."""
+    compiled = []
+
+    def fake_compile(fn):
+        compiled.append(fn.__name__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    dit._compiled.cache_clear()
+    model, inputs, want, _ = _eager_cpu_reference(num_layers=1)
+    try:
+        set_dit_op_backend("gated_residual", "compile")
+        with force_fused_dit_ops():
+            got, _ = _forward_backward(model, *inputs)
+    finally:
+        set_dit_op_backend("gated_residual", "triton")
+        dit._compiled.cache_clear()
+    assert compiled == ["gated_residual_reference"]
+    nodes = _autograd_nodes(got)
+    assert "_GatedResidualFunctionBackward" not in nodes
+    assert FUSED_NODES - {"_GatedResidualFunctionBackward"} <= nodes
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("gated_residual=fast", r"gated_residual: expected a backend in \('triton', 'compile'\), "
+                            "got 'fast'"),
+    ("rms_norm=compile", r"DiT op: expected one of \(.*'rms_norm_rope'\), got 'rms_norm'"),
+    ("gated_residual", "GPD_DIT_OP_BACKENDS: expected name=backend items, got 'gated_residual'"),
+])
+def test_bad_backend_settings_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        dit._from_environment(setting)
+    assert dit._from_environment(" layernorm_modulate=compile, ") == {
+        "layernorm_modulate": "compile"}
+
+
+def test_forcing_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="expected TRITON_INTERPRET=1"):
+        with force_fused_dit_ops():
+            pass

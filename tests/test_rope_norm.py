@@ -79,7 +79,7 @@ def test_module_holds_weight():
         (dict(weight=torch.ones(8)), ValueError, r"weight must be \[16\] \(H\*Dh\), got \(8,\)"),
         (dict(cos=torch.ones(3, 4)), ValueError, r"cos must be \[2, 4\] \(L, Dh/2\), got \(3, 4\)"),
         (dict(sin=torch.ones(2, 4, dtype=torch.int32)), TypeError,
-         "sin must be float32, bfloat16 or float16, got torch.int32"),
+         r"sin: expected dtype in \(float32, bfloat16, float16, float64\), got torch.int32"),
         (dict(eps=-1.0), ValueError, "eps must be > 0, got -1.0"),
     ],
 )
@@ -133,3 +133,45 @@ def test_matches_the_models_eager_rmsnorm_and_complex_rope():
     got = rms_norm_rope(x.unflatten(-1, (cfg.num_heads, -1)), norm.weight,
                         table[..., 0], table[..., 1], cfg.eps)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
+def test_float64_takes_the_exact_reference():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 2, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(12, generator=gen, dtype=torch.float64)
+    cos, sin = (t.double() for t in _tables(3, 3, gen))
+    assert torch.equal(rms_norm_rope(x, weight, cos, sin),
+                       rms_norm_rope_reference(x, weight, cos, sin))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused-interpreted"])
+def test_model_under_bf16_autocast_keeps_q_k_in_bf16_without_dtype_warnings(fused):
+    """Issue 14: under bf16 autocast the fp32 RMSNorm weights met bf16 activations (torch
+    warned "Mismatch dtype between input and weight" and skipped its fused RMSNorm; the
+    eager q/k path promoted to fp32 and attention refused the mixed dtypes). The model
+    casts the weights to the activations' dtype; the fp32 numbers are unchanged (parity
+    tests). Checked against the fp32 model at bf16 tolerance, eager and fused paths."""
+    import contextlib
+    import warnings
+
+    from gpd_kernels import force_fused_dit_ops
+    from gpd_model import WanDiT, get_preset
+
+    torch.manual_seed(0)
+    model = WanDiT(get_preset("tiny", num_layers=1))
+    pt, ph, pw = model.cfg.patch_size
+    x = torch.randn(2, model.cfg.in_channels, pt, 2 * ph, 3 * pw)
+    t, context = torch.tensor([900.0, 250.0]), torch.randn(2, 5, model.cfg.text_dim)
+    want = model(x, t, context).double()
+    path = force_fused_dit_ops() if fused else contextlib.nullcontext()
+    with warnings.catch_warnings(record=True) as caught, path:
+        warnings.simplefilter("always")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, context)
+        out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    assert not [w for w in caught if "dtype" in str(w.message).lower()], caught
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(out.double(), want, atol=0.05 * want.abs().max().item(),
+                               rtol=0.05)
