@@ -17,16 +17,18 @@ from gpd_kernels.adaln import (
 )
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# The kernels run on CUDA where there is one, else interpreted on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(2, 5, 72, True), (1, 1, 33, False), (3, 7, 128, False)]
 
 
-def _leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).detach().requires_grad_(True)
+def _leaf(t: torch.Tensor, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    return t.to(device=device, dtype=dtype).detach().requires_grad_(True)
 
 
 def _grads_close(ours, reference, tol):
     for got, want in zip(ours, reference, strict=True):
-        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(got.cpu().double(), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -38,13 +40,13 @@ def test_layernorm_modulate_matches_float64(batch, seq_len, dim, keep_dim, dtype
     shift = torch.randn(mod_shape, generator=gen)
     scale = torch.randn(mod_shape, generator=gen) * 0.5
     grad = torch.randn(batch, seq_len, dim, generator=gen)
-    ours_in = [_leaf(t, dtype) for t in (x, shift, scale)]
+    ours_in = [_leaf(t, dtype, DEVICE) for t in (x, shift, scale)]
     ref_in = [_leaf(t.to(dtype), torch.float64) for t in (x, shift, scale)]
     out = layernorm_modulate(*ours_in, eps=1e-6)
     want = layernorm_modulate_reference(*ref_in, eps=1e-6)
     assert out.dtype == dtype and out.shape == x.shape
-    torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
-    out.backward(grad.to(dtype))
+    torch.testing.assert_close(out.cpu().double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    out.backward(grad.to(device=DEVICE, dtype=dtype))
     want.backward(grad.to(dtype).double())
     assert ours_in[1].grad.shape == mod_shape and ours_in[1].grad.dtype == dtype
     # bf16 gradients sum over L rounded bf16 products: loosen by the row count.
@@ -61,13 +63,13 @@ def test_gated_residual_matches_float64(batch, seq_len, dim, keep_dim, dtype):
     y = torch.randn(batch, seq_len, dim, generator=gen)
     gate = torch.randn(gate_shape, generator=gen)
     grad = torch.randn(batch, seq_len, dim, generator=gen)
-    ours_in = [_leaf(t, dtype) for t in (x, y, gate)]
+    ours_in = [_leaf(t, dtype, DEVICE) for t in (x, y, gate)]
     ref_in = [_leaf(t.to(dtype), torch.float64) for t in (x, y, gate)]
     out = gated_residual(*ours_in)
     want = gated_residual_reference(*ref_in)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
-    out.backward(grad.to(dtype))
+    torch.testing.assert_close(out.cpu().double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    out.backward(grad.to(device=DEVICE, dtype=dtype))
     want.backward(grad.to(dtype).double())
     _grads_close([t.grad for t in ours_in], [t.grad for t in ref_in], TOL[dtype] * 10)
 

@@ -8,6 +8,8 @@ import torch
 from gpd_kernels.rope_norm import RMSNormRoPE, rms_norm_rope, rms_norm_rope_reference
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# The kernels run on CUDA where there is one, else interpreted on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _tables(seq_len: int, half: int, gen: torch.Generator):
@@ -31,21 +33,22 @@ def test_rms_norm_rope_matches_float64(batch, seq_len, heads, head_dim, dtype):
     weight = 1 + 0.3 * torch.randn(heads * head_dim, generator=gen)
     cos, sin = _tables(seq_len, head_dim // 2, gen)
     grad = torch.randn(batch, seq_len, heads, head_dim, generator=gen)
-    x_ours = x.to(dtype).clone().requires_grad_(True)
-    w_ours = weight.to(dtype).clone().requires_grad_(True)
+    x_ours = x.to(device=DEVICE, dtype=dtype).requires_grad_(True)
+    w_ours = weight.to(device=DEVICE, dtype=dtype).requires_grad_(True)
     x_ref = x.to(dtype).detach().double().requires_grad_(True)
     w_ref = weight.to(dtype).detach().double().requires_grad_(True)
-    out = rms_norm_rope(x_ours, w_ours, cos, sin, eps=1e-6)
+    out = rms_norm_rope(x_ours, w_ours, cos.to(DEVICE), sin.to(DEVICE), eps=1e-6)
     want = rms_norm_rope_reference(x_ref, w_ref, cos.double(), sin.double(), eps=1e-6)
     assert out.dtype == dtype and out.shape == x.shape
     tol = TOL[dtype]
-    torch.testing.assert_close(out.double(), want, atol=tol * 4, rtol=tol)
-    out.backward(grad.to(dtype))
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol * 4, rtol=tol)
+    out.backward(grad.to(device=DEVICE, dtype=dtype))
     want.backward(grad.to(dtype).double())
-    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, atol=tol * 10, rtol=tol * 10)
+    torch.testing.assert_close(x_ours.grad.cpu().double(), x_ref.grad, atol=tol * 10,
+                               rtol=tol * 10)
     # The weight gradient sums B*L*... bf16-rounded products: scale tolerance by magnitude.
     w_scale = w_ref.grad.abs().max().item() + 1
-    torch.testing.assert_close(w_ours.grad.double(), w_ref.grad, atol=tol * 10 * w_scale,
+    torch.testing.assert_close(w_ours.grad.cpu().double(), w_ref.grad, atol=tol * 10 * w_scale,
                                rtol=tol * 10)
 
 
