@@ -1,38 +1,78 @@
 #!/usr/bin/env bash
-# On a lent GPU: the fused DiT ops and sampler benchmarks, one 1.3B stage step (memory, time),
-# then the fused kernels' correctness against the reference on CUDA and their timings
-# against eager and torch.compile'd references; the kernels' table is printed last.
+# On a lent GPU: correctness first (the kernel tests on CUDA, the fused model path, the
+# library ops against float64), then timings (the fused DiT ops and library kernels against
+# eager and torch.compile, the sampler, the 1.3B training-step MFU, one 1.3B stage step),
+# then one summary line per block. `--quick` runs the correctness blocks alone.
 # Installs and downloads nothing: uses the torch and triton already on the machine
-# (PYTHON overrides the interpreter). Full results go to $OUT/device_check.json when
-# OUT is set. Extra arguments pass through (e.g. --skip-timings).
-set -euo pipefail
+# (PYTHON overrides the interpreter). Full results go to $OUT (JSON, one log per block)
+# when OUT is set. Other arguments pass through to device_check.py.
+# Budget: <= 6 minutes in all and <= 2 with --quick on one H100/H200. The blocks were sized
+# for that (cases and rounds cut: 5 library cases, 10 timed rounds, 3 MFU rounds), but no
+# run has timed the whole script yet: each block's seconds are in the final table.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # the interpreter is for CPU-only machines
 PYTHON=${PYTHON:-python3}
+quick=0
+passthrough=()
+for arg in "$@"; do
+  if [[ $arg == --quick ]]; then quick=1; else passthrough+=("$arg"); fi
+done
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu \
   --format=csv || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out_args=()
-if [[ -n "${OUT:-}" ]]; then out_args=(--out "$OUT"); fi
+logs=${OUT:-$(mktemp -d)}
+mkdir -p "$logs"
 status=0  # every block runs; the script exits non-zero if any failed
+summary=()
 
-# ---- issue 5 (sampling helper) -------------------------------------------------------
-# Fused DiT ops (adaLN, RMSNorm+RoPE) vs eager and torch.compile at the 1.3B shape; the
-# 6-step sampler eager vs CUDA graph at tiny and 1.3B; the DiT training-step MFU at the
-# 1.3B shape (bf16, 480p latent 16x21x60x104, random weights; FLOPs counted from the
-# matmuls + attention, see dit_forward_flops in bench_dit_ops.py). Selected with -k so
-# that benchmarks/conftest.py collects each module once.
-bench_args=(-q -rs -s -p no:cacheprovider -k "bench_dit_ops or bench_sampler")
-if [[ -n "${OUT:-}" ]]; then bench_args+=(--benchmark-json "$OUT/issue5_bench.json"); fi
-"$PYTHON" -m pytest benchmarks/ "${bench_args[@]}" || status=$?
-# ---- issue 6 (distributed helper) ----------------------------------------------------
-# One GPD stage-1 training step of the 1.3B preset at 480p on one GPU: latent 16x21x60x104,
-# batch 1, random weights, bf16 autocast, per-block activation checkpointing, CFG teacher
-# (two guided teacher forwards) + student forward/backward + AdamW + EMA. Prints peak memory
-# and step time (the README's memory section is arithmetic; this is the measurement).
-# `benchmarks/stage_step.py --preset tiny --latent 3,4,8,8` is the CPU dry run (tested).
-"$PYTHON" benchmarks/stage_step.py ${OUT:+--out "$OUT/issue6_stage_step.json"} || status=$?
-# ---- issue 3 (fused kernels), last so that its table is the last thing printed ------------
-# Correctness of the Triton kernels against the float64 reference on CUDA, then timings.
-"$PYTHON" benchmarks/device_check.py "${out_args[@]}" "$@" || status=$?
+# run_block NAME COMMAND...: run, tee to $logs/NAME.log, and keep one summary row: the
+# block's last `SUMMARY ...` line, else its last line (pytest's counts).
+run_block() {
+  local name=$1 start=$SECONDS rc line
+  shift
+  echo "==== $name: $*"
+  "$@" 2>&1 | tee "$logs/$name.log"
+  rc=${PIPESTATUS[0]}
+  line=$(grep '^SUMMARY ' "$logs/$name.log" | tail -n 1 | cut -c 9-)
+  [[ -n $line ]] || line=$(grep -v '^\s*$' "$logs/$name.log" | tail -n 1 | tr -d '=')
+  local verdict=ok
+  if [[ $rc != 0 ]]; then verdict="FAIL ($rc)"; status=$rc; fi
+  summary+=("| $name | $verdict | $((SECONDS - start)) | ${line:--} |")
+}
+
+pytest_args=(-q -rs -p no:cacheprovider)
+# ---- correctness ----------------------------------------------------------------------
+# The kernel tests on CUDA (DiT ops, double-step, frequency loss, the model's fused path
+# against its CPU reference), then the registered gpd:: ops against float64 on fresh inputs.
+run_block kernel-tests "$PYTHON" -m pytest "${pytest_args[@]}" tests/test_adaln.py \
+  tests/test_rope_norm.py tests/test_double_step.py tests/test_freq_loss.py
+if [[ $quick == 1 ]]; then
+  run_block kernel-checks "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} --quick \
+    "${passthrough[@]}"
+else
+  # ---- timings --------------------------------------------------------------------------
+  # The 6-step sampler eager vs CUDA graph (tiny and 1.3B) and the DiT training-step MFU at
+  # the 1.3B shape (bf16, 480p latent 16x21x60x104, random weights; FLOPs counted from the
+  # matmuls + attention, see dit_forward_flops in bench_dit_ops.py). The fused DiT ops are
+  # timed by device_check.py below, with errors reported per cell.
+  bench_args=("${pytest_args[@]}" -s -k "bench_sampler or mfu")
+  if [[ -n "${OUT:-}" ]]; then bench_args+=(--benchmark-json "$OUT/issue5_bench.json"); fi
+  run_block sampler-mfu "$PYTHON" -m pytest benchmarks/ "${bench_args[@]}"
+  # One GPD stage-1 training step of the 1.3B preset at 480p on one GPU: batch 1, random
+  # weights, bf16 autocast, per-block activation checkpointing, CFG teacher + student
+  # forward/backward + AdamW + EMA: peak memory and step time.
+  run_block stage-step "$PYTHON" benchmarks/stage_step.py \
+    ${OUT:+--out "$OUT/issue6_stage_step.json"}
+  # Library kernels (checks, then timings) and fused DiT ops; its tables end the output.
+  run_block kernels "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
+    "${passthrough[@]}"
+fi
+
+echo
+echo "## device_check.sh$([[ $quick == 1 ]] && echo ' --quick'): one line per block (logs: $logs)"
+echo "| block | result | seconds | summary |"
+echo "|---|---|---|---|"
+printf '%s\n' "${summary[@]}"
+echo "total: $SECONDS s"
 exit $status

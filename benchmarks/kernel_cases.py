@@ -159,16 +159,77 @@ def capture_calls(fn: Callable, sets: list[tuple]) -> Callable[[], None]:
     return graph.replay
 
 
-def median_seconds_per_call(replay: Callable[[], None], rounds: int = 20) -> float:
+def median_seconds_per_call(replay: Callable[[], None], rounds: int = 10) -> float:
     """Median over `rounds` graph replays, timed with CUDA events, divided per call."""
-    replay()
+    return median_cuda_seconds(replay, rounds, warmup=1) / CALLS_PER_GRAPH
+
+
+# --- fused DiT ops, forward + backward, at the Wan2.1-1.3B shape --------------------------
+# dim 1536, 12 heads (head_dim 128), 480p latent tokens 21*30*52 = 32760, batch 1, bf16
+# activations with fp32 modulation (as Wan). The fused op, its PyTorch reference (eager)
+# and torch.compile of that reference compute the same outputs and gradients.
+
+DIT_DIM, DIT_HEADS, DIT_TOKENS = 1536, 12, 21 * 30 * 52
+DIT_IMPLS = ("triton", "eager", "compile")
+
+
+def dit_case(name: str, device: str, tokens: int = DIT_TOKENS,
+             dim: int = DIT_DIM, heads: int = DIT_HEADS) -> tuple[list, tuple, torch.Tensor, int]:
+    """(leaf inputs, constant inputs, output gradient, bytes that must cross HBM once) of one
+    DiT op; `fn(*leaves, *constants)` is the call."""
+    def leaf(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(True)
+
+    x = leaf(1, tokens, dim)
+    size = x.numel() * x.element_size()
+    if name == "layernorm_modulate":
+        # forward: read x, write out; backward: read x, dy, write dx.
+        leaves, constants, moved = [x, leaf(1, 1, dim, dtype=torch.float32),
+                                    leaf(1, 1, dim, dtype=torch.float32)], (), 5 * size
+    elif name == "gated_residual":
+        # forward: read x, y, write out; backward: read dout, y, write dy (dx is dout).
+        leaves, constants, moved = [x, leaf(1, tokens, dim),
+                                    leaf(1, 1, dim, dtype=torch.float32)], (), 6 * size
+    elif name == "rms_norm_rope":
+        # forward: read x, write out; backward: read x, dy, write dx (tables are small).
+        x = leaf(1, tokens, heads, dim // heads)
+        angles = torch.rand(tokens, dim // heads // 2, device=device) * 2 * math.pi
+        leaves, constants, moved = [x, leaf(dim)], (angles.cos(), angles.sin()), 5 * size
+    else:
+        raise ValueError(f"DiT op: expected one of layernorm_modulate, gated_residual, "
+                         f"rms_norm_rope, got {name!r}")
+    return leaves, constants, torch.randn_like(leaves[0]), moved
+
+
+def dit_implementation(name: str, impl: str) -> Callable:
+    from gpd_kernels.dit import DIT_OPS
+
+    fused, reference = DIT_OPS[name]
+    return {"triton": fused, "eager": reference}.get(impl) or torch.compile(reference,
+                                                                            dynamic=False)
+
+
+def fwd_bwd(fn: Callable, leaves: list, constants: tuple, grad: torch.Tensor) -> Callable:
+    """One forward+backward step of fn on fresh gradients."""
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(*leaves, *constants).backward(grad)
+
+    return step
+
+
+def median_cuda_seconds(step: Callable[[], None], rounds: int = 10, warmup: int = 3) -> float:
+    """Median wall time of `step` over `rounds` CUDA-event-timed calls (after warm-up)."""
+    for _ in range(warmup):  # compile, autotune, allocator: outside the timing
+        step()
     torch.cuda.synchronize()
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        replay()
+        step()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
+        times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)

@@ -23,3 +23,56 @@ def test_stage_step_dry_run_reports_a_finite_loss_and_times(tmp_path) -> None:
     assert result["device"] == "cpu" and result["preset"] == "tiny"
     assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
     assert result["loss"] == result["loss"] and result["loss"] >= 0  # finite, not NaN
+
+
+def test_device_check_quick_dry_run_checks_and_summarises(tmp_path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu",
+         "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "device_check.json").read_text())
+    assert result["checks"] and all(row["ok"] for row in result["checks"])
+    assert result["timings"] == [] and result["dit_timings"] == []
+    last = run.stdout.strip().splitlines()[-1]
+    assert last == f"SUMMARY correctness {len(result['checks'])}/{len(result['checks'])} ok"
+
+
+def _run_device_check_sh(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """device_check.sh with PYTHON replaced by a stub that prints a summary line per block
+    (and fails the stage step), so the script's own logic runs in a second."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\necho "noise"\necho "SUMMARY stub $*"\n'
+                    'case "$*" in *stage_step*) exit 3;; esac\n')
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _summary_rows(stdout: str) -> list[list[str]]:
+    table = stdout.split("one line per block")[1].splitlines()
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in table if line.startswith("| ") and not line.startswith("| block")]
+
+
+def test_device_check_sh_quick_runs_the_correctness_blocks_only(tmp_path) -> None:
+    run = _run_device_check_sh(tmp_path, "--quick", "--skip-timings")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _summary_rows(run.stdout)
+    assert [row[0] for row in rows] == ["kernel-tests", "kernel-checks"]
+    assert all(row[1] == "ok" for row in rows)
+    # --quick is the script's own flag; the others pass through to device_check.py.
+    assert rows[1][3].startswith("stub benchmarks/device_check.py --out ")
+    assert rows[1][3].endswith("--quick --skip-timings")
+    assert (tmp_path / "out" / "kernel-tests.log").exists()
+
+
+def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -> None:
+    run = _run_device_check_sh(tmp_path)
+    assert run.returncode == 3, run.stdout + run.stderr
+    rows = _summary_rows(run.stdout)
+    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "stage-step", "kernels"]
+    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "ok"]
+    assert "bench_sampler or mfu" in rows[1][3]
