@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from gpd_model import WanDiT, get_preset
 from gpd_train.data import PromptEmbeddingSet
 from gpd_train.loop import Ema
-from gpd_train.objectives import OnlineDistillation
+from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, StageTeacher
 from gpd_train.parallel import checkpoint_blocks
 
 TEXT_TOKENS = 512  # Wan's padded prompt length
@@ -54,10 +54,11 @@ def measure(preset: str, latent: str, timed_steps: int = 2) -> dict:
         teacher.load_state_dict(student.state_dict())
         checkpoint_blocks(student)
         objective = OnlineDistillation(
-            student=student, teacher=teacher, data=data,
-            generator=torch.Generator().manual_seed(0), student_steps=24, shift=5.0,
-            guidance=5.0, source="student", batch_size=1, freq_weight=0.0, freq_params={},
-            device=device, precision="bf16")
+            student=student, teacher=StageTeacher(teacher, data.negative_context.to(device)),
+            data=data, generator=torch.Generator().manual_seed(0),
+            grid=StageGrid(24, 5.0, 2, device), guidance=GuidanceRange(5.0, 5.0),
+            source="student", batch_size=1, freq_weight=0.0, freq_params={}, device=device,
+            precision="bf16")
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
         ema = Ema(student, 0.99)
 
@@ -68,7 +69,6 @@ def measure(preset: str, latent: str, timed_steps: int = 2) -> dict:
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             ema.update(student)
-            objective.after_update()
             return loss.item()
 
         train_step(1)  # optimizer state, allocator pools and kernels warm up here

@@ -214,6 +214,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
 
 def export_state_dict(model: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
     """Our weights under ``fmt``'s names, fused matrices split back into their parts."""
+    if getattr(model, "guidance_embedding", None) is not None:
+        raise CheckpointError(
+            "this model has a guidance input, which Wan2.1 checkpoints cannot hold; fold it at "
+            "the CFG scale to export first: gpd_model.fold_guidance(model, w)"
+        )
     ours = model.state_dict()
     exported = {}
     for name, sources in key_map(_num_layers(model), fmt).items():

@@ -220,6 +220,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        # Optional guidance-scale input (gpd_model.guidance); absent, this is Wan2.1 exactly.
+        self.guidance_embedding: nn.Module | None = None
         self._rope_cache: dict[tuple, torch.Tensor] = {}
 
     def rotations(
@@ -284,14 +286,23 @@ class WanDiT(nn.Module):
                 )
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity [B, out, T, H, W] for latents x [B, in, T, H, W] at timestep [B] = 1000 sigma.
 
         ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
+        ``guidance`` [B] is the CFG scale the velocity stands for; it is required by, and only
+        accepted by, a model with a guidance input (``gpd_model.guidance.add_guidance_input``).
         Inputs are cast to the parameters' dtype, which is also the output's.
         """
         self._check_inputs(x, timestep, context)
+        if (guidance is None) != (self.guidance_embedding is None):
+            raise ValueError(
+                "WanDiT: " + ("this model has a guidance input: pass guidance [B] (the CFG scale)"
+                              if guidance is None else "guidance given, but this model has no "
+                              "guidance input (gpd_model.guidance.add_guidance_input adds one)")
+            )
         cfg = self.cfg
         dtype = self.head.head.weight.dtype
         batch, channels, frames, height, width = x.shape
@@ -305,6 +316,8 @@ class WanDiT(nn.Module):
         tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
 
         time_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype))
+        if self.guidance_embedding is not None:
+            time_emb = time_emb + self.guidance_embedding(guidance)
         time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
         rotations = self.rotations(grid, x.device, dtype)

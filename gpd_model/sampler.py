@@ -46,6 +46,21 @@ def euler_step(
     return (x + _broadcast_to(delta, x) * u).to(x.dtype)
 
 
+def model_velocity(
+    model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One forward at ``sigma`` [B]; ``guidance`` [B] feeds a model's guidance input.
+
+    ``guidance`` is required by, and only accepted by, a model with a guidance input
+    (gpd_model.guidance); for a plain model CFG is ``guided_velocity``'s business.
+    """
+    timestep = timestep_from_sigma(sigma)
+    if guidance is None:
+        return model(x, timestep, context)
+    return model(x, timestep, context, guidance=guidance)
+
+
 def branch_velocities(
     model: nn.Module,
     x: torch.Tensor,

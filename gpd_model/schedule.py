@@ -43,3 +43,15 @@ def timestep_from_sigma(sigma: torch.Tensor | float) -> torch.Tensor | float:
             f"timestep_from_sigma: sigma must be a tensor or float, got {type(sigma).__name__}"
         )
     return 1000.0 * sigma
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-matching state ``x_s = (1 - s) x0 + s eps`` with per-sample ``sigma`` [B]."""
+    if clean.shape != noise.shape:
+        raise ValueError(f"add_noise: clean {tuple(clean.shape)} and noise "
+                         f"{tuple(noise.shape)} must have the same shape")
+    if sigma.shape != clean.shape[:1]:
+        raise ValueError(f"add_noise: sigma must be [{clean.shape[0]}] (one per sample), got "
+                         f"{tuple(sigma.shape)}")
+    s = sigma.to(clean.dtype).view(-1, *([1] * (clean.dim() - 1)))
+    return (1.0 - s) * clean + s * noise

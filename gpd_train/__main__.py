@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError
 from .config import CHAINS, STATE_SOURCES, RunConfig, load_config
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .loop import NonFiniteLossError
-from .pipeline import MissingStageError, Run, run_pipeline, run_stage
+from .pipeline import GUIDANCE_STAGE, MissingStageError, Run, run_pipeline, run_stage
 from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
@@ -30,14 +30,36 @@ gpd_train/config.py. Examples:
 """
 
 
+def _stage_id(text: str) -> int | str:
+    if text == GUIDANCE_STAGE:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a stage number or {GUIDANCE_STAGE!r} (the guidance stage), got {text!r}"
+        ) from None
+
+
+def _parse_compare(items: list[str]) -> dict[str, str]:
+    compare = {}
+    for item in items:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise ValueError(f"--compare takes LABEL=RUN_DIR, got {item!r}")
+        compare[label] = folder
+    return compare
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gpd_train", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Guided progressive distillation: 48-step CFG teacher -> 6-step student.")
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--stage", type=int, metavar="N",
-                        help="run stage N (0 = train/import the teacher, 1..3 = distil)")
+    action.add_argument("--stage", type=_stage_id, metavar="N",
+                        help="run stage N (0 = train/import the teacher, g = the guidance "
+                             "stage, 1..3 = distil by halving)")
     action.add_argument("--eval", action="store_true", help="write the evaluation report")
     action.add_argument("--all", action="store_true",
                         help="run every stage (skipping complete ones), then --eval")
@@ -46,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the stage from its latest checkpoint")
     parser.add_argument("--config", metavar="TOML", help="a TOML configuration file")
+    parser.add_argument("--compare", action="append", metavar="LABEL=RUN_DIR", default=None,
+                        help="with --eval: add RUN_DIR's final GPD student as row LABEL (an "
+                             "ablation trained on a copy of this run's stage0/); repeatable")
     options: list[tuple[str, str, Any, str]] = [
         ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
         ("--preset", "preset", str, "gpd_model preset (default tiny)"),
@@ -78,6 +103,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freq-weight", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.freq_weight",
                         help="frequency-loss weight per GPD stage (default 0 0 1)")
+    parser.add_argument("--guidance-stage", action=argparse.BooleanOptionalAction, default=None,
+                        dest="distill.guidance_stage",
+                        help="a w-conditioned guidance stage before halving (students then "
+                             "take the CFG scale as an input)")
+    parser.add_argument("--guidance-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        default=None, dest="distill.guidance_range",
+                        help="CFG scales the guidance stage and its students learn (default 1 3)")
+    parser.add_argument("--stage-guidance", type=float, nargs="+", metavar="W", default=None,
+                        dest="distill.stage_guidance",
+                        help="without a guidance stage: each GPD stage teacher's CFG scale "
+                             "(default: --guidance for stage 1, then 1 = none)")
     video = parser.add_argument_group("with --prompts: the videos to train for (WanPipeline's "
                                       "defaults) and the negative prompt")
     video.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"], dest="video_height")
@@ -93,8 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    skip = {"stage", "eval", "all", "chain", "resume", "config", "video_height", "video_width",
-            "video_frames", "video_negative"}
+    skip = {"stage", "eval", "all", "chain", "resume", "config", "compare", "video_height",
+            "video_width", "video_frames", "video_negative"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     started = time.perf_counter()
     try:
@@ -108,15 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                 encode_for_run, config, negative_text(args.video_negative), args.video_height,
                 args.video_width, args.video_frames)
         if args.stage is not None:
-            if not 0 <= args.stage <= config.num_stages:
-                raise ValueError(f"--stage must be in 0..{config.num_stages}, got {args.stage}")
+            if args.stage != GUIDANCE_STAGE and not 0 <= args.stage <= config.num_stages:
+                raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in "
+                                 f"0..{config.num_stages}, got {args.stage}")
             output = run_stage(Run(config), args.chain, args.stage, resume=args.resume)
             print(f"stage {args.stage} output: {output}")
             return 0
         if args.eval:
             from .evaluate import evaluate_run
 
-            report = evaluate_run(Run(config)) if parallel.is_main() else None
+            compare = _parse_compare(args.compare or [])
+            report = evaluate_run(Run(config), compare) if parallel.is_main() else None
         else:
             report = run_pipeline(config, resume=True)
     except (MissingStageError, NonFiniteLossError, CheckpointError, ValueError) as exc:

@@ -106,7 +106,7 @@ def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Ten
             value.copy_(state[key])
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -150,7 +150,7 @@ class CheckpointStore:
         save_weights(tmp / "model.safetensors", model, meta)
         save_weights(tmp / "ema.safetensors", ema, meta)
         torch.save(state, tmp / "state.pt")
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                  for f in sorted(tmp.iterdir())}
         atomic_write_text(tmp / "manifest.json",
                           json.dumps({"step": step, "files": files}, indent=1))
@@ -193,7 +193,7 @@ class CheckpointStore:
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {path} is missing {name}")
-            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+            if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
                 raise CheckpointError(f"checkpoint file {file} is corrupt (size or SHA-256 "
                                       "differs from the manifest)")
         model = load_weights(path / "model.safetensors")

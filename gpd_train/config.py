@@ -35,6 +35,10 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     freq_gamma = 2.0
     final_lr_ratio = 0.1
     ema_decay = 0.998
+    guidance_stage = false     # true: a w-conditioned guidance stage before halving
+    guidance_range = [1.0, 3.0]  # w drawn per trajectory (guidance stage and after)
+    guidance_iterations = 2000
+    stage_guidance = [1.5, 1.0, 1.0]  # without a guidance stage: CFG of each stage teacher
 
     [vanilla]                  # the ablation chain: data states, MSE only
     iterations = [2000, 1000, 2000]
@@ -42,6 +46,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     [eval]
     prompts = 96               # 8 noise seeds per built-in prompt
     batch_size = 48
+    guidance_values = [1.0, 2.5]  # other w the w-conditioned student is evaluated at
 
     [parallel]                 # used under torchrun (gpd_train/parallel.py)
     data_streams = 0           # 0 = one per rank; fix it to resume on another rank count
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +103,15 @@ class DistillConfig:
     freq_alpha_t: float = 1.0
     freq_gamma: float = 2.0
     ema_decay: float = 0.998
+    # The guidance stage (before halving): the student takes w as an input and learns the
+    # teacher's guided velocity for w in guidance_range; the halving stages keep the input.
+    guidance_stage: bool = False
+    guidance_range: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    guidance_iterations: int = 2000
+    # Without a guidance stage: the stage teachers' CFG scales, one per stage (1 = no CFG;
+    # a stage teacher after T0 is a student, guided with its own unconditional branch).
+    # Default: the run's guidance for stage 1 (T0), none after.
+    stage_guidance: list[float] | None = None
 
 
 def _vanilla_default() -> DistillConfig:
@@ -109,6 +124,8 @@ class EvalConfig:
     batch_size: int = 48
     seed: int = 1234
     examples: int = 4
+    # Other CFG scales the w-conditioned student is evaluated at (after a guidance stage).
+    guidance_values: list[float] = field(default_factory=lambda: [1.0, 2.5])
 
 
 @dataclass
@@ -157,6 +174,13 @@ class RunConfig:
             raise ValueError(f"chain must be one of {CHAINS}, got {name!r}")
         return self.distill if name == "gpd" else self.vanilla
 
+    def stage_guidance(self, chain: str) -> list[float]:
+        """Each halving stage's teacher CFG scale in a chain without a guidance stage."""
+        scales = self.chain(chain).stage_guidance
+        if scales is None:
+            return [self.resolved_guidance] + [1.0] * (self.num_stages - 1)
+        return [float(w) for w in scales]
+
     def validate(self) -> None:
         steps = self.steps
         if len(steps) < 2 or any(not isinstance(k, int) or k < 1 for k in steps):
@@ -185,6 +209,10 @@ class RunConfig:
         for section in (self.stage0, self.distill, self.vanilla):
             if not 0 < section.final_lr_ratio <= 1:
                 raise ValueError(f"final_lr_ratio must be in (0, 1], got {section.final_lr_ratio}")
+        values = self.eval.guidance_values
+        if not isinstance(values, (list, tuple)) or not all(_finite_scale(w) for w in values):
+            raise ValueError(f"eval.guidance_values must be a list of CFG scales > 0, got "
+                             f"{values!r}")
         if not 0 <= self.stage0.cfg_dropout < 1:
             raise ValueError(f"stage0.cfg_dropout must be in [0, 1), got {self.stage0.cfg_dropout}")
         for name in CHAINS:
@@ -207,12 +235,42 @@ class RunConfig:
                 raise ValueError(f"{name}.iterations must be positive, got {chain.iterations!r}")
             if any(float(w) < 0 for w in chain.freq_weight):
                 raise ValueError(f"{name}.freq_weight must be >= 0, got {chain.freq_weight!r}")
+            _check_guidance_options(name, chain, self.num_stages)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _finite_scale(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> None:
+    section = "distill" if name == "gpd" else name  # the TOML table
+    low_high = chain.guidance_range
+    if (not isinstance(low_high, (list, tuple)) or len(low_high) != 2
+            or not all(_finite_scale(w) for w in low_high) or low_high[0] > low_high[1]):
+        raise ValueError(f"{section}.guidance_range must be [low, high] with 0 < low <= high, "
+                         f"got {low_high!r}")
+    iterations = chain.guidance_iterations
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"{section}.guidance_iterations must be a positive int, got "
+                         f"{iterations!r}")
+    scales = chain.stage_guidance
+    if scales is None:
+        return
+    if chain.guidance_stage:
+        raise ValueError(f"{section}.stage_guidance (CFG per stage) and {section}.guidance_stage "
+                         "exclude each other: after a guidance stage the students take w as an "
+                         "input; set one of them")
+    if (not isinstance(scales, (list, tuple)) or len(scales) != stages
+            or not all(_finite_scale(w) for w in scales)):
+        raise ValueError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
+                         f"got {scales!r}")
 
 
 _SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,

@@ -118,6 +118,16 @@ class ProceduralVideos:
         shape, motion = SHAPES[prompt_id // len(MOTIONS)], MOTIONS[prompt_id % len(MOTIONS)]
         return f"a {shape} moving {motion}"
 
+    def prompt_labels(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape id, motion id) [B] that prompts ``prompt_ids`` [B] ask for."""
+        self._check_ids(prompt_ids, "prompt_ids", self.num_prompts)
+        return prompt_ids // len(MOTIONS), prompt_ids % len(MOTIONS)
+
+    def start_positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """Start centres (x0, y0) [B, 2] in pixels of samples ``indices`` [B]."""
+        self._check_ids(indices, "indices", None)
+        return torch.stack([self._appearance(int(i))[1:3] for i in indices.cpu()])
+
     def context(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, L, text_dim] of prompts ``prompt_ids`` [B]."""
         self._check_ids(prompt_ids, "prompt_ids", self.num_prompts)

@@ -36,7 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gpd_model import DiTConfig, WanDiT, save_diffusers
+from gpd_model import (
+    DiTConfig,
+    WanDiT,
+    add_guidance_input,
+    fold_guidance,
+    has_guidance_input,
+    save_diffusers,
+)
 
 from . import parallel
 from .checkpoint import CheckpointError, CheckpointStore, atomic_write_text
@@ -192,17 +199,24 @@ def restore(trainer: Any, path: Path) -> None:
 
 
 # -- the stage output -------------------------------------------------------------------
-def export_diffusers(cfg: DiTConfig, weights: dict[str, torch.Tensor], folder: Path) -> Path:
-    """Write ``weights`` (our key layout, full tensors) as a diffusers model folder."""
+def export_diffusers(cfg: DiTConfig, weights: dict[str, torch.Tensor], folder: Path,
+                     guidance: float) -> Path:
+    """Write ``weights`` (our key layout, full tensors) as a diffusers model folder; a
+    guidance input is folded at ``guidance``, the CFG scale the exported model samples at."""
     with torch.device("meta"):
         model = WanDiT(cfg)
+        if any(key.startswith("guidance_embedding.") for key in weights):
+            add_guidance_input(model)
     model.load_state_dict(weights, strict=True, assign=True)
+    if has_guidance_input(model):
+        model = fold_guidance(model, guidance)
     return save_diffusers(model, folder)
 
 
 def _write_stage_output(run: Any, chain: str, stage: int, weights: dict[str, torch.Tensor],
                         summary: dict[str, Any]) -> Path:
-    export_diffusers(run.dit_config, weights, run.stage_folder(chain, stage) / DIFFUSERS_FOLDER)
+    export_diffusers(run.dit_config, weights, run.stage_folder(chain, stage) / DIFFUSERS_FOLDER,
+                     run.config.resolved_guidance)
     return run.finish_stage(chain, stage, weights, summary)  # done.json last
 
 

@@ -1,46 +1,63 @@
 """The evaluation report (design section 7): every model against the 48-step teacher.
 
-All models sample the same fixed evaluation set (prompts x noise seeds). Metrics:
+All models sample the same fixed evaluation set (prompts x noise seeds); the metrics
+(gpd_train/metrics.py) compare each set with its reference, the teacher at its full step
+count and CFG scale from the same noise and prompts:
 
-- PSNR to T0@48: per video ``10 log10(2^2 / MSE)`` against the reference teacher's video
-  from the same noise and prompt (values live in [-1, 1]), averaged over the set. For the
-  tiny preset the "latents" are the RGB pixels, so latent and pixel PSNR coincide.
-- Frechet distance (FD) in a fixed feature space: features are the per-channel mean and
-  standard deviation of a fixed random (seed 0) two-layer 3-D conv net with tanh
-  (32 + 32 = 64 numbers per video); FD to the reference set, and for the built-in data
-  set also to real data videos of the same prompts.
-- High-frequency energy ratio: the share of spatial spectral energy above half the
-  Nyquist radius, this model's over the reference's (1 = same detail; < 1 = blurrier).
-- Motion energy ratio: mean |frame_{t+1} - frame_t|, this model's over the reference's.
-- Prompt accuracy (built-in data only): the share of videos whose shape and motion,
-  recognised by ``ProceduralVideos.classify``, are the prompt's.
+- PSNR to the reference, per video, averaged (the tiny preset's latents are its pixels).
+- On the built-in data, the learned Frechet distance (gpd_train/feature_net.py) to real
+  data videos of the same prompts and to the reference set, and prompt accuracy: the share
+  of videos whose shape and motion, recognised by ``ProceduralVideos.classify``, are asked for.
+- High-frequency and motion energy, each over the reference's.
 - NFE per video and wall-clock seconds per video for the whole sampling run.
-VBench needs models that cannot be downloaded here, so it is not reported.
+
+Every mean carries a 95% bootstrap interval over videos, and the report adds paired
+differences (the same resampled videos for both rows) for the comparisons that matter:
+the final student against naive sampling and against vanilla PD at its step count.
+
+Rows: the reference, a ceiling (the teacher with 1% multiplicative weight noise: sampling is
+chaotic enough that any separately trained network sits near that PSNR), the teacher sampled
+naively at each student step count, vanilla PD, the guidance stage's student (when the chain
+has one), the GPD students, rows of other run folders given to compare (ablations on the same
+stage 0), and, for a chain with a guidance stage, the final student at other CFG scales
+against the teacher at those scales. VBench needs models that cannot be downloaded here.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from gpd_model import euler_sample, make_noise, sigma_grid
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, sha256_file
+from .config import load_config
 from .data import ProceduralVideos
+from .feature_net import feature_net, video_features
 from .loop import autocast
+from .metrics import (
+    bootstrap_interval,
+    frechet_distance,
+    high_frequency_share,
+    mean_interval,
+    motion_energy,
+    psnr_per_video,
+)
+from .report import render_markdown
 
-FEATURE_SEED = 0
 SHEET_SCALE = 3
 GIF_SCALE = 4
+CEILING_NOISE = 0.01
+CEILING_SEED = 0
+MAIN = "main"
 
 
 @dataclass
@@ -48,116 +65,52 @@ class Candidate:
     label: str
     model: torch.nn.Module
     steps: int
-    guided: bool
+    guidance: float | None  # sampled as a CFG pair at this scale, or (None) one forward
+    reference: str  # label of the row this one is compared with
+    group: str = MAIN
+    cfg: str = ""  # how guidance enters, for the table
 
+    def __post_init__(self) -> None:
+        if not self.cfg:
+            self.cfg = f"CFG {self.guidance:g}" if self.guidance is not None else "none"
 
-def _check_videos(videos: torch.Tensor, name: str) -> None:
-    if not isinstance(videos, torch.Tensor) or videos.dim() != 5:
-        got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
-        raise ValueError(f"{name} must be a [N, C, T, H, W] tensor, got {got}")
-
-
-def _check_pair(videos: torch.Tensor, reference: torch.Tensor) -> None:
-    _check_videos(videos, "videos")
-    _check_videos(reference, "reference")
-    if videos.shape != reference.shape:
-        raise ValueError(f"videos {tuple(videos.shape)} and reference {tuple(reference.shape)} "
-                         "must have the same shape")
-
-
-def psnr(videos: torch.Tensor, reference: torch.Tensor, peak_to_peak: float = 2.0) -> float:
-    """Mean over videos of ``10 log10(peak_to_peak^2 / MSE)`` (inf when identical)."""
-    _check_pair(videos, reference)
-    mse = (videos.double() - reference.double()).square().flatten(1).mean(dim=1)
-    return float((10.0 * torch.log10(peak_to_peak ** 2 / mse)).mean())
-
-
-def _feature_weights(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(FEATURE_SEED)
-    first = torch.randn(32, channels, 3, 3, 3, generator=gen) / math.sqrt(channels * 27)
-    second = torch.randn(32, 32, 3, 3, 3, generator=gen) / math.sqrt(32 * 27)
-    return first, second
-
-
-def video_features(videos: torch.Tensor) -> torch.Tensor:
-    """Fixed random conv features [N, 64] (float64) of videos [N, C, T, H, W]."""
-    _check_videos(videos, "videos")
-    first, second = _feature_weights(videos.shape[1])
-    hidden = torch.tanh(F.conv3d(videos.float().cpu(), first, stride=(1, 2, 2), padding=1))
-    hidden = torch.tanh(F.conv3d(hidden, second, stride=(1, 2, 2), padding=1))
-    flat = hidden.flatten(2)
-    return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1).double()
-
-
-def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, F] (N >= 2)."""
-    for name, feats in (("features_a", features_a), ("features_b", features_b)):
-        if feats.dim() != 2 or feats.shape[0] < 2:
-            raise ValueError(f"{name} must be [N >= 2, F], got {tuple(feats.shape)}")
-    if features_a.shape[1] != features_b.shape[1]:
-        raise ValueError(f"feature sizes differ: {features_a.shape[1]} vs {features_b.shape[1]}")
-    a, b = features_a.double(), features_b.double()
-    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
-    root_a = _psd_sqrt(cov_a)
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    mean_term = (a.mean(dim=0) - b.mean(dim=0)).square().sum()
-    return float(mean_term + cov_a.trace() + cov_b.trace() - 2.0 * cross)
-
-
-def high_frequency_share(videos: torch.Tensor) -> float:
-    """Share of spatial spectral energy above half the Nyquist radius."""
-    _check_videos(videos, "videos")
-    height, width = videos.shape[-2:]
-    frames = videos.double() - videos.double().mean(dim=(-2, -1), keepdim=True)
-    energy = torch.fft.fft2(frames, norm="ortho").abs().square()
-
-    def axis(n: int) -> torch.Tensor:
-        k = torch.arange(n, dtype=torch.float64)
-        return torch.minimum(k, n - k) / (n / 2)
-
-    radius = ((axis(height)[:, None] ** 2 + axis(width)[None, :] ** 2) / 2).sqrt()
-    total = energy.sum()
-    return float(energy[..., radius > 0.5].sum() / total) if total > 0 else 0.0
-
-
-def motion_energy(videos: torch.Tensor) -> float:
-    """Mean |frame_{t+1} - frame_t|."""
-    _check_videos(videos, "videos")
-    if videos.shape[2] < 2:
-        raise ValueError(f"motion energy needs >= 2 frames, got {videos.shape[2]}")
-    return float((videos[:, :, 1:].double() - videos[:, :, :-1].double()).abs().mean())
-
-
-def _ratio(value: float, reference: float) -> float:
-    return value / reference if reference > 0 else float("nan")
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.guidance is not None else 1)
 
 
 @torch.no_grad()
 def sample_set(candidate: Candidate, noise: torch.Tensor, context: torch.Tensor,
-               negative: torch.Tensor, shift: float, guidance: float, batch_size: int,
-               device: torch.device, precision: str) -> tuple[torch.Tensor, float]:
+               negative: torch.Tensor, shift: float, batch_size: int, device: torch.device,
+               precision: str) -> tuple[torch.Tensor, float]:
     """Videos of the whole evaluation set and seconds per video."""
     sigmas = sigma_grid(candidate.steps, shift).to(device)
     candidate.model.eval()
+    guided = candidate.guidance is not None
     outputs = []
     started = time.perf_counter()
     for begin in range(0, noise.shape[0], batch_size):
         x = noise[begin:begin + batch_size].to(device)
         ctx = context[begin:begin + batch_size].to(device)
-        neg = negative.to(device).expand(len(x), -1, -1) if candidate.guided else None
+        neg = negative.to(device).expand(len(x), -1, -1) if guided else None
         with autocast(device, precision):
-            videos = euler_sample(candidate.model, x, ctx, sigmas, neg,
-                                  guidance if candidate.guided else None)
+            videos = euler_sample(candidate.model, x, ctx, sigmas, neg, candidate.guidance)
         outputs.append(videos.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - started) / noise.shape[0]
     return torch.cat(outputs), seconds
+
+
+@torch.no_grad()
+def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with every weight multiplied by ``1 + scale * N(0, 1)``."""
+    generator = torch.Generator().manual_seed(seed)
+    copied = copy.deepcopy(model)
+    for param in copied.parameters():
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        param.mul_(1.0 + scale * noise.to(device=param.device, dtype=param.dtype))
+    return copied
 
 
 def _frames_to_image(video: torch.Tensor, scale: int) -> list[Image.Image]:
@@ -208,63 +161,178 @@ def _slug(label: str) -> str:
 
 def _candidates(run: Any) -> list[Candidate]:
     cfg = run.config
-    last = cfg.num_stages
+    last, w, full = cfg.num_stages, cfg.resolved_guidance, cfg.steps[0]
     teacher = run.load_stage_model("gpd", 0)
-    rows = [Candidate(f"teacher@{cfg.steps[0]} (ref)", teacher, cfg.steps[0], True)]
-    rows += [Candidate(f"teacher@{k} naive", teacher, k, True) for k in cfg.steps[1:]]
+    reference = f"teacher@{full} (ref)"
+    rows = [Candidate(reference, teacher, full, w, reference),
+            Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
+                      perturbed(teacher, CEILING_NOISE, CEILING_SEED), full, w, reference)]
+    rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in cfg.steps[1:]]
     rows.append(Candidate(f"vanilla PD@{cfg.steps[last]}", run.load_stage_model("vanilla", last),
-                          cfg.steps[last], False))
-    rows += [Candidate(f"GPD@{cfg.steps[k]}", run.load_stage_model("gpd", k), cfg.steps[k],
-                       False) for k in range(1, last + 1)]
+                          cfg.steps[last], None, reference))
+    if run.has_guidance_stage("gpd"):
+        rows.append(Candidate(f"guidance stage@{full}",
+                              run.load_stage_model("gpd", "g", fold_at=w), full, None,
+                              reference, cfg=f"input w={w:g}"))
+    cfg_text = f"input w={w:g}" if run.has_guidance_stage("gpd") else "none"
+    rows += [Candidate(f"GPD@{cfg.steps[k]}", run.load_stage_model("gpd", k, fold_at=w),
+                       cfg.steps[k], None, reference, cfg=cfg_text)
+             for k in range(1, last + 1)]
+    if run.has_guidance_stage("gpd"):
+        rows += _other_guidance_rows(run, teacher)
     return rows
 
 
-def evaluate_run(run: Any) -> Path:
-    """Sample every model on the evaluation set and write the report; returns report.md."""
+def _other_guidance_rows(run: Any, teacher: torch.nn.Module) -> list[Candidate]:
+    """The final w-conditioned student at other CFG scales, each against the teacher there."""
+    cfg = run.config
+    full, last = cfg.steps[0], cfg.steps[-1]
+    rows = []
+    for w in cfg.eval.guidance_values:
+        if w == cfg.resolved_guidance:
+            continue
+        group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"
+        rows += [Candidate(reference, teacher, full, w, reference, group),
+                 Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group),
+                 Candidate(f"GPD@{last} w={w:g}",
+                           run.load_stage_model("gpd", cfg.num_stages, fold_at=w), last, None,
+                           reference, group, cfg=f"input w={w:g}")]
+    return rows
+
+
+def _compare_candidates(run: Any, compare: dict[str, str]) -> list[Candidate]:
+    """The final GPD student of each other run folder (an ablation on the same stage 0)."""
+    from .pipeline import Run
+
+    own_teacher = sha256_file(run.stage_folder("gpd", 0) / "model.safetensors")
+    cfg = run.config
+    reference = f"teacher@{cfg.steps[0]} (ref)"
+    rows = []
+    for label, folder in compare.items():
+        config_path = Path(folder) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--compare {label}={folder}: no run folder there (missing "
+                             f"{config_path})")
+        raw = json.loads(config_path.read_text())
+        raw.update(run_dir=str(folder), device=cfg.device)
+        other = Run(load_config(None, raw))
+        teacher = other.stage_folder("gpd", 0) / "model.safetensors"
+        if not teacher.is_file() or sha256_file(teacher) != own_teacher:
+            raise ValueError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
+                             f"({teacher}); comparisons need the same stage 0 (copy stage0/ "
+                             "into the other run folder before training it)")
+        last = other.config.num_stages
+        w = cfg.resolved_guidance
+        rows.append(Candidate(f"{label}: GPD@{other.config.steps[last]}",
+                              other.load_stage_model("gpd", last, fold_at=w),
+                              other.config.steps[last], None, reference, "ablations",
+                              cfg=f"input w={w:g}" if other.has_guidance_stage("gpd") else "none"))
+    return rows
+
+
+@dataclass
+class _Judge:
+    """What every row is measured against: references, real-data features, prompt labels."""
+
+    data: Any
+    prompt_ids: torch.Tensor | None
+    net: Any
+    data_features: torch.Tensor | None
+
+    def row(self, candidate: Candidate, videos: torch.Tensor, reference: torch.Tensor,
+            seconds: float) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "model": candidate.label, "group": candidate.group, "steps": candidate.steps,
+            "cfg": candidate.cfg, "nfe": candidate.nfe, "psnr_db": None,
+            "hf_ratio": high_frequency_share(videos) / high_frequency_share(reference),
+            "motion_ratio": motion_energy(videos) / motion_energy(reference),
+            "seconds_per_video": seconds,
+        }
+        if candidate.label != candidate.reference:
+            per_video = psnr_per_video(videos, reference)
+            row["psnr_db"], row["psnr_db_ci"] = float(per_video.mean()), mean_interval(per_video)
+        if self.net is not None:
+            features = video_features(self.net, videos)
+            row["fd_ref"] = frechet_distance(features, video_features(self.net, reference))
+            row["fd_data"] = frechet_distance(features, self.data_features)
+            row["fd_data_ci"] = bootstrap_interval(
+                lambda idx: frechet_distance(features[idx], self.data_features), len(videos))
+            correct = self.correct(videos)
+            row["prompt_acc"], row["prompt_acc_ci"] = float(correct.mean()), mean_interval(correct)
+        return row
+
+    def correct(self, videos: torch.Tensor) -> torch.Tensor:
+        shape, motion = self.data.classify(videos)
+        want_shape, want_motion = self.data.prompt_labels(self.prompt_ids)
+        return ((shape == want_shape) & (motion == want_motion)).double()
+
+    def comparisons(self, pairs: list[tuple[str, str]], sets: dict[str, torch.Tensor],
+                    reference: torch.Tensor) -> list[dict[str, Any]]:
+        """Paired bootstrap differences ``a - b`` of PSNR (and learned FD to data)."""
+        out = []
+        for a, b in pairs:
+            if a not in sets or b not in sets:
+                continue
+            diff = psnr_per_video(sets[a], reference) - psnr_per_video(sets[b], reference)
+            out.append({"a": a, "b": b, "metric": "PSNR (dB)", "value": float(diff.mean()),
+                        "ci": mean_interval(diff)})
+            if self.net is None:
+                continue
+            fa, fb = video_features(self.net, sets[a]), video_features(self.net, sets[b])
+
+            def fd_gap(idx: torch.Tensor, fa=fa, fb=fb) -> float:
+                return (frechet_distance(fa[idx], self.data_features)
+                        - frechet_distance(fb[idx], self.data_features))
+
+            out.append({"a": a, "b": b, "metric": "learned FD to data",
+                        "value": fd_gap(torch.arange(len(fa))),
+                        "ci": bootstrap_interval(fd_gap, len(fa))})
+        return out
+
+
+def _judge(run: Any, prompts: int, out: Path) -> _Judge:
+    data = run.data
+    if not isinstance(data, ProceduralVideos):
+        return _Judge(data, None, None, None)
+    prompt_ids = torch.arange(prompts) % data.num_prompts
+    net = feature_net(data, run.config.seed, out / "feature_net.safetensors")
+    real = data.videos(prompt_ids + data.num_prompts * 10**6)
+    return _Judge(data, prompt_ids, net, video_features(net, real))
+
+
+def evaluate_run(run: Any, compare: dict[str, str] | None = None) -> Path:
+    """Sample every model on the evaluation set and write the report; returns report.md.
+
+    ``compare`` maps labels to other run folders (same stage 0) whose final GPD student is
+    added as a row: the ablation table in one evaluation.
+    """
     cfg, ev = run.config, run.config.eval
     out = run.folder / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    candidates = _candidates(run)
+    candidates = _candidates(run) + _compare_candidates(run, compare or {})
     context, names = run.data.eval_prompts(ev.prompts)
     noise = make_noise((ev.prompts, *run.data.latent_shape), seed=ev.seed)
-    builtin = isinstance(run.data, ProceduralVideos)
-    prompt_ids = torch.arange(ev.prompts) % run.data.num_prompts if builtin else None
-    data_features = None
-    if builtin:
-        real = run.data.videos(prompt_ids + run.data.num_prompts * 10**6)
-        data_features = video_features(real)
+    judge = _judge(run, ev.prompts, out)
     examples = torch.linspace(0, ev.prompts - 1, min(ev.examples, ev.prompts)).round().long()
-    results, sheet_rows, reference = [], [], None
+    rows, sheet_rows, sets = [], [], {}
     for candidate in tqdm(candidates, desc="eval", unit="model"):
         videos, seconds = sample_set(candidate, noise, context, run.data.negative_context,
-                                     cfg.resolved_shift, cfg.resolved_guidance, ev.batch_size,
-                                     run.device, cfg.precision)
-        if reference is None:
-            reference, reference_features = videos, video_features(videos)
-            reference_hf, reference_motion = high_frequency_share(videos), motion_energy(videos)
-        features = video_features(videos)
-        row: dict[str, Any] = {
-            "model": candidate.label, "steps": candidate.steps, "cfg": candidate.guided,
-            "nfe": candidate.steps * (2 if candidate.guided else 1),
-            "psnr_db": None if videos is reference else psnr(videos, reference),
-            "fd_ref": frechet_distance(features, reference_features),
-            "hf_ratio": _ratio(high_frequency_share(videos), reference_hf),
-            "motion_ratio": _ratio(motion_energy(videos), reference_motion),
-            "seconds_per_video": seconds,
-        }
-        if builtin:
-            shape, motion = run.data.classify(videos)
-            row["fd_data"] = frechet_distance(features, data_features)
-            row["prompt_acc"] = float(((shape == prompt_ids // 4) & (motion == prompt_ids % 4))
-                                      .float().mean())
-        results.append(row)
+                                     cfg.resolved_shift, ev.batch_size, run.device,
+                                     cfg.precision)
+        sets[candidate.label] = videos
+        rows.append(judge.row(candidate, videos, sets[candidate.reference], seconds))
         sheet_rows.append((candidate.label, videos[examples]))
         write_gif(out / f"{_slug(candidate.label)}.gif", videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
-    report = {"rows": results, "prompts": [names[int(i)] for i in examples],
+    last = cfg.steps[-1]
+    reference = candidates[0].label
+    pairs = [(f"GPD@{last}", f"teacher@{last} naive"), (f"GPD@{last}", f"vanilla PD@{last}")]
+    report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
+              "comparisons": judge.comparisons(pairs, sets, sets[reference]),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
-                           "guidance": cfg.resolved_guidance},
-              "stages": _stage_summaries(run), "config": cfg.to_dict()}
+                           "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
+              "stages": _stage_summaries(run), "config": cfg.to_dict(),
+              "compare": compare or {}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))
     return out / "report.md"
@@ -275,54 +343,3 @@ def _stage_summaries(run: Any) -> dict[str, Any]:
     for done in sorted(run.folder.glob("**/done.json")):
         summaries[str(done.parent.relative_to(run.folder))] = json.loads(done.read_text())
     return summaries
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "ref"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report's markdown: the table, what the columns mean, and the stage budgets."""
-    rows = report["rows"]
-    builtin = "prompt_acc" in rows[0]
-    header = ["model", "steps", "CFG", "NFE", "PSNR to T0@48 (dB)", "FD to ref"]
-    header += ["FD to data"] if builtin else []
-    header += ["HF energy ratio", "motion energy ratio"]
-    header += ["prompt acc"] if builtin else []
-    header += ["s/video"]
-    lines = ["# GPD evaluation report", "",
-             f"Evaluation set: {report['eval_set']['prompts']} videos (prompts cycled, noise seed "
-             f"{report['eval_set']['noise_seed']}, teacher CFG scale "
-             f"{report['eval_set']['guidance']}); examples shown: "
-             + ", ".join(report["prompts"]) + ".", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["model"], _fmt(row["steps"]), _fmt(row["cfg"]), _fmt(row["nfe"]),
-                 _fmt(row["psnr_db"]), _fmt(row["fd_ref"], 3)]
-        cells += [_fmt(row["fd_data"], 3)] if builtin else []
-        cells += [_fmt(row["hf_ratio"]), _fmt(row["motion_ratio"])]
-        cells += [_fmt(row["prompt_acc"])] if builtin else []
-        cells += [_fmt(row["seconds_per_video"], 4)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Columns: PSNR of each video to the 48-step CFG teacher's video from the same "
-              "noise and prompt (range [-1, 1]); Frechet distance of fixed random 3-D conv "
-              "features (64-d) to the reference set and to real data videos; share of spatial "
-              "spectral energy above half Nyquist, over the reference's; mean absolute frame "
-              "difference, over the reference's; share of videos whose recognised shape and "
-              "motion match the prompt; wall-clock sampling seconds per video. VBench is not "
-              "reported (its models cannot be downloaded here).", "", "## Stages", "",
-              "| stage | steps | iterations | seconds | final loss (mean of last 20) |",
-              "|---|---|---|---|---|"]
-    for name, info in report["stages"].items():
-        lines.append(f"| {name} | {info.get('steps', '')} | {info.get('iterations', 'import')} | "
-                     f"{_fmt(info.get('seconds', float('nan')), 0)} | "
-                     f"{_fmt(info.get('final_loss_mean20', float('nan')), 5)} |")
-    lines += ["", "Files: contact_sheet.png (one row per model), one GIF per model, "
-              "report.json (everything above, plus the configuration).", ""]
-    return "\n".join(lines)

@@ -31,9 +31,6 @@ class Objective(Protocol):
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The differentiable loss of one batch and extra scalars to log."""
 
-    def after_update(self) -> None:
-        """Advance any online state (rollout lanes) once the optimizer has stepped."""
-
     def stream_state(self) -> dict[str, Any]:
         """Tensors/values that, with the RNG, let a resumed run continue exactly."""
 
@@ -208,7 +205,6 @@ class StageTrainer:
         self._guard(grad_norm, step, "gradient norm")
         self.optimizer.step()
         self.ema.update(self.model)
-        self.objective.after_update()
         self.step = step
         record = {"stage": self.name, "step": step, "loss": loss.item(), "lr": lr,
                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,

@@ -1,20 +1,27 @@
-"""What each stage minimises: flow matching (stage 0) and online GPD distillation (1..3)."""
+"""What each stage minimises: flow matching (stage 0) and online distillation (the rest)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
-from gpd_model import branch_velocities, shift_sigma, sigma_grid, timestep_from_sigma
+from gpd_model import (
+    add_noise,
+    branch_velocities,
+    euler_step,
+    has_guidance_input,
+    model_velocity,
+    shift_sigma,
+    sigma_grid,
+    timestep_from_sigma,
+)
 
+from .lanes import LaneBatch, RolloutLanes
 from .loop import autocast
-
-
-def _per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (x.dim() - 1)))
 
 
 class FlowMatching:
@@ -38,15 +45,12 @@ class FlowMatching:
         context = torch.where(dropped[:, None, None], self.data.negative_context, context)
         sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
-        noisy = (1.0 - _per_sample(sigma, clean)) * clean + _per_sample(sigma, clean) * noise
-        noisy, target = noisy.to(self.device), (noise - clean).to(self.device)
+        noisy = add_noise(clean, noise, sigma).to(self.device)
+        target = (noise - clean).to(self.device)
         with autocast(self.device, self.precision):
             pred = self.model(noisy, timestep_from_sigma(sigma.to(self.device)),
                               context.to(self.device))
         return (pred.float() - target).square().mean(), {}
-
-    def after_update(self) -> None:
-        """Flow matching keeps no state between batches."""
 
     def stream_state(self) -> dict[str, Any]:
         return {}
@@ -56,179 +60,185 @@ class FlowMatching:
             raise ValueError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
 
 
-@torch.no_grad()
-def online_target(teacher: nn.Module, x_a: torch.Tensor, context: torch.Tensor,
-                  neg_context: torch.Tensor | None, guidance: torch.Tensor | None,
-                  s_a: torch.Tensor, s_b: torch.Tensor, s_c: torch.Tensor) -> torch.Tensor:
-    """The teacher double-step target ``u*`` (design 4.2): ``x_a + (s_c - s_a) u* = x_c``.
 
-    ``guidance`` [B] and ``neg_context`` [B, L, D] are both given (CFG teacher) or both None.
+@dataclass
+class StageTeacher:
+    """The frozen stage teacher, as the targets query it.
+
+    With ``negative`` (the unconditional text [L, D]) it runs as a CFG pair, cond and uncond
+    batched in one forward; otherwise once, taking w as an input if it has a guidance input.
     """
-    if (guidance is None) != (neg_context is None):
-        raise ValueError("online_target: guidance and neg_context must be given together, got "
-                         f"guidance={'set' if guidance is not None else None}, "
-                         f"neg_context={'set' if neg_context is not None else None}")
-    u_cond, u_uncond = branch_velocities(teacher, x_a, s_a, context, neg_context)
-    x_b, g1 = cfg_euler_step(x_a, u_cond, u_uncond, guidance, s_a, s_b)
-    u_cond, u_uncond = branch_velocities(teacher, x_b, s_b, context, neg_context)
-    return double_step_target(g1, u_cond, u_uncond, guidance, s_a, s_b, s_c)
+
+    model: nn.Module
+    negative: torch.Tensor | None = None
+
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                 guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(u_cond, u_uncond)`` at ``sigma`` [B]; ``u_uncond`` is None unless a CFG pair."""
+        if self.negative is not None:
+            negative = self.negative.expand(len(x), -1, -1)
+            return branch_velocities(self.model, x, sigma, context, negative)
+        fed = guidance if has_guidance_input(self.model) else None
+        return model_velocity(self.model, x, sigma, context, fed), None
+
+    def combine_weight(self, guidance: torch.Tensor) -> torch.Tensor | None:
+        """The w the CFG combine uses: the lanes' w for a CFG pair, none otherwise."""
+        return guidance if self.negative is not None else None
+
+
+@torch.no_grad()
+def teacher_target(teacher: StageTeacher, x_a: torch.Tensor, context: torch.Tensor,
+                   guidance: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+                   s_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The velocity ``u*`` that takes ``x_a`` where the teacher goes.
+
+    Without ``s_c``: one teacher step ``s_a -> s_b``, i.e. the (guided) velocity itself (the
+    guidance stage). With ``s_c``: the double step of design 4.2, ``x_a + (s_c - s_a) u* =
+    x_c`` after two teacher Euler steps ``s_a -> s_b -> s_c`` (the halving stages).
+    """
+    weight = teacher.combine_weight(guidance)
+    u_cond, u_uncond = teacher.branches(x_a, s_a, context, guidance)
+    x_b, g1 = cfg_euler_step(x_a, u_cond, u_uncond, weight, s_a, s_b)
+    if s_c is None:
+        return g1
+    u_cond, u_uncond = teacher.branches(x_b, s_b, context, guidance)
+    return double_step_target(g1, u_cond, u_uncond, weight, s_a, s_b, s_c)
+
+
+@dataclass
+class StageGrid:
+    """A student grid of ``steps`` points and the teacher's finer points inside each step.
+
+    ``fine_steps`` teacher steps make one student step: 2 when halving (the teacher's grid
+    has 2K steps and the K-step grid is its even points), 1 for the guidance stage.
+    """
+
+    steps: int
+    shift: float
+    fine_steps: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        if self.fine_steps not in (1, 2):
+            raise ValueError(f"fine_steps must be 1 or 2, got {self.fine_steps!r}")
+        self.student = sigma_grid(self.steps, self.shift).float().to(self.device)
+        self.teacher = sigma_grid(self.fine_steps * self.steps, self.shift).float().to(
+            self.device)
+
+    def sigmas(self, index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(s_a, s_b, s_c) [B] of student indices ``index`` [B]; s_c is None for one fine step."""
+        if self.fine_steps == 1:
+            return self.student[index], self.student[index + 1], None
+        return self.student[index], self.teacher[2 * index + 1], self.teacher[2 * index + 2]
+
+    def next_sigma(self, index: torch.Tensor) -> torch.Tensor:
+        return self.student[index + 1]
+
+
+@dataclass
+class GuidanceRange:
+    """The CFG scale w of each trajectory: fixed (``low == high``) or uniform in [low, high]."""
+
+    low: float
+    high: float
+
+    def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        if self.low == self.high:
+            return torch.full((count,), float(self.low))
+        return self.low + (self.high - self.low) * torch.rand(count, generator=generator)
 
 
 class OnlineDistillation:
-    """Stage k >= 1: regress the student on the frozen stage teacher's double step.
+    """Regress the student on the frozen stage teacher's target at online states.
 
-    States come from ``source``: ``student`` or ``teacher`` rollouts, or ``data`` (noised
-    data latents at a random grid index: vanilla PD). Rollouts live in a pool of
-    ``batch_size * lane_groups`` lanes staggered over the student grid; update ``n`` trains
-    on group ``n % lane_groups`` (every ``lane_groups``-th lane, so each batch mixes grid
-    indices) and advances only those lanes one student step, restarting finished ones from
-    fresh noise and a fresh prompt. With one group, consecutive batches are the same
-    trajectories one step on; more groups decorrelate them at no extra compute.
+    The target is ``teacher_target`` on ``grid`` (one or two teacher steps per student
+    step). States come from ``source``: ``teacher`` or ``student`` rollouts (``lanes``),
+    or ``data`` (a data latent noised to a random grid point: vanilla PD). Each trajectory
+    carries its CFG scale w from ``guidance``; a student with a guidance input is given it.
     """
 
-    def __init__(self, *, student: nn.Module, teacher: nn.Module, data: Any,
-                 generator: torch.Generator, student_steps: int, shift: float,
-                 guidance: float | None, source: str, batch_size: int, freq_weight: float,
+    def __init__(self, *, student: nn.Module, teacher: StageTeacher, data: Any,
+                 generator: torch.Generator, grid: StageGrid, guidance: GuidanceRange,
+                 source: str, batch_size: int, freq_weight: float,
                  freq_params: dict[str, float], device: torch.device, precision: str,
                  lane_groups: int = 1) -> None:
         if source not in ("student", "teacher", "data"):
             raise ValueError(f"state source must be student, teacher or data, got {source!r}")
-        if not isinstance(lane_groups, int) or isinstance(lane_groups, bool) or lane_groups < 1:
-            raise ValueError(f"lane_groups must be a positive int, got {lane_groups!r}")
         self.student = student
         self.teacher = teacher
         self.data = data
         self.generator = generator
-        self.steps = student_steps
-        self.student_grid = sigma_grid(student_steps, shift).float().to(device)
-        self.teacher_grid = sigma_grid(2 * student_steps, shift).float().to(device)
+        self.grid = grid
         self.guidance = guidance
         self.source = source
         self.batch_size = batch_size
-        self.lane_groups = lane_groups
         self.freq_weight = freq_weight
         self.freq_params = freq_params
         self.device = device
         self.precision = precision
-        self.lanes: dict[str, torch.Tensor] | None = None
-        self._last: dict[str, torch.Tensor] = {}
+        self.lanes = None if source == "data" else RolloutLanes(
+            batch_size=batch_size, groups=lane_groups, steps=grid.steps, fresh=self._fresh,
+            device=device)
 
-    # -- states -------------------------------------------------------------------------
-    def _fresh(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fresh(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         context, _ = self.data.draw(self.generator, count, with_latents=False)
         noise = torch.randn((count, *self.data.latent_shape), generator=self.generator)
-        return noise.to(self.device), context.to(self.device)
+        guidance = self.guidance.draw(count, self.generator)
+        return noise.to(self.device), context.to(self.device), guidance.to(self.device)
 
-    def _guided(self, count: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.guidance is None:
-            return None, None
-        neg = self.data.negative_context.to(self.device).expand(count, -1, -1)
-        return torch.full((count,), float(self.guidance), device=self.device), neg
+    def _target(self, batch: LaneBatch) -> torch.Tensor:
+        return teacher_target(self.teacher, batch.x, batch.context, batch.guidance,
+                              *self.grid.sigmas(batch.index))
 
-    def sigmas(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(s_a, s_b, s_c) [B] of student grid indices ``index`` [B]."""
-        return (self.student_grid[index], self.teacher_grid[2 * index + 1],
-                self.teacher_grid[2 * index + 2])
+    def _student_velocity(self, batch: LaneBatch) -> torch.Tensor:
+        fed = batch.guidance if has_guidance_input(self.student) else None
+        return model_velocity(self.student, batch.x, self.grid.student[batch.index],
+                              batch.context, fed).float()
 
-    def _rollout_velocity(self, x: torch.Tensor, context: torch.Tensor,
-                          index: torch.Tensor) -> torch.Tensor:
-        """The source's velocity for one student step from grid ``index``."""
-        s_a, s_b, s_c = self.sigmas(index)
-        with autocast(self.device, self.precision):
-            if self.source == "teacher":
-                guidance, neg = self._guided(len(index))
-                return online_target(self.teacher, x, context, neg, guidance, s_a, s_b, s_c)
-            return self.student(x, timestep_from_sigma(s_a), context).float()
+    def _next_state(self, batch: LaneBatch, velocity: torch.Tensor) -> torch.Tensor:
+        return euler_step(batch.x, velocity, self.grid.student[batch.index],
+                          self.grid.next_sigma(batch.index))
 
     @torch.no_grad()
-    def _start_lanes(self) -> None:
-        """Fresh lanes staggered over the grid, rolled out by the state source."""
-        count = self.batch_size * self.lane_groups
-        x, context = self._fresh(count)
-        index = torch.arange(count, device=self.device) * self.steps // count
-        for position in range(int(index.max())):
-            active = index > position
-            at = torch.full((int(active.sum()),), position, device=self.device)
-            velocity = self._rollout_velocity(x[active], context[active], at)
-            s_a, _, s_c = self.sigmas(at)
-            x[active] = (x[active] + _per_sample(s_c - s_a, velocity) * velocity).to(x.dtype)
-        self.lanes = {"x": x, "context": context, "index": index,
-                      "group": torch.zeros((), dtype=torch.long)}
-
-    def _group_rows(self) -> torch.Tensor:
-        assert self.lanes is not None
-        group = int(self.lanes["group"])
-        return torch.arange(group, self.batch_size * self.lane_groups, self.lane_groups,
-                            device=self.device)
-
-    def _states(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.source == "data":
-            context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
-            index = torch.randint(0, self.steps, (self.batch_size,), generator=self.generator)
-            noise = torch.randn(clean.shape, generator=self.generator)
-            index = index.to(self.device)
-            s_a = self.student_grid[index].cpu()
-            x_a = (1.0 - _per_sample(s_a, clean)) * clean + _per_sample(s_a, clean) * noise
-            return x_a.to(self.device), context.to(self.device), index
-        if self.lanes is None:
-            self._start_lanes()
-        rows = self._group_rows()
-        assert self.lanes is not None
-        return self.lanes["x"][rows], self.lanes["context"][rows], self.lanes["index"][rows]
-
-    # -- objective ----------------------------------------------------------------------
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x_a, context, index = self._states()
-        s_a, s_b, s_c = self.sigmas(index)
-        guidance, neg = self._guided(len(index))
+    def _rollout_step(self, batch: LaneBatch) -> torch.Tensor:
+        """One student step of the state source (used to stagger fresh lanes)."""
         with autocast(self.device, self.precision):
-            u_star = online_target(self.teacher, x_a, context, neg, guidance, s_a, s_b, s_c)
-            u_student = self.student(x_a, timestep_from_sigma(s_a), context).float()
+            velocity = (self._target(batch) if self.source == "teacher"
+                        else self._student_velocity(batch))
+        return self._next_state(batch, velocity)
+
+    def _noised_data(self) -> LaneBatch:
+        context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
+        index = torch.randint(0, self.grid.steps, (self.batch_size,), generator=self.generator)
+        noise = torch.randn(clean.shape, generator=self.generator)
+        guidance = self.guidance.draw(self.batch_size, self.generator)
+        index = index.to(self.device)
+        x = add_noise(clean, noise, self.grid.student[index].cpu())
+        return LaneBatch(x.to(self.device), context.to(self.device), guidance.to(self.device),
+                         index)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = self._noised_data() if self.lanes is None else self.lanes.current(
+            self._rollout_step)
+        with autocast(self.device, self.precision):
+            u_star = self._target(batch)
+            u_student = self._student_velocity(batch)
         mse = (u_student - u_star).square().mean()
         loss = mse
-        extras = {"mse": mse.item(), "mean_index": index.float().mean().item()}
+        extras = {"mse": mse.item(), "mean_index": batch.index.float().mean().item()}
         if self.freq_weight > 0:
             freq = freq_loss(u_student, u_star, **self.freq_params)
             loss = loss + self.freq_weight * freq
             extras["freq"] = freq.item()
-        self._last = {"x": x_a, "u_student": u_student.detach(), "u_star": u_star,
-                      "index": index}
+        if self.lanes is not None:
+            velocity = u_star if self.source == "teacher" else u_student.detach()
+            self.lanes.advance(self._next_state(batch, velocity))
         return loss, extras
 
-    @torch.no_grad()
-    def after_update(self) -> None:
-        if self.source == "data" or self.lanes is None:
-            return
-        last, rows = self._last, self._group_rows()
-        velocity = last["u_star"] if self.source == "teacher" else last["u_student"]
-        s_a, _, s_c = self.sigmas(last["index"])
-        x = (last["x"] + _per_sample(s_c - s_a, velocity) * velocity).to(last["x"].dtype)
-        index = last["index"] + 1
-        context = self.lanes["context"][rows]
-        finished = index >= self.steps
-        if finished.any():
-            noise, fresh_context = self._fresh(int(finished.sum()))
-            x[finished] = noise.to(x.dtype)
-            context[finished] = fresh_context
-            index[finished] = 0
-        self.lanes["x"][rows], self.lanes["context"][rows] = x, context
-        self.lanes["index"][rows] = index
-        self.lanes["group"] = (self.lanes["group"] + 1) % self.lane_groups
-
     def stream_state(self) -> dict[str, Any]:
-        if self.lanes is None:
-            return {}
-        return {key: value.cpu() for key, value in self.lanes.items()}
+        return {} if self.lanes is None else self.lanes.state_dict()
 
     def load_stream_state(self, state: dict[str, Any]) -> None:
-        if self.source == "data" or not state:
-            self.lanes = None
-            return
-        expected = {"x", "context", "index", "group"}
-        lanes = self.batch_size * self.lane_groups
-        if set(state) != expected or state["x"].shape[0] != lanes:
-            raise ValueError(f"checkpoint rollout lanes do not match this run (keys "
-                             f"{sorted(state)}, expected {sorted(expected)} with {lanes} lanes "
-                             f"= batch {self.batch_size} x {self.lane_groups} groups)")
-        self.lanes = {key: value.to(self.device) if key != "group" else value
-                      for key, value in state.items()}
+        if self.lanes is not None:
+            self.lanes.load_state_dict(state)

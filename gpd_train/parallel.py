@@ -247,10 +247,6 @@ class StreamGroup:
         extras = {key: sum(part[1][key] for part in parts) / len(parts) for key in parts[0][1]}
         return loss, extras
 
-    def after_update(self) -> None:
-        for objective in self.objectives:
-            objective.after_update()
-
     def stream_state(self) -> dict[str, Any]:
         return {str(i): {"rng": g.get_state(), "stream": o.stream_state()}
                 for i, g, o in zip(self.ids, self.generators, self.objectives, strict=True)}

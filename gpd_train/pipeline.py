@@ -4,6 +4,7 @@ Layout of a run folder::
 
     config.json                  the configuration of the last invocation
     stage0/                      the base teacher T0 (trained or imported)
+    guidance/                    the guidance stage's w-conditioned student (when enabled)
     stage1/ stage2/ stage3/      the GPD chain (students S_1..S_3)
     vanilla/stage1/ ...          the vanilla progressive-distillation ablation chain
     eval/                        report.md, report.json, contact_sheet.png, *.gif
@@ -23,13 +24,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gpd_model import DiTConfig, WanDiT, get_preset
+from gpd_model import DiTConfig, WanDiT, add_guidance_input, fold_guidance, get_preset
 
 from .checkpoint import atomic_write_text, load_exact, load_weights, read_metadata, save_weights
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import StageTrainer, resolve_device
-from .objectives import FlowMatching, OnlineDistillation
+from .objectives import (
+    FlowMatching,
+    GuidanceRange,
+    OnlineDistillation,
+    StageGrid,
+    StageTeacher,
+)
 from .parallel import is_main, main_only, prepare_teacher, shard_student, stream_objectives
 from .wan_folder import teacher_dit_config, transformer_folder
 
@@ -38,13 +45,21 @@ class MissingStageError(RuntimeError):
     """A stage's input (the previous stage's output) is not in the run folder."""
 
 
-def stage_name(chain: str, stage: int) -> str:
+# A stage is 0 (the base teacher), 1..N (halving), or GUIDANCE_STAGE (the w-conditioned
+# stage between 0 and 1 of the GPD chain).
+GUIDANCE_STAGE = "g"
+Stage = int | str
+
+
+def stage_name(chain: str, stage: Stage) -> str:
+    if stage == GUIDANCE_STAGE:
+        return "guidance"
     return "stage0" if stage == 0 else (f"stage{stage}" if chain == "gpd"
                                         else f"vanilla/stage{stage}")
 
 
-def stage_command(chain: str, stage: int) -> str:
-    suffix = " --chain vanilla" if chain == "vanilla" and stage > 0 else ""
+def stage_command(chain: str, stage: Stage) -> str:
+    suffix = " --chain vanilla" if chain == "vanilla" and stage not in (0, GUIDANCE_STAGE) else ""
     return f"python -m gpd_train --stage {stage}{suffix}"
 
 
@@ -61,23 +76,44 @@ class Run:
         self.data = open_data(config.data, self.dit_config.text_dim,
                               self.dit_config.in_channels, config.seed)
 
-    def stage_folder(self, chain: str, stage: int) -> Path:
+    def stage_folder(self, chain: str, stage: Stage) -> Path:
         return self.folder / stage_name(chain, stage)
 
-    def is_done(self, chain: str, stage: int) -> bool:
+    def is_done(self, chain: str, stage: Stage) -> bool:
         folder = self.stage_folder(chain, stage)
         return (folder / "done.json").is_file() and (folder / "model.safetensors").is_file()
 
-    def metadata(self, chain: str, stage: int) -> dict[str, str]:
+    def has_guidance_stage(self, chain: str) -> bool:
+        return chain == "gpd" and self.config.chain(chain).guidance_stage
+
+    def guidance_input(self, chain: str, stage: Stage) -> bool:
+        """Whether the stage's model takes w as an input (the guidance stage and after)."""
+        return self.has_guidance_stage(chain) and stage != 0
+
+    def previous_stage(self, chain: str, stage: Stage) -> Stage:
+        """The stage whose output is this stage's teacher and the student's start."""
+        if stage == GUIDANCE_STAGE:
+            return 0
+        if stage == 1 and self.has_guidance_stage(chain):
+            return GUIDANCE_STAGE
+        return int(stage) - 1
+
+    def metadata(self, chain: str, stage: Stage) -> dict[str, str]:
         return {"format": "gpd_train", "stage": stage_name(chain, stage),
-                "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True)}
+                "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True),
+                "guidance_input": str(int(self.guidance_input(chain, stage)))}
 
     def new_model(self) -> WanDiT:
         torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
         return WanDiT(self.dit_config).to(self.device)
 
-    def load_stage_model(self, chain: str, stage: int) -> WanDiT:
-        """The output (EMA weights) of a finished stage; a clear error when it is missing."""
+    def load_stage_model(self, chain: str, stage: Stage,
+                         fold_at: float | None = None) -> WanDiT:
+        """The output (EMA weights) of a finished stage; a clear error when it is missing.
+
+        A model with a guidance input (the guidance stage and the students after it) keeps
+        it, or with ``fold_at`` = w becomes a plain Wan2.1 model sampling at that CFG scale.
+        """
         if not self.is_done(chain, stage):
             raise MissingStageError(
                 f"{stage_name(chain, stage)} is not complete in {self.folder} (no "
@@ -92,10 +128,14 @@ class Run:
             raise ValueError(f"{path} was written for model config {meta.get('dit_config')}, "
                              f"this run uses {expected} (preset {self.config.preset!r})")
         model = self.new_model()
+        if meta.get("guidance_input") == "1":
+            add_guidance_input(model)
         load_exact(model, load_weights(path), path)
+        if fold_at is not None and meta.get("guidance_input") == "1":
+            return fold_guidance(model, fold_at)
         return model
 
-    def finish_stage(self, chain: str, stage: int, weights: dict[str, torch.Tensor],
+    def finish_stage(self, chain: str, stage: Stage, weights: dict[str, torch.Tensor],
                      summary: dict[str, Any]) -> Path:
         folder = self.stage_folder(chain, stage)
         folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +149,7 @@ class Run:
         atomic_write_text(self.folder / "config.json", self.config.to_json())
 
 
-def _trainer(run: Run, chain: str, stage: int, model: torch.nn.Module, objective: Any,
+def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objective: Any,
              iterations: int, optim: Stage0Config | DistillConfig,
              generator: torch.Generator) -> StageTrainer:
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
@@ -121,8 +161,8 @@ def _trainer(run: Run, chain: str, stage: int, model: torch.nn.Module, objective
         metadata=run.metadata(chain, stage))
 
 
-def stage_generator(run: Run, chain: str, stage: int) -> torch.Generator:
-    offset = {"gpd": 0, "vanilla": 100}[chain] + stage
+def stage_generator(run: Run, chain: str, stage: Stage) -> torch.Generator:
+    offset = {"gpd": 0, "vanilla": 100}[chain] + (50 if stage == GUIDANCE_STAGE else int(stage))
     return torch.Generator().manual_seed(run.config.seed * 1000 + offset)
 
 
@@ -139,30 +179,69 @@ def build_stage0(run: Run) -> StageTrainer:
                     generator)
 
 
-def build_distill(run: Run, chain: str, stage: int) -> StageTrainer:
-    """Stage ``stage`` of ``chain``: student S_k from S_{k-1}, stage teacher frozen S_{k-1}."""
+def stage_iterations(run: Run, chain: str, stage: Stage) -> int:
+    chain_cfg = run.config.chain(chain)
+    if stage == GUIDANCE_STAGE:
+        return chain_cfg.guidance_iterations
+    return int(chain_cfg.iterations[int(stage) - 1])
+
+
+def stage_steps(run: Run, stage: Stage) -> int:
+    """The student's sampling steps: the teacher's grid for the guidance stage."""
+    return run.config.steps[0 if stage == GUIDANCE_STAGE else int(stage)]
+
+
+def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
+    """Stage ``stage`` of ``chain``: the student starts as, and learns from, the previous output.
+
+    The guidance stage gives T0 a zero-initialised guidance input and regresses it on T0's
+    CFG velocity at w drawn from ``guidance_range``, on T0's own grid. Halving stage k
+    regresses S_k on the double step of the frozen S_{k-1} on the 2K-step grid: at the
+    trajectories' w after a guidance stage (one teacher forward, w as input), else at the
+    chain's ``stage_guidance`` (a CFG pair where it is not 1).
+    """
     cfg = run.config
-    if not 1 <= stage <= cfg.num_stages:
-        raise ValueError(f"distillation stage must be in 1..{cfg.num_stages}, got {stage}")
+    if stage != GUIDANCE_STAGE and not (isinstance(stage, int) and 1 <= stage <= cfg.num_stages):
+        raise ValueError(f"distillation stage must be {GUIDANCE_STAGE!r} or in "
+                         f"1..{cfg.num_stages}, got {stage!r}")
+    if stage == GUIDANCE_STAGE and not run.has_guidance_stage(chain):
+        raise ValueError(f"the {chain} chain has no guidance stage (set distill.guidance_stage "
+                         "= true in the TOML file)")
     chain_cfg = cfg.chain(chain)
-    previous = run.load_stage_model(chain, stage - 1)
-    teacher = prepare_teacher(run.load_stage_model(chain, stage - 1).eval().requires_grad_(False),
-                              cfg.parallel, cfg.precision, run.device)
+    previous = run.previous_stage(chain, stage)
+    student = run.load_stage_model(chain, previous)
+    teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
+                                    .requires_grad_(False), cfg.parallel, cfg.precision,
+                                    run.device)
+    negative = run.data.negative_context.to(run.device)
+    if stage == GUIDANCE_STAGE:
+        add_guidance_input(student)
+        teacher = StageTeacher(teacher_model, negative)
+        guidance = GuidanceRange(*map(float, chain_cfg.guidance_range))
+    elif run.guidance_input(chain, stage):
+        teacher = StageTeacher(teacher_model)
+        guidance = GuidanceRange(*map(float, chain_cfg.guidance_range))
+    else:
+        scale = cfg.stage_guidance(chain)[int(stage) - 1]
+        teacher = StageTeacher(teacher_model, negative if scale != 1.0 else None)
+        guidance = GuidanceRange(scale, scale)
+    grid = StageGrid(stage_steps(run, stage), cfg.resolved_shift,
+                     1 if stage == GUIDANCE_STAGE else 2, run.device)
+    freq_weight = 0.0 if stage == GUIDANCE_STAGE else float(chain_cfg.freq_weight[int(stage) - 1])
     objective, generator = stream_objectives(
         stage_generator(run, chain, stage), cfg.batch_size, cfg.parallel,
         lambda generator, batch_size: OnlineDistillation(
-            student=previous, teacher=teacher, data=run.data, generator=generator,
-            student_steps=cfg.steps[stage], shift=cfg.resolved_shift,
-            guidance=cfg.resolved_guidance if stage == 1 else None, source=chain_cfg.state_source,
-            batch_size=batch_size, freq_weight=float(chain_cfg.freq_weight[stage - 1]),
+            student=student, teacher=teacher, data=run.data, generator=generator, grid=grid,
+            guidance=guidance, source=chain_cfg.state_source, batch_size=batch_size,
+            freq_weight=freq_weight,
             freq_params={"alpha_s": chain_cfg.freq_alpha_s,
                          "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
             device=run.device, precision=cfg.precision, lane_groups=chain_cfg.lane_groups))
-    return _trainer(run, chain, stage, previous, objective,
-                    int(chain_cfg.iterations[stage - 1]), chain_cfg, generator)
+    return _trainer(run, chain, stage, student, objective, stage_iterations(run, chain, stage),
+                    chain_cfg, generator)
 
 
-def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:
+def run_stage(run: Run, chain: str, stage: Stage, resume: bool) -> Path:
     """Train (or import, for stage 0 with a teacher path) one stage; returns its output."""
     started = time.perf_counter()
     run.save_config()
@@ -174,7 +253,7 @@ def run_stage(run: Run, chain: str, stage: int, resume: bool) -> Path:
     summary = {"stage": stage_name(chain, stage), "iterations": trainer.iterations,
                "final_loss_mean20": sum(r["loss"] for r in final) / max(1, len(final)),
                "seconds": time.perf_counter() - started,
-               "steps": run.config.steps[stage]}
+               "steps": stage_steps(run, stage)}
     from .dist_checkpoint import finish_stage  # gathers a sharded EMA under torchrun
 
     output = finish_stage(run, chain, stage, trainer.ema.state_dict(), summary)
@@ -194,10 +273,13 @@ def import_teacher(run: Run, path: str) -> Path:
     return output
 
 
-def pipeline_plan(config: RunConfig) -> list[tuple[str, int]]:
+def pipeline_plan(config: RunConfig) -> list[tuple[str, Stage]]:
     """Every stage of the embedded pipeline in order: T0, the GPD chain, the vanilla chain."""
     stages = range(1, config.num_stages + 1)
-    return [("gpd", 0)] + [("gpd", k) for k in stages] + [("vanilla", k) for k in stages]
+    guidance: list[tuple[str, Stage]] = [("gpd", GUIDANCE_STAGE)] if config.distill.guidance_stage \
+        else []
+    return ([("gpd", 0)] + guidance + [("gpd", k) for k in stages]
+            + [("vanilla", k) for k in stages])
 
 
 def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from gpd_train.evaluate import (
+from gpd_train.data import ProceduralVideos
+from gpd_train.evaluate import perturbed
+from gpd_train.feature_net import HELD_OUT_OFFSET, feature_net, train_feature_net, video_features
+from gpd_train.metrics import (
+    bootstrap_interval,
     frechet_distance,
     high_frequency_share,
+    mean_interval,
     motion_energy,
     psnr,
-    video_features,
+    psnr_per_video,
 )
 
 
@@ -66,11 +71,85 @@ def test_motion_energy_and_features():
     assert motion_energy(ramp) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="motion energy needs >= 2 frames, got 1"):
         motion_energy(torch.zeros(1, 3, 1, 4, 4))
-    videos = torch.randn(3, 3, 8, 12, 12)
-    features = video_features(videos)
-    assert features.shape == (3, 64) and features.dtype == torch.float64
-    assert torch.equal(features, video_features(videos))  # a fixed extractor
     with pytest.raises(ValueError, match=r"videos must be a \[N, C, T, H, W\] tensor"):
-        video_features(torch.zeros(3, 8, 12, 12))
+        motion_energy(torch.zeros(3, 8, 12, 12))
     with pytest.raises(ValueError, match="must have the same shape"):
         psnr(torch.zeros(1, 3, 2, 4, 4), torch.zeros(1, 3, 2, 4, 5))
+
+
+@pytest.mark.parametrize("count", [2, 7, 96])
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation(count):
+    gen = torch.Generator().manual_seed(count)
+    values = torch.randn(count, generator=gen, dtype=torch.float64) * 3 + 1
+    low, high = mean_interval(values)
+    assert low <= float(values.mean()) <= high
+    if count >= 96:  # large n: the percentile interval ~ mean +- 1.96 sd / sqrt(n)
+        half = 1.96 * float(values.std(correction=0)) / math.sqrt(count)
+        assert (high - low) / 2 == pytest.approx(half, rel=0.2)
+    assert bootstrap_interval(lambda idx: 5.0, count) == (5.0, 5.0)  # a constant statistic
+    with pytest.raises(ValueError, match="at least 2 items"):
+        mean_interval(torch.ones(1))
+
+
+def test_psnr_per_video_is_what_the_mean_averages():
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.rand(5, 3, 2, 4, 4, generator=gen) * 2 - 1
+    out = ref + 0.05 * torch.randn(ref.shape, generator=gen)
+    per_video = psnr_per_video(out, ref)
+    for i in range(5):
+        mse = float(((out[i].double() - ref[i].double()) ** 2).mean())
+        assert float(per_video[i]) == pytest.approx(10 * math.log10(4.0 / mse), rel=1e-12)
+    assert psnr(out, ref) == pytest.approx(float(per_video.mean()), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def videos_and_net():
+    data = ProceduralVideos(8, frames=4, size=12)
+    return data, train_feature_net(data, seed=0, steps=150)
+
+
+def test_feature_net_is_deterministic_and_cached(tmp_path, videos_and_net):
+    data, _ = videos_and_net
+    cache = tmp_path / "net.safetensors"
+    first = feature_net(data, seed=5, cache=cache, steps=20)
+    again = train_feature_net(data, seed=5, steps=20)
+    videos = data.videos(torch.arange(24))
+    assert torch.equal(video_features(first, videos), video_features(again, videos))
+    stamp = cache.stat().st_mtime_ns
+    cached = feature_net(data, seed=5, cache=cache, steps=20)  # read back, not retrained
+    assert cache.stat().st_mtime_ns == stamp
+    assert torch.equal(video_features(cached, videos), video_features(first, videos))
+    other = feature_net(data, seed=6, cache=cache, steps=20)  # another seed retrains
+    assert not torch.equal(video_features(other, videos), video_features(first, videos))
+
+
+def test_learned_fd_tells_held_out_data_from_degraded_videos(videos_and_net):
+    data, net = videos_and_net
+    ids = torch.arange(96)
+    real = video_features(net, data.videos(ids % data.num_prompts + data.num_prompts * 10**6
+                                           + 12 * ids))
+    held_out = data.videos(HELD_OUT_OFFSET - HELD_OUT_OFFSET % 12 + ids)
+    floor = frechet_distance(video_features(net, held_out), real)
+    blurred = torch.nn.functional.avg_pool3d(held_out, (1, 3, 3), 1, (0, 1, 1))
+    frozen = held_out[:, :, :1].expand_as(held_out).contiguous()  # no motion
+    shapes, motions = data.prompt_labels(ids % data.num_prompts)
+    wrong_shape = data.videos(ids + 4)  # same motions, every shape swapped
+    assert bool((data.prompt_labels((ids + 4) % data.num_prompts)[0] != shapes).all())
+    assert bool((data.prompt_labels((ids + 4) % data.num_prompts)[1] == motions).all())
+    for name, videos in (("blurred", blurred), ("frozen", frozen)):
+        assert frechet_distance(video_features(net, videos), real) > 3 * floor, name
+    # The features see shape: a set with the prompt's shape swapped is far from the real set
+    # paired video by video (same motion), while its own distribution is the data's.
+    swapped = video_features(net, wrong_shape)
+    own = video_features(net, held_out)
+    assert float((swapped - real).norm(dim=1).mean()) > 1.5 * float((own - real).norm(dim=1)
+                                                                     .mean())
+
+
+def test_ceiling_perturbation_scales_every_weight():
+    model = torch.nn.Linear(64, 64)
+    noisy = perturbed(model, 0.01, seed=0)
+    ratio = (noisy.weight / model.weight).detach()
+    assert float((ratio - 1).std()) == pytest.approx(0.01, rel=0.1)
+    assert torch.equal(perturbed(model, 0.01, seed=0).weight, noisy.weight)
+    assert not torch.equal(model.weight, noisy.weight)

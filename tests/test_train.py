@@ -6,15 +6,16 @@ import pytest
 import torch
 
 import gpd_train.checkpoint as checkpoint_module
-from gpd_model import euler_step, get_preset, guided_velocity, sigma_grid
+from gpd_model import add_guidance_input, euler_step, get_preset, guided_velocity, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.checkpoint import CheckpointError, CheckpointStore, load_exact
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
 from gpd_train.evaluate import evaluate_run
 from gpd_train.loop import NonFiniteLossError
-from gpd_train.objectives import online_target
+from gpd_train.objectives import StageTeacher, teacher_target
 from gpd_train.pipeline import (
+    GUIDANCE_STAGE,
     MissingStageError,
     Run,
     build_distill,
@@ -57,7 +58,7 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
                                  "distill.freq_weight": [0.0, 0.0, 1.0]})
     with_random_stages(run, "gpd", stage - 1)
     trainer = build_distill(run, "gpd", stage)
-    teacher, student = trainer.objective.teacher, trainer.model
+    teacher, student = trainer.objective.teacher.model, trainer.model
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
     before_teacher, before_student = snapshot(teacher), snapshot(student)
@@ -68,7 +69,10 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
     assert all(torch.equal(before_teacher[k], v) for k, v in teacher.state_dict().items())
     changed = [k for k, v in student.state_dict().items() if not torch.equal(before_student[k], v)]
     assert len(changed) > len(before_student) // 2
-    assert (trainer.objective.guidance is not None) == (stage == 1)  # CFG only from T0
+    # CFG only from T0: a CFG pair at w = 1.5 in stage 1, a single plain forward after.
+    assert (trainer.objective.teacher.negative is not None) == (stage == 1)
+    assert trainer.objective.guidance.low == trainer.objective.guidance.high == (
+        1.5 if stage == 1 else 1.0)
 
 
 def test_stage0_step_trains_the_teacher_with_cfg_dropout(tmp_path):
@@ -82,51 +86,79 @@ def test_stage0_step_trains_the_teacher_with_cfg_dropout(tmp_path):
 
 
 @pytest.mark.parametrize("guided", [True, False])
-def test_online_target_equals_two_explicit_teacher_euler_steps(tmp_path, guided):
+def test_double_step_target_equals_two_explicit_teacher_euler_steps(tmp_path, guided):
     run = micro_run(tmp_path)
     teacher = run.new_model().eval()
     torch.manual_seed(1)
     batch = 3
     x_a = torch.randn(batch, 3, 4, 8, 8)
     context = torch.randn(batch, 4, run.dit_config.text_dim)
-    neg = torch.randn(batch, 4, run.dit_config.text_dim) if guided else None
-    guidance = torch.tensor([1.0, 3.5, 7.0]) if guided else None
+    neg = torch.randn(4, run.dit_config.text_dim) if guided else None
+    guidance = torch.tensor([1.0, 3.5, 7.0])
     grid = sigma_grid(6, 3.0).float()
     index = torch.tensor([0, 1, 2])  # a batch mixing grid indices
     s_a, s_b, s_c = grid[2 * index], grid[2 * index + 1], grid[2 * index + 2]
-    u_star = online_target(teacher, x_a, context, neg, guidance, s_a, s_b, s_c)
+    u_star = teacher_target(StageTeacher(teacher, neg), x_a, context, guidance, s_a, s_b, s_c)
+    explicit_neg = neg.expand(batch, -1, -1) if guided else None
+    explicit_w = guidance if guided else None
     with torch.no_grad():
-        g1 = guided_velocity(teacher, x_a, s_a, context, neg, guidance)
+        g1 = guided_velocity(teacher, x_a, s_a, context, explicit_neg, explicit_w)
         x_b = euler_step(x_a, g1, s_a, s_b)
-        g2 = guided_velocity(teacher, x_b, s_b, context, neg, guidance)
+        g2 = guided_velocity(teacher, x_b, s_b, context, explicit_neg, explicit_w)
         x_c = euler_step(x_b, g2, s_b, s_c)
     got = x_a + (s_c - s_a).view(-1, 1, 1, 1, 1) * u_star
     torch.testing.assert_close(got, x_c, atol=2e-5, rtol=1e-5)
 
 
-def test_online_target_rejects_half_a_cfg_pair(tmp_path):
+def test_guided_target_equals_two_explicit_forwards(tmp_path):
+    """The guidance stage's target: u_uncond + w (u_cond - u_uncond), forward by forward."""
     run = micro_run(tmp_path)
+    teacher = run.new_model().eval()
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 4, 8, 8)
+    context = torch.randn(3, 4, run.dit_config.text_dim)
+    neg = torch.randn(4, run.dit_config.text_dim)
+    guidance = torch.tensor([1.0, 2.25, 3.0])
+    sigma, sigma_next = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.8, 0.4, 0.0])
+    got = teacher_target(StageTeacher(teacher, neg), x, context, guidance, sigma, sigma_next)
+    with torch.no_grad():
+        timestep = 1000 * sigma
+        u_cond = teacher(x, timestep, context).double()
+        u_uncond = teacher(x, timestep, neg.expand(3, -1, -1)).double()
+    want = u_uncond + guidance.double().view(-1, 1, 1, 1, 1) * (u_cond - u_uncond)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_input_teacher_takes_w_in_one_forward(tmp_path):
+    run = micro_run(tmp_path)
+    teacher = add_guidance_input(run.new_model()).eval()
+    torch.nn.init.normal_(teacher.guidance_embedding.mlp[2].weight)  # make w matter
     x = torch.randn(2, 3, 4, 8, 8)
     context = torch.randn(2, 4, run.dit_config.text_dim)
-    s = torch.tensor([0.5, 0.5])
-    with pytest.raises(ValueError, match="guidance and neg_context must be given together"):
-        online_target(run.new_model(), x, context, None, torch.ones(2), s, s, s)
+    sigma, sigma_next = torch.tensor([0.7, 0.3]), torch.tensor([0.6, 0.2])
+    guidance = torch.tensor([1.0, 3.0])
+    got = teacher_target(StageTeacher(teacher), x, context, guidance, sigma, sigma_next)
+    with torch.no_grad():
+        want = teacher(x, 1000 * sigma, context, guidance=guidance)
+        other = teacher(x, 1000 * sigma, context, guidance=guidance.flip(0))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(got, other, atol=1e-3)
 
 
 def test_stage_grids_are_even_points_of_the_previous_grid(tmp_path):
     run = micro_run(tmp_path, steps=[48, 24, 12, 6], **{"distill.iterations": [1, 1, 1],
                                                         "vanilla.iterations": [1, 1, 1]})
     with_random_stages(run, "gpd", 2)
-    objectives = [build_distill(run, "gpd", k).objective for k in (1, 2, 3)]
-    assert [o.steps for o in objectives] == [24, 12, 6]
-    assert torch.equal(objectives[0].teacher_grid, sigma_grid(48, 3.0).float())
-    for obj in objectives:
-        assert torch.equal(obj.student_grid, obj.teacher_grid[::2])
-    for previous, current in zip(objectives, objectives[1:], strict=False):
-        assert torch.equal(current.teacher_grid, previous.student_grid)
+    grids = [build_distill(run, "gpd", k).objective.grid for k in (1, 2, 3)]
+    assert [g.steps for g in grids] == [24, 12, 6]
+    assert torch.equal(grids[0].teacher, sigma_grid(48, 3.0).float())
+    for grid in grids:
+        assert torch.equal(grid.student, grid.teacher[::2])
+    for previous, current in zip(grids, grids[1:], strict=False):
+        assert torch.equal(current.teacher, previous.student)
     index = torch.arange(6)
-    s_a, s_b, s_c = objectives[2].sigmas(index)
-    teacher = objectives[2].teacher_grid
+    s_a, s_b, s_c = grids[2].sigmas(index)
+    teacher = grids[2].teacher
     assert torch.equal(s_a, teacher[2 * index]) and torch.equal(s_c, teacher[2 * index + 2])
     assert bool(((s_a > s_b) & (s_b > s_c)).all())
 
@@ -140,38 +172,48 @@ def test_pipelined_lanes_mix_grid_indices_and_restart(tmp_path):
     indices = [r["mean_index"] for r in trainer.metrics.records()]
     # Lanes start at 0, 1, 2, 3 and advance together, wrapping to fresh noise at the end.
     assert indices == [1.5, 1.5, 1.5]
-    assert sorted(trainer.objective.lanes["index"].tolist()) == [0, 1, 2, 3]
+    assert sorted(trainer.objective.lanes.pool["index"].tolist()) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("source", ["student", "teacher"])
-def test_lane_groups_take_turns_advance_by_the_source_and_restart_fresh(tmp_path, source):
+def test_lane_groups_take_turns_advance_by_the_source_and_restart_fresh(tmp_path, source,
+                                                                       monkeypatch):
     run = micro_run(tmp_path, batch_size=3, **{"distill.lane_groups": 2,
                                                 "distill.state_source": source})
     with_random_stages(run, "gpd", 0)
     objective = build_distill(run, "gpd", 1).objective  # 4 student steps, 6 lanes
-    lanes: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    real_target, real_student = objective._target, objective._student_velocity
+
+    def record(name, real):
+        def wrapped(batch):
+            seen[name] = real(batch).detach()
+            return seen[name]
+        return wrapped
+
+    monkeypatch.setattr(objective, "_target", record("u_star", real_target))
+    monkeypatch.setattr(objective, "_student_velocity", record("u_student", real_student))
+    lanes = objective.lanes
     for update, (group, waiting, after) in enumerate([([0, 2, 4], [1, 3, 5], [1, 2, 3]),
                                                       ([1, 3, 5], [0, 2, 4], [1, 3, 0])]):
-        objective.loss(update + 1)
         if update == 0:
-            lanes = {key: value.clone() for key, value in objective.lanes.items()}
-            assert lanes["index"].tolist() == [0, 0, 1, 2, 2, 3]  # staggered over the grid
+            lanes.start(objective._rollout_step)
+            assert lanes.pool["index"].tolist() == [0, 0, 1, 2, 2, 3]  # staggered over the grid
         group, waiting = torch.tensor(group), torch.tensor(waiting)
-        before = {key: value.clone() for key, value in objective.lanes.items()}
-        assert torch.equal(objective._last["x"], before["x"][group])
-        objective.after_update()
-        for key in ("x", "context", "index"):  # the other group waits its turn
-            assert torch.equal(objective.lanes[key][waiting], before[key][waiting])
-        assert objective.lanes["index"][group].tolist() == after
-        s_a, _, s_c = objective.sigmas(before["index"][group])
-        velocity = objective._last["u_star" if source == "teacher" else "u_student"]
+        before = {key: value.clone() for key, value in lanes.pool.items()}
+        objective.loss(update + 1)
+        for key in ("x", "context", "index", "guidance"):  # the other group waits its turn
+            assert torch.equal(lanes.pool[key][waiting], before[key][waiting])
+        assert lanes.pool["index"][group].tolist() == after
+        s_a, _, s_c = objective.grid.sigmas(before["index"][group])
+        velocity = seen["u_star" if source == "teacher" else "u_student"]
         stepped = before["x"][group] + (s_c - s_a).view(-1, 1, 1, 1, 1) * velocity
         running = torch.tensor(after) > 0
-        assert torch.allclose(objective.lanes["x"][group[running]], stepped[running], atol=1e-6)
+        assert torch.allclose(lanes.pool["x"][group[running]], stepped[running], atol=1e-6)
     # Lane 5 finished on update 2 and restarted from fresh noise.
-    assert not torch.allclose(objective.lanes["x"][5], stepped[2], atol=1e-3)
-    assert objective.lanes["x"][5].std() > 0.5
-    assert int(objective.lanes["group"]) == 0
+    assert not torch.allclose(lanes.pool["x"][5], stepped[2], atol=1e-3)
+    assert lanes.pool["x"][5].std() > 0.5
+    assert int(lanes.pool["group"]) == 0
 
 
 def test_lane_groups_must_be_positive(tmp_path):
@@ -316,13 +358,110 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
         run_stage(run, chain, stage, resume=True)
     report = evaluate_run(run)
     table = report.read_text()
-    for label in ("teacher@8 (ref)", "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1"):
+    for label in ("teacher@8 (ref)", "ceiling: teacher@8, weights x(1+0.01N)",
+                  "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1"):
         assert f"| {label} |" in table
     data = json.loads((report.parent / "report.json").read_text())
-    assert [r["nfe"] for r in data["rows"]] == [16, 8, 4, 2, 1, 4, 2, 1]
+    assert [r["nfe"] for r in data["rows"]] == [16, 16, 8, 4, 2, 1, 4, 2, 1]
     assert data["eval_set"]["guidance"] == run.config.resolved_guidance
-    assert f"teacher CFG scale {run.config.resolved_guidance}" in table
+    assert f"CFG scale {run.config.resolved_guidance}" in table
     assert data["rows"][0]["psnr_db"] is None and data["rows"][1]["psnr_db"] > 0
+    for row in data["rows"][1:]:  # every value inside its own bootstrap interval
+        for key in ("psnr_db", "fd_data", "prompt_acc"):
+            low, high = row[f"{key}_ci"]
+            assert low <= row[key] + 1e-9 and row[key] <= high + 1e-9, (row["model"], key)
+    assert [(c["a"], c["b"], c["metric"]) for c in data["comparisons"]] == [
+        ("GPD@1", "teacher@1 naive", "PSNR (dB)"),
+        ("GPD@1", "teacher@1 naive", "learned FD to data"),
+        ("GPD@1", "vanilla PD@1", "PSNR (dB)"),
+        ("GPD@1", "vanilla PD@1", "learned FD to data")]
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
-    assert len(list(report.parent.glob("*.gif"))) == 8
+    assert (report.parent / "feature_net.safetensors").is_file()
+    assert len(list(report.parent.glob("*.gif"))) == 9
     assert json.loads((run.stage_folder("vanilla", 1) / "done.json").read_text())["iterations"] == 2
+
+
+def guided_run(tmp_path, **overrides) -> Run:
+    return micro_run(tmp_path, **{"distill.guidance_stage": True,
+                                  "distill.guidance_range": [1.0, 3.0],
+                                  "distill.guidance_iterations": 3, **overrides})
+
+
+def test_guidance_stage_starts_as_the_teacher_and_learns_the_guided_velocity(tmp_path):
+    run = guided_run(tmp_path)
+    assert pipeline_plan(run.config)[:3] == [("gpd", 0), ("gpd", GUIDANCE_STAGE), ("gpd", 1)]
+    with_random_stages(run, "gpd", 0)
+    trainer = build_distill(run, "gpd", GUIDANCE_STAGE)
+    objective, student = trainer.objective, trainer.model
+    assert objective.teacher.negative is not None  # T0 as a CFG pair
+    assert objective.grid.steps == 8 and objective.grid.fine_steps == 1
+    x = torch.randn(2, 3, 4, 8, 8)
+    context = torch.randn(2, 4, run.dit_config.text_dim)
+    timestep = torch.tensor([900.0, 100.0])
+    with torch.no_grad():  # zero-initialised: the student is T0 for every w
+        want = objective.teacher.model(x, timestep, context)
+        got = student(x, timestep, context, guidance=torch.tensor([1.0, 3.0]))
+    assert torch.equal(got, want)
+    trainer.run(resume=False)
+    guidance = objective.lanes.pool["guidance"]
+    assert ((guidance >= 1.0) & (guidance <= 3.0)).all() and guidance.unique().numel() > 1
+    output = run_stage(run, "gpd", GUIDANCE_STAGE, resume=True)
+    assert output.parent.name == "guidance"
+    assert run.load_stage_model("gpd", GUIDANCE_STAGE).guidance_embedding is not None
+    assert run.load_stage_model("gpd", GUIDANCE_STAGE, fold_at=2.0).guidance_embedding is None
+
+
+def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
+    run = guided_run(tmp_path)
+    with_random_stages(run, "gpd", 0)
+    run_stage(run, "gpd", GUIDANCE_STAGE, resume=False)
+    for stage in (1, 2):
+        trainer = build_distill(run, "gpd", stage)
+        teacher = trainer.objective.teacher
+        assert teacher.negative is None and teacher.model.guidance_embedding is not None
+        assert trainer.model.guidance_embedding is not None
+        run_stage(run, "gpd", stage, resume=False)
+    # The vanilla chain is unchanged: a CFG pair at the run's scale in stage 1, no input.
+    with_random_stages(run, "vanilla", 0)
+    vanilla = build_distill(run, "vanilla", 1)
+    assert vanilla.model.guidance_embedding is None
+    assert vanilla.objective.teacher.negative is not None
+
+
+def test_guidance_stage_resumes_exactly(tmp_path, monkeypatch):
+    def build(folder):
+        run = guided_run(folder, **{"distill.guidance_iterations": 6})
+        with_random_stages(run, "gpd", 0)
+        return run, build_distill(run, "gpd", GUIDANCE_STAGE)
+
+    _, reference = build(tmp_path / "a")
+    reference.run(resume=False)
+    run, trainer = build(tmp_path / "b")
+    real_loss = trainer.objective.loss
+
+    def crash_at_five(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(step)
+
+    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+    resumed = build_distill(run, "gpd", GUIDANCE_STAGE)
+    resumed.run(resume=True)
+    assert losses(resumed) == losses(reference)
+
+
+def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
+    run = micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.25, 1.0]})
+    with_random_stages(run, "gpd", 2)
+    objectives = [build_distill(run, "gpd", k).objective for k in (1, 2, 3)]
+    assert [o.guidance.low for o in objectives] == [2.0, 1.25, 1.0]
+    assert [o.teacher.negative is not None for o in objectives] == [True, True, False]
+    with pytest.raises(ValueError, match="stage_guidance needs one CFG scale > 0 per stage"):
+        micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.0]})
+    with pytest.raises(ValueError, match="exclude each other"):
+        micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.0, 1.0],
+                               "distill.guidance_stage": True})
+    with pytest.raises(ValueError, match=r"guidance_range must be \[low, high\]"):
+        micro_run(tmp_path, **{"distill.guidance_range": [1.0, float("inf")]})

@@ -1,0 +1,112 @@
+"""Rollout lanes: the online states of a distillation stage, staggered over the student grid.
+
+A pool of ``batch_size * groups`` trajectories, each with its prompt, its CFG scale w and
+its position on the grid. Update ``n`` trains on group ``n % groups`` (every
+``groups``-th lane, so each batch mixes grid indices) and then moves only those lanes one
+student step on, restarting finished ones from fresh noise, prompt and w. With one group,
+consecutive batches are the same trajectories one step on; more groups decorrelate them
+at no extra compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LaneBatch:
+    """The states one update trains on (copies; the pool changes only through ``advance``)."""
+
+    x: torch.Tensor  # [B, C, T, H, W]
+    context: torch.Tensor  # [B, L, D]
+    guidance: torch.Tensor  # [B] the CFG scale each trajectory follows
+    index: torch.Tensor  # [B] student grid index of x
+
+
+# fresh(count) -> (noise, context, guidance) for ``count`` new trajectories
+FreshFn = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# step(batch) -> the states one student step on from ``batch``
+StepFn = Callable[[LaneBatch], torch.Tensor]
+
+_KEYS = ("x", "context", "guidance", "index", "group")
+
+
+class RolloutLanes:
+    def __init__(self, *, batch_size: int, groups: int, steps: int, fresh: FreshFn,
+                 device: torch.device) -> None:
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"lane_groups must be a positive int, got {groups!r}")
+        self.batch_size = batch_size
+        self.groups = groups
+        self.steps = steps
+        self.fresh = fresh
+        self.device = device
+        self.pool: dict[str, torch.Tensor] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.batch_size * self.groups
+
+    @torch.no_grad()
+    def start(self, step: StepFn) -> None:
+        """Fresh lanes at indices spread evenly over the grid, rolled there by ``step``."""
+        x, context, guidance = self.fresh(self.count)
+        index = torch.arange(self.count, device=self.device) * self.steps // self.count
+        for position in range(int(index.max())):
+            active = index > position
+            at = torch.full((int(active.sum()),), position, device=self.device)
+            x[active] = step(LaneBatch(x[active], context[active], guidance[active], at))
+        self.pool = {"x": x, "context": context, "guidance": guidance, "index": index,
+                     "group": torch.zeros((), dtype=torch.long)}
+
+    def _rows(self) -> torch.Tensor:
+        assert self.pool is not None
+        return torch.arange(int(self.pool["group"]), self.count, self.groups,
+                            device=self.device)
+
+    def current(self, step: StepFn) -> LaneBatch:
+        """The group whose turn it is (starting the pool on first use)."""
+        if self.pool is None:
+            self.start(step)
+        assert self.pool is not None
+        rows = self._rows()
+        return LaneBatch(*(self.pool[key][rows] for key in ("x", "context", "guidance", "index")))
+
+    @torch.no_grad()
+    def advance(self, x_next: torch.Tensor) -> None:
+        """Store the current group's next states, restart finished lanes, pass the turn on."""
+        assert self.pool is not None
+        rows = self._rows()
+        index = self.pool["index"][rows] + 1
+        finished = index >= self.steps
+        x_next = x_next.to(self.pool["x"].dtype)
+        context = self.pool["context"][rows]
+        guidance = self.pool["guidance"][rows]
+        if finished.any():
+            noise, fresh_context, fresh_guidance = self.fresh(int(finished.sum()))
+            x_next[finished] = noise.to(x_next.dtype)
+            context[finished] = fresh_context
+            guidance[finished] = fresh_guidance
+            index[finished] = 0
+        for key, value in (("x", x_next), ("context", context), ("guidance", guidance),
+                           ("index", index)):
+            self.pool[key][rows] = value
+        self.pool["group"] = (self.pool["group"] + 1) % self.groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.pool is None else {k: v.cpu() for k, v in self.pool.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self.pool = None
+            return
+        if set(state) != set(_KEYS) or state["x"].shape[0] != self.count:
+            raise ValueError(f"checkpoint rollout lanes do not match this run (keys "
+                             f"{sorted(state)}, expected {sorted(_KEYS)} with {self.count} lanes "
+                             f"= batch {self.batch_size} x {self.groups} groups)")
+        self.pool = {key: value.to(self.device) if key != "group" else value
+                     for key, value in state.items()}

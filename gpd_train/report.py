@@ -1,0 +1,89 @@
+"""The evaluation report as markdown: tables with 95% intervals, then what the columns mean."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "ref"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_interval(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    value = row.get(key)
+    if value is None:
+        return "ref"
+    interval = row.get(f"{key}_ci")
+    if not interval:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+
+
+def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
+    header = ["model", "steps", "CFG", "NFE", "PSNR to ref (dB)"]
+    header += ["learned FD to data", "learned FD to ref"] if builtin else []
+    header += ["HF ratio", "motion ratio"]
+    header += ["prompt acc"] if builtin else []
+    header += ["s/video"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["model"], fmt(row["steps"]), row["cfg"], fmt(row["nfe"]),
+                 fmt_interval(row, "psnr_db")]
+        if builtin:
+            cells += [fmt_interval(row, "fd_data"), fmt(row["fd_ref"], 2)]
+        cells += [fmt(row["hf_ratio"]), fmt(row["motion_ratio"])]
+        cells += [fmt_interval(row, "prompt_acc")] if builtin else []
+        cells += [fmt(row["seconds_per_video"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report's markdown: the tables, the paired comparisons, the columns, the stages."""
+    rows = report["rows"]
+    builtin = "prompt_acc" in rows[0]
+    eval_set = report["eval_set"]
+    lines = ["# GPD evaluation report", "",
+             f"Evaluation set: {eval_set['prompts']} videos (prompts cycled, noise seed "
+             f"{eval_set['noise_seed']}); reference: the teacher at {eval_set['steps']} steps "
+             f"with CFG scale {eval_set['guidance']}; examples shown: "
+             + ", ".join(report["prompts"]) + ".", "",
+             "Each value with its 95% bootstrap interval over videos [low, high].", ""]
+    lines += _table([r for r in rows if r["group"] == "main"], builtin)
+    for group in sorted({r["group"] for r in rows} - {"main"}):
+        lines += ["", f"### {group}", ""]
+        lines += _table([r for r in rows if r["group"] == group], builtin)
+    if report.get("comparisons"):
+        lines += ["", "## Paired differences (same videos resampled for both rows)", "",
+                  "| comparison | metric | difference | 95% interval |", "|---|---|---|---|"]
+        for item in report["comparisons"]:
+            lines.append(f"| {item['a']} - {item['b']} | {item['metric']} | "
+                         f"{fmt(item['value'], 3)} | [{fmt(item['ci'][0], 3)}, "
+                         f"{fmt(item['ci'][1], 3)}] |")
+    lines += ["", "Columns: PSNR of each video to its reference's video from the same noise and "
+              "prompt (range [-1, 1]; the ceiling row is the teacher with 1% multiplicative "
+              "weight noise, what a separately trained network can hope to reach); learned "
+              "FD: Frechet distance of a small video classifier's penultimate features "
+              "(gpd_train/feature_net.py, trained on the data's shape, motion and position "
+              "labels) to real data videos of the same prompts and to the reference set; "
+              "share of spatial spectral energy above half Nyquist, over the reference's; "
+              "mean absolute frame difference, over the reference's; share of videos whose "
+              "recognised shape and motion match the prompt; wall-clock sampling seconds per "
+              "video. VBench is not reported (its models cannot be downloaded here).", "",
+              "## Stages", "",
+              "| stage | steps | iterations | seconds | final loss (mean of last 20) |",
+              "|---|---|---|---|---|"]
+    for name, info in report["stages"].items():
+        lines.append(f"| {name} | {info.get('steps', '')} | {info.get('iterations', 'import')} | "
+                     f"{fmt(info.get('seconds', float('nan')), 0)} | "
+                     f"{fmt(info.get('final_loss_mean20', float('nan')), 5)} |")
+    lines += ["", "Files: contact_sheet.png (one row per model), one GIF per model, "
+              "report.json (everything above, plus the configuration).", ""]
+    return "\n".join(lines)
