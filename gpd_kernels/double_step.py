@@ -36,6 +36,7 @@ from ._checks import check_batched
 from ._registry import register_kernels
 from .reference import (
     cfg_euler_step_reference,
+    check_distinct_sigmas,
     check_guided_inputs,
     double_step_target_reference,
 )
@@ -234,7 +235,8 @@ def double_step_target(g1: torch.Tensor, u_cond: torch.Tensor, u_uncond: torch.T
                        s_c: Scalar) -> torch.Tensor:
     """Velocity u* whose single step from s_a to s_c equals the teacher's two steps (float32)."""
     check_batched("g1", g1)
+    s_a, s_c = _per_sample_tensor("s_a", s_a, g1), _per_sample_tensor("s_c", s_c, g1)
+    check_distinct_sigmas(s_a, s_c)  # the kernels would divide by zero
     return torch.ops.gpd.double_step_target(
         g1, u_cond, u_uncond, _per_sample_tensor("guidance", guidance, g1),
-        _per_sample_tensor("s_a", s_a, g1), _per_sample_tensor("s_b", s_b, g1),
-        _per_sample_tensor("s_c", s_c, g1))
+        s_a, _per_sample_tensor("s_b", s_b, g1), s_c)

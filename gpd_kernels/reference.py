@@ -64,6 +64,17 @@ def check_guided_inputs(lead_name: str, lead: torch.Tensor, u_cond: torch.Tensor
     check_same_device(**{lead_name: lead}, u_cond=u_cond, u_uncond=u_uncond, **scalars)
 
 
+def check_distinct_sigmas(s_a: torch.Tensor, s_c: torch.Tensor) -> None:
+    """u* divides by s_c - s_a: a zero-length double step has no target (it would be NaN)."""
+    if torch.compiler.is_compiling() or s_a.shape != s_c.shape or s_a.device != s_c.device:
+        return  # shape/device errors are check_guided_inputs'; a data check breaks graphs
+    same = s_a == s_c
+    if bool(same.any()):
+        index = int(same.nonzero()[0, 0])
+        raise ValueError(f"double_step_target: s_a must differ from s_c (the step divides by "
+                         f"s_c - s_a), got s_a = s_c = {float(s_a[index])} at sample {index}")
+
+
 def axis_frequency(n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """f(k) = min(k, n - k) / (n / 2) for k in 0..n-1 (n = 1 gives [0])."""
     k = torch.arange(n, dtype=dtype, device=device)
@@ -166,6 +177,7 @@ def double_step_target_reference(g1: torch.Tensor, u_cond: torch.Tensor,
                                  ) -> torch.Tensor:
     """u* = ((s_b - s_a) g1 + (s_c - s_b) g2) / (s_c - s_a), float32; scalars are [B]."""
     check_guided_inputs("g1", g1, u_cond, u_uncond, guidance, s_a=s_a, s_b=s_b, s_c=s_c)
+    check_distinct_sigmas(s_a, s_c)
     g2 = guided_velocity_reference(u_cond, u_uncond, guidance)
     a, b, c = (_per_sample(s, g2) for s in (s_a, s_b, s_c))
     return ((b - a) * g1.to(torch.float32) + (c - b) * g2) / (c - a)

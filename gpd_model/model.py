@@ -261,6 +261,8 @@ class WanDiT(nn.Module):
                 f"got {', '.join(bad)}"
             )
         batch = x.shape[0]
+        if batch == 0:
+            raise ValueError(f"WanDiT: x must hold at least one sample, got shape {tuple(x.shape)}")
         if timestep.shape != (batch,):
             raise ValueError(
                 f"WanDiT: timestep must have shape [{batch}] (one per sample), "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from .config import CHAINS, STATE_SOURCES, RunConfig, load_config
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .loop import NonFiniteLossError
 from .pipeline import GUIDANCE_STAGE, MissingStageError, Run, run_pipeline, run_stage
+from .run_folder import RunFolderError, RunLock, check_run_paths
 from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
@@ -24,6 +26,7 @@ ones resumed. Run-folder layout and TOML keys: see gpd_train/pipeline.py and
 gpd_train/config.py. Examples:
   python -m gpd_train                      # everything, tiny preset, runs/default/
   python -m gpd_train --stage 1 --resume   # continue GPD stage 1 from its last checkpoint
+  python -m gpd_train --stage 1 --restart  # train it again (the old stage1/ is moved aside)
   python -m gpd_train --stage 0 --preset wan2.1-t2v-1.3b --teacher /ckpt/Wan2.1-T2V-1.3B \\
       --data /data/prompt-embeddings --run-dir runs/wan
   torchrun --nproc_per_node 8 -m gpd_train --stage 1 ...   # the same command on 8 GPUs
@@ -65,8 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run every stage (skipping complete ones), then --eval")
     parser.add_argument("--chain", choices=CHAINS, default="gpd",
                         help="which distillation chain --stage runs (vanilla = the ablation)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the stage from its latest checkpoint")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the stage from its newest checkpoint that verifies")
+    again.add_argument("--restart", action="store_true",
+                       help="train the stage again from scratch; its old folder is moved aside "
+                            "to <stage>.old-<time>/ (nothing is deleted)")
     parser.add_argument("--config", metavar="TOML", help="a TOML configuration file")
     parser.add_argument("--compare", action="append", metavar="LABEL=RUN_DIR", default=None,
                         help="with --eval: add RUN_DIR's final GPD student as row LABEL (an "
@@ -127,17 +134,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Flags that only some stages read: given elsewhere they would be silently ignored.
+DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
+                 "distill.iterations": "--iterations", "distill.freq_weight": "--freq-weight",
+                 "distill.guidance_range": "--guidance-range",
+                 "distill.stage_guidance": "--stage-guidance"}
+STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
+
+
+def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """Refuse flags the requested action does not read; returns warnings for harmless ones."""
+    if args.restart and args.stage is None:
+        raise ValueError("--restart applies to one stage: give --stage N (the embedded pipeline "
+                         "retrains stale stages by itself)")
+    if args.compare and not args.eval:
+        raise ValueError("--compare adds rows to the evaluation report: use it with --eval")
+    if args.stage is None:
+        return []
+    distill = sorted(flag for key, flag in DISTILL_FLAGS.items() if key in given)
+    if args.stage == 0 and distill:
+        raise ValueError(f"{', '.join(distill)} not used by stage 0 (the teacher): these set the "
+                         "GPD distillation stages. Stage 0's options are --teacher-iterations "
+                         "and the [stage0] table of a --config TOML file (e.g. lr = 3e-3)")
+    if args.chain == "vanilla" and distill:
+        raise ValueError(f"{', '.join(distill)} set the GPD chain ([distill]); the vanilla chain "
+                         "reads the [vanilla] table of a --config TOML file")
+    return [f"{flag} is ignored by stage {args.stage} (it sets stage 0's training)"
+            for key, flag in STAGE0_FLAGS.items() if key in given and args.stage != 0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    skip = {"stage", "eval", "all", "chain", "resume", "config", "compare", "video_height",
-            "video_width", "video_frames", "video_negative"}
+    skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
+            "video_height", "video_width", "video_frames", "video_negative"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     started = time.perf_counter()
+    held = contextlib.ExitStack()
     try:
+        for warning in check_flag_use(args, set(overrides)):
+            print(f"warning: {warning}", file=sys.stderr)
         config = load_config(args.config, overrides)
+        check_run_paths(config)  # before anything is written or started
         if config.threads:
             torch.set_num_threads(config.threads)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
+        if parallel.is_main():  # one trainer per run folder; ranks of one job share it
+            held.enter_context(RunLock(config.run_dir))
         adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
         if config.prompts is not None:  # one rank encodes; every rank then reads the shards
             config.data = parallel.main_only(
@@ -147,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage != GUIDANCE_STAGE and not 0 <= args.stage <= config.num_stages:
                 raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in "
                                  f"0..{config.num_stages}, got {args.stage}")
-            output = run_stage(Run(config), args.chain, args.stage, resume=args.resume)
+            output = run_stage(Run(config), args.chain, args.stage, resume=args.resume,
+                               restart=args.restart)
             print(f"stage {args.stage} output: {output}")
             return 0
         if args.eval:
@@ -157,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             report = evaluate_run(Run(config), compare) if parallel.is_main() else None
         else:
             report = run_pipeline(config, resume=True)
-    except (MissingStageError, NonFiniteLossError, CheckpointError, ValueError) as exc:
+    except (MissingStageError, NonFiniteLossError, CheckpointError, RunFolderError, ValueError,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        held.close()
         parallel.teardown()
     print(f"report: {report}  ({time.perf_counter() - started:.0f} s)")
     print(report.read_text() if report is not None else "")

@@ -106,6 +106,17 @@ def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Ten
             value.copy_(state[key])
 
 
+def check_run_metadata(source: Path, saved: dict[str, str], expected: dict[str, str]) -> None:
+    """Refuse a checkpoint written for another stage, model shape or stage teacher."""
+    for key in ("stage", "dit_config", "teacher_sha256"):
+        if key == "teacher_sha256" and (key not in saved or key not in expected):
+            continue  # a checkpoint from before teachers were recorded
+        if saved.get(key) != expected.get(key):
+            raise CheckpointError(
+                f"checkpoint {source} was written for {key}={saved.get(key)!r}, this run has "
+                f"{expected.get(key)!r}; start the stage over with --restart (moves it aside)")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -133,9 +144,49 @@ class CheckpointStore:
             raise CheckpointError(f"{self._pointer} points to {target}, which does not exist")
         return target
 
-    def clear(self) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
+    def steps(self) -> list[Path]:
+        """Every checkpoint folder, newest first (verified or not)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted((p for p in self.folder.iterdir()
+                       if p.name.startswith("step-") and p.is_dir()), reverse=True)
+
+    def candidates(self) -> list[Path]:
+        """Where to resume from, in order: the ``latest`` pointer's target, then the rest."""
+        try:
+            pointed = self.latest()
+        except (CheckpointError, OSError, UnicodeDecodeError):
+            pointed = None
+        rest = [p for p in self.steps() if p != pointed]
+        return ([pointed] if pointed is not None else []) + rest
+
+    def load_newest_valid(self) -> tuple[Path, list[str], tuple[
+            int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any],
+            dict[str, str]]]:
+        """(path, problems, loaded) of the newest checkpoint that verifies.
+
+        ``problems`` says why the ``latest`` pointer and any newer checkpoint were passed
+        over; those checkpoints are renamed ``corrupt-step-*`` (kept, never pruned) so that
+        a resumed run's next save cannot overwrite them.
+        """
+        problems = []
+        try:
+            if self.latest() is None:
+                problems.append(f"{self._pointer} is missing")
+        except (CheckpointError, OSError, UnicodeDecodeError) as exc:
+            problems.append(str(exc))
+        for path in self.candidates():
+            try:
+                return path, problems, self.load(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                aside = path.with_name(f"corrupt-{path.name}")
+                if not aside.exists():
+                    os.replace(path, aside)
+                    problems[-1] += f" (kept as {aside.name})"
+        raise CheckpointError(f"no checkpoint in {self.folder} verifies:\n  "
+                              + "\n  ".join(problems)
+                              + "\nstart the stage over with --restart (moves it aside)")
 
     def save(self, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
              state: dict[str, Any], metadata: dict[str, str]) -> Path:

@@ -183,38 +183,30 @@ class RunConfig:
 
     def validate(self) -> None:
         steps = self.steps
-        if len(steps) < 2 or any(not isinstance(k, int) or k < 1 for k in steps):
+        if (not isinstance(steps, list) or len(steps) < 2
+                or any(not _is_int(k) or k < 1 for k in steps)):
             raise ValueError(f"steps must list >= 2 positive ints, got {steps!r}")
+        self._check_numbers()
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
             if teacher_steps != 2 * student_steps:
                 raise ValueError(f"steps must halve stage by stage; stage {k + 1} has "
                                  f"{teacher_steps} -> {student_steps} (expected "
                                  f"{teacher_steps} -> {teacher_steps // 2})")
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
-        for name in ("batch_size", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         self.parallel.validate()
         if self.prompts is not None and self.teacher is None:
             raise ValueError(f"prompts ({self.prompts!r}) are encoded by the teacher's "
                              "Wan2.1-T2V-Diffusers folder: give teacher too")
-        if not self.resolved_shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift!r}")
-        if not self.resolved_guidance > 0:
-            raise ValueError(f"guidance must be > 0 (1 = no guidance), got {self.guidance!r}")
-        for section in (self.stage0, self.distill, self.vanilla):
-            if not 0 < section.final_lr_ratio <= 1:
-                raise ValueError(f"final_lr_ratio must be in (0, 1], got {section.final_lr_ratio}")
+        if self.shift is not None:
+            check_number("shift", self.shift, low=0, low_open=True)
+        if self.guidance is not None:
+            check_number("guidance", self.guidance, low=0, low_open=True,
+                         note=" (1 = no guidance)")
         values = self.eval.guidance_values
         if not isinstance(values, (list, tuple)) or not all(_finite_scale(w) for w in values):
             raise ValueError(f"eval.guidance_values must be a list of CFG scales > 0, got "
                              f"{values!r}")
-        if not 0 <= self.stage0.cfg_dropout < 1:
-            raise ValueError(f"stage0.cfg_dropout must be in [0, 1), got {self.stage0.cfg_dropout}")
         for name in CHAINS:
             chain = self.chain(name)
             stages = self.num_stages
@@ -223,7 +215,7 @@ class RunConfig:
                                  f"{chain.state_source!r}")
             for key in ("iterations", "freq_weight"):
                 values = getattr(chain, key)
-                if len(values) != stages:
+                if not isinstance(values, list) or len(values) != stages:
                     raise ValueError(f"{name}.{key} needs one entry per stage ({stages}), got "
                                      f"{values!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
@@ -231,17 +223,106 @@ class RunConfig:
                 section = "distill" if name == "gpd" else name  # the TOML table
                 raise ValueError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
-            if any(int(n) < 1 for n in chain.iterations):
-                raise ValueError(f"{name}.iterations must be positive, got {chain.iterations!r}")
-            if any(float(w) < 0 for w in chain.freq_weight):
-                raise ValueError(f"{name}.freq_weight must be >= 0, got {chain.freq_weight!r}")
             _check_guidance_options(name, chain, self.num_stages)
+
+    def _check_numbers(self) -> None:
+        """Every number finite, in range, and an int where an int is meant (TOML and flags
+        alike: a string or 1.5 where a count belongs is refused here, not deep in training)."""
+        check_number("seed", self.seed, integer=True)
+        for key in ("batch_size", "checkpoint_every"):
+            check_number(key, getattr(self, key), integer=True, low=1)
+        check_number("threads", self.threads, integer=True, low=0)
+        check_number("stage0.iterations", self.stage0.iterations, integer=True, low=1)
+        for section, values in (("stage0", self.stage0), ("distill", self.distill),
+                                ("vanilla", self.vanilla)):
+            check_number(f"{section}.lr", values.lr, low=0, low_open=True)
+            check_number(f"{section}.warmup", values.warmup, integer=True, low=0)
+            check_number(f"{section}.final_lr_ratio", values.final_lr_ratio, low=0, high=1,
+                         low_open=True)
+            check_number(f"{section}.ema_decay", values.ema_decay, low=0, high=1,
+                         high_open=True)
+        check_number("stage0.cfg_dropout", self.stage0.cfg_dropout, low=0, high=1,
+                     high_open=True)
+        for section, values in (("distill", self.distill), ("vanilla", self.vanilla)):
+            if not isinstance(values.guidance_stage, bool):
+                raise ValueError(f"{section}.guidance_stage must be true or false, got "
+                                 f"{values.guidance_stage!r}")
+            check_numbers(f"{section}.iterations", values.iterations, integer=True, low=1)
+            check_numbers(f"{section}.freq_weight", values.freq_weight, low=0)
+            for key in ("freq_alpha_s", "freq_alpha_t", "freq_gamma"):
+                check_number(f"{section}.{key}", getattr(values, key), low=0)
+        for key in ("prompts", "batch_size", "examples"):
+            check_number(f"eval.{key}", getattr(self.eval, key), integer=True, low=1)
+        check_number("eval.seed", self.eval.seed, integer=True)
+        for key in ("run_dir", "preset", "device", "precision"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        for key in ("data", "teacher", "prompts"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a path (a string), got {getattr(self, key)!r}")
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(where: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 note: str = "") -> None:
+    """Refuse ``value`` unless it is a finite number (an int with ``integer``) in range.
+
+    The one rule set for the trainer's flags and TOML keys and the sampler's flags.
+    """
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+    text = " and ".join(bounds)
+    if not (_is_int(value) if integer else (isinstance(value, (int, float))
+                                            and not isinstance(value, bool)
+                                            and math.isfinite(value))):
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"{where} must be {kind}{' ' + text if text else ''}{note}, got "
+                         f"{value!r}")
+    in_range = ((low is None or (value > low if low_open else value >= low))
+                and (high is None or (value < high if high_open else value <= high)))
+    if not in_range:
+        raise ValueError(f"{where} must be {text}{note}, got {value!r}")
+
+
+def check_numbers(where: str, values: Any, **rule: Any) -> None:
+    """``check_number`` for each entry of the list ``values`` (named ``where[i]``)."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{where} must be a list, got {values!r}")
+    for index, value in enumerate(values):
+        check_number(f"{where}[{index}]", value, **rule)
+
+
+def check_device(name: str) -> None:
+    """``auto`` or a torch device this machine has (cpu, cuda, cuda:N)."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"device {name!r} requested, but this machine has {count} CUDA "
+                             "device(s); use --device cpu or auto")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _finite_scale(value: Any) -> bool:

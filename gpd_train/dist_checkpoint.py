@@ -46,7 +46,7 @@ from gpd_model import (
 )
 
 from . import parallel
-from .checkpoint import CheckpointError, CheckpointStore, atomic_write_text
+from .checkpoint import CheckpointError, CheckpointStore, atomic_write_text, check_run_metadata
 from .parallel import StreamGroup
 
 FORMAT = "dcp"
@@ -165,13 +165,9 @@ def restore(trainer: Any, path: Path) -> None:
     """Load DCP checkpoint ``path`` into ``trainer`` on any number of ranks (a collective)."""
     if not is_dcp(path):
         raise CheckpointError(f"checkpoint {path} was written by a single-process run: resume "
-                              "it without torchrun, or start the stage over without --resume")
+                              "it without torchrun, or start the stage over with --restart")
     manifest = read_manifest(path)
-    for key in ("stage", "dit_config"):
-        if manifest["metadata"].get(key) != trainer.metadata.get(key):
-            raise ValueError(
-                f"checkpoint {path} was written for {key}={manifest['metadata'].get(key)!r}, "
-                f"this run has {trainer.metadata.get(key)!r}; start over without --resume")
+    check_run_metadata(path, manifest["metadata"], trainer.metadata)
     layout = _layout(trainer)
     saved = {key: int(manifest[key]) for key in layout}
     if saved != layout:

@@ -120,7 +120,9 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
         raise SampleError(f"{run_dir} is not a gpd_train run folder (no config.json with the "
                           "run's steps); pass the --run-dir of `python -m gpd_train`")
     run = loaded.run_config
-    steps, shift = run.steps[loaded.stage], run.resolved_shift
+    trained_steps, trained_shift = loaded.grid()  # the stage's own, from its done.json
+    steps = trained_steps or run.steps[loaded.stage]
+    shift = trained_shift or run.resolved_shift
     vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
     if vae_channels != loaded.model.cfg.in_channels:
         raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "

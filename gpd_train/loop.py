@@ -18,7 +18,14 @@ import torch
 from tqdm import tqdm
 
 from . import parallel
-from .checkpoint import CheckpointStore, atomic_write_text, load_exact, load_exact_state
+from .checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    atomic_write_text,
+    check_run_metadata,
+    load_exact,
+    load_exact_state,
+)
 
 GRAD_CLIP = 1.0
 
@@ -89,9 +96,25 @@ class MetricsLog:
         if keep_until_step is None or not self.path.exists():
             self.path.unlink(missing_ok=True)
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        kept = [line for line, record in self._parsed(warn=True)
+                if record.get("step", 0) <= keep_until_step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def _parsed(self, warn: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(line, record) pairs; a torn last line (a kill mid-write) is dropped."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                if number == len(lines):
+                    if warn:
+                        tqdm.write(f"warning: {self.path} ends in a torn line ({line[:40]!r}"
+                                   "...), left by a killed run; it is cut off")
+                    return
+                raise ValueError(f"{self.path} line {number} is not JSON ({exc}): "
+                                 f"{line[:60]!r}") from None
+            yield line, record
 
     def log(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +123,8 @@ class MetricsLog:
 
     def records(self) -> Iterator[dict[str, Any]]:
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    yield json.loads(line)
+            for _, record in self._parsed():
+                yield record
 
 
 class StageTrainer:
@@ -134,17 +156,15 @@ class StageTrainer:
     def _restore(self) -> None:
         from .dist_checkpoint import is_dcp, restore
 
-        latest = self.checkpoints.latest()
-        if parallel.world().distributed or is_dcp(latest):
-            restore(self, latest)  # sharded (DCP); any number of ranks
+        newest = self.checkpoints.candidates()[0]
+        if parallel.world().distributed or is_dcp(newest):
+            restore(self, newest)  # sharded (DCP); any number of ranks
             return
-        step, model, ema, state, meta = self.checkpoints.load()
-        for key in ("stage", "dit_config"):
-            if meta.get(key) != self.metadata.get(key):
-                raise ValueError(
-                    f"checkpoint {self.checkpoints.folder} was written for {key}="
-                    f"{meta.get(key)!r}, this run has {self.metadata.get(key)!r}; start over "
-                    "without --resume")
+        path, problems, (step, model, ema, state, meta) = self.checkpoints.load_newest_valid()
+        if problems:
+            tqdm.write(f"[{self.name}] warning: " + "; ".join(problems)
+                       + f"; resuming from {path.name}, the newest checkpoint that verifies")
+        check_run_metadata(path, meta, self.metadata)
         load_exact(self.model, model, self.checkpoints.folder)
         load_exact_state(self.ema.shadow, ema, self.checkpoints.folder)
         self.ema.updates = int(state["ema_updates"])
@@ -165,12 +185,21 @@ class StageTrainer:
                               self.metadata)
 
     def run(self, resume: bool) -> None:
-        if resume and self.checkpoints.latest() is not None:
+        """Train to ``iterations``; ``resume`` continues from the newest good checkpoint.
+
+        Without ``resume`` the stage must hold no checkpoint: they are never deleted here
+        (gpd_train.pipeline.run_stage moves a stage aside on --restart).
+        """
+        if resume and self.checkpoints.steps():
             self._restore()
             parallel.main_only(self.metrics.reset, keep_until_step=self.step)
             tqdm.write(f"[{self.name}] resumed from step {self.step}")
         else:
-            parallel.main_only(self.checkpoints.clear)
+            if self.checkpoints.steps():
+                raise CheckpointError(
+                    f"[{self.name}] {self.checkpoints.folder} already holds checkpoints "
+                    f"({self.checkpoints.steps()[0].name}); continue with --resume, or "
+                    "start over with --restart (moves the stage aside)")
             parallel.main_only(self.metrics.reset)
         bar = tqdm(total=self.iterations, initial=self.step, desc=self.name, unit="it",
                    mininterval=2.0, dynamic_ncols=True, disable=not parallel.is_main())
@@ -179,8 +208,16 @@ class StageTrainer:
                 self._train_step(bar)
         finally:
             bar.close()
-        if self.checkpoints.latest() is None or self.step % self.checkpoint_every:
+        latest = self._latest()
+        if latest is None or latest.name != f"step-{self.step:08d}":
             self._save()
+
+    def _latest(self) -> Path | None:
+        """The ``latest`` pointer's checkpoint; None when it is missing or broken."""
+        try:
+            return self.checkpoints.latest()
+        except (CheckpointError, OSError, UnicodeDecodeError):
+            return None
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``final_lr_ratio * lr`` at the last step."""
@@ -220,7 +257,7 @@ class StageTrainer:
     def _guard(self, value: torch.Tensor, step: int, what: str) -> None:
         if parallel.all_finite(value):
             return
-        latest = self.checkpoints.latest()
+        latest = self._latest()
         kept = (f"the last good checkpoint {latest} is intact" if latest is not None
                 else "no checkpoint had been written yet")
         raise NonFiniteLossError(

@@ -10,7 +10,9 @@ Layout of a run folder::
     eval/                        report.md, report.json, contact_sheet.png, *.gif
 
 Each stage folder holds ``model.safetensors`` (the stage output: the EMA weights),
-``done.json`` (written last: the stage is complete), ``metrics.jsonl`` and ``ckpt/``.
+``done.json`` (written last: the stage is complete; its SHA-256, its stage teacher's and
+the options that shaped it, see gpd_train.run_folder), ``metrics.jsonl`` and ``ckpt/``.
+A stage is never deleted: ``--restart`` moves it aside to ``<stage>.old-<time>/``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from tqdm import tqdm
 
 from gpd_model import DiTConfig, WanDiT, add_guidance_input, fold_guidance, get_preset
 
-from .checkpoint import atomic_write_text, load_exact, load_weights, read_metadata, save_weights
+from .checkpoint import (
+    atomic_write_text,
+    load_exact,
+    load_weights,
+    read_metadata,
+    save_weights,
+    sha256_file,
+)
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import StageTrainer, resolve_device
@@ -38,6 +47,14 @@ from .objectives import (
     StageTeacher,
 )
 from .parallel import is_main, main_only, prepare_teacher, shard_student, stream_objectives
+from .run_folder import (
+    RunFolderError,
+    StageExistsError,
+    StaleStageError,
+    move_aside,
+    read_record,
+    verify_output,
+)
 from .wan_folder import teacher_dit_config, transformer_folder
 
 
@@ -83,6 +100,78 @@ class Run:
         folder = self.stage_folder(chain, stage)
         return (folder / "done.json").is_file() and (folder / "model.safetensors").is_file()
 
+    def command(self, chain: str, stage: Stage) -> str:
+        """The command line that (re)runs a stage of this run folder."""
+        default = str(self.folder) == RunConfig.run_dir
+        return stage_command(chain, stage) + ("" if default else f" --run-dir {self.folder}")
+
+    def record(self, chain: str, stage: Stage) -> dict[str, Any]:
+        """The finished stage's done.json (its summary and provenance)."""
+        return read_record(self.stage_folder(chain, stage))
+
+    def output_sha256(self, chain: str, stage: Stage) -> str:
+        """The recorded SHA-256 of a finished stage's output (hashed when not recorded)."""
+        return self.record(chain, stage).get("sha256") or sha256_file(
+            self.stage_folder(chain, stage) / "model.safetensors")
+
+    def stale_reason(self, chain: str, stage: Stage) -> str | None:
+        """Why a finished stage no longer follows from its stage teacher (None: it does).
+
+        A stage is stale when the teacher it recorded is gone, stale itself, another stage
+        (e.g. a guidance stage was switched on) or has another SHA-256 (retrained). Stage
+        records from before provenance was kept carry no teacher hash and are trusted.
+        """
+        if stage == 0:
+            return None
+        recorded = self.record(chain, stage)
+        if "teacher_sha256" not in recorded:
+            return None
+        previous = self.previous_stage(chain, stage)
+        name = stage_name(chain, previous)
+        if recorded.get("teacher") != name:
+            return (f"it was distilled from {recorded.get('teacher')}, this run's stage teacher "
+                    f"is {name}")
+        if not self.is_done(chain, previous):
+            return f"its stage teacher {name} is no longer complete"
+        reason = self.stale_reason(chain, previous)
+        if reason is not None:
+            return f"its stage teacher {name} is stale ({reason})"
+        current = self.output_sha256(chain, previous)
+        if current != recorded["teacher_sha256"]:
+            return (f"its stage teacher {name} changed since (SHA-256 "
+                    f"{recorded['teacher_sha256'][:12]}... then, {current[:12]}... now)")
+        return None
+
+    def stage_options(self, chain: str, stage: Stage) -> dict[str, Any]:
+        """What shaped a stage beyond its teacher: the grid and the guidance it absorbed."""
+        cfg = self.config
+        options: dict[str, Any] = {"shift": cfg.resolved_shift,
+                                   "steps": stage_steps(self, stage)}
+        if stage == 0:
+            return {**options, "guidance": cfg.resolved_guidance}
+        chain_cfg = cfg.chain(chain)
+        if stage == GUIDANCE_STAGE or self.guidance_input(chain, stage):
+            guidance: Any = [float(w) for w in chain_cfg.guidance_range]
+        else:
+            guidance = cfg.stage_guidance(chain)[int(stage) - 1]
+        return {**options, "teacher_steps": stage_steps(self, self.previous_stage(chain, stage)),
+                "guidance": guidance, "guidance_input": self.guidance_input(chain, stage),
+                "state_source": chain_cfg.state_source}
+
+    def _check_grid(self, chain: str, stage: Stage, recorded: dict[str, Any]) -> None:
+        """A distilled stage samples only on the grid it learned (shift and steps)."""
+        options = recorded.get("options")
+        if stage == 0 or not isinstance(options, dict):
+            return  # the teacher samples at any grid; old records carry no options
+        want = {"shift": self.config.resolved_shift, "steps": stage_steps(self, stage)}
+        for key, value in want.items():
+            if key in options and options[key] != value:
+                raise RunFolderError(
+                    f"{stage_name(chain, stage)} was distilled with {key} {options[key]} "
+                    f"({self.stage_folder(chain, stage) / 'done.json'}); this run asks for "
+                    f"{key} {value}. Drop the option that changed it (--shift, steps), or "
+                    "train another --run-dir")
+
     def has_guidance_stage(self, chain: str) -> bool:
         return chain == "gpd" and self.config.chain(chain).guidance_stage
 
@@ -107,20 +196,28 @@ class Run:
         torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
         return WanDiT(self.dit_config).to(self.device)
 
-    def load_stage_model(self, chain: str, stage: Stage,
-                         fold_at: float | None = None) -> WanDiT:
-        """The output (EMA weights) of a finished stage; a clear error when it is missing.
+    def load_stage_model(self, chain: str, stage: Stage, fold_at: float | None = None,
+                         check_grid: bool = True) -> WanDiT:
+        """The output (EMA weights) of a finished, current stage, verified against the
+        SHA-256 in its done.json; a clear error when it is missing, stale or corrupt.
 
         A model with a guidance input (the guidance stage and the students after it) keeps
         it, or with ``fold_at`` = w becomes a plain Wan2.1 model sampling at that CFG scale.
+        ``check_grid`` refuses a distilled stage whose shift/steps differ from this run's
+        (callers that take the grid from the stage record, like the sampler, skip it).
         """
         if not self.is_done(chain, stage):
             raise MissingStageError(
                 f"{stage_name(chain, stage)} is not complete in {self.folder} (no "
                 f"{self.stage_folder(chain, stage) / 'done.json'}); run "
-                f"`{stage_command(chain, stage)}"
-                f"{'' if str(self.folder) == 'runs/default' else ' --run-dir ' + str(self.folder)}`"
-                " first")
+                f"`{self.command(chain, stage)}` first")
+        reason = self.stale_reason(chain, stage)
+        if reason is not None:
+            raise StaleStageError(f"{stage_name(chain, stage)} is stale: {reason}; retrain it "
+                                  f"with `{self.command(chain, stage)} --restart`")
+        if check_grid:
+            self._check_grid(chain, stage, self.record(chain, stage))
+        verify_output(self.stage_folder(chain, stage))
         path = self.stage_folder(chain, stage) / "model.safetensors"
         meta = read_metadata(path)
         expected = self.metadata(chain, stage)["dit_config"]
@@ -137,12 +234,21 @@ class Run:
 
     def finish_stage(self, chain: str, stage: Stage, weights: dict[str, torch.Tensor],
                      summary: dict[str, Any]) -> Path:
+        """Write the stage output, then done.json with its provenance (``summary`` may
+        carry ``teacher_sha256``, the teacher hash the stage started from)."""
         folder = self.stage_folder(chain, stage)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "done.json").unlink(missing_ok=True)
-        save_weights(folder / "model.safetensors", weights, self.metadata(chain, stage))
-        atomic_write_text(folder / "done.json", json.dumps(summary, indent=1, sort_keys=True))
-        return folder / "model.safetensors"
+        output = folder / "model.safetensors"
+        save_weights(output, weights, self.metadata(chain, stage))
+        record = {"options": self.stage_options(chain, stage), **summary,
+                  "sha256": sha256_file(output)}
+        if stage != 0:
+            previous = self.previous_stage(chain, stage)
+            record["teacher"] = stage_name(chain, previous)
+            record.setdefault("teacher_sha256", self.output_sha256(chain, previous))
+        atomic_write_text(folder / "done.json", json.dumps(record, indent=1, sort_keys=True))
+        return output
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -151,14 +257,16 @@ class Run:
 
 def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objective: Any,
              iterations: int, optim: Stage0Config | DistillConfig,
-             generator: torch.Generator) -> StageTrainer:
+             generator: torch.Generator, teacher_sha256: str | None = None) -> StageTrainer:
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
+    # The teacher's hash goes into every checkpoint: resuming under another teacher is refused.
+    teacher = {} if teacher_sha256 is None else {"teacher_sha256": teacher_sha256}
     return StageTrainer(
         name=stage_name(chain, stage), model=model, objective=objective,
         folder=run.stage_folder(chain, stage), iterations=iterations, lr=optim.lr,
         warmup=optim.warmup, final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
-        metadata=run.metadata(chain, stage))
+        metadata={**run.metadata(chain, stage), **teacher})
 
 
 def stage_generator(run: Run, chain: str, stage: Stage) -> torch.Generator:
@@ -209,7 +317,8 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
                          "= true in the TOML file)")
     chain_cfg = cfg.chain(chain)
     previous = run.previous_stage(chain, stage)
-    student = run.load_stage_model(chain, previous)
+    student = run.load_stage_model(chain, previous)  # verified against its done.json
+    teacher_sha256 = run.output_sha256(chain, previous)
     teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
                                     .requires_grad_(False), cfg.parallel, cfg.precision,
                                     run.device)
@@ -238,22 +347,63 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
                          "alpha_t": chain_cfg.freq_alpha_t, "gamma": chain_cfg.freq_gamma},
             device=run.device, precision=cfg.precision, lane_groups=chain_cfg.lane_groups))
     return _trainer(run, chain, stage, student, objective, stage_iterations(run, chain, stage),
-                    chain_cfg, generator)
+                    chain_cfg, generator, teacher_sha256)
 
 
-def run_stage(run: Run, chain: str, stage: Stage, resume: bool) -> Path:
+def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
+                         restart: bool) -> Path | None:
+    """Refuse to overwrite a stage unless asked; returns the finished output to keep, if any.
+
+    ``restart`` moves the stage folder aside; ``resume`` continues its checkpoints (a
+    finished, current stage is kept as it is). Without either, a stage holding checkpoints
+    or an output is refused, naming both choices.
+    """
+    folder, name, command = (run.stage_folder(chain, stage), stage_name(chain, stage),
+                             run.command(chain, stage))
+    if restart:
+        moved = main_only(move_aside, folder)
+        if moved is not None:
+            tqdm.write(f"[{name}] --restart: moved the old stage to {moved}")
+        return None
+    if run.is_done(chain, stage):
+        reason = run.stale_reason(chain, stage)
+        if reason is not None:
+            raise StaleStageError(f"{name} is stale: {reason}; retrain it with "
+                                  f"`{command} --restart` (moves {folder} aside)")
+        if resume:
+            tqdm.write(f"[{name}] already complete ({folder / 'model.safetensors'}); kept")
+            return folder / "model.safetensors"
+        raise StageExistsError(
+            f"{name} is already complete ({folder / 'model.safetensors'}); to train it again "
+            f"run `{command} --restart` (moves it aside to {folder.name}.old-<time>/)")
+    checkpoints = sorted((folder / "ckpt").glob("step-*"))
+    if checkpoints and not resume:
+        raise StageExistsError(
+            f"{name} has checkpoints up to {checkpoints[-1].name} in {folder / 'ckpt'}; run "
+            f"`{command} --resume` to continue it, or `{command} --restart` to move it aside "
+            f"(to {folder.name}.old-<time>/) and start over")
+    return None
+
+
+def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = False) -> Path:
     """Train (or import, for stage 0 with a teacher path) one stage; returns its output."""
     started = time.perf_counter()
-    run.save_config()
+    kept = prepare_stage_folder(run, chain, stage, resume, restart)
+    if kept is not None:
+        return kept
     if stage == 0 and run.config.teacher is not None:
+        run.save_config()
         return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
     trainer = build_stage0(run) if stage == 0 else build_distill(run, chain, stage)
+    main_only(run.save_config)  # only once the stage's inputs and options were accepted
     trainer.run(resume=resume)
     final = list(trainer.metrics.records())[-20:]
     summary = {"stage": stage_name(chain, stage), "iterations": trainer.iterations,
                "final_loss_mean20": sum(r["loss"] for r in final) / max(1, len(final)),
                "seconds": time.perf_counter() - started,
                "steps": stage_steps(run, stage)}
+    if "teacher_sha256" in trainer.metadata:
+        summary["teacher_sha256"] = trainer.metadata["teacher_sha256"]
     from .dist_checkpoint import finish_stage  # gathers a sharded EMA under torchrun
 
     output = finish_stage(run, chain, stage, trainer.ema.state_dict(), summary)
@@ -287,7 +437,12 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
     run = Run(config)
     for chain, stage in pipeline_plan(config):
         if run.is_done(chain, stage):
-            tqdm.write(f"[{stage_name(chain, stage)}] already complete, skipped")
+            reason = run.stale_reason(chain, stage)
+            if reason is None:
+                tqdm.write(f"[{stage_name(chain, stage)}] already complete, skipped")
+                continue
+            tqdm.write(f"[{stage_name(chain, stage)}] stale: {reason}; retraining it")
+            run_stage(run, chain, stage, resume=False, restart=True)
             continue
         run_stage(run, chain, stage, resume=resume)
     if not evaluate or not is_main():  # under torchrun rank 0 evaluates alone

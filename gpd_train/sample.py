@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,7 +50,15 @@ from gpd_model.checkpoint import config_from_diffusers
 from gpd_model.graph_sampler import GraphSampler
 
 from .checkpoint import load_exact, load_weights, read_metadata
-from .config import CHAINS, DEFAULT_SHIFT, PRESET_SHIFT, RunConfig, load_config
+from .config import (
+    CHAINS,
+    DEFAULT_SHIFT,
+    PRESET_SHIFT,
+    RunConfig,
+    check_device,
+    check_number,
+    load_config,
+)
 from .data import ProceduralVideos, PromptEmbeddingSet, open_data
 from .encode_prompts import (
     VIDEO_DEFAULTS,
@@ -63,9 +72,11 @@ from .evaluate import write_contact_sheet, write_gif
 from .loop import resolve_device
 from .media import WAN_FPS, decode_latents, load_vae, write_mp4
 from .pipeline import Run, stage_command, stage_name
+from .run_folder import OUTPUT, RECORD, check_writable_folder, read_record, verify_output
 from .wan_folder import WanFolderError, transformer_folder
 
 DEFAULT_NUM = 4
+DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
 TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
               "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
               "checkpoint with --preset")
@@ -81,6 +92,12 @@ class LoadedModel:
     description: str
     run_config: RunConfig | None  # the run the weights came from, when known
     stage: int | None = None  # the run's stage the weights are the output of
+    record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
+
+    def grid(self) -> tuple[int | None, float | None]:
+        """(steps, shift) the stage was trained for, from its done.json (None: unknown)."""
+        options = (self.record or {}).get("options") or {}
+        return options.get("steps"), options.get("shift")
 
 
 @dataclass
@@ -93,9 +110,13 @@ class Prompts:
 
 
 def _run_config(folder: Path, device: str) -> RunConfig:
-    raw = json.loads((folder / "config.json").read_text())
-    raw.update(run_dir=str(folder), device=device)
-    return load_config(None, raw)
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        raw.update(run_dir=str(folder), device=device)
+        return load_config(None, raw)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SampleError(f"unreadable run configuration {path}: {exc}") from None
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -120,18 +141,24 @@ def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> 
             raise SampleError(f"run folder {folder} has no finished stage; run "
                               f"`{stage_command(chain, 0)} --run-dir {folder}` first")
         stage = done[0]
-    model = run.load_stage_model(chain, stage)
-    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config, stage)
+    # Verified against its done.json, whose shift and steps sample() uses.
+    model = run.load_stage_model(chain, stage, check_grid=False)
+    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config, stage,
+                       run.record(chain, stage))
 
 
 def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
+    record = None
+    if path.name == OUTPUT and (path.parent / RECORD).is_file():  # a stage output
+        verify_output(path.parent)
+        record = read_record(path.parent)
     meta = read_metadata(path)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
     model = WanDiT(cfg)
     load_exact(model, load_weights(path), path)
     run = _enclosing_run(path)
     return LoadedModel(model.to(device), str(path),
-                       None if run is None else _run_config(run, run_device))
+                       None if run is None else _run_config(run, run_device), record=record)
 
 
 def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
@@ -308,7 +335,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every option checked before any model is loaded or video sampled (config.py's rules)."""
+    for name in ("steps", "num", "batch_size", "fps", "height", "width", "frames"):
+        if getattr(args, name) is not None:
+            check_number(f"--{name.replace('_', '-')}", getattr(args, name), integer=True, low=1)
+    if args.guidance is not None:
+        check_number("--guidance", args.guidance, low=0, low_open=True)
+    if args.shift is not None:
+        check_number("--shift", args.shift, low=0, low_open=True)
+    check_device(args.device)
+    check_writable_folder("--out", args.out)
+
+
 def sample(args: argparse.Namespace) -> dict[str, object]:
+    try:
+        check_args(args)
+    except ValueError as exc:
+        raise SampleError(str(exc)) from None
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
     model = loaded.model.eval()
@@ -321,8 +365,16 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
     run = loaded.run_config
-    shift = args.shift if args.shift is not None else (
-        run.resolved_shift if run else _preset_shift(loaded.model.cfg))
+    trained_steps, trained_shift = loaded.grid()
+    if args.steps is None:
+        args.steps = trained_steps or DEFAULT_STEPS
+    # The stage's own grid beats the run's config.json, which a later invocation rewrites.
+    if args.shift is not None:
+        shift = args.shift
+    elif trained_shift is not None:
+        shift = trained_shift
+    else:
+        shift = run.resolved_shift if run else _preset_shift(loaded.model.cfg)
     sigmas = sigma_grid(args.steps, shift)
     sampler = GraphSampler(model, sigmas, use_graphs=False if args.eager else None)
     noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
@@ -378,9 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", type=int, help="stage of a run folder (default: the last done)")
     parser.add_argument("--chain", choices=CHAINS, default="gpd")
     parser.add_argument("--preset", help="model preset for a Wan/diffusers file")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int,
+                        help=f"sampling steps (default: the stage's own, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, help="CFG scale (default: none, as students)")
-    parser.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's)")
+    parser.add_argument("--shift", type=float,
+                        help="sigma-grid shift (default: the one the stage was trained at)")
     parser.add_argument("--prompts", nargs="+", metavar="IDS_OR_FILE",
                         help="built-in prompt ids, or a text file with one prompt per line")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
@@ -412,11 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "num", "batch_size", "fps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
-                  file=sys.stderr)
-            return 2
     try:
         summary = sample(args)
     except (SampleError, EncodeError, WanFolderError) as exc:

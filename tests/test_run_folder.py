@@ -1,0 +1,457 @@
+"""The run folder as a record: nothing destroyed unasked, provenance and staleness, integrity
+on load, every option validated up front. Each case checks the message and that no file was
+lost (the SHA-256 of every file before and after)."""
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpd_kernels import double_step_target
+from gpd_kernels.reference import double_step_target_reference
+from gpd_model import get_preset
+from gpd_train import sample
+from gpd_train.__main__ import main
+from gpd_train.checkpoint import CheckpointError
+from gpd_train.config import load_config
+from gpd_train.data import ProceduralVideos
+from gpd_train.pipeline import (
+    MissingStageError,
+    Run,
+    build_distill,
+    build_stage0,
+    run_pipeline,
+    run_stage,
+)
+from gpd_train.run_folder import RunFolderError, RunLock, StaleStageError
+
+MICRO_TOML = """\
+steps = [8, 4]
+batch_size = 4
+checkpoint_every = 3
+[stage0]
+iterations = 3
+[distill]
+iterations = [3]
+freq_weight = [0.0]
+[vanilla]
+iterations = [2]
+freq_weight = [0.0]
+[eval]
+prompts = 4
+batch_size = 4
+examples = 2
+"""
+
+
+@pytest.fixture
+def micro(tmp_path, monkeypatch):
+    """CLI arguments for a one-stage micro run; every Run built gets the micro model."""
+    real_init = Run.__init__
+
+    def micro_init(self, config):
+        real_init(self, config)
+        self.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
+        self.data = ProceduralVideos(self.dit_config.text_dim, frames=4, size=8, speed=1)
+
+    monkeypatch.setattr(Run, "__init__", micro_init)
+    toml = tmp_path / "micro.toml"
+    toml.write_text(MICRO_TOML)
+    return ["--config", str(toml), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
+
+
+def micro_run(tmp_path, **overrides) -> Run:
+    values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4],
+              "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 6,
+              "distill.iterations": [3], "distill.freq_weight": [0.0],
+              "vanilla.iterations": [2], "vanilla.freq_weight": [0.0]}
+    return Run(load_config(None, {**values, **overrides}))
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (the lock file aside)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def assert_nothing_lost(before: dict[str, str], folder: Path) -> None:
+    """Every file's content is still in the folder (possibly moved aside); config.json is
+    the last invocation's configuration, rewritten by design."""
+    kept = {k: v for k, v in before.items() if k != "config.json"}
+    missing = Counter(kept.values()) - Counter(hashes(folder).values())
+    assert not missing, f"lost: {[k for k, v in kept.items() if v in missing]}"
+
+
+def killed_stage0(run: Run, monkeypatch, at: int = 8):
+    """Stage 0 killed (KeyboardInterrupt) at step ``at``: checkpoints at steps 3 and 6."""
+    trainer = build_stage0(run)
+    trainer.iterations = 9
+    real_loss = trainer.objective.loss
+
+    def dies(step):
+        if step == at:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(step)
+
+    monkeypatch.setattr(trainer.objective, "loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+    monkeypatch.undo()
+    return trainer
+
+
+# -- 1. nothing destroyed without being asked ----------------------------------------------
+@pytest.mark.parametrize("state", ["checkpoints", "complete"])
+def test_stage_run_without_resume_refuses_and_names_both_choices(micro, tmp_path, capsys,
+                                                                  state):
+    run_dir = tmp_path / "run"
+    if state == "complete":
+        assert main(["--stage", "0", *micro]) == 0
+    else:
+        killed_stage0(micro_run(tmp_path), pytest.MonkeyPatch(), at=5)
+    before = hashes(run_dir)
+    capsys.readouterr()
+    assert main(["--stage", "0", *micro]) == 2
+    err = capsys.readouterr().err
+    assert "--restart" in err and "python -m gpd_train --stage 0" in err
+    assert ("--resume" in err) == (state == "checkpoints")
+    assert ("step-00000003" in err) == (state == "checkpoints")
+    assert hashes(run_dir) == before
+
+
+def test_trainer_itself_never_deletes_checkpoints(tmp_path, monkeypatch):
+    run = micro_run(tmp_path)
+    killed_stage0(run, monkeypatch, at=5)
+    before = hashes(run.folder)
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints.*--resume.*--restart"):
+        build_stage0(run).run(resume=False)
+    assert hashes(run.folder) == before
+
+
+def test_restart_moves_the_old_stage_aside(micro, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    before = hashes(run_dir)
+    assert main(["--stage", "0", "--restart", "--seed", "1", *micro]) == 0
+    assert "moved the old stage to" in capsys.readouterr().out
+    (old,) = run_dir.glob("stage0.old-*")
+    assert hashes(old) == {k.removeprefix("stage0/"): v for k, v in before.items()
+                           if k.startswith("stage0/")}
+    assert (run_dir / "stage0" / "done.json").is_file()
+    assert_nothing_lost(before, run_dir)
+
+
+def test_restart_and_resume_exclude_each_other(micro, capsys):
+    with pytest.raises(SystemExit):
+        main(["--stage", "0", "--resume", "--restart", *micro])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,resumed_from", [("missing latest", "step-00000006"),
+                                                 ("latest to nowhere", "step-00000006"),
+                                                 ("newest corrupt", "step-00000003")])
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, monkeypatch, capsys,
+                                                                  damage, resumed_from):
+    reference = build_stage0(micro_run(tmp_path / "a"))
+    reference.iterations = 9
+    reference.run(resume=False)
+    run = micro_run(tmp_path / "b")
+    trainer = killed_stage0(run, monkeypatch)
+    ckpt = trainer.checkpoints.folder
+    if damage == "missing latest":
+        (ckpt / "latest").unlink()
+    elif damage == "latest to nowhere":
+        (ckpt / "latest").write_text("step-99999999")
+    else:
+        weights = ckpt / "step-00000006" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-3] + b"\x00\x00\x00")
+    before = hashes(run.folder)
+    resumed = build_stage0(run)
+    resumed.iterations = 9
+    resumed.run(resume=True)
+    out = capsys.readouterr().out
+    assert f"resuming from {resumed_from}, the newest checkpoint that verifies" in out
+    assert f"resumed from step {int(resumed_from[-8:])}" in out
+    assert [r["loss"] for r in resumed.metrics.records()] == [
+        r["loss"] for r in reference.metrics.records()]
+    kept = {p.name for p in ckpt.iterdir()}
+    assert {"step-00000006", "step-00000009"} <= kept  # the usual rolling two
+    if damage == "newest corrupt":
+        assert "corrupt-step-00000006" in kept and "kept as corrupt-step-00000006" in out
+        bad = ckpt / "corrupt-step-00000006" / "model.safetensors"
+        assert hashlib.sha256(bad.read_bytes()).hexdigest() == before[
+            "stage0/ckpt/step-00000006/model.safetensors"]
+
+
+def test_no_checkpoint_verifies_is_refused_with_every_reason(tmp_path, monkeypatch):
+    run = micro_run(tmp_path)
+    trainer = killed_stage0(run, monkeypatch)
+    for step in ("step-00000003", "step-00000006"):
+        (trainer.checkpoints.folder / step / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies:\n.*step-00000006"
+                                              r".*\n.*step-00000003.*\n.*--restart"):
+        build_stage0(run).run(resume=True)
+
+
+def test_second_trainer_is_refused_with_the_holders_pid(micro, tmp_path, capsys):
+    with RunLock(tmp_path / "run"):
+        assert main(["--stage", "0", *micro]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another gpd_train process (PID {os.getpid()}" in err
+    assert not (tmp_path / "run" / "stage0").exists()
+    assert main(["--stage", "0", *micro]) == 0  # released
+
+
+def test_torn_metrics_line_is_cut_off_on_resume(tmp_path, monkeypatch, capsys):
+    run = micro_run(tmp_path)
+    trainer = killed_stage0(run, monkeypatch)
+    with trainer.metrics.path.open("a") as handle:
+        handle.write('{"stage": "stage0", "step": 8, "lo')
+    resumed = build_stage0(run)
+    resumed.run(resume=True)
+    assert f"{trainer.metrics.path} ends in a torn line" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in trainer.metrics.path.read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_corrupt_metrics_line_inside_the_file_names_file_and_line(tmp_path, monkeypatch):
+    run = micro_run(tmp_path)
+    trainer = killed_stage0(run, monkeypatch)
+    lines = trainer.metrics.path.read_text().splitlines()
+    lines[1] = "garbage"
+    trainer.metrics.path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        build_stage0(run).run(resume=True)
+
+
+# -- 2. provenance and staleness -----------------------------------------------------------
+def test_done_json_records_hashes_teacher_and_options(micro, tmp_path):
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    run_dir = tmp_path / "run"
+    teacher, student = (json.loads((run_dir / s / "done.json").read_text())
+                        for s in ("stage0", "stage1"))
+    digest = hashlib.sha256((run_dir / "stage1" / "model.safetensors").read_bytes()).hexdigest()
+    assert student["sha256"] == digest
+    assert student["teacher"] == "stage0" and student["teacher_sha256"] == teacher["sha256"]
+    assert student["options"] == {"shift": 3.0, "steps": 4, "teacher_steps": 8,
+                                  "guidance": 1.5, "guidance_input": False,
+                                  "state_source": "teacher"}
+    assert teacher["options"] == {"shift": 3.0, "steps": 8, "guidance": 1.5}
+
+
+def test_retrained_teacher_makes_students_stale(micro, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    assert main(["--stage", "1", "--chain", "vanilla", *micro]) == 0
+    assert main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0
+    before = hashes(run_dir)
+    capsys.readouterr()
+    assert main(["--stage", "1", *micro]) == 2
+    err = capsys.readouterr().err
+    assert "stage1 is stale: its stage teacher stage0 changed since" in err
+    assert "python -m gpd_train --stage 1 --run-dir" in err and "--restart" in err
+    assert main(["--stage", "1", "--resume", *micro]) == 2  # --resume does not bypass it
+    run = Run(load_config(micro[1], {"run_dir": str(run_dir), "device": "cpu"}))
+    with pytest.raises(StaleStageError, match="stage1 is stale"):
+        run.load_stage_model("gpd", 1)  # the evaluation and the next stage load this way
+    assert hashes(run_dir) == before
+    # The pipeline says so, moves both stale students aside and retrains them.
+    assert run_pipeline(run.config, evaluate=False) is None
+    out = capsys.readouterr().out
+    assert "[stage1] stale: its stage teacher stage0 changed" in out
+    assert "[vanilla/stage1] stale" in out
+    assert len(list(run_dir.glob("stage1.old-*"))) == 1
+    assert len(list((run_dir / "vanilla").glob("stage1.old-*"))) == 1
+    assert run.stale_reason("gpd", 1) is None and run.stale_reason("vanilla", 1) is None
+    assert_nothing_lost(before, run_dir)
+
+
+def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
+    run = micro_run(tmp_path, **{"distill.iterations": [6]})
+    run_stage(run, "gpd", 0, resume=False)
+    trainer = build_distill(run, "gpd", 1)
+    trainer.iterations = 3
+    trainer.run(resume=False)  # a partial stage 1 at step 3
+    run_stage(run, "gpd", 0, resume=False, restart=True)
+    run.config.seed = 5  # another teacher
+    run_stage(run, "gpd", 0, resume=False, restart=True)
+    before = hashes(run.folder)
+    with pytest.raises(CheckpointError, match=r"teacher_sha256=.*--restart"):
+        run_stage(run, "gpd", 1, resume=True)
+    assert hashes(run.folder) == before
+
+
+def test_config_json_is_written_only_after_validation(micro, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    before = hashes(run_dir)
+    assert main(["--stage", "1", "--restart", "--shift", "8", "--guidance", "nan", *micro]) == 2
+    assert main(["--stage", "1", "--shift", "8", *micro]) == 2
+    assert hashes(run_dir) == before  # config.json included; nothing moved aside
+
+
+def test_a_stage_is_never_used_on_another_grid(micro, tmp_path, capsys):
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    assert main(["--stage", "1", "--chain", "vanilla", *micro]) == 0
+    capsys.readouterr()
+    assert main(["--eval", "--shift", "8", *micro]) == 2
+    assert ("stage1 was distilled with shift 3.0" in capsys.readouterr().err)
+
+
+def test_sampler_reads_the_stage_own_shift_and_steps(micro, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "shift": 8.0}))  # a later run's
+    for checkpoint in (run_dir, run_dir / "stage1"):
+        out = tmp_path / f"out-{checkpoint.name}"
+        assert sample.main(["--checkpoint", str(checkpoint), "--num", "2", "--device", "cpu",
+                            "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["shift"], summary["steps"]) == (3.0, 4)
+
+
+# -- 3. integrity on load ------------------------------------------------------------------
+def test_flipped_bytes_in_a_stage_output_are_refused_everywhere(micro, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    output = run_dir / "stage0" / "model.safetensors"
+    data = bytearray(output.read_bytes())
+    data[-64:] = bytes(64)  # weights, not the header: the file still parses
+    output.write_bytes(bytes(data))
+    before = hashes(run_dir)
+    capsys.readouterr()
+    assert main(["--stage", "1", *micro]) == 2
+    assert f"stage output {output} is corrupt: its SHA-256" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(run_dir / "stage0"), "--device", "cpu",
+                        "--out", str(tmp_path / "out")]) == 2
+    assert f"stage output {output} is corrupt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert hashes(run_dir) == before
+
+
+def test_corrupt_done_json_is_named(tmp_path):
+    run = micro_run(tmp_path)
+    run.finish_stage("gpd", 0, run.new_model().state_dict(), {})
+    done = run.stage_folder("gpd", 0) / "done.json"
+    done.write_text('{"sha256": ')
+    with pytest.raises(RunFolderError, match=f"corrupt stage record {done}"):
+        run.load_stage_model("gpd", 0)
+
+
+# -- 4. every option validated up front ----------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--stage", "1", "--shift", "inf"], "shift must be a finite number > 0, got inf"),
+    (["--guidance", "nan"], "guidance must be a finite number > 0 (1 = no guidance), got nan"),
+    (["--stage", "0", "--guidance", "-1"], "guidance must be > 0 (1 = no guidance), got -1.0"),
+    (["--stage", "1", "--freq-weight", "nan"],
+     "distill.freq_weight[0] must be a finite number >= 0, got nan"),
+    (["--stage", "0", "--teacher-iterations", "-5"], "stage0.iterations must be >= 1, got -5"),
+    (["--stage", "0", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--stage", "0", "--device", "foo"], "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--stage", "0", "--device", "cuda:7"], "device 'cuda:7' requested, but this machine has"),
+    (["--stage", "0", "--teacher", "/nonexistent/wan"],
+     "--teacher /nonexistent/wan does not exist"),
+    (["--stage", "0", "--data", "/nonexistent/data"], "--data /nonexistent/data does not exist"),
+    (["--stage", "0", "--lr", "1e-3"], "--lr not used by stage 0"),
+    (["--stage", "1", "--chain", "vanilla", "--state-source", "data"],
+     "--state-source set the GPD chain ([distill])"),
+    (["--restart"], "--restart applies to one stage"),
+    (["--compare", "x=runs/x"], "--compare adds rows to the evaluation report"),
+])
+def test_bad_flags_are_refused_before_anything_is_written(micro, tmp_path, capsys, args,
+                                                          message):
+    if "cuda:7" in args and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    assert main([*micro, *args]) == 2  # the later flag wins
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[stage0]\nwarmup = -5\n", "stage0.warmup must be >= 0, got -5"),
+    ("[stage0]\niterations = \"50\"\n", "stage0.iterations must be an int >= 1, got '50'"),
+    ("[distill]\niterations = [1.5]\n", "distill.iterations[0] must be an int >= 1, got 1.5"),
+    ("[distill]\niterations = \"50\"\n", "distill.iterations must be a list, got '50'"),
+    ("[distill]\nlr = nan\n", "distill.lr must be a finite number > 0, got nan"),
+    ("[distill]\nema_decay = 1.0\n", "distill.ema_decay must be >= 0 and < 1, got 1.0"),
+    ("seed = 1.5\n", "seed must be an int, got 1.5"),
+    ("[eval]\nprompts = 0\n", "eval.prompts must be >= 1, got 0"),
+])
+def test_bad_toml_values_are_refused_with_their_key(micro, tmp_path, capsys, toml, message):
+    (tmp_path / "micro.toml").write_text(toml)  # the file --config reads
+    assert main(["--stage", "0", *micro]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("make", ["file", "under a file"])
+def test_run_dir_that_cannot_be_a_folder_is_refused(micro, tmp_path, capsys, make):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    run_dir = blocker if make == "file" else blocker / "run"
+    assert main(["--stage", "0", *micro, "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert ("is a file" in err) if make == "file" else ("cannot be written" in err)
+    assert blocker.read_text() == "keep me"
+
+
+def test_teacher_iterations_given_to_a_distillation_stage_warns(micro, capsys):
+    assert main(["--stage", "1", "--teacher-iterations", "5", *micro]) == 2  # no stage 0 yet
+    err = capsys.readouterr().err
+    assert "warning: --teacher-iterations is ignored by stage 1" in err
+    assert "python -m gpd_train --stage 0" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--guidance", "nan"], "--guidance must be a finite number > 0, got nan"),
+    (["--shift", "inf"], "--shift must be a finite number > 0, got inf"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--device", "foo"], "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_sampler_options_are_refused_before_sampling(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert sample.main(["--checkpoint", str(tmp_path / "nothing"), *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sampler_out_that_is_a_file_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert sample.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
+    assert f"--out {out} is a file" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("op", [double_step_target, double_step_target_reference])
+def test_double_step_with_equal_endpoints_is_an_error_not_nan(op):
+    g = torch.randn(2, 3, 1, 2, 2)
+    s_a, s_b = torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.5])
+    s_c = torch.tensor([0.7, 0.5])
+    with pytest.raises(ValueError, match=r"s_a must differ from s_c .* got s_a = s_c = 0.5 at "
+                                         r"sample 1"):
+        op(g, g, None, None, s_a, s_b, s_c)
+
+
+def test_wan_dit_with_an_empty_batch_is_a_clear_error(tmp_path):
+    model = micro_run(tmp_path).new_model()
+    with pytest.raises(ValueError, match=r"WanDiT: x must hold at least one sample, got shape "
+                                         r"\(0, 3, 4, 16, 16\)"):
+        model(torch.zeros(0, 3, 4, 16, 16), torch.zeros(0), torch.zeros(0, 4, 32))
+
+
+def test_missing_stage_still_names_the_command(micro, capsys):
+    assert main(["--stage", "1", *micro]) == 2
+    assert "python -m gpd_train --stage 0 --run-dir" in capsys.readouterr().err
+    assert issubclass(MissingStageError, RuntimeError)
