@@ -52,6 +52,7 @@ from .metrics import (
     psnr_per_video,
 )
 from .report import render_markdown
+from .run_folder import read_record
 
 SHEET_SCALE = 3
 GIF_SCALE = 4
@@ -341,5 +342,7 @@ def evaluate_run(run: Any, compare: dict[str, str] | None = None) -> Path:
 def _stage_summaries(run: Any) -> dict[str, Any]:
     summaries = {}
     for done in sorted(run.folder.glob("**/done.json")):
-        summaries[str(done.parent.relative_to(run.folder))] = json.loads(done.read_text())
+        if ".old-" in str(done.relative_to(run.folder)):
+            continue  # a stage moved aside by --restart or as stale: not this run's
+        summaries[str(done.parent.relative_to(run.folder))] = read_record(done.parent)
     return summaries

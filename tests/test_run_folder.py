@@ -297,13 +297,17 @@ def test_config_json_is_written_only_after_validation(micro, tmp_path):
     assert hashes(run_dir) == before  # config.json included; nothing moved aside
 
 
-def test_a_stage_is_never_used_on_another_grid(micro, tmp_path, capsys):
+def test_evaluation_uses_only_current_stages_on_their_grid(micro, tmp_path, capsys):
     assert main(["--stage", "0", *micro]) == 0
     assert main(["--stage", "1", *micro]) == 0
     assert main(["--stage", "1", "--chain", "vanilla", *micro]) == 0
     capsys.readouterr()
     assert main(["--eval", "--shift", "8", *micro]) == 2
     assert ("stage1 was distilled with shift 3.0" in capsys.readouterr().err)
+    assert main(["--stage", "1", "--restart", *micro]) == 0
+    assert main(["--eval", *micro]) == 0  # on the recorded grid; moved-aside stages left out
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert sorted(report["stages"]) == ["stage0", "stage1", "vanilla/stage1"]
 
 
 def test_sampler_reads_the_stage_own_shift_and_steps(micro, tmp_path):
