@@ -221,16 +221,18 @@ def test_lane_groups_must_be_positive(tmp_path):
         micro_run(tmp_path, **{"distill.lane_groups": 0})
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    straight = micro_run(tmp_path / "a", **{"distill.iterations": [7, 4, 4]})
-    with_random_stages(straight, "gpd", 0)
-    reference = build_distill(straight, "gpd", 1)
-    reference.run(resume=False)
-    want = losses(reference)
+@pytest.mark.parametrize("stage", [1, GUIDANCE_STAGE])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, stage):
+    def build(folder):
+        run = micro_run(folder, **{"distill.iterations": [7, 4, 4],
+                                   "distill.guidance_stage": stage == GUIDANCE_STAGE,
+                                   "distill.guidance_iterations": 7})
+        with_random_stages(run, "gpd", 0)
+        return run, build_distill(run, "gpd", stage)
 
-    broken = micro_run(tmp_path / "b", **{"distill.iterations": [7, 4, 4]})
-    with_random_stages(broken, "gpd", 0)
-    trainer = build_distill(broken, "gpd", 1)
+    _, reference = build(tmp_path / "a")
+    reference.run(resume=False)
+    broken, trainer = build(tmp_path / "b")
     real_loss = trainer.objective.loss
 
     def crash_at_five(step):
@@ -242,9 +244,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         trainer.run(resume=False)
     assert trainer.checkpoints.load()[0] == 3
-    resumed = build_distill(broken, "gpd", 1)
+    resumed = build_distill(broken, "gpd", stage)
     resumed.run(resume=True)
-    assert losses(resumed) == want
+    assert losses(resumed) == losses(reference)
     for key, value in reference.ema.state_dict().items():
         assert torch.equal(resumed.ema.state_dict()[key], value)
 
@@ -426,30 +428,6 @@ def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
     vanilla = build_distill(run, "vanilla", 1)
     assert vanilla.model.guidance_embedding is None
     assert vanilla.objective.teacher.negative is not None
-
-
-def test_guidance_stage_resumes_exactly(tmp_path, monkeypatch):
-    def build(folder):
-        run = guided_run(folder, **{"distill.guidance_iterations": 6})
-        with_random_stages(run, "gpd", 0)
-        return run, build_distill(run, "gpd", GUIDANCE_STAGE)
-
-    _, reference = build(tmp_path / "a")
-    reference.run(resume=False)
-    run, trainer = build(tmp_path / "b")
-    real_loss = trainer.objective.loss
-
-    def crash_at_five(step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(step)
-
-    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(resume=False)
-    resumed = build_distill(run, "gpd", GUIDANCE_STAGE)
-    resumed.run(resume=True)
-    assert losses(resumed) == losses(reference)
 
 
 def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
