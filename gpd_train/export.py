@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from gpd_model import WanDiT, save_diffusers
+from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
-from .config import CHAINS
+from .config import CHAINS, check_number
 from .sample import SampleError, load_model
 from .wan_folder import WanFolderError, component
 
@@ -73,12 +73,17 @@ def student_scheduler_config(steps: int, shift: float,
     return config
 
 
-def export_transformer(model: WanDiT, folder: str | Path) -> Path:
+def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None = None) -> Path:
     """Write the student as diffusers' WanTransformer3DModel folder.
 
     The one place a student becomes a plain Wan2.1 transformer: a student with a guidance
-    input gets its fixed-w folding here, before writing.
+    input is folded at ``guidance`` (the w the exported model samples at) before writing.
     """
+    if has_guidance_input(model):
+        if guidance is None:
+            raise SampleError("this student takes the CFG scale as an input: say which w to "
+                              "export it at (--guidance W)")
+        model = fold_guidance(model, guidance)
     return save_diffusers(model, folder)
 
 
@@ -110,8 +115,11 @@ def _model_index(base: Path) -> dict[str, Any]:
 
 def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                     chain: str = "gpd", stage: int | None = None,
-                    copy: bool = False) -> dict[str, Any]:
-    """Write the Diffusers folder ``out`` for a run's stage; returns what was exported."""
+                    copy: bool = False, guidance: float | None = None) -> dict[str, Any]:
+    """Write the Diffusers folder ``out`` for a run's stage; returns what was exported.
+
+    A student with a guidance input is exported at ``guidance`` (default: the run's CFG).
+    """
     base, out = Path(base), Path(out)
     index = _model_index(base)
     sources = {name: component(base, name) for name in LINKED}
@@ -131,7 +139,10 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
         _place(source, out / name, copy)
-    export_transformer(loaded.model.float(), out / "transformer")
+    folded_at = None
+    if has_guidance_input(loaded.model):
+        folded_at = guidance if guidance is not None else run.resolved_guidance
+    export_transformer(loaded.model.float(), out / "transformer", folded_at)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift)).save_pretrained(
@@ -141,7 +152,8 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "base": str(base.resolve()), "steps": steps, "shift": shift,
-              "guidance_scale": 1.0, "components": "copied" if copy else "linked"}
+              "guidance_scale": 1.0, "student_guidance": folded_at,
+              "components": "copied" if copy else "linked"}
     (out / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -154,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the Diffusers folder to write")
     parser.add_argument("--chain", choices=CHAINS, default="gpd")
     parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
+    parser.add_argument("--guidance", type=float, metavar="W",
+                        help="a student with a guidance input is exported sampling at this CFG "
+                             "scale (default: the run's)")
     parser.add_argument("--copy", action="store_true",
                         help="copy text_encoder/, tokenizer/ and vae/ instead of linking them")
     return parser
@@ -162,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.guidance is not None:
+            check_number("--guidance", args.guidance, low=0, low_open=True)
         with torch.no_grad():
             record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
-                                     stage=args.stage, copy=args.copy)
-    except (SampleError, WanFolderError) as exc:
+                                     stage=args.stage, copy=args.copy,
+                                     guidance=args.guidance)
+    except (SampleError, WanFolderError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {record['model']} -> {args.out}: WanPipeline.from_pretrained("

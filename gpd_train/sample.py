@@ -41,7 +41,10 @@ from gpd_model import (
     PRESETS,
     DiTConfig,
     WanDiT,
+    add_guidance_input,
+    fold_guidance,
     get_preset,
+    has_guidance_input,
     load_checkpoint,
     make_noise,
     sigma_grid,
@@ -155,6 +158,8 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
     meta = read_metadata(path)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
     model = WanDiT(cfg)
+    if meta.get("guidance_input") == "1":
+        add_guidance_input(model)
     load_exact(model, load_weights(path), path)
     run = _enclosing_run(path)
     return LoadedModel(model.to(device), str(path),
@@ -291,12 +296,17 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
                          for i in range(0, len(unique), 8)])
     context = encoded[[unique.index(text) for text in rows]]
     negative = None
-    if args.guidance is not None:
+    if _needs_negative(loaded, args):
         negative = encoder.encode([negative_text(args.negative)]).float().cpu()
         negative = negative.expand(args.num, -1, -1)
     shape = args.latent_shape or latent_shape_for(args.model, args.height, args.width,
                                                   args.frames)
     return Prompts(context, negative, rows, _parse_shape(shape), built_in=False)
+
+
+def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
+    """CFG needs the negative prompt; a student taking w as an input does not."""
+    return args.guidance is not None and not has_guidance_input(loaded.model)
 
 
 def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
@@ -314,7 +324,7 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
         if not path.is_file():
             raise SampleError(f"no prompt embeddings at {path}")
         return _embeddings_file(path, cfg.text_dim, args.latent_shape, args.num,
-                                args.guidance is not None)
+                                _needs_negative(loaded, args))
     run = loaded.run_config
     try:
         data = open_data(run.data if run else None, cfg.text_dim, cfg.in_channels,
@@ -356,6 +366,15 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
     model = loaded.model.eval()
+    run = loaded.run_config
+    cfg_scale, folded_at = args.guidance, None
+    if has_guidance_input(model):  # a w-conditioned student: w is an input, not a CFG pair
+        folded_at = args.guidance if args.guidance is not None else (
+            run.resolved_guidance if run is not None else None)
+        if folded_at is None:
+            raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
+                              "--guidance W (the w to sample at)")
+        model, cfg_scale = fold_guidance(model, folded_at), None
     device = next(model.parameters()).device
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -364,7 +383,6 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
-    run = loaded.run_config
     trained_steps, trained_shift = loaded.grid()
     if args.steps is None:
         args.steps = trained_steps or DEFAULT_STEPS
@@ -378,7 +396,7 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
     sigmas = sigma_grid(args.steps, shift)
     sampler = GraphSampler(model, sigmas, use_graphs=False if args.eager else None)
     noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
-    guided = args.guidance is not None
+    guided = cfg_scale is not None
     outputs, elapsed = [], 0.0
     for start in range(0, args.num, args.batch_size):
         part = slice(start, start + args.batch_size)
@@ -387,14 +405,16 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        outputs.append(sampler(noise[part], context, negative, args.guidance).float().cpu())
+        outputs.append(sampler(noise[part], context, negative, cfg_scale).float().cpu())
         elapsed += time.perf_counter() - began
     latents = torch.cat(outputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "checkpoint": loaded.description, "num": args.num, "steps": args.steps,
-        "guidance": args.guidance, "shift": shift, "seed": args.seed,
+        "guidance": args.guidance if folded_at is None else folded_at,
+        "guidance_as": "input" if folded_at is not None else ("cfg" if guided else "none"),
+        "shift": shift, "seed": args.seed,
         "nfe_per_video": sampler.nfe(guided), "seconds_per_video": elapsed / args.num,
         "device": str(device), "dtype": args.dtype,
         "cuda_graphs": sampler.graphs_enabled(device),
@@ -432,7 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help="model preset for a Wan/diffusers file")
     parser.add_argument("--steps", type=int,
                         help=f"sampling steps (default: the stage's own, else {DEFAULT_STEPS})")
-    parser.add_argument("--guidance", type=float, help="CFG scale (default: none, as students)")
+    parser.add_argument("--guidance", type=float,
+                        help="CFG scale (default: none, as students); a student with a guidance "
+                             "input samples at this w in one forward per step (default: the "
+                             "run's CFG scale)")
     parser.add_argument("--shift", type=float,
                         help="sigma-grid shift (default: the one the stage was trained at)")
     parser.add_argument("--prompts", nargs="+", metavar="IDS_OR_FILE",

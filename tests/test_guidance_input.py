@@ -108,3 +108,22 @@ def test_guidance_is_required_exactly_when_the_model_has_an_input():
         fold_guidance(model, float("nan"))
     with pytest.raises(ValueError, match="no guidance input to fold"):
         fold_guidance(_model(1, 8, 1, seed=9), 1.5)
+
+
+def test_export_transformer_folds_at_the_asked_w(tmp_path):
+    from gpd_train.export import export_transformer
+    from gpd_train.sample import SampleError
+
+    model = add_guidance_input(_model(1, 8, 1, seed=11))
+    _trained_embedding(model, seed=12)
+    with pytest.raises(SampleError, match=r"say which w to export it at \(--guidance W\)"):
+        export_transformer(model, tmp_path / "unfolded")
+    folder = export_transformer(model, tmp_path / "student", guidance=1.75)
+    exported = WanDiT(model.cfg).eval()
+    from gpd_model import load_checkpoint
+
+    load_checkpoint(exported, folder)
+    x, timestep, context = _inputs(model, 2, 1, 2, 4, seed=13)
+    with torch.no_grad():
+        want = model(x, timestep, context, guidance=torch.full((2,), 1.75))
+        torch.testing.assert_close(exported(x, timestep, context), want, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from gpd_model import WanDiT, euler_sample, get_preset, make_noise, save_diffusers, sigma_grid
 from gpd_model.checkpoint import export_state_dict
-from gpd_train.config import RunConfig
+from gpd_train.config import RunConfig, load_config
 from gpd_train.data import ProceduralVideos
 from gpd_train.pipeline import Run
 from gpd_train.sample import main
@@ -153,3 +153,27 @@ def test_bad_prompt_requests(run_folder, tmp_path, capsys):
     assert "--guidance needs a 'negative' tensor" in err
     assert _error(tmp_path, capsys, "--checkpoint", folder, "--num", 0) == (
         "error: --num must be >= 1, got 0\n")
+
+
+def test_a_guidance_input_student_samples_folded_at_the_asked_w(tmp_path):
+    """A w-conditioned stage output samples in one forward per step at --guidance w."""
+    from gpd_model import add_guidance_input, fold_guidance
+
+    config = load_config(None, {"run_dir": str(tmp_path / "run"), "device": "cpu",
+                                "distill.guidance_stage": True})
+    run = Run(config)
+    run.save_config()
+    run.finish_stage("gpd", 0, run.new_model().state_dict(), {"stage": 0})
+    student = add_guidance_input(run.new_model())
+    torch.nn.init.normal_(student.guidance_embedding.mlp[2].weight, std=0.1)  # w matters
+    run.finish_stage("gpd", "g", student.state_dict(), {"stage": "g"})
+    for w in (1.0, 2.5):
+        code, out = _run(tmp_path / str(w), "--checkpoint", run.stage_folder("gpd", "g"),
+                         "--num", 2, "--guidance", w)
+        assert code == 0
+        latents = load_file(str(out / "latents.safetensors"))["latents"]
+        want = _expected(fold_guidance(student, w).eval(), 2, 3, config.resolved_shift)
+        torch.testing.assert_close(latents, want)
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["guidance"], summary["guidance_as"], summary["nfe_per_video"]) == (
+            w, "input", STEPS)
