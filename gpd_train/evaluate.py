@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from gpd_model import euler_sample, make_noise, sigma_grid
@@ -43,9 +42,10 @@ from .config import load_config
 from .data import ProceduralVideos
 from .feature_net import feature_net, video_features
 from .loop import autocast
+from .media import write_contact_sheet, write_gif
 from .metrics import (
-    bootstrap_interval,
     frechet_distance,
+    half_sample_interval,
     high_frequency_share,
     mean_interval,
     motion_energy,
@@ -54,8 +54,6 @@ from .metrics import (
 from .report import render_markdown
 from .run_folder import read_record
 
-SHEET_SCALE = 3
-GIF_SCALE = 4
 CEILING_NOISE = 0.01
 CEILING_SEED = 0
 MAIN = "main"
@@ -112,48 +110,6 @@ def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modul
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
         param.mul_(1.0 + scale * noise.to(device=param.device, dtype=param.dtype))
     return copied
-
-
-def _frames_to_image(video: torch.Tensor, scale: int) -> list[Image.Image]:
-    rgb = video[:3] if video.shape[0] >= 3 else video[:1].expand(3, -1, -1, -1)
-    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
-    images = []
-    for t in range(pixels.shape[1]):
-        image = Image.fromarray(pixels[:, t].permute(1, 2, 0).numpy(), "RGB")
-        images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
-    return images
-
-
-def write_contact_sheet(path: Path, rows: list[tuple[str, torch.Tensor]]) -> None:
-    """One row per model: each example video's frames left to right."""
-    label_width, gap = 150, 6
-    first = _frames_to_image(rows[0][1][0], SHEET_SCALE)
-    cell_w, cell_h = first[0].size
-    frames, examples = len(first), rows[0][1].shape[0]
-    width = label_width + examples * (frames * cell_w + gap)
-    sheet = Image.new("RGB", (width, len(rows) * (cell_h + gap)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, (label, videos) in enumerate(rows):
-        top = r * (cell_h + gap)
-        draw.text((4, top + cell_h // 2 - 6), label, fill=(0, 0, 0))
-        for e in range(examples):
-            left = label_width + e * (frames * cell_w + gap)
-            for t, image in enumerate(_frames_to_image(videos[e], SHEET_SCALE)):
-                sheet.paste(image, (left + t * cell_w, top))
-    sheet.save(path)
-
-
-def write_gif(path: Path, videos: torch.Tensor) -> None:
-    """The example videos side by side, animated."""
-    per_video = [_frames_to_image(video, GIF_SCALE) for video in videos]
-    cell_w, cell_h = per_video[0][0].size
-    frames = []
-    for t in range(len(per_video[0])):
-        canvas = Image.new("RGB", (len(per_video) * (cell_w + 2), cell_h), (255, 255, 255))
-        for e, video in enumerate(per_video):
-            canvas.paste(video[t], (e * (cell_w + 2), 0))
-        frames.append(canvas)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
 
 
 def _slug(label: str) -> str:
@@ -256,7 +212,7 @@ class _Judge:
             features = video_features(self.net, videos)
             row["fd_ref"] = frechet_distance(features, video_features(self.net, reference))
             row["fd_data"] = frechet_distance(features, self.data_features)
-            row["fd_data_ci"] = bootstrap_interval(
+            row["fd_data_ci"] = half_sample_interval(
                 lambda idx: frechet_distance(features[idx], self.data_features), len(videos))
             correct = self.correct(videos)
             row["prompt_acc"], row["prompt_acc_ci"] = float(correct.mean()), mean_interval(correct)
@@ -287,7 +243,7 @@ class _Judge:
 
             out.append({"a": a, "b": b, "metric": "learned FD to data",
                         "value": fd_gap(torch.arange(len(fa))),
-                        "ci": bootstrap_interval(fd_gap, len(fa))})
+                        "ci": half_sample_interval(fd_gap, len(fa))})
         return out
 
 

@@ -1,4 +1,4 @@
-"""Latents to pixels and video files: the Wan VAE decode and H.264 MP4 through PyAV.
+"""Latents to pixels and files: the Wan VAE decode, H.264 MP4 through PyAV, and GIF / PNG previews.
 
 PyAV (``pip install -e '.[real]'``) ships its own FFmpeg with libx264, so no system ffmpeg
 is needed. Wan2.1 videos play at 16 frames per second.
@@ -12,10 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .wan_folder import WanFolderError, component
 
 WAN_FPS = 16
+SHEET_SCALE = 3
+GIF_SCALE = 4
 
 
 def load_vae(path: str | Path, latent_channels: int, *, device: torch.device,
@@ -103,3 +106,45 @@ def read_mp4(path: str | Path) -> tuple[np.ndarray, float, str]:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         return np.stack(frames), float(stream.average_rate), stream.codec_context.name
+
+
+def _frames_to_image(video: torch.Tensor, scale: int) -> list[Image.Image]:
+    rgb = video[:3] if video.shape[0] >= 3 else video[:1].expand(3, -1, -1, -1)
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
+    images = []
+    for t in range(pixels.shape[1]):
+        image = Image.fromarray(pixels[:, t].permute(1, 2, 0).numpy(), "RGB")
+        images.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    return images
+
+
+def write_contact_sheet(path: Path, rows: list[tuple[str, torch.Tensor]]) -> None:
+    """One row per model: each example video's frames left to right."""
+    label_width, gap = 150, 6
+    first = _frames_to_image(rows[0][1][0], SHEET_SCALE)
+    cell_w, cell_h = first[0].size
+    frames, examples = len(first), rows[0][1].shape[0]
+    width = label_width + examples * (frames * cell_w + gap)
+    sheet = Image.new("RGB", (width, len(rows) * (cell_h + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, videos) in enumerate(rows):
+        top = r * (cell_h + gap)
+        draw.text((4, top + cell_h // 2 - 6), label, fill=(0, 0, 0))
+        for e in range(examples):
+            left = label_width + e * (frames * cell_w + gap)
+            for t, image in enumerate(_frames_to_image(videos[e], SHEET_SCALE)):
+                sheet.paste(image, (left + t * cell_w, top))
+    sheet.save(path)
+
+
+def write_gif(path: Path, videos: torch.Tensor) -> None:
+    """The example videos side by side, animated."""
+    per_video = [_frames_to_image(video, GIF_SCALE) for video in videos]
+    cell_w, cell_h = per_video[0][0].size
+    frames = []
+    for t in range(len(per_video[0])):
+        canvas = Image.new("RGB", (len(per_video) * (cell_w + 2), cell_h), (255, 255, 255))
+        for e, video in enumerate(per_video):
+            canvas.paste(video[t], (e * (cell_w + 2), 0))
+        frames.append(canvas)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)

@@ -1,8 +1,9 @@
 """Evaluation metrics on video sets [N, C, T, H, W], and bootstrap confidence intervals.
 
-Every metric is a mean over videos, or a distance between two sets, so its uncertainty is
-estimated the same way: resample the videos with replacement and take the 2.5 and 97.5
-percentiles of the statistic (``bootstrap_interval``).
+Every metric is a mean over videos, or a distance between two sets. A mean's uncertainty
+is the bootstrap's (resample the videos with replacement, take the 2.5 and 97.5
+percentiles: ``mean_interval``); a Frechet distance's comes from half-samples without
+replacement (``half_sample_interval``), since repeated videos bias a covariance.
 """
 
 from __future__ import annotations
@@ -115,6 +116,28 @@ def bootstrap_interval(statistic: Callable[[torch.Tensor], float], count: int,
         return float("nan"), float("nan")
     low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return float(low), float(high)
+
+
+def half_sample_interval(statistic: Callable[[torch.Tensor], float], count: int,
+                         resamples: int = BOOTSTRAP_RESAMPLES,
+                         seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95% interval of a set statistic whose estimate depends on the set size (an FD).
+
+    Resampling with replacement repeats items, which a covariance sees as a smaller set: the
+    Frechet distance of such resamples is biased upwards and its spread skewed. Half-samples
+    drawn without replacement have, to first order, the full set's variance (the finite-
+    population factor (n - m) / (n - 1) halves the variance of an m = n / 2 sample), and
+    centring their spread on the full estimate removes their size bias.
+    """
+    if not isinstance(count, int) or count < 4:
+        raise ValueError(f"half-sampling needs at least 4 items, got {count!r}")
+    generator = torch.Generator().manual_seed(seed)
+    half = count // 2
+    values = torch.tensor([statistic(torch.randperm(count, generator=generator)[:half])
+                           for _ in range(resamples)], dtype=torch.float64)
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    shift = statistic(torch.arange(count)) - float(values.mean())
+    return float(low) + shift, float(high) + shift
 
 
 def mean_interval(per_item: torch.Tensor) -> tuple[float, float]:

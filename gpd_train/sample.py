@@ -71,9 +71,15 @@ from .encode_prompts import (
     negative_text,
     read_prompts,
 )
-from .evaluate import write_contact_sheet, write_gif
 from .loop import resolve_device
-from .media import WAN_FPS, decode_latents, load_vae, write_mp4
+from .media import (
+    WAN_FPS,
+    decode_latents,
+    load_vae,
+    write_contact_sheet,
+    write_gif,
+    write_mp4,
+)
 from .pipeline import Run, stage_command, stage_name
 from .run_folder import OUTPUT, RECORD, check_writable_folder, read_record, verify_output
 from .wan_folder import WanFolderError, transformer_folder

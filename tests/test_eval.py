@@ -12,6 +12,7 @@ from gpd_train.feature_net import HELD_OUT_OFFSET, feature_net, train_feature_ne
 from gpd_train.metrics import (
     bootstrap_interval,
     frechet_distance,
+    half_sample_interval,
     high_frequency_share,
     mean_interval,
     motion_energy,
@@ -89,6 +90,25 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation(count):
     assert bootstrap_interval(lambda idx: 5.0, count) == (5.0, 5.0)  # a constant statistic
     with pytest.raises(ValueError, match="at least 2 items"):
         mean_interval(torch.ones(1))
+
+
+def test_half_sample_interval_has_the_full_sets_spread_and_no_size_bias():
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randn(400, generator=gen, dtype=torch.float64) * 2 + 3
+    low, high = half_sample_interval(lambda idx: float(values[idx].mean()), 400)
+    half = 1.96 * float(values.std(correction=0)) / math.sqrt(400)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.2)
+    # A statistic with a 1/m size bias (as an FD's): the interval still brackets the
+    # full-set value, where resampling with replacement sits wholly above it.
+    features = torch.randn(96, 8, generator=gen, dtype=torch.float64)
+    reference = torch.randn(2000, 8, generator=gen, dtype=torch.float64)
+    full = frechet_distance(features, reference)
+    low, high = half_sample_interval(lambda idx: frechet_distance(features[idx], reference), 96)
+    assert low < full < high
+    low_rep, _ = bootstrap_interval(lambda idx: frechet_distance(features[idx], reference), 96)
+    assert low_rep > low
+    with pytest.raises(ValueError, match="at least 4 items"):
+        half_sample_interval(lambda idx: 0.0, 3)
 
 
 def test_psnr_per_video_is_what_the_mean_averages():
