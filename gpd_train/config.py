@@ -46,7 +46,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     [eval]
     prompts = 96               # 8 noise seeds per built-in prompt
     batch_size = 48
-    guidance_values = [1.0, 2.5]  # other w the w-conditioned student is evaluated at
+    guidance_values = [1.0, 3.0]  # other w of the w-conditioned student (default: the range ends)
 
     [parallel]                 # used under torchrun (gpd_train/parallel.py)
     data_streams = 0           # 0 = one per rank; fix it to resume on another rank count
@@ -124,8 +124,9 @@ class EvalConfig:
     batch_size: int = 48
     seed: int = 1234
     examples: int = 4
-    # Other CFG scales the w-conditioned student is evaluated at (after a guidance stage).
-    guidance_values: list[float] = field(default_factory=lambda: [1.0, 2.5])
+    # Other CFG scales the w-conditioned student is evaluated at (after a guidance stage);
+    # None: the ends of distill.guidance_range.
+    guidance_values: list[float] | None = None
 
 
 @dataclass
@@ -204,7 +205,8 @@ class RunConfig:
             check_number("guidance", self.guidance, low=0, low_open=True,
                          note=" (1 = no guidance)")
         values = self.eval.guidance_values
-        if not isinstance(values, (list, tuple)) or not all(_finite_scale(w) for w in values):
+        if values is not None and (not isinstance(values, (list, tuple))
+                                   or not all(_finite_scale(w) for w in values)):
             raise ValueError(f"eval.guidance_values must be a list of CFG scales > 0, got "
                              f"{values!r}")
         for name in CHAINS:

@@ -145,7 +145,8 @@ def _other_guidance_rows(run: Any, teacher: torch.nn.Module) -> list[Candidate]:
     cfg = run.config
     full, last = cfg.steps[0], cfg.steps[-1]
     rows = []
-    for w in cfg.eval.guidance_values:
+    values = cfg.eval.guidance_values
+    for w in values if values is not None else cfg.distill.guidance_range:
         if w == cfg.resolved_guidance:
             continue
         group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"

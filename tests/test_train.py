@@ -443,3 +443,17 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
                                "distill.guidance_stage": True})
     with pytest.raises(ValueError, match=r"guidance_range must be \[low, high\]"):
         micro_run(tmp_path, **{"distill.guidance_range": [1.0, float("inf")]})
+
+
+def test_pipeline_with_a_guidance_stage_reports_the_student_at_other_w(tmp_path):
+    run = guided_run(tmp_path, **{"eval.guidance_values": [1.0, 2.5]})
+    for chain, stage in pipeline_plan(run.config):
+        run_stage(run, chain, stage, resume=True)
+    data = json.loads((evaluate_run(run).parent / "report.json").read_text())
+    rows = {row["model"]: row for row in data["rows"]}
+    assert rows["guidance stage@8"]["nfe"] == 8 and rows["GPD@1"]["cfg"] == "input w=1.5"
+    for w in ("1", "2.5"):
+        reference = rows[f"teacher@8 w={w} (ref)"]
+        assert reference["group"] == f"guidance w={w}" and reference["psnr_db"] is None
+        student = rows[f"GPD@1 w={w}"]
+        assert student["nfe"] == 1 and student["psnr_db"] > 0 and student["cfg"] == f"input w={w}"
