@@ -12,7 +12,7 @@ import torch
 
 from . import parallel
 from .checkpoint import CheckpointError
-from .config import CHAINS, STATE_SOURCES, RunConfig, load_config
+from .config import CHAINS, SECTION, STATE_SOURCES, RunConfig, load_config
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .loop import NonFiniteLossError
 from .pipeline import GUIDANCE_STAGE, MissingStageError, Run, run_pipeline, run_stage
@@ -20,10 +20,11 @@ from .run_folder import RunFolderError, RunLock, check_run_paths
 from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
-With no action the embedded pipeline runs: stage 0 (teacher), GPD stages 1..3, the
-vanilla-PD ablation chain, then the evaluation; complete stages are skipped and partial
-ones resumed. Run-folder layout and TOML keys: see gpd_train/pipeline.py and
-gpd_train/config.py. Examples:
+With no action the embedded pipeline runs: stage 0 (teacher), the GPD chain (stages
+1..3), the guided chain (guidance stage g, then 1..3 with w as an input), the vanilla-PD
+ablation chain, then the evaluation; complete stages are skipped and partial ones resumed.
+Run-folder layout and TOML keys: see gpd_train/pipeline.py and gpd_train/config.py.
+Examples:
   python -m gpd_train                      # everything, tiny preset, runs/default/
   python -m gpd_train --stage 1 --resume   # continue GPD stage 1 from its last checkpoint
   python -m gpd_train --stage 1 --restart  # train it again (the old stage1/ is moved aside)
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     action.add_argument("--all", action="store_true",
                         help="run every stage (skipping complete ones), then --eval")
     parser.add_argument("--chain", choices=CHAINS, default="gpd",
-                        help="which distillation chain --stage runs (vanilla = the ablation)")
+                        help="which distillation chain --stage runs (gpd: guidance-free; "
+                             "guided: guidance stage, w as an input; vanilla: the ablation)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the stage from its newest checkpoint that verifies")
@@ -110,13 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freq-weight", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.freq_weight",
                         help="frequency-loss weight per GPD stage (default 0 0 1)")
-    parser.add_argument("--guidance-stage", action=argparse.BooleanOptionalAction, default=None,
-                        dest="distill.guidance_stage",
-                        help="a w-conditioned guidance stage before halving (students then "
-                             "take the CFG scale as an input)")
     parser.add_argument("--guidance-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        default=None, dest="distill.guidance_range",
-                        help="CFG scales the guidance stage and its students learn (default 1 3)")
+                        default=None, dest="guided.guidance_range",
+                        help="guided chain: the CFG scales its guidance stage and students "
+                             "learn (default 1 3)")
     parser.add_argument("--stage-guidance", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.stage_guidance",
                         help="without a guidance stage: each GPD stage teacher's CFG scale "
@@ -137,8 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Flags that only some stages read: given elsewhere they would be silently ignored.
 DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
                  "distill.iterations": "--iterations", "distill.freq_weight": "--freq-weight",
-                 "distill.guidance_range": "--guidance-range",
                  "distill.stage_guidance": "--stage-guidance"}
+GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
 
 
@@ -156,9 +155,12 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
         raise ValueError(f"{', '.join(distill)} not used by stage 0 (the teacher): these set the "
                          "GPD distillation stages. Stage 0's options are --teacher-iterations "
                          "and the [stage0] table of a --config TOML file (e.g. lr = 3e-3)")
-    if args.chain == "vanilla" and distill:
-        raise ValueError(f"{', '.join(distill)} set the GPD chain ([distill]); the vanilla chain "
-                         "reads the [vanilla] table of a --config TOML file")
+    guided = sorted(flag for key, flag in GUIDED_FLAGS.items() if key in given)
+    if args.chain != "guided" and guided:
+        raise ValueError(f"{', '.join(guided)} sets the guided chain: use it with --chain guided")
+    if args.chain != "gpd" and distill:
+        raise ValueError(f"{', '.join(distill)} set the GPD chain ([distill]); the {args.chain} "
+                         f"chain reads the [{SECTION[args.chain]}] table of a --config TOML file")
     return [f"{flag} is ignored by stage {args.stage} (it sets stage 0's training)"
             for key, flag in STAGE0_FLAGS.items() if key in given and args.stage != 0]
 

@@ -16,6 +16,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
     batch_size = 16
     checkpoint_every = 50
+    pipeline_chains = ["gpd", "guided", "vanilla"]  # the chains the pipeline trains
 
     [stage0]                   # flow-matching training of the base teacher
     iterations = 10000
@@ -40,11 +41,14 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     guidance_iterations = 2000
     stage_guidance = [1.5, 1.0, 1.0]  # without a guidance stage: CFG of each stage teacher
 
+    [guided]                   # the guided chain: keys as [distill]; guidance_stage = true
+    guidance_range = [1.0, 3.0]  # iterations and freq_weight default to [distill]'s
+
     [vanilla]                  # the ablation chain: data states, MSE only
     iterations = [2000, 1000, 2000]
 
     [eval]
-    prompts = 96               # 8 noise seeds per built-in prompt
+    prompts = 192              # 16 noise seeds per built-in prompt
     batch_size = 48
     guidance_values = [1.0, 3.0]  # other w of the w-conditioned student (default: the range ends)
 
@@ -70,7 +74,10 @@ import tomllib
 from .parallel import ParallelConfig
 
 STATE_SOURCES = ("student", "teacher", "data")
-CHAINS = ("gpd", "vanilla")
+# gpd: the guidance-free GPD chain (stage 1 absorbs CFG); guided: a guidance stage, then
+# halving with w as an input; vanilla: the progressive-distillation ablation (data states).
+CHAINS = ("gpd", "guided", "vanilla")
+SECTION = {"gpd": "distill", "guided": "guided", "vanilla": "vanilla"}  # the TOML tables
 # Per-preset defaults for values the DiT config does not carry.
 PRESET_SHIFT = {"tiny": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
@@ -118,9 +125,15 @@ def _vanilla_default() -> DistillConfig:
     return DistillConfig(state_source="data", freq_weight=[0.0, 0.0, 0.0])
 
 
+def _guided_default() -> DistillConfig:
+    # None: the [distill] table's lists, so a run's stage budget is set in one place.
+    return DistillConfig(guidance_stage=True, iterations=None,  # type: ignore[arg-type]
+                         freq_weight=None)  # type: ignore[arg-type]
+
+
 @dataclass
 class EvalConfig:
-    prompts: int = 96
+    prompts: int = 192
     batch_size: int = 48
     seed: int = 1234
     examples: int = 4
@@ -148,6 +161,9 @@ class RunConfig:
     stage0: Stage0Config = field(default_factory=Stage0Config)
     distill: DistillConfig = field(default_factory=DistillConfig)
     vanilla: DistillConfig = field(default_factory=_vanilla_default)
+    guided: DistillConfig = field(default_factory=_guided_default)
+    # The chains the embedded pipeline trains and the evaluation reports, in order.
+    pipeline_chains: list[str] = field(default_factory=lambda: list(CHAINS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -173,7 +189,10 @@ class RunConfig:
     def chain(self, name: str) -> DistillConfig:
         if name not in CHAINS:
             raise ValueError(f"chain must be one of {CHAINS}, got {name!r}")
-        return self.distill if name == "gpd" else self.vanilla
+        section = getattr(self, SECTION[name])
+        inherited = {key: list(getattr(self.distill, key)) for key in ("iterations", "freq_weight")
+                     if getattr(section, key) is None}
+        return dataclasses.replace(section, **inherited) if inherited else section
 
     def stage_guidance(self, chain: str) -> list[float]:
         """Each halving stage's teacher CFG scale in a chain without a guidance stage."""
@@ -209,6 +228,14 @@ class RunConfig:
                                    or not all(_finite_scale(w) for w in values)):
             raise ValueError(f"eval.guidance_values must be a list of CFG scales > 0, got "
                              f"{values!r}")
+        chains = self.pipeline_chains
+        if (not isinstance(chains, list) or not chains or not set(chains) <= set(CHAINS)
+                or len(set(chains)) != len(chains)):
+            raise ValueError(f"pipeline_chains must list distinct chains of {CHAINS}, got "
+                             f"{chains!r}")
+        if self.vanilla.guidance_stage:
+            raise ValueError("vanilla.guidance_stage must be false: the vanilla chain is the "
+                             "plain progressive-distillation ablation")
         for name in CHAINS:
             chain = self.chain(name)
             stages = self.num_stages
@@ -222,7 +249,7 @@ class RunConfig:
                                      f"{values!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
                     or chain.lane_groups < 1):
-                section = "distill" if name == "gpd" else name  # the TOML table
+                section = SECTION[name]
                 raise ValueError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
             _check_guidance_options(name, chain, self.num_stages)
@@ -235,8 +262,8 @@ class RunConfig:
             check_number(key, getattr(self, key), integer=True, low=1)
         check_number("threads", self.threads, integer=True, low=0)
         check_number("stage0.iterations", self.stage0.iterations, integer=True, low=1)
-        for section, values in (("stage0", self.stage0), ("distill", self.distill),
-                                ("vanilla", self.vanilla)):
+        for section, values in (("stage0", self.stage0),
+                                *((SECTION[name], self.chain(name)) for name in CHAINS)):
             check_number(f"{section}.lr", values.lr, low=0, low_open=True)
             check_number(f"{section}.warmup", values.warmup, integer=True, low=0)
             check_number(f"{section}.final_lr_ratio", values.final_lr_ratio, low=0, high=1,
@@ -245,7 +272,7 @@ class RunConfig:
                          high_open=True)
         check_number("stage0.cfg_dropout", self.stage0.cfg_dropout, low=0, high=1,
                      high_open=True)
-        for section, values in (("distill", self.distill), ("vanilla", self.vanilla)):
+        for section, values in ((SECTION[name], self.chain(name)) for name in CHAINS):
             if not isinstance(values.guidance_stage, bool):
                 raise ValueError(f"{section}.guidance_stage must be true or false, got "
                                  f"{values.guidance_stage!r}")
@@ -333,7 +360,7 @@ def _finite_scale(value: Any) -> bool:
 
 
 def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> None:
-    section = "distill" if name == "gpd" else name  # the TOML table
+    section = SECTION[name]
     low_high = chain.guidance_range
     if (not isinstance(low_high, (list, tuple)) or len(low_high) != 2
             or not all(_finite_scale(w) for w in low_high) or low_high[0] > low_high[1]):
@@ -357,7 +384,7 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
 
 
 _SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,
-             "eval": EvalConfig, "parallel": ParallelConfig}
+             "guided": DistillConfig, "eval": EvalConfig, "parallel": ParallelConfig}
 
 
 def _merge(target: object, values: dict[str, Any], where: str) -> None:

@@ -116,50 +116,66 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
+# Row labels of each chain's students.
+CHAIN_LABEL = {"gpd": "GPD", "guided": "GPD-w", "vanilla": "vanilla PD"}
+
+
 def _candidates(run: Any) -> list[Candidate]:
     cfg = run.config
-    last, w, full = cfg.num_stages, cfg.resolved_guidance, cfg.steps[0]
+    w, full = cfg.resolved_guidance, cfg.steps[0]
     teacher = run.load_stage_model("gpd", 0)
     reference = f"teacher@{full} (ref)"
     rows = [Candidate(reference, teacher, full, w, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
                       perturbed(teacher, CEILING_NOISE, CEILING_SEED), full, w, reference)]
     rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in cfg.steps[1:]]
-    rows.append(Candidate(f"vanilla PD@{cfg.steps[last]}", run.load_stage_model("vanilla", last),
-                          cfg.steps[last], None, reference))
-    if run.has_guidance_stage("gpd"):
-        rows.append(Candidate(f"guidance stage@{full}",
-                              run.load_stage_model("gpd", "g", fold_at=w), full, None,
-                              reference, cfg=f"input w={w:g}"))
-    cfg_text = f"input w={w:g}" if run.has_guidance_stage("gpd") else "none"
-    rows += [Candidate(f"GPD@{cfg.steps[k]}", run.load_stage_model("gpd", k, fold_at=w),
-                       cfg.steps[k], None, reference, cfg=cfg_text)
-             for k in range(1, last + 1)]
-    if run.has_guidance_stage("gpd"):
-        rows += _other_guidance_rows(run, teacher)
+    for chain in cfg.pipeline_chains:
+        rows += _chain_rows(run, chain, reference)
+    return rows + _other_guidance_rows(run, teacher)
+
+
+def _chain_rows(run: Any, chain: str, reference: str) -> list[Candidate]:
+    """A chain's students at the run's CFG scale: vanilla PD's last, every other stage else."""
+    cfg, label = run.config, CHAIN_LABEL[chain]
+    w, last = cfg.resolved_guidance, cfg.num_stages
+    how = f"input w={w:g}" if run.has_guidance_stage(chain) else "none"
+    stages: list[Any] = [last] if chain == "vanilla" else list(range(1, last + 1))
+    if run.has_guidance_stage(chain):
+        stages.insert(0, "g")
+    rows = []
+    for stage in stages:
+        steps = cfg.steps[0 if stage == "g" else stage]
+        name = f"{label} guidance stage@{steps}" if stage == "g" else f"{label}@{steps}"
+        rows.append(Candidate(name, run.load_stage_model(chain, stage, fold_at=w), steps, None,
+                              reference, cfg=how))
     return rows
 
 
 def _other_guidance_rows(run: Any, teacher: torch.nn.Module) -> list[Candidate]:
-    """The final w-conditioned student at other CFG scales, each against the teacher there."""
+    """Final w-conditioned students at other CFG scales, each against the teacher there."""
     cfg = run.config
     full, last = cfg.steps[0], cfg.steps[-1]
+    chains = [chain for chain in cfg.pipeline_chains if run.has_guidance_stage(chain)]
+    scales: list[float] = []
+    for chain in chains:
+        values = cfg.eval.guidance_values
+        scales += [float(w) for w in (values if values is not None
+                                      else cfg.chain(chain).guidance_range)
+                   if w != cfg.resolved_guidance and float(w) not in scales]
     rows = []
-    values = cfg.eval.guidance_values
-    for w in values if values is not None else cfg.distill.guidance_range:
-        if w == cfg.resolved_guidance:
-            continue
+    for w in scales:
         group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"
         rows += [Candidate(reference, teacher, full, w, reference, group),
-                 Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group),
-                 Candidate(f"GPD@{last} w={w:g}",
-                           run.load_stage_model("gpd", cfg.num_stages, fold_at=w), last, None,
-                           reference, group, cfg=f"input w={w:g}")]
+                 Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group)]
+        rows += [Candidate(f"{CHAIN_LABEL[chain]}@{last} w={w:g}",
+                           run.load_stage_model(chain, cfg.num_stages, fold_at=w), last, None,
+                           reference, group, cfg=f"input w={w:g}") for chain in chains]
     return rows
 
 
 def _compare_candidates(run: Any, compare: dict[str, str]) -> list[Candidate]:
-    """The final GPD student of each other run folder (an ablation on the same stage 0)."""
+    """Each other run folder's final student (an ablation on the same stage 0): its first
+    pipeline chain that finished."""
     from .pipeline import Run
 
     own_teacher = sha256_file(run.stage_folder("gpd", 0) / "model.safetensors")
@@ -180,11 +196,14 @@ def _compare_candidates(run: Any, compare: dict[str, str]) -> list[Candidate]:
                              f"({teacher}); comparisons need the same stage 0 (copy stage0/ "
                              "into the other run folder before training it)")
         last = other.config.num_stages
-        w = cfg.resolved_guidance
-        rows.append(Candidate(f"{label}: GPD@{other.config.steps[last]}",
-                              other.load_stage_model("gpd", last, fold_at=w),
-                              other.config.steps[last], None, reference, "ablations",
-                              cfg=f"input w={w:g}" if other.has_guidance_stage("gpd") else "none"))
+        done = [c for c in other.config.pipeline_chains if other.is_done(c, last)]
+        if not done:
+            raise ValueError(f"--compare {label}={folder}: no chain has finished stage {last}")
+        w, chain = cfg.resolved_guidance, done[0]
+        how = f"input w={w:g}" if other.has_guidance_stage(chain) else "none"
+        rows.append(Candidate(f"{label}: {CHAIN_LABEL[chain]}@{other.config.steps[last]}",
+                              other.load_stage_model(chain, last, fold_at=w),
+                              other.config.steps[last], None, reference, "ablations", cfg=how))
     return rows
 
 
@@ -284,7 +303,9 @@ def evaluate_run(run: Any, compare: dict[str, str] | None = None) -> Path:
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     last = cfg.steps[-1]
     reference = candidates[0].label
-    pairs = [(f"GPD@{last}", f"teacher@{last} naive"), (f"GPD@{last}", f"vanilla PD@{last}")]
+    students = [f"{CHAIN_LABEL[c]}@{last}" for c in cfg.pipeline_chains if c != "vanilla"]
+    pairs = [(student, other) for student in students
+             for other in (f"teacher@{last} naive", f"vanilla PD@{last}")]
     report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
               "comparisons": judge.comparisons(pairs, sets, sets[reference]),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,

@@ -120,7 +120,7 @@ def _frames_to_image(video: torch.Tensor, scale: int) -> list[Image.Image]:
 
 def write_contact_sheet(path: Path, rows: list[tuple[str, torch.Tensor]]) -> None:
     """One row per model: each example video's frames left to right."""
-    label_width, gap = 150, 6
+    label_width, gap = max(150, 6 * max(len(label) for label, _ in rows) + 8), 6
     first = _frames_to_image(rows[0][1][0], SHEET_SCALE)
     cell_w, cell_h = first[0].size
     frames, examples = len(first), rows[0][1].shape[0]

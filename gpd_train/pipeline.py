@@ -6,6 +6,7 @@ Layout of a run folder::
     stage0/                      the base teacher T0 (trained or imported)
     guidance/                    the guidance stage's w-conditioned student (when enabled)
     stage1/ stage2/ stage3/      the GPD chain (students S_1..S_3)
+    guided/guidance/ guided/stage1/ ...  the guided chain: guidance stage, then halving
     vanilla/stage1/ ...          the vanilla progressive-distillation ablation chain
     eval/                        report.md, report.json, contact_sheet.png, *.gif
 
@@ -69,14 +70,15 @@ Stage = int | str
 
 
 def stage_name(chain: str, stage: Stage) -> str:
-    if stage == GUIDANCE_STAGE:
-        return "guidance"
-    return "stage0" if stage == 0 else (f"stage{stage}" if chain == "gpd"
-                                        else f"vanilla/stage{stage}")
+    """The stage's folder: stage0 is shared; the gpd chain at the top, others in their own."""
+    if stage == 0:
+        return "stage0"
+    own = "guidance" if stage == GUIDANCE_STAGE else f"stage{stage}"
+    return own if chain == "gpd" else f"{chain}/{own}"
 
 
 def stage_command(chain: str, stage: Stage) -> str:
-    suffix = " --chain vanilla" if chain == "vanilla" and stage not in (0, GUIDANCE_STAGE) else ""
+    suffix = f" --chain {chain}" if chain != "gpd" and stage != 0 else ""
     return f"python -m gpd_train --stage {stage}{suffix}"
 
 
@@ -173,7 +175,7 @@ class Run:
                     "train another --run-dir")
 
     def has_guidance_stage(self, chain: str) -> bool:
-        return chain == "gpd" and self.config.chain(chain).guidance_stage
+        return self.config.chain(chain).guidance_stage
 
     def guidance_input(self, chain: str, stage: Stage) -> bool:
         """Whether the stage's model takes w as an input (the guidance stage and after)."""
@@ -270,7 +272,8 @@ def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objecti
 
 
 def stage_generator(run: Run, chain: str, stage: Stage) -> torch.Generator:
-    offset = {"gpd": 0, "vanilla": 100}[chain] + (50 if stage == GUIDANCE_STAGE else int(stage))
+    offset = {"gpd": 0, "vanilla": 100, "guided": 200}[chain] + (
+        50 if stage == GUIDANCE_STAGE else int(stage))
     return torch.Generator().manual_seed(run.config.seed * 1000 + offset)
 
 
@@ -424,12 +427,13 @@ def import_teacher(run: Run, path: str) -> Path:
 
 
 def pipeline_plan(config: RunConfig) -> list[tuple[str, Stage]]:
-    """Every stage of the embedded pipeline in order: T0, the GPD chain, the vanilla chain."""
-    stages = range(1, config.num_stages + 1)
-    guidance: list[tuple[str, Stage]] = [("gpd", GUIDANCE_STAGE)] if config.distill.guidance_stage \
-        else []
-    return ([("gpd", 0)] + guidance + [("gpd", k) for k in stages]
-            + [("vanilla", k) for k in stages])
+    """Every stage of the embedded pipeline in order: T0, then each of ``pipeline_chains``."""
+    plan: list[tuple[str, Stage]] = [("gpd", 0)]
+    for chain in config.pipeline_chains:
+        if config.chain(chain).guidance_stage:
+            plan.append((chain, GUIDANCE_STAGE))
+        plan += [(chain, k) for k in range(1, config.num_stages + 1)]
+    return plan
 
 
 def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:

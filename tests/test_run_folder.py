@@ -31,6 +31,7 @@ from gpd_train.run_folder import RunFolderError, RunLock, StaleStageError
 
 MICRO_TOML = """\
 steps = [8, 4]
+pipeline_chains = ["gpd", "vanilla"]
 batch_size = 4
 checkpoint_every = 3
 [stage0]

@@ -29,6 +29,7 @@ def micro_run(tmp_path, **overrides) -> Run:
     values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4, 2, 1],
               "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 3,
               "distill.iterations": [4, 4, 4], "vanilla.iterations": [2, 2, 2],
+              "guided.iterations": [2, 2, 2], "guided.guidance_iterations": 2,
               "eval.prompts": 4, "eval.batch_size": 4, "eval.examples": 2}
     values.update(overrides)
     run = Run(load_config(None, values))
@@ -361,25 +362,28 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
     report = evaluate_run(run)
     table = report.read_text()
     for label in ("teacher@8 (ref)", "ceiling: teacher@8, weights x(1+0.01N)",
-                  "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1"):
+                  "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1", "GPD-w guidance stage@8",
+                  "GPD-w@1", "GPD-w@1 w=3", "teacher@8 w=3 (ref)"):
         assert f"| {label} |" in table
     data = json.loads((report.parent / "report.json").read_text())
-    assert [r["nfe"] for r in data["rows"]] == [16, 16, 8, 4, 2, 1, 4, 2, 1]
+    # ref, ceiling, naive 4/2/1; GPD 4/2/1; GPD-w: guidance stage, 4/2/1; vanilla PD@1;
+    # then at w = 1 and 3: the teacher, the teacher naive at 1 step, GPD-w@1.
+    assert [r["nfe"] for r in data["rows"]] == [16, 16, 8, 4, 2, 4, 2, 1, 8, 4, 2, 1, 1,
+                                                16, 2, 1, 16, 2, 1]
     assert data["eval_set"]["guidance"] == run.config.resolved_guidance
     assert f"CFG scale {run.config.resolved_guidance}" in table
     assert data["rows"][0]["psnr_db"] is None and data["rows"][1]["psnr_db"] > 0
-    for row in data["rows"][1:]:  # every value inside its own bootstrap interval
-        for key in ("psnr_db", "fd_data", "prompt_acc"):
+    for row in data["rows"]:  # every value inside its own interval (references: no PSNR)
+        for key in ("psnr_db", "fd_data", "prompt_acc") if row["psnr_db"] is not None else ():
             low, high = row[f"{key}_ci"]
             assert low <= row[key] + 1e-9 and row[key] <= high + 1e-9, (row["model"], key)
     assert [(c["a"], c["b"], c["metric"]) for c in data["comparisons"]] == [
-        ("GPD@1", "teacher@1 naive", "PSNR (dB)"),
-        ("GPD@1", "teacher@1 naive", "learned FD to data"),
-        ("GPD@1", "vanilla PD@1", "PSNR (dB)"),
-        ("GPD@1", "vanilla PD@1", "learned FD to data")]
+        (student, other, metric) for student in ("GPD@1", "GPD-w@1")
+        for other in ("teacher@1 naive", "vanilla PD@1")
+        for metric in ("PSNR (dB)", "learned FD to data")]
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert (report.parent / "feature_net.safetensors").is_file()
-    assert len(list(report.parent.glob("*.gif"))) == 9
+    assert len(list(report.parent.glob("*.gif"))) == 19
     assert json.loads((run.stage_folder("vanilla", 1) / "done.json").read_text())["iterations"] == 2
 
 
@@ -445,15 +449,16 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
         micro_run(tmp_path, **{"distill.guidance_range": [1.0, float("inf")]})
 
 
-def test_pipeline_with_a_guidance_stage_reports_the_student_at_other_w(tmp_path):
-    run = guided_run(tmp_path, **{"eval.guidance_values": [1.0, 2.5]})
+def test_a_guidance_stage_on_the_gpd_chain_reports_it_at_other_w(tmp_path):
+    run = guided_run(tmp_path, pipeline_chains=["gpd"], **{"eval.guidance_values": [2.5]})
+    assert pipeline_plan(run.config) == [("gpd", 0), ("gpd", "g"), ("gpd", 1), ("gpd", 2),
+                                         ("gpd", 3)]
     for chain, stage in pipeline_plan(run.config):
         run_stage(run, chain, stage, resume=True)
     data = json.loads((evaluate_run(run).parent / "report.json").read_text())
     rows = {row["model"]: row for row in data["rows"]}
-    assert rows["guidance stage@8"]["nfe"] == 8 and rows["GPD@1"]["cfg"] == "input w=1.5"
-    for w in ("1", "2.5"):
-        reference = rows[f"teacher@8 w={w} (ref)"]
-        assert reference["group"] == f"guidance w={w}" and reference["psnr_db"] is None
-        student = rows[f"GPD@1 w={w}"]
-        assert student["nfe"] == 1 and student["psnr_db"] > 0 and student["cfg"] == f"input w={w}"
+    assert rows["GPD guidance stage@8"]["nfe"] == 8 and rows["GPD@1"]["cfg"] == "input w=1.5"
+    assert rows["teacher@8 w=2.5 (ref)"]["group"] == "guidance w=2.5"
+    student = rows["GPD@1 w=2.5"]
+    assert student["nfe"] == 1 and student["psnr_db"] > 0 and student["cfg"] == "input w=2.5"
+    assert not any(name.startswith(("vanilla", "GPD-w")) for name in rows)
