@@ -21,8 +21,9 @@ from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
 With no action the embedded pipeline runs: stage 0 (teacher), the GPD chain (stages
-1..3), the guided chain (guidance stage g, then 1..3 with w as an input), the vanilla-PD
-ablation chain, then the evaluation; complete stages are skipped and partial ones resumed.
+1..3), the vanilla-PD ablation chain (and, with pipeline_chains = ["gpd", "guided",
+"vanilla"] in a --config file, the guided chain: guidance stage g, then 1..3 with w as an
+input), then the evaluation; complete stages are skipped and partial ones resumed.
 Run-folder layout and TOML keys: see gpd_train/pipeline.py and gpd_train/config.py.
 Examples:
   python -m gpd_train                      # everything, tiny preset, runs/default/

@@ -356,7 +356,7 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
-    run = micro_run(tmp_path)
+    run = micro_run(tmp_path, pipeline_chains=["gpd", "guided", "vanilla"])
     for chain, stage in pipeline_plan(run.config):
         run_stage(run, chain, stage, resume=True)
     report = evaluate_run(run)
