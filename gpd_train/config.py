@@ -163,8 +163,8 @@ class RunConfig:
     vanilla: DistillConfig = field(default_factory=_vanilla_default)
     guided: DistillConfig = field(default_factory=_guided_default)
     # The chains the embedded pipeline trains and the evaluation reports, in order. The
-    # guided chain is opt-in: at w = 1.5 its 6-step student is 0.8 dB further from the
-    # teacher than the GPD chain's (README), and it adds ~7 minutes to the CPU demo.
+    # guided chain is opt-in: at w = 1.5 its 6-step student is ~1 dB further from the
+    # teacher than the GPD chain's (README's ablations), and it adds ~6 minutes to the demo.
     pipeline_chains: list[str] = field(default_factory=lambda: ["gpd", "vanilla"])
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
