@@ -60,7 +60,6 @@ class FlowMatching:
             raise ValueError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
 
 
-
 @dataclass
 class StageTeacher:
     """The frozen stage teacher, as the targets query it.
