@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # On a lent GPU: correctness first (the kernel tests on CUDA, the fused model path, the
 # library ops against float64), then timings (the fused DiT ops and library kernels against
-# eager and torch.compile, the sampler, the 1.3B training-step MFU, one 1.3B stage step),
+# eager and torch.compile, the sampler, the 1.3B training-step MFU, one 1.3B stage step, the
+# 1.3B encode -> sample -> decode -> MP4 path),
 # then one summary line per block. `--quick` runs the correctness blocks alone.
 # Installs and downloads nothing: uses the torch and triton already on the machine
 # (PYTHON overrides the interpreter). Full results go to $OUT (JSON, one log per block)
 # when OUT is set. Other arguments pass through to device_check.py.
-# Budget: <= 6 minutes in all and <= 2 with --quick on one H100/H200. The blocks were sized
-# for that (cases and rounds cut: 5 library cases, 10 timed rounds, 3 MFU rounds), but no
-# run has timed the whole script yet: each block's seconds are in the final table.
+# Budget: <= 6 minutes in all before the real-scale path block was added, plus at most 4 for
+# it (`timeout 240`), and <= 2 with --quick, on one H100/H200. The blocks were sized for
+# that (cases and rounds cut: 5 library cases, 10 timed rounds, 3 MFU rounds), but no run
+# has timed the whole script yet: each block's seconds are in the final table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # the interpreter is for CPU-only machines
@@ -64,6 +66,12 @@ else
   # forward/backward + AdamW + EMA: peak memory and step time.
   run_block stage-step "$PYTHON" benchmarks/stage_step.py \
     ${OUT:+--out "$OUT/issue6_stage_step.json"}
+  # Issue 13: the 1.3B encode -> sample -> decode -> MP4 path with random weights (umT5-XXL
+  # bf16, the DiT bf16 for 6 Euler steps of one 480p latent, the Wan2.1 VAE with tiling,
+  # PyAV's H.264): seconds and peak memory per step. Needs transformers, diffusers and PyAV
+  # on this interpreter; cut off after 240 s.
+  run_block realscale-path timeout 240 "$PYTHON" benchmarks/realscale_path.py \
+    ${OUT:+--out "$OUT/issue13_realscale_path.json"}
   # Library kernels (checks, then timings) and fused DiT ops; its tables end the output.
   run_block kernels "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
     "${passthrough[@]}"

@@ -5,6 +5,7 @@ when the trainer's or model's interfaces move.
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,25 @@ def test_stage_step_dry_run_reports_a_finite_loss_and_times(tmp_path) -> None:
     assert result["device"] == "cpu" and result["preset"] == "tiny"
     assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
     assert result["loss"] == result["loss"] and result["loss"] >= 0  # finite, not NaN
+
+
+def test_realscale_path_tiny_dry_run_times_every_step(tmp_path) -> None:
+    out = tmp_path / "realscale.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "realscale_path.py"), "--tiny",
+         "--device", "cpu", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    steps = ["encode", "sample", "decode", "write_mp4"]
+    assert [row["step"] for row in result["rows"]] == steps
+    assert all(math.isfinite(row["seconds"]) and row["seconds"] > 0 for row in result["rows"])
+    assert result["device"] == "cpu" and result["latents_finite"] and result["mp4_bytes"] > 0
+    assert result["video"] == [3, 5, 32, 48]  # latents [4, 2, 4, 6] through 4x time / 8x space
+    lines = run.stdout.splitlines()
+    assert [json.loads(line)["step"] for line in lines if line.startswith("{")] == steps
+    assert lines[-1].startswith("SUMMARY realscale-path encode ")
 
 
 def test_device_check_quick_dry_run_checks_and_summarises(tmp_path) -> None:
@@ -73,6 +93,8 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     run = _run_device_check_sh(tmp_path)
     assert run.returncode == 3, run.stdout + run.stderr
     rows = _summary_rows(run.stdout)
-    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "stage-step", "kernels"]
-    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "ok"]
+    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "stage-step",
+                                        "realscale-path", "kernels"]
+    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "ok", "ok"]
     assert "bench_sampler or mfu" in rows[1][3]
+    assert rows[3][3].startswith("stub benchmarks/realscale_path.py --out ")
