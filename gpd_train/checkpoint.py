@@ -21,11 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+# One error for every checkpoint problem, model files and trainer checkpoints alike.
+from gpd_model import CheckpointError
+
 KEEP_CHECKPOINTS = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the model."""
 
 
 def _fsync_dir(folder: Path) -> None:

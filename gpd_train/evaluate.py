@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -52,6 +52,9 @@ from .metrics import (
     psnr_per_video,
 )
 from .report import render_markdown
+
+if TYPE_CHECKING:  # the pipeline calls the evaluation, not the other way round
+    from .pipeline import Run
 from .run_folder import read_record
 
 CEILING_NOISE = 0.01
@@ -120,7 +123,7 @@ def _slug(label: str) -> str:
 CHAIN_LABEL = {"gpd": "GPD", "guided": "GPD-w", "vanilla": "vanilla PD"}
 
 
-def _candidates(run: Any) -> list[Candidate]:
+def _candidates(run: Run) -> list[Candidate]:
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
     teacher = run.load_stage_model("gpd", 0)
@@ -134,7 +137,7 @@ def _candidates(run: Any) -> list[Candidate]:
     return rows + _other_guidance_rows(run, teacher)
 
 
-def _chain_rows(run: Any, chain: str, reference: str) -> list[Candidate]:
+def _chain_rows(run: Run, chain: str, reference: str) -> list[Candidate]:
     """A chain's students at the run's CFG scale: vanilla PD's last, every other stage else."""
     cfg, label = run.config, CHAIN_LABEL[chain]
     w, last = cfg.resolved_guidance, cfg.num_stages
@@ -151,7 +154,7 @@ def _chain_rows(run: Any, chain: str, reference: str) -> list[Candidate]:
     return rows
 
 
-def _other_guidance_rows(run: Any, teacher: torch.nn.Module) -> list[Candidate]:
+def _other_guidance_rows(run: Run, teacher: torch.nn.Module) -> list[Candidate]:
     """Final w-conditioned students at other CFG scales, each against the teacher there."""
     cfg = run.config
     full, last = cfg.steps[0], cfg.steps[-1]
@@ -173,7 +176,7 @@ def _other_guidance_rows(run: Any, teacher: torch.nn.Module) -> list[Candidate]:
     return rows
 
 
-def _compare_candidates(run: Any, compare: dict[str, str]) -> list[Candidate]:
+def _compare_candidates(run: Run, compare: dict[str, str]) -> list[Candidate]:
     """Each other run folder's final student (an ablation on the same stage 0): its first
     pipeline chain that finished."""
     from .pipeline import Run
@@ -267,7 +270,7 @@ class _Judge:
         return out
 
 
-def _judge(run: Any, prompts: int, out: Path) -> _Judge:
+def _judge(run: Run, prompts: int, out: Path) -> _Judge:
     data = run.data
     if not isinstance(data, ProceduralVideos):
         return _Judge(data, None, None, None)
@@ -277,7 +280,7 @@ def _judge(run: Any, prompts: int, out: Path) -> _Judge:
     return _Judge(data, prompt_ids, net, video_features(net, real))
 
 
-def evaluate_run(run: Any, compare: dict[str, str] | None = None) -> Path:
+def evaluate_run(run: Run, compare: dict[str, str] | None = None) -> Path:
     """Sample every model on the evaluation set and write the report; returns report.md.
 
     ``compare`` maps labels to other run folders (same stage 0) whose final GPD student is
@@ -317,7 +320,7 @@ def evaluate_run(run: Any, compare: dict[str, str] | None = None) -> Path:
     return out / "report.md"
 
 
-def _stage_summaries(run: Any) -> dict[str, Any]:
+def _stage_summaries(run: Run) -> dict[str, Any]:
     summaries = {}
     for done in sorted(run.folder.glob("**/done.json")):
         if ".old-" in str(done.relative_to(run.folder)):
