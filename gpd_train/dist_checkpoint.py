@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -49,6 +49,10 @@ from . import parallel
 from .checkpoint import CheckpointError, CheckpointStore, atomic_write_text, check_run_metadata
 from .parallel import StreamGroup
 
+if TYPE_CHECKING:  # both import this module lazily, when a checkpoint is sharded
+    from .loop import StageTrainer
+    from .pipeline import Run
+
 FORMAT = "dcp"
 MANIFEST = "manifest.json"
 DIFFUSERS_FOLDER = "diffusers"
@@ -60,20 +64,20 @@ def is_dcp(path: Path | None) -> bool:
     return path is not None and (Path(path) / _DCP_METADATA).is_file()
 
 
-def _streams(trainer: Any) -> list[tuple[int, torch.Generator, Any]]:
+def _streams(trainer: StageTrainer) -> list[tuple[int, torch.Generator, Any]]:
     objective = trainer.objective
     if isinstance(objective, StreamGroup):
         return list(zip(objective.ids, objective.generators, objective.objectives, strict=True))
     return [(0, trainer.generator, objective)]
 
 
-def _layout(trainer: Any) -> dict[str, int]:
+def _layout(trainer: StageTrainer) -> dict[str, int]:
     streams = _streams(trainer)
     return {"data_streams": len(streams) * parallel.world().world_size,
             "stream_batch": int(streams[0][2].batch_size)}
 
 
-def _state(trainer: Any) -> dict[str, Any]:
+def _state(trainer: StageTrainer) -> dict[str, Any]:
     """The live state DCP writes from / reads into (the model's and optimizer's DTensors)."""
     state: dict[str, Any] = {
         "model": get_model_state_dict(trainer.model),
@@ -92,7 +96,7 @@ def _fresh_folder(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def save(trainer: Any) -> Path:
+def save(trainer: StageTrainer) -> Path:
     """Write ``trainer``'s checkpoint at its current step (a collective) and return it."""
     state = _state(trainer)
     for stream, generator, objective in _streams(trainer):
@@ -161,7 +165,7 @@ def _check_model_keys(path: Path, state: dict[str, Any]) -> None:
             f"  mismatched: {mismatched}")
 
 
-def restore(trainer: Any, path: Path) -> None:
+def restore(trainer: StageTrainer, path: Path) -> None:
     """Load DCP checkpoint ``path`` into ``trainer`` on any number of ranks (a collective)."""
     if not is_dcp(path):
         raise CheckpointError(f"checkpoint {path} was written by a single-process run: resume "
@@ -209,14 +213,14 @@ def export_diffusers(cfg: DiTConfig, weights: dict[str, torch.Tensor], folder: P
     return save_diffusers(model, folder)
 
 
-def _write_stage_output(run: Any, chain: str, stage: int, weights: dict[str, torch.Tensor],
+def _write_stage_output(run: Run, chain: str, stage: int, weights: dict[str, torch.Tensor],
                         summary: dict[str, Any]) -> Path:
     export_diffusers(run.dit_config, weights, run.stage_folder(chain, stage) / DIFFUSERS_FOLDER,
                      run.config.resolved_guidance)
     return run.finish_stage(chain, stage, weights, summary)  # done.json last
 
 
-def finish_stage(run: Any, chain: str, stage: int, ema_state: dict[str, torch.Tensor],
+def finish_stage(run: Run, chain: str, stage: int, ema_state: dict[str, torch.Tensor],
                  summary: dict[str, Any]) -> Path:
     """The stage output from the (possibly sharded) EMA: ``run.finish_stage`` in one
     process; under torchrun gathered to rank 0, which also writes the diffusers folder."""

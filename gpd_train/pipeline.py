@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
-from .loop import StageTrainer, resolve_device
+from .loop import Objective, StageTrainer, resolve_device
 from .objectives import (
     FlowMatching,
     GuidanceRange,
@@ -257,7 +257,7 @@ class Run:
         atomic_write_text(self.folder / "config.json", self.config.to_json())
 
 
-def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objective: Any,
+def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objective: Objective,
              iterations: int, optim: Stage0Config | DistillConfig,
              generator: torch.Generator, teacher_sha256: str | None = None) -> StageTrainer:
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
