@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import DiTConfig
+from .guidance import has_guidance_input
 
 FORMATS = ("wan", "diffusers")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -214,7 +215,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
 
 def export_state_dict(model: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
     """Our weights under ``fmt``'s names, fused matrices split back into their parts."""
-    if getattr(model, "guidance_embedding", None) is not None:
+    if has_guidance_input(model):
         raise CheckpointError(
             "this model has a guidance input, which Wan2.1 checkpoints cannot hold; fold it at "
             "the CFG scale to export first: gpd_model.fold_guidance(model, w)"

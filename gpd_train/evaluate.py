@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,12 +212,17 @@ def _compare_candidates(run: Run, compare: dict[str, str]) -> list[Candidate]:
 
 @dataclass
 class _Judge:
-    """What every row is measured against: references, real-data features, prompt labels."""
+    """What every row is measured against: references, real-data features, prompt labels.
+
+    Each set's learned features are computed once (``features``, by row label) and reused
+    as a reference and in the paired comparisons.
+    """
 
     data: Any
     prompt_ids: torch.Tensor | None
     net: Any
     data_features: torch.Tensor | None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def row(self, candidate: Candidate, videos: torch.Tensor, reference: torch.Tensor,
             seconds: float) -> dict[str, Any]:
@@ -232,8 +237,8 @@ class _Judge:
             per_video = psnr_per_video(videos, reference)
             row["psnr_db"], row["psnr_db_ci"] = float(per_video.mean()), mean_interval(per_video)
         if self.net is not None:
-            features = video_features(self.net, videos)
-            row["fd_ref"] = frechet_distance(features, video_features(self.net, reference))
+            features = self.features[candidate.label] = video_features(self.net, videos)
+            row["fd_ref"] = frechet_distance(features, self.features[candidate.reference])
             row["fd_data"] = frechet_distance(features, self.data_features)
             row["fd_data_ci"] = half_sample_interval(
                 lambda idx: frechet_distance(features[idx], self.data_features), len(videos))
@@ -258,7 +263,7 @@ class _Judge:
                         "ci": mean_interval(diff)})
             if self.net is None:
                 continue
-            fa, fb = video_features(self.net, sets[a]), video_features(self.net, sets[b])
+            fa, fb = self.features[a], self.features[b]
 
             def fd_gap(idx: torch.Tensor, fa=fa, fb=fb) -> float:
                 return (frechet_distance(fa[idx], self.data_features)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_weights, read_metadata, save_weights
-from .data import ProceduralVideos
+from .data import MOTIONS, SHAPES, ProceduralVideos
 
 FEATURES = 32
 TRAIN_STEPS = 300
@@ -60,9 +60,7 @@ class VideoFeatureNet(nn.Module):
 
 
 def _new_net(data: ProceduralVideos) -> VideoFeatureNet:
-    shapes, motions = (int(n.max()) + 1 for n in data.prompt_labels(
-        torch.arange(data.num_prompts)))
-    return VideoFeatureNet(3, data.frames, data.size, shapes, motions)
+    return VideoFeatureNet(3, data.frames, data.size, len(SHAPES), len(MOTIONS))
 
 
 def _labelled_batch(data: ProceduralVideos, indices: torch.Tensor

@@ -63,8 +63,8 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     return float(mean_term + cov_a.trace() + cov_b.trace() - 2.0 * cross)
 
 
-def high_frequency_energy(videos: torch.Tensor) -> torch.Tensor:
-    """Per video: (spatial spectral energy above half the Nyquist radius, total) [N, 2]."""
+def high_frequency_share(videos: torch.Tensor) -> float:
+    """Share of spatial spectral energy above half the Nyquist radius."""
     check_videos(videos, "videos")
     height, width = videos.shape[-2:]
     frames = videos.double() - videos.double().mean(dim=(-2, -1), keepdim=True)
@@ -75,27 +75,16 @@ def high_frequency_energy(videos: torch.Tensor) -> torch.Tensor:
         return torch.minimum(k, n - k) / (n / 2)
 
     radius = ((axis(height)[:, None] ** 2 + axis(width)[None, :] ** 2) / 2).sqrt()
-    high = energy[..., radius > 0.5].flatten(1).sum(dim=1)
-    return torch.stack([high, energy.flatten(1).sum(dim=1)], dim=1)
-
-
-def high_frequency_share(videos: torch.Tensor) -> float:
-    """Share of spatial spectral energy above half the Nyquist radius."""
-    high, total = high_frequency_energy(videos).sum(dim=0)
-    return float(high / total) if total > 0 else 0.0
-
-
-def motion_per_video(videos: torch.Tensor) -> torch.Tensor:
-    """Mean |frame_{t+1} - frame_t| of each video [N]."""
-    check_videos(videos, "videos")
-    if videos.shape[2] < 2:
-        raise ValueError(f"motion energy needs >= 2 frames, got {videos.shape[2]}")
-    return (videos[:, :, 1:].double() - videos[:, :, :-1].double()).abs().flatten(1).mean(dim=1)
+    total = energy.sum()
+    return float(energy[..., radius > 0.5].sum() / total) if total > 0 else 0.0
 
 
 def motion_energy(videos: torch.Tensor) -> float:
     """Mean |frame_{t+1} - frame_t|."""
-    return float(motion_per_video(videos).mean())
+    check_videos(videos, "videos")
+    if videos.shape[2] < 2:
+        raise ValueError(f"motion energy needs >= 2 frames, got {videos.shape[2]}")
+    return float((videos[:, :, 1:].double() - videos[:, :, :-1].double()).abs().mean())
 
 
 def bootstrap_interval(statistic: Callable[[torch.Tensor], float], count: int,
