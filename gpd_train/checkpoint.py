@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 # One error for every checkpoint problem, model files and trainer checkpoints alike.
-from gpd_model import CheckpointError
+from gpd_model import CheckpointError, add_guidance_input
 
 KEEP_CHECKPOINTS = 2
 
@@ -81,6 +81,20 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load ``state`` into ``module`` only if keys, shapes and dtypes all match."""
     load_exact_state(module.state_dict(), state, source)
+
+
+# A stage output's metadata says whether its model has a guidance input ("1") or not.
+GUIDANCE_INPUT_KEY = "guidance_input"
+
+
+def load_stage_output(model: torch.nn.Module, path: Path,
+                      meta: dict[str, str]) -> torch.nn.Module:
+    """Load stage output ``path`` (metadata ``meta``) into ``model``, all or nothing, first
+    giving the model a guidance input when the stage's model had one; returns the model."""
+    if meta.get(GUIDANCE_INPUT_KEY) == "1":
+        add_guidance_input(model)
+    load_exact(model, load_weights(path), path)
+    return model
 
 
 def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor],

@@ -27,12 +27,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gpd_model import DiTConfig, WanDiT, add_guidance_input, fold_guidance, get_preset
+from gpd_model import (
+    DiTConfig,
+    WanDiT,
+    add_guidance_input,
+    fold_guidance,
+    get_preset,
+    has_guidance_input,
+)
 
 from .checkpoint import (
+    GUIDANCE_INPUT_KEY,
     atomic_write_text,
-    load_exact,
-    load_weights,
+    load_stage_output,
     read_metadata,
     save_weights,
     sha256_file,
@@ -192,7 +199,7 @@ class Run:
     def metadata(self, chain: str, stage: Stage) -> dict[str, str]:
         return {"format": "gpd_train", "stage": stage_name(chain, stage),
                 "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True),
-                "guidance_input": str(int(self.guidance_input(chain, stage)))}
+                GUIDANCE_INPUT_KEY: str(int(self.guidance_input(chain, stage)))}
 
     def new_model(self) -> WanDiT:
         torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
@@ -226,11 +233,8 @@ class Run:
         if meta.get("dit_config") != expected:
             raise ValueError(f"{path} was written for model config {meta.get('dit_config')}, "
                              f"this run uses {expected} (preset {self.config.preset!r})")
-        model = self.new_model()
-        if meta.get("guidance_input") == "1":
-            add_guidance_input(model)
-        load_exact(model, load_weights(path), path)
-        if fold_at is not None and meta.get("guidance_input") == "1":
+        model = load_stage_output(self.new_model(), path, meta)
+        if fold_at is not None and has_guidance_input(model):
             return fold_guidance(model, fold_at)
         return model
 

@@ -41,7 +41,6 @@ from gpd_model import (
     PRESETS,
     DiTConfig,
     WanDiT,
-    add_guidance_input,
     fold_guidance,
     get_preset,
     has_guidance_input,
@@ -52,7 +51,7 @@ from gpd_model import (
 from gpd_model.checkpoint import config_from_diffusers
 from gpd_model.graph_sampler import GraphSampler
 
-from .checkpoint import load_exact, load_weights, read_metadata
+from .checkpoint import load_stage_output, read_metadata
 from .config import (
     CHAINS,
     DEFAULT_SHIFT,
@@ -163,10 +162,7 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
         record = read_record(path.parent)
     meta = read_metadata(path)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
-    model = WanDiT(cfg)
-    if meta.get("guidance_input") == "1":
-        add_guidance_input(model)
-    load_exact(model, load_weights(path), path)
+    model = load_stage_output(WanDiT(cfg), path, meta)
     run = _enclosing_run(path)
     return LoadedModel(model.to(device), str(path),
                        None if run is None else _run_config(run, run_device), record=record)
