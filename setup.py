@@ -105,7 +105,9 @@ setup(
         # tokenizers; ftfy cleans prompts as WanPipeline does), AutoencoderKLWan decoding and
         # export (diffusers, accelerate), MP4 writing (PyAV bundles FFmpeg with libx264).
         "real": REAL,
+        # LoRA distillation and diffusers LoRA export (gpd_train.lora).
+        "lora": ["peft>=0.15"],
         # accelerate: diffusers needs it for WanTransformer3DModel.from_pretrained
-        "test": ["pytest", "pytest-benchmark", "ruff", *REAL],
+        "test": ["pytest", "pytest-benchmark", "ruff", "peft>=0.15", *REAL],
     },
 )

@@ -1,0 +1,277 @@
+"""LoRA distillation: one frozen base, the stage teacher and the student as adapters on it.
+
+With ``lora_rank`` R the halving stages of a chain do not copy the model. The base (the
+run's stage 0) is loaded once and frozen, and peft puts LoRA adapters on its attention and
+FFN projections: ``teacher``, the previous stage's adapter (frozen; absent in stage 1,
+whose teacher is the base itself), and ``student``, initialised from it (stage 1: peft's
+zero B, so every student starts exactly as its teacher). The stage teacher's forwards run
+inside ``use_adapter`` (gpd_train.objectives.StageTeacher); the student's are the model's
+own. Memory: one copy of the base plus ``2 x R x (in + out)`` values per adapted
+projection, instead of a second model, an EMA and Adam state of the full size.
+
+A LoRA stage's output (``model.safetensors``) holds the student adapter's EMA under peft's
+key names without the adapter name (``blocks.0.self_attn.qkv.lora_A.weight``, [R, in];
+``lora_B`` [out, R]) and, in its metadata, the spec (``lora``). Sampling, evaluation and
+export merge ``W + alpha / R * B A`` into a plain WanDiT (``merge_adapter``).
+
+Diffusers keeps q, k, v (and the cross-attention's k, v) as separate projections where we
+fuse them; a fused LoRA splits exactly: every part shares A, and B splits by rows
+(``diffusers_lora_state``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gpd_model import CheckpointError
+from gpd_model.checkpoint import key_map
+
+# Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
+LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
+                "cross_attn.o", "ffn.0", "ffn.2")
+TEACHER = "teacher"
+STUDENT = "student"
+BASE = None  # use_adapter(model, BASE): the base model, every adapter switched off
+METADATA_KEY = "lora"  # a stage output's metadata entry holding the spec (JSON)
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_FACTORS = ("lora_A", "lora_B")
+
+
+class LoraError(ValueError):
+    """A LoRA option, adapter file or model that does not fit."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank, alpha (the update is ``alpha / rank * B A``) and the adapted projections."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                or not 0 < self.alpha < float("inf")):
+            raise LoraError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise LoraError(f"LoRA targets must be distinct names of {LORA_TARGETS}, got "
+                            f"{list(self.targets)!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_metadata(self) -> str:
+        return json.dumps({**asdict(self), "targets": list(self.targets)}, sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, text: str, source: Path | str) -> LoraSpec:
+        try:
+            raw = json.loads(text)
+            return cls(int(raw["rank"]), float(raw["alpha"]), tuple(raw["targets"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{source}: unreadable LoRA spec {text!r} ({exc})") from None
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise LoraError("LoRA training and export use peft, which is not installed: "
+                        "pip install peft (or pip install -e '.[lora]')") from None
+    return peft
+
+
+def _target_pattern(targets: tuple[str, ...]) -> str:
+    """A regex peft full-matches against module names: the targets inside every block."""
+    return r"blocks\.\d+\.(" + "|".join(re.escape(t) for t in targets) + ")"
+
+
+def adapted_modules(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """Names of the model's projections ``spec`` adapts (blocks.<i>.<target>), in order."""
+    pattern = re.compile(_target_pattern(spec.targets))
+    return [name for name, module in model.named_modules()
+            if pattern.fullmatch(name) and isinstance(module, nn.Linear)]
+
+
+def adapter_shapes(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors' names and shapes for a plain WanDiT (the output's layout)."""
+    shapes = {}
+    for name in adapted_modules(model, spec):
+        linear = model.get_submodule(name)
+        shapes[f"{name}.lora_A.weight"] = (spec.rank, linear.in_features)
+        shapes[f"{name}.lora_B.weight"] = (linear.out_features, spec.rank)
+    return shapes
+
+
+def check_adapter(adapter: dict[str, torch.Tensor], model: nn.Module, spec: LoraSpec,
+                  source: Path | str) -> None:
+    """Refuse an adapter whose keys or shapes do not fit ``model`` under ``spec``."""
+    expected = adapter_shapes(model, spec)
+    missing = sorted(set(expected) - set(adapter))
+    unexpected = sorted(set(adapter) - set(expected))
+    mismatched = [f"{k}: file {tuple(adapter[k].shape)}, expected {expected[k]}"
+                  for k in sorted(set(expected) & set(adapter))
+                  if tuple(adapter[k].shape) != expected[k]]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"LoRA adapter {source} does not fit the model (rank {spec.rank}, targets "
+            f"{list(spec.targets)}); nothing was loaded.\n  missing keys: {missing}\n"
+            f"  unexpected keys: {unexpected}\n  mismatched: {mismatched}")
+
+
+def _param_name(key: str, adapter: str) -> str:
+    """'x.lora_A.weight' -> peft's parameter name 'x.lora_A.<adapter>.weight'."""
+    module, factor, leaf = key.rsplit(".", 2)
+    return f"{module}.{factor}.{adapter}.{leaf}"
+
+
+def adapter_from_params(state: dict[str, torch.Tensor], adapter: str = STUDENT
+                        ) -> dict[str, torch.Tensor]:
+    """The output layout of ``adapter``'s tensors in ``state`` (peft parameter names)."""
+    out = {}
+    for key, value in state.items():
+        for factor in _FACTORS:
+            marker = f".{factor}.{adapter}."
+            if marker in key:
+                out[key.replace(marker, f".{factor}.")] = value
+    return out
+
+
+def attach_adapters(model: nn.Module, spec: LoraSpec,
+                    teacher: dict[str, torch.Tensor] | None) -> nn.Module:
+    """Freeze ``model`` (the base) and give it a trainable ``student`` adapter; with
+    ``teacher`` (the previous stage's adapter) also a frozen ``teacher`` adapter, both
+    starting from it. Returns the model, whose forward is the student's."""
+    peft = _peft()
+    model.requires_grad_(False)
+    config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha,
+                             target_modules=_target_pattern(spec.targets))
+    names = [TEACHER, STUDENT] if teacher is not None else [STUDENT]
+    if teacher is not None:
+        check_adapter(teacher, model, spec, "the stage teacher's adapter")
+    with _quiet_multiple_adapters():
+        for name in names:
+            peft.inject_adapter_in_model(config, model, adapter_name=name)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            for key, value in (teacher or {}).items():
+                params[_param_name(key, name)].copy_(value)
+    for layer in lora_layers(model):
+        layer.set_adapter(STUDENT)  # the student is the model's default forward
+    for key, param in params.items():
+        param.requires_grad_(any(f".{factor}.{STUDENT}." in key for factor in _FACTORS))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_multiple_adapters() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():  # two adapters on one model is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        yield
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("peft.") for m in model.modules())
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run ``model`` as base + ``adapter`` (BASE: the base alone) inside the block.
+
+    peft's switches also set the adapters' requires_grad; the flags are restored after,
+    so the optimizer and gradient clipping keep seeing the student's adapter only.
+    """
+    layers = lora_layers(model)
+    present = list(layers[0].lora_A) if layers else []
+    if adapter is not BASE and adapter not in present:
+        raise LoraError(f"the model has no LoRA adapter {adapter!r} (it has {present})")
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    active = layers[0].active_adapters
+    try:
+        for layer in layers:
+            if adapter is BASE:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(adapter)
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            layer.set_adapter(active)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], spec: LoraSpec,
+                  source: Path | str) -> nn.Module:
+    """``W += alpha / R * B A`` for every adapted projection of the plain ``model``, in place
+    (the product in float64, rounded once to W's dtype); returns the model."""
+    check_adapter(adapter, model, spec, source)
+    for name in adapted_modules(model, spec):
+        weight = model.get_submodule(name).weight
+        up, down = (adapter[f"{name}.{factor}.weight"].double() for factor in ("lora_B", "lora_A"))
+        delta = up @ down
+        weight.copy_((weight.double() + spec.scale * delta.to(weight.device)).to(weight.dtype))
+    return model
+
+
+def diffusers_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
+                         num_layers: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors, module names) of ``adapter`` in diffusers' WanTransformer3DModel layout,
+    with ``alpha / R`` folded into B so that any loader (rank = alpha) applies it exactly.
+
+    A fused projection (qkv: 3 parts, kv: 2) becomes one LoRA per part: A shared, B's rows
+    split in the fused order.
+    """
+    names = key_map(num_layers, "diffusers")
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for key, down in adapter.items():
+        module, factor, _ = key.rsplit(".", 2)
+        if factor != "lora_A":
+            continue
+        parts = [name.removesuffix(".weight") for name in names[f"{module}.weight"]]
+        up = adapter[f"{module}.lora_B.weight"] * spec.scale
+        for part, rows in zip(parts, up.chunk(len(parts), dim=0), strict=True):
+            tensors[f"{part}.lora_A.weight"] = down.detach().float().contiguous().clone()
+            tensors[f"{part}.lora_B.weight"] = rows.detach().float().contiguous().clone()
+            modules.append(part)
+    return tensors, modules
+
+
+def save_diffusers_lora(adapter: dict[str, torch.Tensor], spec: LoraSpec, num_layers: int,
+                        folder: str | Path) -> Path:
+    """Write ``adapter`` where ``WanPipeline.load_lora_weights(folder)`` finds it; returns
+    the weights file."""
+    from diffusers import WanPipeline
+
+    tensors, modules = diffusers_lora_state(adapter, spec, num_layers)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    WanPipeline.save_lora_weights(
+        folder, transformer_lora_layers=tensors, weight_name=DIFFUSERS_WEIGHT_NAME,
+        transformer_lora_adapter_metadata={"r": spec.rank, "lora_alpha": spec.rank,
+                                           "target_modules": sorted(set(modules))})
+    return folder / DIFFUSERS_WEIGHT_NAME
