@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("--state-source", "distill.state_source", str,
          f"GPD state source: {' | '.join(STATE_SOURCES)}"),
         ("--lr", "distill.lr", float, "distillation learning rate"),
+        ("--lora-rank", "distill.lora_rank", int, "train rank-R LoRA adapters on the frozen "
+         "stage-0 base instead of full weights (GPD stages; 0 = full weights)"),
+        ("--lora-alpha", "distill.lora_alpha", float, "LoRA alpha: the update is alpha/rank * "
+         "B A (default: the rank)"),
         ("--data-streams", "parallel.data_streams", int,
          "data streams over all ranks (default one per rank; keep it to change rank count)"),
         ("--teacher-sharding", "parallel.teacher", str,
@@ -137,7 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Flags that only some stages read: given elsewhere they would be silently ignored.
 DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
                  "distill.iterations": "--iterations", "distill.freq_weight": "--freq-weight",
-                 "distill.stage_guidance": "--stage-guidance"}
+                 "distill.stage_guidance": "--stage-guidance", "distill.lora_rank": "--lora-rank",
+                 "distill.lora_alpha": "--lora-alpha"}
 GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
 

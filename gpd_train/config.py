@@ -40,6 +40,9 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     guidance_range = [1.0, 3.0]  # w drawn per trajectory (guidance stage and after)
     guidance_iterations = 2000
     stage_guidance = [1.5, 1.0, 1.0]  # without a guidance stage: CFG of each stage teacher
+    lora_rank = 0              # > 0: rank-R LoRA adapters on a frozen stage-0 base (lora.py)
+    lora_alpha = 16.0          # the update is alpha / rank * B A; omit for alpha = rank
+    lora_targets = ["self_attn.qkv", "ffn.0"]  # omit for every attention and FFN projection
 
     [guided]                   # the guided chain: keys as [distill]; guidance_stage = true
     guidance_range = [1.0, 3.0]  # iterations and freq_weight default to [distill]'s
@@ -71,6 +74,7 @@ from typing import Any
 
 import tomllib
 
+from .lora import LORA_TARGETS, LoraSpec
 from .parallel import ParallelConfig
 
 STATE_SOURCES = ("student", "teacher", "data")
@@ -119,6 +123,20 @@ class DistillConfig:
     # a stage teacher after T0 is a student, guided with its own unconditional branch).
     # Default: the run's guidance for stage 1 (T0), none after.
     stage_guidance: list[float] | None = None
+    # LoRA distillation (gpd_train.lora): 0 trains full weights. R > 0 trains rank-R adapters
+    # on the frozen stage-0 base in every halving stage; the stage teacher is the base plus
+    # the previous stage's adapter, and stage outputs hold the adapter alone.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: = lora_rank (scale 1)
+    lora_targets: list[str] | None = None  # None: gpd_train.lora.LORA_TARGETS
+
+    def lora_spec(self) -> LoraSpec | None:
+        """The chain's LoRA spec, or None for full-weight stages."""
+        if not self.lora_rank:
+            return None
+        alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        targets = LORA_TARGETS if self.lora_targets is None else tuple(self.lora_targets)
+        return LoraSpec(self.lora_rank, alpha, targets)
 
 
 def _vanilla_default() -> DistillConfig:
@@ -255,6 +273,7 @@ class RunConfig:
                 raise ValueError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
             _check_guidance_options(name, chain, self.num_stages)
+            _check_lora_options(name, chain)
 
     def _check_numbers(self) -> None:
         """Every number finite, in range, and an int where an int is meant (TOML and flags
@@ -383,6 +402,23 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
             or not all(_finite_scale(w) for w in scales)):
         raise ValueError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
                          f"got {scales!r}")
+
+
+def _check_lora_options(name: str, chain: DistillConfig) -> None:
+    section = SECTION[name]
+    check_number(f"{section}.lora_rank", chain.lora_rank, integer=True, low=0)
+    if chain.lora_alpha is not None:
+        check_number(f"{section}.lora_alpha", chain.lora_alpha, low=0, low_open=True)
+    targets = chain.lora_targets
+    if targets is not None and (not isinstance(targets, list) or not targets
+                                or not set(targets) <= set(LORA_TARGETS)
+                                or len(set(targets)) != len(targets)):
+        raise ValueError(f"{section}.lora_targets must list distinct projections of "
+                         f"{list(LORA_TARGETS)}, got {targets!r}")
+    if chain.lora_rank and chain.guidance_stage:
+        raise ValueError(f"{section}.lora_rank and {section}.guidance_stage: LoRA distils the "
+                         "halving stages only (the guidance stage adds a guidance input the "
+                         "adapters cannot hold); train this chain with full weights")
 
 
 _SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,

@@ -61,29 +61,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 class Ema:
-    """Exponential moving average of a module's float tensors, with a short warm-up."""
+    """Exponential moving average of a module's trained parameters, with a short warm-up.
+
+    Only parameters that require gradients are averaged: all of a full-weight student, the
+    adapter alone of a LoRA student (its frozen base and teacher adapter never change).
+    """
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        self.shadow = {k: v.detach().clone().float() for k, v in self._trained(module).items()}
+
+    @staticmethod
+    def _trained(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         self.updates += 1
         # Early on the average would mostly remember the initial weights.
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for key, value in module.state_dict().items():
+        for key, value in self._trained(module).items():
             self.shadow[key].lerp_(value.float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        load_exact(module, {k: v.to(module.state_dict()[k].dtype)
-                            for k, v in self.shadow.items()}, Path("<ema>"))
 
 
 class MetricsLog:

@@ -39,7 +39,7 @@ LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
                 "cross_attn.o", "ffn.0", "ffn.2")
 TEACHER = "teacher"
 STUDENT = "student"
-BASE = None  # use_adapter(model, BASE): the base model, every adapter switched off
+BASE = "base"  # use_adapter(model, BASE): the base model, every adapter switched off
 METADATA_KEY = "lora"  # a stage output's metadata entry holding the spec (JSON)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _FACTORS = ("lora_A", "lora_B")
@@ -196,7 +196,7 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def use_adapter(model: nn.Module, adapter: str | None) -> Iterator[None]:
+def use_adapter(model: nn.Module, adapter: str) -> Iterator[None]:
     """Run ``model`` as base + ``adapter`` (BASE: the base alone) inside the block.
 
     peft's switches also set the adapters' requires_grad; the flags are restored after,
@@ -204,13 +204,13 @@ def use_adapter(model: nn.Module, adapter: str | None) -> Iterator[None]:
     """
     layers = lora_layers(model)
     present = list(layers[0].lora_A) if layers else []
-    if adapter is not BASE and adapter not in present:
+    if adapter != BASE and adapter not in present:
         raise LoraError(f"the model has no LoRA adapter {adapter!r} (it has {present})")
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     active = layers[0].active_adapters
     try:
         for layer in layers:
-            if adapter is BASE:
+            if adapter == BASE:
                 layer.enable_adapters(False)
             else:
                 layer.set_adapter(adapter)

@@ -22,6 +22,7 @@ from gpd_model import (
 
 from .lanes import LaneBatch, RolloutLanes
 from .loop import autocast
+from .lora import use_adapter
 
 
 class FlowMatching:
@@ -66,14 +67,24 @@ class StageTeacher:
 
     With ``negative`` (the unconditional text [L, D]) it runs as a CFG pair, cond and uncond
     batched in one forward; otherwise once, taking w as an input if it has a guidance input.
+    With ``adapter`` the model is the student's own LoRA model (gpd_train.lora), run as the
+    base plus that adapter (``lora.TEACHER``) or the base alone (``lora.BASE``).
     """
 
     model: nn.Module
     negative: torch.Tensor | None = None
+    adapter: str | None = None
 
     def branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(u_cond, u_uncond)`` at ``sigma`` [B]; ``u_uncond`` is None unless a CFG pair."""
+        if self.adapter is None:
+            return self._branches(x, sigma, context, guidance)
+        with use_adapter(self.model, self.adapter):
+            return self._branches(x, sigma, context, guidance)
+
+    def _branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                  guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.negative is not None:
             negative = self.negative.expand(len(x), -1, -1)
             return branch_velocities(self.model, x, sigma, context, negative)

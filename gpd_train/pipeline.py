@@ -40,6 +40,7 @@ from .checkpoint import (
     GUIDANCE_INPUT_KEY,
     atomic_write_text,
     load_stage_output,
+    load_weights,
     read_metadata,
     save_weights,
     sha256_file,
@@ -47,6 +48,15 @@ from .checkpoint import (
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import Objective, StageTrainer, resolve_device
+from .lora import (
+    BASE,
+    METADATA_KEY,
+    TEACHER,
+    LoraSpec,
+    adapter_from_params,
+    attach_adapters,
+    merge_adapter,
+)
 from .objectives import (
     FlowMatching,
     GuidanceRange,
@@ -163,9 +173,11 @@ class Run:
             guidance: Any = [float(w) for w in chain_cfg.guidance_range]
         else:
             guidance = cfg.stage_guidance(chain)[int(stage) - 1]
+        spec = self.lora_spec(chain, stage)
+        lora = {} if spec is None else {"lora": json.loads(spec.to_metadata())}
         return {**options, "teacher_steps": stage_steps(self, self.previous_stage(chain, stage)),
                 "guidance": guidance, "guidance_input": self.guidance_input(chain, stage),
-                "state_source": chain_cfg.state_source}
+                "state_source": chain_cfg.state_source, **lora}
 
     def _check_grid(self, chain: str, stage: Stage, recorded: dict[str, Any]) -> None:
         """A distilled stage samples only on the grid it learned (shift and steps)."""
@@ -188,6 +200,10 @@ class Run:
         """Whether the stage's model takes w as an input (the guidance stage and after)."""
         return self.has_guidance_stage(chain) and stage != 0
 
+    def lora_spec(self, chain: str, stage: Stage) -> LoraSpec | None:
+        """The LoRA spec the stage trains with; None: full weights (always for stage 0)."""
+        return None if stage == 0 else self.config.chain(chain).lora_spec()
+
     def previous_stage(self, chain: str, stage: Stage) -> Stage:
         """The stage whose output is this stage's teacher and the student's start."""
         if stage == GUIDANCE_STAGE:
@@ -197,9 +213,11 @@ class Run:
         return int(stage) - 1
 
     def metadata(self, chain: str, stage: Stage) -> dict[str, str]:
+        spec = self.lora_spec(chain, stage)
+        lora = {} if spec is None else {METADATA_KEY: spec.to_metadata()}
         return {"format": "gpd_train", "stage": stage_name(chain, stage),
                 "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True),
-                GUIDANCE_INPUT_KEY: str(int(self.guidance_input(chain, stage)))}
+                GUIDANCE_INPUT_KEY: str(int(self.guidance_input(chain, stage))), **lora}
 
     def new_model(self) -> WanDiT:
         torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
@@ -210,11 +228,46 @@ class Run:
         """The output (EMA weights) of a finished, current stage, verified against the
         SHA-256 in its done.json; a clear error when it is missing, stale or corrupt.
 
-        A model with a guidance input (the guidance stage and the students after it) keeps
-        it, or with ``fold_at`` = w becomes a plain Wan2.1 model sampling at that CFG scale.
+        A LoRA stage's adapter is merged into stage 0, the base it was trained on. A model
+        with a guidance input (the guidance stage and the students after it) keeps it, or
+        with ``fold_at`` = w becomes a plain Wan2.1 model sampling at that CFG scale.
         ``check_grid`` refuses a distilled stage whose shift/steps differ from this run's
         (callers that take the grid from the stage record, like the sampler, skip it).
         """
+        path, meta = self._verified_output(chain, stage, check_grid)
+        if METADATA_KEY in meta:
+            spec = LoraSpec.from_metadata(meta[METADATA_KEY], path)
+            model = merge_adapter(self.load_stage_model("gpd", 0), load_weights(path), spec, path)
+        else:
+            model = load_stage_output(self.new_model(), path, meta)
+        if fold_at is not None and has_guidance_input(model):
+            return fold_guidance(model, fold_at)
+        return model
+
+    def load_adapter(self, chain: str, stage: Stage, spec: LoraSpec) -> dict[str, torch.Tensor]:
+        """The adapter a finished LoRA stage trained under ``spec`` (the next LoRA stage's
+        teacher), verified; refused when the stage holds full weights or another spec."""
+        path, meta = self._verified_output(chain, stage, check_grid=True)
+        name, command = stage_name(chain, stage), self.command(chain, stage)
+        if METADATA_KEY not in meta:
+            raise RunFolderError(
+                f"{name} holds full weights ({path}), but this stage trains LoRA adapters on "
+                f"stage 0 (lora_rank {spec.rank}): a LoRA chain is LoRA from its stage 1. "
+                f"Retrain {name} with the same LoRA options (`{command} --restart "
+                f"--lora-rank {spec.rank}`) or train this stage without --lora-rank")
+        saved = LoraSpec.from_metadata(meta[METADATA_KEY], path)
+        if saved != spec:
+            raise RunFolderError(
+                f"{name} was trained with LoRA rank {saved.rank}, alpha {saved.alpha:g}, "
+                f"targets {list(saved.targets)}; this stage asks for rank {spec.rank}, alpha "
+                f"{spec.alpha:g}, targets {list(spec.targets)}. A stage starts from its "
+                f"teacher's adapter: use the same LoRA options, or retrain {name} with "
+                f"`{command} --restart`")
+        return load_weights(path)
+
+    def _verified_output(self, chain: str, stage: Stage,
+                         check_grid: bool) -> tuple[Path, dict[str, str]]:
+        """(path, metadata) of a finished, current stage's output that verifies."""
         if not self.is_done(chain, stage):
             raise MissingStageError(
                 f"{stage_name(chain, stage)} is not complete in {self.folder} (no "
@@ -233,10 +286,7 @@ class Run:
         if meta.get("dit_config") != expected:
             raise ValueError(f"{path} was written for model config {meta.get('dit_config')}, "
                              f"this run uses {expected} (preset {self.config.preset!r})")
-        model = load_stage_output(self.new_model(), path, meta)
-        if fold_at is not None and has_guidance_input(model):
-            return fold_guidance(model, fold_at)
-        return model
+        return path, meta
 
     def finish_stage(self, chain: str, stage: Stage, weights: dict[str, torch.Tensor],
                      summary: dict[str, Any]) -> Path:
@@ -324,11 +374,18 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
                          "= true in the TOML file)")
     chain_cfg = cfg.chain(chain)
     previous = run.previous_stage(chain, stage)
-    student = run.load_stage_model(chain, previous)  # verified against its done.json
     teacher_sha256 = run.output_sha256(chain, previous)
-    teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
-                                    .requires_grad_(False), cfg.parallel, cfg.precision,
-                                    run.device)
+    spec = run.lora_spec(chain, stage)
+    adapter: str | None = None
+    if spec is not None:  # one base: the teacher is the student's model with its adapter
+        teacher_adapter = None if previous == 0 else run.load_adapter(chain, previous, spec)
+        student = attach_adapters(run.load_stage_model("gpd", 0), spec, teacher_adapter)
+        teacher_model, adapter = student, (BASE if teacher_adapter is None else TEACHER)
+    else:
+        student = run.load_stage_model(chain, previous)  # verified against its done.json
+        teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
+                                        .requires_grad_(False), cfg.parallel, cfg.precision,
+                                        run.device)
     negative = run.data.negative_context.to(run.device)
     if stage == GUIDANCE_STAGE:
         add_guidance_input(student)
@@ -339,7 +396,7 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
         guidance = GuidanceRange(*map(float, chain_cfg.guidance_range))
     else:
         scale = cfg.stage_guidance(chain)[int(stage) - 1]
-        teacher = StageTeacher(teacher_model, negative if scale != 1.0 else None)
+        teacher = StageTeacher(teacher_model, negative if scale != 1.0 else None, adapter)
         guidance = GuidanceRange(scale, scale)
     grid = StageGrid(stage_steps(run, stage), cfg.resolved_shift,
                      1 if stage == GUIDANCE_STAGE else 2, run.device)
@@ -413,7 +470,10 @@ def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = 
         summary["teacher_sha256"] = trainer.metadata["teacher_sha256"]
     from .dist_checkpoint import finish_stage  # gathers a sharded EMA under torchrun
 
-    output = finish_stage(run, chain, stage, trainer.ema.state_dict(), summary)
+    weights = trainer.ema.state_dict()
+    if run.lora_spec(chain, stage) is not None:
+        weights = adapter_from_params(weights)  # a LoRA stage's output is its adapter alone
+    output = finish_stage(run, chain, stage, weights, summary)
     tqdm.write(f"[{stage_name(chain, stage)}] done in {summary['seconds']:.0f} s -> {output}")
     return output
 

@@ -1,0 +1,165 @@
+"""LoRA distillation in the trainer: the step, the stage outputs, resume, the chain end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import losses, micro_run, with_random_stages
+
+from gpd_train.checkpoint import CheckpointError
+from gpd_train.lora import BASE, STUDENT, TEACHER, LoraSpec, adapter_shapes, merge_adapter
+from gpd_train.objectives import StageTeacher, teacher_target
+from gpd_train.pipeline import build_distill, run_stage
+from gpd_train.run_folder import RunFolderError
+
+pytest.importorskip("peft")
+
+LORA = {"distill.lora_rank": 2, "distill.lora_alpha": 4.0}
+
+
+def lora_run(tmp_path, **overrides):
+    return micro_run(tmp_path, **{**LORA, **overrides})
+
+
+def finish_random_adapter(run, chain: str, stage: int, seed: int) -> dict[str, torch.Tensor]:
+    """A stand-in LoRA output for ``stage`` (random A and B, so it changes the base)."""
+    generator = torch.Generator().manual_seed(seed)
+    spec = run.lora_spec(chain, stage)
+    adapter = {key: torch.randn(shape, generator=generator) * 0.2
+               for key, shape in adapter_shapes(run.new_model(), spec).items()}
+    run.finish_stage(chain, stage, adapter, {"steps": 0})
+    return adapter
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lora_step_trains_the_student_adapter_only(tmp_path, stage):
+    run = lora_run(tmp_path)
+    with_random_stages(run, "gpd", 0)
+    if stage == 2:
+        finish_random_adapter(run, "gpd", 1, seed=5)
+    trainer = build_distill(run, "gpd", stage)
+    model, teacher = trainer.model, trainer.objective.teacher
+    assert teacher.model is model  # one model: the teacher is an adapter switch on it
+    assert teacher.adapter == (BASE if stage == 1 else TEACHER)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer.iterations = 2
+    trainer.run(resume=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(f".{STUDENT}." in k for k in changed)
+    assert set(trainer.ema.state_dict()) == {k for k, p in model.named_parameters()
+                                             if p.requires_grad}
+
+
+def test_lora_teacher_target_equals_a_separate_merged_teacher(tmp_path):
+    """The target the LoRA trainer regresses on = the full-weight teacher's target."""
+    run = lora_run(tmp_path)
+    with_random_stages(run, "gpd", 0)
+    adapter = finish_random_adapter(run, "gpd", 1, seed=6)
+    trainer = build_distill(run, "gpd", 2)
+    merged_teacher = run.load_stage_model("gpd", 1)  # stage 0 + adapter 1, merged
+    spec = run.lora_spec("gpd", 1)
+    torch.testing.assert_close(
+        merged_teacher.state_dict()["blocks.0.ffn.0.weight"],
+        merge_adapter(run.load_stage_model("gpd", 0), adapter, spec, "a").state_dict()[
+            "blocks.0.ffn.0.weight"])
+    grid = trainer.objective.grid
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *run.data.latent_shape, generator=generator)
+    context, _ = run.data.draw(generator, 3, with_latents=False)
+    index = torch.tensor([0, 1, 0])
+    guidance = torch.ones(3)
+    with torch.no_grad():
+        ours = teacher_target(trainer.objective.teacher, x, context, guidance,
+                              *grid.sigmas(index))
+        want = teacher_target(StageTeacher(merged_teacher), x, context, guidance,
+                              *grid.sigmas(index))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad == (f".{STUDENT}." in k)
+               for k, p in trainer.model.named_parameters())  # restored after the switch
+
+
+def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    def build(folder):
+        run = lora_run(folder, **{"distill.iterations": [4, 7, 4]})
+        with_random_stages(run, "gpd", 0)
+        finish_random_adapter(run, "gpd", 1, seed=7)
+        return run, build_distill(run, "gpd", 2)
+
+    _, reference = build(tmp_path / "a")
+    reference.run(resume=False)
+    broken, trainer = build(tmp_path / "b")
+    real_loss = trainer.objective.loss
+
+    def crash_at_five(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(step)
+
+    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+    resumed = build_distill(broken, "gpd", 2)
+    resumed.run(resume=True)
+    assert losses(resumed) == losses(reference)
+    for key, value in reference.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key], value)
+
+
+def test_lora_chain_end_to_end(tmp_path):
+    run = lora_run(tmp_path)
+    for stage in range(4):
+        run_stage(run, "gpd", stage, resume=False)
+    spec = run.lora_spec("gpd", 3)
+    for stage in (1, 2, 3):
+        folder = run.stage_folder("gpd", stage)
+        output = load_file(str(folder / "model.safetensors"))
+        assert {k: tuple(v.shape) for k, v in output.items()} == adapter_shapes(
+            run.new_model(), spec)  # the adapter alone, not a model
+        record = json.loads((folder / "done.json").read_text())
+        assert record["options"]["lora"] == {"rank": 2, "alpha": 4.0,
+                                             "targets": list(spec.targets)}
+    # The final student loads as stage 0 + its adapter, merged.
+    merged = run.load_stage_model("gpd", 3)
+    want = merge_adapter(run.load_stage_model("gpd", 0),
+                         load_file(str(run.stage_folder("gpd", 3) / "model.safetensors")),
+                         spec, "s3")
+    for key, value in want.state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value)
+
+
+def test_lora_stage_refuses_a_teacher_with_full_weights_or_another_rank(tmp_path):
+    with_random_stages(micro_run(tmp_path), "gpd", 1)  # stage 1 with full weights
+    run = lora_run(tmp_path)
+    with pytest.raises(RunFolderError, match="holds full weights"):
+        build_distill(run, "gpd", 2)
+    other = lora_run(tmp_path / "other")
+    with_random_stages(other, "gpd", 0)
+    finish_random_adapter(other, "gpd", 1, seed=8)
+    changed = lora_run(tmp_path / "other", **{"distill.lora_rank": 3})
+    with pytest.raises(RunFolderError, match="rank 2.*asks for rank 3"):
+        build_distill(changed, "gpd", 2)
+
+
+def test_corrupt_adapter_output_is_refused(tmp_path):
+    run = lora_run(tmp_path)
+    with_random_stages(run, "gpd", 0)
+    finish_random_adapter(run, "gpd", 1, seed=9)
+    path = run.stage_folder("gpd", 1) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run.load_stage_model("gpd", 1)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        build_distill(run, "gpd", 2)
+
+
+def test_lora_spec_round_trip_in_run_metadata(tmp_path):
+    run = lora_run(tmp_path)
+    meta = run.metadata("gpd", 2)
+    assert LoraSpec.from_metadata(meta["lora"], "meta") == run.lora_spec("gpd", 2)
+    assert "lora" not in run.metadata("gpd", 0)
+    assert "lora" not in run.metadata("vanilla", 2)  # the [vanilla] table has no lora_rank
