@@ -7,6 +7,16 @@ then, in Python::
     pipe = WanPipeline.from_pretrained("student/")
     video = pipe(prompt, num_inference_steps=6, guidance_scale=1.0).frames[0]
 
+A LoRA stage (``--lora-rank``) is exported as a diffusers Wan LoRA instead
+(``student/pytorch_lora_weights.safetensors`` and ``student/scheduler/``; no ``--base``)::
+
+    pipe = WanPipeline.from_pretrained("Wan2.1-T2V-1.3B-Diffusers")
+    pipe.load_lora_weights("student/")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("student/",
+                                                                     subfolder="scheduler")
+
+``--merged --base ...`` writes it as a whole pipeline folder, the adapter merged.
+
 The folder holds the base's ``text_encoder/``, ``tokenizer/`` and ``vae/`` (symbolic links
 by default, ``--copy`` for copies), the student as ``transformer/`` and a
 FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
@@ -29,7 +39,8 @@ import torch
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
 from .config import CHAINS, check_number
-from .sample import SampleError, load_model
+from .lora import save_diffusers_lora
+from .sample import SampleError, load_model, run_stage_of
 from .wan_folder import WanFolderError, component
 
 LINKED = ("text_encoder", "tokenizer", "vae")
@@ -85,6 +96,37 @@ def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None
                               "export it at (--guidance W)")
         model = fold_guidance(model, guidance)
     return save_diffusers(model, folder)
+
+
+def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift)).save_pretrained(
+        str(folder / "scheduler"))
+
+
+def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = "gpd",
+                stage: int | None = None) -> dict[str, Any] | None:
+    """Write a LoRA stage's adapter as a diffusers Wan LoRA in ``out``, with the scheduler
+    that samples on its grid; returns what was exported, or None when the stage holds full
+    weights (export those with ``export_pipeline``)."""
+    run, stage = run_stage_of(Path(run_dir), chain, stage)
+    found = run.stage_adapter(chain, stage, check_grid=False)
+    if found is None:
+        return None
+    spec, adapter = found
+    options = run.record(chain, stage).get("options") or {}
+    steps = options.get("steps") or run.config.steps[stage]
+    shift = options.get("shift") or run.config.resolved_shift
+    out = Path(out)
+    weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, out)
+    _write_scheduler(out, steps, shift)
+    record = {"run": str(Path(run_dir).resolve()), "stage": f"{chain} stage {stage}",
+              "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
+                       "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
+              "steps": steps, "shift": shift, "guidance_scale": 1.0}
+    (out / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def _place(source: Path, target: Path, copy: bool) -> None:
@@ -143,10 +185,7 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     if has_guidance_input(loaded.model):
         folded_at = guidance if guidance is not None else run.resolved_guidance
     export_transformer(loaded.model.float(), out / "transformer", folded_at)
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift)).save_pretrained(
-        str(out / "scheduler"))
+    _write_scheduler(out, steps, shift)
     index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  transformer=["diffusers", "WanTransformer3DModel"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -162,13 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpd_train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder of python -m gpd_train")
-    parser.add_argument("--base", required=True, help="the Wan2.1-T2V-Diffusers folder trained on")
+    parser.add_argument("--base", help="the Wan2.1-T2V-Diffusers folder trained on (not needed "
+                        "for a LoRA stage, which is written as a LoRA unless --merged)")
     parser.add_argument("--out", required=True, help="the Diffusers folder to write")
     parser.add_argument("--chain", choices=CHAINS, default="gpd")
     parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
     parser.add_argument("--guidance", type=float, metavar="W",
                         help="a student with a guidance input is exported sampling at this CFG "
                              "scale (default: the run's)")
+    parser.add_argument("--merged", action="store_true",
+                        help="a LoRA stage: write a whole pipeline folder, the adapter merged")
     parser.add_argument("--copy", action="store_true",
                         help="copy text_encoder/, tokenizer/ and vae/ instead of linking them")
     return parser
@@ -179,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.guidance is not None:
             check_number("--guidance", args.guidance, low=0, low_open=True)
+        lora = None if args.merged else export_lora(args.run, args.out, chain=args.chain,
+                                                     stage=args.stage)
+        if lora is not None:
+            print(f"exported the LoRA of {lora['stage']} -> {args.out}: pipe = WanPipeline."
+                  f"from_pretrained(BASE); pipe.load_lora_weights({str(args.out)!r}); "
+                  "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("
+                  f"{str(args.out)!r}, subfolder='scheduler'); pipe(prompt, "
+                  f"num_inference_steps={lora['steps']}, guidance_scale=1.0)")
+            return 0
+        if args.base is None:
+            why = "--merged writes" if args.merged else "this stage holds full weights, exported as"
+            raise ValueError(f"{why} a whole pipeline folder: give --base (the "
+                             "Wan2.1-T2V-Diffusers folder trained on)")
         with torch.no_grad():
             record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
                                      stage=args.stage, copy=args.copy,

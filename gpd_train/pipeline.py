@@ -94,6 +94,13 @@ def stage_name(chain: str, stage: Stage) -> str:
     return own if chain == "gpd" else f"{chain}/{own}"
 
 
+def parse_stage_name(name: str) -> tuple[str, Stage]:
+    """(chain, stage) of a stage folder name (``stage_name``'s inverse)."""
+    chain, _, own = name.rpartition("/")
+    stage: Stage = GUIDANCE_STAGE if own == "guidance" else int(own.removeprefix("stage"))
+    return chain or "gpd", stage
+
+
 def stage_command(chain: str, stage: Stage) -> str:
     suffix = f" --chain {chain}" if chain != "gpd" and stage != 0 else ""
     return f"python -m gpd_train --stage {stage}{suffix}"
@@ -244,18 +251,26 @@ class Run:
             return fold_guidance(model, fold_at)
         return model
 
+    def stage_adapter(self, chain: str, stage: Stage, check_grid: bool = True
+                      ) -> tuple[LoraSpec, dict[str, torch.Tensor]] | None:
+        """(spec, adapter) of a finished LoRA stage, verified; None for full weights."""
+        path, meta = self._verified_output(chain, stage, check_grid)
+        if METADATA_KEY not in meta:
+            return None
+        return LoraSpec.from_metadata(meta[METADATA_KEY], path), load_weights(path)
+
     def load_adapter(self, chain: str, stage: Stage, spec: LoraSpec) -> dict[str, torch.Tensor]:
         """The adapter a finished LoRA stage trained under ``spec`` (the next LoRA stage's
-        teacher), verified; refused when the stage holds full weights or another spec."""
-        path, meta = self._verified_output(chain, stage, check_grid=True)
+        teacher); refused when the stage holds full weights or another spec."""
+        found = self.stage_adapter(chain, stage)
         name, command = stage_name(chain, stage), self.command(chain, stage)
-        if METADATA_KEY not in meta:
+        if found is None:
             raise RunFolderError(
-                f"{name} holds full weights ({path}), but this stage trains LoRA adapters on "
-                f"stage 0 (lora_rank {spec.rank}): a LoRA chain is LoRA from its stage 1. "
-                f"Retrain {name} with the same LoRA options (`{command} --restart "
-                f"--lora-rank {spec.rank}`) or train this stage without --lora-rank")
-        saved = LoraSpec.from_metadata(meta[METADATA_KEY], path)
+                f"{name} holds full weights ({self.stage_folder(chain, stage)}), but this stage "
+                f"trains LoRA adapters on stage 0 (lora_rank {spec.rank}): a LoRA chain is LoRA "
+                f"from its stage 1. Retrain {name} with the same LoRA options (`{command} "
+                f"--restart --lora-rank {spec.rank}`) or train this stage without --lora-rank")
+        saved, adapter = found
         if saved != spec:
             raise RunFolderError(
                 f"{name} was trained with LoRA rank {saved.rank}, alpha {saved.alpha:g}, "
@@ -263,7 +278,7 @@ class Run:
                 f"{spec.alpha:g}, targets {list(spec.targets)}. A stage starts from its "
                 f"teacher's adapter: use the same LoRA options, or retrain {name} with "
                 f"`{command} --restart`")
-        return load_weights(path)
+        return adapter
 
     def _verified_output(self, chain: str, stage: Stage,
                          check_grid: bool) -> tuple[Path, dict[str, str]]:

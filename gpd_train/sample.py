@@ -71,6 +71,7 @@ from .encode_prompts import (
     read_prompts,
 )
 from .loop import resolve_device
+from .lora import METADATA_KEY as LORA_KEY
 from .media import (
     WAN_FPS,
     decode_latents,
@@ -79,7 +80,7 @@ from .media import (
     write_gif,
     write_mp4,
 )
-from .pipeline import Run, stage_command, stage_name
+from .pipeline import Run, parse_stage_name, stage_command, stage_name
 from .run_folder import OUTPUT, RECORD, check_writable_folder, read_record, verify_output
 from .wan_folder import WanFolderError, transformer_folder
 
@@ -140,7 +141,9 @@ def _enclosing_run(path: Path) -> Path | None:
     return None
 
 
-def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
+def run_stage_of(folder: Path, chain: str, stage: int | None,
+                 device: str = "cpu") -> tuple[Run, int]:
+    """The run in ``folder`` and its ``stage`` (default: the chain's last finished one)."""
     config = _run_config(folder, device)
     run = Run(config)
     if stage is None:
@@ -149,9 +152,14 @@ def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> 
             raise SampleError(f"run folder {folder} has no finished stage; run "
                               f"`{stage_command(chain, 0)} --run-dir {folder}` first")
         stage = done[0]
+    return run, stage
+
+
+def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
+    run, stage = run_stage_of(folder, chain, stage, device)
     # Verified against its done.json, whose shift and steps sample() uses.
     model = run.load_stage_model(chain, stage, check_grid=False)
-    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", config, stage,
+    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", run.config, stage,
                        run.record(chain, stage))
 
 
@@ -161,9 +169,16 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
         verify_output(path.parent)
         record = read_record(path.parent)
     meta = read_metadata(path)
+    run = _enclosing_run(path)
+    if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
+        if run is None:
+            raise SampleError(f"{path} holds a LoRA adapter, not a model, and no run folder "
+                              "encloses it (the adapter needs its stage-0 base): pass the run "
+                              "folder with --chain/--stage instead")
+        chain, stage = parse_stage_name(meta.get("stage", ""))
+        return _load_from_run(run, chain, int(stage), run_device)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
     model = load_stage_output(WanDiT(cfg), path, meta)
-    run = _enclosing_run(path)
     return LoadedModel(model.to(device), str(path),
                        None if run is None else _run_config(run, run_device), record=record)
 

@@ -163,3 +163,78 @@ def test_lora_spec_round_trip_in_run_metadata(tmp_path):
     assert LoraSpec.from_metadata(meta["lora"], "meta") == run.lora_spec("gpd", 2)
     assert "lora" not in run.metadata("gpd", 0)
     assert "lora" not in run.metadata("vanilla", 2)  # the [vanilla] table has no lora_rank
+
+
+def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
+    """Stage 0 from the CLI, a LoRA stage 1 (a random adapter, so it matters), the export
+    CLI, then diffusers' WanTransformer3DModel with the base exported beside it."""
+    from diffusers import WanTransformer3DModel
+
+    from gpd_model import save_diffusers
+    from gpd_train.__main__ import main as train
+    from gpd_train.config import load_config
+    from gpd_train.export import main as export
+    from gpd_train.pipeline import Run
+
+    run_dir, out = tmp_path / "run", tmp_path / "lora"
+    assert train(["--stage", "0", "--teacher-iterations", "2", "--run-dir", str(run_dir),
+                  "--device", "cpu", "--batch-size", "2"]) == 0
+    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+                                 "distill.lora_rank": 3, "distill.lora_alpha": 6.0}))
+    finish_random_adapter(run, "gpd", 1, seed=10)
+    assert export(["--run", str(run_dir), "--out", str(out), "--stage", "1"]) == 0
+    assert "load_lora_weights" in capsys.readouterr().out
+    record = json.loads((out / "gpd_export.json").read_text())
+    assert record["steps"] == 24 and record["lora"]["rank"] == 3
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+
+    save_diffusers(run.load_stage_model("gpd", 0), tmp_path / "base")
+    transformer = WanTransformer3DModel.from_pretrained(str(tmp_path / "base"))
+    student = run.load_stage_model("gpd", 1)
+    cfg = student.cfg
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, cfg.in_channels, 4, 6, 10, generator=generator)
+    t = torch.tensor([900.0, 30.0])
+    c = torch.randn(2, 5, cfg.text_dim, generator=generator)
+
+    def diffusers_output():
+        with torch.no_grad():
+            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=c,
+                               return_dict=False)[0]
+
+    base = diffusers_output()
+    transformer.load_lora_adapter(str(out / "pytorch_lora_weights.safetensors"),
+                                  prefix="transformer")
+    theirs = diffusers_output()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs, student(x, t, c), rtol=1e-4, atol=1e-5)
+    assert (theirs - base).abs().max() > 1e-2  # the adapter was applied
+    # --merged writes a pipeline folder, which needs the base folder's other components.
+    assert export(["--run", str(run_dir), "--out", str(tmp_path / "m"), "--merged"]) == 2
+    assert "--merged writes a whole pipeline folder: give --base" in capsys.readouterr().err
+
+
+def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
+    import shutil
+
+    from gpd_train.__main__ import main as train
+    from gpd_train.config import load_config
+    from gpd_train.pipeline import Run
+    from gpd_train.sample import SampleError, load_model
+
+    run_dir = tmp_path / "run"
+    assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
+                  "--device", "cpu", "--batch-size", "2"]) == 0
+    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+                                 "distill.lora_rank": 2}))
+    finish_random_adapter(run, "gpd", 1, seed=11)
+    stage_file = run.stage_folder("gpd", 1) / "model.safetensors"
+    loaded = load_model(stage_file, device="cpu")
+    assert loaded.stage == 1 and loaded.record["options"]["lora"]["rank"] == 2
+    want = run.load_stage_model("gpd", 1).state_dict()
+    assert all(torch.equal(want[k], v) for k, v in loaded.model.state_dict().items())
+    alone = tmp_path / "elsewhere" / "model.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(stage_file, alone)
+    with pytest.raises(SampleError, match="holds a LoRA adapter.*needs its stage-0 base"):
+        load_model(alone, device="cpu")
