@@ -1,21 +1,36 @@
-"""Atomic checkpoints: weights and EMA in safetensors, trainer state beside them.
+"""Atomic checkpoints of a training stage: one component for one process and for torchrun.
 
-A checkpoint is a folder ``<stage>/ckpt/step-NNNNNNNN/`` holding ``model.safetensors``,
-``ema.safetensors``, ``state.pt`` (optimizer, RNG, step, data-stream state) and
-``manifest.json`` (sizes and SHA-256 of the other files). It is written under a temporary
-name and renamed into place; only then does the ``latest`` pointer (itself replaced
-atomically) move to it. A crash at any moment therefore leaves the previous checkpoint
-as the one that loads.
+A ``Checkpointer`` saves and loads a dict of stateful parts together (torchtitan's shape):
+``model`` and ``ema`` (flat name -> tensor dicts), ``optimizer``, ``trainer`` (step, EMA
+update count) and one ``stream.<j>`` per data stream (its generator and rollout state),
+each with ``state_dict``/``load_state_dict``. A checkpoint is a folder
+``<stage>/ckpt/step-NNNNNNNN/`` holding the parts and ``manifest.json`` (format, step,
+the run metadata, the data-stream layout and the size of every file):
+
+- one process writes the ``safetensors`` format: ``model.safetensors``,
+  ``ema.safetensors``, ``state.pt`` (the other parts) and each file's SHA-256;
+- under torchrun every rank writes its shards with torch.distributed.checkpoint (the
+  ``dcp`` format, sizes only: hashing would read the whole checkpoint at every save). DCP
+  reshards on load: N ranks resume on M ranks, or in one process, as long as the data
+  streams and their batch (the global batch) are the same.
+
+A checkpoint is written under a temporary name and renamed into place; only then does
+the ``latest`` pointer (itself replaced atomically) move to it, so a crash at any moment
+leaves the previous checkpoint as the one that loads. Loading takes the newest checkpoint
+that verifies, checks it was written for this run (stage, model shape, stage teacher,
+layout) and that every part's tensors match, and only then loads the parts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +39,26 @@ from safetensors.torch import load_file, save_file
 # One error for every checkpoint problem, model files and trainer checkpoints alike.
 from gpd_model import CheckpointError, add_guidance_input
 
+from . import parallel
+
 KEEP_CHECKPOINTS = 2
+MANIFEST = "manifest.json"
+STATE_FILE = "state.pt"
+SINGLE_FORMAT, DCP_FORMAT = "safetensors", "dcp"
+# Parts that are flat name -> tensor dicts: safetensors files in one process, and the
+# parts whose keys, shapes and dtypes are checked before anything is loaded.
+WEIGHT_PARTS = ("model", "ema")
+# "stream.<j>" is data stream j; under torchrun only the rank running it has the part.
+STREAM_PREFIX = "stream."
+_DCP_METADATA = ".metadata"
+
+Signature = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -78,7 +112,8 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"corrupt weights file {path}: {exc}") from None
 
 
-def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor],
+               source: str | Path) -> None:
     """Load ``state`` into ``module`` only if keys, shapes and dtypes all match."""
     load_exact_state(module.state_dict(), state, source)
 
@@ -97,37 +132,33 @@ def load_stage_output(model: torch.nn.Module, path: Path,
     return model
 
 
+def _signature(tensors: Mapping[str, torch.Tensor]) -> Signature:
+    return {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
+
+
+def _mismatch(expected: Signature, stored: Signature) -> str | None:
+    """The keys, shapes and dtypes by which ``stored`` differs from ``expected``, or None."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = [f"{k}: checkpoint {stored[k][0]} {stored[k][1]}, model {expected[k][0]} "
+                  f"{expected[k][1]}" for k in sorted(set(expected) & set(stored))
+                  if stored[k] != expected[k]]
+    if not (missing or unexpected or mismatched):
+        return None
+    return (f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
+            f"  mismatched: {mismatched}")
+
+
 def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                     source: Path) -> None:
+                     source: str | Path) -> None:
     """Copy ``state`` into ``target``'s tensors, all or nothing: keys/shapes/dtypes must match."""
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} {state[k].dtype}, model "
-        f"{tuple(target[k].shape)} {target[k].dtype}"
-        for k in sorted(set(target) & set(state))
-        if state[k].shape != target[k].shape or state[k].dtype != target[k].dtype
-    ]
-    if missing or unexpected or mismatched:
+    problem = _mismatch(_signature(target), _signature(state))
+    if problem is not None:
         raise CheckpointError(
-            f"checkpoint {source} does not match the model; nothing was loaded.\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
-            f"  mismatched: {mismatched}"
-        )
+            f"checkpoint {source} does not match the model; nothing was loaded.\n{problem}")
     with torch.no_grad():
         for key, value in target.items():
             value.copy_(state[key])
-
-
-def check_run_metadata(source: Path, saved: dict[str, str], expected: dict[str, str]) -> None:
-    """Refuse a checkpoint written for another stage, model shape or stage teacher."""
-    for key in ("stage", "dit_config", "teacher_sha256"):
-        if key == "teacher_sha256" and (key not in saved or key not in expected):
-            continue  # a checkpoint from before teachers were recorded
-        if saved.get(key) != expected.get(key):
-            raise CheckpointError(
-                f"checkpoint {source} was written for {key}={saved.get(key)!r}, this run has "
-                f"{expected.get(key)!r}; start the stage over with --restart (moves it aside)")
 
 
 def sha256_file(path: Path) -> str:
@@ -138,8 +169,47 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_dcp(path: Path | None) -> bool:
+    """True when ``path`` is a checkpoint folder written under torchrun (DCP)."""
+    return path is not None and (Path(path) / _DCP_METADATA).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``, after checking every file it lists against it."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        int(manifest["step"])
+        # DCP manifests record sizes only, one-process ones sizes and SHA-256s.
+        files = {name: (info, None) if isinstance(info, int) else
+                 (int(info["bytes"]), str(info["sha256"]))
+                 for name, info in dict(manifest["files"]).items()}
+        if manifest.get("format") in (SINGLE_FORMAT, DCP_FORMAT):
+            dict(manifest["metadata"])
+            int(manifest["data_streams"]), int(manifest["stream_batch"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"corrupt checkpoint manifest {manifest_path}: {exc}") from None
+    for name, (size, digest) in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {file} is corrupt ({file.stat().st_size} "
+                                  f"bytes, the manifest says {size})")
+        if digest is not None and sha256_file(file) != digest:
+            raise CheckpointError(f"checkpoint file {file} is corrupt (its SHA-256 differs "
+                                  "from the manifest)")
+    return manifest
+
+
+def _fresh_folder(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
 class CheckpointStore:
-    """The rolling checkpoints of one training stage, in ``folder``."""
+    """The rolling checkpoint folders of one training stage, in ``folder``."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -173,10 +243,8 @@ class CheckpointStore:
         rest = [p for p in self.steps() if p != pointed]
         return ([pointed] if pointed is not None else []) + rest
 
-    def load_newest_valid(self) -> tuple[Path, list[str], tuple[
-            int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any],
-            dict[str, str]]]:
-        """(path, problems, loaded) of the newest checkpoint that verifies.
+    def newest_valid(self) -> tuple[Path, dict[str, Any], list[str]]:
+        """(path, manifest, problems) of the newest checkpoint whose files verify.
 
         ``problems`` says why the ``latest`` pointer and any newer checkpoint were passed
         over; those checkpoints are renamed ``corrupt-step-*`` (kept, never pruned) so that
@@ -190,7 +258,7 @@ class CheckpointStore:
             problems.append(str(exc))
         for path in self.candidates():
             try:
-                return path, problems, self.load(path)
+                return path, read_manifest(path), problems
             except CheckpointError as exc:
                 problems.append(str(exc))
                 aside = path.with_name(f"corrupt-{path.name}")
@@ -201,29 +269,18 @@ class CheckpointStore:
                               + "\n  ".join(problems)
                               + "\nstart the stage over with --restart (moves it aside)")
 
-    def save(self, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
-             state: dict[str, Any], metadata: dict[str, str]) -> Path:
-        """Write checkpoint ``step`` and make it the latest; prune older ones."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:08d}"
-        tmp = self.folder / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        meta = {**metadata, "step": str(step)}
-        save_weights(tmp / "model.safetensors", model, meta)
-        save_weights(tmp / "ema.safetensors", ema, meta)
-        torch.save(state, tmp / "state.pt")
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(tmp.iterdir())}
-        atomic_write_text(tmp / "manifest.json",
-                          json.dumps({"step": step, "files": files}, indent=1))
+    def publish(self, tmp: Path, name: str, manifest: dict[str, Any]) -> Path:
+        """Write ``tmp``'s manifest, rename it to checkpoint ``name``, make that the latest
+        and prune older ones."""
+        hashed = manifest["format"] != DCP_FORMAT
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} if hashed
+                 else f.stat().st_size for f in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
         final = self.folder / name
         if final.exists():  # left by a run that was restarted from an earlier step
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.folder)
-        atomic_write_text(self._pointer, name)
+        atomic_write_text(self._pointer, name)  # also fsyncs the folder: the rename is durable
         self._prune(keep=name)
         return final
 
@@ -235,35 +292,161 @@ class CheckpointStore:
         for tmp in self.folder.glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def load(self, path: Path | None = None
-             ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any],
-                        dict[str, str]]:
-        """(step, model, ema, state, metadata) of the latest (or given) checkpoint, verified."""
-        path = path or self.latest()
-        if path is None:
-            raise CheckpointError(f"no checkpoint in {self.folder}")
-        manifest_path = path / "manifest.json"
+
+def _owner(key: str, parts: Mapping[str, Any]) -> str | None:
+    """The part a flattened DCP key belongs to ("model.blocks.0..." -> "model")."""
+    return next((name for name in parts if key == name or key.startswith(name + ".")), None)
+
+
+def _blob(state: dict[str, Any]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer
+
+
+class Checkpointer(CheckpointStore):
+    """Saves and loads the stateful ``parts`` of a training stage together, in ``folder``.
+
+    ``metadata`` (stage, model shape, stage teacher) goes into every checkpoint, and a
+    checkpoint written for other values is refused; so is one whose data-stream layout
+    (the ``stream.<j>`` parts over all ranks, ``stream_batch`` samples each) differs.
+    """
+
+    def __init__(self, folder: str | Path, parts: Mapping[str, Stateful],
+                 metadata: Mapping[str, str], stream_batch: int) -> None:
+        super().__init__(folder)
+        self.parts = dict(parts)
+        self.metadata = dict(metadata)
+        self.stream_batch = stream_batch
+
+    def _layout(self) -> dict[str, int]:
+        streams = sum(name.startswith(STREAM_PREFIX) for name in self.parts)
+        return {"data_streams": streams * parallel.world().world_size,
+                "stream_batch": self.stream_batch}
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        """Write the parts as checkpoint ``step`` and make it the latest (a collective under
+        torchrun); older checkpoints are pruned."""
+        world = parallel.world()
+        name = f"step-{step:08d}"
+        tmp = self.folder / f".tmp-{name}"
+        parallel.main_only(_fresh_folder, tmp)
+        if world.distributed:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({part: _blob(value.state_dict()) if part.startswith(STREAM_PREFIX)
+                      else value.state_dict() for part, value in self.parts.items()},
+                     checkpoint_id=str(tmp))
+        else:
+            meta = {**self.metadata, "step": str(step)}
+            for part in WEIGHT_PARTS:
+                save_weights(tmp / f"{part}.safetensors", self.parts[part].state_dict(), meta)
+            torch.save({part: value.state_dict() for part, value in self.parts.items()
+                        if part not in WEIGHT_PARTS}, tmp / STATE_FILE)
+        manifest = {"format": DCP_FORMAT if world.distributed else SINGLE_FORMAT,
+                    "step": step, "world_size": world.world_size, **self._layout(),
+                    "metadata": self.metadata}
+        return parallel.main_only(self.publish, tmp, name, manifest)
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self) -> tuple[Path, list[str]]:
+        """Load the newest checkpoint that verifies into the parts (a collective under
+        torchrun): all of them, or none when it was written for another run or a part does
+        not match. Returns its folder and why newer ones were passed over."""
+        path, manifest, problems = parallel.main_only(self.newest_valid)
+        self._check_run(path, manifest)
+        read = self._read_dcp if manifest["format"] == DCP_FORMAT else self._read_single
+        saved = read(path, manifest)
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+        return path, problems
+
+    def _check_run(self, path: Path, manifest: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another format, stage, model shape, stage teacher or
+        data-stream layout."""
+        fmt = manifest.get("format")
+        if fmt not in (SINGLE_FORMAT, DCP_FORMAT):
+            raise CheckpointError(
+                f"checkpoint {path} was written by an earlier gpd_train (format {fmt!r}; this "
+                f"one reads {SINGLE_FORMAT!r} and {DCP_FORMAT!r}); finish the stage with that "
+                "version, or start it over with --restart (moves it aside)")
+        if fmt == SINGLE_FORMAT and parallel.world().distributed:
+            raise CheckpointError(f"checkpoint {path} was written by a single-process run: "
+                                  "resume it without torchrun, or start the stage over with "
+                                  "--restart")
+        saved = manifest["metadata"]
+        for key in ("stage", "dit_config", "teacher_sha256"):
+            if key == "teacher_sha256" and (key not in saved or key not in self.metadata):
+                continue  # a checkpoint from before teachers were recorded
+            if saved.get(key) != self.metadata.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run "
+                    f"has {self.metadata.get(key)!r}; start the stage over with --restart "
+                    "(moves it aside)")
+        layout = self._layout()
+        stored = {key: int(manifest[key]) for key in layout}
+        if stored != layout:
+            ranks = parallel.world().world_size
+            raise CheckpointError(
+                f"checkpoint {path} has {stored['data_streams']} data streams of "
+                f"{stored['stream_batch']} samples (global batch "
+                f"{stored['data_streams'] * stored['stream_batch']}); this run has "
+                f"{layout['data_streams']} of {layout['stream_batch']}. On {ranks} rank(s) "
+                f"pass --data-streams {stored['data_streams']} --batch-size "
+                f"{stored['data_streams'] * stored['stream_batch'] // ranks}")
+
+    def _check_parts(self, path: Path, stored: Mapping[str, Signature | None]) -> None:
+        """Refuse, before anything is loaded, a checkpoint that lacks a part or holds an
+        unknown one, or whose weight parts differ in keys, shapes or dtypes. ``stored``:
+        each part's tensor signature (weight parts) or None."""
+        missing = sorted(set(self.parts) - set(stored))
+        # Other ranks' data streams are in a DCP checkpoint too; the layout check covers them.
+        unexpected = sorted(name for name in set(stored) - set(self.parts)
+                            if not name.startswith(STREAM_PREFIX))
+        problems = [f"parts: missing {missing}, unexpected {unexpected}"] if (
+            missing or unexpected) else []
+        for name in WEIGHT_PARTS:
+            if stored.get(name) is not None:
+                problem = _mismatch(_signature(self.parts[name].state_dict()), stored[name])
+                if problem is not None:
+                    problems.append(f"part {name!r}:\n{problem}")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not match this run; nothing was "
+                                  "loaded.\n" + "\n".join(problems))
+
+    def _read_single(self, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        saved: dict[str, Any] = {name.removesuffix(".safetensors"): load_weights(path / name)
+                                 for name in manifest["files"] if name.endswith(".safetensors")}
         try:
-            manifest = json.loads(manifest_path.read_text())
-            files = manifest["files"]
-            step = int(manifest["step"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"corrupt checkpoint manifest {manifest_path}: {exc}") from None
-        expected = {"model.safetensors", "ema.safetensors", "state.pt"}
-        if set(files) != expected:
-            raise CheckpointError(f"{manifest_path} lists {sorted(files)}, expected "
-                                  f"{sorted(expected)}")
-        for name, info in files.items():
-            file = path / name
-            if not file.is_file():
-                raise CheckpointError(f"checkpoint {path} is missing {name}")
-            if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
-                raise CheckpointError(f"checkpoint file {file} is corrupt (size or SHA-256 "
-                                      "differs from the manifest)")
-        model = load_weights(path / "model.safetensors")
-        ema = load_weights(path / "ema.safetensors")
-        try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            saved.update(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
         except Exception as exc:  # torch raises several types for a bad pickle
-            raise CheckpointError(f"corrupt trainer state {path / 'state.pt'}: {exc}") from None
-        return step, model, ema, state, read_metadata(path / "model.safetensors")
+            raise CheckpointError(f"corrupt trainer state {path / STATE_FILE}: {exc}") from None
+        self._check_parts(path, {name: _signature(value) if name in WEIGHT_PARTS else None
+                                 for name, value in saved.items()})
+        return saved
+
+    def _read_dcp(self, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        entries = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        signatures: dict[str, Signature] = {name: {} for name in WEIGHT_PARTS}
+        present = set()
+        for key, meta in entries.items():
+            # A stream's state is one pickled entry, "stream.<j>"; others are flattened.
+            name = _owner(key, self.parts) or (
+                key if key.startswith(STREAM_PREFIX) else key.split(".")[0])
+            present.add(name)
+            if name in WEIGHT_PARTS:
+                signatures[name][key[len(name) + 1:]] = (tuple(meta.size), meta.properties.dtype)
+        stored = {name: signatures.get(name) for name in present}
+        self._check_parts(path, stored)
+        # DCP loads into the parts' own (possibly sharded) tensors; streams are pickled.
+        state = {name: io.BytesIO() if name.startswith(STREAM_PREFIX) else part.state_dict()
+                 for name, part in self.parts.items()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not parallel.world().distributed)
+        for name, value in state.items():
+            if isinstance(value, io.BytesIO):
+                value.seek(0)
+                state[name] = torch.load(value, map_location="cpu", weights_only=True)
+        return state

@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 from . import parallel
 from .checkpoint import (
+    STREAM_PREFIX,
+    Checkpointer,
     CheckpointError,
-    CheckpointStore,
+    Stateful,
     atomic_write_text,
-    check_run_metadata,
-    load_exact,
     load_exact_state,
 )
+from .parallel import StreamGroup
 
 GRAD_CLIP = 1.0
 
@@ -35,6 +36,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Objective(Protocol):
+    batch_size: int  # samples per step (of this data stream)
+
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The differentiable loss of one batch and extra scalars to log."""
 
@@ -61,33 +64,89 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 class Ema:
-    """Exponential moving average of a module's trained parameters, with a short warm-up.
+    """Exponential moving average of the tensors of ``source`` (the trainer's "model" part:
+    its trained parameters), with a short warm-up."""
 
-    Only parameters that require gradients are averaged: all of a full-weight student, the
-    adapter alone of a LoRA student (its frozen base and teacher adapter never change).
-    """
-
-    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+    def __init__(self, source: Stateful, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in self._trained(module).items()}
-
-    @staticmethod
-    def _trained(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {k: v.detach().clone().float() for k, v in source.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, source: Stateful) -> None:
         self.updates += 1
         # Early on the average would mostly remember the initial weights.
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for key, value in self._trained(module).items():
+        for key, value in source.state_dict().items():
             self.shadow[key].lerp_(value.float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_exact_state(self.shadow, state, "part 'ema'")
+
+
+class ModelState:
+    """The "model" part of a checkpoint, and what the EMA averages: the parameters of
+    ``model`` that are trained (require gradients). That is all of a full-weight student
+    and the adapter alone of a LoRA student, whose frozen base and teacher adapter come
+    from the stages it was built from (pinned by the checkpoint's metadata)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # Detached views share the parameters' storage: loading into them loads the model.
+        return {name: p.detach() for name, p in self.model.named_parameters()
+                if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_exact_state(self.state_dict(), state, "part 'model'")
+
+
+class OptimizerState:
+    """The "optimizer" part: its state keyed by parameter name, so DCP can reshard it."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class StreamState:
+    """A "stream.<j>" part: data stream j's generator and rollout state."""
+
+    def __init__(self, generator: torch.Generator, objective: Objective) -> None:
+        self.generator = generator
+        self.objective = objective
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.generator.get_state(), "stream": self.objective.stream_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.objective.load_stream_state(state["stream"])
+
+
+def stream_parts(objective: Objective | StreamGroup,
+                 generator: torch.Generator) -> dict[str, StreamState]:
+    """The checkpoint part of each data stream this process runs."""
+    if isinstance(objective, StreamGroup):
+        return {f"{STREAM_PREFIX}{i}": StreamState(g, o) for i, g, o in
+                zip(objective.ids, objective.generators, objective.objectives, strict=True)}
+    return {f"{STREAM_PREFIX}0": StreamState(generator, objective)}
 
 
 class MetricsLog:
@@ -134,9 +193,9 @@ class MetricsLog:
 class StageTrainer:
     """Run ``objective`` for ``iterations`` steps on ``model`` with checkpoints in ``folder``."""
 
-    def __init__(self, *, name: str, model: torch.nn.Module, objective: Objective,
-                 folder: Path, iterations: int, lr: float, warmup: int,
-                 final_lr_ratio: float, ema_decay: float,
+    def __init__(self, *, name: str, model: torch.nn.Module,
+                 objective: Objective | StreamGroup, folder: Path, iterations: int, lr: float,
+                 warmup: int, final_lr_ratio: float, ema_decay: float,
                  checkpoint_every: int, generator: torch.Generator,
                  metadata: dict[str, str]) -> None:
         self.name = name
@@ -152,41 +211,30 @@ class StageTrainer:
         self.metadata = metadata
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        self.ema = Ema(model, ema_decay)
-        self.checkpoints = CheckpointStore(folder / "ckpt")
+        self.model_state = ModelState(model)
+        self.ema = Ema(self.model_state, ema_decay)
+        streams = stream_parts(objective, generator)
+        self.checkpoints = Checkpointer(
+            folder / "ckpt", {"model": self.model_state, "ema": self.ema,
+                              "optimizer": OptimizerState(model, self.optimizer),
+                              "trainer": self, **streams},
+            metadata, stream_batch=int(next(iter(streams.values())).objective.batch_size))
         self.metrics = MetricsLog(folder / "metrics.jsonl")
         self.step = 0
 
-    def _restore(self) -> None:
-        from .dist_checkpoint import is_dcp, restore
+    def state_dict(self) -> dict[str, int]:
+        """The checkpoint's "trainer" part."""
+        return {"step": self.step, "ema_updates": self.ema.updates}
 
-        newest = self.checkpoints.candidates()[0]
-        if parallel.world().distributed or is_dcp(newest):
-            restore(self, newest)  # sharded (DCP); any number of ranks
-            return
-        path, problems, (step, model, ema, state, meta) = self.checkpoints.load_newest_valid()
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.ema.updates = int(state["ema_updates"])
+
+    def _restore(self) -> None:
+        path, problems = self.checkpoints.load()  # any format, on any number of ranks
         if problems:
             tqdm.write(f"[{self.name}] warning: " + "; ".join(problems)
                        + f"; resuming from {path.name}, the newest checkpoint that verifies")
-        check_run_metadata(path, meta, self.metadata)
-        load_exact(self.model, model, self.checkpoints.folder)
-        load_exact_state(self.ema.shadow, ema, self.checkpoints.folder)
-        self.ema.updates = int(state["ema_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["rng"])
-        self.objective.load_stream_state(state["stream"])
-        self.step = step
-
-    def _save(self) -> None:
-        if parallel.world().distributed:
-            from .dist_checkpoint import save
-
-            save(self)
-            return
-        state = {"optimizer": self.optimizer.state_dict(), "rng": self.generator.get_state(),
-                 "stream": self.objective.stream_state(), "ema_updates": self.ema.updates}
-        self.checkpoints.save(self.step, self.model.state_dict(), self.ema.state_dict(), state,
-                              self.metadata)
 
     def run(self, resume: bool) -> None:
         """Train to ``iterations``; ``resume`` continues from the newest good checkpoint.
@@ -214,7 +262,7 @@ class StageTrainer:
             bar.close()
         latest = self._latest()
         if latest is None or latest.name != f"step-{self.step:08d}":
-            self._save()
+            self.checkpoints.save(self.step)
 
     def _latest(self) -> Path | None:
         """The ``latest`` pointer's checkpoint; None when it is missing or broken."""
@@ -245,7 +293,7 @@ class StageTrainer:
             [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP))
         self._guard(grad_norm, step, "gradient norm")
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model_state)
         self.step = step
         record = {"stage": self.name, "step": step, "loss": loss.item(), "lr": lr,
                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,
@@ -256,7 +304,7 @@ class StageTrainer:
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         bar.update(1)
         if step % self.checkpoint_every == 0:
-            self._save()
+            self.checkpoints.save(step)
 
     def _guard(self, value: torch.Tensor, step: int, what: str) -> None:
         if parallel.all_finite(value):

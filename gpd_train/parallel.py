@@ -229,6 +229,7 @@ class StreamGroup:
 
     Every stream has the same batch, so the mean equals the loss of their concatenated
     batch, and FSDP's gradient average over ranks then gives the global-batch gradient.
+    Each stream is a checkpoint part of its own (gpd_train.loop.stream_parts).
     """
 
     def __init__(self, ids: Sequence[int], generators: Sequence[torch.Generator],
@@ -246,19 +247,6 @@ class StreamGroup:
         loss = torch.stack([part[0] for part in parts]).mean()
         extras = {key: sum(part[1][key] for part in parts) / len(parts) for key in parts[0][1]}
         return loss, extras
-
-    def stream_state(self) -> dict[str, Any]:
-        return {str(i): {"rng": g.get_state(), "stream": o.stream_state()}
-                for i, g, o in zip(self.ids, self.generators, self.objectives, strict=True)}
-
-    def load_stream_state(self, state: dict[str, Any]) -> None:
-        if sorted(state) != sorted(map(str, self.ids)):
-            raise ValueError(f"checkpoint holds data streams {sorted(state)}, this run has "
-                             f"{[str(i) for i in self.ids]}")
-        for i, generator, objective in zip(self.ids, self.generators, self.objectives,
-                                           strict=True):
-            generator.set_state(state[str(i)]["rng"])
-            objective.load_stream_state(state[str(i)]["stream"])
 
 
 def stream_objectives(base_generator: torch.Generator, batch_size: int,

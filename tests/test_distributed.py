@@ -32,10 +32,17 @@ import torch
 from gpd_model import WanDiT, get_preset, load_checkpoint
 from gpd_train import parallel
 from gpd_train.__main__ import main
-from gpd_train.checkpoint import CheckpointError, CheckpointStore, atomic_write_text, load_weights
+from gpd_train.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    atomic_write_text,
+    is_dcp,
+    load_weights,
+    read_manifest,
+)
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
-from gpd_train.dist_checkpoint import DIFFUSERS_FOLDER, is_dcp, read_manifest
+from gpd_train.dist_checkpoint import DIFFUSERS_FOLDER
 from gpd_train.parallel import ParallelConfig, StreamGroup
 from gpd_train.pipeline import Run, build_distill, run_stage
 

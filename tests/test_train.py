@@ -8,7 +8,7 @@ import torch
 import gpd_train.checkpoint as checkpoint_module
 from gpd_model import add_guidance_input, euler_step, get_preset, guided_velocity, sigma_grid
 from gpd_train.__main__ import main
-from gpd_train.checkpoint import CheckpointError, CheckpointStore, load_exact
+from gpd_train.checkpoint import CheckpointError, load_exact, read_manifest
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
 from gpd_train.evaluate import evaluate_run
@@ -244,7 +244,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(resume=False)
-    assert trainer.checkpoints.load()[0] == 3
+    assert trainer.checkpoints.latest().name == "step-00000003"
     resumed = build_distill(broken, "gpd", stage)
     resumed.run(resume=True)
     assert losses(resumed) == losses(reference)
@@ -269,9 +269,9 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkey
     with pytest.raises(OSError, match="mid-save"):
         trainer.run(resume=False)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    step, model, _, state, _ = trainer.checkpoints.load()
-    assert step == 2 and set(state) >= {"optimizer", "rng", "stream"}
-    load_exact(run.new_model(), model, tmp_path)
+    path, problems = trainer.checkpoints.load()
+    assert path.name == "step-00000002" and not problems
+    assert trainer.step == 2 and trainer.ema.updates == 2
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
@@ -282,8 +282,8 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
-        CheckpointStore(trainer.checkpoints.folder).load()
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        read_manifest(trainer.checkpoints.latest())
 
 
 def test_mismatched_weights_are_refused_and_nothing_is_loaded(tmp_path):
@@ -310,8 +310,9 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
     monkeypatch.setattr(trainer.objective, "loss", nan_at_three)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*step-00000002 is intact"):
         trainer.run(resume=False)
-    step, model, _, _, _ = trainer.checkpoints.load()
-    assert step == 2 and all(torch.isfinite(v).all() for v in model.values())
+    trainer.checkpoints.load()
+    assert trainer.step == 2
+    assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
 
 
 def test_missing_previous_stage_names_the_command(tmp_path, capsys):
