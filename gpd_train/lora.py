@@ -164,6 +164,10 @@ def attach_adapters(model: nn.Module, spec: LoraSpec,
     with _quiet_multiple_adapters():
         for name in names:
             peft.inject_adapter_in_model(config, model, adapter_name=name)
+    for layer in lora_layers(model):  # trained in fp32 even on a bf16 base (peft casts back)
+        dtype = torch.promote_types(layer.get_base_layer().weight.dtype, torch.float32)
+        layer.lora_A.to(dtype)
+        layer.lora_B.to(dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:
@@ -174,6 +178,20 @@ def attach_adapters(model: nn.Module, spec: LoraSpec,
     for key, param in params.items():
         param.requires_grad_(any(f".{factor}.{STUDENT}." in key for factor in _FACTORS))
     return model
+
+
+def lora_stage_model(base: nn.Module, spec: LoraSpec, teacher: dict[str, torch.Tensor] | None,
+                     precision: str = "fp32") -> tuple[nn.Module, str]:
+    """The one model of a LoRA stage and the adapter its stage teacher runs as.
+
+    ``base`` becomes the frozen base (in bf16 when ``precision`` is bf16: a frozen tensor
+    needs no fp32 master copy, which halves the largest allocation; the adapters stay fp32);
+    see ``attach_adapters`` for ``teacher``.
+    """
+    if precision == "bf16":
+        base = base.to(torch.bfloat16)
+    model = attach_adapters(base, spec, teacher)
+    return model, (BASE if teacher is None else TEACHER)
 
 
 @contextlib.contextmanager

@@ -48,15 +48,7 @@ from .checkpoint import (
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import Objective, StageTrainer, resolve_device
-from .lora import (
-    BASE,
-    METADATA_KEY,
-    TEACHER,
-    LoraSpec,
-    adapter_from_params,
-    attach_adapters,
-    merge_adapter,
-)
+from .lora import METADATA_KEY, LoraSpec, adapter_from_params, lora_stage_model, merge_adapter
 from .objectives import (
     FlowMatching,
     GuidanceRange,
@@ -394,8 +386,9 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
     adapter: str | None = None
     if spec is not None:  # one base: the teacher is the student's model with its adapter
         teacher_adapter = None if previous == 0 else run.load_adapter(chain, previous, spec)
-        student = attach_adapters(run.load_stage_model("gpd", 0), spec, teacher_adapter)
-        teacher_model, adapter = student, (BASE if teacher_adapter is None else TEACHER)
+        student, adapter = lora_stage_model(run.load_stage_model("gpd", 0), spec,
+                                            teacher_adapter, cfg.precision)
+        teacher_model = student
     else:
         student = run.load_stage_model(chain, previous)  # verified against its done.json
         teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()

@@ -238,3 +238,16 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
     shutil.copy(stage_file, alone)
     with pytest.raises(SampleError, match="holds a LoRA adapter.*needs its stage-0 base"):
         load_model(alone, device="cpu")
+
+
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tmp_path):
+    run = lora_run(tmp_path, precision="bf16")
+    with_random_stages(run, "gpd", 0)
+    trainer = build_distill(run, "gpd", 1)
+    dtypes = {k: p.dtype for k, p in trainer.model.named_parameters()}
+    assert {d for k, d in dtypes.items() if ".lora_" not in k} == {torch.bfloat16}
+    assert {d for k, d in dtypes.items() if ".lora_" in k} == {torch.float32}
+    trainer.iterations = 2
+    trainer.run(resume=False)
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))
+    assert {v.dtype for v in trainer.ema.state_dict().values()} == {torch.float32}
