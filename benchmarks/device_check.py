@@ -2,7 +2,9 @@
 
 Called by device_check.sh. Correctness runs the registered gpd:: ops on CUDA (so the
 dispatch is checked too) against the float64 reference on fresh random inputs, with
-the caching allocator poisoned with NaN first so an unwritten output element shows.
+the caching allocator poisoned with NaN first so an unwritten output element shows;
+the frequency loss's other launch plans (kernel_cases' variants) are checked on the 480p
+latent too, since the timings report them beside the default plan.
 Timings (skipped by --quick): the library ops as CUDA-graph replays over L2-overflowing
 input rotations (see kernel_cases), and each fused DiT op forward+backward at the 1.3B
 shape against its eager and torch.compile'd reference, side by side; a failing
@@ -47,11 +49,12 @@ from gpd_kernels.reference import (
 )
 
 # Awkward sizes on top of the benchmark shapes: odd/prime, size-1 axes, a 720p-like
-# latent whose width (160 -> 256 padded) exercises the contraction loops.
+# latent (90x160: the freq loss's row blocks and A_W slices) and a long clip (T 130:
+# A_T in slices).
 CHECK_SHAPES = {
     "wan480p-b1": SHAPES["wan480p-b1"], "tiny-b16": SHAPES["tiny-b16"],
     "odd": (2, 3, 5, 7, 9), "t1": (1, 2, 1, 17, 33), "w1": (1, 1, 3, 16, 1),
-    "all1": (1, 2, 1, 1, 1), "720p-like": (1, 2, 9, 90, 160),
+    "all1": (1, 2, 1, 1, 1), "720p-like": (1, 2, 9, 90, 160), "t130": (1, 2, 130, 6, 10),
 }
 FREQ_RTOL = 2e-3  # tf32 dots on the alpha-weighted terms
 STEP_TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -60,7 +63,7 @@ STEP_TOL = {"rtol": 1e-5, "atol": 1e-5}
 BF16_STEP_TOL = {"rtol": 0.0, "atol": 0.0}
 TIMING_CASES = [
     ("freq_loss", "wan480p-b1", torch.bfloat16), ("freq_loss", "wan480p-b4", torch.bfloat16),
-    ("freq_loss", "wan480p-b1", torch.float32),
+    ("freq_loss", "wan480p-b1", torch.float32), ("freq_loss", "wan480p-b4", torch.float32),
     ("cfg_euler_step", "wan480p-b1", torch.bfloat16),
     ("double_step_target", "wan480p-b1", torch.bfloat16),
 ]
@@ -101,6 +104,23 @@ def check_freq_loss(shape, dtype, device, generator) -> list[str]:
             if not err <= limits.get(name, FREQ_RTOL)]
 
 
+def check_freq_loss_variants(dtype, generator) -> list[dict]:
+    """The freq loss's timed launch plans (OPS variants) on the 480p latent, on CUDA."""
+    pred, target, *params = OPS["freq_loss"].make_inputs(SHAPES["wan480p-b1"], dtype, "cuda",
+                                                         generator)
+    loss_ref, grad_ref = freq_loss_grad_reference(pred.double(), target.double(), *params)
+    rows = []
+    for name, variant in OPS["freq_loss"].variants.items():
+        poison_allocator(pred.numel() * 4, "cuda")
+        loss, grad = variant(pred, target, *params)
+        errors = {"loss": _relative(loss, loss_ref), "grad": _relative(grad, grad_ref)}
+        failures = [f"{key} rel err {err:.2e}" for key, err in errors.items()
+                    if not err <= FREQ_RTOL]
+        rows.append({"op": f"freq_loss:{name}", "shape": "wan480p-b1",
+                     "dtype": DTYPE_NAMES[dtype], "ok": not failures, "failures": failures})
+    return rows
+
+
 def check_double_step(shape, dtype, device, generator) -> list[str]:
     failures = []
     for guided in (True, False):
@@ -137,6 +157,13 @@ def run_checks(device: str) -> list[dict]:
                              "ok": not failures, "failures": failures})
                 print(f"check {op_name:12s} {shape_name:11s} {DTYPE_NAMES[dtype]}: "
                       f"{'ok' if not failures else 'FAIL ' + '; '.join(failures)}", flush=True)
+    if device == "cuda":  # the dry run's ops dispatch to the CPU reference: no Triton there
+        for dtype in (torch.float32, torch.bfloat16):
+            for row in check_freq_loss_variants(dtype, generator):
+                rows.append(row)
+                print(f"check {row['op']} {row['shape']} {row['dtype']}: "
+                      f"{'ok' if row['ok'] else 'FAIL ' + '; '.join(row['failures'])}",
+                      flush=True)
     return rows
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gpd_kernels.double_step import cfg_euler_step_triton, double_step_target_triton
-from gpd_kernels.freq_loss import freq_loss_triton, slabs_fitting_in
+from gpd_kernels.freq_loss import freq_loss_triton
 from gpd_kernels.reference import (
     cfg_euler_step_reference,
     double_step_target_reference,
@@ -35,7 +35,6 @@ LOSS_PARAMS = (1.0, 1.0, 1.0)  # alpha_s, alpha_t, gamma: every term active
 HBM_PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 CALLS_PER_GRAPH = 100
 ROTATION_BYTES = 256 * 2**20  # input sets per graph span at least this (> 5x an H100's L2)
-L2_GROUP_BYTES = 16 * 2**20  # freq loss launch groups sized to stay resident in L2
 
 
 def hbm_peak(device_name: str) -> tuple[str, float] | None:
@@ -98,9 +97,13 @@ OPS = {
         lambda shape, dtype: math.prod(shape) * (2 * _size(dtype) + 4),
         lambda *args: freq_loss_triton(*args, need_grad=True),
         freq_loss_grad_reference,
-        {"triton_l2groups": lambda pred, target, *params: freq_loss_triton(
+        # The default plan splits the slabs into L2-sized launch groups and keeps whole
+        # planes per item; these time one launch for all slabs, and 32-row items.
+        {"triton_onelaunch": lambda pred, target, *params: freq_loss_triton(
             pred, target, *params, need_grad=True,
-            slabs_per_launch=slabs_fitting_in(L2_GROUP_BYTES, pred, target))},
+            slabs_per_launch=pred.shape[0] * pred.shape[1]),
+         "triton_rows32": lambda pred, target, *params: freq_loss_triton(
+            pred, target, *params, need_grad=True, plane_rows=32)},
     ),
     "cfg_euler_step": OpCase(
         "cfg_euler_step", _step_inputs,

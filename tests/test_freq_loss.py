@@ -8,6 +8,10 @@ mantissa on the alpha-weighted terms only), hence the looser GPU tolerance.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,13 +27,15 @@ from gpd_kernels.reference import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 2e-3 if DEVICE == "cuda" else 1e-5
 
-# Awkward shapes: Wan 480p latent planes (21x60x104), odd and prime sizes, size-1 axes,
-# and sizes past one 32-wide contraction slice per axis (T 40, W 160) with several
-# row blocks per plane (H 90).
+# Awkward shapes: Wan 480p latent planes (21x60x104, one whole-plane tile per item),
+# odd and prime sizes, size-1 axes, a 720p-like plane (90x160: row blocks with the H
+# term in slices, A_W in slices), and clips past the resident A_T (T 130: T_PAD 256).
+# With 3 persistent programs on the CPU, a program takes from 1 to 44 plane items.
 SHAPES = [
     (1, 1, 21, 60, 104),
     (1, 1, 2, 90, 160),
     (1, 2, 40, 5, 3),
+    (1, 1, 130, 3, 5),
     (2, 3, 5, 7, 9),
     (1, 2, 1, 17, 33),
     (2, 1, 6, 1, 20),
@@ -86,10 +92,47 @@ def test_triton_launch_groups_give_the_same_result(slabs_per_launch):
     pred, target = pred.to(DEVICE), target.to(DEVICE)
     whole = freq_loss_triton(pred, target, 0.6, 1.4, 1.0, True)
     grouped = freq_loss_triton(pred, target, 0.6, 1.4, 1.0, True, slabs_per_launch)
-    for got, expected in zip(grouped, whole, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    for got, expected in zip(grouped, whole, strict=True):  # same partials, same order
+        assert torch.equal(got, expected)
     bytes_per_slab = (2 + 2 + 4) * 3 * 9 * 17  # bf16 pred, target; float32 grad
     assert slabs_fitting_in(2 * bytes_per_slab + 1, pred, target) == 2
+
+
+@pytest.mark.parametrize("plane_rows", [16, 32, 64])
+def test_triton_plane_row_blocks_match_float64_reference(plane_rows):
+    # H 60 -> H_PAD 64: 64 rows is one whole-plane item (A_H @ d from registers); 16 and
+    # 32 split each plane into row blocks whose H term streams slices, the last block
+    # partial (60 = 3 x 16 + 12 = 32 + 28).
+    pred, target = _inputs((2, 1, 3, 60, 40), torch.bfloat16, seed=31)
+    loss, grad = freq_loss_triton(pred.to(DEVICE), target.to(DEVICE), 1.3, 0.7, 1.5, True,
+                                  plane_rows=plane_rows)
+    loss_ref, grad_ref = freq_loss_grad_reference(pred.double(), target.double(), 1.3, 0.7, 1.5)
+    assert math.isclose(loss.item(), loss_ref.item(), rel_tol=RTOL)
+    assert _relative_error(grad.cpu(), grad_ref) < RTOL
+
+
+@pytest.mark.parametrize("plane_rows", [8, 48, 128])
+def test_triton_plane_rows_must_fit_the_plane(plane_rows):
+    pred, target = _inputs((1, 1, 2, 60, 40), torch.float32, seed=32)
+    with pytest.raises(ValueError, match=rf"plane_rows: expected a power of two in \[16, 64\], "
+                                         rf"got {plane_rows}"):
+        freq_loss_triton(pred, target, 1.0, 1.0, 1.0, True, plane_rows=plane_rows)
+
+
+def test_kernels_fit_hopper_when_compiled_for_sm90():
+    """The interpreter enforces no GPU limit: compile for sm_90 (no GPU needed) and check
+    registers, spills and shared memory of every kernel configuration the op uses."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "freq_loss_resources.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in run.stdout.splitlines() if line.startswith("| ")]
+    table = {(row[0], row[1]): row for row in rows}  # (case, kernel): the row
+    # 480p planes are one wgmma tile each; the row-block and sliced paths use mma.sync.
+    assert int(table["480p-bf16", "plane"][6]) > 0 and int(table["720p-bf16", "plane"][7]) > 0
+    assert run.stdout.strip().endswith("no spills, shared memory fits")
 
 
 def test_triton_non_contiguous_inputs_are_handled():
