@@ -46,15 +46,18 @@ def export_diffusers(cfg: DiTConfig, weights: dict[str, torch.Tensor], folder: P
 
 def _write_stage_output(run: Run, chain: str, stage: int, weights: dict[str, torch.Tensor],
                         summary: dict[str, Any]) -> Path:
-    export_diffusers(run.dit_config, weights, run.stage_folder(chain, stage) / DIFFUSERS_FOLDER,
-                     run.config.resolved_guidance)
+    if run.lora_spec(chain, stage) is None:  # an adapter is exported by gpd_train.export
+        export_diffusers(run.dit_config, weights,
+                         run.stage_folder(chain, stage) / DIFFUSERS_FOLDER,
+                         run.config.resolved_guidance)
     return run.finish_stage(chain, stage, weights, summary)  # done.json last
 
 
 def finish_stage(run: Run, chain: str, stage: int, ema_state: dict[str, torch.Tensor],
                  summary: dict[str, Any]) -> Path:
     """The stage output from the (possibly sharded) EMA: ``run.finish_stage`` in one
-    process; under torchrun gathered to rank 0, which also writes the diffusers folder."""
+    process; under torchrun gathered to rank 0, which also writes the diffusers folder
+    (full-weight stages)."""
     if not parallel.world().distributed:
         return run.finish_stage(chain, stage, ema_state, summary)
     gathered = {}

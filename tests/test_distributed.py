@@ -48,6 +48,8 @@ from gpd_train.pipeline import Run, build_distill, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 2e-5, 1e-7
+LORA_VANILLA = {"vanilla.lora_rank": 2, "vanilla.lora_alpha": 4.0,
+                "vanilla.iterations": [2, 2, 2]}
 GLOBAL_BATCH, STREAMS = 4, 2
 
 
@@ -81,15 +83,17 @@ def torchrun(args: list[str], ranks: int = 2) -> list[str]:
 
 # -- the worker (runs under torchrun) -----------------------------------------------------
 def worker(run_dir: Path) -> None:
-    """Stage 0 and stage 1 on 2 ranks (activation checkpointing on), then stage 1 resumed
-    from its step-2 DCP checkpoint on the same 2 ranks."""
+    """Stage 0 and stage 1 on 2 ranks (activation checkpointing on), the vanilla chain's
+    stage 1 as LoRA (base frozen and sharded, adapters trained), then stage 1 resumed from
+    its step-2 DCP checkpoint on the same 2 ranks."""
     parallel.setup("cpu")
     torch.set_num_threads(1)
     try:
         run = micro_run(run_dir, parallel.world().world_size,
-                        **{"parallel.activation_checkpointing": True})
+                        **{"parallel.activation_checkpointing": True, **LORA_VANILLA})
         run_stage(run, "gpd", 0, resume=False)
         run_stage(run, "gpd", 1, resume=False)
+        run_stage(run, "vanilla", 1, resume=False)
         stage1 = run.stage_folder("gpd", 1)
         parallel.main_only(shutil.copy, stage1 / "metrics.jsonl", stage1 / "continuous.jsonl")
         parallel.main_only(point_latest, stage1, 2)
@@ -138,6 +142,24 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one
         assert sorted(ours) == sorted(reference)
         for key in reference:
             torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_stage_on_two_ranks_follows_the_one_process_run(two_rank_run, tmp_path,
+                                                              one_thread):
+    run = micro_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
+    run_stage(run, "gpd", 0, resume=False)
+    run_stage(run, "vanilla", 1, resume=False)
+    single = losses(tmp_path / "run" / "vanilla" / "stage1" / "metrics.jsonl")
+    double = losses(two_rank_run / "vanilla" / "stage1" / "metrics.jsonl")
+    assert len(single) == len(double) == 2
+    torch.testing.assert_close(torch.tensor(double, dtype=torch.float64),
+                               torch.tensor(single, dtype=torch.float64), rtol=RTOL, atol=ATOL)
+    ours = load_weights(two_rank_run / "vanilla" / "stage1" / "model.safetensors")
+    reference = load_weights(tmp_path / "run" / "vanilla" / "stage1" / "model.safetensors")
+    assert sorted(ours) == sorted(reference) and all(".lora_" in key for key in ours)
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
+    assert not (two_rank_run / "vanilla" / "stage1" / DIFFUSERS_FOLDER).exists()
 
 
 def test_stage_export_is_readable_as_diffusers_and_by_the_next_stage(two_rank_run):
