@@ -101,6 +101,11 @@ def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, mon
     monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(resume=False)
+    # The checkpoint holds the student adapter and its EMA, not the base or the teacher.
+    saved = trainer.checkpoints.latest()
+    for part in ("model", "ema"):
+        keys = set(load_file(str(saved / f"{part}.safetensors")))
+        assert keys == set(trainer.ema.state_dict()) and all(f".{STUDENT}." in k for k in keys)
     resumed = build_distill(broken, "gpd", 2)
     resumed.run(resume=True)
     assert losses(resumed) == losses(reference)
