@@ -381,7 +381,6 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
                          "= true in the TOML file)")
     chain_cfg = cfg.chain(chain)
     previous = run.previous_stage(chain, stage)
-    teacher_sha256 = run.output_sha256(chain, previous)
     spec = run.lora_spec(chain, stage)
     adapter: str | None = None
     if spec is not None:  # one base: the teacher is the student's model with its adapter
@@ -394,6 +393,7 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
         teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
                                         .requires_grad_(False), cfg.parallel, cfg.precision,
                                         run.device)
+    teacher_sha256 = run.output_sha256(chain, previous)  # once loading verified it
     negative = run.data.negative_context.to(run.device)
     if stage == GUIDANCE_STAGE:
         add_guidance_input(student)

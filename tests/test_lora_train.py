@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import losses, micro_run, with_random_stages
+from test_train import losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_train.checkpoint import CheckpointError
 from gpd_train.lora import BASE, STUDENT, TEACHER, LoraSpec, adapter_shapes, merge_adapter
@@ -91,16 +91,7 @@ def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, mon
     _, reference = build(tmp_path / "a")
     reference.run(resume=False)
     broken, trainer = build(tmp_path / "b")
-    real_loss = trainer.objective.loss
-
-    def crash_at_five(step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(step)
-
-    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(resume=False)
+    run_until_killed(trainer, monkeypatch, at_step=5)
     # The checkpoint holds the student adapter and its EMA, not the base or the teacher.
     saved = trainer.checkpoints.latest()
     for part in ("model", "ema"):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import run_until_killed
 
 from gpd_kernels import double_step_target
 from gpd_kernels.reference import double_step_target_reference
@@ -91,16 +92,7 @@ def killed_stage0(run: Run, monkeypatch, at: int = 8):
     """Stage 0 killed (KeyboardInterrupt) at step ``at``: checkpoints at steps 3 and 6."""
     trainer = build_stage0(run)
     trainer.iterations = 9
-    real_loss = trainer.objective.loss
-
-    def dies(step):
-        if step == at:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(step)
-
-    monkeypatch.setattr(trainer.objective, "loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(resume=False)
+    run_until_killed(trainer, monkeypatch, at_step=at)
     monkeypatch.undo()
     return trainer
 

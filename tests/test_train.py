@@ -48,6 +48,20 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def run_until_killed(trainer, monkeypatch, at_step: int) -> None:
+    """Train from scratch until a simulated kill at ``at_step`` (before its update)."""
+    real_loss = trainer.objective.loss
+
+    def crash(step):
+        if step == at_step:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(step)
+
+    monkeypatch.setattr(trainer.objective, "loss", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+
+
 def losses(trainer) -> list[float]:
     return [record["loss"] for record in trainer.metrics.records()]
 
@@ -234,16 +248,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     _, reference = build(tmp_path / "a")
     reference.run(resume=False)
     broken, trainer = build(tmp_path / "b")
-    real_loss = trainer.objective.loss
-
-    def crash_at_five(step):
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(step)
-
-    monkeypatch.setattr(trainer.objective, "loss", crash_at_five)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(resume=False)
+    run_until_killed(trainer, monkeypatch, at_step=5)
     assert trainer.checkpoints.latest().name == "step-00000003"
     resumed = build_distill(broken, "gpd", stage)
     resumed.run(resume=True)
