@@ -66,6 +66,9 @@ else
   # forward/backward + AdamW + EMA: peak memory and step time.
   run_block stage-step "$PYTHON" benchmarks/stage_step.py \
     ${OUT:+--out "$OUT/issue6_stage_step.json"}
+  # The same step as a LoRA stage (issue 15): one bf16 base, rank-64 adapters.
+  run_block stage-step-lora "$PYTHON" benchmarks/stage_step.py --lora-rank 64 \
+    ${OUT:+--out "$OUT/issue15_stage_step_lora.json"}
   # Issue 13: the 1.3B encode -> sample -> decode -> MP4 path with random weights (umT5-XXL
   # bf16, the DiT bf16 for 6 Euler steps of one 480p latent, the Wan2.1 VAE with tiling,
   # PyAV's H.264): seconds and peak memory per step. Needs transformers, diffusers and PyAV

@@ -5,7 +5,13 @@ weights, bf16 autocast with fp32 weights/Adam/EMA/teacher, per-block activation
 checkpointing, a CFG teacher (two guided teacher forwards), student forward/backward,
 AdamW and EMA. The README's memory section is arithmetic; this is the measurement.
 
+With ``--lora-rank R`` the step is a LoRA stage after stage 1 (gpd_train.lora): one bf16
+base, frozen, with a teacher adapter and a trained student adapter (fp32, Adam, EMA).
+``state_gib`` counts the bytes of every parameter, gradient, Adam and EMA tensor (on any
+device); ``peak_allocated_gib`` is CUDA's peak, activations included.
+
     python benchmarks/stage_step.py                                   # on a GPU
+    python benchmarks/stage_step.py --lora-rank 64                    # the LoRA step
     python benchmarks/stage_step.py --preset tiny --latent 3,4,8,8    # CPU dry run
 """
 
@@ -22,7 +28,8 @@ from safetensors.torch import save_file
 
 from gpd_model import WanDiT, get_preset
 from gpd_train.data import PromptEmbeddingSet
-from gpd_train.loop import Ema
+from gpd_train.loop import Ema, ModelState
+from gpd_train.lora import LoraSpec, adapter_shapes, lora_stage_model
 from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, StageTeacher
 from gpd_train.parallel import checkpoint_blocks
 
@@ -42,33 +49,62 @@ def _prompt_set(folder: Path, latent: str, text_dim: int, channels: int) -> Prom
     return PromptEmbeddingSet(folder, text_dim=text_dim, latent_channels=channels)
 
 
-def measure(preset: str, latent: str, timed_steps: int = 2) -> dict:
+def _models(cfg, device: torch.device, negative: torch.Tensor,
+            lora_rank: int) -> tuple[torch.nn.Module, StageTeacher]:
+    """(student, stage teacher): two full models, or one bf16 base with two adapters."""
+    student = WanDiT(cfg).to(device)
+    if not lora_rank:
+        teacher = WanDiT(cfg).to(device).eval().requires_grad_(False)
+        teacher.load_state_dict(student.state_dict())
+        return student, StageTeacher(teacher, negative)
+    spec = LoraSpec(lora_rank, float(lora_rank))
+    previous = {k: torch.randn(shape) * 0.01 for k, shape in adapter_shapes(student, spec).items()}
+    student, adapter = lora_stage_model(student, spec, previous, "bf16")
+    return student, StageTeacher(student, negative, adapter)
+
+
+def _state_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 ema: Ema) -> int:
+    """Bytes of the distinct parameter storages, gradients, optimizer and EMA tensors."""
+    storages: dict[int, int] = {}
+    for module in modules:
+        for param in module.parameters():
+            for tensor in (param, param.grad):
+                if tensor is not None:
+                    storages[tensor.untyped_storage().data_ptr()] = (
+                        tensor.untyped_storage().nbytes())
+    extra = [v for state in optimizer.state.values() for v in state.values()
+             if isinstance(v, torch.Tensor)] + list(ema.state_dict().values())
+    return sum(storages.values()) + sum(t.numel() * t.element_size() for t in extra)
+
+
+def measure(preset: str, latent: str, timed_steps: int = 2, lora_rank: int = 0) -> dict:
     """Run one warm-up step and ``timed_steps`` timed ones; return times and peak memory."""
     cfg = get_preset(preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
         data = _prompt_set(Path(folder), latent, cfg.text_dim, cfg.in_channels)
         torch.manual_seed(0)
-        student = WanDiT(cfg).to(device)
-        teacher = WanDiT(cfg).to(device).eval().requires_grad_(False)
-        teacher.load_state_dict(student.state_dict())
+        student, teacher = _models(cfg, device, data.negative_context.to(device), lora_rank)
         checkpoint_blocks(student)
         objective = OnlineDistillation(
-            student=student, teacher=StageTeacher(teacher, data.negative_context.to(device)),
+            student=student, teacher=teacher,
             data=data, generator=torch.Generator().manual_seed(0),
             grid=StageGrid(24, 5.0, 2, device), guidance=GuidanceRange(5.0, 5.0),
             source="student", batch_size=1, freq_weight=0.0, freq_params={}, device=device,
             precision="bf16")
-        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, weight_decay=0.0)
-        ema = Ema(student, 0.99)
+        trained = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0)
+        trained_state = ModelState(student)  # what the trainer averages and checkpoints
+        ema = Ema(trained_state, 0.99)
 
         def train_step(step: int) -> float:
             loss, _ = objective.loss(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
-            ema.update(student)
+            ema.update(trained_state)
             return loss.item()
 
         train_step(1)  # optimizer state, allocator pools and kernels warm up here
@@ -81,10 +117,14 @@ def measure(preset: str, latent: str, timed_steps: int = 2) -> dict:
             loss = train_step(step)
             _synchronize(device)
             times.append(time.perf_counter() - started)
+        state = _state_bytes([student, teacher.model], optimizer, ema)
     on_gpu = device.type == "cuda"
+    precision = ("bf16 autocast, fp32 weights/Adam/EMA/teacher" if not lora_rank else
+                 f"LoRA rank {lora_rank}: bf16 frozen base, fp32 adapters/Adam/EMA")
     return {
         "preset": preset, "latent": latent, "batch": 1, "activation_checkpointing": True,
-        "precision": "bf16 autocast, fp32 weights/Adam/EMA/teacher", "device": str(device),
+        "precision": precision, "device": str(device), "lora_rank": lora_rank,
+        "trained_parameters": sum(p.numel() for p in trained), "state_gib": state / 2**30,
         "gpu": torch.cuda.get_device_name() if on_gpu else None,
         "step_seconds": times, "loss": loss,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
@@ -96,9 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
     parser.add_argument("--latent", default="16,21,60,104", help="C,T,H,W of the latent")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="measure a LoRA stage of this rank (0: full weights)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
-    result = measure(args.preset, args.latent)
+    result = measure(args.preset, args.latent, lora_rank=args.lora_rank)
     print("issue6 stage-1 step:", json.dumps(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

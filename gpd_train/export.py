@@ -155,6 +155,12 @@ def _model_index(base: Path) -> dict[str, Any]:
     return index
 
 
+def base_components(base: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(model_index.json, the folders linked into an export) of a Wan2.1-T2V-Diffusers
+    folder; a clear error naming what is missing."""
+    return _model_index(base), {name: component(base, name) for name in LINKED}
+
+
 def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                     chain: str = "gpd", stage: int | None = None,
                     copy: bool = False, guidance: float | None = None) -> dict[str, Any]:
@@ -163,8 +169,7 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     A student with a guidance input is exported at ``guidance`` (default: the run's CFG).
     """
     base, out = Path(base), Path(out)
-    index = _model_index(base)
-    sources = {name: component(base, name) for name in LINKED}
+    index, sources = base_components(base)
     loaded = load_model(run_dir, chain=chain, stage=stage, device="cpu")
     if loaded.run_config is None or loaded.stage is None:
         raise SampleError(f"{run_dir} is not a gpd_train run folder (no config.json with the "
@@ -221,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.guidance is not None:
             check_number("--guidance", args.guidance, low=0, low_open=True)
+        if args.base is not None:
+            base_components(Path(args.base))  # a wrong --base is named before any work
         lora = None if args.merged else export_lora(args.run, args.out, chain=args.chain,
                                                      stage=args.stage)
         if lora is not None:

@@ -10,20 +10,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stage_step_dry_run_reports_a_finite_loss_and_times(tmp_path) -> None:
-    out = tmp_path / "stage_step.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stage_step.py"), "--preset", "tiny",
-         "--latent", "3,4,8,8", "--out", str(out)],
-        check=True, cwd=ROOT, capture_output=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and result["preset"] == "tiny"
-    assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
-    assert result["loss"] == result["loss"] and result["loss"] >= 0  # finite, not NaN
+    results = {}
+    for rank in (0, 4):
+        out = tmp_path / f"stage_step_{rank}.json"
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "stage_step.py"), "--preset", "tiny",
+             "--latent", "3,4,8,8", "--lora-rank", str(rank), "--out", str(out)],
+            check=True, cwd=ROOT, capture_output=True, timeout=300,
+        )
+        result = results[rank] = json.loads(out.read_text())
+        assert result["device"] == "cpu" and result["preset"] == "tiny"
+        assert len(result["step_seconds"]) == 2 and all(t > 0 for t in result["step_seconds"])
+        assert result["loss"] == result["loss"] and result["loss"] >= 0  # finite, not NaN
+    # Full weights hold 24 bytes per parameter (student, gradient, Adam, EMA, teacher; Adam's
+    # step counters add a few bytes).
+    full, lora = results[0], results[4]
+    expected = 24 * full["trained_parameters"]
+    assert full["state_gib"] * 2**30 == pytest.approx(expected, rel=1e-3)
+    assert lora["trained_parameters"] < full["trained_parameters"] / 5
+    assert lora["state_gib"] < full["state_gib"] / 4
 
 
 def test_realscale_path_tiny_dry_run_times_every_step(tmp_path) -> None:
@@ -94,7 +105,7 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     assert run.returncode == 3, run.stdout + run.stderr
     rows = _summary_rows(run.stdout)
     assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "stage-step",
-                                        "realscale-path", "kernels"]
-    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "ok", "ok"]
+                                        "stage-step-lora", "realscale-path", "kernels"]
+    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "FAIL (3)", "ok", "ok"]
     assert "bench_sampler or mfu" in rows[1][3]
-    assert rows[3][3].startswith("stub benchmarks/realscale_path.py --out ")
+    assert rows[4][3].startswith("stub benchmarks/realscale_path.py --out ")
