@@ -38,6 +38,8 @@ from gpd_model import (
 
 from .checkpoint import (
     GUIDANCE_INPUT_KEY,
+    MANIFEST,
+    CheckpointStore,
     atomic_write_text,
     load_stage_output,
     load_weights,
@@ -159,6 +161,28 @@ class Run:
             return (f"its stage teacher {name} changed since (SHA-256 "
                     f"{recorded['teacher_sha256'][:12]}... then, {current[:12]}... now)")
         return None
+
+    def partial_stale_reason(self, chain: str, stage: Stage) -> str | None:
+        """Why an unfinished stage's checkpoints no longer follow from its stage teacher
+        (None: they do, there are none, or they record no teacher or cannot be read, which
+        resuming reports itself)."""
+        newest = CheckpointStore(self.stage_folder(chain, stage) / "ckpt").candidates()
+        if stage == 0 or self.is_done(chain, stage) or not newest:
+            return None
+        previous = self.previous_stage(chain, stage)
+        if not self.is_done(chain, previous):
+            return None
+        try:
+            manifest = json.loads((newest[0] / MANIFEST).read_text())
+            saved = manifest["metadata"]["teacher_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        current = self.output_sha256(chain, previous)
+        if saved == current:
+            return None
+        return (f"its checkpoints ({newest[0].name}) were written under its stage teacher "
+                f"{stage_name(chain, previous)} at SHA-256 {saved[:12]}..., which is now "
+                f"{current[:12]}...")
 
     def stage_options(self, chain: str, stage: Stage) -> dict[str, Any]:
         """What shaped a stage beyond its teacher: the grid and the guidance it absorbed."""
@@ -518,6 +542,12 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
                 tqdm.write(f"[{stage_name(chain, stage)}] already complete, skipped")
                 continue
             tqdm.write(f"[{stage_name(chain, stage)}] stale: {reason}; retraining it")
+            run_stage(run, chain, stage, resume=False, restart=True)
+            continue
+        reason = run.partial_stale_reason(chain, stage)
+        if reason is not None:
+            tqdm.write(f"[{stage_name(chain, stage)}] stale: {reason}; moving it aside and "
+                       "training it again")
             run_stage(run, chain, stage, resume=False, restart=True)
             continue
         run_stage(run, chain, stage, resume=resume)

@@ -280,6 +280,25 @@ def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
     assert hashes(run.folder) == before
 
 
+def test_pipeline_moves_a_partial_stage_of_a_changed_teacher_aside(tmp_path, capsys):
+    run = micro_run(tmp_path, **{"distill.iterations": [6]})
+    run_stage(run, "gpd", 0, resume=False)
+    trainer = build_distill(run, "gpd", 1)
+    trainer.iterations = 3
+    trainer.run(resume=False)  # a partial stage 1 at step 3
+    assert run.partial_stale_reason("gpd", 1) is None  # its teacher is unchanged
+    run.config.seed = 5  # another teacher
+    run_stage(run, "gpd", 0, resume=False, restart=True)
+    assert "were written under its stage teacher stage0" in run.partial_stale_reason("gpd", 1)
+    before = hashes(run.folder)
+    capsys.readouterr()
+    assert run_pipeline(run.config, evaluate=False) is None
+    assert "[stage1] stale: its checkpoints (step-00000003)" in capsys.readouterr().out
+    assert len(list(run.folder.glob("stage1.old-*"))) == 1
+    assert run.is_done("gpd", 1) and run.stale_reason("gpd", 1) is None
+    assert_nothing_lost(before, run.folder)
+
+
 def test_config_json_is_written_only_after_validation(micro, tmp_path):
     run_dir = tmp_path / "run"
     assert main(["--stage", "0", *micro]) == 0
