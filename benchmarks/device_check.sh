@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU: correctness first (the kernel tests on CUDA, the fused model path, the
 # library ops against float64), then timings (the fused DiT ops and library kernels against
-# eager and torch.compile, the sampler, the 1.3B training-step MFU, one 1.3B stage step, the
+# eager and torch.compile, the sampler, tiny-preset training eager vs CUDA graph, the 1.3B
+# training-step MFU, one 1.3B stage step, the
 # 1.3B encode -> sample -> decode -> MP4 path),
 # then one summary line per block. `--quick` runs the correctness blocks alone.
 # Installs and downloads nothing: uses the torch and triton already on the machine
@@ -61,6 +62,12 @@ else
   bench_args=("${pytest_args[@]}" -s -k "bench_sampler or mfu")
   if [[ -n "${OUT:-}" ]]; then bench_args+=(--benchmark-json "$OUT/issue5_bench.json"); fi
   run_block sampler-mfu "$PYTHON" -m pytest benchmarks/ "${bench_args[@]}"
+  # Issue 14 item 3: tiny-preset training eager vs --cuda-graph (stage 0 for 200 steps,
+  # stage 1 for 100, each mode): steady-state it/s, the speed-up, the pipeline time
+  # projected from them, and the two modes' stage-0 losses side by side (fails if they
+  # differ by more than 1e-2 relative over the first 20 steps).
+  run_block tiny-train "$PYTHON" benchmarks/train_graph.py \
+    ${OUT:+--out "$OUT/issue14_train_graph.json"}
   # One GPD stage-1 training step of the 1.3B preset at 480p on one GPU: batch 1, random
   # weights, bf16 autocast, per-block activation checkpointing, CFG teacher + student
   # forward/backward + AdamW + EMA: peak memory and step time.

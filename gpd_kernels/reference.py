@@ -68,6 +68,8 @@ def check_distinct_sigmas(s_a: torch.Tensor, s_c: torch.Tensor) -> None:
     """u* divides by s_c - s_a: a zero-length double step has no target (it would be NaN)."""
     if torch.compiler.is_compiling() or s_a.shape != s_c.shape or s_a.device != s_c.device:
         return  # shape/device errors are check_guided_inputs'; a data check breaks graphs
+    if s_a.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a CUDA-graph capture (gpd_train --cuda-graph): checked in its eager warm-up
     same = s_a == s_c
     if bool(same.any()):
         index = int(same.nonzero()[0, 0])

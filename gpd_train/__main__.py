@@ -132,6 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     video.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"], dest="video_frames")
     video.add_argument("--negative", default="", dest="video_negative",
                        help="negative prompt (default '' as WanPipeline; 'wan' = Wan's own)")
+    parser.add_argument("--cuda-graph", action="store_true", default=None, dest="cuda_graph",
+                        help="CUDA: capture each stage's training step once as a CUDA graph "
+                             "and replay it (small presets are launch-bound); not with "
+                             "torchrun, activation checkpointing or LoRA stages")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         dest="parallel.activation_checkpointing",
                         help="recompute each transformer block in the backward (less memory)")

@@ -7,6 +7,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     device = "auto"            # auto | cpu | cuda | cuda:N
     threads = 0                # CPU threads for torch; 0 keeps torch's default
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
+    cuda_graph = false         # CUDA: each training step one captured graph (gpd_train/step.py)
     seed = 0
     data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
     teacher = "path/to/wan2.1"           # stage 0 imports instead of training
@@ -167,6 +168,7 @@ class RunConfig:
     device: str = "auto"
     threads: int = 0
     precision: str = "fp32"
+    cuda_graph: bool = False
     seed: int = 0
     data: str | None = None
     teacher: str | None = None
@@ -234,6 +236,8 @@ class RunConfig:
                                  f"{teacher_steps} -> {teacher_steps // 2})")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
         self.parallel.validate()
         if self.prompts is not None and self.teacher is None:
             raise ValueError(f"prompts ({self.prompts!r}) are encoded by the teacher's "

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 from tqdm import tqdm
@@ -27,6 +27,7 @@ from .checkpoint import (
     load_exact_state,
 )
 from .parallel import StreamGroup
+from .step import GraphStep, host_value
 
 GRAD_CLIP = 1.0
 
@@ -36,10 +37,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Objective(Protocol):
+    """A stage's loss, split as gpd_train.step describes (host, device, host)."""
+
     batch_size: int  # samples per step (of this data stream)
 
+    def prepare(self, step: int) -> Any:
+        """Host part: draw the batch; its inputs as device tensors (a flat dict)."""
+
+    def forward(self, inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+        """Device part: the differentiable loss, the extra scalars to log (tensors) and
+        the outputs ``finish`` takes; no host syncs."""
+
+    def finish(self, outputs: Any) -> None:
+        """Host part after the update (e.g. the rollout lanes move on)."""
+
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The differentiable loss of one batch and extra scalars to log."""
+        """The three in one call (gpd_train.step.eager_loss): the loss and its extras."""
 
     def stream_state(self) -> dict[str, Any]:
         """Tensors/values that, with the RNG, let a resumed run continue exactly."""
@@ -59,7 +72,9 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when asked; a no-op otherwise."""
     if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        # No cast cache while a CUDA graph is captured (torch.cuda.graph's advice for autocast).
+        return torch.autocast("cuda", dtype=torch.bfloat16,
+                              cache_enabled=not torch.cuda.is_current_stream_capturing())
     return contextlib.nullcontext()
 
 
@@ -74,13 +89,21 @@ class Ema:
         self.updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in source.state_dict().items()}
 
-    @torch.no_grad()
-    def update(self, source: Stateful) -> None:
+    def next_weight(self) -> float:
+        """Count an update and return its weight (1 - decay): the host part of ``update``."""
         self.updates += 1
         # Early on the average would mostly remember the initial weights.
         decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        return 1.0 - decay
+
+    @torch.no_grad()
+    def apply(self, source: Stateful, weight: float | torch.Tensor) -> None:
+        """The device part: move the average ``weight`` of the way to ``source``."""
         for key, value in source.state_dict().items():
-            self.shadow[key].lerp_(value.float(), 1.0 - decay)
+            self.shadow[key].lerp_(value.float(), weight)
+
+    def update(self, source: Stateful) -> None:
+        self.apply(source, self.next_weight())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -117,7 +140,13 @@ class OptimizerState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        if any(isinstance(group.get("lr"), torch.Tensor) for group in state["param_groups"]):
+            # A --cuda-graph trainer's lr is a device tensor and its AdamW capturable: saved
+            # as the eager trainer's (float lr, not capturable), so either resumes it.
+            state["param_groups"] = [{**group, "lr": float(group["lr"]), "capturable": False}
+                                     for group in state["param_groups"]]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -197,7 +226,7 @@ class StageTrainer:
                  objective: Objective | StreamGroup, folder: Path, iterations: int, lr: float,
                  warmup: int, final_lr_ratio: float, ema_decay: float,
                  checkpoint_every: int, generator: torch.Generator,
-                 metadata: dict[str, str]) -> None:
+                 metadata: dict[str, str], cuda_graph: bool = False) -> None:
         self.name = name
         self.model = model
         self.objective = objective
@@ -221,6 +250,13 @@ class StageTrainer:
             metadata, stream_batch=int(next(iter(streams.values())).objective.batch_size))
         self.metrics = MetricsLog(folder / "metrics.jsonl")
         self.step = 0
+        self.graph: GraphStep | None = None
+        if cuda_graph:  # the options were checked (gpd_train.step.cuda_graph_refusal)
+            if isinstance(objective, StreamGroup):
+                raise ValueError("--cuda-graph takes one data stream per process")
+            self.graph = GraphStep(forward=objective.forward, backward=self._backward,
+                                   update=self._update, optimizer=self.optimizer,
+                                   device=next(model.parameters()).device)
 
     def state_dict(self) -> dict[str, int]:
         """The checkpoint's "trainer" part."""
@@ -235,6 +271,8 @@ class StageTrainer:
         if problems:
             tqdm.write(f"[{self.name}] warning: " + "; ".join(problems)
                        + f"; resuming from {path.name}, the newest checkpoint that verifies")
+        if self.graph is not None:
+            self.graph.bind_optimizer()
 
     def run(self, resume: bool) -> None:
         """Train to ``iterations``; ``resume`` continues from the newest good checkpoint.
@@ -278,25 +316,56 @@ class StageTrainer:
         scale = self.final_lr_ratio + (1.0 - self.final_lr_ratio) * cosine
         return self.lr * min(1.0, step / max(1, self.warmup)) * scale
 
+    def _backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Device part: gradients, clipped; returns their norm before clipping."""
+        loss.backward()
+        return parallel.full_value(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP))
+
+    def _update(self, ema_weight: float | torch.Tensor) -> None:
+        """Device part: the optimizer step, then the EMA."""
+        self.optimizer.step()
+        self.ema.apply(self.model_state, ema_weight)
+
+    def _eager_step(self, inputs: Any, lr: float,
+                    step: int) -> tuple[float, float, dict[str, float], Any]:
+        """The device part run eagerly, the guard checking the loss before the backward and
+        the gradient norm before the update: (loss, grad_norm, extras, outputs)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, extras, outputs = self.objective.forward(inputs)
+        self._guard(loss, step, "loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self._backward(loss)
+        self._guard(grad_norm, step, "gradient norm")
+        self._update(self.ema.next_weight())
+        return (loss.item(), float(grad_norm),
+                {key: host_value(value) for key, value in extras.items()}, outputs)
+
+    def _graph_step(self, inputs: Any, lr: float,
+                    step: int) -> tuple[float, float, dict[str, float], Any]:
+        """The device part replayed (gpd_train.step.GraphStep); the guard checks the loss
+        and gradient norm after it (the one sync of a step). A non-finite value has then
+        reached the weights in memory, but nothing is saved: the checkpoints stay intact."""
+        assert self.graph is not None
+        (loss, grad_norm), extras, outputs = self.graph.run(inputs, lr, self.ema.next_weight())
+        for value, what in ((loss, "loss"), (grad_norm, "gradient norm")):
+            if not math.isfinite(value):
+                self._stop(value, step, what)
+        return loss, grad_norm, extras, outputs
+
     def _train_step(self, bar: tqdm) -> None:
         started = time.perf_counter()
         step = self.step + 1
         lr = self.learning_rate(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
-        loss, extras = self.objective.loss(step)
-        self._guard(loss, step, "loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = parallel.full_value(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], GRAD_CLIP))
-        self._guard(grad_norm, step, "gradient norm")
-        self.optimizer.step()
-        self.ema.update(self.model_state)
+        inputs = self.objective.prepare(step)
+        device_step = self._eager_step if self.graph is None else self._graph_step
+        loss, grad_norm, extras, outputs = device_step(inputs, lr, step)
+        self.objective.finish(outputs)
         self.step = step
-        record = {"stage": self.name, "step": step, "loss": loss.item(), "lr": lr,
-                  "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,
+        record = {"stage": self.name, "step": step, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "seconds": time.perf_counter() - started,
                   **extras}
         record.update(parallel.mean_across_ranks({k: record[k] for k in ("loss", *extras)}))
         if parallel.is_main():
@@ -307,11 +376,13 @@ class StageTrainer:
             self.checkpoints.save(step)
 
     def _guard(self, value: torch.Tensor, step: int, what: str) -> None:
-        if parallel.all_finite(value):
-            return
+        if not parallel.all_finite(value):
+            self._stop(value.item(), step, what)
+
+    def _stop(self, value: float, step: int, what: str) -> NoReturn:
         latest = self._latest()
         kept = (f"the last good checkpoint {latest} is intact" if latest is not None
                 else "no checkpoint had been written yet")
         raise NonFiniteLossError(
-            f"[{self.name}] non-finite {what} ({value.item()}) at step {step}; training stopped "
+            f"[{self.name}] non-finite {what} ({value}) at step {step}; training stopped "
             f"without saving and {kept}. Lower the learning rate and continue with --resume.")

@@ -23,6 +23,7 @@ from gpd_model import (
 from .lanes import LaneBatch, RolloutLanes
 from .loop import autocast
 from .lora import use_adapter
+from .step import eager_loss
 
 
 class FlowMatching:
@@ -40,18 +41,28 @@ class FlowMatching:
         self.device = device
         self.precision = precision
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def prepare(self, step: int) -> dict[str, torch.Tensor]:
         context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         dropped = torch.rand(self.batch_size, generator=self.generator) < self.cfg_dropout
         context = torch.where(dropped[:, None, None], self.data.negative_context, context)
         sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
-        noisy = add_noise(clean, noise, sigma).to(self.device)
-        target = (noise - clean).to(self.device)
+        return {"noisy": add_noise(clean, noise, sigma).to(self.device),
+                "target": (noise - clean).to(self.device), "sigma": sigma.to(self.device),
+                "context": context.to(self.device)}
+
+    def forward(self, inputs: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with autocast(self.device, self.precision):
-            pred = self.model(noisy, timestep_from_sigma(sigma.to(self.device)),
-                              context.to(self.device))
-        return (pred.float() - target).square().mean(), {}
+            pred = self.model(inputs["noisy"], timestep_from_sigma(inputs["sigma"]),
+                              inputs["context"])
+        return (pred.float() - inputs["target"]).square().mean(), {}, {}
+
+    def finish(self, outputs: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return eager_loss(self, step)
 
     def stream_state(self) -> dict[str, Any]:
         return {}
@@ -228,23 +239,38 @@ class OnlineDistillation:
         return LaneBatch(x.to(self.device), context.to(self.device), guidance.to(self.device),
                          index)
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def prepare(self, step: int) -> dict[str, torch.Tensor]:
+        """The states to train on: the lanes' current group, or noised data."""
         batch = self._noised_data() if self.lanes is None else self.lanes.current(
             self._rollout_step)
+        return dict(vars(batch))  # x, context, guidance, index (the tensors themselves)
+
+    def forward(self, inputs: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The loss, and the batch's next states (``x_next``) when lanes roll out."""
+        batch = LaneBatch(**inputs)
         with autocast(self.device, self.precision):
             u_star = self._target(batch)
             u_student = self._student_velocity(batch)
         mse = (u_student - u_star).square().mean()
         loss = mse
-        extras = {"mse": mse.item(), "mean_index": batch.index.float().mean().item()}
+        extras = {"mse": mse.detach(), "mean_index": batch.index.float().mean()}
         if self.freq_weight > 0:
             freq = freq_loss(u_student, u_star, **self.freq_params)
             loss = loss + self.freq_weight * freq
-            extras["freq"] = freq.item()
+            extras["freq"] = freq.detach()
+        outputs = {}
         if self.lanes is not None:
             velocity = u_star if self.source == "teacher" else u_student.detach()
-            self.lanes.advance(self._next_state(batch, velocity))
-        return loss, extras
+            outputs["x_next"] = self._next_state(batch, velocity)
+        return loss, extras, outputs
+
+    def finish(self, outputs: dict[str, torch.Tensor]) -> None:
+        if self.lanes is not None:
+            self.lanes.advance(outputs["x_next"])
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return eager_loss(self, step)
 
     def stream_state(self) -> dict[str, Any]:
         return {} if self.lanes is None else self.lanes.state_dict()

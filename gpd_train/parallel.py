@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .step import eager_loss
+
 TEACHER_MODES = ("shard", "replicate")
 # Streams j > 0 seed their generator at base_seed + j * STREAM_SEED_STRIDE (a prime larger
 # than any offset gpd_train adds to a run's seed, so streams never share a sequence).
@@ -242,11 +244,25 @@ class StreamGroup:
         self.generators = list(generators)
         self.objectives = list(objectives)
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = [objective.loss(step) for objective in self.objectives]
+    def prepare(self, step: int) -> list[Any]:
+        return [objective.prepare(step) for objective in self.objectives]
+
+    def forward(self, inputs: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                   list[Any]]:
+        """The streams' mean loss; each extra as one value per stream (logged as their
+        mean, gpd_train.step.host_value)."""
+        parts = [objective.forward(part) for objective, part in
+                 zip(self.objectives, inputs, strict=True)]
         loss = torch.stack([part[0] for part in parts]).mean()
-        extras = {key: sum(part[1][key] for part in parts) / len(parts) for key in parts[0][1]}
-        return loss, extras
+        extras = {key: torch.stack([part[1][key] for part in parts]) for key in parts[0][1]}
+        return loss, extras, [part[2] for part in parts]
+
+    def finish(self, outputs: list[Any]) -> None:
+        for objective, part in zip(self.objectives, outputs, strict=True):
+            objective.finish(part)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return eager_loss(self, step)
 
 
 def stream_objectives(base_generator: torch.Generator, batch_size: int,

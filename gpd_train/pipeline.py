@@ -58,7 +58,15 @@ from .objectives import (
     StageGrid,
     StageTeacher,
 )
-from .parallel import is_main, main_only, prepare_teacher, shard_student, stream_objectives
+from .parallel import (
+    is_main,
+    main_only,
+    owned_streams,
+    prepare_teacher,
+    shard_student,
+    stream_objectives,
+    world,
+)
 from .run_folder import (
     RunFolderError,
     StageExistsError,
@@ -67,6 +75,7 @@ from .run_folder import (
     read_record,
     verify_output,
 )
+from .step import cuda_graph_refusal
 from .wan_folder import teacher_dit_config, transformer_folder
 
 
@@ -342,9 +351,24 @@ class Run:
         atomic_write_text(self.folder / "config.json", self.config.to_json())
 
 
+def check_cuda_graph(run: Run, chain: str, stage: Stage) -> None:
+    """Refuse ``--cuda-graph`` where the captured step cannot train the stage (say why)."""
+    if not run.config.cuda_graph:
+        return
+    spec = run.lora_spec(chain, stage)
+    reason = cuda_graph_refusal(
+        device=run.device, processes=world().world_size,
+        streams=len(owned_streams(run.config.parallel)),
+        activation_checkpointing=run.config.parallel.activation_checkpointing,
+        lora_stage=None if spec is None else f"{stage_name(chain, stage)} (rank {spec.rank})")
+    if reason is not None:
+        raise ValueError(reason)
+
+
 def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objective: Objective,
              iterations: int, optim: Stage0Config | DistillConfig,
              generator: torch.Generator, teacher_sha256: str | None = None) -> StageTrainer:
+    check_cuda_graph(run, chain, stage)
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
     # The teacher's hash goes into every checkpoint: resuming under another teacher is refused.
     teacher = {} if teacher_sha256 is None else {"teacher_sha256": teacher_sha256}
@@ -353,7 +377,7 @@ def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objecti
         folder=run.stage_folder(chain, stage), iterations=iterations, lr=optim.lr,
         warmup=optim.warmup, final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
-        metadata={**run.metadata(chain, stage), **teacher})
+        metadata={**run.metadata(chain, stage), **teacher}, cuda_graph=run.config.cuda_graph)
 
 
 def stage_generator(run: Run, chain: str, stage: Stage) -> torch.Generator:
@@ -490,6 +514,7 @@ def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = 
     if stage == 0 and run.config.teacher is not None:
         run.save_config()
         return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
+    check_cuda_graph(run, chain, stage)  # before loading anything
     trainer = build_stage0(run) if stage == 0 else build_distill(run, chain, stage)
     main_only(run.save_config)  # only once the stage's inputs and options were accepted
     trainer.run(resume=resume)
@@ -535,6 +560,8 @@ def pipeline_plan(config: RunConfig) -> list[tuple[str, Stage]]:
 def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:
     """All stages (skipping complete ones, resuming partial ones), then the evaluation."""
     run = Run(config)
+    for chain, stage in pipeline_plan(config):
+        check_cuda_graph(run, chain, stage)  # every stage, before the first trains
     for chain, stage in pipeline_plan(config):
         if run.is_done(chain, stage):
             reason = run.stale_reason(chain, stage)

@@ -6,6 +6,7 @@ when the trainer's or model's interfaces move.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,25 @@ def test_realscale_path_tiny_dry_run_times_every_step(tmp_path) -> None:
     assert lines[-1].startswith("SUMMARY realscale-path encode ")
 
 
+def test_train_graph_dry_run_reports_it_s_per_stage(tmp_path) -> None:
+    out = tmp_path / "train_graph.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_graph.py"), "--device", "cpu",
+         "--modes", "eager", "--iterations", "3", "2", "--skip", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    for stage, iterations in (("stage0", 3), ("stage1", 2)):
+        rates = result["eager"][stage]
+        assert rates["iterations"] == iterations and rates["finite"]
+        assert rates["steady_it_s"] > 0 and rates["wall_it_s"] > 0
+    assert result["eager"]["pipeline_projected_s"] > 0 and "graph" not in result
+    assert run.stdout.strip().splitlines()[-1].startswith(
+        "SUMMARY tiny-train stage0 it/s eager ")
+
+
 def test_device_check_quick_dry_run_checks_and_summarises(tmp_path) -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu",
@@ -104,8 +124,10 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     run = _run_device_check_sh(tmp_path)
     assert run.returncode == 3, run.stdout + run.stderr
     rows = _summary_rows(run.stdout)
-    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "stage-step",
-                                        "stage-step-lora", "realscale-path", "kernels"]
-    assert [row[1] for row in rows] == ["ok", "ok", "FAIL (3)", "FAIL (3)", "ok", "ok"]
+    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "tiny-train",
+                                        "stage-step", "stage-step-lora", "realscale-path",
+                                        "kernels"]
+    assert [row[1] for row in rows] == ["ok", "ok", "ok", "FAIL (3)", "FAIL (3)", "ok", "ok"]
     assert "bench_sampler or mfu" in rows[1][3]
-    assert rows[4][3].startswith("stub benchmarks/realscale_path.py --out ")
+    assert rows[2][3].startswith("stub benchmarks/train_graph.py --out ")
+    assert rows[5][3].startswith("stub benchmarks/realscale_path.py --out ")

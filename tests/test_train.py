@@ -50,14 +50,14 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run_until_killed(trainer, monkeypatch, at_step: int) -> None:
     """Train from scratch until a simulated kill at ``at_step`` (before its update)."""
-    real_loss = trainer.objective.loss
+    real_prepare = trainer.objective.prepare
 
     def crash(step):
         if step == at_step:
             raise KeyboardInterrupt("simulated kill")
-        return real_loss(step)
+        return real_prepare(step)
 
-    monkeypatch.setattr(trainer.objective, "loss", crash)
+    monkeypatch.setattr(trainer.objective, "prepare", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(resume=False)
 
@@ -306,13 +306,13 @@ def test_mismatched_weights_are_refused_and_nothing_is_loaded(tmp_path):
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch):
     run = micro_run(tmp_path, checkpoint_every=2, **{"stage0.iterations": 6})
     trainer = build_stage0(run)
-    real_loss = trainer.objective.loss
+    real_forward = trainer.objective.forward
 
-    def nan_at_three(step):
-        loss, extras = real_loss(step)
-        return (loss * float("nan") if step == 3 else loss), extras
+    def nan_at_three(inputs):
+        loss, extras, outputs = real_forward(inputs)
+        return (loss * float("nan") if trainer.step == 2 else loss), extras, outputs
 
-    monkeypatch.setattr(trainer.objective, "loss", nan_at_three)
+    monkeypatch.setattr(trainer.objective, "forward", nan_at_three)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*step-00000002 is intact"):
         trainer.run(resume=False)
     trainer.checkpoints.load()

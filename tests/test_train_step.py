@@ -1,0 +1,155 @@
+"""The split training step (gpd_train/step.py) run eagerly equals the step it replaced,
+bit for bit, and --cuda-graph is refused, saying why, where it cannot run.
+
+The CUDA-graph replay itself needs a GPU: benchmarks/train_graph.py (device_check.sh's
+tiny-train block) compares it with the eager step there.
+"""
+
+import pytest
+import torch
+from test_train import micro_run, with_random_stages
+
+from gpd_kernels import freq_loss
+from gpd_model import add_noise, shift_sigma, timestep_from_sigma
+from gpd_train.__main__ import main
+from gpd_train.loop import GRAD_CLIP, OptimizerState
+from gpd_train.objectives import FlowMatching
+from gpd_train.pipeline import build_distill, build_stage0, check_cuda_graph, run_pipeline
+from gpd_train.step import GraphStep, cuda_graph_refusal
+
+
+# -- the step as it was before the split (verbatim, CPU: autocast is a no-op there) -------
+def old_flow_matching_loss(o, step):
+    context, clean = o.data.draw(o.generator, o.batch_size, with_latents=True)
+    dropped = torch.rand(o.batch_size, generator=o.generator) < o.cfg_dropout
+    context = torch.where(dropped[:, None, None], o.data.negative_context, context)
+    sigma = shift_sigma(torch.rand(o.batch_size, generator=o.generator), o.shift)
+    noise = torch.randn(clean.shape, generator=o.generator)
+    noisy = add_noise(clean, noise, sigma).to(o.device)
+    target = (noise - clean).to(o.device)
+    pred = o.model(noisy, timestep_from_sigma(sigma.to(o.device)), context.to(o.device))
+    return (pred.float() - target).square().mean(), {}
+
+
+def old_distillation_loss(o, step):
+    batch = o._noised_data() if o.lanes is None else o.lanes.current(o._rollout_step)
+    u_star = o._target(batch)
+    u_student = o._student_velocity(batch)
+    mse = (u_student - u_star).square().mean()
+    loss = mse
+    extras = {"mse": mse.item(), "mean_index": batch.index.float().mean().item()}
+    if o.freq_weight > 0:
+        freq = freq_loss(u_student, u_star, **o.freq_params)
+        loss = loss + o.freq_weight * freq
+        extras["freq"] = freq.item()
+    if o.lanes is not None:
+        velocity = u_star if o.source == "teacher" else u_student.detach()
+        o.lanes.advance(o._next_state(batch, velocity))
+    return loss, extras
+
+
+def old_train_step(t) -> dict:
+    step = t.step + 1
+    lr = t.learning_rate(step)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    t.model.train()
+    old_loss = (old_flow_matching_loss if isinstance(t.objective, FlowMatching)
+                else old_distillation_loss)
+    loss, extras = old_loss(t.objective, step)
+    assert torch.isfinite(loss)
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in t.model.parameters() if p.requires_grad], GRAD_CLIP)
+    t.optimizer.step()
+    t.ema.updates += 1
+    decay = min(t.ema.decay, (1.0 + t.ema.updates) / (10.0 + t.ema.updates))
+    for key, value in t.model_state.state_dict().items():
+        t.ema.shadow[key].lerp_(value.float(), 1.0 - decay)
+    t.step = step
+    return {"stage": t.name, "step": step, "loss": loss.item(), "lr": lr,
+            "grad_norm": float(grad_norm), **extras}
+
+
+def _build(folder, stage, source):
+    run = micro_run(folder, **{"distill.state_source": source, "distill.lane_groups": 2,
+                               "distill.freq_weight": [0.5, 0.0, 1.0], "stage0.iterations": 6,
+                               "distill.iterations": [6, 6, 6], "checkpoint_every": 100})
+    if stage == 0:
+        return build_stage0(run)
+    with_random_stages(run, "gpd", stage - 1)
+    return build_distill(run, "gpd", stage)
+
+
+@pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student"),
+                                          (3, "data")])
+def test_split_step_run_eagerly_equals_the_old_step_bit_for_bit(tmp_path, stage, source):
+    new = _build(tmp_path / "new", stage, source)
+    old = _build(tmp_path / "old", stage, source)
+    new.run(resume=False)
+    expected = [old_train_step(old) for _ in range(old.iterations)]
+    got = [{k: v for k, v in record.items() if k != "seconds"} for record in new.metrics.records()]
+    assert got == expected  # losses, lr, grad norms, mse/freq/mean_index: exact floats
+    if stage == 1:
+        assert "freq" in got[0]  # the stage-1 case exercises the frequency term
+    for mine, theirs in ((new.model_state, old.model_state), (new.ema, old.ema)):
+        theirs = theirs.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())
+    assert new.ema.updates == old.ema.updates == old.iterations
+    for p_new, p_old in zip(new.optimizer.param_groups[0]["params"],
+                            old.optimizer.param_groups[0]["params"], strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(new.optimizer.state[p_new][key], old.optimizer.state[p_old][key])
+    lanes = getattr(new.objective, "lanes", None)
+    if lanes is not None:  # the rollout lanes moved on (and restarted) the same way
+        assert all(torch.equal(v, old.objective.lanes.pool[k]) for k, v in lanes.pool.items())
+
+
+def test_refusals_name_the_option():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    ok = {"device": cuda, "processes": 1, "streams": 1, "activation_checkpointing": False,
+          "lora_stage": None}
+    assert cuda_graph_refusal(**ok) is None
+    for change, words in (({"device": cpu}, "this run's device is cpu: give --device cuda"),
+                          ({"processes": 2}, "not supported under torchrun (2 processes)"),
+                          ({"streams": 2}, "2 data streams per process"),
+                          ({"activation_checkpointing": True}, "--activation-checkpointing"),
+                          ({"lora_stage": "stage1 (rank 4)"}, "LoRA stages (stage1 (rank 4)")):
+        assert words in cuda_graph_refusal(**{**ok, **change})
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        GraphStep(forward=None, backward=None, update=None, optimizer=None, device=cpu)
+
+
+def test_cuda_graph_on_cpu_is_refused_before_anything_trains(tmp_path, capsys):
+    code = main(["--stage", "0", "--device", "cpu", "--cuda-graph",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "--cuda-graph captures the training step on a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stage0").exists()
+    run = micro_run(tmp_path, cuda_graph=True)
+    with pytest.raises(ValueError, match="this run's device is cpu"):
+        run_pipeline(run.config, evaluate=False)
+    assert not run.stage_folder("gpd", 0).exists()
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"distill.lora_rank": 4}, r"LoRA stages \(stage1 \(rank 4\)"),
+    ({"parallel.activation_checkpointing": True}, "--activation-checkpointing"),
+    ({"parallel.data_streams": 2}, "2 data streams per process")])
+def test_cuda_graph_options_it_cannot_capture_are_refused(tmp_path, options, words):
+    run = micro_run(tmp_path, cuda_graph=True, **options)
+    run.device = torch.device("cuda")  # the refusal reads the configuration only
+    with pytest.raises(ValueError, match=words):
+        check_cuda_graph(run, "gpd", 1)
+
+
+def test_a_device_tensor_lr_is_saved_as_the_eager_trainers_float(tmp_path):
+    trainer = build_stage0(micro_run(tmp_path))
+    trainer.iterations = 1
+    trainer.run(resume=False)  # Adam's state exists (DCP would otherwise step to make it)
+    for group in trainer.optimizer.param_groups:  # as GraphStep.bind_optimizer leaves it
+        group["lr"], group["capturable"] = torch.tensor(1e-3), True
+    saved = OptimizerState(trainer.model, trainer.optimizer).state_dict()["param_groups"]
+    assert [(g["lr"], g["capturable"]) for g in saved] == [(pytest.approx(1e-3), False)]
+    assert all(isinstance(g["lr"], torch.Tensor) for g in trainer.optimizer.param_groups)
