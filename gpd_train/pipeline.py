@@ -251,12 +251,12 @@ class Run:
                 "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True),
                 GUIDANCE_INPUT_KEY: str(int(self.guidance_input(chain, stage))), **lora}
 
-    def new_model(self) -> WanDiT:
+    def new_model(self, device: torch.device | None = None) -> WanDiT:
         torch.manual_seed(self.config.seed)  # the initialisation is part of the run's seed
-        return WanDiT(self.dit_config).to(self.device)
+        return WanDiT(self.dit_config).to(device or self.device)
 
     def load_stage_model(self, chain: str, stage: Stage, fold_at: float | None = None,
-                         check_grid: bool = True) -> WanDiT:
+                         check_grid: bool = True, device: torch.device | None = None) -> WanDiT:
         """The output (EMA weights) of a finished, current stage, verified against the
         SHA-256 in its done.json; a clear error when it is missing, stale or corrupt.
 
@@ -265,13 +265,15 @@ class Run:
         with ``fold_at`` = w becomes a plain Wan2.1 model sampling at that CFG scale.
         ``check_grid`` refuses a distilled stage whose shift/steps differ from this run's
         (callers that take the grid from the stage record, like the sampler, skip it).
+        ``device`` overrides the run's (e.g. the CPU, to cast before moving).
         """
         path, meta = self._verified_output(chain, stage, check_grid)
         if METADATA_KEY in meta:
             spec = LoraSpec.from_metadata(meta[METADATA_KEY], path)
-            model = merge_adapter(self.load_stage_model("gpd", 0), load_weights(path), spec, path)
+            model = merge_adapter(self.load_stage_model("gpd", 0, device=device),
+                                  load_weights(path), spec, path)
         else:
-            model = load_stage_output(self.new_model(), path, meta)
+            model = load_stage_output(self.new_model(device), path, meta)
         if fold_at is not None and has_guidance_input(model):
             return fold_guidance(model, fold_at)
         return model
@@ -433,9 +435,10 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
     adapter: str | None = None
     if spec is not None:  # one base: the teacher is the student's model with its adapter
         teacher_adapter = None if previous == 0 else run.load_adapter(chain, previous, spec)
-        student, adapter = lora_stage_model(run.load_stage_model("gpd", 0), spec,
-                                            teacher_adapter, cfg.precision)
-        teacher_model = student
+        # Loaded and cast on the CPU: a bf16 base never has an fp32 copy on the GPU.
+        base = run.load_stage_model("gpd", 0, device=torch.device("cpu"))
+        student, adapter = lora_stage_model(base, spec, teacher_adapter, cfg.precision)
+        teacher_model = student = student.to(run.device)
     else:
         student = run.load_stage_model(chain, previous)  # verified against its done.json
         teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
