@@ -319,7 +319,8 @@ class WanDiT(nn.Module):
 
         time_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype))
         if self.guidance_embedding is not None:
-            time_emb = time_emb + self.guidance_embedding(guidance)
+            # In the activations' dtype: a trained (fp32) input on a frozen bf16 LoRA base.
+            time_emb = time_emb + self.guidance_embedding(guidance).to(time_emb.dtype)
         time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
         rotations = self.rotations(grid, x.device, dtype)

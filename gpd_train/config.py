@@ -125,8 +125,8 @@ class DistillConfig:
     # Default: the run's guidance for stage 1 (T0), none after.
     stage_guidance: list[float] | None = None
     # LoRA distillation (gpd_train.lora): 0 trains full weights. R > 0 trains rank-R adapters
-    # on the frozen stage-0 base in every halving stage; the stage teacher is the base plus
-    # the previous stage's adapter, and stage outputs hold the adapter alone.
+    # on the frozen stage-0 base in every distillation stage; the stage teacher is the base
+    # plus the previous stage's adapter, and stage outputs hold the adapter alone.
     lora_rank: int = 0
     lora_alpha: float | None = None  # None: = lora_rank (scale 1)
     lora_targets: list[str] | None = None  # None: gpd_train.lora.LORA_TARGETS
@@ -419,10 +419,6 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
                                 or len(set(targets)) != len(targets)):
         raise ValueError(f"{section}.lora_targets must list distinct projections of "
                          f"{list(LORA_TARGETS)}, got {targets!r}")
-    if chain.lora_rank and chain.guidance_stage:
-        raise ValueError(f"{section}.lora_rank and {section}.guidance_stage: LoRA distils the "
-                         "halving stages only (the guidance stage adds a guidance input the "
-                         "adapters cannot hold); train this chain with full weights")
 
 
 _SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,

@@ -39,7 +39,7 @@ import torch
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
 from .config import CHAINS, check_number
-from .lora import save_diffusers_lora
+from .lora import GUIDANCE_PREFIX, save_diffusers_lora
 from .sample import SampleError, load_model, run_stage_of
 from .wan_folder import WanFolderError, component
 
@@ -115,6 +115,10 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = "gpd",
     if found is None:
         return None
     spec, adapter = found
+    if any(key.startswith(GUIDANCE_PREFIX) for key in adapter):
+        raise SampleError(f"{chain} stage {stage} takes the CFG scale as an input, which a "
+                          "diffusers LoRA cannot carry: export it merged at a CFG scale with "
+                          "--merged --base W [--guidance W]")
     options = run.record(chain, stage).get("options") or {}
     steps = options.get("steps") or run.config.steps[stage]
     shift = options.get("shift") or run.config.resolved_shift

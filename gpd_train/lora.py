@@ -1,6 +1,6 @@
 """LoRA distillation: one frozen base, the stage teacher and the student as adapters on it.
 
-With ``lora_rank`` R the halving stages of a chain do not copy the model. The base (the
+With ``lora_rank`` R the distillation stages of a chain do not copy the model. The base (the
 run's stage 0) is loaded once and frozen, and peft puts LoRA adapters on its attention and
 FFN projections: ``teacher``, the previous stage's adapter (frozen; absent in stage 1,
 whose teacher is the base itself), and ``student``, initialised from it (stage 1: peft's
@@ -14,6 +14,10 @@ key names without the adapter name (``blocks.0.self_attn.qkv.lora_A.weight``, [R
 ``lora_B`` [out, R]) and, in its metadata, the spec (``lora``). Sampling, evaluation and
 export merge ``W + alpha / R * B A`` into a plain WanDiT (``merge_adapter``).
 
+In a chain with a guidance stage, the guidance input (``gpd_model.guidance``) is part of
+the adapter: trained in full, in fp32, and switched with it (``use_adapter``'s
+``guidance_embedding``: the stage teacher's own, or none for the guidance stage's T0).
+
 Diffusers keeps q, k, v (and the cross-attention's k, v) as separate projections where we
 fuse them; a fused LoRA splits exactly: every part shares A, and B splits by rows
 (``diffusers_lora_state``).
@@ -22,6 +26,7 @@ fuse them; a fused LoRA splits exactly: every part shares A, and B splits by row
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 from collections.abc import Iterator
@@ -31,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpd_model import CheckpointError
+from gpd_model import CheckpointError, add_guidance_input, has_guidance_input
 from gpd_model.checkpoint import key_map
 
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
@@ -42,6 +47,9 @@ STUDENT = "student"
 BASE = "base"  # use_adapter(model, BASE): the base model, every adapter switched off
 METADATA_KEY = "lora"  # a stage output's metadata entry holding the spec (JSON)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# A w-conditioned LoRA stage (the guidance stage and after) trains its guidance input in
+# full (gpd_model.guidance: a small MLP) beside the adapter; its output carries both.
+GUIDANCE_PREFIX = "guidance_embedding."
 _FACTORS = ("lora_A", "lora_B")
 
 
@@ -115,9 +123,20 @@ def adapter_shapes(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...
     return shapes
 
 
+def split_guidance(adapter: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the LoRA tensors, the guidance input's) of an adapter, the latter without prefix."""
+    lora = {k: v for k, v in adapter.items() if not k.startswith(GUIDANCE_PREFIX)}
+    guidance = {k.removeprefix(GUIDANCE_PREFIX): v for k, v in adapter.items()
+                if k.startswith(GUIDANCE_PREFIX)}
+    return lora, guidance
+
+
 def check_adapter(adapter: dict[str, torch.Tensor], model: nn.Module, spec: LoraSpec,
                   source: Path | str) -> None:
-    """Refuse an adapter whose keys or shapes do not fit ``model`` under ``spec``."""
+    """Refuse an adapter whose keys or shapes do not fit ``model`` under ``spec`` (its
+    guidance-input tensors, if any, are checked where they are loaded)."""
+    adapter, _ = split_guidance(adapter)
     expected = adapter_shapes(model, spec)
     missing = sorted(set(expected) - set(adapter))
     unexpected = sorted(set(adapter) - set(expected))
@@ -139,8 +158,9 @@ def _param_name(key: str, adapter: str) -> str:
 
 def adapter_from_params(state: dict[str, torch.Tensor], adapter: str = STUDENT
                         ) -> dict[str, torch.Tensor]:
-    """The output layout of ``adapter``'s tensors in ``state`` (peft parameter names)."""
-    out = {}
+    """The output layout of ``adapter``'s tensors in ``state`` (peft parameter names), with
+    the guidance input's tensors as they are."""
+    out = {k: v for k, v in state.items() if k.startswith(GUIDANCE_PREFIX)}
     for key, value in state.items():
         for factor in _FACTORS:
             marker = f".{factor}.{adapter}."
@@ -156,6 +176,7 @@ def attach_adapters(model: nn.Module, spec: LoraSpec,
     starting from it. Returns the model, whose forward is the student's."""
     peft = _peft()
     model.requires_grad_(False)
+    teacher = None if teacher is None else split_guidance(teacher)[0]
     config = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha,
                              target_modules=_target_pattern(spec.targets))
     names = [TEACHER, STUDENT] if teacher is not None else [STUDENT]
@@ -180,18 +201,44 @@ def attach_adapters(model: nn.Module, spec: LoraSpec,
     return model
 
 
+@dataclass
+class LoraStage:
+    """A LoRA stage's one model and how its stage teacher runs on it: as base + ``adapter``
+    (TEACHER, or BASE for the base alone) with ``guidance_embedding`` as its guidance input
+    (None: none)."""
+
+    model: nn.Module
+    adapter: str
+    guidance_embedding: nn.Module | None
+
+
 def lora_stage_model(base: nn.Module, spec: LoraSpec, teacher: dict[str, torch.Tensor] | None,
-                     precision: str = "fp32") -> tuple[nn.Module, str]:
-    """The one model of a LoRA stage and the adapter its stage teacher runs as.
+                     precision: str = "fp32", guidance_input: bool = False,
+                     device: torch.device | None = None) -> LoraStage:
+    """The one model of a LoRA stage, on ``device``, and its stage teacher's view of it.
 
     ``base`` becomes the frozen base (in bf16 when ``precision`` is bf16: a frozen tensor
     needs no fp32 master copy, which halves the largest allocation; the adapters stay fp32);
-    see ``attach_adapters`` for ``teacher``.
+    see ``attach_adapters`` for ``teacher``. With ``guidance_input`` the student takes w as an
+    input: initialised from the teacher's (its adapter's guidance tensors), or zero (the
+    guidance stage, whose teacher is the base alone); trained in full, in fp32.
     """
     if precision == "bf16":
         base = base.to(torch.bfloat16)
     model = attach_adapters(base, spec, teacher)
-    return model, (BASE if teacher is None else TEACHER)
+    teacher_guidance = split_guidance(teacher)[1] if teacher is not None else {}
+    if teacher_guidance and not guidance_input:
+        raise LoraError("the stage teacher's adapter carries a guidance input, the student "
+                        "would not: a chain keeps w as an input once it has one")
+    frozen = None
+    if guidance_input:
+        add_guidance_input(model).guidance_embedding.float()
+        if teacher_guidance:
+            model.guidance_embedding.load_state_dict(teacher_guidance, strict=True)
+            frozen = copy.deepcopy(model.guidance_embedding).requires_grad_(False)
+    model = model.to(device) if device is not None else model
+    frozen = frozen.to(device) if frozen is not None and device is not None else frozen
+    return LoraStage(model, BASE if teacher is None else TEACHER, frozen)
 
 
 @contextlib.contextmanager
@@ -214,8 +261,10 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def use_adapter(model: nn.Module, adapter: str) -> Iterator[None]:
-    """Run ``model`` as base + ``adapter`` (BASE: the base alone) inside the block.
+def use_adapter(model: nn.Module, adapter: str,
+                guidance_embedding: nn.Module | None = None) -> Iterator[None]:
+    """Run ``model`` as base + ``adapter`` (BASE: the base alone), with
+    ``guidance_embedding`` as its guidance input (None: none), inside the block.
 
     peft's switches also set the adapters' requires_grad; the flags are restored after,
     so the optimizer and gradient clipping keep seeing the student's adapter only.
@@ -226,7 +275,9 @@ def use_adapter(model: nn.Module, adapter: str) -> Iterator[None]:
         raise LoraError(f"the model has no LoRA adapter {adapter!r} (it has {present})")
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     active = layers[0].active_adapters
+    own_guidance = getattr(model, "guidance_embedding", None)
     try:
+        model.guidance_embedding = guidance_embedding
         for layer in layers:
             if adapter == BASE:
                 layer.enable_adapters(False)
@@ -234,6 +285,7 @@ def use_adapter(model: nn.Module, adapter: str) -> Iterator[None]:
                 layer.set_adapter(adapter)
         yield
     finally:
+        model.guidance_embedding = own_guidance
         for layer in layers:
             layer.enable_adapters(True)
             layer.set_adapter(active)
@@ -245,8 +297,18 @@ def use_adapter(model: nn.Module, adapter: str) -> Iterator[None]:
 def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], spec: LoraSpec,
                   source: Path | str) -> nn.Module:
     """``W += alpha / R * B A`` for every adapted projection of the plain ``model``, in place
-    (the product in float64, rounded once to W's dtype); returns the model."""
+    (the product in float64, rounded once to W's dtype), and the adapter's guidance input
+    given to it, if it has one; returns the model."""
     check_adapter(adapter, model, spec, source)
+    adapter, guidance = split_guidance(adapter)
+    if guidance:
+        if not has_guidance_input(model):
+            add_guidance_input(model)
+        try:
+            model.guidance_embedding.load_state_dict(guidance, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"LoRA adapter {source}: its guidance input does not fit "
+                                  f"the model: {exc}") from None
     for name in adapted_modules(model, spec):
         weight = model.get_submodule(name).weight
         up, down = (adapter[f"{name}.{factor}.weight"].double() for factor in ("lora_B", "lora_A"))

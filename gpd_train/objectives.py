@@ -79,19 +79,21 @@ class StageTeacher:
     With ``negative`` (the unconditional text [L, D]) it runs as a CFG pair, cond and uncond
     batched in one forward; otherwise once, taking w as an input if it has a guidance input.
     With ``adapter`` the model is the student's own LoRA model (gpd_train.lora), run as the
-    base plus that adapter (``lora.TEACHER``) or the base alone (``lora.BASE``).
+    base plus that adapter (``lora.TEACHER``) or the base alone (``lora.BASE``), with
+    ``guidance_embedding`` as its guidance input (None: none).
     """
 
     model: nn.Module
     negative: torch.Tensor | None = None
     adapter: str | None = None
+    guidance_embedding: nn.Module | None = None
 
     def branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(u_cond, u_uncond)`` at ``sigma`` [B]; ``u_uncond`` is None unless a CFG pair."""
         if self.adapter is None:
             return self._branches(x, sigma, context, guidance)
-        with use_adapter(self.model, self.adapter):
+        with use_adapter(self.model, self.adapter, self.guidance_embedding):
             return self._branches(x, sigma, context, guidance)
 
     def _branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,

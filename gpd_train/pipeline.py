@@ -433,12 +433,19 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
     previous = run.previous_stage(chain, stage)
     spec = run.lora_spec(chain, stage)
     adapter: str | None = None
+    adapter_guidance: torch.nn.Module | None = None
     if spec is not None:  # one base: the teacher is the student's model with its adapter
+        if run.guidance_input(chain, stage) and world().distributed:
+            raise ValueError(f"{stage_name(chain, stage)}: LoRA stages with a guidance input "
+                             "swap it between the teacher's and the student's forwards, which "
+                             "FSDP2 cannot shard; run this stage without torchrun")
         teacher_adapter = None if previous == 0 else run.load_adapter(chain, previous, spec)
         # Loaded and cast on the CPU: a bf16 base never has an fp32 copy on the GPU.
-        base = run.load_stage_model("gpd", 0, device=torch.device("cpu"))
-        student, adapter = lora_stage_model(base, spec, teacher_adapter, cfg.precision)
-        teacher_model = student = student.to(run.device)
+        lora = lora_stage_model(run.load_stage_model("gpd", 0, device=torch.device("cpu")),
+                                spec, teacher_adapter, cfg.precision,
+                                run.guidance_input(chain, stage), run.device)
+        student = teacher_model = lora.model
+        adapter, adapter_guidance = lora.adapter, lora.guidance_embedding
     else:
         student = run.load_stage_model(chain, previous)  # verified against its done.json
         teacher_model = prepare_teacher(run.load_stage_model(chain, previous).eval()
@@ -447,11 +454,12 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
     teacher_sha256 = run.output_sha256(chain, previous)  # once loading verified it
     negative = run.data.negative_context.to(run.device)
     if stage == GUIDANCE_STAGE:
-        add_guidance_input(student)
-        teacher = StageTeacher(teacher_model, negative)
+        if spec is None:  # a LoRA student got its guidance input with its adapter
+            add_guidance_input(student)
+        teacher = StageTeacher(teacher_model, negative, adapter)
         guidance = GuidanceRange(*map(float, chain_cfg.guidance_range))
     elif run.guidance_input(chain, stage):
-        teacher = StageTeacher(teacher_model)
+        teacher = StageTeacher(teacher_model, None, adapter, adapter_guidance)
         guidance = GuidanceRange(*map(float, chain_cfg.guidance_range))
     else:
         scale = cfg.stage_guidance(chain)[int(stage) - 1]

@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 from test_train import losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_train.checkpoint import CheckpointError
-from gpd_train.lora import BASE, STUDENT, TEACHER, LoraSpec, adapter_shapes, merge_adapter
+from gpd_train.lora import (
+    BASE,
+    STUDENT,
+    TEACHER,
+    LoraSpec,
+    adapter_from_params,
+    adapter_shapes,
+    merge_adapter,
+)
 from gpd_train.objectives import StageTeacher, teacher_target
 from gpd_train.pipeline import build_distill, run_stage
 from gpd_train.run_folder import RunFolderError
@@ -247,3 +255,108 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tmp_pat
     trainer.run(resume=False)
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
     assert {v.dtype for v in trainer.ema.state_dict().values()} == {torch.float32}
+
+
+GUIDED = {"distill.guidance_stage": True, "distill.guidance_iterations": 2}
+
+
+def guidance_inputs(run, batch: int = 3):
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(batch, *run.data.latent_shape, generator=generator)
+    context, _ = run.data.draw(generator, batch, with_latents=False)
+    t = torch.tensor([950.0, 400.0, 20.0])[:batch]
+    w = torch.tensor([1.0, 2.2, 3.0])[:batch]
+    return x, t, context, w
+
+
+def test_lora_guidance_stage_starts_as_t0_and_learns_from_t0_with_cfg(tmp_path):
+    from gpd_train.pipeline import GUIDANCE_STAGE
+
+    run = lora_run(tmp_path, **GUIDED)
+    with_random_stages(run, "gpd", 0)
+    trainer = build_distill(run, "gpd", GUIDANCE_STAGE)
+    model, teacher = trainer.model, trainer.objective.teacher
+    assert teacher.model is model and teacher.adapter == BASE
+    assert teacher.guidance_embedding is None and teacher.negative is not None
+    t0 = run.load_stage_model("gpd", 0)
+    x, t, c, w = guidance_inputs(run)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, c, guidance=w), t0(x, t, c), rtol=0, atol=0)
+        grid = trainer.objective.grid
+        index = torch.tensor([0, 3, 7])
+        ours = teacher_target(teacher, x, c, w, *grid.sigmas(index))
+        want = teacher_target(StageTeacher(t0, run.data.negative_context), x, c, w,
+                              *grid.sigmas(index))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    trainer.iterations = 2
+    trainer.run(resume=False)
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert any(k.startswith("guidance_embedding.") for k in trained)
+    assert all(k.startswith("guidance_embedding.") or f".{STUDENT}." in k for k in trained)
+
+
+def finish_random_guided_adapter(run, stage, seed: int) -> None:
+    """A stand-in output of a w-conditioned LoRA stage: random adapter and guidance input."""
+    from gpd_model import add_guidance_input
+
+    generator = torch.Generator().manual_seed(seed)
+    guidance = add_guidance_input(run.new_model()).guidance_embedding.state_dict()
+    shapes = {**adapter_shapes(run.new_model(), run.lora_spec("gpd", stage)),
+              **{f"guidance_embedding.{k}": tuple(v.shape) for k, v in guidance.items()}}
+    run.finish_stage("gpd", stage, {k: torch.randn(s, generator=generator) * 0.2
+                                    for k, s in shapes.items()}, {"steps": 0})
+
+
+def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
+    from gpd_train.pipeline import GUIDANCE_STAGE
+
+    run = lora_run(tmp_path, **GUIDED)
+    with_random_stages(run, "gpd", 0)
+    finish_random_guided_adapter(run, GUIDANCE_STAGE, seed=13)
+    merged_g = run.load_stage_model("gpd", GUIDANCE_STAGE)  # stage 0 + adapter + w input
+
+    trainer = build_distill(run, "gpd", 1)
+    model, teacher = trainer.model, trainer.objective.teacher
+    assert teacher.adapter == TEACHER and teacher.negative is None
+    x, t, c, w = guidance_inputs(run)
+    with torch.no_grad():
+        want = merged_g(x, t, c, guidance=w)
+        torch.testing.assert_close(model(x, t, c, guidance=w), want, rtol=1e-5, atol=1e-5)
+        grid = trainer.objective.grid
+        index = torch.tensor([0, 1, 1])
+        ours = teacher_target(teacher, x, c, w, *grid.sigmas(index))
+        ref = teacher_target(StageTeacher(merged_g), x, c, w, *grid.sigmas(index))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    trainer.iterations = 2
+    trainer.run(resume=False)
+    with torch.no_grad():  # training moved the student's w input, not the teacher's
+        torch.testing.assert_close(teacher_target(teacher, x, c, w, *grid.sigmas(index)), ref,
+                                   rtol=1e-5, atol=1e-5)
+    output = adapter_from_params(trainer.ema.state_dict())
+    assert any(k.startswith("guidance_embedding.") for k in output)
+    run.finish_stage("gpd", 1, output, {"steps": 0})
+    unfolded = run.load_stage_model("gpd", 1)  # stage 0 + adapter, with its w input
+    student = run.load_stage_model("gpd", 1, fold_at=2.0)  # w folded: a plain Wan2.1 model
+    assert student.guidance_embedding is None
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t, c), unfolded(x, t, c, guidance=torch.full(
+            (3,), 2.0)), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_w_conditioned_lora_and_names_merged(tmp_path, capsys):
+    from gpd_train.__main__ import main as train
+    from gpd_train.config import load_config
+    from gpd_train.export import main as export
+    from gpd_train.pipeline import GUIDANCE_STAGE, Run
+
+    run_dir = tmp_path / "run"
+    assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
+                  "--device", "cpu", "--batch-size", "2"]) == 0
+    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+                                 "distill.lora_rank": 2, "distill.guidance_stage": True}))
+    for stage in (GUIDANCE_STAGE, 1):
+        finish_random_guided_adapter(run, stage, seed=14)
+    run.save_config()  # what the stages would have recorded
+    capsys.readouterr()
+    assert export(["--run", str(run_dir), "--out", str(tmp_path / "lora"), "--stage", "1"]) == 2
+    assert "takes the CFG scale as an input" in capsys.readouterr().err
