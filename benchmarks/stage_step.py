@@ -59,8 +59,8 @@ def _models(cfg, device: torch.device, negative: torch.Tensor,
         return student, StageTeacher(teacher, negative)
     spec = LoraSpec(lora_rank, float(lora_rank))
     previous = {k: torch.randn(shape) * 0.01 for k, shape in adapter_shapes(student, spec).items()}
-    student, adapter = lora_stage_model(student, spec, previous, "bf16")
-    return student, StageTeacher(student, negative, adapter)
+    stage = lora_stage_model(student, spec, previous, "bf16")
+    return stage.model, StageTeacher(stage.model, negative, stage.adapter)
 
 
 def _state_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
