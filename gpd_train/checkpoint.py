@@ -136,12 +136,13 @@ def _signature(tensors: Mapping[str, torch.Tensor]) -> Signature:
     return {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
 
 
-def _mismatch(expected: Signature, stored: Signature) -> str | None:
-    """The keys, shapes and dtypes by which ``stored`` differs from ``expected``, or None."""
+def signature_mismatch(expected: Mapping[str, tuple], stored: Mapping[str, tuple]) -> str | None:
+    """The keys, and the shapes and dtypes (or whatever each key's tuple holds) by which
+    ``stored`` differs from ``expected``, or None."""
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
-    mismatched = [f"{k}: checkpoint {stored[k][0]} {stored[k][1]}, model {expected[k][0]} "
-                  f"{expected[k][1]}" for k in sorted(set(expected) & set(stored))
+    mismatched = [f"{k}: checkpoint {' '.join(map(str, stored[k]))}, model "
+                  f"{' '.join(map(str, expected[k]))}" for k in sorted(set(expected) & set(stored))
                   if stored[k] != expected[k]]
     if not (missing or unexpected or mismatched):
         return None
@@ -152,7 +153,7 @@ def _mismatch(expected: Signature, stored: Signature) -> str | None:
 def load_exact_state(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                      source: str | Path) -> None:
     """Copy ``state`` into ``target``'s tensors, all or nothing: keys/shapes/dtypes must match."""
-    problem = _mismatch(_signature(target), _signature(state))
+    problem = signature_mismatch(_signature(target), _signature(state))
     if problem is not None:
         raise CheckpointError(
             f"checkpoint {source} does not match the model; nothing was loaded.\n{problem}")
@@ -408,7 +409,8 @@ class Checkpointer(CheckpointStore):
             missing or unexpected) else []
         for name in WEIGHT_PARTS:
             if stored.get(name) is not None:
-                problem = _mismatch(_signature(self.parts[name].state_dict()), stored[name])
+                problem = signature_mismatch(_signature(self.parts[name].state_dict()),
+                                             stored[name])
                 if problem is not None:
                     problems.append(f"part {name!r}:\n{problem}")
         if problems:

@@ -38,9 +38,9 @@ import torch
 
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
-from .config import CHAINS, check_number
+from .config import CHAINS, RunConfig, check_number
 from .lora import GUIDANCE_PREFIX, save_diffusers_lora
-from .sample import SampleError, load_model, run_stage_of
+from .sample import SampleError, load_model, recorded_grid, run_stage_of
 from .wan_folder import WanFolderError, component
 
 LINKED = ("text_encoder", "tokenizer", "vae")
@@ -98,6 +98,13 @@ def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None
     return save_diffusers(model, folder)
 
 
+def _student_grid(record: dict[str, Any] | None, run: RunConfig,
+                  stage: int) -> tuple[int, float]:
+    """(steps, shift) of the exported scheduler: the stage's own (done.json), else the run's."""
+    steps, shift = recorded_grid(record)
+    return steps or run.steps[stage], shift or run.resolved_shift
+
+
 def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -119,9 +126,7 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = "gpd",
         raise SampleError(f"{chain} stage {stage} takes the CFG scale as an input, which a "
                           "diffusers LoRA cannot carry: export it merged at a CFG scale with "
                           "--merged --base W [--guidance W]")
-    options = run.record(chain, stage).get("options") or {}
-    steps = options.get("steps") or run.config.steps[stage]
-    shift = options.get("shift") or run.config.resolved_shift
+    steps, shift = _student_grid(run.record(chain, stage), run.config, stage)
     out = Path(out)
     weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, out)
     _write_scheduler(out, steps, shift)
@@ -179,9 +184,7 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
         raise SampleError(f"{run_dir} is not a gpd_train run folder (no config.json with the "
                           "run's steps); pass the --run-dir of `python -m gpd_train`")
     run = loaded.run_config
-    trained_steps, trained_shift = loaded.grid()  # the stage's own, from its done.json
-    steps = trained_steps or run.steps[loaded.stage]
-    shift = trained_shift or run.resolved_shift
+    steps, shift = _student_grid(loaded.record, run, loaded.stage)
     vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
     if vae_channels != loaded.model.cfg.in_channels:
         raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "

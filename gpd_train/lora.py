@@ -39,6 +39,8 @@ from torch import nn
 from gpd_model import CheckpointError, add_guidance_input, has_guidance_input
 from gpd_model.checkpoint import key_map
 
+from .checkpoint import signature_mismatch
+
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
 LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
                 "cross_attn.o", "ffn.0", "ffn.2")
@@ -137,17 +139,13 @@ def check_adapter(adapter: dict[str, torch.Tensor], model: nn.Module, spec: Lora
     """Refuse an adapter whose keys or shapes do not fit ``model`` under ``spec`` (its
     guidance-input tensors, if any, are checked where they are loaded)."""
     adapter, _ = split_guidance(adapter)
-    expected = adapter_shapes(model, spec)
-    missing = sorted(set(expected) - set(adapter))
-    unexpected = sorted(set(adapter) - set(expected))
-    mismatched = [f"{k}: file {tuple(adapter[k].shape)}, expected {expected[k]}"
-                  for k in sorted(set(expected) & set(adapter))
-                  if tuple(adapter[k].shape) != expected[k]]
-    if missing or unexpected or mismatched:
+    problem = signature_mismatch(
+        {key: (shape,) for key, shape in adapter_shapes(model, spec).items()},
+        {key: (tuple(value.shape),) for key, value in adapter.items()})
+    if problem is not None:
         raise CheckpointError(
             f"LoRA adapter {source} does not fit the model (rank {spec.rank}, targets "
-            f"{list(spec.targets)}); nothing was loaded.\n  missing keys: {missing}\n"
-            f"  unexpected keys: {unexpected}\n  mismatched: {mismatched}")
+            f"{list(spec.targets)}); nothing was loaded.\n{problem}")
 
 
 def _param_name(key: str, adapter: str) -> str:
@@ -254,10 +252,6 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("peft.") for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -103,10 +103,11 @@ class LoadedModel:
     stage: int | None = None  # the run's stage the weights are the output of
     record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
 
-    def grid(self) -> tuple[int | None, float | None]:
-        """(steps, shift) the stage was trained for, from its done.json (None: unknown)."""
-        options = (self.record or {}).get("options") or {}
-        return options.get("steps"), options.get("shift")
+
+def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | None]:
+    """(steps, shift) a stage record (done.json) says the stage was trained for."""
+    options = (record or {}).get("options") or {}
+    return options.get("steps"), options.get("shift")
 
 
 @dataclass
@@ -400,7 +401,7 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
-    trained_steps, trained_shift = loaded.grid()
+    trained_steps, trained_shift = recorded_grid(loaded.record)  # None: unknown
     if args.steps is None:
         args.steps = trained_steps or DEFAULT_STEPS
     # The stage's own grid beats the run's config.json, which a later invocation rewrites.
