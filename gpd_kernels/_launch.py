@@ -23,7 +23,7 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "num_warps", "rows_per_program", "use_triton"]
+__all__ = ["interpreting", "multiprocessors", "num_warps", "rows_per_program", "use_triton"]
 
 
 def interpreting() -> bool:
@@ -39,16 +39,20 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.dtype != torch.float64 and (x.is_cuda or interpreting())
 
 
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the CPU (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 def rows_per_program(seq_len: int, groups: int, device: torch.device) -> tuple[int, int]:
     """Split seq_len rows into chunks so groups * chunks programs fill the device.
 
     Returns (rows per program, chunks). Backward kernels keep a reduction in registers
     per program, so fewer, longer programs mean fewer partial sums to add afterwards.
     """
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    target = 4 * multiprocessors(device)
     chunks = max(1, min(seq_len, -(-target // max(groups, 1))))
     rows = -(-seq_len // chunks)
     return rows, -(-seq_len // rows)

@@ -9,7 +9,7 @@ with tl.dot on zero-padded power-of-two tiles (tl.dot needs every dim >= 16).
 
 Design against the roofline (issue 14). NOT YET MEASURED ON A GPU: the times below are
 arithmetic from datasheet rates (H200: HBM 4.8 TB/s, dense tf32 ~495 TFLOP/s), the
-resources are compiler output (benchmarks/freq_loss_resources.py: sm_90, Triton 3.9,
+resources are compiler output (benchmarks/kernel_resources.py: sm_90, Triton 3.9,
 compiled, not run; the GPU image has Triton 3.6).
 The 480p latent [1, 16, 21, 60, 104] has N = 2,096,640 elements. The least traffic is
 pred and target read once and the float32 gradient written once: 8 B/element in bf16

@@ -27,6 +27,21 @@ _MAX_WARPS = 8
 
 
 @triton.jit
+def _pairs(tile, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[BLOCK_H, 2 * BLOCK_P] -> the even and odd elements of each head, [BLOCK_H, BLOCK_P]
+    each. Tiles are loaded and stored whole, contiguous along the head dim, so the loads
+    and stores vectorise (a stride-2 gather of the pairs would move one element per
+    instruction); the pairs are split and joined in registers."""
+    return tl.split(tl.reshape(tile, [BLOCK_H, BLOCK_P, 2]))
+
+
+@triton.jit
+def _interleave(even, odd, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Inverse of `_pairs`."""
+    return tl.reshape(tl.join(even, odd), [BLOCK_H, 2 * BLOCK_P])
+
+
+@triton.jit
 def _rms_norm_rope_fwd_kernel(
     x_ptr, weight_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     seq_len, heads, head_dim, half_dim, eps,
@@ -36,27 +51,21 @@ def _rms_norm_rope_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # row * dim passes 2**31 for big 480p batches
     token = row % seq_len
     h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, 2 * BLOCK_P)
     p = tl.arange(0, BLOCK_P)
-    mask = (h < heads)[:, None] & (p < half_dim)[None, :]
-    even = h[:, None] * head_dim + 2 * p[None, :]
+    mask = (h < heads)[:, None] & (d < head_dim)[None, :]
+    offsets = h[:, None] * head_dim + d[None, :]
     x_row = x_ptr + (row // seq_len) * x_stride_b + token * x_stride_l
-    a = tl.load(x_row + even, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_row + even + 1, mask=mask, other=0.0).to(tl.float32)
-    sum_sq = tl.sum(tl.sum(a * a + b * b, axis=1), axis=0)
-    rstd = tl.rsqrt(sum_sq / (heads * head_dim) + eps)
-    wa = tl.load(weight_ptr + even, mask=mask, other=0.0).to(tl.float32)
-    wb = tl.load(weight_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / (heads * head_dim) + eps)
+    weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    na, nb = _pairs(x * rstd * weight, BLOCK_H, BLOCK_P)
     table = token * table_stride_l + p * table_stride_p
-    cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)
-    na = a * rstd * wa
-    nb = b * rstd * wb
-    out_a = na * cos[None, :] - nb * sin[None, :]
-    out_b = na * sin[None, :] + nb * cos[None, :]
-    out_ty = out_ptr.dtype.element_ty
-    base = row * heads * head_dim
-    tl.store(out_ptr + base + even, out_a.to(out_ty), mask=mask)
-    tl.store(out_ptr + base + even + 1, out_b.to(out_ty), mask=mask)
+    cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)[None, :]
+    out = _interleave(na * cos - nb * sin, na * sin + nb * cos, BLOCK_H, BLOCK_P)
+    tl.store(out_ptr + row * heads * head_dim + offsets,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
@@ -72,44 +81,33 @@ def _rms_norm_rope_bwd_kernel(
     # its per-program partials are added afterwards.
     chunk = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, 2 * BLOCK_P)
     p = tl.arange(0, BLOCK_P)
-    mask = (h < heads)[:, None] & (p < half_dim)[None, :]
-    even = h[:, None] * head_dim + 2 * p[None, :]
+    mask = (h < heads)[:, None] & (d < head_dim)[None, :]
+    offsets = h[:, None] * head_dim + d[None, :]
     row_size = heads * head_dim
-    wa = tl.load(weight_ptr + even, mask=mask, other=0.0).to(tl.float32)
-    wb = tl.load(weight_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
-    dwa = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
-    dwb = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
+    weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dweight = tl.zeros([BLOCK_H, 2 * BLOCK_P], dtype=tl.float32)
     start = chunk * rows_per_prog
     stop = tl.minimum(start + rows_per_prog, total_rows)
     for row in range(start, stop):
         token = row % seq_len
-        base = row * row_size
         x_row = x_ptr + (row // seq_len) * x_stride_b + token * x_stride_l
         table = token * table_stride_l + p * table_stride_p
-        cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0)
-        sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0)
-        cos = cos.to(tl.float32)[None, :]
-        sin = sin.to(tl.float32)[None, :]
-        ga = tl.load(grad_out_ptr + base + even, mask=mask, other=0.0).to(tl.float32)
-        gb = tl.load(grad_out_ptr + base + even + 1, mask=mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + table, mask=p < half_dim, other=0.0).to(tl.float32)[None, :]
+        grad = tl.load(grad_out_ptr + row * row_size + offsets, mask=mask, other=0.0)
+        ga, gb = _pairs(grad.to(tl.float32), BLOCK_H, BLOCK_P)
         # The rotation is orthogonal: its backward is the rotation by -angle.
-        dna = ga * cos + gb * sin
-        dnb = gb * cos - ga * sin
+        d_normed = _interleave(ga * cos + gb * sin, gb * cos - ga * sin, BLOCK_H, BLOCK_P)
         rstd = tl.load(rstd_ptr + row)
-        xa = tl.load(x_row + even, mask=mask, other=0.0).to(tl.float32) * rstd
-        xb = tl.load(x_row + even + 1, mask=mask, other=0.0).to(tl.float32) * rstd
-        dwa += dna * xa
-        dwb += dnb * xb
-        dxa = dna * wa
-        dxb = dnb * wb
-        proj = tl.sum(tl.sum(dxa * xa + dxb * xb, axis=1), axis=0) / row_size
-        grad_ty = grad_x_ptr.dtype.element_ty
-        tl.store(grad_x_ptr + base + even, ((dxa - xa * proj) * rstd).to(grad_ty), mask=mask)
-        tl.store(grad_x_ptr + base + even + 1, ((dxb - xb * proj) * rstd).to(grad_ty), mask=mask)
-    partial = chunk * row_size
-    tl.store(partial_dweight_ptr + partial + even, dwa, mask=mask)
-    tl.store(partial_dweight_ptr + partial + even + 1, dwb, mask=mask)
+        x_hat = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32) * rstd
+        dweight += d_normed * x_hat
+        d_x_hat = d_normed * weight
+        proj = tl.sum(tl.sum(d_x_hat * x_hat, axis=1), axis=0) / row_size
+        tl.store(grad_x_ptr + row * row_size + offsets,
+                 ((d_x_hat - x_hat * proj) * rstd).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_dweight_ptr + chunk * row_size + offsets, dweight, mask=mask)
 
 
 def rms_norm_rope_reference(
