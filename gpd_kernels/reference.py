@@ -64,12 +64,18 @@ def check_guided_inputs(lead_name: str, lead: torch.Tensor, u_cond: torch.Tensor
     check_same_device(**{lead_name: lead}, u_cond=u_cond, u_uncond=u_uncond, **scalars)
 
 
+def graph_capturing(tensor: torch.Tensor) -> bool:
+    """Whether tensor's CUDA stream is being captured into a graph (gpd_train --cuda-graph):
+    its values do not exist yet, so a data check, which reads them back, must not run."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_distinct_sigmas(s_a: torch.Tensor, s_c: torch.Tensor) -> None:
     """u* divides by s_c - s_a: a zero-length double step has no target (it would be NaN)."""
     if torch.compiler.is_compiling() or s_a.shape != s_c.shape or s_a.device != s_c.device:
         return  # shape/device errors are check_guided_inputs'; a data check breaks graphs
-    if s_a.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # a CUDA-graph capture (gpd_train --cuda-graph): checked in its eager warm-up
+    if graph_capturing(s_a):
+        return  # checked in the eager warm-up steps before the capture
     same = s_a == s_c
     if bool(same.any()):
         index = int(same.nonzero()[0, 0])

@@ -8,8 +8,10 @@ tiny-train block) compares it with the eager step there.
 import pytest
 import torch
 from test_train import micro_run, with_random_stages
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpd_kernels import freq_loss
+import gpd_kernels.reference
+from gpd_kernels import force_fused_dit_ops, freq_loss
 from gpd_model import add_noise, shift_sigma, timestep_from_sigma
 from gpd_train.__main__ import main
 from gpd_train.loop import GRAD_CLIP, OptimizerState
@@ -153,3 +155,68 @@ def test_a_device_tensor_lr_is_saved_as_the_eager_trainers_float(tmp_path):
     saved = OptimizerState(trainer.model, trainer.optimizer).state_dict()["param_groups"]
     assert [(g["lr"], g["capturable"]) for g in saved] == [(pytest.approx(1e-3), False)]
     assert all(isinstance(g["lr"], torch.Tensor) for g in trainer.optimizer.param_groups)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that would stall a CUDA stream on the host or that a captured graph
+    could not replay: reading a value back (.item(), bool(), float(), .tolist()), shapes
+    that depend on values (nonzero, boolean-mask indexing), and random draws (a replay
+    would repeat the captured draw's numbers unless the generator is registered with the
+    graph)."""
+
+    SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "equal",
+             "is_nonzero", "allclose")
+    RANDOM = ("rand", "randn", "randint", "randperm", "normal", "uniform", "bernoulli",
+              "multinomial", "exponential", "random_")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCS or name.rstrip("_") in self.RANDOM or name in self.RANDOM:
+            self.found.append(name)
+        elif name.startswith("index") and any(  # x[mask]: the kernel counts the mask first
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 and isinstance(args[1], list | tuple)
+                          else ())):
+            self.found.append(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_sync_detector_sees_what_a_capture_would_refuse():
+    x = torch.randn(4)
+    with _HostSyncs() as mode:
+        x.sum().item()
+        bool(x[0] > 0)
+        x[x > 0].sum()
+        torch.rand(2)
+    assert mode.found[:2] == ["_local_scalar_dense", "_local_scalar_dense"]
+    assert mode.found[2:] == ["index with a boolean mask", "rand"]
+
+
+@pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student"),
+                                          (3, "data")])
+def test_the_device_part_of_a_step_can_be_captured(tmp_path, monkeypatch, stage, source):
+    """What GraphStep captures (the objective's forward, backward with clipping, the EMA
+    with a device-tensor weight) reads nothing back to the host and draws no random
+    numbers: --cuda-graph's capture would fail on the first and replay stale numbers for
+    the second. Checked on the CPU by dispatch, for every objective; the optimizer step
+    is AdamW(capturable=True), which only runs on a GPU (benchmarks/train_graph.py)."""
+    trainer = _build(tmp_path, stage, source)
+    trainer.iterations = 2
+    trainer.run(resume=False)  # lazy state (lanes, caches) exists, as after GraphStep's warm-up
+    inputs = trainer.objective.prepare(trainer.step + 1)
+    assert isinstance(inputs, dict) and all(isinstance(v, torch.Tensor) for v in inputs.values())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    # As under a capture: data checks that read values back skip themselves.
+    monkeypatch.setattr(gpd_kernels.reference, "graph_capturing", lambda tensor: True)
+    with _HostSyncs() as mode, force_fused_dit_ops():  # the model's CUDA path
+        loss, extras, outputs = trainer.objective.forward(inputs)
+        grad_norm = trainer._backward(loss)
+        trainer.ema.apply(trainer.model_state, torch.tensor(0.01))
+    assert mode.found == []
+    assert loss.dim() == grad_norm.dim() == 0
+    assert all(isinstance(v, torch.Tensor) for v in extras.values())
+    trainer.objective.finish(outputs)
