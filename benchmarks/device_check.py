@@ -42,6 +42,7 @@ from kernel_cases import (
 )
 
 from gpd_kernels import freq_loss
+from gpd_kernels.dit import BACKENDS, ENV_VAR
 from gpd_kernels.reference import (
     cfg_euler_step_reference,
     double_step_target_reference,
@@ -229,6 +230,17 @@ def print_dit_table(rows) -> None:
         print("| " + " | ".join([r["op"], *(_cell(r, f"{i}_us", ".1f") for i in DIT_IMPLS),
                                  gbs, _ratio(r, "eager", "triton"),
                                  _ratio(r, "compile", "triton")]) + " |")
+    print(f"faster backend per op (gpd_kernels.dit): {ENV_VAR}={faster_backends(rows)}")
+
+
+def faster_backends(rows) -> str:
+    """name=backend for each DiT op, whichever of triton and compile timed faster."""
+    chosen = []
+    for r in rows:
+        times = {b: r[f"{b}_us"] for b in BACKENDS if f"{b}_us" in r}
+        if times:
+            chosen.append(f"{r['op']}={min(times, key=times.get)}")
+    return ",".join(chosen)
 
 
 def summary_line(checks, timings, dit_rows) -> str:

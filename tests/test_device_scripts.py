@@ -131,3 +131,25 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     assert "bench_sampler or mfu" in rows[1][3]
     assert rows[2][3].startswith("stub benchmarks/train_graph.py --out ")
     assert rows[5][3].startswith("stub benchmarks/realscale_path.py --out ")
+
+
+def test_dit_table_names_the_faster_backend_per_op_as_the_environment_takes_it(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import device_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from gpd_kernels.dit import ENV_VAR, _from_environment
+
+    rows = [{"op": "layernorm_modulate", "bytes": 4e8, "triton_us": 565.0, "eager_us": 1551.0,
+             "compile_us": 600.0},
+            {"op": "gated_residual", "bytes": 6e8, "triton_us": 672.0, "eager_us": 900.0,
+             "compile_us": 462.0},
+            {"op": "rms_norm_rope", "bytes": 4e8, "triton_us": 1313.0, "eager_us": 2000.0,
+             "compile_error": "RuntimeError: inductor failed"}]
+    device_check.print_dit_table(rows)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    prefix = f"faster backend per op (gpd_kernels.dit): {ENV_VAR}="
+    assert line.startswith(prefix)
+    assert _from_environment(line.removeprefix(prefix)) == {
+        "layernorm_modulate": "triton", "gated_residual": "compile", "rms_norm_rope": "triton"}
