@@ -90,16 +90,18 @@ def test_device_check_quick_dry_run_checks_and_summarises(tmp_path) -> None:
     assert last == f"SUMMARY correctness {len(result['checks'])}/{len(result['checks'])} ok"
 
 
-def _run_device_check_sh(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def _run_device_check_sh(tmp_path, *args: str, slow: str = "") -> subprocess.CompletedProcess:
     """device_check.sh with PYTHON replaced by a stub that prints a summary line per block
-    (and fails the stage step), so the script's own logic runs in a second."""
+    (fails the stage steps, and sleeps a minute in the block whose command has `slow`), so
+    the script's own logic runs in a second."""
     stub = tmp_path / "python"
     stub.write_text('#!/usr/bin/env bash\necho "noise"\necho "SUMMARY stub $*"\n'
-                    'case "$*" in *stage_step*) exit 3;; esac\n')
+                    + (f'case "$*" in *{slow}*) sleep 60;; esac\n' if slow else "")
+                    + 'case "$*" in *stage_step*) exit 3;; esac\n')
     stub.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _summary_rows(stdout: str) -> list[list[str]]:
@@ -124,13 +126,33 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     run = _run_device_check_sh(tmp_path)
     assert run.returncode == 3, run.stdout + run.stderr
     rows = _summary_rows(run.stdout)
-    assert [row[0] for row in rows] == ["kernel-tests", "sampler-mfu", "tiny-train",
-                                        "stage-step", "stage-step-lora", "realscale-path",
-                                        "kernels"]
+    # Most wanted first: issue 14's kernel numbers, then its trainer, then the rest.
+    assert [row[0] for row in rows] == ["kernel-tests", "kernels", "tiny-train", "stage-step",
+                                        "stage-step-lora", "sampler-mfu", "realscale-path"]
     assert [row[1] for row in rows] == ["ok", "ok", "ok", "FAIL (3)", "FAIL (3)", "ok", "ok"]
-    assert "bench_sampler or mfu" in rows[1][3]
+    assert rows[1][3].startswith("stub benchmarks/device_check.py --out ")
     assert rows[2][3].startswith("stub benchmarks/train_graph.py --out ")
-    assert rows[5][3].startswith("stub benchmarks/realscale_path.py --out ")
+    assert "bench_sampler or mfu" in rows[5][3]
+    assert rows[6][3].startswith("stub benchmarks/realscale_path.py --out ")
+
+
+def test_device_check_sh_only_reruns_the_named_blocks(tmp_path) -> None:
+    run = _run_device_check_sh(tmp_path, "--only", "tiny-train,realscale-path")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [row[0] for row in _summary_rows(run.stdout)] == ["tiny-train", "realscale-path"]
+
+
+def test_device_check_sh_caps_a_hung_block_and_skips_what_the_budget_cannot_fit(tmp_path):
+    run = _run_device_check_sh(tmp_path, "--budget", "22", slow="train_graph")
+    rows = {row[0]: row for row in _summary_rows(run.stdout)}
+    assert run.returncode == 124, run.stdout + run.stderr
+    assert rows["kernel-tests"][1] == rows["kernels"][1] == "ok"
+    assert rows["tiny-train"][1].startswith("TIMEOUT (")  # cut at the budget left, not 60 s
+    assert int(rows["tiny-train"][2]) < 30
+    assert all(rows[name][1].startswith("skipped: ") for name in
+               ("stage-step", "stage-step-lora", "sampler-mfu", "realscale-path"))
+    bad = _run_device_check_sh(tmp_path, "--budget", "soon")
+    assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
 
 
 def test_dit_table_names_the_faster_backend_per_op_as_the_environment_takes_it(capsys):
