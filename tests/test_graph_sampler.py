@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from host_syncs import HostSyncs
 
+from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, euler_sample, get_preset, sigma_grid
 from gpd_model.graph_sampler import GraphSampler, _Capture, capture_key, sample_teacher
 from gpd_model.sampler import euler_loop
@@ -162,3 +164,17 @@ def test_graph_replay_equals_eager_and_recaptures_on_cuda():
                                    eager(noise, context, neg, 3.0), atol=1e-5, rtol=1e-5)
     # Two shapes x (student, CFG) = four captures; the second seed replayed.
     assert graph.captures_made == 4
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_captured_loop_reads_nothing_back_and_draws_nothing(guided):
+    """What GraphSampler captures (euler_loop on the model's fused path, sigmas as a device
+    tensor) has no host sync and no random draw, checked by dispatch on the CPU: a capture
+    would fail on the first and replay stale numbers for the second."""
+    model = _model()
+    noise, context, neg = _inputs(model)
+    grid = GraphSampler(model, sigma_grid(4, 3.0))._grid(noise.shape[0], noise.device)
+    guidance = torch.tensor([1.5, 6.0]) if guided else None
+    with HostSyncs() as mode, force_fused_dit_ops():
+        euler_loop(model, noise, context, grid, neg if guided else None, guidance)
+    assert mode.found == []

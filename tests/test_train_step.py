@@ -7,8 +7,8 @@ tiny-train block) compares it with the eager step there.
 
 import pytest
 import torch
+from host_syncs import HostSyncs
 from test_train import micro_run, with_random_stages
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpd_kernels.reference
 from gpd_kernels import force_fused_dit_ops, freq_loss
@@ -157,37 +157,9 @@ def test_a_device_tensor_lr_is_saved_as_the_eager_trainers_float(tmp_path):
     assert all(isinstance(g["lr"], torch.Tensor) for g in trainer.optimizer.param_groups)
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Records the ops that would stall a CUDA stream on the host or that a captured graph
-    could not replay: reading a value back (.item(), bool(), float(), .tolist()), shapes
-    that depend on values (nonzero, boolean-mask indexing), and random draws (a replay
-    would repeat the captured draw's numbers unless the generator is registered with the
-    graph)."""
-
-    SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "equal",
-             "is_nonzero", "allclose")
-    RANDOM = ("rand", "randn", "randint", "randperm", "normal", "uniform", "bernoulli",
-              "multinomial", "exponential", "random_")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.SYNCS or name.rstrip("_") in self.RANDOM or name in self.RANDOM:
-            self.found.append(name)
-        elif name.startswith("index") and any(  # x[mask]: the kernel counts the mask first
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                for i in (args[1] if len(args) > 1 and isinstance(args[1], list | tuple)
-                          else ())):
-            self.found.append(f"{name} with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_host_sync_detector_sees_what_a_capture_would_refuse():
     x = torch.randn(4)
-    with _HostSyncs() as mode:
+    with HostSyncs() as mode:
         x.sum().item()
         bool(x[0] > 0)
         x[x > 0].sum()
@@ -212,7 +184,7 @@ def test_the_device_part_of_a_step_can_be_captured(tmp_path, monkeypatch, stage,
     trainer.optimizer.zero_grad(set_to_none=True)
     # As under a capture: data checks that read values back skip themselves.
     monkeypatch.setattr(gpd_kernels.reference, "graph_capturing", lambda tensor: True)
-    with _HostSyncs() as mode, force_fused_dit_ops():  # the model's CUDA path
+    with HostSyncs() as mode, force_fused_dit_ops():  # the model's CUDA path
         loss, extras, outputs = trainer.objective.forward(inputs)
         grad_norm = trainer._backward(loss)
         trainer.ema.apply(trainer.model_state, torch.tensor(0.01))
