@@ -44,10 +44,16 @@ def eager_loss(objective: Any, step: int) -> tuple[torch.Tensor, dict[str, float
     return loss, {key: host_value(value) for key, value in extras.items()}
 
 
+def graphs_supported(device: torch.device) -> bool:
+    """Whether training steps on ``device`` can be captured as graphs: CUDA only (the tests
+    stand a CPU emulation of torch.cuda's graph API in for it, tests/cpu_graphs.py)."""
+    return device.type == "cuda"
+
+
 def cuda_graph_refusal(*, device: torch.device, processes: int, streams: int,
                        activation_checkpointing: bool, lora_stage: str | None) -> str | None:
     """Why ``--cuda-graph`` cannot train this stage (None: it can)."""
-    if device.type != "cuda":
+    if not graphs_supported(device):
         return (f"--cuda-graph captures the training step on a CUDA device, this run's device "
                 f"is {device}: give --device cuda, or drop --cuda-graph (the CPU runs the "
                 "eager step)")
@@ -81,7 +87,7 @@ class GraphStep:
     def __init__(self, *, forward: ForwardFn, backward: Callable[[torch.Tensor], torch.Tensor],
                  update: Callable[[torch.Tensor], None], optimizer: torch.optim.Optimizer,
                  device: torch.device, warmup_steps: int = 3) -> None:
-        if device.type != "cuda":
+        if not graphs_supported(device):
             raise ValueError(f"GraphStep needs a CUDA device, got {device}")
         if warmup_steps < 1:
             raise ValueError(f"GraphStep needs >= 1 eager warm-up step, got {warmup_steps}")

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from cpu_graphs import emulate_cuda_graphs
 from host_syncs import HostSyncs
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, euler_sample, get_preset, sigma_grid
-from gpd_model.graph_sampler import GraphSampler, _Capture, capture_key, sample_teacher
+from gpd_model.graph_sampler import GraphSampler, capture_key, sample_teacher
 from gpd_model.sampler import euler_loop
 
 LATENT = (2, 3, 2, 4, 6)  # B, C, T, H, W: non-square, T=2
@@ -62,39 +63,16 @@ def test_capture_key_changes_with_what_a_graph_bakes_in():
     assert capture_key(model.double(), noise, context, sigmas) != base  # re-allocated weights
 
 
-class _EagerReplay:
-    """Stands in for torch.cuda.CUDAGraph on CPU: replay recomputes into the static output."""
-
-    def __init__(self, run, output):
-        self.run, self.output, self.replays = run, output, 0
-
-    def replay(self):
-        self.replays += 1
-        self.output.copy_(self.run())
-
-
 class _CpuGraphSampler(GraphSampler):
-    """Exercises the capture cache on CPU with a fake graph."""
+    """The real sampler, capture included, with graphs on for the CPU: the tests emulate
+    torch.cuda's graph API there (tests/cpu_graphs.py)."""
 
     def graphs_enabled(self, device):
         return True
 
-    def _capture(self, noise, context, neg_context, guidance):
-        inputs = {"noise": noise.clone(), "context": context.clone(),
-                  "neg_context": None if neg_context is None else neg_context.clone(),
-                  "guidance": None if guidance is None else guidance.clone(),
-                  "sigmas": self._grid(noise.shape[0], noise.device)}
 
-        def run():
-            return euler_loop(self.model, inputs["noise"], inputs["context"], inputs["sigmas"],
-                               inputs["neg_context"], inputs["guidance"])
-
-        self.captures_made += 1
-        output = run()
-        return _Capture(_EagerReplay(run, output), inputs, output)
-
-
-def test_cache_recaptures_on_shape_change_and_replays_fresh_inputs():
+def test_cache_recaptures_on_shape_change_and_replays_fresh_inputs(monkeypatch):
+    emulate_cuda_graphs(monkeypatch)
     model = _model()
     sigmas = sigma_grid(4, 3.0)
     sampler = _CpuGraphSampler(model, sigmas, max_graphs=2)
@@ -178,3 +156,16 @@ def test_the_captured_loop_reads_nothing_back_and_draws_nothing(guided):
     with HostSyncs() as mode, force_fused_dit_ops():
         euler_loop(model, noise, context, grid, neg if guided else None, guidance)
     assert mode.found == []
+
+
+def test_emulated_cfg_capture_replays_fresh_guidance_and_contexts(monkeypatch):
+    emulate_cuda_graphs(monkeypatch)
+    model = _model()
+    sigmas = sigma_grid(3, 5.0)
+    sampler = _CpuGraphSampler(model, sigmas, max_graphs=1)
+    for seed, guidance in ((1, torch.tensor([1.5, 6.0])), (2, 3.0)):
+        noise, context, neg = _inputs(model, seed=seed)
+        got = sampler(noise, context, neg, guidance)
+        assert torch.equal(got, euler_sample(model, noise, context, sigmas, neg_context=neg,
+                                             guidance=guidance))
+    assert sampler.captures_made == 1

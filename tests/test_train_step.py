@@ -1,16 +1,21 @@
 """The split training step (gpd_train/step.py) run eagerly equals the step it replaced,
-bit for bit, and --cuda-graph is refused, saying why, where it cannot run.
-
-The CUDA-graph replay itself needs a GPU: benchmarks/train_graph.py (device_check.sh's
-tiny-train block) compares it with the eager step there.
+bit for bit, and --cuda-graph is refused, saying why, where it cannot run. What GraphStep
+captures reads nothing back and draws nothing, and GraphStep itself (warm-up, capture,
+replays) trains as the eager step under a CPU emulation of the graph API
+(tests/cpu_graphs.py). A real CUDA graph needs a GPU: benchmarks/train_graph.py
+(device_check.sh's tiny-train block) compares it with the eager step there.
 """
+
+import importlib
 
 import pytest
 import torch
+from cpu_graphs import emulate_cuda_graphs
 from host_syncs import HostSyncs
 from test_train import micro_run, with_random_stages
 
 import gpd_kernels.reference
+import gpd_train.step
 from gpd_kernels import force_fused_dit_ops, freq_loss
 from gpd_model import add_noise, shift_sigma, timestep_from_sigma
 from gpd_train.__main__ import main
@@ -192,3 +197,49 @@ def test_the_device_part_of_a_step_can_be_captured(tmp_path, monkeypatch, stage,
     assert loss.dim() == grad_norm.dim() == 0
     assert all(isinstance(v, torch.Tensor) for v in extras.values())
     trainer.objective.finish(outputs)
+
+
+@pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student")])
+def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypatch, stage,
+                                                             source):
+    """GraphStep's own logic on the CPU, with torch.cuda's graph API emulated
+    (tests/cpu_graphs.py: a capture records the ops and changes nothing; a replay reruns them
+    on the same tensors, so Python numbers are baked in and tensors are read afresh): three
+    eager warm-up steps, one capture, replays with fresh inputs, learning rate and EMA
+    weight. It must train as the eager step does, up to the capturable AdamW's rounding:
+    a stale input, a baked learning rate or a lost update would be far off."""
+    emulate_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
+                        "_get_capturable_supported_devices",
+                        lambda supports_xla=True: ["cpu"])
+    iterations = 9
+    trainers = {}
+    for mode in ("eager", "graph"):
+        run = micro_run(tmp_path / mode, cuda_graph=mode == "graph",
+                        **{"distill.state_source": source, "distill.lane_groups": 2,
+                           "distill.freq_weight": [0.5, 0.0, 1.0], "checkpoint_every": 4,
+                           "stage0.iterations": iterations,
+                           "distill.iterations": [iterations] * 3})
+        if stage > 0:
+            with_random_stages(run, "gpd", stage - 1)
+        trainers[mode] = trainer = build_stage0(run) if stage == 0 else build_distill(
+            run, "gpd", stage)
+        trainer.run(resume=False)
+    eager, graph = trainers["eager"], trainers["graph"]
+    assert eager.graph is None and graph.graph.graph.replays == iterations - 3
+    want, got = list(eager.metrics.records()), list(graph.metrics.records())
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert len({r["lr"] for r in got}) == iterations  # the rate moves every step
+    for key in ("loss", "grad_norm", *(k for k in want[0] if k in ("mse", "freq"))):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-4), key
+    for mine, theirs in ((graph.model_state, eager.model_state), (graph.ema, eager.ema)):
+        theirs = theirs.state_dict()
+        for name, value in mine.state_dict().items():
+            torch.testing.assert_close(value, theirs[name], rtol=1e-4, atol=1e-6)
+    assert graph.ema.updates == eager.ema.updates == iterations
+    lanes = getattr(graph.objective, "lanes", None)
+    if lanes is not None:  # the rollout lanes moved on from the replayed outputs alike
+        for name, value in lanes.pool.items():
+            torch.testing.assert_close(value, eager.objective.lanes.pool[name],
+                                       rtol=1e-4, atol=1e-5)
