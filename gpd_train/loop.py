@@ -151,6 +151,13 @@ class OptimizerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        # DCP first gives a stateless optimizer its state by stepping it on zero gradients
+        # with lr 0; a capturable AdamW divides by its lr (NaN weights). So a --cuda-graph
+        # trainer's optimizer loads in the eager form the checkpoint holds, and is rebound
+        # to its device-tensor lr afterwards (GraphStep.bind_optimizer).
+        for group in self.optimizer.param_groups:
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"], group["capturable"] = float(group["lr"]), False
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 

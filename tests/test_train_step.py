@@ -243,3 +243,43 @@ def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypat
         for name, value in lanes.pool.items():
             torch.testing.assert_close(value, eager.objective.lanes.pool[name],
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch):
+    """Killed after a capture, resumed from its checkpoint (the optimizer state rebound to the
+    capturable form, a new warm-up and capture): the same losses and weights as a graph run
+    that was never interrupted, bit for bit (the emulated replay runs the eager kernels)."""
+    emulate_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
+                        "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
+
+    def build(folder):
+        run = micro_run(folder, cuda_graph=True, checkpoint_every=3,
+                        **{"distill.iterations": [11, 4, 4], "distill.lane_groups": 2})
+        with_random_stages(run, "gpd", 0)
+        return run, build_distill(run, "gpd", 1)
+
+    _, reference = build(tmp_path / "a")
+    reference.run(resume=False)
+    broken, trainer = build(tmp_path / "b")
+    real_prepare = trainer.objective.prepare
+
+    def killed_at_7(step):
+        if step == 7:
+            raise KeyboardInterrupt("simulated kill")
+        return real_prepare(step)
+
+    trainer.objective.prepare = killed_at_7
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(resume=False)
+    assert trainer.graph.graph is not None and trainer.checkpoints.latest().name == "step-00000006"
+    resumed = build_distill(broken, "gpd", 1)
+    resumed.run(resume=True)
+    assert resumed.graph.graph.replays == 11 - 6 - 3
+    assert [r["loss"] for r in resumed.metrics.records()] == [
+        r["loss"] for r in reference.metrics.records()]
+    for mine, theirs in ((resumed.model_state, reference.model_state),
+                         (resumed.ema, reference.ema)):
+        theirs = theirs.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())
