@@ -7,6 +7,7 @@ replays) trains as the eager step under a CPU emulation of the graph API
 """
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -283,3 +284,27 @@ def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch
                          (resumed.ema, reference.ema)):
         theirs = theirs.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())
+
+
+def test_emulated_graph_pipeline_reports_what_the_eager_one_does(tmp_path, monkeypatch):
+    """Every chain (the guided one with its guidance stage) trained with --cuda-graph under
+    the emulation, then evaluated: each report row matches the eager pipeline's."""
+    emulate_cuda_graphs(monkeypatch)
+    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
+                        "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
+    reports = {}
+    for mode in ("eager", "graph"):
+        run = micro_run(tmp_path / mode, cuda_graph=mode == "graph",
+                        pipeline_chains=["gpd", "vanilla", "guided"],
+                        **{"stage0.iterations": 6, "distill.iterations": [5, 5, 5],
+                           "vanilla.iterations": [5, 5, 5], "guided.iterations": [5, 5, 5],
+                           "guided.guidance_iterations": 5})
+        report = run_pipeline(run.config, evaluate=True)
+        reports[mode] = json.loads(report.with_suffix(".json").read_text())["rows"]
+    eager, graph = reports["eager"], reports["graph"]
+    assert [row["model"] for row in graph] == [row["model"] for row in eager]
+    assert any(row["model"].startswith("GPD-w") for row in graph)  # the guided chain
+    for got, want in zip(graph, eager, strict=True):
+        if want["psnr_db"] is not None:
+            assert got["psnr_db"] == pytest.approx(want["psnr_db"], abs=1e-2), got["model"]
