@@ -19,6 +19,7 @@ kernels). Random ops and host reads are refused while capturing
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gpd_kernels.reference
+import gpd_train.step
+from gpd_model.graph_sampler import GraphSampler
 
 
 def _written(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -112,7 +115,9 @@ def _stream(stream: _Stream):
 
 
 def emulate_cuda_graphs(monkeypatch) -> None:
-    """Within the test, torch.cuda's graph API is the CPU stand-in above."""
+    """Within the test, torch.cuda's graph API is the CPU stand-in above, and the CPU counts
+    as a device with graphs: for --cuda-graph training (gpd_train.step.graphs_supported,
+    AdamW(capturable=True)) and for the sampler (GraphSampler.graphs_enabled)."""
     monkeypatch.setattr(torch.cuda, "CUDAGraph", CpuGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
@@ -120,3 +125,8 @@ def emulate_cuda_graphs(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: _Stream())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: _capturing[0])
     monkeypatch.setattr(gpd_kernels.reference, "graph_capturing", lambda tensor: _capturing[0])
+    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
+                        "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
+    monkeypatch.setattr(GraphSampler, "graphs_enabled",
+                        lambda self, device: True if self.use_graphs is None else self.use_graphs)

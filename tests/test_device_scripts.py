@@ -4,6 +4,7 @@ They only run for real on a lent GPU, rarely; these dry runs keep them from rott
 when the trainer's or model's interfaces move.
 """
 
+import importlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpu_graphs import emulate_cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,3 +177,17 @@ def test_dit_table_names_the_faster_backend_per_op_as_the_environment_takes_it(c
     assert line.startswith(prefix)
     assert _from_environment(line.removeprefix(prefix)) == {
         "layernorm_modulate": "triton", "gated_residual": "compile", "rms_norm_rope": "triton"}
+
+
+def test_train_graph_compares_both_modes_under_the_emulated_graph_api(monkeypatch, capsys):
+    """The tiny-train block's eager-vs-graph comparison, its --cuda-graph half through the
+    CPU emulation of torch.cuda's graph API (tests/cpu_graphs.py): both modes train, their
+    first losses agree and the summary names the speed-up."""
+    emulate_cuda_graphs(monkeypatch)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    train_graph = importlib.import_module("train_graph")
+    assert train_graph.main(["--device", "cpu", "--iterations", "6", "5", "--skip", "4"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("SUMMARY tiny-train stage0 it/s eager ") and "x)" in last
+    diff = float(last.rsplit("loss rel diff ", 1)[1])
+    assert diff < 1e-4

@@ -63,19 +63,11 @@ def test_capture_key_changes_with_what_a_graph_bakes_in():
     assert capture_key(model.double(), noise, context, sigmas) != base  # re-allocated weights
 
 
-class _CpuGraphSampler(GraphSampler):
-    """The real sampler, capture included, with graphs on for the CPU: the tests emulate
-    torch.cuda's graph API there (tests/cpu_graphs.py)."""
-
-    def graphs_enabled(self, device):
-        return True
-
-
 def test_cache_recaptures_on_shape_change_and_replays_fresh_inputs(monkeypatch):
     emulate_cuda_graphs(monkeypatch)
     model = _model()
     sigmas = sigma_grid(4, 3.0)
-    sampler = _CpuGraphSampler(model, sigmas, max_graphs=2)
+    sampler = GraphSampler(model, sigmas, max_graphs=2)
     first, context, _ = _inputs(model, seed=1)
     second, _, _ = _inputs(model, seed=2)
     out1 = sampler(first, context)
@@ -162,7 +154,7 @@ def test_emulated_cfg_capture_replays_fresh_guidance_and_contexts(monkeypatch):
     emulate_cuda_graphs(monkeypatch)
     model = _model()
     sigmas = sigma_grid(3, 5.0)
-    sampler = _CpuGraphSampler(model, sigmas, max_graphs=1)
+    sampler = GraphSampler(model, sigmas, max_graphs=1)
     for seed, guidance in ((1, torch.tensor([1.5, 6.0])), (2, 3.0)):
         noise, context, neg = _inputs(model, seed=seed)
         got = sampler(noise, context, neg, guidance)

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from cpu_graphs import emulate_cuda_graphs
 from safetensors.torch import load_file, save_file
 
 from gpd_model import WanDiT, euler_sample, get_preset, make_noise, save_diffusers, sigma_grid
 from gpd_model.checkpoint import export_state_dict
+from gpd_model.graph_sampler import GraphSampler
 from gpd_train.config import RunConfig, load_config
 from gpd_train.data import ProceduralVideos
 from gpd_train.pipeline import Run
@@ -177,3 +179,23 @@ def test_a_guidance_input_student_samples_folded_at_the_asked_w(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert (summary["guidance"], summary["guidance_as"], summary["nfe_per_video"]) == (
             w, "input", STEPS)
+
+
+@pytest.mark.parametrize("guidance", [None, 4.0])
+def test_sampling_through_the_emulated_cuda_graph_path(run_folder, tmp_path, monkeypatch,
+                                                        guidance):
+    """The path CUDA takes (a captured graph per batch shape, replayed), with torch.cuda's
+    graph API emulated on the CPU (tests/cpu_graphs.py): the same latents as eager, a last
+    batch of another size included (a second capture)."""
+    emulate_cuda_graphs(monkeypatch)
+    captures = []
+    real_capture = GraphSampler._capture
+    monkeypatch.setattr(GraphSampler, "_capture",
+                        lambda self, *a: captures.append(a[0].shape) or real_capture(self, *a))
+    folder, model, config = run_folder
+    extra = () if guidance is None else ("--guidance", guidance)
+    code, out = _run(tmp_path, "--checkpoint", folder, "--num", 5, "--batch-size", 2, *extra)
+    assert code == 0
+    assert [shape[0] for shape in captures] == [2, 1]
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    torch.testing.assert_close(latents, _expected(model, 5, 3, config.resolved_shift, guidance))

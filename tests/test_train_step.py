@@ -6,7 +6,6 @@ replays) trains as the eager step under a CPU emulation of the graph API
 (device_check.sh's tiny-train block) compares it with the eager step there.
 """
 
-import importlib
 import json
 
 import pytest
@@ -16,7 +15,6 @@ from host_syncs import HostSyncs
 from test_train import micro_run, with_random_stages
 
 import gpd_kernels.reference
-import gpd_train.step
 from gpd_kernels import force_fused_dit_ops, freq_loss
 from gpd_model import add_noise, shift_sigma, timestep_from_sigma
 from gpd_train.__main__ import main
@@ -210,10 +208,6 @@ def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypat
     weight. It must train as the eager step does, up to the capturable AdamW's rounding:
     a stale input, a baked learning rate or a lost update would be far off."""
     emulate_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
-                        "_get_capturable_supported_devices",
-                        lambda supports_xla=True: ["cpu"])
     iterations = 9
     trainers = {}
     for mode in ("eager", "graph"):
@@ -251,9 +245,6 @@ def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch
     capturable form, a new warm-up and capture): the same losses and weights as a graph run
     that was never interrupted, bit for bit (the emulated replay runs the eager kernels)."""
     emulate_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
-                        "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
 
     def build(folder):
         run = micro_run(folder, cuda_graph=True, checkpoint_every=3,
@@ -290,9 +281,6 @@ def test_emulated_graph_pipeline_reports_what_the_eager_one_does(tmp_path, monke
     """Every chain (the guided one with its guidance stage) trained with --cuda-graph under
     the emulation, then evaluated: each report row matches the eager pipeline's."""
     emulate_cuda_graphs(monkeypatch)
-    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
-                        "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
     reports = {}
     for mode in ("eager", "graph"):
         run = micro_run(tmp_path / mode, cuda_graph=mode == "graph",
