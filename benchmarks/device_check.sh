@@ -70,9 +70,11 @@ run_block() {
 pytest_args=(-q -rs -p no:cacheprovider)
 # ---- correctness ----------------------------------------------------------------------
 # The kernel tests on CUDA (DiT ops, double-step, frequency loss, the model's fused path
-# against its CPU reference), then the registered gpd:: ops against float64 on fresh inputs.
+# against its CPU reference, the sampler's real CUDA graph against eager), then the
+# registered gpd:: ops against float64 on fresh inputs.
 run_block kernel-tests 180 "$PYTHON" -m pytest "${pytest_args[@]}" tests/test_adaln.py \
-  tests/test_rope_norm.py tests/test_double_step.py tests/test_freq_loss.py
+  tests/test_rope_norm.py tests/test_double_step.py tests/test_freq_loss.py \
+  tests/test_graph_sampler.py
 if [[ $quick == 1 ]]; then
   run_block kernel-checks 120 "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
     --quick "${passthrough[@]}"
