@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU: correctness first (the kernel tests on CUDA, the fused model path, the
 # library ops against float64), then timings, most wanted first: the library kernels and
-# fused DiT ops against eager and torch.compile, tiny-preset training eager vs CUDA graph,
+# fused DiT ops against eager and torch.compile (alone, then inside the model), tiny-preset
+# training eager vs CUDA graph,
 # one 1.3B stage step (full weights, then LoRA), the sampler and the 1.3B training-step MFU,
 # the 1.3B encode -> sample -> decode -> MP4 path; then one summary line per block.
 # Installs and downloads nothing: uses the torch and triton already on the machine
@@ -84,6 +85,10 @@ else
   # eager and torch.compile, with the faster backend per op; its tables end its log.
   run_block kernels 240 "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
     "${passthrough[@]}"
+  # Issue 14 item 2's decision, inside the model: 4 blocks of the 1.3B DiT fwd+bwd at 480p
+  # with every op on Triton, then each op alone on torch.compile; the faster per op.
+  run_block dit-op-backends 150 "$PYTHON" benchmarks/dit_op_backends.py \
+    ${OUT:+--out "$OUT/issue14_dit_op_backends.json"}
   # Issue 14 item 3: tiny-preset training eager vs --cuda-graph (stage 0 for 200 steps,
   # stage 1 for 100, each mode): steady-state it/s, the speed-up, the pipeline time
   # projected from them, and the two modes' stage-0 losses side by side (fails if they

@@ -11,8 +11,9 @@ breaks only that path fails CI instead of the next GPU run.
 kernel only because it is hand-written, so the choice is per op. Every op defaults to
 "triton" until a GPU run measures them side by side (the H200 run of issue 14 timed
 gated_residual and rms_norm_rope alone, where compile was faster; rms_norm_rope's kernels
-were rewritten after it to load whole tiles; `benchmarks/device_check.sh` prints the
-faster backend per op as a value for the variable below). Choose with
+were rewritten after it to load whole tiles). `benchmarks/dit_op_backends.py` (a block of
+`benchmarks/device_check.sh`) times the model's training step with each op switched alone
+and prints the faster backend per op as a value for the variable below. Choose with
 `set_dit_op_backend(name, backend)` or the environment, read at import:
 `GPD_DIT_OP_BACKENDS="gated_residual=compile,rms_norm_rope=compile"`.
 """

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cpu_graphs import emulate_cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,13 +130,16 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     assert run.returncode == 3, run.stdout + run.stderr
     rows = _summary_rows(run.stdout)
     # Most wanted first: issue 14's kernel numbers, then its trainer, then the rest.
-    assert [row[0] for row in rows] == ["kernel-tests", "kernels", "tiny-train", "stage-step",
-                                        "stage-step-lora", "sampler-mfu", "realscale-path"]
-    assert [row[1] for row in rows] == ["ok", "ok", "ok", "FAIL (3)", "FAIL (3)", "ok", "ok"]
+    assert [row[0] for row in rows] == ["kernel-tests", "kernels", "dit-op-backends",
+                                        "tiny-train", "stage-step", "stage-step-lora",
+                                        "sampler-mfu", "realscale-path"]
+    assert [row[1] for row in rows] == ["ok", "ok", "ok", "ok", "FAIL (3)", "FAIL (3)", "ok",
+                                        "ok"]
     assert rows[1][3].startswith("stub benchmarks/device_check.py --out ")
-    assert rows[2][3].startswith("stub benchmarks/train_graph.py --out ")
-    assert "bench_sampler or mfu" in rows[5][3]
-    assert rows[6][3].startswith("stub benchmarks/realscale_path.py --out ")
+    assert rows[2][3].startswith("stub benchmarks/dit_op_backends.py --out ")
+    assert rows[3][3].startswith("stub benchmarks/train_graph.py --out ")
+    assert "bench_sampler or mfu" in rows[6][3]
+    assert rows[7][3].startswith("stub benchmarks/realscale_path.py --out ")
 
 
 def test_device_check_sh_only_reruns_the_named_blocks(tmp_path) -> None:
@@ -153,6 +157,7 @@ def test_device_check_sh_caps_a_hung_block_and_skips_what_the_budget_cannot_fit(
     assert int(rows["tiny-train"][2]) < 30
     assert all(rows[name][1].startswith("skipped: ") for name in
                ("stage-step", "stage-step-lora", "sampler-mfu", "realscale-path"))
+    assert rows["dit-op-backends"][1] == "ok"
     bad = _run_device_check_sh(tmp_path, "--budget", "soon")
     assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr
 
@@ -191,3 +196,38 @@ def test_train_graph_compares_both_modes_under_the_emulated_graph_api(monkeypatc
     assert last.startswith("SUMMARY tiny-train stage0 it/s eager ") and "x)" in last
     diff = float(last.rsplit("loss rel diff ", 1)[1])
     assert diff < 1e-4
+
+
+def test_dit_op_backends_times_each_switch_in_the_model_and_restores_them(monkeypatch, capsys,
+                                                                          tmp_path):
+    """Dry run on the CPU (Triton interpreted; torch.compile stubbed: inductor would take
+    minutes on 2 cores): every configuration is timed, the backends are put back, and the
+    recommendation follows the times."""
+    from gpd_kernels import dit
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    dit._compiled.cache_clear()
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    backends = importlib.import_module("dit_op_backends")
+    try:
+        code = backends.main(["--device", "cpu", "--preset", "tiny", "--layers", "1",
+                              "--latent", "3,4,4,4", "--text-tokens", "3", "--rounds", "1",
+                              "--warmup", "0", "--out", str(tmp_path / "rows.json")])
+    finally:
+        dit._compiled.cache_clear()
+    assert code == 0
+    assert {name: dit.dit_op_backend(name) for name in dit.DIT_OPS} == dict.fromkeys(
+        dit.DIT_OPS, "triton")
+    result = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["config"] for row in result["rows"]] == ["triton"] + [
+        f"{name}=compile" for name in dit.DIT_OPS]
+    assert all(row["seconds"] > 0 for row in result["rows"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "SUMMARY dit-op-backends in the model: GPD_DIT_OP_BACKENDS="
+        + ",".join(f"{k}={v}" for k, v in result["recommended"].items()))
+    rows = [{"config": "triton", "seconds": 1.0},
+            {"config": "layernorm_modulate=compile", "seconds": 0.99},
+            {"config": "gated_residual=compile", "seconds": 0.90},
+            {"config": "rms_norm_rope=compile", "seconds": 1.2}]
+    assert backends.recommended(rows, margin=0.02) == {
+        "layernorm_modulate": "triton", "gated_residual": "compile", "rms_norm_rope": "triton"}
