@@ -12,7 +12,9 @@ checked numerically (the interpreter tests do that). The DiT ops are compiled fr
 the model: one block of the 1.3B and 14B presets and the whole tiny preset, forward and
 backward, under bf16 autocast and in fp32, so their strides, dtypes and views are the
 model's. The library ops (double-step, frequency loss) are compiled at Wan's 480p and 720p
-latent shapes. Integers derived from the SM count (rows per program) use an H200's 132.
+latent shapes. Integers derived from the SM count (the DiT ops' rows per program) use
+an H200's 132; the frequency loss launches all slabs at once, as on the CPU (on a GPU
+it groups them to fit the L2: only its `items` argument differs, not the kernel).
 
 Per compiled kernel: warps, shared memory (Triton's metadata), registers and stack
 (cuobjdump from Triton's wheel), SASS counts: HGMMA (wgmma) and HMMA (mma.sync) for dots,
