@@ -37,12 +37,12 @@ from kernel_cases import (
     hbm_peak,
     implementation,
     input_sets,
-    median_cuda_seconds,
+    median_seconds,
     median_seconds_per_call,
 )
 
 from gpd_kernels import freq_loss
-from gpd_kernels.dit import BACKENDS, ENV_VAR
+from gpd_kernels.dit import BACKENDS, ENV_VAR, environment_value
 from gpd_kernels.reference import (
     cfg_euler_step_reference,
     double_step_target_reference,
@@ -201,7 +201,7 @@ def run_dit_timings() -> list[dict]:
         for impl in DIT_IMPLS:
             try:
                 step = fwd_bwd(dit_implementation(name, impl), leaves, constants, grad)
-                row[f"{impl}_us"] = median_cuda_seconds(step) * 1e6
+                row[f"{impl}_us"] = median_seconds(step) * 1e6
             except Exception as exc:  # e.g. a compile failure: say so in the table
                 row[f"{impl}_error"] = f"{type(exc).__name__}: {exc}"[:200]
                 print(f"timing {name} {impl} failed: {row[f'{impl}_error']}")
@@ -235,12 +235,12 @@ def print_dit_table(rows) -> None:
 
 def faster_backends(rows) -> str:
     """name=backend for each DiT op, whichever of triton and compile timed faster."""
-    chosen = []
+    chosen = {}
     for r in rows:
         times = {b: r[f"{b}_us"] for b in BACKENDS if f"{b}_us" in r}
         if times:
-            chosen.append(f"{r['op']}={min(times, key=times.get)}")
-    return ",".join(chosen)
+            chosen[r["op"]] = min(times, key=times.get)
+    return environment_value(chosen)
 
 
 def summary_line(checks, timings, dit_rows) -> str:

@@ -19,36 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from kernel_cases import median_seconds
 
 from gpd_kernels import dit_op_backend, force_fused_dit_ops, set_dit_op_backend
-from gpd_kernels.dit import DIT_OPS, ENV_VAR
+from gpd_kernels.dit import DIT_OPS, ENV_VAR, environment_value
 from gpd_model import WanDiT, get_preset
-
-
-def _seconds(step, device: torch.device, rounds: int, warmup: int) -> float:
-    """Median seconds of `step` over `rounds` calls after `warmup` (compile included there)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure(preset: str, layers: int, latent: tuple[int, ...], text_tokens: int,
@@ -76,7 +55,7 @@ def measure(preset: str, layers: int, latent: tuple[int, ...], text_tokens: int,
             for name in DIT_OPS:
                 set_dit_op_backend(name, chosen.get(name, "triton"))
             rows.append({"config": label,
-                         "seconds": _seconds(step, device, rounds, warmup)})
+                         "seconds": median_seconds(step, rounds, warmup, device.type)})
             print(f"timed {label}: {rows[-1]['seconds'] * 1e3:.2f} ms", flush=True)
     finally:
         for name, backend in saved.items():
@@ -124,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['config']} | {row['seconds'] * 1e3:.2f} | {base / row['seconds']:.3f} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "recommended": chosen}, indent=1))
-    value = ",".join(f"{name}={backend}" for name, backend in chosen.items())
-    print(f"SUMMARY dit-op-backends in the model: {ENV_VAR}={value}")
+    print(f"SUMMARY dit-op-backends in the model: {ENV_VAR}={environment_value(chosen)}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -164,7 +165,7 @@ def capture_calls(fn: Callable, sets: list[tuple]) -> Callable[[], None]:
 
 def median_seconds_per_call(replay: Callable[[], None], rounds: int = 10) -> float:
     """Median over `rounds` graph replays, timed with CUDA events, divided per call."""
-    return median_cuda_seconds(replay, rounds, warmup=1) / CALLS_PER_GRAPH
+    return median_seconds(replay, rounds, warmup=1) / CALLS_PER_GRAPH
 
 
 # --- fused DiT ops, forward + backward, at the Wan2.1-1.3B shape --------------------------
@@ -222,10 +223,19 @@ def fwd_bwd(fn: Callable, leaves: list, constants: tuple, grad: torch.Tensor) ->
     return step
 
 
-def median_cuda_seconds(step: Callable[[], None], rounds: int = 10, warmup: int = 3) -> float:
-    """Median wall time of `step` over `rounds` CUDA-event-timed calls (after warm-up)."""
+def median_seconds(step: Callable[[], None], rounds: int = 10, warmup: int = 3,
+                   device: str = "cuda") -> float:
+    """Median wall time of `step` over `rounds` calls after `warmup` ones: CUDA-event-timed
+    on a GPU, by the host clock elsewhere (dry runs)."""
     for _ in range(warmup):  # compile, autotune, allocator: outside the timing
         step()
+    if device != "cuda":
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(rounds):

@@ -42,6 +42,7 @@ __all__ = [
     "DIT_OPS",
     "dit_op",
     "dit_op_backend",
+    "environment_value",
     "force_fused_dit_ops",
     "fused_dit_ops",
     "set_dit_op_backend",
@@ -75,6 +76,13 @@ def _from_environment(value: str) -> dict[str, str]:
         _check_choice(name.strip(), backend.strip())
         chosen[name.strip()] = backend.strip()
     return chosen
+
+
+def environment_value(backends: dict[str, str]) -> str:
+    """The value of GPD_DIT_OP_BACKENDS that selects `backends` (op name -> backend)."""
+    for name, backend in backends.items():
+        _check_choice(name, backend)
+    return ",".join(f"{name}={backend}" for name, backend in backends.items())
 
 
 _backends: dict[str, str] = dict.fromkeys(DIT_OPS, "triton") | _from_environment(

@@ -78,10 +78,12 @@ def old_train_step(t) -> dict:
             "grad_norm": float(grad_norm), **extras}
 
 
-def _build(folder, stage, source):
+def _build(folder, stage, source, iterations=6, **options):
     run = micro_run(folder, **{"distill.state_source": source, "distill.lane_groups": 2,
-                               "distill.freq_weight": [0.5, 0.0, 1.0], "stage0.iterations": 6,
-                               "distill.iterations": [6, 6, 6], "checkpoint_every": 100})
+                               "distill.freq_weight": [0.5, 0.0, 1.0],
+                               "stage0.iterations": iterations,
+                               "distill.iterations": [iterations] * 3, "checkpoint_every": 100,
+                               **options})
     if stage == 0:
         return build_stage0(run)
     with_random_stages(run, "gpd", stage - 1)
@@ -211,15 +213,8 @@ def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypat
     iterations = 9
     trainers = {}
     for mode in ("eager", "graph"):
-        run = micro_run(tmp_path / mode, cuda_graph=mode == "graph",
-                        **{"distill.state_source": source, "distill.lane_groups": 2,
-                           "distill.freq_weight": [0.5, 0.0, 1.0], "checkpoint_every": 4,
-                           "stage0.iterations": iterations,
-                           "distill.iterations": [iterations] * 3})
-        if stage > 0:
-            with_random_stages(run, "gpd", stage - 1)
-        trainers[mode] = trainer = build_stage0(run) if stage == 0 else build_distill(
-            run, "gpd", stage)
+        trainers[mode] = trainer = _build(tmp_path / mode, stage, source, iterations,
+                                          cuda_graph=mode == "graph", checkpoint_every=4)
         trainer.run(resume=False)
     eager, graph = trainers["eager"], trainers["graph"]
     assert eager.graph is None and graph.graph.graph.replays == iterations - 3
