@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import DiTConfig
+from .errors import GPDError
 from .guidance import has_guidance_input
 
 FORMATS = ("wan", "diffusers")
@@ -55,7 +56,7 @@ _SINGLE_BLOCK = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GPDError, ValueError):
     """A checkpoint that cannot be read or does not match the model."""
 
 

@@ -11,12 +11,14 @@ from typing import Any
 import torch
 
 from . import parallel
-from .checkpoint import CheckpointError
-from .config import CHAINS, SECTION, STATE_SOURCES, RunConfig, load_config
+from .builders import TrainingRun
+from .chains import CHAINS, GUIDANCE_STAGE, StageId, add_chain_argument
+from .config import STATE_SOURCES, RunConfig, load_config
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
-from .loop import NonFiniteLossError
-from .pipeline import GUIDANCE_STAGE, MissingStageError, Run, run_pipeline, run_stage
-from .run_folder import RunFolderError, RunLock, check_run_paths
+from .errors import GPDError
+from .evaluate import evaluate_run
+from .pipeline import run_pipeline, run_stage
+from .run_folder import RunLock, check_run_paths
 from .wan_folder import adopt_teacher_defaults
 
 EPILOG = """\
@@ -68,9 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     action.add_argument("--eval", action="store_true", help="write the evaluation report")
     action.add_argument("--all", action="store_true",
                         help="run every stage (skipping complete ones), then --eval")
-    parser.add_argument("--chain", choices=CHAINS, default="gpd",
-                        help="which distillation chain --stage runs (gpd: guidance-free; "
-                             "guided: guidance stage, w as an input; vanilla: the ablation)")
+    add_chain_argument(parser, "which distillation chain --stage runs")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the stage from its newest checkpoint that verifies")
@@ -148,6 +148,7 @@ DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
                  "distill.stage_guidance": "--stage-guidance", "distill.lora_rank": "--lora-rank",
                  "distill.lora_alpha": "--lora-alpha"}
 GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
+CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
 
 
@@ -165,12 +166,17 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
         raise ValueError(f"{', '.join(distill)} not used by stage 0 (the teacher): these set the "
                          "GPD distillation stages. Stage 0's options are --teacher-iterations "
                          "and the [stage0] table of a --config TOML file (e.g. lr = 3e-3)")
-    guided = sorted(flag for key, flag in GUIDED_FLAGS.items() if key in given)
-    if args.chain != "guided" and guided:
-        raise ValueError(f"{', '.join(guided)} sets the guided chain: use it with --chain guided")
-    if args.chain != "gpd" and distill:
-        raise ValueError(f"{', '.join(distill)} set the GPD chain ([distill]); the {args.chain} "
-                         f"chain reads the [{SECTION[args.chain]}] table of a --config TOML file")
+    section = CHAINS[args.chain].section
+    elsewhere: dict[str, list[str]] = {}  # flags that set another chain's table, by table
+    for key, flag in CHAIN_TABLE_FLAGS.items():
+        table = key.partition(".")[0]
+        if key in given and table != section:
+            elsewhere.setdefault(table, []).append(flag)
+    for table, flags in sorted(elsewhere.items()):
+        readers = [c.name for c in CHAINS.values() if c.section == table]
+        raise ValueError(f"{', '.join(sorted(flags))} set the [{table}] table (read by --chain "
+                         f"{' or '.join(readers)}); the {args.chain} chain reads the [{section}] "
+                         "table of a --config TOML file")
     return [f"{flag} is ignored by stage {args.stage} (it sets stage 0's training)"
             for key, flag in STAGE0_FLAGS.items() if key in given and args.stage != 0]
 
@@ -201,19 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage != GUIDANCE_STAGE and not 0 <= args.stage <= config.num_stages:
                 raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in "
                                  f"0..{config.num_stages}, got {args.stage}")
-            output = run_stage(Run(config), args.chain, args.stage, resume=args.resume,
-                               restart=args.restart)
+            output = run_stage(TrainingRun(config), StageId(args.chain, args.stage),
+                               resume=args.resume, restart=args.restart)
             print(f"stage {args.stage} output: {output}")
             return 0
         if args.eval:
-            from .evaluate import evaluate_run
-
             compare = _parse_compare(args.compare or [])
-            report = evaluate_run(Run(config), compare) if parallel.is_main() else None
+            run = TrainingRun(config) if parallel.is_main() else None  # rank 0 evaluates
+            report = None if run is None else evaluate_run(run, run.data, compare)
         else:
             report = run_pipeline(config, resume=True)
-    except (MissingStageError, NonFiniteLossError, CheckpointError, RunFolderError, ValueError,
-            OSError) as exc:
+    except (GPDError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -74,15 +74,13 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+import torch
 
+from .chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, chain_names, get_chain
 from .lora import LORA_TARGETS, LoraSpec
 from .parallel import ParallelConfig
 
 STATE_SOURCES = ("student", "teacher", "data")
-# gpd: the guidance-free GPD chain (stage 1 absorbs CFG); guided: a guidance stage, then
-# halving with w as an input; vanilla: the progressive-distillation ablation (data states).
-CHAINS = ("gpd", "guided", "vanilla")
-SECTION = {"gpd": "distill", "guided": "guided", "vanilla": "vanilla"}  # the TOML tables
 # Per-preset defaults for values the DiT config does not carry.
 PRESET_SHIFT = {"tiny": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
@@ -140,14 +138,12 @@ class DistillConfig:
         return LoraSpec(self.lora_rank, alpha, targets)
 
 
-def _vanilla_default() -> DistillConfig:
-    return DistillConfig(state_source="data", freq_weight=[0.0, 0.0, 0.0])
-
-
-def _guided_default() -> DistillConfig:
-    # None: the [distill] table's lists, so a run's stage budget is set in one place.
-    return DistillConfig(guidance_stage=True, iterations=None,  # type: ignore[arg-type]
-                         freq_weight=None)  # type: ignore[arg-type]
+def _chain_tables() -> dict[str, DistillConfig]:
+    """One table per registered chain's TOML section, with the chain's own defaults."""
+    tables: dict[str, DistillConfig] = {}
+    for chain in CHAINS.values():
+        tables.setdefault(chain.section, DistillConfig(**chain.defaults))
+    return tables
 
 
 @dataclass
@@ -179,13 +175,13 @@ class RunConfig:
     batch_size: int = 16
     checkpoint_every: int = 50
     stage0: Stage0Config = field(default_factory=Stage0Config)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    vanilla: DistillConfig = field(default_factory=_vanilla_default)
-    guided: DistillConfig = field(default_factory=_guided_default)
+    # The chains' TOML tables ([distill], [guided], [vanilla], ...: gpd_train.chains),
+    # by section name; config.json and TOML files hold them as top-level tables.
+    chain_tables: dict[str, DistillConfig] = field(default_factory=_chain_tables)
     # The chains the embedded pipeline trains and the evaluation reports, in order. The
     # guided chain is opt-in: at w = 1.5 its 6-step student is ~1 dB further from the
     # teacher than the GPD chain's (README's ablations), and it adds ~6 minutes to the demo.
-    pipeline_chains: list[str] = field(default_factory=lambda: ["gpd", "vanilla"])
+    pipeline_chains: list[str] = field(default_factory=lambda: list(DEFAULT_PIPELINE))
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -208,11 +204,20 @@ class RunConfig:
     def num_stages(self) -> int:
         return len(self.steps) - 1
 
+    def table(self, section: str) -> DistillConfig:
+        """The chain table [section] (e.g. ``table("distill")``)."""
+        try:
+            return self.chain_tables[section]
+        except KeyError:
+            raise ValueError(f"no chain table [{section}]; the registered chains read "
+                             f"{sorted(self.chain_tables)}") from None
+
     def chain(self, name: str) -> DistillConfig:
-        if name not in CHAINS:
-            raise ValueError(f"chain must be one of {CHAINS}, got {name!r}")
-        section = getattr(self, SECTION[name])
-        inherited = {key: list(getattr(self.distill, key)) for key in ("iterations", "freq_weight")
+        """The chain's table, with lists it leaves unset (None) taken from the default
+        chain's, so a run's stage budget is set in one place."""
+        section = self.table(get_chain(name).section)
+        default = self.table(get_chain(DEFAULT_CHAIN).section)
+        inherited = {key: list(getattr(default, key)) for key in ("iterations", "freq_weight")
                      if getattr(section, key) is None}
         return dataclasses.replace(section, **inherited) if inherited else section
 
@@ -255,14 +260,14 @@ class RunConfig:
         chains = self.pipeline_chains
         if (not isinstance(chains, list) or not chains or not set(chains) <= set(CHAINS)
                 or len(set(chains)) != len(chains)):
-            raise ValueError(f"pipeline_chains must list distinct chains of {CHAINS}, got "
-                             f"{chains!r}")
-        if self.vanilla.guidance_stage:
-            raise ValueError("vanilla.guidance_stage must be false: the vanilla chain is the "
-                             "plain progressive-distillation ablation")
-        for name in CHAINS:
+            raise ValueError(f"pipeline_chains must list distinct chains of {chain_names()}, "
+                             f"got {chains!r}")
+        for name, declared in CHAINS.items():
             chain = self.chain(name)
             stages = self.num_stages
+            if chain.guidance_stage and not declared.allows_guidance_stage:
+                raise ValueError(f"{declared.section}.guidance_stage must be false: the {name} "
+                                 f"chain is {declared.summary}")
             if chain.state_source not in STATE_SOURCES:
                 raise ValueError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
                                  f"{chain.state_source!r}")
@@ -273,7 +278,7 @@ class RunConfig:
                                      f"{values!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
                     or chain.lane_groups < 1):
-                section = SECTION[name]
+                section = declared.section
                 raise ValueError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
             _check_guidance_options(name, chain, self.num_stages)
@@ -288,7 +293,7 @@ class RunConfig:
         check_number("threads", self.threads, integer=True, low=0)
         check_number("stage0.iterations", self.stage0.iterations, integer=True, low=1)
         for section, values in (("stage0", self.stage0),
-                                *((SECTION[name], self.chain(name)) for name in CHAINS)):
+                                *((c.section, self.chain(name)) for name, c in CHAINS.items())):
             check_number(f"{section}.lr", values.lr, low=0, low_open=True)
             check_number(f"{section}.warmup", values.warmup, integer=True, low=0)
             check_number(f"{section}.final_lr_ratio", values.final_lr_ratio, low=0, high=1,
@@ -297,7 +302,7 @@ class RunConfig:
                          high_open=True)
         check_number("stage0.cfg_dropout", self.stage0.cfg_dropout, low=0, high=1,
                      high_open=True)
-        for section, values in ((SECTION[name], self.chain(name)) for name in CHAINS):
+        for section, values in ((c.section, self.chain(name)) for name, c in CHAINS.items()):
             if not isinstance(values.guidance_stage, bool):
                 raise ValueError(f"{section}.guidance_stage must be true or false, got "
                                  f"{values.guidance_stage!r}")
@@ -317,7 +322,8 @@ class RunConfig:
         check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        flat = dataclasses.asdict(self)
+        return {**flat.pop("chain_tables"), **flat}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -360,10 +366,18 @@ def check_numbers(where: str, values: Any, **rule: Any) -> None:
         check_number(f"{where}[{index}]", value, **rule)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's ``device`` (``auto``: CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
 def check_device(name: str) -> None:
     """``auto`` or a torch device this machine has (cpu, cuda, cuda:N)."""
-    import torch
-
     if name == "auto":
         return
     try:
@@ -385,7 +399,7 @@ def _finite_scale(value: Any) -> bool:
 
 
 def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> None:
-    section = SECTION[name]
+    section = get_chain(name).section
     low_high = chain.guidance_range
     if (not isinstance(low_high, (list, tuple)) or len(low_high) != 2
             or not all(_finite_scale(w) for w in low_high) or low_high[0] > low_high[1]):
@@ -409,7 +423,7 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
 
 
 def _check_lora_options(name: str, chain: DistillConfig) -> None:
-    section = SECTION[name]
+    section = get_chain(name).section
     check_number(f"{section}.lora_rank", chain.lora_rank, integer=True, low=0)
     if chain.lora_alpha is not None:
         check_number(f"{section}.lora_alpha", chain.lora_alpha, low=0, low_open=True)
@@ -421,19 +435,21 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
                          f"{list(LORA_TARGETS)}, got {targets!r}")
 
 
-_SECTIONS = {"stage0": Stage0Config, "distill": DistillConfig, "vanilla": DistillConfig,
-             "guided": DistillConfig, "eval": EvalConfig, "parallel": ParallelConfig}
+_TABLES = ("stage0", "eval", "parallel")  # RunConfig's own tables besides the chains'
 
 
 def _merge(target: object, values: dict[str, Any], where: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(target)}  # type: ignore[arg-type]
+    names = set(f.name for f in dataclasses.fields(target))  # type: ignore[arg-type]
+    chain_tables = getattr(target, "chain_tables", {})
+    names = (names - {"chain_tables"}) | set(chain_tables)
     for key, value in values.items():
         if key not in names:
             raise ValueError(f"unknown key {where}{key!r}; expected one of {sorted(names)}")
-        if key in _SECTIONS:
+        if key in _TABLES or key in chain_tables:
             if not isinstance(value, dict):
                 raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")
-            _merge(getattr(target, key), value, f"{key}.")
+            table = chain_tables[key] if key in chain_tables else getattr(target, key)
+            _merge(table, value, f"{key}.")
         else:
             setattr(target, key, value)
 

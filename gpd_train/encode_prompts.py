@@ -40,8 +40,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .checkpoint import save_weights
-from .config import RunConfig
-from .loop import resolve_device
+from .config import RunConfig, resolve_device
+from .errors import GPDError
 from .wan_folder import WanFolderError, component, diffusers_root
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
@@ -53,7 +53,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VIDEO_DEFAULTS = {"height": 480, "width": 832, "frames": 81}  # WanPipeline's defaults
 
 
-class EncodeError(ValueError):
+class EncodeError(GPDError, ValueError):
     """A user-facing problem with the prompts, the model folder or the output folder."""
 
 

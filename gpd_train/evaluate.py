@@ -30,16 +30,18 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from gpd_model import euler_sample, make_noise, sigma_grid
 
+from .chains import CHAINS, GUIDANCE_STAGE, StageId, get_chain
 from .checkpoint import atomic_write_text, sha256_file
 from .config import load_config
 from .data import ProceduralVideos
+from .errors import ConfigError
 from .feature_net import feature_net, video_features
 from .loop import autocast
 from .media import write_contact_sheet, write_gif
@@ -52,10 +54,8 @@ from .metrics import (
     psnr_per_video,
 )
 from .report import render_markdown
-
-if TYPE_CHECKING:  # the pipeline calls the evaluation, not the other way round
-    from .pipeline import Run
 from .run_folder import read_record
+from .stages import TEACHER, RunFolder
 
 CEILING_NOISE = 0.01
 CEILING_SEED = 0
@@ -119,14 +119,10 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
-# Row labels of each chain's students.
-CHAIN_LABEL = {"gpd": "GPD", "guided": "GPD-w", "vanilla": "vanilla PD"}
-
-
-def _candidates(run: Run) -> list[Candidate]:
+def _candidates(run: RunFolder) -> list[Candidate]:
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
-    teacher = run.load_stage_model("gpd", 0)
+    teacher = run.load_stage_model(TEACHER)
     reference = f"teacher@{full} (ref)"
     rows = [Candidate(reference, teacher, full, w, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
@@ -137,24 +133,26 @@ def _candidates(run: Run) -> list[Candidate]:
     return rows + _other_guidance_rows(run, teacher)
 
 
-def _chain_rows(run: Run, chain: str, reference: str) -> list[Candidate]:
-    """A chain's students at the run's CFG scale: vanilla PD's last, every other stage else."""
-    cfg, label = run.config, CHAIN_LABEL[chain]
+def _chain_rows(run: RunFolder, chain: str, reference: str) -> list[Candidate]:
+    """A chain's students at the run's CFG scale: every stage, or the last of a chain that
+    is evaluated by its final student alone."""
+    cfg, declared = run.config, get_chain(chain)
     w, last = cfg.resolved_guidance, cfg.num_stages
     how = f"input w={w:g}" if run.has_guidance_stage(chain) else "none"
-    stages: list[Any] = [last] if chain == "vanilla" else list(range(1, last + 1))
+    stages: list[Any] = list(range(1, last + 1)) if declared.evaluate_every_stage else [last]
     if run.has_guidance_stage(chain):
-        stages.insert(0, "g")
+        stages.insert(0, GUIDANCE_STAGE)
     rows = []
-    for stage in stages:
-        steps = cfg.steps[0 if stage == "g" else stage]
-        name = f"{label} guidance stage@{steps}" if stage == "g" else f"{label}@{steps}"
-        rows.append(Candidate(name, run.load_stage_model(chain, stage, fold_at=w), steps, None,
+    for sid in (StageId(chain, stage) for stage in stages):
+        steps = run.steps(sid)
+        name = (f"{declared.label} guidance stage@{steps}" if sid.is_guidance
+                else f"{declared.label}@{steps}")
+        rows.append(Candidate(name, run.load_stage_model(sid, fold_at=w), steps, None,
                               reference, cfg=how))
     return rows
 
 
-def _other_guidance_rows(run: Run, teacher: torch.nn.Module) -> list[Candidate]:
+def _other_guidance_rows(run: RunFolder, teacher: torch.nn.Module) -> list[Candidate]:
     """Final w-conditioned students at other CFG scales, each against the teacher there."""
     cfg = run.config
     full, last = cfg.steps[0], cfg.steps[-1]
@@ -170,42 +168,41 @@ def _other_guidance_rows(run: Run, teacher: torch.nn.Module) -> list[Candidate]:
         group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"
         rows += [Candidate(reference, teacher, full, w, reference, group),
                  Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group)]
-        rows += [Candidate(f"{CHAIN_LABEL[chain]}@{last} w={w:g}",
-                           run.load_stage_model(chain, cfg.num_stages, fold_at=w), last, None,
+        rows += [Candidate(f"{get_chain(chain).label}@{last} w={w:g}",
+                           run.load_stage_model(StageId(chain, cfg.num_stages), fold_at=w),
+                           last, None,
                            reference, group, cfg=f"input w={w:g}") for chain in chains]
     return rows
 
 
-def _compare_candidates(run: Run, compare: dict[str, str]) -> list[Candidate]:
+def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candidate]:
     """Each other run folder's final student (an ablation on the same stage 0): its first
     pipeline chain that finished."""
-    from .pipeline import Run
-
-    own_teacher = sha256_file(run.stage_folder("gpd", 0) / "model.safetensors")
+    own_teacher = sha256_file(run.stage_folder(TEACHER) / "model.safetensors")
     cfg = run.config
     reference = f"teacher@{cfg.steps[0]} (ref)"
     rows = []
     for label, folder in compare.items():
         config_path = Path(folder) / "config.json"
         if not config_path.is_file():
-            raise ValueError(f"--compare {label}={folder}: no run folder there (missing "
+            raise ConfigError(f"--compare {label}={folder}: no run folder there (missing "
                              f"{config_path})")
         raw = json.loads(config_path.read_text())
         raw.update(run_dir=str(folder), device=cfg.device)
-        other = Run(load_config(None, raw))
-        teacher = other.stage_folder("gpd", 0) / "model.safetensors"
+        other = RunFolder(load_config(None, raw), run.device)
+        teacher = other.stage_folder(TEACHER) / "model.safetensors"
         if not teacher.is_file() or sha256_file(teacher) != own_teacher:
-            raise ValueError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
+            raise ConfigError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
                              f"({teacher}); comparisons need the same stage 0 (copy stage0/ "
                              "into the other run folder before training it)")
         last = other.config.num_stages
-        done = [c for c in other.config.pipeline_chains if other.is_done(c, last)]
+        done = [c for c in other.config.pipeline_chains if other.is_done(StageId(c, last))]
         if not done:
-            raise ValueError(f"--compare {label}={folder}: no chain has finished stage {last}")
+            raise ConfigError(f"--compare {label}={folder}: no chain has finished stage {last}")
         w, chain = cfg.resolved_guidance, done[0]
         how = f"input w={w:g}" if other.has_guidance_stage(chain) else "none"
-        rows.append(Candidate(f"{label}: {CHAIN_LABEL[chain]}@{other.config.steps[last]}",
-                              other.load_stage_model(chain, last, fold_at=w),
+        rows.append(Candidate(f"{label}: {get_chain(chain).label}@{other.config.steps[last]}",
+                              other.load_stage_model(StageId(chain, last), fold_at=w),
                               other.config.steps[last], None, reference, "ablations", cfg=how))
     return rows
 
@@ -275,8 +272,7 @@ class _Judge:
         return out
 
 
-def _judge(run: Run, prompts: int, out: Path) -> _Judge:
-    data = run.data
+def _judge(run: RunFolder, data: Any, prompts: int, out: Path) -> _Judge:
     if not isinstance(data, ProceduralVideos):
         return _Judge(data, None, None, None)
     prompt_ids = torch.arange(prompts) % data.num_prompts
@@ -285,8 +281,9 @@ def _judge(run: Run, prompts: int, out: Path) -> _Judge:
     return _Judge(data, prompt_ids, net, video_features(net, real))
 
 
-def evaluate_run(run: Run, compare: dict[str, str] | None = None) -> Path:
-    """Sample every model on the evaluation set and write the report; returns report.md.
+def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = None) -> Path:
+    """Sample every model of ``run`` on the evaluation set drawn from ``data`` (the run's
+    data set) and write the report; returns report.md.
 
     ``compare`` maps labels to other run folders (same stage 0) whose final GPD student is
     added as a row: the ablation table in one evaluation.
@@ -295,13 +292,13 @@ def evaluate_run(run: Run, compare: dict[str, str] | None = None) -> Path:
     out = run.folder / "eval"
     out.mkdir(parents=True, exist_ok=True)
     candidates = _candidates(run) + _compare_candidates(run, compare or {})
-    context, names = run.data.eval_prompts(ev.prompts)
-    noise = make_noise((ev.prompts, *run.data.latent_shape), seed=ev.seed)
-    judge = _judge(run, ev.prompts, out)
+    context, names = data.eval_prompts(ev.prompts)
+    noise = make_noise((ev.prompts, *data.latent_shape), seed=ev.seed)
+    judge = _judge(run, data, ev.prompts, out)
     examples = torch.linspace(0, ev.prompts - 1, min(ev.examples, ev.prompts)).round().long()
     rows, sheet_rows, sets = [], [], {}
     for candidate in tqdm(candidates, desc="eval", unit="model"):
-        videos, seconds = sample_set(candidate, noise, context, run.data.negative_context,
+        videos, seconds = sample_set(candidate, noise, context, data.negative_context,
                                      cfg.resolved_shift, ev.batch_size, run.device,
                                      cfg.precision)
         sets[candidate.label] = videos
@@ -311,9 +308,11 @@ def evaluate_run(run: Run, compare: dict[str, str] | None = None) -> Path:
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     last = cfg.steps[-1]
     reference = candidates[0].label
-    students = [f"{CHAIN_LABEL[c]}@{last}" for c in cfg.pipeline_chains if c != "vanilla"]
+    students = [f"{CHAINS[c].label}@{last}" for c in cfg.pipeline_chains
+                if not CHAINS[c].baseline]
+    baselines = [f"{c.label}@{last}" for c in CHAINS.values() if c.baseline]
     pairs = [(student, other) for student in students
-             for other in (f"teacher@{last} naive", f"vanilla PD@{last}")]
+             for other in (f"teacher@{last} naive", *baselines)]
     report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
               "comparisons": judge.comparisons(pairs, sets, sets[reference]),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
@@ -325,7 +324,7 @@ def evaluate_run(run: Run, compare: dict[str, str] | None = None) -> Path:
     return out / "report.md"
 
 
-def _stage_summaries(run: Run) -> dict[str, Any]:
+def _stage_summaries(run: RunFolder) -> dict[str, Any]:
     summaries = {}
     for done in sorted(run.folder.glob("**/done.json")):
         if ".old-" in str(done.relative_to(run.folder)):

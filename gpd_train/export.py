@@ -38,9 +38,11 @@ import torch
 
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
-from .config import CHAINS, RunConfig, check_number
+from .chains import DEFAULT_CHAIN, add_chain_argument
+from .config import RunConfig, check_number
+from .errors import GPDError, SampleError
+from .loading import load_model, recorded_grid, run_stage_of
 from .lora import GUIDANCE_PREFIX, save_diffusers_lora
-from .sample import SampleError, load_model, recorded_grid, run_stage_of
 from .wan_folder import WanFolderError, component
 
 LINKED = ("text_encoder", "tokenizer", "vae")
@@ -112,25 +114,25 @@ def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
         str(folder / "scheduler"))
 
 
-def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = "gpd",
+def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
                 stage: int | None = None) -> dict[str, Any] | None:
     """Write a LoRA stage's adapter as a diffusers Wan LoRA in ``out``, with the scheduler
     that samples on its grid; returns what was exported, or None when the stage holds full
     weights (export those with ``export_pipeline``)."""
-    run, stage = run_stage_of(Path(run_dir), chain, stage)
-    found = run.stage_adapter(chain, stage, check_grid=False)
+    run, sid = run_stage_of(Path(run_dir), chain, stage)
+    found = run.stage_adapter(sid, check_grid=False)
     if found is None:
         return None
     spec, adapter = found
     if any(key.startswith(GUIDANCE_PREFIX) for key in adapter):
-        raise SampleError(f"{chain} stage {stage} takes the CFG scale as an input, which a "
+        raise SampleError(f"{sid} takes the CFG scale as an input, which a "
                           "diffusers LoRA cannot carry: export it merged at a CFG scale with "
                           "--merged --base W [--guidance W]")
-    steps, shift = _student_grid(run.record(chain, stage), run.config, stage)
+    steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
     out = Path(out)
     weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, out)
     _write_scheduler(out, steps, shift)
-    record = {"run": str(Path(run_dir).resolve()), "stage": f"{chain} stage {stage}",
+    record = {"run": str(Path(run_dir).resolve()), "stage": sid.name,
               "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
                        "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
               "steps": steps, "shift": shift, "guidance_scale": 1.0}
@@ -171,7 +173,7 @@ def base_components(base: Path) -> tuple[dict[str, Any], dict[str, Path]]:
 
 
 def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
-                    chain: str = "gpd", stage: int | None = None,
+                    chain: str = DEFAULT_CHAIN, stage: int | None = None,
                     copy: bool = False, guidance: float | None = None) -> dict[str, Any]:
     """Write the Diffusers folder ``out`` for a run's stage; returns what was exported.
 
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="the Wan2.1-T2V-Diffusers folder trained on (not needed "
                         "for a LoRA stage, which is written as a LoRA unless --merged)")
     parser.add_argument("--out", required=True, help="the Diffusers folder to write")
-    parser.add_argument("--chain", choices=CHAINS, default="gpd")
+    add_chain_argument(parser, "the chain of the run folder's stage to export")
     parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
     parser.add_argument("--guidance", type=float, metavar="W",
                         help="a student with a guidance input is exported sampling at this CFG "
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
                                      stage=args.stage, copy=args.copy,
                                      guidance=args.guidance)
-    except (SampleError, WanFolderError, ValueError) as exc:
+    except (GPDError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {record['model']} -> {args.out}: WanPipeline.from_pretrained("

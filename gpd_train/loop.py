@@ -26,13 +26,14 @@ from .checkpoint import (
     atomic_write_text,
     load_exact_state,
 )
+from .errors import GPDError
 from .parallel import StreamGroup
 from .step import GraphStep, host_value
 
 GRAD_CLIP = 1.0
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GPDError, RuntimeError):
     """Training met a NaN/inf loss or gradient and stopped without saving."""
 
 
@@ -58,15 +59,6 @@ class Objective(Protocol):
         """Tensors/values that, with the RNG, let a resumed run continue exactly."""
 
     def load_stream_state(self, state: dict[str, Any]) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

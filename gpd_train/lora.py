@@ -40,6 +40,7 @@ from gpd_model import CheckpointError, add_guidance_input, has_guidance_input
 from gpd_model.checkpoint import key_map
 
 from .checkpoint import signature_mismatch
+from .errors import GPDError
 
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
 LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
@@ -55,7 +56,7 @@ GUIDANCE_PREFIX = "guidance_embedding."
 _FACTORS = ("lora_A", "lora_B")
 
 
-class LoraError(ValueError):
+class LoraError(GPDError, ValueError):
     """A LoRA option, adapter file or model that does not fit."""
 
 

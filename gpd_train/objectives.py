@@ -280,3 +280,32 @@ class OnlineDistillation:
     def load_stream_state(self, state: dict[str, Any]) -> None:
         if self.lanes is not None:
             self.lanes.load_state_dict(state)
+
+
+@dataclass
+class DistillSetup:
+    """What a distillation stage's objective is built from (a chain's objective factory
+    receives it with one data stream's generator and batch size)."""
+
+    student: nn.Module
+    teacher: StageTeacher
+    data: Any
+    grid: StageGrid
+    guidance: GuidanceRange
+    chain: Any  # the chain's DistillConfig (state source, lane groups, frequency loss)
+    freq_weight: float
+    device: torch.device
+    precision: str
+
+
+def online_distillation(setup: DistillSetup, generator: torch.Generator,
+                        batch_size: int) -> OnlineDistillation:
+    """The built-in chains' objective (``Chain.objective`` None)."""
+    chain = setup.chain
+    return OnlineDistillation(
+        student=setup.student, teacher=setup.teacher, data=setup.data, generator=generator,
+        grid=setup.grid, guidance=setup.guidance, source=chain.state_source,
+        batch_size=batch_size, freq_weight=setup.freq_weight,
+        freq_params={"alpha_s": chain.freq_alpha_s, "alpha_t": chain.freq_alpha_t,
+                     "gamma": chain.freq_gamma},
+        device=setup.device, precision=setup.precision, lane_groups=chain.lane_groups)

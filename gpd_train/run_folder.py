@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, sha256_file
+from .errors import GPDError
 
 LOCK_NAME = ".lock"
 RECORD = "done.json"
 OUTPUT = "model.safetensors"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(GPDError, RuntimeError):
     """A user-facing problem with the run folder (printed without a traceback)."""
 
 

@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,26 +39,19 @@ from safetensors.torch import save_file
 from gpd_model import (
     PRESETS,
     DiTConfig,
-    WanDiT,
     fold_guidance,
-    get_preset,
     has_guidance_input,
-    load_checkpoint,
     make_noise,
     sigma_grid,
 )
-from gpd_model.checkpoint import config_from_diffusers
 from gpd_model.graph_sampler import GraphSampler
 
-from .checkpoint import load_stage_output, read_metadata
+from .chains import add_chain_argument
 from .config import (
-    CHAINS,
     DEFAULT_SHIFT,
     PRESET_SHIFT,
-    RunConfig,
     check_device,
     check_number,
-    load_config,
 )
 from .data import ProceduralVideos, PromptEmbeddingSet, open_data
 from .encode_prompts import (
@@ -70,8 +62,8 @@ from .encode_prompts import (
     negative_text,
     read_prompts,
 )
-from .loop import resolve_device
-from .lora import METADATA_KEY as LORA_KEY
+from .errors import SampleError
+from .loading import LoadedModel, load_model, recorded_grid
 from .media import (
     WAN_FPS,
     decode_latents,
@@ -80,35 +72,11 @@ from .media import (
     write_gif,
     write_mp4,
 )
-from .pipeline import Run, parse_stage_name, stage_command, stage_name
-from .run_folder import OUTPUT, RECORD, check_writable_folder, read_record, verify_output
-from .wan_folder import WanFolderError, transformer_folder
+from .run_folder import check_writable_folder
+from .wan_folder import WanFolderError
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
-TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
-              "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
-              "checkpoint with --preset")
-
-
-class SampleError(RuntimeError):
-    """A user-facing problem with the sampling request (printed without a traceback)."""
-
-
-@dataclass
-class LoadedModel:
-    model: WanDiT
-    description: str
-    run_config: RunConfig | None  # the run the weights came from, when known
-    stage: int | None = None  # the run's stage the weights are the output of
-    record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
-
-
-def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | None]:
-    """(steps, shift) a stage record (done.json) says the stage was trained for."""
-    options = (record or {}).get("options") or {}
-    return options.get("steps"), options.get("shift")
-
 
 @dataclass
 class Prompts:
@@ -117,111 +85,6 @@ class Prompts:
     names: list[str]
     latent_shape: tuple[int, ...]
     built_in: bool
-
-
-def _run_config(folder: Path, device: str) -> RunConfig:
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-        raw.update(run_dir=str(folder), device=device)
-        return load_config(None, raw)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SampleError(f"unreadable run configuration {path}: {exc}") from None
-
-
-def _is_run_folder(path: Path) -> bool:
-    config = path / "config.json"
-    return config.is_file() and '"steps"' in config.read_text()
-
-
-def _enclosing_run(path: Path) -> Path | None:
-    """The run folder holding a stage file (stageN/model.safetensors or vanilla/stageN/...)."""
-    for parent in list(path.parents)[:3]:
-        if _is_run_folder(parent):
-            return parent
-    return None
-
-
-def run_stage_of(folder: Path, chain: str, stage: int | None,
-                 device: str = "cpu") -> tuple[Run, int]:
-    """The run in ``folder`` and its ``stage`` (default: the chain's last finished one)."""
-    config = _run_config(folder, device)
-    run = Run(config)
-    if stage is None:
-        done = [s for s in range(len(config.steps) - 1, -1, -1) if run.is_done(chain, s)]
-        if not done:
-            raise SampleError(f"run folder {folder} has no finished stage; run "
-                              f"`{stage_command(chain, 0)} --run-dir {folder}` first")
-        stage = done[0]
-    return run, stage
-
-
-def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
-    run, stage = run_stage_of(folder, chain, stage, device)
-    # Verified against its done.json, whose shift and steps sample() uses.
-    model = run.load_stage_model(chain, stage, check_grid=False)
-    return LoadedModel(model, f"{folder}/{stage_name(chain, stage)}", run.config, stage,
-                       run.record(chain, stage))
-
-
-def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
-    record = None
-    if path.name == OUTPUT and (path.parent / RECORD).is_file():  # a stage output
-        verify_output(path.parent)
-        record = read_record(path.parent)
-    meta = read_metadata(path)
-    run = _enclosing_run(path)
-    if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
-        if run is None:
-            raise SampleError(f"{path} holds a LoRA adapter, not a model, and no run folder "
-                              "encloses it (the adapter needs its stage-0 base): pass the run "
-                              "folder with --chain/--stage instead")
-        chain, stage = parse_stage_name(meta.get("stage", ""))
-        return _load_from_run(run, chain, int(stage), run_device)
-    cfg = DiTConfig(**json.loads(meta["dit_config"]))
-    model = load_stage_output(WanDiT(cfg), path, meta)
-    return LoadedModel(model.to(device), str(path),
-                       None if run is None else _run_config(run, run_device), record=record)
-
-
-def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
-    if preset is not None:
-        cfg = get_preset(preset)
-    elif transformer_folder(path) is not None:  # a transformer or a whole Diffusers folder
-        path = transformer_folder(path)
-        cfg = config_from_diffusers(path)
-    else:
-        raise SampleError(f"{path} is not a gpd_train checkpoint: pass --preset (one of "
-                          "tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b) to say which model it holds")
-    model = WanDiT(cfg)
-    try:
-        fmt = load_checkpoint(model, path)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise SampleError(f"checkpoint {path} does not fit the {preset or 'configured'} model: "
-                          f"{exc}") from None
-    return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
-
-
-def load_model(path: str | Path, *, preset: str | None = None, chain: str = "gpd",
-               stage: int | None = None, device: str = "auto") -> LoadedModel:
-    """Resolve PATH (run folder, stage folder/file, Wan or diffusers checkpoint) to a model."""
-    path = Path(path)
-    if not path.exists():
-        raise SampleError(f"no checkpoint at {path}: {TRAIN_HINT}")
-    try:
-        torch_device = resolve_device(device)
-        if path.is_dir() and _is_run_folder(path):
-            return _load_from_run(path, chain, stage, device)
-        if path.is_dir() and (path / "done.json").is_file():
-            path = path / "model.safetensors"
-        if path.is_file() and path.suffix == ".safetensors":
-            if read_metadata(path).get("format") == "gpd_train":
-                return _load_gpd_file(path, torch_device, device)
-        return _load_external(path, preset, torch_device)
-    except SampleError:
-        raise
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise SampleError(f"cannot load {path}: {exc}") from None
 
 
 def _embeddings_file(path: Path, text_dim: int, latent_shape: str | None,
@@ -466,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run folder, stage, Wan or diffusers")
     parser.add_argument("--stage", type=int, help="stage of a run folder (default: the last done)")
-    parser.add_argument("--chain", choices=CHAINS, default="gpd")
+    add_chain_argument(parser, "the chain of the run folder's stage to sample")
     parser.add_argument("--preset", help="model preset for a Wan/diffusers file")
     parser.add_argument("--steps", type=int,
                         help=f"sampling steps (default: the stage's own, else {DEFAULT_STEPS})")

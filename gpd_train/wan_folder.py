@@ -20,6 +20,7 @@ from pathlib import Path
 from gpd_model import PRESETS, DiTConfig, config_from_diffusers
 
 from .config import DEFAULT_GUIDANCE, DEFAULT_SHIFT, RunConfig
+from .errors import GPDError
 
 # component -> (a file that must be inside it, what it is)
 COMPONENTS: dict[str, tuple[str, str]] = {
@@ -34,7 +35,7 @@ LAYOUT_HINT = ("expected a Wan2.1-T2V-Diffusers folder (model_index.json, text_e
                "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 
 
-class WanFolderError(ValueError):
+class WanFolderError(GPDError, ValueError):
     """A Diffusers folder that lacks a component or holds an unusable one."""
 
 

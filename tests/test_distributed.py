@@ -32,6 +32,8 @@ import torch
 from gpd_model import WanDiT, get_preset, load_checkpoint
 from gpd_train import parallel
 from gpd_train.__main__ import main
+from gpd_train.builders import TrainingRun, build_distill
+from gpd_train.chains import StageId
 from gpd_train.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -42,9 +44,9 @@ from gpd_train.checkpoint import (
 )
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
-from gpd_train.dist_checkpoint import DIFFUSERS_FOLDER
 from gpd_train.parallel import ParallelConfig, StreamGroup
-from gpd_train.pipeline import Run, build_distill, run_stage
+from gpd_train.pipeline import run_stage
+from gpd_train.stages import DIFFUSERS_FOLDER
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 2e-5, 1e-7
@@ -53,7 +55,7 @@ LORA_VANILLA = {"vanilla.lora_rank": 2, "vanilla.lora_alpha": 4.0,
 GLOBAL_BATCH, STREAMS = 4, 2
 
 
-def micro_run(run_dir: Path, ranks: int, **overrides) -> Run:
+def micro_run(run_dir: Path, ranks: int, **overrides) -> TrainingRun:
     """A 2-layer width-32 DiT on 4-frame 8x8 videos; the global batch is 4 in 2 streams."""
     values = {"run_dir": str(run_dir), "device": "cpu", "steps": [8, 4, 2, 1],
               "batch_size": GLOBAL_BATCH // ranks, "checkpoint_every": 2,
@@ -61,7 +63,7 @@ def micro_run(run_dir: Path, ranks: int, **overrides) -> Run:
               "distill.state_source": "student", "distill.freq_weight": [0.5, 0.0, 0.0],
               "parallel.data_streams": STREAMS}
     values.update(overrides)
-    run = Run(load_config(None, values))
+    run = TrainingRun(load_config(None, values))
     run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=2)
     run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8)
     return run
@@ -91,13 +93,13 @@ def worker(run_dir: Path) -> None:
     try:
         run = micro_run(run_dir, parallel.world().world_size,
                         **{"parallel.activation_checkpointing": True, **LORA_VANILLA})
-        run_stage(run, "gpd", 0, resume=False)
-        run_stage(run, "gpd", 1, resume=False)
-        run_stage(run, "vanilla", 1, resume=False)
-        stage1 = run.stage_folder("gpd", 1)
+        run_stage(run, StageId("gpd", 0), resume=False)
+        run_stage(run, StageId("gpd", 1), resume=False)
+        run_stage(run, StageId("vanilla", 1), resume=False)
+        stage1 = run.stage_folder(StageId("gpd", 1))
         parallel.main_only(shutil.copy, stage1 / "metrics.jsonl", stage1 / "continuous.jsonl")
         parallel.main_only(point_latest, stage1, 2)
-        build_distill(run, "gpd", 1).run(resume=True)
+        build_distill(run, StageId("gpd", 1)).run(resume=True)
     finally:
         parallel.teardown()
 
@@ -128,7 +130,7 @@ def one_thread():
 def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one_thread):
     run = micro_run(tmp_path / "run", ranks=1)
     for stage in (0, 1):
-        run_stage(run, "gpd", stage, resume=False)
+        run_stage(run, StageId("gpd", stage), resume=False)
         name = f"stage{stage}"
         single = losses(tmp_path / "run" / name / "metrics.jsonl")
         metrics = "continuous.jsonl" if stage == 1 else "metrics.jsonl"
@@ -147,8 +149,8 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one
 def test_lora_stage_on_two_ranks_follows_the_one_process_run(two_rank_run, tmp_path,
                                                               one_thread):
     run = micro_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
-    run_stage(run, "gpd", 0, resume=False)
-    run_stage(run, "vanilla", 1, resume=False)
+    run_stage(run, StageId("gpd", 0), resume=False)
+    run_stage(run, StageId("vanilla", 1), resume=False)
     single = losses(tmp_path / "run" / "vanilla" / "stage1" / "metrics.jsonl")
     double = losses(two_rank_run / "vanilla" / "stage1" / "metrics.jsonl")
     assert len(single) == len(double) == 2
@@ -188,7 +190,7 @@ def test_dcp_checkpoint_from_two_ranks_resumes_in_one_process(two_rank_run, tmp_
     stage1 = run_dir / "stage1"
     point_latest(stage1, 2)
     assert is_dcp(CheckpointStore(stage1 / "ckpt").latest())
-    trainer = build_distill(micro_run(run_dir, ranks=1), "gpd", 1)
+    trainer = build_distill(micro_run(run_dir, ranks=1), StageId("gpd", 1))
     trainer.run(resume=True)
     resumed = losses(stage1 / "metrics.jsonl")
     continuous = losses(stage1 / "continuous.jsonl")
@@ -205,7 +207,7 @@ def test_resume_on_another_layout_is_refused_with_the_flags_to_use(two_rank_run,
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_run, run_dir)
     run = micro_run(run_dir, ranks=1, **{"parallel.data_streams": 1})
-    trainer = build_distill(run, "gpd", 1)
+    trainer = build_distill(run, StageId("gpd", 1))
     with pytest.raises(ValueError, match="2 data streams of 2 samples .*this run has 1 of 4.*"
                                          "--data-streams 2 --batch-size 4"):
         trainer.run(resume=True)

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import losses, micro_run, run_until_killed, with_random_stages
 
+from gpd_train.builders import TrainingRun, build_distill
+from gpd_train.chains import GUIDANCE_STAGE, StageId
 from gpd_train.checkpoint import CheckpointError
 from gpd_train.lora import (
     BASE,
@@ -20,7 +22,7 @@ from gpd_train.lora import (
     merge_adapter,
 )
 from gpd_train.objectives import StageTeacher, teacher_target
-from gpd_train.pipeline import build_distill, run_stage
+from gpd_train.pipeline import run_stage
 from gpd_train.run_folder import RunFolderError
 
 pytest.importorskip("peft")
@@ -35,10 +37,10 @@ def lora_run(tmp_path, **overrides):
 def finish_random_adapter(run, chain: str, stage: int, seed: int) -> dict[str, torch.Tensor]:
     """A stand-in LoRA output for ``stage`` (random A and B, so it changes the base)."""
     generator = torch.Generator().manual_seed(seed)
-    spec = run.lora_spec(chain, stage)
+    spec = run.lora_spec(StageId(chain, stage))
     adapter = {key: torch.randn(shape, generator=generator) * 0.2
                for key, shape in adapter_shapes(run.new_model(), spec).items()}
-    run.finish_stage(chain, stage, adapter, {"steps": 0})
+    run.finish_stage(StageId(chain, stage), adapter, {"steps": 0})
     return adapter
 
 
@@ -48,7 +50,7 @@ def test_lora_step_trains_the_student_adapter_only(tmp_path, stage):
     with_random_stages(run, "gpd", 0)
     if stage == 2:
         finish_random_adapter(run, "gpd", 1, seed=5)
-    trainer = build_distill(run, "gpd", stage)
+    trainer = build_distill(run, StageId("gpd", stage))
     model, teacher = trainer.model, trainer.objective.teacher
     assert teacher.model is model  # one model: the teacher is an adapter switch on it
     assert teacher.adapter == (BASE if stage == 1 else TEACHER)
@@ -66,12 +68,12 @@ def test_lora_teacher_target_equals_a_separate_merged_teacher(tmp_path):
     run = lora_run(tmp_path)
     with_random_stages(run, "gpd", 0)
     adapter = finish_random_adapter(run, "gpd", 1, seed=6)
-    trainer = build_distill(run, "gpd", 2)
-    merged_teacher = run.load_stage_model("gpd", 1)  # stage 0 + adapter 1, merged
-    spec = run.lora_spec("gpd", 1)
+    trainer = build_distill(run, StageId("gpd", 2))
+    merged_teacher = run.load_stage_model(StageId("gpd", 1))  # stage 0 + adapter 1, merged
+    spec = run.lora_spec(StageId("gpd", 1))
     torch.testing.assert_close(
         merged_teacher.state_dict()["blocks.0.ffn.0.weight"],
-        merge_adapter(run.load_stage_model("gpd", 0), adapter, spec, "a").state_dict()[
+        merge_adapter(run.load_stage_model(StageId("gpd", 0)), adapter, spec, "a").state_dict()[
             "blocks.0.ffn.0.weight"])
     grid = trainer.objective.grid
     generator = torch.Generator().manual_seed(0)
@@ -94,7 +96,7 @@ def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, mon
         run = lora_run(folder, **{"distill.iterations": [4, 7, 4]})
         with_random_stages(run, "gpd", 0)
         finish_random_adapter(run, "gpd", 1, seed=7)
-        return run, build_distill(run, "gpd", 2)
+        return run, build_distill(run, StageId("gpd", 2))
 
     _, reference = build(tmp_path / "a")
     reference.run(resume=False)
@@ -105,7 +107,7 @@ def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, mon
     for part in ("model", "ema"):
         keys = set(load_file(str(saved / f"{part}.safetensors")))
         assert keys == set(trainer.ema.state_dict()) and all(f".{STUDENT}." in k for k in keys)
-    resumed = build_distill(broken, "gpd", 2)
+    resumed = build_distill(broken, StageId("gpd", 2))
     resumed.run(resume=True)
     assert losses(resumed) == losses(reference)
     for key, value in reference.ema.state_dict().items():
@@ -115,10 +117,10 @@ def test_lora_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, mon
 def test_lora_chain_end_to_end(tmp_path):
     run = lora_run(tmp_path)
     for stage in range(4):
-        run_stage(run, "gpd", stage, resume=False)
-    spec = run.lora_spec("gpd", 3)
+        run_stage(run, StageId("gpd", stage), resume=False)
+    spec = run.lora_spec(StageId("gpd", 3))
     for stage in (1, 2, 3):
-        folder = run.stage_folder("gpd", stage)
+        folder = run.stage_folder(StageId("gpd", stage))
         output = load_file(str(folder / "model.safetensors"))
         assert {k: tuple(v.shape) for k, v in output.items()} == adapter_shapes(
             run.new_model(), spec)  # the adapter alone, not a model
@@ -126,9 +128,9 @@ def test_lora_chain_end_to_end(tmp_path):
         assert record["options"]["lora"] == {"rank": 2, "alpha": 4.0,
                                              "targets": list(spec.targets)}
     # The final student loads as stage 0 + its adapter, merged.
-    merged = run.load_stage_model("gpd", 3)
-    want = merge_adapter(run.load_stage_model("gpd", 0),
-                         load_file(str(run.stage_folder("gpd", 3) / "model.safetensors")),
+    merged = run.load_stage_model(StageId("gpd", 3))
+    want = merge_adapter(run.load_stage_model(StageId("gpd", 0)),
+                         load_file(str(run.stage_folder(StageId("gpd", 3)) / "model.safetensors")),
                          spec, "s3")
     for key, value in want.state_dict().items():
         assert torch.equal(merged.state_dict()[key], value)
@@ -138,35 +140,35 @@ def test_lora_stage_refuses_a_teacher_with_full_weights_or_another_rank(tmp_path
     with_random_stages(micro_run(tmp_path), "gpd", 1)  # stage 1 with full weights
     run = lora_run(tmp_path)
     with pytest.raises(RunFolderError, match="holds full weights"):
-        build_distill(run, "gpd", 2)
+        build_distill(run, StageId("gpd", 2))
     other = lora_run(tmp_path / "other")
     with_random_stages(other, "gpd", 0)
     finish_random_adapter(other, "gpd", 1, seed=8)
     changed = lora_run(tmp_path / "other", **{"distill.lora_rank": 3})
     with pytest.raises(RunFolderError, match="rank 2.*asks for rank 3"):
-        build_distill(changed, "gpd", 2)
+        build_distill(changed, StageId("gpd", 2))
 
 
 def test_corrupt_adapter_output_is_refused(tmp_path):
     run = lora_run(tmp_path)
     with_random_stages(run, "gpd", 0)
     finish_random_adapter(run, "gpd", 1, seed=9)
-    path = run.stage_folder("gpd", 1) / "model.safetensors"
+    path = run.stage_folder(StageId("gpd", 1)) / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[-8:] = b"\xff" * 8
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
-        run.load_stage_model("gpd", 1)
+        run.load_stage_model(StageId("gpd", 1))
     with pytest.raises(CheckpointError, match="corrupt"):
-        build_distill(run, "gpd", 2)
+        build_distill(run, StageId("gpd", 2))
 
 
 def test_lora_spec_round_trip_in_run_metadata(tmp_path):
     run = lora_run(tmp_path)
-    meta = run.metadata("gpd", 2)
-    assert LoraSpec.from_metadata(meta["lora"], "meta") == run.lora_spec("gpd", 2)
-    assert "lora" not in run.metadata("gpd", 0)
-    assert "lora" not in run.metadata("vanilla", 2)  # the [vanilla] table has no lora_rank
+    meta = run.metadata(StageId("gpd", 2))
+    assert LoraSpec.from_metadata(meta["lora"], "meta") == run.lora_spec(StageId("gpd", 2))
+    assert "lora" not in run.metadata(StageId("gpd", 0))
+    assert "lora" not in run.metadata(StageId("vanilla", 2))  # the [vanilla] table has no lora_rank
 
 
 def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
@@ -178,12 +180,10 @@ def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
     from gpd_train.__main__ import main as train
     from gpd_train.config import load_config
     from gpd_train.export import main as export
-    from gpd_train.pipeline import Run
-
     run_dir, out = tmp_path / "run", tmp_path / "lora"
     assert train(["--stage", "0", "--teacher-iterations", "2", "--run-dir", str(run_dir),
                   "--device", "cpu", "--batch-size", "2"]) == 0
-    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+    run = TrainingRun(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
                                  "distill.lora_rank": 3, "distill.lora_alpha": 6.0}))
     finish_random_adapter(run, "gpd", 1, seed=10)
     assert export(["--run", str(run_dir), "--out", str(out), "--stage", "1"]) == 0
@@ -192,9 +192,9 @@ def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
     assert record["steps"] == 24 and record["lora"]["rank"] == 3
     assert (out / "scheduler" / "scheduler_config.json").is_file()
 
-    save_diffusers(run.load_stage_model("gpd", 0), tmp_path / "base")
+    save_diffusers(run.load_stage_model(StageId("gpd", 0)), tmp_path / "base")
     transformer = WanTransformer3DModel.from_pretrained(str(tmp_path / "base"))
-    student = run.load_stage_model("gpd", 1)
+    student = run.load_stage_model(StageId("gpd", 1))
     cfg = student.cfg
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, cfg.in_channels, 4, 6, 10, generator=generator)
@@ -223,19 +223,19 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
 
     from gpd_train.__main__ import main as train
     from gpd_train.config import load_config
-    from gpd_train.pipeline import Run
-    from gpd_train.sample import SampleError, load_model
+    from gpd_train.loading import load_model
+    from gpd_train.sample import SampleError
 
     run_dir = tmp_path / "run"
     assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
                   "--device", "cpu", "--batch-size", "2"]) == 0
-    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+    run = TrainingRun(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
                                  "distill.lora_rank": 2}))
     finish_random_adapter(run, "gpd", 1, seed=11)
-    stage_file = run.stage_folder("gpd", 1) / "model.safetensors"
+    stage_file = run.stage_folder(StageId("gpd", 1)) / "model.safetensors"
     loaded = load_model(stage_file, device="cpu")
     assert loaded.stage == 1 and loaded.record["options"]["lora"]["rank"] == 2
-    want = run.load_stage_model("gpd", 1).state_dict()
+    want = run.load_stage_model(StageId("gpd", 1)).state_dict()
     assert all(torch.equal(want[k], v) for k, v in loaded.model.state_dict().items())
     alone = tmp_path / "elsewhere" / "model.safetensors"
     alone.parent.mkdir()
@@ -247,7 +247,7 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
 def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tmp_path):
     run = lora_run(tmp_path, precision="bf16")
     with_random_stages(run, "gpd", 0)
-    trainer = build_distill(run, "gpd", 1)
+    trainer = build_distill(run, StageId("gpd", 1))
     dtypes = {k: p.dtype for k, p in trainer.model.named_parameters()}
     assert {d for k, d in dtypes.items() if ".lora_" not in k} == {torch.bfloat16}
     assert {d for k, d in dtypes.items() if ".lora_" in k} == {torch.float32}
@@ -270,15 +270,13 @@ def guidance_inputs(run, batch: int = 3):
 
 
 def test_lora_guidance_stage_starts_as_t0_and_learns_from_t0_with_cfg(tmp_path):
-    from gpd_train.pipeline import GUIDANCE_STAGE
-
     run = lora_run(tmp_path, **GUIDED)
     with_random_stages(run, "gpd", 0)
-    trainer = build_distill(run, "gpd", GUIDANCE_STAGE)
+    trainer = build_distill(run, StageId("gpd", GUIDANCE_STAGE))
     model, teacher = trainer.model, trainer.objective.teacher
     assert teacher.model is model and teacher.adapter == BASE
     assert teacher.guidance_embedding is None and teacher.negative is not None
-    t0 = run.load_stage_model("gpd", 0)
+    t0 = run.load_stage_model(StageId("gpd", 0))
     x, t, c, w = guidance_inputs(run)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, c, guidance=w), t0(x, t, c), rtol=0, atol=0)
@@ -301,21 +299,19 @@ def finish_random_guided_adapter(run, stage, seed: int) -> None:
 
     generator = torch.Generator().manual_seed(seed)
     guidance = add_guidance_input(run.new_model()).guidance_embedding.state_dict()
-    shapes = {**adapter_shapes(run.new_model(), run.lora_spec("gpd", stage)),
+    shapes = {**adapter_shapes(run.new_model(), run.lora_spec(StageId("gpd", stage))),
               **{f"guidance_embedding.{k}": tuple(v.shape) for k, v in guidance.items()}}
-    run.finish_stage("gpd", stage, {k: torch.randn(s, generator=generator) * 0.2
+    run.finish_stage(StageId("gpd", stage), {k: torch.randn(s, generator=generator) * 0.2
                                     for k, s in shapes.items()}, {"steps": 0})
 
 
 def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
-    from gpd_train.pipeline import GUIDANCE_STAGE
-
     run = lora_run(tmp_path, **GUIDED)
     with_random_stages(run, "gpd", 0)
     finish_random_guided_adapter(run, GUIDANCE_STAGE, seed=13)
-    merged_g = run.load_stage_model("gpd", GUIDANCE_STAGE)  # stage 0 + adapter + w input
+    merged_g = run.load_stage_model(StageId("gpd", GUIDANCE_STAGE))  # stage 0 + adapter + w input
 
-    trainer = build_distill(run, "gpd", 1)
+    trainer = build_distill(run, StageId("gpd", 1))
     model, teacher = trainer.model, trainer.objective.teacher
     assert teacher.adapter == TEACHER and teacher.negative is None
     x, t, c, w = guidance_inputs(run)
@@ -334,9 +330,9 @@ def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
                                    rtol=1e-5, atol=1e-5)
     output = adapter_from_params(trainer.ema.state_dict())
     assert any(k.startswith("guidance_embedding.") for k in output)
-    run.finish_stage("gpd", 1, output, {"steps": 0})
-    unfolded = run.load_stage_model("gpd", 1)  # stage 0 + adapter, with its w input
-    student = run.load_stage_model("gpd", 1, fold_at=2.0)  # w folded: a plain Wan2.1 model
+    run.finish_stage(StageId("gpd", 1), output, {"steps": 0})
+    unfolded = run.load_stage_model(StageId("gpd", 1))  # stage 0 + adapter, with its w input
+    student = run.load_stage_model(StageId("gpd", 1), fold_at=2.0)  # w folded: a plain Wan2.1 model
     assert student.guidance_embedding is None
     with torch.no_grad():
         torch.testing.assert_close(student(x, t, c), unfolded(x, t, c, guidance=torch.full(
@@ -347,12 +343,10 @@ def test_export_refuses_a_w_conditioned_lora_and_names_merged(tmp_path, capsys):
     from gpd_train.__main__ import main as train
     from gpd_train.config import load_config
     from gpd_train.export import main as export
-    from gpd_train.pipeline import GUIDANCE_STAGE, Run
-
     run_dir = tmp_path / "run"
     assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
                   "--device", "cpu", "--batch-size", "2"]) == 0
-    run = Run(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
+    run = TrainingRun(load_config(None, {"run_dir": str(run_dir), "device": "cpu",
                                  "distill.lora_rank": 2, "distill.guidance_stage": True}))
     for stage in (GUIDANCE_STAGE, 1):
         finish_random_guided_adapter(run, stage, seed=14)

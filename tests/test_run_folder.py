@@ -17,18 +17,14 @@ from gpd_kernels.reference import double_step_target_reference
 from gpd_model import get_preset
 from gpd_train import sample
 from gpd_train.__main__ import main
+from gpd_train.builders import TrainingRun, build_distill, build_stage0
+from gpd_train.chains import StageId
 from gpd_train.checkpoint import CheckpointError
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
-from gpd_train.pipeline import (
-    MissingStageError,
-    Run,
-    build_distill,
-    build_stage0,
-    run_pipeline,
-    run_stage,
-)
+from gpd_train.pipeline import run_pipeline, run_stage
 from gpd_train.run_folder import RunFolderError, RunLock, StaleStageError
+from gpd_train.stages import MissingStageError, RunFolder
 
 MICRO_TOML = """\
 steps = [8, 4]
@@ -52,26 +48,31 @@ examples = 2
 
 @pytest.fixture
 def micro(tmp_path, monkeypatch):
-    """CLI arguments for a one-stage micro run; every Run built gets the micro model."""
-    real_init = Run.__init__
+    """CLI arguments for a one-stage micro run; every run folder opened gets the micro
+    model, and every training run the micro data."""
+    real_folder, real_training = RunFolder.__init__, TrainingRun.__init__
 
-    def micro_init(self, config):
-        real_init(self, config)
+    def micro_folder(self, config, device=None):
+        real_folder(self, config, device)
         self.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
+
+    def micro_training(self, config):
+        real_training(self, config)
         self.data = ProceduralVideos(self.dit_config.text_dim, frames=4, size=8, speed=1)
 
-    monkeypatch.setattr(Run, "__init__", micro_init)
+    monkeypatch.setattr(RunFolder, "__init__", micro_folder)
+    monkeypatch.setattr(TrainingRun, "__init__", micro_training)
     toml = tmp_path / "micro.toml"
     toml.write_text(MICRO_TOML)
     return ["--config", str(toml), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
 
 
-def micro_run(tmp_path, **overrides) -> Run:
+def micro_run(tmp_path, **overrides) -> TrainingRun:
     values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4],
               "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 6,
               "distill.iterations": [3], "distill.freq_weight": [0.0],
               "vanilla.iterations": [2], "vanilla.freq_weight": [0.0]}
-    return Run(load_config(None, {**values, **overrides}))
+    return TrainingRun(load_config(None, {**values, **overrides}))
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -88,7 +89,7 @@ def assert_nothing_lost(before: dict[str, str], folder: Path) -> None:
     assert not missing, f"lost: {[k for k, v in kept.items() if v in missing]}"
 
 
-def killed_stage0(run: Run, monkeypatch, at: int = 8):
+def killed_stage0(run: TrainingRun, monkeypatch, at: int = 8):
     """Stage 0 killed (KeyboardInterrupt) at step ``at``: checkpoints at steps 3 and 6."""
     trainer = build_stage0(run)
     trainer.iterations = 9
@@ -250,9 +251,9 @@ def test_retrained_teacher_makes_students_stale(micro, tmp_path, capsys):
     assert "stage1 is stale: its stage teacher stage0 changed since" in err
     assert "python -m gpd_train --stage 1 --run-dir" in err and "--restart" in err
     assert main(["--stage", "1", "--resume", *micro]) == 2  # --resume does not bypass it
-    run = Run(load_config(micro[1], {"run_dir": str(run_dir), "device": "cpu"}))
+    run = TrainingRun(load_config(micro[1], {"run_dir": str(run_dir), "device": "cpu"}))
     with pytest.raises(StaleStageError, match="stage1 is stale"):
-        run.load_stage_model("gpd", 1)  # the evaluation and the next stage load this way
+        run.load_stage_model(StageId("gpd", 1))  # the evaluation and the next stage load this way
     assert hashes(run_dir) == before
     # The pipeline says so, moves both stale students aside and retrains them.
     assert run_pipeline(run.config, evaluate=False) is None
@@ -261,41 +262,43 @@ def test_retrained_teacher_makes_students_stale(micro, tmp_path, capsys):
     assert "[vanilla/stage1] stale" in out
     assert len(list(run_dir.glob("stage1.old-*"))) == 1
     assert len(list((run_dir / "vanilla").glob("stage1.old-*"))) == 1
-    assert run.stale_reason("gpd", 1) is None and run.stale_reason("vanilla", 1) is None
+    assert run.stale_reason(StageId("gpd", 1)) is None
+    assert run.stale_reason(StageId("vanilla", 1)) is None
     assert_nothing_lost(before, run_dir)
 
 
 def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
     run = micro_run(tmp_path, **{"distill.iterations": [6]})
-    run_stage(run, "gpd", 0, resume=False)
-    trainer = build_distill(run, "gpd", 1)
+    run_stage(run, StageId("gpd", 0), resume=False)
+    trainer = build_distill(run, StageId("gpd", 1))
     trainer.iterations = 3
     trainer.run(resume=False)  # a partial stage 1 at step 3
-    run_stage(run, "gpd", 0, resume=False, restart=True)
+    run_stage(run, StageId("gpd", 0), resume=False, restart=True)
     run.config.seed = 5  # another teacher
-    run_stage(run, "gpd", 0, resume=False, restart=True)
+    run_stage(run, StageId("gpd", 0), resume=False, restart=True)
     before = hashes(run.folder)
     with pytest.raises(CheckpointError, match=r"teacher_sha256=.*--restart"):
-        run_stage(run, "gpd", 1, resume=True)
+        run_stage(run, StageId("gpd", 1), resume=True)
     assert hashes(run.folder) == before
 
 
 def test_pipeline_moves_a_partial_stage_of_a_changed_teacher_aside(tmp_path, capsys):
     run = micro_run(tmp_path, **{"distill.iterations": [6]})
-    run_stage(run, "gpd", 0, resume=False)
-    trainer = build_distill(run, "gpd", 1)
+    run_stage(run, StageId("gpd", 0), resume=False)
+    trainer = build_distill(run, StageId("gpd", 1))
     trainer.iterations = 3
     trainer.run(resume=False)  # a partial stage 1 at step 3
-    assert run.partial_stale_reason("gpd", 1) is None  # its teacher is unchanged
+    assert run.partial_stale_reason(StageId("gpd", 1)) is None  # its teacher is unchanged
     run.config.seed = 5  # another teacher
-    run_stage(run, "gpd", 0, resume=False, restart=True)
-    assert "were written under its stage teacher stage0" in run.partial_stale_reason("gpd", 1)
+    run_stage(run, StageId("gpd", 0), resume=False, restart=True)
+    reason = run.partial_stale_reason(StageId("gpd", 1))
+    assert "were written under its stage teacher stage0" in reason
     before = hashes(run.folder)
     capsys.readouterr()
     assert run_pipeline(run.config, evaluate=False) is None
     assert "[stage1] stale: its checkpoints (step-00000003)" in capsys.readouterr().out
     assert len(list(run.folder.glob("stage1.old-*"))) == 1
-    assert run.is_done("gpd", 1) and run.stale_reason("gpd", 1) is None
+    assert run.is_done(StageId("gpd", 1)) and run.stale_reason(StageId("gpd", 1)) is None
     assert_nothing_lost(before, run.folder)
 
 
@@ -357,11 +360,11 @@ def test_flipped_bytes_in_a_stage_output_are_refused_everywhere(micro, tmp_path,
 
 def test_corrupt_done_json_is_named(tmp_path):
     run = micro_run(tmp_path)
-    run.finish_stage("gpd", 0, run.new_model().state_dict(), {})
-    done = run.stage_folder("gpd", 0) / "done.json"
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {})
+    done = run.stage_folder(StageId("gpd", 0)) / "done.json"
     done.write_text('{"sha256": ')
     with pytest.raises(RunFolderError, match=f"corrupt stage record {done}"):
-        run.load_stage_model("gpd", 0)
+        run.load_stage_model(StageId("gpd", 0))
 
 
 # -- 4. every option validated up front ----------------------------------------------------
@@ -380,7 +383,7 @@ def test_corrupt_done_json_is_named(tmp_path):
     (["--stage", "0", "--data", "/nonexistent/data"], "--data /nonexistent/data does not exist"),
     (["--stage", "0", "--lr", "1e-3"], "--lr not used by stage 0"),
     (["--stage", "1", "--chain", "vanilla", "--state-source", "data"],
-     "--state-source set the GPD chain ([distill])"),
+     "--state-source set the [distill] table (read by --chain gpd)"),
     (["--restart"], "--restart applies to one stage"),
     (["--compare", "x=runs/x"], "--compare adds rows to the evaluation report"),
 ])

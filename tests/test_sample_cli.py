@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from gpd_model import WanDiT, euler_sample, get_preset, make_noise, save_diffusers, sigma_grid
 from gpd_model.checkpoint import export_state_dict
 from gpd_model.graph_sampler import GraphSampler
+from gpd_train.builders import TrainingRun
+from gpd_train.chains import StageId
 from gpd_train.config import RunConfig, load_config
 from gpd_train.data import ProceduralVideos
-from gpd_train.pipeline import Run
 from gpd_train.sample import main
 
 STEPS = 2
@@ -22,10 +23,10 @@ STEPS = 2
 def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     config = RunConfig(run_dir=str(folder), preset="tiny", device="cpu")
-    run = Run(config)
+    run = TrainingRun(config)
     run.save_config()
     model = run.new_model()
-    run.finish_stage("gpd", 0, model.state_dict(), {"stage": 0})
+    run.finish_stage(StageId("gpd", 0), model.state_dict(), {"stage": 0})
     return folder, model.eval(), config
 
 
@@ -112,7 +113,7 @@ def test_missing_checkpoint_names_the_command(tmp_path, capsys):
 
 def test_run_without_finished_stage_names_the_command(tmp_path, capsys):
     folder = tmp_path / "empty_run"
-    Run(RunConfig(run_dir=str(folder), preset="tiny", device="cpu")).save_config()
+    TrainingRun(RunConfig(run_dir=str(folder), preset="tiny", device="cpu")).save_config()
     err = _error(tmp_path, capsys, "--checkpoint", folder)
     assert f"run folder {folder} has no finished stage" in err
     assert f"python -m gpd_train --stage 0 --run-dir {folder}" in err
@@ -163,14 +164,14 @@ def test_a_guidance_input_student_samples_folded_at_the_asked_w(tmp_path):
 
     config = load_config(None, {"run_dir": str(tmp_path / "run"), "device": "cpu",
                                 "distill.guidance_stage": True})
-    run = Run(config)
+    run = TrainingRun(config)
     run.save_config()
-    run.finish_stage("gpd", 0, run.new_model().state_dict(), {"stage": 0})
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": 0})
     student = add_guidance_input(run.new_model())
     torch.nn.init.normal_(student.guidance_embedding.mlp[2].weight, std=0.1)  # w matters
-    run.finish_stage("gpd", "g", student.state_dict(), {"stage": "g"})
+    run.finish_stage(StageId("gpd", "g"), student.state_dict(), {"stage": "g"})
     for w in (1.0, 2.5):
-        code, out = _run(tmp_path / str(w), "--checkpoint", run.stage_folder("gpd", "g"),
+        code, out = _run(tmp_path / str(w), "--checkpoint", run.stage_folder(StageId("gpd", "g")),
                          "--num", 2, "--guidance", w)
         assert code == 0
         latents = load_file(str(out / "latents.safetensors"))["latents"]

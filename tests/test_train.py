@@ -8,40 +8,35 @@ import torch
 import gpd_train.checkpoint as checkpoint_module
 from gpd_model import add_guidance_input, euler_step, get_preset, guided_velocity, sigma_grid
 from gpd_train.__main__ import main
+from gpd_train.builders import TrainingRun, build_distill, build_stage0
+from gpd_train.chains import GUIDANCE_STAGE, StageId
 from gpd_train.checkpoint import CheckpointError, load_exact, read_manifest
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
 from gpd_train.evaluate import evaluate_run
 from gpd_train.loop import NonFiniteLossError
 from gpd_train.objectives import StageTeacher, teacher_target
-from gpd_train.pipeline import (
-    GUIDANCE_STAGE,
-    MissingStageError,
-    Run,
-    build_distill,
-    build_stage0,
-    pipeline_plan,
-    run_stage,
-)
+from gpd_train.pipeline import pipeline_plan, run_stage
+from gpd_train.stages import MissingStageError
 
 
-def micro_run(tmp_path, **overrides) -> Run:
+def micro_run(tmp_path, **overrides) -> TrainingRun:
     values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4, 2, 1],
               "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 3,
               "distill.iterations": [4, 4, 4], "vanilla.iterations": [2, 2, 2],
               "guided.iterations": [2, 2, 2], "guided.guidance_iterations": 2,
               "eval.prompts": 4, "eval.batch_size": 4, "eval.examples": 2}
     values.update(overrides)
-    run = Run(load_config(None, values))
+    run = TrainingRun(load_config(None, values))
     run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
     run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8, speed=1)
     return run
 
 
-def with_random_stages(run: Run, chain: str, upto: int) -> None:
+def with_random_stages(run: TrainingRun, chain: str, upto: int) -> None:
     """Stand-in outputs for stages 0..upto, so a later stage can be built directly."""
     for stage in range(upto + 1):
-        run.finish_stage(chain, stage, run.new_model().state_dict(), {"steps": 0})
+        run.finish_stage(StageId(chain, stage), run.new_model().state_dict(), {"steps": 0})
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -72,7 +67,7 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
     run = micro_run(tmp_path, **{"distill.state_source": source,
                                  "distill.freq_weight": [0.0, 0.0, 1.0]})
     with_random_stages(run, "gpd", stage - 1)
-    trainer = build_distill(run, "gpd", stage)
+    trainer = build_distill(run, StageId("gpd", stage))
     teacher, student = trainer.objective.teacher.model, trainer.model
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
@@ -164,7 +159,7 @@ def test_stage_grids_are_even_points_of_the_previous_grid(tmp_path):
     run = micro_run(tmp_path, steps=[48, 24, 12, 6], **{"distill.iterations": [1, 1, 1],
                                                         "vanilla.iterations": [1, 1, 1]})
     with_random_stages(run, "gpd", 2)
-    grids = [build_distill(run, "gpd", k).objective.grid for k in (1, 2, 3)]
+    grids = [build_distill(run, StageId("gpd", k)).objective.grid for k in (1, 2, 3)]
     assert [g.steps for g in grids] == [24, 12, 6]
     assert torch.equal(grids[0].teacher, sigma_grid(48, 3.0).float())
     for grid in grids:
@@ -181,7 +176,7 @@ def test_stage_grids_are_even_points_of_the_previous_grid(tmp_path):
 def test_pipelined_lanes_mix_grid_indices_and_restart(tmp_path):
     run = micro_run(tmp_path, batch_size=4, **{"distill.lane_groups": 1})
     with_random_stages(run, "gpd", 0)
-    trainer = build_distill(run, "gpd", 1)  # 4 student steps, 4 lanes
+    trainer = build_distill(run, StageId("gpd", 1))  # 4 student steps, 4 lanes
     trainer.iterations = 3
     trainer.run(resume=False)
     indices = [r["mean_index"] for r in trainer.metrics.records()]
@@ -196,7 +191,7 @@ def test_lane_groups_take_turns_advance_by_the_source_and_restart_fresh(tmp_path
     run = micro_run(tmp_path, batch_size=3, **{"distill.lane_groups": 2,
                                                 "distill.state_source": source})
     with_random_stages(run, "gpd", 0)
-    objective = build_distill(run, "gpd", 1).objective  # 4 student steps, 6 lanes
+    objective = build_distill(run, StageId("gpd", 1)).objective  # 4 student steps, 6 lanes
     seen: dict[str, torch.Tensor] = {}
     real_target, real_student = objective._target, objective._student_velocity
 
@@ -243,14 +238,14 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
                                    "distill.guidance_stage": stage == GUIDANCE_STAGE,
                                    "distill.guidance_iterations": 7})
         with_random_stages(run, "gpd", 0)
-        return run, build_distill(run, "gpd", stage)
+        return run, build_distill(run, StageId("gpd", stage))
 
     _, reference = build(tmp_path / "a")
     reference.run(resume=False)
     broken, trainer = build(tmp_path / "b")
     run_until_killed(trainer, monkeypatch, at_step=5)
     assert trainer.checkpoints.latest().name == "step-00000003"
-    resumed = build_distill(broken, "gpd", stage)
+    resumed = build_distill(broken, StageId("gpd", stage))
     resumed.run(resume=True)
     assert losses(resumed) == losses(reference)
     for key, value in reference.ema.state_dict().items():
@@ -323,10 +318,10 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
 def test_missing_previous_stage_names_the_command(tmp_path, capsys):
     run = micro_run(tmp_path)
     with pytest.raises(MissingStageError, match=r"`python -m gpd_train --stage 0 --run-dir"):
-        build_distill(run, "gpd", 1)
+        build_distill(run, StageId("gpd", 1))
     with_random_stages(run, "gpd", 0)
     with pytest.raises(MissingStageError, match=r"--stage 1 --chain vanilla"):
-        build_distill(run, "vanilla", 2)
+        build_distill(run, StageId("vanilla", 2))
     assert main(["--stage", "2", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "python -m gpd_train --stage 1" in capsys.readouterr().err
 
@@ -348,8 +343,9 @@ def test_config_file_and_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('batch_size = 8\n[distill]\niterations = [5, 6, 7]\nstate_source = "data"\n')
     config = load_config(toml, {"distill.lr": 3e-4, "guidance": 2.0})
-    assert (config.batch_size, config.distill.iterations, config.distill.state_source,
-            config.distill.lr, config.guidance) == (8, [5, 6, 7], "data", 3e-4, 2.0)
+    gpd = config.table("distill")
+    assert (config.batch_size, gpd.iterations, gpd.state_source, gpd.lr,
+            config.guidance) == (8, [5, 6, 7], "data", 3e-4, 2.0)
     toml.write_text("bacth_size = 8\n")
     with pytest.raises(ValueError, match="unknown key 'bacth_size'"):
         load_config(toml)
@@ -363,9 +359,9 @@ def test_config_file_and_flags(tmp_path):
 
 def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
     run = micro_run(tmp_path, pipeline_chains=["gpd", "guided", "vanilla"])
-    for chain, stage in pipeline_plan(run.config):
-        run_stage(run, chain, stage, resume=True)
-    report = evaluate_run(run)
+    for sid in pipeline_plan(run.config):
+        run_stage(run, sid, resume=True)
+    report = evaluate_run(run, run.data)
     table = report.read_text()
     for label in ("teacher@8 (ref)", "ceiling: teacher@8, weights x(1+0.01N)",
                   "teacher@1 naive", "vanilla PD@1", "GPD@4", "GPD@1", "GPD-w guidance stage@8",
@@ -390,10 +386,11 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert (report.parent / "feature_net.safetensors").is_file()
     assert len(list(report.parent.glob("*.gif"))) == 19
-    assert json.loads((run.stage_folder("vanilla", 1) / "done.json").read_text())["iterations"] == 2
+    record = run.stage_folder(StageId("vanilla", 1)) / "done.json"
+    assert json.loads(record.read_text())["iterations"] == 2
 
 
-def guided_run(tmp_path, **overrides) -> Run:
+def guided_run(tmp_path, **overrides) -> TrainingRun:
     return micro_run(tmp_path, **{"distill.guidance_stage": True,
                                   "distill.guidance_range": [1.0, 3.0],
                                   "distill.guidance_iterations": 3, **overrides})
@@ -401,9 +398,10 @@ def guided_run(tmp_path, **overrides) -> Run:
 
 def test_guidance_stage_starts_as_the_teacher_and_learns_the_guided_velocity(tmp_path):
     run = guided_run(tmp_path)
-    assert pipeline_plan(run.config)[:3] == [("gpd", 0), ("gpd", GUIDANCE_STAGE), ("gpd", 1)]
+    assert pipeline_plan(run.config)[:3] == [StageId("gpd", 0), StageId("gpd", GUIDANCE_STAGE),
+                                             StageId("gpd", 1)]
     with_random_stages(run, "gpd", 0)
-    trainer = build_distill(run, "gpd", GUIDANCE_STAGE)
+    trainer = build_distill(run, StageId("gpd", GUIDANCE_STAGE))
     objective, student = trainer.objective, trainer.model
     assert objective.teacher.negative is not None  # T0 as a CFG pair
     assert objective.grid.steps == 8 and objective.grid.fine_steps == 1
@@ -417,25 +415,26 @@ def test_guidance_stage_starts_as_the_teacher_and_learns_the_guided_velocity(tmp
     trainer.run(resume=False)
     guidance = objective.lanes.pool["guidance"]
     assert ((guidance >= 1.0) & (guidance <= 3.0)).all() and guidance.unique().numel() > 1
-    output = run_stage(run, "gpd", GUIDANCE_STAGE, resume=True)
+    output = run_stage(run, StageId("gpd", GUIDANCE_STAGE), resume=True)
     assert output.parent.name == "guidance"
-    assert run.load_stage_model("gpd", GUIDANCE_STAGE).guidance_embedding is not None
-    assert run.load_stage_model("gpd", GUIDANCE_STAGE, fold_at=2.0).guidance_embedding is None
+    assert run.load_stage_model(StageId("gpd", GUIDANCE_STAGE)).guidance_embedding is not None
+    folded = run.load_stage_model(StageId("gpd", GUIDANCE_STAGE), fold_at=2.0)
+    assert folded.guidance_embedding is None
 
 
 def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
     run = guided_run(tmp_path)
     with_random_stages(run, "gpd", 0)
-    run_stage(run, "gpd", GUIDANCE_STAGE, resume=False)
+    run_stage(run, StageId("gpd", GUIDANCE_STAGE), resume=False)
     for stage in (1, 2):
-        trainer = build_distill(run, "gpd", stage)
+        trainer = build_distill(run, StageId("gpd", stage))
         teacher = trainer.objective.teacher
         assert teacher.negative is None and teacher.model.guidance_embedding is not None
         assert trainer.model.guidance_embedding is not None
-        run_stage(run, "gpd", stage, resume=False)
+        run_stage(run, StageId("gpd", stage), resume=False)
     # The vanilla chain is unchanged: a CFG pair at the run's scale in stage 1, no input.
     with_random_stages(run, "vanilla", 0)
-    vanilla = build_distill(run, "vanilla", 1)
+    vanilla = build_distill(run, StageId("vanilla", 1))
     assert vanilla.model.guidance_embedding is None
     assert vanilla.objective.teacher.negative is not None
 
@@ -443,7 +442,7 @@ def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
 def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
     run = micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.25, 1.0]})
     with_random_stages(run, "gpd", 2)
-    objectives = [build_distill(run, "gpd", k).objective for k in (1, 2, 3)]
+    objectives = [build_distill(run, StageId("gpd", k)).objective for k in (1, 2, 3)]
     assert [o.guidance.low for o in objectives] == [2.0, 1.25, 1.0]
     assert [o.teacher.negative is not None for o in objectives] == [True, True, False]
     with pytest.raises(ValueError, match="stage_guidance needs one CFG scale > 0 per stage"):
@@ -457,11 +456,10 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
 
 def test_a_guidance_stage_on_the_gpd_chain_reports_it_at_other_w(tmp_path):
     run = guided_run(tmp_path, pipeline_chains=["gpd"], **{"eval.guidance_values": [2.5]})
-    assert pipeline_plan(run.config) == [("gpd", 0), ("gpd", "g"), ("gpd", 1), ("gpd", 2),
-                                         ("gpd", 3)]
-    for chain, stage in pipeline_plan(run.config):
-        run_stage(run, chain, stage, resume=True)
-    data = json.loads((evaluate_run(run).parent / "report.json").read_text())
+    assert pipeline_plan(run.config) == [StageId("gpd", s) for s in (0, "g", 1, 2, 3)]
+    for sid in pipeline_plan(run.config):
+        run_stage(run, sid, resume=True)
+    data = json.loads((evaluate_run(run, run.data).parent / "report.json").read_text())
     rows = {row["model"]: row for row in data["rows"]}
     assert rows["GPD guidance stage@8"]["nfe"] == 8 and rows["GPD@1"]["cfg"] == "input w=1.5"
     assert rows["teacher@8 w=2.5 (ref)"]["group"] == "guidance w=2.5"

@@ -18,9 +18,11 @@ import gpd_kernels.reference
 from gpd_kernels import force_fused_dit_ops, freq_loss
 from gpd_model import add_noise, shift_sigma, timestep_from_sigma
 from gpd_train.__main__ import main
+from gpd_train.builders import build_distill, build_stage0, check_cuda_graph
+from gpd_train.chains import StageId
 from gpd_train.loop import GRAD_CLIP, OptimizerState
 from gpd_train.objectives import FlowMatching
-from gpd_train.pipeline import build_distill, build_stage0, check_cuda_graph, run_pipeline
+from gpd_train.pipeline import run_pipeline
 from gpd_train.step import GraphStep, cuda_graph_refusal
 
 
@@ -87,7 +89,7 @@ def _build(folder, stage, source, iterations=6, **options):
     if stage == 0:
         return build_stage0(run)
     with_random_stages(run, "gpd", stage - 1)
-    return build_distill(run, "gpd", stage)
+    return build_distill(run, StageId("gpd", stage))
 
 
 @pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student"),
@@ -138,7 +140,7 @@ def test_cuda_graph_on_cpu_is_refused_before_anything_trains(tmp_path, capsys):
     run = micro_run(tmp_path, cuda_graph=True)
     with pytest.raises(ValueError, match="this run's device is cpu"):
         run_pipeline(run.config, evaluate=False)
-    assert not run.stage_folder("gpd", 0).exists()
+    assert not run.stage_folder(StageId("gpd", 0)).exists()
 
 
 @pytest.mark.parametrize("options,words", [
@@ -149,7 +151,7 @@ def test_cuda_graph_options_it_cannot_capture_are_refused(tmp_path, options, wor
     run = micro_run(tmp_path, cuda_graph=True, **options)
     run.device = torch.device("cuda")  # the refusal reads the configuration only
     with pytest.raises(ValueError, match=words):
-        check_cuda_graph(run, "gpd", 1)
+        check_cuda_graph(run, StageId("gpd", 1))
 
 
 def test_a_device_tensor_lr_is_saved_as_the_eager_trainers_float(tmp_path):
@@ -245,7 +247,7 @@ def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch
         run = micro_run(folder, cuda_graph=True, checkpoint_every=3,
                         **{"distill.iterations": [11, 4, 4], "distill.lane_groups": 2})
         with_random_stages(run, "gpd", 0)
-        return run, build_distill(run, "gpd", 1)
+        return run, build_distill(run, StageId("gpd", 1))
 
     _, reference = build(tmp_path / "a")
     reference.run(resume=False)
@@ -261,7 +263,7 @@ def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         trainer.run(resume=False)
     assert trainer.graph.graph is not None and trainer.checkpoints.latest().name == "step-00000006"
-    resumed = build_distill(broken, "gpd", 1)
+    resumed = build_distill(broken, StageId("gpd", 1))
     resumed.run(resume=True)
     assert resumed.graph.graph.replays == 11 - 6 - 3
     assert [r["loss"] for r in resumed.metrics.records()] == [

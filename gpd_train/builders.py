@@ -1,0 +1,167 @@
+"""How each stage's trainer is built: the student, its stage teacher, the objective and
+the data streams, from a run folder (gpd_train.stages) and its data set.
+
+Stage 0 trains the base teacher by flow matching. A distillation stage starts its student
+as the previous stage's output and regresses it on that frozen model's target: the
+guidance stage on T0's CFG velocity at w drawn from ``guidance_range`` (T0's own grid),
+halving stage k on the double step of S_{k-1} on the 2K-step grid (at the trajectories'
+w after a guidance stage, one teacher forward with w as input; else at the chain's
+``stage_guidance``, a CFG pair where it is not 1). What differs per chain comes from its
+declaration (gpd_train.chains) and its config table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gpd_model import add_guidance_input
+
+from .chains import GUIDANCE_STAGE, StageId, get_chain
+from .config import DistillConfig, RunConfig, Stage0Config
+from .data import open_data
+from .errors import ConfigError
+from .loop import Objective, StageTrainer
+from .lora import lora_stage_model
+from .objectives import (
+    DistillSetup,
+    FlowMatching,
+    GuidanceRange,
+    StageGrid,
+    StageTeacher,
+    online_distillation,
+)
+from .parallel import owned_streams, prepare_teacher, shard_student, stream_objectives, world
+from .stages import TEACHER, RunFolder
+from .step import cuda_graph_refusal
+
+
+class TrainingRun(RunFolder):
+    """A run folder opened for training: its stages plus the data set they train on."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.data = open_data(config.data, self.dit_config.text_dim,
+                              self.dit_config.in_channels, config.seed)
+
+
+def check_cuda_graph(run: RunFolder, sid: StageId) -> None:
+    """Refuse ``--cuda-graph`` where the captured step cannot train the stage (say why)."""
+    if not run.config.cuda_graph:
+        return
+    spec = run.lora_spec(sid)
+    reason = cuda_graph_refusal(
+        device=run.device, processes=world().world_size,
+        streams=len(owned_streams(run.config.parallel)),
+        activation_checkpointing=run.config.parallel.activation_checkpointing,
+        lora_stage=None if spec is None else f"{sid} (rank {spec.rank})")
+    if reason is not None:
+        raise ConfigError(reason)
+
+
+def stage_generator(run: RunFolder, sid: StageId) -> torch.Generator:
+    """The stage's data/noise stream: one seed per (run seed, chain, stage)."""
+    offset = get_chain(sid.chain).seed_offset + (50 if sid.is_guidance else int(sid.stage))
+    return torch.Generator().manual_seed(run.config.seed * 1000 + offset)
+
+
+def _trainer(run: TrainingRun, sid: StageId, model: torch.nn.Module, objective: Objective,
+             optim: Stage0Config | DistillConfig, generator: torch.Generator,
+             teacher_sha256: str | None = None) -> StageTrainer:
+    check_cuda_graph(run, sid)
+    model = shard_student(model, run.config.parallel, run.config.precision, run.device)
+    # The teacher's hash goes into every checkpoint: resuming under another teacher is refused.
+    teacher = {} if teacher_sha256 is None else {"teacher_sha256": teacher_sha256}
+    return StageTrainer(
+        name=sid.name, model=model, objective=objective, folder=run.stage_folder(sid),
+        iterations=run.iterations(sid), lr=optim.lr, warmup=optim.warmup,
+        final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
+        checkpoint_every=run.config.checkpoint_every, generator=generator,
+        metadata={**run.metadata(sid), **teacher}, cuda_graph=run.config.cuda_graph)
+
+
+def build_stage0(run: TrainingRun) -> StageTrainer:
+    cfg = run.config
+    model = run.new_model()
+    objective, generator = stream_objectives(  # one stream per rank unless configured
+        stage_generator(run, TEACHER), cfg.batch_size, cfg.parallel,
+        lambda generator, batch_size: FlowMatching(
+            model=model, data=run.data, generator=generator, batch_size=batch_size,
+            shift=cfg.resolved_shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
+            precision=cfg.precision))
+    return _trainer(run, TEACHER, model, objective, cfg.stage0, generator)
+
+
+@dataclass
+class _StageModels:
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    adapter: str | None = None  # LoRA: the teacher is the student's model with this adapter
+    adapter_guidance: torch.nn.Module | None = None
+
+
+def _stage_models(run: TrainingRun, sid: StageId) -> _StageModels:
+    """The student (the previous output) and its frozen stage teacher; with LoRA one base
+    serves both, the teacher being the base with the previous stage's adapter."""
+    cfg, previous, spec = run.config, run.previous_stage(sid), run.lora_spec(sid)
+    if spec is None:
+        student = run.load_stage_model(previous)  # verified against its done.json
+        teacher = prepare_teacher(run.load_stage_model(previous).eval().requires_grad_(False),
+                                  cfg.parallel, cfg.precision, run.device)
+        return _StageModels(student, teacher)
+    if run.guidance_input(sid) and world().distributed:
+        raise ConfigError(f"{sid}: LoRA stages with a guidance input swap it between the "
+                          "teacher's and the student's forwards, which FSDP2 cannot shard; "
+                          "run this stage without torchrun")
+    teacher_adapter = None if previous.is_teacher else run.load_adapter(previous, spec)
+    # Loaded and cast on the CPU: a bf16 base never has an fp32 copy on the GPU.
+    lora = lora_stage_model(run.load_stage_model(TEACHER, device=torch.device("cpu")), spec,
+                            teacher_adapter, cfg.precision, run.guidance_input(sid),
+                            run.device)
+    return _StageModels(lora.model, lora.model, lora.adapter, lora.guidance_embedding)
+
+
+def _teacher_and_guidance(run: TrainingRun, sid: StageId,
+                          models: _StageModels) -> tuple[StageTeacher, GuidanceRange]:
+    """The stage teacher (a CFG pair, or one forward with w as input) and the w it uses."""
+    chain_cfg = run.config.chain(sid.chain)
+    negative = run.data.negative_context.to(run.device)
+    if sid.is_guidance or run.guidance_input(sid):
+        if sid.is_guidance and models.adapter is None:  # a LoRA student got it with its adapter
+            add_guidance_input(models.student)
+        teacher = StageTeacher(models.teacher, negative if sid.is_guidance else None,
+                               models.adapter, None if sid.is_guidance else models.adapter_guidance)
+        return teacher, GuidanceRange(*map(float, chain_cfg.guidance_range))
+    scale = run.config.stage_guidance(sid.chain)[int(sid.stage) - 1]
+    teacher = StageTeacher(models.teacher, negative if scale != 1.0 else None, models.adapter)
+    return teacher, GuidanceRange(scale, scale)
+
+
+def build_distill(run: TrainingRun, sid: StageId) -> StageTrainer:
+    """Stage ``sid`` of its chain: the student starts as, and learns from, the previous output."""
+    cfg = run.config
+    if not sid.is_guidance and not 1 <= int(sid.stage) <= cfg.num_stages:
+        raise ConfigError(f"distillation stage must be {GUIDANCE_STAGE!r} or in "
+                          f"1..{cfg.num_stages}, got {sid.stage!r}")
+    if sid.is_guidance and not run.has_guidance_stage(sid.chain):
+        raise ConfigError(f"the {sid.chain} chain has no guidance stage (set "
+                          f"{get_chain(sid.chain).section}.guidance_stage = true in the TOML "
+                          "file)")
+    chain_cfg = cfg.chain(sid.chain)
+    models = _stage_models(run, sid)
+    teacher_sha256 = run.output_sha256(run.previous_stage(sid))  # once loading verified it
+    teacher, guidance = _teacher_and_guidance(run, sid, models)
+    setup = DistillSetup(
+        student=models.student, teacher=teacher, data=run.data,
+        grid=StageGrid(run.steps(sid), cfg.resolved_shift, 1 if sid.is_guidance else 2,
+                       run.device),
+        guidance=guidance, chain=chain_cfg,
+        freq_weight=0.0 if sid.is_guidance else float(chain_cfg.freq_weight[int(sid.stage) - 1]),
+        device=run.device, precision=cfg.precision)
+    make: Any = get_chain(sid.chain).objective or online_distillation
+    objective, generator = stream_objectives(
+        stage_generator(run, sid), cfg.batch_size, cfg.parallel,
+        lambda generator, batch_size: make(setup, generator, batch_size))
+    return _trainer(run, sid, models.student, objective, chain_cfg, generator, teacher_sha256)

@@ -1,0 +1,152 @@
+"""Loading a model to sample or export: a run folder's stage (verified, LoRA merged), a
+stage file, a Wan2.1-T2V-Diffusers folder, or an original-Wan / diffusers checkpoint.
+
+Reads run folders through gpd_train.stages; builds no data set and no trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpd_model import DiTConfig, WanDiT, get_preset, load_checkpoint
+from gpd_model.checkpoint import config_from_diffusers
+
+from .chains import DEFAULT_CHAIN, StageId
+from .checkpoint import load_stage_output, read_metadata
+from .config import RunConfig, load_config, resolve_device
+from .errors import SampleError
+from .lora import METADATA_KEY as LORA_KEY
+from .run_folder import OUTPUT, RECORD, read_record, verify_output
+from .stages import TEACHER, RunFolder
+from .wan_folder import transformer_folder
+
+TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
+              "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
+              "checkpoint with --preset")
+
+
+@dataclass
+class LoadedModel:
+    model: WanDiT
+    description: str
+    run_config: RunConfig | None  # the run the weights came from, when known
+    stage: int | None = None  # the run's stage the weights are the output of
+    record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
+
+
+def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | None]:
+    """(steps, shift) a stage record (done.json) says the stage was trained for."""
+    options = (record or {}).get("options") or {}
+    return options.get("steps"), options.get("shift")
+
+
+def _run_config(folder: Path, device: str) -> RunConfig:
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        raw.update(run_dir=str(folder), device=device)
+        return load_config(None, raw)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SampleError(f"unreadable run configuration {path}: {exc}") from None
+
+
+def _is_run_folder(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and '"steps"' in config.read_text()
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run folder holding a stage file (stageN/model.safetensors or vanilla/stageN/...)."""
+    for parent in list(path.parents)[:3]:
+        if _is_run_folder(parent):
+            return parent
+    return None
+
+
+def run_stage_of(folder: Path, chain: str, stage: int | None,
+                 device: str = "cpu") -> tuple[RunFolder, StageId]:
+    """The run in ``folder`` and its ``stage`` (default: the chain's last finished one)."""
+    config = _run_config(folder, device)
+    run = RunFolder(config)
+    if stage is None:
+        done = [sid for sid in (StageId(chain, s) for s in range(config.num_stages, -1, -1))
+                if run.is_done(sid)]
+        if not done:
+            raise SampleError(f"run folder {folder} has no finished stage; run "
+                              f"`{TEACHER.command(folder)}` first")
+        return run, done[0]
+    return run, StageId(chain, stage)
+
+
+def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
+    run, sid = run_stage_of(folder, chain, stage, device)
+    # Verified against its done.json, whose shift and steps sample() uses.
+    model = run.load_stage_model(sid, check_grid=False)
+    return LoadedModel(model, f"{folder}/{sid}", run.config, sid.steps_index, run.record(sid))
+
+
+def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
+    record = None
+    if path.name == OUTPUT and (path.parent / RECORD).is_file():  # a stage output
+        verify_output(path.parent)
+        record = read_record(path.parent)
+    meta = read_metadata(path)
+    run = _enclosing_run(path)
+    if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
+        if run is None:
+            raise SampleError(f"{path} holds a LoRA adapter, not a model, and no run folder "
+                              "encloses it (the adapter needs its stage-0 base): pass the run "
+                              "folder with --chain/--stage instead")
+        sid = StageId.parse(meta.get("stage", ""))
+        return _load_from_run(run, sid.chain, int(sid.stage), run_device)
+    cfg = DiTConfig(**json.loads(meta["dit_config"]))
+    model = load_stage_output(WanDiT(cfg), path, meta)
+    return LoadedModel(model.to(device), str(path),
+                       None if run is None else _run_config(run, run_device), record=record)
+
+
+def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
+    if preset is not None:
+        cfg = get_preset(preset)
+    elif transformer_folder(path) is not None:  # a transformer or a whole Diffusers folder
+        path = transformer_folder(path)
+        cfg = config_from_diffusers(path)
+    else:
+        raise SampleError(f"{path} is not a gpd_train checkpoint: pass --preset (one of "
+                          "tiny, wan2.1-t2v-1.3b, wan2.1-t2v-14b) to say which model it holds")
+    model = WanDiT(cfg)
+    try:
+        fmt = load_checkpoint(model, path)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise SampleError(f"checkpoint {path} does not fit the {preset or 'configured'} model: "
+                          f"{exc}") from None
+    return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
+
+
+def load_model(path: str | Path, *, preset: str | None = None, chain: str = DEFAULT_CHAIN,
+               stage: int | None = None, device: str = "auto") -> LoadedModel:
+    """Resolve PATH (run folder, stage folder/file, Wan or diffusers checkpoint) to a model."""
+    path = Path(path)
+    if not path.exists():
+        raise SampleError(f"no checkpoint at {path}: {TRAIN_HINT}")
+    try:
+        torch_device = resolve_device(device)
+        if path.is_dir() and _is_run_folder(path):
+            return _load_from_run(path, chain, stage, device)
+        if path.is_dir() and (path / "done.json").is_file():
+            path = path / "model.safetensors"
+        if path.is_file() and path.suffix == ".safetensors":
+            if read_metadata(path).get("format") == "gpd_train":
+                return _load_gpd_file(path, torch_device, device)
+        return _load_external(path, preset, torch_device)
+    except SampleError:
+        raise
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise SampleError(f"cannot load {path}: {exc}") from None
+
+
