@@ -481,6 +481,13 @@ def build_distill(run: Run, chain: str, stage: Stage) -> StageTrainer:
                     chain_cfg, generator, teacher_sha256)
 
 
+def check_stage_inputs(run: Run, chain: str, stage: Stage) -> None:
+    """The stage's teacher (the previous stage) is complete, current and verifies; stage 0
+    reads no stage. The same checks training would make, made before anything is moved."""
+    if stage != 0:
+        run._verified_output(chain, run.previous_stage(chain, stage), check_grid=True)
+
+
 def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
                          restart: bool) -> Path | None:
     """Refuse to overwrite a stage unless asked; returns the finished output to keep, if any.
@@ -492,6 +499,7 @@ def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
     folder, name, command = (run.stage_folder(chain, stage), stage_name(chain, stage),
                              run.command(chain, stage))
     if restart:
+        check_stage_inputs(run, chain, stage)  # a refused restart must not have moved anything
         moved = main_only(move_aside, folder)
         if moved is not None:
             tqdm.write(f"[{name}] --restart: moved the old stage to {moved}")
