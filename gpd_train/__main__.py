@@ -13,7 +13,7 @@ import torch
 from . import parallel
 from .checkpoint import CheckpointError
 from .config import CHAINS, SECTION, STATE_SOURCES, RunConfig, load_config
-from .destination import RUN, check_destination, claim_run_folder
+from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .loop import NonFiniteLossError
 from .pipeline import GUIDANCE_STAGE, MissingStageError, Run, run_pipeline, run_stage
@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
         if parallel.is_main():  # one trainer per run folder; ranks of one job share it
             held.enter_context(RunLock(config.run_dir))
-            claim_run_folder(config.run_dir)
         adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
         if config.prompts is not None:  # one rank encodes; every rank then reads the shards
             config.data = parallel.main_only(

@@ -38,9 +38,9 @@ KINDS: dict[str, tuple[str, str]] = {
     SAMPLES: ("samples of gpd_train.sample", "python -m gpd_train.sample"),
     EVAL: ("a run's evaluation report (python -m gpd_train --eval)", "python -m gpd_train"),
 }
-# Entries a folder may hold and still count as empty for the run folder: a lock left by an
-# invocation that was refused before it wrote anything.
-RUN_IGNORABLE = frozenset({".lock"})
+# Entries a run folder may hold before its config.json and marker (written together once a
+# stage's options were accepted): the lock, and the prompts encoded by --prompts.
+RUN_IGNORABLE = frozenset({".lock", "prompt-embeddings"})
 
 
 class DestinationError(ValueError):
@@ -65,7 +65,11 @@ def write_marker(folder: Path, kind: str, **extra: Any) -> None:
 
 
 def _is_legacy_run(folder: Path) -> bool:
-    """A run folder written before markers existed: config.json is a gpd_train run config."""
+    """A run folder without the marker (written before markers existed, or through the
+    Python API): config.json is a gpd_train run config, or stage 0 holds a stage record or
+    checkpoints."""
+    if (folder / "stage0" / "done.json").is_file() or (folder / "stage0" / "ckpt").is_dir():
+        return True
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -182,8 +186,7 @@ def staged_output(path: str | Path, kind: str, *, flag: str = "--out",
 
 
 def claim_run_folder(folder: str | Path) -> None:
-    """Mark the run folder as one (once it is locked): a later refusal of a foreign folder
-    never mistakes a run that failed before its config.json for someone else's."""
+    """Mark the run folder as one (with its first config.json; kept after that)."""
     if read_marker(Path(folder)) is None:
         write_marker(Path(folder), RUN)
 

@@ -49,6 +49,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
+from .destination import claim_run_folder
 from .loop import Objective, StageTrainer, resolve_device
 from .lora import METADATA_KEY, LoraSpec, adapter_from_params, lora_stage_model, merge_adapter
 from .objectives import (
@@ -350,6 +351,7 @@ class Run:
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(self.folder)
         atomic_write_text(self.folder / "config.json", self.config.to_json())
 
 
