@@ -15,6 +15,8 @@ picks built-in prompts instead.
 
 Writes `latents.safetensors` ([N, C, T, H, W] float32 plus the prompts' names in the
 metadata), `summary.json`, and for the built-in set one GIF per video and a contact sheet.
+`--out` must be a new or empty folder, or earlier samples replaced with `--overwrite` (moved
+aside to `<out>.old-<time>/`); the folder is written whole, then renamed into place.
 With `--vae DIR` (a VAE folder or a Diffusers folder with vae/) the latents are
 de-normalised with the VAE config's latents_mean/std and decoded, as WanPipeline does, and
 each video is written as H.264 MP4 at 16 fps (`--fps`); `--vae-tiling` and `--vae-slicing`
