@@ -14,6 +14,7 @@ from . import parallel
 from .builders import TrainingRun
 from .chains import CHAINS, GUIDANCE_STAGE, StageId, add_chain_argument
 from .config import STATE_SOURCES, RunConfig, load_config
+from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .errors import GPDError
 from .evaluate import evaluate_run
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in check_flag_use(args, set(overrides)):
             print(f"warning: {warning}", file=sys.stderr)
         config = load_config(args.config, overrides)
+        check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         if config.threads:
             torch.set_num_threads(config.threads)

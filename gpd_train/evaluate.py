@@ -41,6 +41,7 @@ from .chains import CHAINS, GUIDANCE_STAGE, StageId, get_chain
 from .checkpoint import atomic_write_text, sha256_file
 from .config import load_config
 from .data import ProceduralVideos
+from .destination import EVAL, reuse_or_move_aside
 from .errors import ConfigError
 from .feature_net import feature_net, video_features
 from .loop import autocast
@@ -290,8 +291,15 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     """
     cfg, ev = run.config, run.config.eval
     out = run.folder / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    candidates = _candidates(run) + _compare_candidates(run, compare or {})
+    candidates = _candidates(run) + _compare_candidates(run, compare or {})  # all verified
+    stages = _stage_summaries(run)
+    # A report of other stages, runs or settings is kept aside, not overwritten.
+    moved = reuse_or_move_aside(out, EVAL, {
+        "stages": {name: record.get("sha256") for name, record in stages.items()},
+        "compare": compare or {}, "eval": cfg.to_dict()["eval"],
+        "shift": cfg.resolved_shift, "guidance": cfg.resolved_guidance})
+    if moved is not None:
+        tqdm.write(f"[eval] its inputs changed: moved the old report to {moved}")
     context, names = data.eval_prompts(ev.prompts)
     noise = make_noise((ev.prompts, *data.latent_shape), seed=ev.seed)
     judge = _judge(run, data, ev.prompts, out)
@@ -317,7 +325,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
               "comparisons": judge.comparisons(pairs, sets, sets[reference]),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
                            "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
-              "stages": _stage_summaries(run), "config": cfg.to_dict(),
+              "stages": stages, "config": cfg.to_dict(),
               "compare": compare or {}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))

@@ -22,6 +22,10 @@ by default, ``--copy`` for copies), the student as ``transformer/`` and a
 FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
 ``gpd_model.sigma_grid(steps, shift)`` (see ``student_scheduler_config``). Guidance-free
 students want ``guidance_scale=1.0`` (no CFG). ``gpd_export.json`` records what was exported.
+
+``--out`` must be a new or empty folder outside ``--base`` (a Wan/Diffusers folder or any
+folder this command did not write is refused); an earlier export there is replaced only
+with ``--overwrite``, which moves it aside (see gpd_train/destination.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
 from .chains import DEFAULT_CHAIN, add_chain_argument
 from .config import RunConfig, check_number
+from .destination import EXPORT, check_export_destination, staged_output
 from .errors import GPDError, SampleError
 from .loading import load_model, recorded_grid, run_stage_of
 from .lora import GUIDANCE_PREFIX, save_diffusers_lora
@@ -115,7 +120,7 @@ def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
 
 
 def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
-                stage: int | None = None) -> dict[str, Any] | None:
+                stage: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
     """Write a LoRA stage's adapter as a diffusers Wan LoRA in ``out``, with the scheduler
     that samples on its grid; returns what was exported, or None when the stage holds full
     weights (export those with ``export_pipeline``)."""
@@ -129,22 +134,19 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
                           "diffusers LoRA cannot carry: export it merged at a CFG scale with "
                           "--merged --base W [--guidance W]")
     steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
-    out = Path(out)
-    weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, out)
-    _write_scheduler(out, steps, shift)
-    record = {"run": str(Path(run_dir).resolve()), "stage": sid.name,
-              "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
-                       "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
-              "steps": steps, "shift": shift, "guidance_scale": 1.0}
-    (out / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    with staged_output(out, EXPORT, overwrite=overwrite) as staging:
+        weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
+        _write_scheduler(staging, steps, shift)
+        record = {"run": str(Path(run_dir).resolve()), "stage": sid.name,
+                  "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
+                           "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
+                  "steps": steps, "shift": shift, "guidance_scale": 1.0}
+        (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
 def _place(source: Path, target: Path, copy: bool) -> None:
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.is_dir():
-        shutil.rmtree(target)
+    """Link or copy a base component into a new export (``target`` does not exist yet)."""
     if copy:
         shutil.copytree(source, target, symlinks=False)
     else:
@@ -174,12 +176,15 @@ def base_components(base: Path) -> tuple[dict[str, Any], dict[str, Path]]:
 
 def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                     chain: str = DEFAULT_CHAIN, stage: int | None = None,
-                    copy: bool = False, guidance: float | None = None) -> dict[str, Any]:
+                    copy: bool = False, guidance: float | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Write the Diffusers folder ``out`` for a run's stage; returns what was exported.
 
     A student with a guidance input is exported at ``guidance`` (default: the run's CFG).
+    ``out`` must be new, empty or (with ``overwrite``, moved aside) an earlier export.
     """
-    base, out = Path(base), Path(out)
+    base = Path(base)
+    check_export_destination(out, base, overwrite)  # before any model is loaded
     index, sources = base_components(base)
     loaded = load_model(run_dir, chain=chain, stage=stage, device="cpu")
     if loaded.run_config is None or loaded.stage is None:
@@ -192,22 +197,22 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
         raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "
                              f"the student {loaded.model.cfg.in_channels}: --base must be the "
                              "folder the teacher came from")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, source in sources.items():
-        _place(source, out / name, copy)
     folded_at = None
     if has_guidance_input(loaded.model):
         folded_at = guidance if guidance is not None else run.resolved_guidance
-    export_transformer(loaded.model.float(), out / "transformer", folded_at)
-    _write_scheduler(out, steps, shift)
     index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  transformer=["diffusers", "WanTransformer3DModel"])
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "base": str(base.resolve()), "steps": steps, "shift": shift,
               "guidance_scale": 1.0, "student_guidance": folded_at,
               "components": "copied" if copy else "linked"}
-    (out / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    with staged_output(out, EXPORT, overwrite=overwrite) as staging:
+        for name, source in sources.items():
+            _place(source, staging / name, copy)
+        export_transformer(loaded.model.float(), staging / "transformer", folded_at)
+        _write_scheduler(staging, steps, shift)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
@@ -217,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", required=True, help="run folder of python -m gpd_train")
     parser.add_argument("--base", help="the Wan2.1-T2V-Diffusers folder trained on (not needed "
                         "for a LoRA stage, which is written as a LoRA unless --merged)")
-    parser.add_argument("--out", required=True, help="the Diffusers folder to write")
+    parser.add_argument("--out", required=True,
+                        help="the Diffusers folder to write: a new or empty folder, outside "
+                             "--base (written whole, then renamed into place)")
     add_chain_argument(parser, "the chain of the run folder's stage to export")
     parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
     parser.add_argument("--guidance", type=float, metavar="W",
@@ -225,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "scale (default: the run's)")
     parser.add_argument("--merged", action="store_true",
                         help="a LoRA stage: write a whole pipeline folder, the adapter merged")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds an earlier export: move it aside to "
+                             "<out>.old-<time>/ and write the new one")
     parser.add_argument("--copy", action="store_true",
                         help="copy text_encoder/, tokenizer/ and vae/ instead of linking them")
     return parser
@@ -235,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.guidance is not None:
             check_number("--guidance", args.guidance, low=0, low_open=True)
+        check_export_destination(args.out, args.base, args.overwrite)  # before any work
         if args.base is not None:
             base_components(Path(args.base))  # a wrong --base is named before any work
         lora = None if args.merged else export_lora(args.run, args.out, chain=args.chain,
-                                                     stage=args.stage)
+                                                     stage=args.stage, overwrite=args.overwrite)
         if lora is not None:
             print(f"exported the LoRA of {lora['stage']} -> {args.out}: pipe = WanPipeline."
                   f"from_pretrained(BASE); pipe.load_lora_weights({str(args.out)!r}); "
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
                                      stage=args.stage, copy=args.copy,
-                                     guidance=args.guidance)
+                                     guidance=args.guidance, overwrite=args.overwrite)
     except (GPDError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

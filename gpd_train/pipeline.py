@@ -37,6 +37,8 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
     """
     folder, name, command = run.stage_folder(sid), sid.name, run.command(sid)
     if restart:
+        if not sid.is_teacher:  # a refused restart must not have moved anything
+            run.verified_output(run.previous_stage(sid))
         moved = main_only(move_aside, folder)
         if moved is not None:
             tqdm.write(f"[{name}] --restart: moved the old stage to {moved}")

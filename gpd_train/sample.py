@@ -15,6 +15,8 @@ picks built-in prompts instead.
 
 Writes `latents.safetensors` ([N, C, T, H, W] float32 plus the prompts' names in the
 metadata), `summary.json`, and for the built-in set one GIF per video and a contact sheet.
+`--out` must be a new or empty folder, or earlier samples replaced with `--overwrite` (moved
+aside to `<out>.old-<time>/`); the folder is written whole, then renamed into place.
 With `--vae DIR` (a VAE folder or a Diffusers folder with vae/) the latents are
 de-normalised with the VAE config's latents_mean/std and decoded, as WanPipeline does, and
 each video is written as H.264 MP4 at 16 fps (`--fps`); `--vae-tiling` and `--vae-slicing`
@@ -54,6 +56,7 @@ from .config import (
     check_number,
 )
 from .data import ProceduralVideos, PromptEmbeddingSet, open_data
+from .destination import SAMPLES, check_destination, staged_output
 from .encode_prompts import (
     VIDEO_DEFAULTS,
     EncodeError,
@@ -62,7 +65,7 @@ from .encode_prompts import (
     negative_text,
     read_prompts,
 )
-from .errors import SampleError
+from .errors import GPDError, SampleError
 from .loading import LoadedModel, load_model, recorded_grid
 from .media import (
     WAN_FPS,
@@ -72,8 +75,6 @@ from .media import (
     write_gif,
     write_mp4,
 )
-from .run_folder import check_writable_folder
-from .wan_folder import WanFolderError
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
@@ -236,7 +237,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.shift is not None:
         check_number("--shift", args.shift, low=0, low_open=True)
     check_device(args.device)
-    check_writable_folder("--out", args.out)
+    check_destination("--out", args.out, SAMPLES, args.overwrite)
 
 
 def sample(args: argparse.Namespace) -> dict[str, object]:
@@ -289,8 +290,6 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         outputs.append(sampler(noise[part], context, negative, cfg_scale).float().cpu())
         elapsed += time.perf_counter() - began
     latents = torch.cat(outputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {
         "checkpoint": loaded.description, "num": args.num, "steps": args.steps,
         "guidance": args.guidance if folded_at is None else folded_at,
@@ -301,15 +300,17 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         "cuda_graphs": sampler.graphs_enabled(device),
         "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
     }
-    save_file({"latents": latents.contiguous()}, str(out / "latents.safetensors"),
-              metadata={"summary": json.dumps(summary)})
-    if prompts.built_in:
-        for i, (video, name) in enumerate(zip(latents, prompts.names, strict=True)):
-            write_gif(out / f"{i:03d}-{_slug(name)}.gif", video.clamp(-1, 1)[None])
-        write_contact_sheet(out / "contact_sheet.png", [("samples", latents[:8].clamp(-1, 1))])
-    if vae is not None:
-        summary.update(write_videos(vae, latents, prompts.names, out, args.fps))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with staged_output(args.out, SAMPLES, overwrite=args.overwrite) as out:
+        save_file({"latents": latents.contiguous()}, str(out / "latents.safetensors"),
+                  metadata={"summary": json.dumps(summary)})
+        if prompts.built_in:
+            for i, (video, name) in enumerate(zip(latents, prompts.names, strict=True)):
+                write_gif(out / f"{i:03d}-{_slug(name)}.gif", video.clamp(-1, 1)[None])
+            write_contact_sheet(out / "contact_sheet.png",
+                                [("samples", latents[:8].clamp(-1, 1))])
+        if vae is not None:
+            summary.update(write_videos(vae, latents, prompts.names, out, args.fps))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -364,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True,
+                        help="a new or empty folder to write into (written whole, then renamed "
+                             "into place)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out holds earlier samples: move them aside to "
+                             "<out>.old-<time>/ and write new ones")
     return parser
 
 
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = sample(args)
-    except (SampleError, EncodeError, WanFolderError) as exc:
+    except GPDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "

@@ -54,6 +54,7 @@ from .checkpoint import (
     sha256_file,
 )
 from .config import RunConfig, resolve_device
+from .destination import claim_run_folder
 from .errors import GPDError
 from .lora import METADATA_KEY, LoraSpec, merge_adapter
 from .run_folder import RunFolderError, StaleStageError, read_record, verify_output
@@ -334,4 +335,5 @@ class RunFolder:
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(self.folder)
         atomic_write_text(self.folder / "config.json", self.config.to_json())

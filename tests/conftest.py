@@ -6,9 +6,57 @@ variable must be set before anything imports triton, hence here at the top.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Imported once TRITON_INTERPRET is set: gpd_kernels imports triton.
+from gpd_model import get_preset  # noqa: E402
+from gpd_train.builders import TrainingRun  # noqa: E402
+from gpd_train.data import ProceduralVideos  # noqa: E402
+from gpd_train.stages import RunFolder  # noqa: E402
+
+# A run of one distillation stage on a 1-layer width-32 DiT and 4-frame 8x8 videos.
+MICRO_TOML = """\
+steps = [8, 4]
+pipeline_chains = ["gpd", "vanilla"]
+batch_size = 4
+checkpoint_every = 3
+[stage0]
+iterations = 3
+[distill]
+iterations = [3]
+freq_weight = [0.0]
+[vanilla]
+iterations = [2]
+freq_weight = [0.0]
+[eval]
+prompts = 4
+batch_size = 4
+examples = 2
+"""
+
+
+@pytest.fixture
+def micro(tmp_path, monkeypatch):
+    """CLI arguments for a one-stage micro run; every run folder opened gets the micro
+    model, and every training run the micro data."""
+    real_folder, real_training = RunFolder.__init__, TrainingRun.__init__
+
+    def micro_folder(self, config, device=None):
+        real_folder(self, config, device)
+        self.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
+
+    def micro_training(self, config):
+        real_training(self, config)
+        self.data = ProceduralVideos(self.dit_config.text_dim, frames=4, size=8, speed=1)
+
+    monkeypatch.setattr(RunFolder, "__init__", micro_folder)
+    monkeypatch.setattr(TrainingRun, "__init__", micro_training)
+    toml = tmp_path / "micro.toml"
+    toml.write_text(MICRO_TOML)
+    return ["--config", str(toml), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]

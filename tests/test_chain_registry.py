@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_run_folder import MICRO_TOML, micro  # noqa: F401  (micro is a fixture)
+from conftest import MICRO_TOML
 
 from gpd_model import add_noise, timestep_from_sigma
 from gpd_train.__main__ import main

@@ -14,57 +14,15 @@ from test_train import run_until_killed
 
 from gpd_kernels import double_step_target
 from gpd_kernels.reference import double_step_target_reference
-from gpd_model import get_preset
 from gpd_train import sample
 from gpd_train.__main__ import main
 from gpd_train.builders import TrainingRun, build_distill, build_stage0
 from gpd_train.chains import StageId
 from gpd_train.checkpoint import CheckpointError
 from gpd_train.config import load_config
-from gpd_train.data import ProceduralVideos
 from gpd_train.pipeline import run_pipeline, run_stage
 from gpd_train.run_folder import RunFolderError, RunLock, StaleStageError
-from gpd_train.stages import MissingStageError, RunFolder
-
-MICRO_TOML = """\
-steps = [8, 4]
-pipeline_chains = ["gpd", "vanilla"]
-batch_size = 4
-checkpoint_every = 3
-[stage0]
-iterations = 3
-[distill]
-iterations = [3]
-freq_weight = [0.0]
-[vanilla]
-iterations = [2]
-freq_weight = [0.0]
-[eval]
-prompts = 4
-batch_size = 4
-examples = 2
-"""
-
-
-@pytest.fixture
-def micro(tmp_path, monkeypatch):
-    """CLI arguments for a one-stage micro run; every run folder opened gets the micro
-    model, and every training run the micro data."""
-    real_folder, real_training = RunFolder.__init__, TrainingRun.__init__
-
-    def micro_folder(self, config, device=None):
-        real_folder(self, config, device)
-        self.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
-
-    def micro_training(self, config):
-        real_training(self, config)
-        self.data = ProceduralVideos(self.dit_config.text_dim, frames=4, size=8, speed=1)
-
-    monkeypatch.setattr(RunFolder, "__init__", micro_folder)
-    monkeypatch.setattr(TrainingRun, "__init__", micro_training)
-    toml = tmp_path / "micro.toml"
-    toml.write_text(MICRO_TOML)
-    return ["--config", str(toml), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
+from gpd_train.stages import MissingStageError
 
 
 def micro_run(tmp_path, **overrides) -> TrainingRun:

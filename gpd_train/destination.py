@@ -1,0 +1,208 @@
+"""Where a command may write: its own kind of output, or a new or empty folder; never the user's.
+
+Each writing command marks its folder with ``.gpd_output.json`` (``{"writer": KIND}``):
+
+- ``run``: the trainer's run folder (``--run-dir``), which accumulates stages over many
+  invocations; stages are replaced only by ``--restart`` (moved aside, see run_folder).
+- ``export``, ``samples``: the export's and the sampler's ``--out``, written whole into a
+  temporary sibling and renamed into place (a failure leaves nothing half-written); their
+  own earlier output is replaced only with ``--overwrite``, which moves it aside to
+  ``<name>.old-<time>/``.
+- ``eval``: ``<run>/eval``, rewritten in place while its inputs (stage hashes, compared
+  runs, evaluation settings) are unchanged, moved aside first when they changed.
+
+A destination that exists, is not empty and is not the command's own kind is refused,
+saying what it is (a Diffusers pipeline, a model folder, another command's output) and what
+to pass instead. Nothing here deletes anything but its own unfinished temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import GPDError
+from .run_folder import check_writable_folder, move_aside
+
+MARKER = ".gpd_output.json"
+RUN, EXPORT, SAMPLES, EVAL = "run", "export", "samples", "eval"
+# kind -> (what its folder is, the command that writes it)
+KINDS: dict[str, tuple[str, str]] = {
+    RUN: ("a gpd_train run folder", "python -m gpd_train"),
+    EXPORT: ("an export of gpd_train.export", "python -m gpd_train.export"),
+    SAMPLES: ("samples of gpd_train.sample", "python -m gpd_train.sample"),
+    EVAL: ("a run's evaluation report (python -m gpd_train --eval)", "python -m gpd_train"),
+}
+# Entries a run folder may hold before its config.json and marker (written together once a
+# stage's options were accepted): the lock, and the prompts encoded by --prompts.
+RUN_IGNORABLE = frozenset({".lock", "prompt-embeddings"})
+
+
+class DestinationError(GPDError, ValueError):
+    """An output path that would overwrite something the command did not write."""
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``.gpd_output.json`` (None when absent or unreadable: not ours)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def write_marker(folder: Path, kind: str, **extra: Any) -> None:
+    path = Path(folder) / MARKER
+    temporary = path.with_name(f"{MARKER}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps({"writer": kind, "command": KINDS[kind][1], **extra},
+                                    indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _is_legacy_run(folder: Path) -> bool:
+    """A run folder without the marker (written before markers existed, or through the
+    Python API): config.json is a gpd_train run config, or stage 0 holds a stage record or
+    checkpoints."""
+    if (folder / "stage0" / "done.json").is_file() or (folder / "stage0" / "ckpt").is_dir():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "steps" in config and "run_dir" in config
+
+
+def describe(folder: Path) -> str:
+    """What a folder that is not the caller's output is, in words a user recognises."""
+    marker = read_marker(folder)
+    if marker is not None and marker.get("writer") in KINDS:
+        return KINDS[marker["writer"]][0]
+    if _is_legacy_run(folder):
+        return KINDS[RUN][0]
+    if (folder / "model_index.json").is_file():
+        return "a Diffusers pipeline folder (it holds model_index.json)"
+    if (folder / "transformer").is_dir():
+        return "a Diffusers pipeline folder (it holds transformer/)"
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            name = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        return (f"a Diffusers model folder ({name} config.json)" if name else
+                "a folder whose config.json was not written by gpd_train")
+    names = sorted(entry.name for entry in folder.iterdir())
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"a folder holding {len(names)} entries not written by gpd_train ({shown})"
+
+
+def _entries(folder: Path, ignorable: frozenset[str] = frozenset()) -> list[str]:
+    return [entry.name for entry in folder.iterdir() if entry.name not in ignorable]
+
+
+def check_given(flag: str, path: str | Path) -> None:
+    """Refuse an empty path: it would silently mean the current directory."""
+    if not str(path).strip():
+        raise DestinationError(f"{flag} is empty: give a folder path (an empty path would "
+                               "write into the current directory)")
+
+
+def check_destination(flag: str, path: str | Path, kind: str, overwrite: bool = False) -> None:
+    """Refuse ``path`` unless it is new, empty, or ``kind``'s own earlier output (the run
+    folder's is always reused; another kind's needs ``overwrite``)."""
+    check_given(flag, path)
+    try:
+        check_writable_folder(flag, path)
+    except ValueError as exc:
+        raise DestinationError(str(exc)) from None
+    folder = Path(path)
+    what, command = KINDS[kind]
+    if not folder.exists():
+        return
+    if not _entries(folder, RUN_IGNORABLE if kind == RUN else frozenset()):
+        return
+    marker = read_marker(folder)
+    ours = (marker or {}).get("writer") == kind or (kind == RUN and _is_legacy_run(folder))
+    if ours and (kind == RUN or overwrite):
+        return
+    if ours:
+        raise DestinationError(
+            f"{flag} {folder} already holds {what}; pass --overwrite to move it aside to "
+            f"{folder.name}.old-<time>/ and write a new one, or choose another {flag}")
+    refill = " (--overwrite replaces only the command's own earlier output)" if overwrite else ""
+    raise DestinationError(
+        f"{flag} {folder} is {describe(folder)}, not {what}: {command} writes only into a "
+        f"new or empty folder or its own earlier output{refill}; choose another {flag}, "
+        "e.g. a new folder")
+
+
+def check_export_destination(out: str | Path, base: str | Path | None,
+                             overwrite: bool = False) -> None:
+    """The export's ``--out``: apart from ``--base`` (never equal, inside or around it),
+    then the rule for every output."""
+    check_given("--out", out)
+    if base is not None:
+        target, source = Path(out).resolve(), Path(base).resolve()
+        relation = ("is" if target == source else "is inside" if source in target.parents
+                    else "contains" if target in source.parents else None)
+        if relation is not None:
+            raise DestinationError(
+                f"--out {out} {relation} --base {base}: the export writes transformer/, "
+                "scheduler/ and model_index.json and links the base's text_encoder/, "
+                "tokenizer/ and vae/, which would replace the base's own; choose an --out "
+                "outside the base folder, e.g. a new folder beside it")
+    check_destination("--out", out, EXPORT, overwrite)
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, kind: str, *, flag: str = "--out",
+                  overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write into; on success mark it as ``kind``
+    and rename it into place (an earlier output of ours is moved aside first, with
+    ``overwrite``); on failure remove the temporary folder, leaving ``path`` untouched."""
+    path = Path(path)
+    check_destination(flag, path, kind, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}-{time.monotonic_ns()}")
+    staging.mkdir()
+    try:
+        yield staging
+        write_marker(staging, kind)
+        check_destination(flag, path, kind, overwrite)  # it may have changed while we wrote
+        if path.exists() and _entries(path):
+            moved = move_aside(path)
+            print(f"{flag}: moved the earlier {KINDS[kind][0]} to {moved}")
+        elif path.exists():
+            path.rmdir()  # empty: os.replace would take its place anyway on Linux
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # only ever our own unfinished output
+        raise
+
+
+def claim_run_folder(folder: str | Path) -> None:
+    """Mark the run folder as one (with its first config.json; kept after that)."""
+    if read_marker(Path(folder)) is None:
+        write_marker(Path(folder), RUN)
+
+
+def reuse_or_move_aside(folder: str | Path, kind: str, inputs: dict[str, Any]) -> Path | None:
+    """Prepare ``folder`` for an in-place rewrite: kept when it was written from the same
+    ``inputs``, else (other inputs, or not marked) moved aside; returns where it went."""
+    folder = Path(folder)
+    inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as it reads back from JSON
+    marker = read_marker(folder)
+    moved = None
+    same = marker is not None and marker.get("writer") == kind and marker.get("inputs") == inputs
+    if folder.exists() and _entries(folder) and not same:
+        moved = move_aside(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not same:
+        write_marker(folder, kind, inputs=inputs)
+    return moved

@@ -1,0 +1,290 @@
+"""Outputs never overwrite what their command did not write (gpd_train/destination.py).
+
+Every refused case records the whole state of the user's folder (each file's SHA-256, each
+symbolic link's target, each folder) before and after and asserts it is identical, plus the
+exit code and that the message names the option at fault.
+"""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import MICRO_TOML
+from test_sample_cli import run_folder  # noqa: F401  (a fixture)
+
+from gpd_train import export, sample
+from gpd_train.__main__ import main as train_main
+from gpd_train.destination import MARKER
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Everything under ``folder``: file contents, link targets, folders (links not followed)."""
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            key = str(path.relative_to(folder))
+            if path.is_symlink():
+                state[key] = "link -> " + os.readlink(path)
+            elif path.is_dir():
+                state[key] = "folder"
+            else:
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary folders a staged write left behind (none may survive a failure)."""
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
+
+
+def refused(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "\nerror: " in "\n" + err and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# -- export -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_run(tmp_path_factory):
+    """(a tiny Wan2.1-T2V-Diffusers folder W, a run whose stage 0 was imported from W)."""
+    pytest.importorskip("transformers")
+    from realscale_fixtures import VIDEO, build_wan_folder
+
+    root = tmp_path_factory.mktemp("wan")
+    wan = build_wan_folder(root / "Wan2.1-T2V-tiny-Diffusers")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red cat runs\nthe dog jumps\n")
+    run = root / "run"
+    args = ["--stage", "0", "--run-dir", run, "--device", "cpu", "--threads", 1, "--teacher",
+            wan, "--prompts", prompts, "--height", VIDEO["height"], "--width", VIDEO["width"],
+            "--frames", VIDEO["frames"]]
+    assert train_main([str(a) for a in args]) == 0
+    return wan, run
+
+
+def _export(run: Path, out: Path, base: Path | None, *extra: str) -> int:
+    base_args = [] if base is None else ["--base", str(base)]
+    return export.main(["--run", str(run), *base_args, "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("where,relation", [("base", "is --base"),
+                                            ("inside", "is inside --base"),
+                                            ("around", "contains --base")])
+def test_export_refuses_out_equal_inside_or_around_base(wan_run, capsys, where, relation):
+    wan, run = wan_run
+    out = {"base": wan, "inside": wan / "student", "around": wan.parent}[where]
+    before = tree(wan.parent)
+    code = _export(run, out, wan)
+    refused(capsys, code, f"--out {out} {relation} {wan}", "choose an --out outside")
+    assert tree(wan.parent) == before
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["pipeline", "lora-path"])
+def test_export_refuses_another_wan_folder(wan_run, tmp_path, capsys, lora):
+    """A second Wan folder as --out: with --base (a pipeline export) or without it (the
+    LoRA export path, which once replaced the folder's scheduler/)."""
+    wan, run = wan_run
+    other = tmp_path / "Wan-other"
+    shutil.copytree(wan, other)
+    before = tree(other)
+    code = _export(run, other, None if lora else wan)
+    refused(capsys, code, f"--out {other} is a Diffusers pipeline folder",
+            "choose another --out")
+    assert tree(other) == before
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", ["model folder", "foreign config.json", "user files"])
+def test_export_refuses_any_folder_it_did_not_write(wan_run, tmp_path, capsys, content):
+    wan, run = wan_run
+    out = tmp_path / "out"
+    if content == "model folder":
+        shutil.copytree(wan / "transformer", out)
+    else:
+        out.mkdir()
+        name = "config.json" if content == "foreign config.json" else "notes.txt"
+        (out / name).write_text('{"mine": 1}')
+    before = tree(out)
+    code = _export(run, out, wan, "--overwrite")  # --overwrite covers only its own output
+    refused(capsys, code, f"--out {out} is a", "only the command's own earlier output")
+    assert tree(out) == before
+
+
+def test_export_again_needs_overwrite_which_moves_the_old_one_aside(wan_run, tmp_path, capsys):
+    wan, run = wan_run
+    out = tmp_path / "student"
+    assert _export(run, out, wan) == 0
+    assert (out / MARKER).is_file() and (out / "vae").is_symlink()
+    first = tree(out)
+    refused(capsys, _export(run, out, wan), f"--out {out} already holds an export",
+            "pass --overwrite", "student.old-<time>/")
+    assert tree(out) == first
+    base_before = tree(wan)
+    assert _export(run, out, wan, "--overwrite") == 0
+    (old,) = tmp_path.glob("student.old-*")
+    assert tree(old) == first  # the earlier export, whole
+    assert (out / "transformer" / "config.json").is_file() and (out / "vae").is_symlink()
+    assert tree(wan) == base_before
+
+
+def test_failed_export_leaves_nothing_half_written(wan_run, tmp_path, capsys, monkeypatch):
+    wan, run = wan_run
+    out = tmp_path / "student"
+
+    def disk_full(*args, **kwargs):
+        raise ValueError("simulated failure while writing the transformer")
+
+    monkeypatch.setattr(export, "export_transformer", disk_full)
+    refused(capsys, _export(run, out, wan), "simulated failure")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# -- the trainer's run folder -----------------------------------------------------------------
+@pytest.mark.parametrize("content", ["wan transformer", "foreign config.json"])
+def test_run_dir_that_is_not_a_run_is_refused(micro, tmp_path, capsys, content):  # noqa: F811
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    config = ('{"_class_name": "WanTransformer3DModel", "num_layers": 2}'
+              if content == "wan transformer" else '{"learning_rate": 1}')
+    (folder / "config.json").write_text(config)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    before = tree(tmp_path)
+    code = train_main(["--stage", "0", *micro, "--run-dir", str(folder)])
+    refused(capsys, code, f"--run-dir {folder} is a", "not a gpd_train run folder",
+            "choose another --run-dir")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_empty_paths_are_refused(micro, tmp_path, capsys, monkeypatch, command):  # noqa: F811
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("keep")
+    monkeypatch.chdir(cwd)
+    if command == "train":
+        code, flag = train_main(["--stage", "0", *micro, "--run-dir", ""]), "--run-dir"
+    else:
+        code, flag = sample.main(["--checkpoint", str(tmp_path), "--out", ""]), "--out"
+    refused(capsys, code, f"{flag} is empty")
+    assert tree(cwd) == {"notes.txt": hashlib.sha256(b"keep").hexdigest()}
+
+
+THREE_STAGES = (MICRO_TOML.replace("steps = [8, 4]", "steps = [8, 4, 2]")
+                .replace("iterations = [3]\n", "iterations = [3, 3]\n")
+                .replace("iterations = [2]\n", "iterations = [2, 2]\n")
+                .replace("freq_weight = [0.0]", "freq_weight = [0.0, 0.0]"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("stage1 corrupt", "stage1/model.safetensors is corrupt"),
+    ("stage1 missing", "stage1 is not complete"),
+    ("stage1 stale", "stage1 is stale: its stage teacher stage0 changed"),
+])
+def test_restart_checks_its_inputs_before_moving_anything(micro, tmp_path, capsys,  # noqa: F811
+                                                         damage, message):
+    (tmp_path / "micro.toml").write_text(THREE_STAGES)
+    run_dir = tmp_path / "run"
+    for stage in ("0", "1", "2"):
+        assert train_main(["--stage", stage, *micro]) == 0
+    if damage == "stage1 corrupt":
+        output = run_dir / "stage1" / "model.safetensors"
+        output.write_bytes(output.read_bytes()[:-64] + bytes(64))
+    elif damage == "stage1 missing":
+        (run_dir / "stage1" / "done.json").rename(tmp_path / "stage1-done.json")
+    else:
+        assert train_main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0
+    before = tree(run_dir)
+    capsys.readouterr()
+    refused(capsys, train_main(["--stage", "2", "--restart", *micro]), message)
+    assert tree(run_dir) == before  # the complete stage 2 was not moved aside
+
+
+def test_restart_of_stage1_without_stage0_moves_nothing(micro, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "run"
+    assert train_main(["--stage", "0", *micro]) == 0
+    assert train_main(["--stage", "1", *micro]) == 0
+    os.rename(run_dir / "stage0", tmp_path / "stage0-elsewhere")
+    before = tree(run_dir)
+    capsys.readouterr()
+    refused(capsys, train_main(["--stage", "1", "--restart", *micro]),
+            "stage0 is not complete", "python -m gpd_train --stage 0")
+    assert tree(run_dir) == before
+
+
+def test_pipeline_moves_an_outdated_eval_aside_and_the_sampler_refuses_it(
+        micro, tmp_path, capsys):  # noqa: F811
+    run_dir = tmp_path / "run"
+    assert train_main(micro) == 0  # every stage, then eval/
+    files = sorted(tree(run_dir / "eval"))
+    assert train_main(micro) == 0  # same inputs: rewritten in place (its timings change)
+    assert list(run_dir.glob("eval.old-*")) == [] and sorted(tree(run_dir / "eval")) == files
+    first = tree(run_dir / "eval")
+    # The sampler never writes into the evaluation's folder, --overwrite or not.
+    for extra in ([], ["--overwrite"]):
+        code = sample.main(["--checkpoint", str(run_dir), "--device", "cpu", "--steps", "1",
+                            "--out", str(run_dir / "eval"), *extra])
+        refused(capsys, code, f"--out {run_dir / 'eval'} is a run's evaluation report",
+                "not samples of gpd_train.sample")
+    assert train_main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0
+    capsys.readouterr()
+    assert train_main(micro) == 0  # stale stages retrained, then a new evaluation
+    assert "[eval] its inputs changed: moved the old report to" in capsys.readouterr().out
+    (old,) = run_dir.glob("eval.old-*")
+    assert tree(old) == first
+    assert (run_dir / "eval" / "report.md").is_file()
+
+
+# -- the sampler ------------------------------------------------------------------------------
+def _sample(checkpoint: Path, out: Path, *extra: str) -> int:
+    return sample.main(["--checkpoint", str(checkpoint), "--steps", "1", "--device", "cpu",
+                        "--out", str(out), *extra])
+
+
+def test_sampler_refuses_a_folder_it_did_not_write(run_folder, tmp_path, capsys):  # noqa: F811
+    folder, _, _ = run_folder
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text("my own summary")
+    (out / "000-holiday.gif").write_bytes(b"GIF89a")
+    before = tree(out)
+    refused(capsys, _sample(folder, out), f"--out {out} is a folder holding 2 entries",
+            "choose another --out")
+    assert tree(out) == before
+
+
+def test_sampler_again_needs_overwrite_and_leaves_no_old_gifs(run_folder, tmp_path,  # noqa: F811
+                                                              capsys):
+    folder, _, _ = run_folder
+    out = tmp_path / "samples"
+    assert _sample(folder, out, "--num", "3") == 0
+    first = tree(out)
+    refused(capsys, _sample(folder, out, "--num", "1"), "already holds samples",
+            "pass --overwrite")
+    assert tree(out) == first
+    assert _sample(folder, out, "--num", "1", "--overwrite") == 0
+    (old,) = tmp_path.glob("samples.old-*")
+    assert tree(old) == first
+    assert len(list(out.glob("*.gif"))) == 1  # only the new run's videos
+
+
+def test_failed_sampling_leaves_nothing_half_written(run_folder, tmp_path, capsys,  # noqa: F811
+                                                     monkeypatch):
+    folder, _, _ = run_folder
+    out = tmp_path / "samples"
+    assert _sample(folder, out) == 0
+    first = tree(out)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample, "write_contact_sheet", broken)
+    with pytest.raises(OSError, match="No space left"):
+        _sample(folder, out, "--overwrite")
+    assert tree(out) == first and list(tmp_path.glob("samples.old-*")) == []
+    assert leftovers(tmp_path) == []
