@@ -38,7 +38,7 @@ from tqdm import tqdm
 from gpd_model import euler_sample, make_noise, sigma_grid
 
 from .checkpoint import atomic_write_text, sha256_file
-from .config import load_config
+from .config import load_run_config
 from .data import ProceduralVideos
 from .feature_net import feature_net, video_features
 from .loop import autocast
@@ -190,9 +190,7 @@ def _compare_candidates(run: Run, compare: dict[str, str]) -> list[Candidate]:
         if not config_path.is_file():
             raise ValueError(f"--compare {label}={folder}: no run folder there (missing "
                              f"{config_path})")
-        raw = json.loads(config_path.read_text())
-        raw.update(run_dir=str(folder), device=cfg.device)
-        other = Run(load_config(None, raw))
+        other = Run(load_run_config(folder, device=cfg.device))
         teacher = other.stage_folder("gpd", 0) / "model.safetensors"
         if not teacher.is_file() or sha256_file(teacher) != own_teacher:
             raise ValueError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
@@ -278,6 +276,8 @@ class _Judge:
 def _judge(run: Run, prompts: int, out: Path) -> _Judge:
     data = run.data
     if not isinstance(data, ProceduralVideos):
+        tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD and "
+                   "prompt accuracy need the built-in data's real videos and labels)")
         return _Judge(data, None, None, None)
     prompt_ids = torch.arange(prompts) % data.num_prompts
     net = feature_net(data, run.config.seed, out / "feature_net.safetensors")

@@ -18,6 +18,7 @@ A stage is never deleted: ``--restart`` moves it aside to ``<stage>.old-<time>/`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict
@@ -49,6 +50,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
+from .data_needs import missing_latents, trainable_chains
 from .loop import Objective, StageTrainer, resolve_device
 from .lora import METADATA_KEY, LoraSpec, adapter_from_params, lora_stage_model, merge_adapter
 from .objectives import (
@@ -519,6 +521,9 @@ def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
 def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = False) -> Path:
     """Train (or import, for stage 0 with a teacher path) one stage; returns its output."""
     started = time.perf_counter()
+    reason = missing_latents(run.config, run.data, chain, stage)
+    if reason is not None:  # before the stage folder is touched
+        raise ValueError(f"{stage_name(chain, stage)} cannot train: {reason}")
     kept = prepare_stage_folder(run, chain, stage, resume, restart)
     if kept is not None:
         return kept
@@ -568,12 +573,27 @@ def pipeline_plan(config: RunConfig) -> list[tuple[str, Stage]]:
     return plan
 
 
+def trainable_plan(run: Run) -> tuple[list[tuple[str, Stage]], Run]:
+    """The pipeline's stages that can train on the run's data set, and the run to evaluate
+    (its pipeline_chains the chains that train); prints one line per chain skipped."""
+    chains, notes = trainable_chains(run.config, run.data, pipeline_plan(run.config))
+    for note in notes:
+        tqdm.write(note)
+    plan = [(chain, stage) for chain, stage in pipeline_plan(run.config)
+            if stage == 0 or chain in chains]
+    if chains == run.config.pipeline_chains:
+        return plan, run
+    return plan, Run(dataclasses.replace(run.config, pipeline_chains=chains))
+
+
 def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:
-    """All stages (skipping complete ones, resuming partial ones), then the evaluation."""
+    """All stages that can train on the data set (skipping complete ones, resuming partial
+    ones), then the evaluation of those."""
     run = Run(config)
-    for chain, stage in pipeline_plan(config):
+    plan, evaluated = trainable_plan(run)  # before anything trains
+    for chain, stage in plan:
         check_cuda_graph(run, chain, stage)  # every stage, before the first trains
-    for chain, stage in pipeline_plan(config):
+    for chain, stage in plan:
         if run.is_done(chain, stage):
             reason = run.stale_reason(chain, stage)
             if reason is None:
@@ -593,4 +613,4 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
         return None
     from .evaluate import evaluate_run
 
-    return evaluate_run(run)
+    return evaluate_run(evaluated)

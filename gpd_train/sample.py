@@ -59,7 +59,7 @@ from .config import (
     RunConfig,
     check_device,
     check_number,
-    load_config,
+    load_run_config,
 )
 from .data import ProceduralVideos, PromptEmbeddingSet, open_data
 from .encode_prompts import (
@@ -120,13 +120,11 @@ class Prompts:
 
 
 def _run_config(folder: Path, device: str) -> RunConfig:
-    path = folder / "config.json"
     try:
-        raw = json.loads(path.read_text())
-        raw.update(run_dir=str(folder), device=device)
-        return load_config(None, raw)
+        return load_run_config(folder, device=device)
     except (OSError, ValueError, AttributeError) as exc:
-        raise SampleError(f"unreadable run configuration {path}: {exc}") from None
+        raise SampleError(f"unreadable run configuration {folder / 'config.json'}: {exc}") \
+            from None
 
 
 def _is_run_folder(path: Path) -> bool:
