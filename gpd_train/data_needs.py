@@ -41,14 +41,14 @@ def missing_latents(config: RunConfig, data: DataSet, chain: str,
 
 def trainable_chains(config: RunConfig, data: DataSet,
                      plan: list[tuple[str, int | str]]) -> tuple[list[str], list[str]]:
-    """(the chains of ``config.pipeline_chains`` whose every stage in ``plan`` can train on
-    ``data``, one line for each chain skipped); refused when stage 0 or every chain cannot."""
-    reason = missing_latents(config, data, "gpd", 0)
-    if reason is not None:
-        raise ValueError(f"stage 0 cannot train: {reason}")
+    """(the chains of ``config.pipeline_chains`` whose every stage in ``plan``, the stages
+    still to train, can train on ``data``, one line for each chain skipped); refused when
+    stage 0 or every chain cannot."""
     skipped: dict[str, str] = {}
     for chain, stage in plan:
         reason = missing_latents(config, data, chain, stage)
+        if reason is not None and stage == 0:
+            raise ValueError(f"stage 0 cannot train: {reason}")
         if reason is not None:
             skipped.setdefault(chain, reason)
     kept = [chain for chain in config.pipeline_chains if chain not in skipped]

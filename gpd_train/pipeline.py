@@ -2,7 +2,8 @@
 
 Layout of a run folder::
 
-    config.json                  the configuration of the last invocation
+    config.json                  the configuration of the last invocation (input paths
+                                 absolute, or relative to the run folder when inside it)
     stage0/                      the base teacher T0 (trained or imported)
     guidance/                    the guidance stage's w-conditioned student (when enabled)
     stage1/ stage2/ stage3/      the GPD chain (students S_1..S_3)
@@ -576,7 +577,9 @@ def pipeline_plan(config: RunConfig) -> list[tuple[str, Stage]]:
 def trainable_plan(run: Run) -> tuple[list[tuple[str, Stage]], Run]:
     """The pipeline's stages that can train on the run's data set, and the run to evaluate
     (its pipeline_chains the chains that train); prints one line per chain skipped."""
-    chains, notes = trainable_chains(run.config, run.data, pipeline_plan(run.config))
+    todo = [(chain, stage) for chain, stage in pipeline_plan(run.config)
+            if not run.is_done(chain, stage)]
+    chains, notes = trainable_chains(run.config, run.data, todo)
     for note in notes:
         tqdm.write(note)
     plan = [(chain, stage) for chain, stage in pipeline_plan(run.config)
