@@ -18,7 +18,7 @@ from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .errors import GPDError
 from .evaluate import evaluate_run
-from .pipeline import run_pipeline, run_stage
+from .pipeline import run_pipeline, run_stage, trainable_plan
 from .run_folder import RunLock, check_run_paths
 from .wan_folder import adopt_teacher_defaults
 
@@ -114,7 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, key, kind, text in options:
         parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
     parser.add_argument("--iterations", type=int, nargs="+", metavar="N", default=None,
-                        dest="distill.iterations", help="GPD iterations per stage (1..3)")
+                        dest="distill.iterations",
+                        help="GPD iterations per stage (1..3); with --stage N one value, that "
+                             "stage's (the others keep theirs)")
     parser.add_argument("--freq-weight", type=float, nargs="+", metavar="W", default=None,
                         dest="distill.freq_weight",
                         help="frequency-loss weight per GPD stage (default 0 0 1)")
@@ -182,6 +184,35 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
             for key, flag in STAGE0_FLAGS.items() if key in given and args.stage != 0]
 
 
+def check_stage(stage: int | str, num_stages: int) -> None:
+    if stage != GUIDANCE_STAGE and not 0 <= int(stage) <= num_stages:
+        raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
+
+
+def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with ``--iterations`` as one value per stage.
+
+    With ``--stage N`` one value is stage N's (``--stage g``: the guidance stage's); the
+    other stages keep theirs from the --config file or the defaults.
+    """
+    values = overrides.get("distill.iterations")
+    if values is None:
+        return overrides
+    rest = {key: value for key, value in overrides.items() if key != "distill.iterations"}
+    if args.stage == GUIDANCE_STAGE and len(values) == 1:
+        return {**rest, "distill.guidance_iterations": values[0]}
+    stages = load_config(args.config, rest).table("distill").iterations
+    if len(values) == len(stages):
+        return overrides
+    if args.stage is not None:
+        check_stage(args.stage, len(stages))
+    if args.stage is None or len(values) != 1:
+        raise ValueError(f"--iterations takes one value per stage ({len(stages)}), or with "
+                         f"--stage N the value for stage N; got {len(values)} ({values})")
+    stages[args.stage - 1] = values[0]
+    return {**rest, "distill.iterations": stages}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
@@ -192,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for warning in check_flag_use(args, set(overrides)):
             print(f"warning: {warning}", file=sys.stderr)
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, per_stage_iterations(args, overrides))
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         if config.threads:
@@ -206,17 +237,18 @@ def main(argv: list[str] | None = None) -> int:
                 encode_for_run, config, negative_text(args.video_negative), args.video_height,
                 args.video_width, args.video_frames)
         if args.stage is not None:
-            if args.stage != GUIDANCE_STAGE and not 0 <= args.stage <= config.num_stages:
-                raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in "
-                                 f"0..{config.num_stages}, got {args.stage}")
+            check_stage(args.stage, config.num_stages)
             output = run_stage(TrainingRun(config), StageId(args.chain, args.stage),
                                resume=args.resume, restart=args.restart)
             print(f"stage {args.stage} output: {output}")
             return 0
         if args.eval:
             compare = _parse_compare(args.compare or [])
-            run = TrainingRun(config) if parallel.is_main() else None  # rank 0 evaluates
-            report = None if run is None else evaluate_run(run, run.data, compare)
+            if parallel.is_main():  # rank 0 evaluates
+                run = trainable_plan(TrainingRun(config))[1]
+                report = evaluate_run(run, run.data, compare)
+            else:
+                report = None
         else:
             report = run_pipeline(config, resume=True)
     except (GPDError, ValueError, OSError) as exc:

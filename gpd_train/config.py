@@ -62,6 +62,11 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     teacher = "shard"          # shard | replicate (the frozen stage teacher)
 
 ``batch_size`` is per process: the global batch is batch_size x the number of ranks.
+
+Input paths (``data``, ``teacher``, ``prompts``) given as flags or in a TOML file are taken
+relative to the current directory and held absolute. A run folder's ``config.json`` stores
+those inside the run folder relative to it and the others absolute, so the folder can be
+moved and read from any directory (``load_run_config``).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +95,8 @@ DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
 PRESET_GUIDANCE = {"tiny": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
+PATH_KEYS = ("data", "teacher", "prompts")  # input paths, held absolute once loaded
+RUN_CONFIG = "config.json"  # a run folder's configuration
 
 
 @dataclass
@@ -326,7 +335,16 @@ class RunConfig:
         return {**flat.pop("chain_tables"), **flat}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """config.json's text: input paths inside the run folder relative to it (the folder
+        can be moved), the others absolute (it can be read from any directory)."""
+        values = self.to_dict()
+        folder = Path(os.path.abspath(self.run_dir))
+        for key in PATH_KEYS:
+            if values[key] is not None:
+                path = Path(os.path.abspath(values[key]))
+                values[key] = str(path.relative_to(folder) if path.is_relative_to(folder)
+                                  else path)
+        return json.dumps(values, indent=2, sort_keys=True)
 
 
 def _is_int(value: Any) -> bool:
@@ -456,7 +474,10 @@ def _merge(target: object, values: dict[str, Any], where: str) -> None:
 
 def load_config(path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed)."""
+    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed).
+
+    Relative input paths (``PATH_KEYS``) become absolute against the current directory.
+    """
     config = RunConfig()
     if path is not None:
         path = Path(path)
@@ -472,5 +493,48 @@ def load_config(path: str | Path | None = None,
         section, _, name = key.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[name or key] = value
     _merge(config, nested, "")
-    config.validate()
+    config.validate()  # first: a path that is not a string is named as such
+    for key in PATH_KEYS:
+        if getattr(config, key) is not None:
+            setattr(config, key, os.path.abspath(getattr(config, key)))
     return config
+
+
+def load_run_config(folder: str | Path, **overrides: Any) -> RunConfig:
+    """The configuration in a run folder's config.json, read from any directory: ``run_dir``
+    is ``folder`` (wherever it now is), relative paths are resolved by ``_run_path``, then
+    ``overrides`` (e.g. ``device``) apply."""
+    folder = Path(folder)
+    path = folder / RUN_CONFIG
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    for key in PATH_KEYS:
+        if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
+            raw[key] = _run_path(key, raw[key], folder, raw.get("run_dir"))
+    raw.update(overrides, run_dir=str(folder))
+    return load_config(None, raw)
+
+
+def _run_path(key: str, value: str, folder: Path, recorded_run_dir: Any) -> str:
+    """The absolute path meant by a relative ``key`` path of ``folder``'s config.json.
+
+    Current files hold paths relative to the run folder; older ones hold them as typed,
+    relative to the directory training ran in. Candidates, in order: the run folder, the
+    current directory, and that training directory when the folder still ends in its
+    recorded relative ``run_dir``. The first that exists is used (the run folder's when
+    none does), and a warning names it when another candidate exists too.
+    """
+    bases = [folder, Path.cwd()]
+    if isinstance(recorded_run_dir, str) and not os.path.isabs(recorded_run_dir):
+        depth = len(Path(recorded_run_dir).parts)
+        absolute = Path(os.path.abspath(folder))
+        if depth and absolute.parts[-depth:] == Path(recorded_run_dir).parts:
+            bases.append(absolute.parents[depth - 1])
+    candidates = list(dict.fromkeys(os.path.abspath(base / value) for base in bases))
+    existing = [path for path in candidates if os.path.exists(path)]
+    if len(existing) > 1:
+        warnings.warn(f"{folder / RUN_CONFIG}: {key} {value!r} is ambiguous; using {existing[0]} "
+                      f"(not {', '.join(existing[1:])}); store an absolute path to choose",
+                      stacklevel=3)
+    return existing[0] if existing else candidates[0]

@@ -346,9 +346,9 @@ class PromptEmbeddingSet:
         _check_generator(generator)
         _check_batch_size(batch_size)
         if with_latents and not self.has_latents:
-            raise ValueError(f"{self.folder} has no 'latents': stage-0 training and the 'data' "
-                             "state source need them (import a teacher with --teacher, or use "
-                             "--state-source student/teacher)")
+            raise ValueError(f"{self.folder} has no 'latents' (prompt embeddings alone): "
+                             "training stage 0 needs them (import it with --teacher W instead) "
+                             "and so does state_source 'data' (use 'teacher' or 'student')")
         indices = torch.randint(0, self.num_rows, (batch_size,), generator=generator).tolist()
         context, latents = self.rows(indices)
         return context, (latents if with_latents else None)

@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import html
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -206,10 +207,10 @@ def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DE
                    frames: int = VIDEO_DEFAULTS["frames"]) -> str:
     """Encode ``config.prompts`` with the teacher folder's umT5 into the run folder (resumable).
 
-    Returns the data-set folder, ``<run_dir>/prompt-embeddings``, for ``config.data``.
+    Returns the data-set folder, ``<run_dir>/prompt-embeddings`` (absolute), for ``config.data``.
     """
-    folder = Path(config.run_dir) / "prompt-embeddings"
-    if config.data is not None and Path(config.data) != folder:
+    folder = Path(os.path.abspath(config.run_dir)) / "prompt-embeddings"
+    if config.data is not None and Path(os.path.abspath(config.data)) != folder:
         raise EncodeError(f"give either --data ({config.data}) or --prompts ({config.prompts}), "
                           f"not both: --prompts is encoded into {folder}")
     root = diffusers_root(config.teacher)

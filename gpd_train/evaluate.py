@@ -39,7 +39,7 @@ from gpd_model import euler_sample, make_noise, sigma_grid
 
 from .chains import CHAINS, GUIDANCE_STAGE, StageId, get_chain
 from .checkpoint import atomic_write_text, sha256_file
-from .config import load_config
+from .config import load_run_config
 from .data import ProceduralVideos
 from .destination import EVAL, reuse_or_move_aside
 from .errors import ConfigError
@@ -188,9 +188,7 @@ def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candida
         if not config_path.is_file():
             raise ConfigError(f"--compare {label}={folder}: no run folder there (missing "
                              f"{config_path})")
-        raw = json.loads(config_path.read_text())
-        raw.update(run_dir=str(folder), device=cfg.device)
-        other = RunFolder(load_config(None, raw), run.device)
+        other = RunFolder(load_run_config(folder, device=cfg.device), run.device)
         teacher = other.stage_folder(TEACHER) / "model.safetensors"
         if not teacher.is_file() or sha256_file(teacher) != own_teacher:
             raise ConfigError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
@@ -275,6 +273,8 @@ class _Judge:
 
 def _judge(run: RunFolder, data: Any, prompts: int, out: Path) -> _Judge:
     if not isinstance(data, ProceduralVideos):
+        tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD and "
+                   "prompt accuracy need the built-in data's real videos and labels)")
         return _Judge(data, None, None, None)
     prompt_ids = torch.arange(prompts) % data.num_prompts
     net = feature_net(data, run.config.seed, out / "feature_net.safetensors")

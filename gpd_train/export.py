@@ -21,7 +21,9 @@ The folder holds the base's ``text_encoder/``, ``tokenizer/`` and ``vae/`` (symb
 by default, ``--copy`` for copies), the student as ``transformer/`` and a
 FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
 ``gpd_model.sigma_grid(steps, shift)`` (see ``student_scheduler_config``). Guidance-free
-students want ``guidance_scale=1.0`` (no CFG). ``gpd_export.json`` records what was exported.
+students want ``guidance_scale=1.0`` (no CFG); stage 0, the teacher, wants its own CFG scale
+(the run's ``guidance``). ``gpd_export.json`` records what was exported, ``guidance_scale``
+included, and the command prints the call with it.
 
 ``--out`` must be a new or empty folder outside ``--base`` (a Wan/Diffusers folder or any
 folder this command did not write is refused); an earlier export there is replaced only
@@ -110,6 +112,15 @@ def _student_grid(record: dict[str, Any] | None, run: RunConfig,
     """(steps, shift) of the exported scheduler: the stage's own (done.json), else the run's."""
     steps, shift = recorded_grid(record)
     return steps or run.steps[stage], shift or run.resolved_shift
+
+
+def sampling_guidance(record: dict[str, Any] | None, run: RunConfig, stage: int) -> float:
+    """The ``guidance_scale`` the exported stage samples at: the teacher's CFG scale for
+    stage 0 (its done.json's, else the run's), none (1.0) for a distilled student."""
+    if stage != 0:
+        return 1.0
+    recorded = ((record or {}).get("options") or {}).get("guidance")
+    return float(recorded if recorded is not None else run.resolved_guidance)
 
 
 def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
@@ -204,7 +215,8 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                  transformer=["diffusers", "WanTransformer3DModel"])
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "base": str(base.resolve()), "steps": steps, "shift": shift,
-              "guidance_scale": 1.0, "student_guidance": folded_at,
+              "guidance_scale": sampling_guidance(loaded.record, run, loaded.stage),
+              "student_guidance": folded_at,
               "components": "copied" if copy else "linked"}
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
         for name, source in sources.items():
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"exported {record['model']} -> {args.out}: WanPipeline.from_pretrained("
           f"{str(args.out)!r})(prompt, num_inference_steps={record['steps']}, "
-          "guidance_scale=1.0)")
+          f"guidance_scale={record['guidance_scale']!r})")
     return 0
 
 

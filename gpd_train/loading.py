@@ -18,7 +18,7 @@ from gpd_model.checkpoint import config_from_diffusers
 
 from .chains import DEFAULT_CHAIN, StageId
 from .checkpoint import load_stage_output, read_metadata
-from .config import RunConfig, load_config, resolve_device
+from .config import RunConfig, load_run_config, resolve_device
 from .errors import SampleError
 from .lora import METADATA_KEY as LORA_KEY
 from .run_folder import OUTPUT, RECORD, read_record, verify_output
@@ -46,13 +46,11 @@ def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | No
 
 
 def _run_config(folder: Path, device: str) -> RunConfig:
-    path = folder / "config.json"
     try:
-        raw = json.loads(path.read_text())
-        raw.update(run_dir=str(folder), device=device)
-        return load_config(None, raw)
+        return load_run_config(folder, device=device)
     except (OSError, ValueError, AttributeError) as exc:
-        raise SampleError(f"unreadable run configuration {path}: {exc}") from None
+        raise SampleError(f"unreadable run configuration {folder / 'config.json'}: {exc}") \
+            from None
 
 
 def _is_run_folder(path: Path) -> bool:

@@ -7,6 +7,7 @@ A stage is never deleted: ``--restart`` moves it aside to ``<stage>.old-<time>/`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from gpd_model import load_checkpoint
 from .builders import TrainingRun, build_distill, build_stage0, check_cuda_graph
 from .chains import GUIDANCE_STAGE, StageId
 from .config import RunConfig
+from .data_needs import missing_latents, trainable_chains
+from .errors import ConfigError
 from .evaluate import evaluate_run
 from .lora import adapter_from_params
 from .parallel import full_value, is_main, main_only, world
@@ -80,6 +83,9 @@ def finish_stage(run: RunFolder, sid: StageId, ema_state: dict[str, torch.Tensor
 def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = False) -> Path:
     """Train (or import, for stage 0 with a teacher path) one stage; returns its output."""
     started = time.perf_counter()
+    reason = missing_latents(run.config, run.data, sid)
+    if reason is not None:  # before the stage folder is touched
+        raise ConfigError(f"{sid} cannot train: {reason}")
     kept = prepare_stage_folder(run, sid, resume, restart)
     if kept is not None:
         return kept
@@ -124,12 +130,27 @@ def pipeline_plan(config: RunConfig) -> list[StageId]:
     return plan
 
 
+def trainable_plan(run: TrainingRun) -> tuple[list[StageId], TrainingRun]:
+    """The pipeline's stages that can train on the run's data set, and the run to evaluate
+    (its pipeline_chains the chains that train); prints one line per chain skipped."""
+    todo = [sid for sid in pipeline_plan(run.config) if not run.is_done(sid)]
+    chains, notes = trainable_chains(run.config, run.data, todo)
+    for note in notes:
+        tqdm.write(note)
+    plan = [sid for sid in pipeline_plan(run.config) if sid.is_teacher or sid.chain in chains]
+    if chains == run.config.pipeline_chains:
+        return plan, run
+    return plan, TrainingRun(dataclasses.replace(run.config, pipeline_chains=chains))
+
+
 def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) -> Path | None:
-    """All stages (skipping complete ones, resuming partial ones), then the evaluation."""
+    """All stages that can train on the data set (skipping complete ones, resuming partial
+    ones), then the evaluation of those."""
     run = TrainingRun(config)
-    for sid in pipeline_plan(config):
+    plan, evaluated = trainable_plan(run)  # before anything trains
+    for sid in plan:
         check_cuda_graph(run, sid)  # every stage, before the first trains
-    for sid in pipeline_plan(config):
+    for sid in plan:
         if run.is_done(sid):
             reason = run.stale_reason(sid)
             if reason is None:
@@ -146,4 +167,4 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
         run_stage(run, sid, resume=resume)
     if not evaluate or not is_main():  # under torchrun rank 0 evaluates alone
         return None
-    return evaluate_run(run, run.data)
+    return evaluate_run(evaluated, evaluated.data)
