@@ -39,6 +39,7 @@ from gpd_model import (
 from .checkpoint import (
     GUIDANCE_INPUT_KEY,
     MANIFEST,
+    CheckpointError,
     CheckpointStore,
     atomic_write_text,
     load_stage_output,
@@ -47,7 +48,7 @@ from .checkpoint import (
     save_weights,
     sha256_file,
 )
-from .config import DistillConfig, RunConfig, Stage0Config
+from .config import SECTION, DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .loop import Objective, StageTrainer, resolve_device
 from .lora import METADATA_KEY, LoraSpec, adapter_from_params, lora_stage_model, merge_adapter
@@ -379,7 +380,39 @@ def _trainer(run: Run, chain: str, stage: Stage, model: torch.nn.Module, objecti
         folder=run.stage_folder(chain, stage), iterations=iterations, lr=optim.lr,
         warmup=optim.warmup, final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
-        metadata={**run.metadata(chain, stage), **teacher}, cuda_graph=run.config.cuda_graph)
+        metadata={**run.metadata(chain, stage), **teacher}, cuda_graph=run.config.cuda_graph,
+        recipe=stage_recipe(run, chain, stage))
+
+
+def stage_recipe(run: Run, chain: str, stage: Stage) -> dict[str, Any]:
+    """Every option that shapes the stage's result, by its configuration key (a per-stage
+    list entry as ``key[i]``, resolved: the stage teacher's CFG scale even where the run's
+    guidance set it): each checkpoint records it and --resume refuses another value."""
+    cfg = run.config
+    recipe: dict[str, Any] = {"seed": cfg.seed, "shift": cfg.resolved_shift,
+                              "steps": stage_steps(run, stage), "batch_size": cfg.batch_size,
+                              "precision": cfg.precision}
+    if stage == 0:
+        return {**recipe, **{f"stage0.{key}": value for key, value in asdict(cfg.stage0).items()}}
+    chain_cfg, spec = cfg.chain(chain), run.lora_spec(chain, stage)
+    options: dict[str, Any] = {
+        key: getattr(chain_cfg, key) for key in ("lr", "warmup", "final_lr_ratio", "ema_decay",
+                                                 "state_source", "lane_groups", "freq_alpha_s",
+                                                 "freq_alpha_t", "freq_gamma")}
+    options["lora_rank"] = 0 if spec is None else spec.rank
+    if spec is not None:
+        options.update(lora_alpha=spec.alpha, lora_targets=list(spec.targets))
+    if stage == GUIDANCE_STAGE:
+        options["guidance_iterations"] = chain_cfg.guidance_iterations
+    else:
+        index = int(stage) - 1
+        options[f"iterations[{index}]"] = chain_cfg.iterations[index]
+        options[f"freq_weight[{index}]"] = chain_cfg.freq_weight[index]
+        if not run.guidance_input(chain, stage):
+            options[f"stage_guidance[{index}]"] = cfg.stage_guidance(chain)[index]
+    if stage == GUIDANCE_STAGE or run.guidance_input(chain, stage):
+        options["guidance_range"] = [float(w) for w in chain_cfg.guidance_range]
+    return {**recipe, **{f"{SECTION[chain]}.{key}": value for key, value in options.items()}}
 
 
 def stage_generator(run: Run, chain: str, stage: Stage) -> torch.Generator:
@@ -502,6 +535,7 @@ def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
             raise StaleStageError(f"{name} is stale: {reason}; retrain it with "
                                   f"`{command} --restart` (moves {folder} aside)")
         if resume:
+            check_kept_output(folder, name, command)
             tqdm.write(f"[{name}] already complete ({folder / 'model.safetensors'}); kept")
             return folder / "model.safetensors"
         raise StageExistsError(
@@ -514,6 +548,16 @@ def prepare_stage_folder(run: Run, chain: str, stage: Stage, resume: bool,
             f"`{command} --resume` to continue it, or `{command} --restart` to move it aside "
             f"(to {folder.name}.old-<time>/) and start over")
     return None
+
+
+def check_kept_output(folder: Path, name: str, command: str) -> None:
+    """A finished stage is kept only when its output still has the SHA-256 its done.json
+    records: a truncated or altered file is refused, not reported complete."""
+    try:
+        verify_output(folder)
+    except (CheckpointError, RunFolderError) as exc:
+        raise RunFolderError(f"{name} is recorded complete, but {exc} (`{command} --restart` "
+                             f"moves {folder} aside)") from None
 
 
 def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = False) -> Path:
