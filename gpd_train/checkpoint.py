@@ -450,6 +450,16 @@ class Checkpointer(CheckpointStore):
                 f"pass --data-streams {stored['data_streams']} --batch-size "
                 f"{stored['data_streams'] * stored['stream_batch'] // ranks}")
 
+    def check_recipe(self) -> None:
+        """Refuse resuming under another recipe than the newest checkpoint's before anything
+        is written (from its manifest alone: loading verifies the files and checks again)."""
+        for path in self.candidates()[:1]:
+            try:
+                saved = dict(json.loads((path / MANIFEST).read_text()).get("recipe", {}))
+            except (OSError, ValueError, TypeError, AttributeError):
+                return  # an unreadable manifest: loading falls back and names it
+            self._check_recipe(path, saved)
+
     def _check_recipe(self, path: Path, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint trained under other options: resuming it would change the
         stage mid-way (its schedule, grid, loss or data). Options a checkpoint does not

@@ -571,6 +571,8 @@ def run_stage(run: Run, chain: str, stage: Stage, resume: bool, restart: bool = 
         return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
     check_cuda_graph(run, chain, stage)  # before loading anything
     trainer = build_stage0(run) if stage == 0 else build_distill(run, chain, stage)
+    if resume:
+        trainer.checkpoints.check_recipe()
     main_only(run.save_config)  # only once the stage's inputs and options were accepted
     trainer.run(resume=resume)
     final = list(trainer.metrics.records())[-20:]
