@@ -69,6 +69,7 @@ from .parallel import (
     world,
 )
 from .run_folder import (
+    OPTIONS_KEY,
     RunFolderError,
     StageExistsError,
     StaleStageError,
@@ -339,9 +340,11 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "done.json").unlink(missing_ok=True)
         output = folder / "model.safetensors"
-        save_weights(output, weights, self.metadata(chain, stage))
-        record = {"options": self.stage_options(chain, stage), **summary,
-                  "sha256": sha256_file(output)}
+        options = self.stage_options(chain, stage)
+        # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
+        save_weights(output, weights, {**self.metadata(chain, stage),
+                                       OPTIONS_KEY: json.dumps(options, sort_keys=True)})
+        record = {"options": options, **summary, "sha256": sha256_file(output)}
         if stage != 0:
             previous = self.previous_stage(chain, stage)
             record["teacher"] = stage_name(chain, previous)

@@ -25,11 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, sha256_file
+from .checkpoint import CheckpointError, read_metadata, sha256_file
 
 LOCK_NAME = ".lock"
 RECORD = "done.json"
 OUTPUT = "model.safetensors"
+# The stage output's metadata key holding done.json's "options" (JSON), for verify_output.
+OPTIONS_KEY = "options"
 
 
 class RunFolderError(RuntimeError):
@@ -163,7 +165,24 @@ def verify_output(folder: Path) -> str:
             f"stage output {path} is corrupt: its SHA-256 {actual[:16]}... differs from "
             f"{expected[:16]}... recorded in {folder / RECORD}; retrain the stage with "
             "--restart")
+    _check_recorded_options(folder, path)
     return actual
+
+
+def _check_recorded_options(folder: Path, path: Path) -> None:
+    """done.json's options are those the stage output itself records (outputs written before
+    it recorded them are not compared)."""
+    inside = read_metadata(path).get(OPTIONS_KEY)
+    if inside is None:
+        return
+    recorded, written = read_record(folder).get("options", {}), json.loads(inside)
+    changed = [f"{key} {recorded.get(key)!r} (the output says {written.get(key)!r})"
+               for key in sorted(set(recorded) | set(written))
+               if recorded.get(key) != written.get(key)]
+    if changed:
+        raise RunFolderError(f"stage record {folder / RECORD} was edited: options "
+                             f"{'; '.join(changed)}; restore it, or retrain the stage with "
+                             "--restart (its folder is moved aside, not deleted)")
 
 
 def move_aside(folder: Path) -> Path | None:

@@ -181,6 +181,21 @@ def test_hand_edited_done_json_is_refused_naming_file_and_field(micro, tmp_path,
         read_record(done.parent)
 
 
+def test_done_json_options_edited_by_hand_are_refused(micro, tmp_path, capsys):  # noqa: F811
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    done = tmp_path / "run" / "stage1" / "done.json"
+    record = json.loads(done.read_text())
+    record["options"]["shift"] = 9.0  # a valid value, not the one the stage was trained at
+    done.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(done.parent), "--device", "cpu",
+                        "--out", str(tmp_path / "out")]) == 2
+    assert (f"stage record {done} was edited: options shift 9.0 (the output says 3.0)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def _forge_state(checkpoint: Path) -> None:
     """Garbage in state.pt, with a manifest that lists it (its files all verify)."""
     (checkpoint / STATE_FILE).write_bytes(b"PK\x03\x04 not a torch file" * 50)
