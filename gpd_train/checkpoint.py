@@ -428,16 +428,7 @@ class Checkpointer(CheckpointStore):
             raise CheckpointError(f"checkpoint {path} was written by a single-process run: "
                                   "resume it without torchrun, or start the stage over with "
                                   "--restart")
-        saved = manifest["metadata"]
-        for key in ("stage", "dit_config", "teacher_sha256"):
-            if key == "teacher_sha256" and (key not in saved or key not in self.metadata):
-                continue  # a checkpoint from before teachers were recorded
-            if saved.get(key) != self.metadata.get(key):
-                raise CheckpointError(
-                    f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run "
-                    f"has {self.metadata.get(key)!r}; start the stage over with --restart "
-                    "(moves it aside)")
-        self._check_recipe(path, manifest.get("recipe", {}))
+        self._check_written_for(path, manifest["metadata"], manifest.get("recipe", {}))
         layout = self._layout()
         stored = {key: int(manifest[key]) for key in layout}
         if stored != layout:
@@ -450,15 +441,31 @@ class Checkpointer(CheckpointStore):
                 f"pass --data-streams {stored['data_streams']} --batch-size "
                 f"{stored['data_streams'] * stored['stream_batch'] // ranks}")
 
+    def _check_written_for(self, path: Path, saved: Mapping[str, str],
+                           recipe: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another stage, model shape or stage teacher, then one
+        trained under another recipe."""
+        for key in ("stage", "dit_config", "teacher_sha256"):
+            if key == "teacher_sha256" and (key not in saved or key not in self.metadata):
+                continue  # a checkpoint from before teachers were recorded
+            if saved.get(key) != self.metadata.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run "
+                    f"has {self.metadata.get(key)!r}; start the stage over with --restart "
+                    "(moves it aside)")
+        self._check_recipe(path, recipe)
+
     def check_recipe(self) -> None:
-        """Refuse resuming under another recipe than the newest checkpoint's before anything
-        is written (from its manifest alone: loading verifies the files and checks again)."""
+        """Refuse resuming another stage, teacher or recipe than the newest checkpoint's
+        before anything is written (from its manifest alone: loading verifies the files and
+        checks again)."""
         for path in self.candidates()[:1]:
             try:
-                saved = dict(json.loads((path / MANIFEST).read_text()).get("recipe", {}))
-            except (OSError, ValueError, TypeError, AttributeError):
+                manifest = json.loads((path / MANIFEST).read_text())
+                saved, recipe = dict(manifest["metadata"]), dict(manifest.get("recipe", {}))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return  # an unreadable manifest: loading falls back and names it
-            self._check_recipe(path, saved)
+            self._check_written_for(path, saved, recipe)
 
     def _check_recipe(self, path: Path, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint trained under other options: resuming it would change the
