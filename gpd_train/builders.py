@@ -12,7 +12,7 @@ declaration (gpd_train.chains) and its config table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -79,7 +79,40 @@ def _trainer(run: TrainingRun, sid: StageId, model: torch.nn.Module, objective: 
         iterations=run.iterations(sid), lr=optim.lr, warmup=optim.warmup,
         final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
-        metadata={**run.metadata(sid), **teacher}, cuda_graph=run.config.cuda_graph)
+        metadata={**run.metadata(sid), **teacher}, cuda_graph=run.config.cuda_graph,
+        recipe=stage_recipe(run, sid))
+
+
+def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
+    """Every option that shapes the stage's result, by its configuration key (a per-stage
+    list entry as ``key[i]``, resolved: the stage teacher's CFG scale even where the run's
+    guidance set it): each checkpoint records it and --resume refuses another value."""
+    cfg = run.config
+    recipe: dict[str, Any] = {"seed": cfg.seed, "shift": cfg.resolved_shift,
+                              "steps": run.steps(sid), "batch_size": cfg.batch_size,
+                              "precision": cfg.precision}
+    if sid.is_teacher:
+        return {**recipe, **{f"stage0.{key}": value for key, value in asdict(cfg.stage0).items()}}
+    chain_cfg, spec = cfg.chain(sid.chain), run.lora_spec(sid)
+    options: dict[str, Any] = {
+        key: getattr(chain_cfg, key) for key in ("lr", "warmup", "final_lr_ratio", "ema_decay",
+                                                 "state_source", "lane_groups", "freq_alpha_s",
+                                                 "freq_alpha_t", "freq_gamma")}
+    options["lora_rank"] = 0 if spec is None else spec.rank
+    if spec is not None:
+        options.update(lora_alpha=spec.alpha, lora_targets=list(spec.targets))
+    if sid.is_guidance:
+        options["guidance_iterations"] = chain_cfg.guidance_iterations
+    else:
+        index = int(sid.stage) - 1
+        options[f"iterations[{index}]"] = chain_cfg.iterations[index]
+        options[f"freq_weight[{index}]"] = chain_cfg.freq_weight[index]
+        if not run.guidance_input(sid):
+            options[f"stage_guidance[{index}]"] = cfg.stage_guidance(sid.chain)[index]
+    if run.guidance_input(sid):
+        options["guidance_range"] = [float(w) for w in chain_cfg.guidance_range]
+    section = get_chain(sid.chain).section
+    return {**recipe, **{f"{section}.{key}": value for key, value in options.items()}}
 
 
 def build_stage0(run: TrainingRun) -> StageTrainer:

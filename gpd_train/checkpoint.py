@@ -28,6 +28,7 @@ import io
 import json
 import os
 import shutil
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +54,10 @@ STREAM_PREFIX = "stream."
 _DCP_METADATA = ".metadata"
 
 Signature = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class CorruptStateError(CheckpointError):
+    """A checkpoint's trainer state (state.pt) cannot be read, though its files verify."""
 
 
 class Stateful(Protocol):
@@ -81,12 +86,37 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _sort_metadata(handle: io.BufferedRandom, path: Path) -> None:
+    """Rewrite the header of the safetensors file open in ``handle`` with its metadata keys
+    sorted, in place.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to
+    process, so identical tensors gave files of different SHA-256, the hash that stage
+    provenance compares. Reordering keys keeps the header's length, so the tensor data
+    stays where it is.
+    """
+    size = struct.unpack("<Q", handle.read(8))[0]
+    raw = handle.read(size)
+    header = json.loads(raw)
+    if "__metadata__" in header:  # keeps its place: only its keys move
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(raw.rstrip(b" ")):
+        raise CheckpointError(f"cannot sort the metadata of {path}: its header is not in "
+                              "safetensors' compact JSON form")
+    handle.seek(8)
+    handle.write(text.ljust(size))
+
+
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Save tensors as safetensors at ``path`` atomically."""
+    """Save tensors as safetensors at ``path`` atomically; identical tensors and metadata
+    give a byte-identical file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata=metadata)
-    with tmp.open("rb") as handle:
+    with tmp.open("r+b") as handle:
+        _sort_metadata(handle, tmp)
+        handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -187,6 +217,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
                  for name, info in dict(manifest["files"]).items()}
         if manifest.get("format") in (SINGLE_FORMAT, DCP_FORMAT):
             dict(manifest["metadata"])
+            dict(manifest.get("recipe", {}))
             int(manifest["data_streams"]), int(manifest["stream_batch"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"corrupt checkpoint manifest {manifest_path}: {exc}") from None
@@ -244,31 +275,39 @@ class CheckpointStore:
         rest = [p for p in self.steps() if p != pointed]
         return ([pointed] if pointed is not None else []) + rest
 
-    def newest_valid(self) -> tuple[Path, dict[str, Any], list[str]]:
+    def newest_valid(self, passed_over: list[str] | None = None
+                     ) -> tuple[Path, dict[str, Any], list[str]]:
         """(path, manifest, problems) of the newest checkpoint whose files verify.
 
         ``problems`` says why the ``latest`` pointer and any newer checkpoint were passed
-        over; those checkpoints are renamed ``corrupt-step-*`` (kept, never pruned) so that
-        a resumed run's next save cannot overwrite them.
+        over (after ``passed_over``, those set aside before); those checkpoints are renamed
+        ``corrupt-step-*`` (kept, never pruned) so that a resumed run's next save cannot
+        overwrite them.
         """
-        problems = []
+        problems = list(passed_over or [])
         try:
-            if self.latest() is None:
+            if self.latest() is None and passed_over is None:
                 problems.append(f"{self._pointer} is missing")
         except (CheckpointError, OSError, UnicodeDecodeError) as exc:
-            problems.append(str(exc))
+            if passed_over is None:  # else it pointed to the checkpoint set aside
+                problems.append(str(exc))
         for path in self.candidates():
             try:
                 return path, read_manifest(path), problems
             except CheckpointError as exc:
-                problems.append(str(exc))
-                aside = path.with_name(f"corrupt-{path.name}")
-                if not aside.exists():
-                    os.replace(path, aside)
-                    problems[-1] += f" (kept as {aside.name})"
+                problems.append(self.set_aside(path, str(exc)))
         raise CheckpointError(f"no checkpoint in {self.folder} verifies:\n  "
                               + "\n  ".join(problems)
                               + "\nstart the stage over with --restart (moves it aside)")
+
+    @staticmethod
+    def set_aside(path: Path, problem: str) -> str:
+        """Rename corrupt checkpoint ``path`` to ``corrupt-<name>``; ``problem``, saying so."""
+        aside = path.with_name(f"corrupt-{path.name}")
+        if aside.exists():
+            return problem
+        os.replace(path, aside)
+        return f"{problem} (kept as {aside.name})"
 
     def publish(self, tmp: Path, name: str, manifest: dict[str, Any]) -> Path:
         """Write ``tmp``'s manifest, rename it to checkpoint ``name``, make that the latest
@@ -310,15 +349,20 @@ class Checkpointer(CheckpointStore):
 
     ``metadata`` (stage, model shape, stage teacher) goes into every checkpoint, and a
     checkpoint written for other values is refused; so is one whose data-stream layout
-    (the ``stream.<j>`` parts over all ranks, ``stream_batch`` samples each) differs.
+    (the ``stream.<j>`` parts over all ranks, ``stream_batch`` samples each) differs, or
+    whose ``recipe`` (option name -> value: every option that shapes the stage's result)
+    has another value for an option both record.
     """
 
     def __init__(self, folder: str | Path, parts: Mapping[str, Stateful],
-                 metadata: Mapping[str, str], stream_batch: int) -> None:
+                 metadata: Mapping[str, str], stream_batch: int,
+                 recipe: Mapping[str, Any] | None = None) -> None:
         super().__init__(folder)
         self.parts = dict(parts)
         self.metadata = dict(metadata)
         self.stream_batch = stream_batch
+        # As the manifest's JSON gives it back (tuples become lists), to compare equal.
+        self.recipe: dict[str, Any] = json.loads(json.dumps(dict(recipe or {})))
 
     def _layout(self) -> dict[str, int]:
         streams = sum(name.startswith(STREAM_PREFIX) for name in self.parts)
@@ -347,7 +391,7 @@ class Checkpointer(CheckpointStore):
                         if part not in WEIGHT_PARTS}, tmp / STATE_FILE)
         manifest = {"format": DCP_FORMAT if world.distributed else SINGLE_FORMAT,
                     "step": step, "world_size": world.world_size, **self._layout(),
-                    "metadata": self.metadata}
+                    "metadata": self.metadata, "recipe": self.recipe}
         return parallel.main_only(self.publish, tmp, name, manifest)
 
     # -- loading --------------------------------------------------------------------------
@@ -355,10 +399,18 @@ class Checkpointer(CheckpointStore):
         """Load the newest checkpoint that verifies into the parts (a collective under
         torchrun): all of them, or none when it was written for another run or a part does
         not match. Returns its folder and why newer ones were passed over."""
-        path, manifest, problems = parallel.main_only(self.newest_valid)
-        self._check_run(path, manifest)
-        read = self._read_dcp if manifest["format"] == DCP_FORMAT else self._read_single
-        saved = read(path, manifest)
+        problems: list[str] | None = None
+        while True:
+            path, manifest, problems = parallel.main_only(self.newest_valid, problems)
+            self._check_run(path, manifest)
+            if manifest["format"] == DCP_FORMAT:
+                saved = self._read_dcp(path, manifest)
+                break
+            try:
+                saved = self._read_single(path, manifest)
+                break
+            except CorruptStateError as exc:  # its files match a manifest forged with them
+                problems = [*problems, parallel.main_only(self.set_aside, path, str(exc))]
         for name, part in self.parts.items():
             part.load_state_dict(saved[name])
         return path, problems
@@ -376,15 +428,7 @@ class Checkpointer(CheckpointStore):
             raise CheckpointError(f"checkpoint {path} was written by a single-process run: "
                                   "resume it without torchrun, or start the stage over with "
                                   "--restart")
-        saved = manifest["metadata"]
-        for key in ("stage", "dit_config", "teacher_sha256"):
-            if key == "teacher_sha256" and (key not in saved or key not in self.metadata):
-                continue  # a checkpoint from before teachers were recorded
-            if saved.get(key) != self.metadata.get(key):
-                raise CheckpointError(
-                    f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run "
-                    f"has {self.metadata.get(key)!r}; start the stage over with --restart "
-                    "(moves it aside)")
+        self._check_written_for(path, manifest["metadata"], manifest.get("recipe", {}))
         layout = self._layout()
         stored = {key: int(manifest[key]) for key in layout}
         if stored != layout:
@@ -396,6 +440,46 @@ class Checkpointer(CheckpointStore):
                 f"{layout['data_streams']} of {layout['stream_batch']}. On {ranks} rank(s) "
                 f"pass --data-streams {stored['data_streams']} --batch-size "
                 f"{stored['data_streams'] * stored['stream_batch'] // ranks}")
+
+    def _check_written_for(self, path: Path, saved: Mapping[str, str],
+                           recipe: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another stage, model shape or stage teacher, then one
+        trained under another recipe."""
+        for key in ("stage", "dit_config", "teacher_sha256"):
+            if key == "teacher_sha256" and (key not in saved or key not in self.metadata):
+                continue  # a checkpoint from before teachers were recorded
+            if saved.get(key) != self.metadata.get(key):
+                raise CheckpointError(
+                    f"checkpoint {path} was written for {key}={saved.get(key)!r}, this run "
+                    f"has {self.metadata.get(key)!r}; start the stage over with --restart "
+                    "(moves it aside)")
+        self._check_recipe(path, recipe)
+
+    def check_recipe(self) -> None:
+        """Refuse resuming another stage, teacher or recipe than the newest checkpoint's
+        before anything is written (from its manifest alone: loading verifies the files and
+        checks again)."""
+        for path in self.candidates()[:1]:
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+                saved, recipe = dict(manifest["metadata"]), dict(manifest.get("recipe", {}))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return  # an unreadable manifest: loading falls back and names it
+            self._check_written_for(path, saved, recipe)
+
+    def _check_recipe(self, path: Path, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint trained under other options: resuming it would change the
+        stage mid-way (its schedule, grid, loss or data). Options a checkpoint does not
+        record (one written before recipes were kept) are not compared."""
+        changed = [f"{key} = {saved[key]!r} in the checkpoint, {value!r} in this run"
+                   for key, value in sorted(self.recipe.items())
+                   if key in saved and saved[key] != value]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with other options than this run: "
+                f"{'; '.join(changed)}. Resume with the checkpoint's values (drop the flags or "
+                "TOML keys that changed them), or start the stage over with --restart (moves "
+                "it aside)")
 
     def _check_parts(self, path: Path, stored: Mapping[str, Signature | None]) -> None:
         """Refuse, before anything is loaded, a checkpoint that lacks a part or holds an
@@ -423,7 +507,10 @@ class Checkpointer(CheckpointStore):
         try:
             saved.update(torch.load(path / STATE_FILE, map_location="cpu", weights_only=True))
         except Exception as exc:  # torch raises several types for a bad pickle
-            raise CheckpointError(f"corrupt trainer state {path / STATE_FILE}: {exc}") from None
+            # Its first line: torch's advice on unpickling does not apply to a corrupt file.
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CorruptStateError(f"corrupt trainer state {path / STATE_FILE}: "
+                                    f"{reason}") from None
         self._check_parts(path, {name: _signature(value) if name in WEIGHT_PARTS else None
                                  for name, value in saved.items()})
         return saved

@@ -184,12 +184,24 @@ class MetricsLog:
         self.path = path
 
     def reset(self, keep_until_step: int | None = None) -> None:
-        if keep_until_step is None or not self.path.exists():
+        """Start the log over, or (resuming) keep its records up to ``keep_until_step``.
+
+        Records the resumed checkpoint's steps should have but the log lacks (a deleted or
+        cut file) cannot be rebuilt: the training itself continues exactly from the
+        checkpoint, so the run goes on and a warning names the steps whose records are gone.
+        """
+        if keep_until_step is None:
             self.path.unlink(missing_ok=True)
             return
-        kept = [line for line, record in self._parsed(warn=True)
-                if record.get("step", 0) <= keep_until_step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = ([(line, record) for line, record in self._parsed(warn=True)
+                 if record.get("step", 0) <= keep_until_step] if self.path.exists() else [])
+        last = max((int(record.get("step", 0)) for _, record in kept), default=0)
+        if last < keep_until_step:
+            state = "ends at step " + str(last) if self.path.exists() else "is missing"
+            tqdm.write(f"warning: {self.path} {state}, but the checkpoint is at step "
+                       f"{keep_until_step}: the metrics of steps {last + 1}-{keep_until_step} "
+                       "are lost (training resumes exactly; the log continues after them)")
+        atomic_write_text(self.path, "".join(line + "\n" for line, _ in kept))
 
     def _parsed(self, warn: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
         """(line, record) pairs; a torn last line (a kill mid-write) is dropped."""
@@ -225,7 +237,8 @@ class StageTrainer:
                  objective: Objective | StreamGroup, folder: Path, iterations: int, lr: float,
                  warmup: int, final_lr_ratio: float, ema_decay: float,
                  checkpoint_every: int, generator: torch.Generator,
-                 metadata: dict[str, str], cuda_graph: bool = False) -> None:
+                 metadata: dict[str, str], cuda_graph: bool = False,
+                 recipe: dict[str, Any] | None = None) -> None:
         self.name = name
         self.model = model
         self.objective = objective
@@ -246,7 +259,8 @@ class StageTrainer:
             folder / "ckpt", {"model": self.model_state, "ema": self.ema,
                               "optimizer": OptimizerState(model, self.optimizer),
                               "trainer": self, **streams},
-            metadata, stream_batch=int(next(iter(streams.values())).objective.batch_size))
+            metadata, stream_batch=int(next(iter(streams.values())).objective.batch_size),
+            recipe=recipe)
         self.metrics = MetricsLog(folder / "metrics.jsonl")
         self.step = 0
         self.graph: GraphStep | None = None

@@ -19,13 +19,20 @@ from gpd_model import load_checkpoint
 
 from .builders import TrainingRun, build_distill, build_stage0, check_cuda_graph
 from .chains import GUIDANCE_STAGE, StageId
+from .checkpoint import CheckpointError
 from .config import RunConfig
 from .data_needs import missing_latents, trainable_chains
 from .errors import ConfigError
 from .evaluate import evaluate_run
 from .lora import adapter_from_params
 from .parallel import full_value, is_main, main_only, world
-from .run_folder import StageExistsError, StaleStageError, move_aside
+from .run_folder import (
+    RunFolderError,
+    StageExistsError,
+    StaleStageError,
+    move_aside,
+    verify_output,
+)
 from .stages import TEACHER, RunFolder
 from .wan_folder import transformer_folder
 
@@ -52,6 +59,7 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
             raise StaleStageError(f"{name} is stale: {reason}; retrain it with "
                                   f"`{command} --restart` (moves {folder} aside)")
         if resume:
+            check_kept_output(folder, name, command)
             tqdm.write(f"[{name}] already complete ({folder / 'model.safetensors'}); kept")
             return folder / "model.safetensors"
         raise StageExistsError(
@@ -64,6 +72,16 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
             f"`{command} --resume` to continue it, or `{command} --restart` to move it aside "
             f"(to {folder.name}.old-<time>/) and start over")
     return None
+
+
+def check_kept_output(folder: Path, name: str, command: str) -> None:
+    """A finished stage is kept only when its output still has the SHA-256 its done.json
+    records: a truncated or altered file is refused, not reported complete."""
+    try:
+        verify_output(folder)
+    except (CheckpointError, RunFolderError) as exc:
+        raise RunFolderError(f"{name} is recorded complete, but {exc} (`{command} --restart` "
+                             f"moves {folder} aside)") from None
 
 
 def finish_stage(run: RunFolder, sid: StageId, ema_state: dict[str, torch.Tensor],
@@ -94,6 +112,8 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
         return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
     check_cuda_graph(run, sid)  # before loading anything
     trainer = build_stage0(run) if sid.is_teacher else build_distill(run, sid)
+    if resume:
+        trainer.checkpoints.check_recipe()
     main_only(run.save_config)  # only once the stage's inputs and options were accepted
     trainer.run(resume=resume)
     final = list(trainer.metrics.records())[-20:]

@@ -17,18 +17,22 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, sha256_file
+from .checkpoint import CheckpointError, read_metadata, sha256_file
 from .errors import GPDError
 
 LOCK_NAME = ".lock"
 RECORD = "done.json"
 OUTPUT = "model.safetensors"
+# The stage output's metadata key holding done.json's "options" (JSON), for verify_output.
+OPTIONS_KEY = "options"
 
 
 class RunFolderError(GPDError, RuntimeError):
@@ -93,7 +97,58 @@ def read_record(folder: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise RunFolderError(f"corrupt stage record {path}: expected a JSON object, got "
                              f"{type(record).__name__}")
+    options = record.get("options", {})
+    fields = [(name, record[name]) for name in _RECORD_FIELDS if name in record]
+    if isinstance(options, dict):
+        fields += [(f"options.{name}", options[name]) for name in _RECORD_FIELDS
+                   if name in options]
+    else:
+        fields.append(("options", options))
+    problems = []
+    for name, value in fields:
+        check, expected = _RECORD_FIELDS[name.removeprefix("options.")]
+        if not check(value):
+            problems.append(f"{name} must be {expected}, got {value!r}")
+    if not problems and "teacher_steps" in options and "steps" in options and (
+            2 * options["steps"] != options["teacher_steps"]):
+        problems.append(f"options.steps must be half of options.teacher_steps "
+                        f"({options['teacher_steps']}: a stage halves its teacher's steps), got "
+                        f"{options['steps']}")
+    if problems:
+        raise RunFolderError(f"corrupt stage record {path}: {'; '.join(problems)}; retrain the "
+                             "stage with --restart (its folder is moved aside, not deleted)")
     return record
+
+
+def _positive(value: Any, integer: bool = False) -> bool:
+    number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    return number and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _guidance(value: Any) -> bool:
+    if isinstance(value, list):
+        return len(value) == 2 and all(map(_positive, value)) and value[0] <= value[1]
+    return _positive(value)
+
+
+def _digest(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
+
+
+# done.json fields that the sampler, export and staleness read: (check, what is expected).
+# Each may sit at the top of the record or in its "options" (not every field in each).
+_RECORD_FIELDS = {
+    "options": (lambda value: isinstance(value, dict), "a JSON object"),
+    "steps": (lambda value: _positive(value, integer=True), "a positive int"),
+    "teacher_steps": (lambda value: _positive(value, integer=True), "a positive int"),
+    "iterations": (lambda value: _positive(value, integer=True), "a positive int"),
+    "shift": (_positive, "a positive finite number"),
+    "guidance": (_guidance, "a CFG scale > 0 or [low, high] with 0 < low <= high"),
+    "guidance_input": (lambda value: isinstance(value, bool), "true or false"),
+    "sha256": (_digest, "a SHA-256 (64 lowercase hex digits)"),
+    "teacher_sha256": (_digest, "a SHA-256 (64 lowercase hex digits)"),
+    "teacher": (lambda value: isinstance(value, str), "a stage folder name"),
+}
 
 
 def verify_output(folder: Path) -> str:
@@ -111,7 +166,24 @@ def verify_output(folder: Path) -> str:
             f"stage output {path} is corrupt: its SHA-256 {actual[:16]}... differs from "
             f"{expected[:16]}... recorded in {folder / RECORD}; retrain the stage with "
             "--restart")
+    _check_recorded_options(folder, path)
     return actual
+
+
+def _check_recorded_options(folder: Path, path: Path) -> None:
+    """done.json's options are those the stage output itself records (outputs written before
+    it recorded them are not compared)."""
+    inside = read_metadata(path).get(OPTIONS_KEY)
+    if inside is None:
+        return
+    recorded, written = read_record(folder).get("options", {}), json.loads(inside)
+    changed = [f"{key} {recorded.get(key)!r} (the output says {written.get(key)!r})"
+               for key in sorted(set(recorded) | set(written))
+               if recorded.get(key) != written.get(key)]
+    if changed:
+        raise RunFolderError(f"stage record {folder / RECORD} was edited: options "
+                             f"{'; '.join(changed)}; restore it, or retrain the stage with "
+                             "--restart (its folder is moved aside, not deleted)")
 
 
 def move_aside(folder: Path) -> Path | None:

@@ -57,7 +57,13 @@ from .config import RunConfig, resolve_device
 from .destination import claim_run_folder
 from .errors import GPDError
 from .lora import METADATA_KEY, LoraSpec, merge_adapter
-from .run_folder import RunFolderError, StaleStageError, read_record, verify_output
+from .run_folder import (
+    OPTIONS_KEY,
+    RunFolderError,
+    StaleStageError,
+    read_record,
+    verify_output,
+)
 from .wan_folder import teacher_dit_config
 
 TEACHER = StageId(DEFAULT_CHAIN, 0)
@@ -321,11 +327,14 @@ class RunFolder:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "done.json").unlink(missing_ok=True)
         output = folder / "model.safetensors"
-        save_weights(output, weights, self.metadata(sid))
+        options = self.stage_options(sid)
+        # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
+        save_weights(output, weights, {**self.metadata(sid),
+                                       OPTIONS_KEY: json.dumps(options, sort_keys=True)})
         if self.lora_spec(sid) is None:  # an adapter is exported by gpd_train.export
             export_diffusers(self.dit_config, weights, folder / DIFFUSERS_FOLDER,
                              self.config.resolved_guidance)
-        record = {"options": self.stage_options(sid), **summary, "sha256": sha256_file(output)}
+        record = {"options": options, **summary, "sha256": sha256_file(output)}
         if not sid.is_teacher:
             previous = self.previous_stage(sid)
             record["teacher"] = previous.name
