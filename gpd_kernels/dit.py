@@ -9,9 +9,9 @@ breaks only that path fails CI instead of the next GPU run.
 `dit_op(name)`: the callable for one op: "triton" (its Triton autograd Function) or
 "compile" (`torch.compile` of its PyTorch reference). No op should keep a hand-written
 kernel only because it is hand-written, so the choice is per op. Every op defaults to
-"triton" until a GPU run measures them side by side (the H200 run of issue 14 timed
-gated_residual and rms_norm_rope alone, where compile was faster; rms_norm_rope's kernels
-were rewritten after it to load whole tiles). `benchmarks/dit_op_backends.py` (a block of
+"triton" until a GPU run measures them side by side inside the training step (timed alone
+on an H200, gated_residual and rms_norm_rope were faster compiled, the latter before its
+kernels loaded whole tiles). `benchmarks/dit_op_backends.py` (a block of
 `benchmarks/device_check.sh`) times the model's training step with each op switched alone
 and prints the faster backend per op as a value for the variable below. Choose with
 `set_dit_op_backend(name, backend)` or the environment, read at import:

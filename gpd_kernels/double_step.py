@@ -9,18 +9,16 @@ see Rounding below). The
 programs of one grid row share a sample, so each loads its scalars once. These ops
 produce teacher targets and have no autograd formula.
 
-Rounding (issue 14: a bf16 x_next was one ulp off the reference on 3 of 7 GPU shapes).
-Both sides rounded x + step * g twice: to fp32 first (the kernel in one fma, the old
-reference in a multiply and an add), then to bf16. Inputs that are bf16 values make the
-exact sum land just past a bf16 midpoint often, where the fp32 rounding moves it onto the
-midpoint and the bf16 rounding then goes to even, the wrong way. On 2M bf16 elements
-(CPU, float64 check), against x + step * g of its own g rounded once, the old reference
-was one ulp off 1005 times and the fma form 818 times; they disagreed 229 times (the
-kind of one-ulp failure the device check reported). So neither side rounded right. Now
-x_next is x + (s' - s) g computed exactly (float64: the product of two floats is exact)
-and rounded once to x's dtype: to fp32 with round-to-odd, which a later round-to-nearest
-to a format of at most 22 significant bits (bf16, fp16) turns into the correctly rounded
-result. The guided velocity g is
+Rounding. x_next is x + (s' - s) g computed exactly (float64: the product of two floats is
+exact) and rounded once to x's dtype: to fp32 with round-to-odd, which a later
+round-to-nearest to a format of at most 22 significant bits (bf16, fp16) turns into the
+correctly rounded result. Rounding twice instead (to fp32, in one fma or in a multiply and
+an add, then to bf16) is often wrong for bf16 inputs: their exact sum lands just past a
+bf16 midpoint, the fp32 rounding moves it onto the midpoint and the bf16 rounding then
+goes to even, the wrong way. On 2M bf16 elements (CPU, float64 check), against x + step *
+g of its own g rounded once, the multiply-and-add form was one ulp off 1005 times and the
+fma form 818 times, and they disagreed 229 times: the one-ulp mismatches a GPU showed on 3
+of 7 shapes. The guided velocity g is
 an fp32 output itself: fma(w, u_cond - u_uncond, u_uncond), one rounding. The kernel
 rounds to bf16 on the bits, so the Triton interpreter (whose fp32 -> bf16 cast truncates)
 gives the GPU's bits and CI checks them against the reference, which does the same.

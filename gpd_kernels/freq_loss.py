@@ -7,10 +7,10 @@ where A_X is the real symmetric circulant matrix with eigenvalues f_X(k)^gamma a
 along axis X. No complex arithmetic: three small matrix products per element, done
 with tl.dot on zero-padded power-of-two tiles (tl.dot needs every dim >= 16).
 
-Design against the roofline (issue 14). NOT YET MEASURED ON A GPU: the times below are
-arithmetic from datasheet rates (H200: HBM 4.8 TB/s, dense tf32 ~495 TFLOP/s), the
-resources are compiler output (benchmarks/kernel_resources.py: sm_90, Triton 3.9,
-compiled, not run; the GPU image has Triton 3.6).
+Design against the roofline. The times below are arithmetic from datasheet rates (H200:
+HBM 4.8 TB/s, dense tf32 ~495 TFLOP/s), the resources are compiler output
+(benchmarks/kernel_resources.py: sm_90, Triton 3.9, compiled, not run; the GPU image has
+Triton 3.6); measured times belong in benchmarks/RESULTS.md.
 The 480p latent [1, 16, 21, 60, 104] has N = 2,096,640 elements. The least traffic is
 pred and target read once and the float32 gradient written once: 8 B/element in bf16
 (16.8 MB, 3.5 us; 40% of HBM is 8.7 us), 12 B in fp32. The padded dots cost
@@ -40,9 +40,9 @@ what the first touched from L2 (60 MB on an H200):
      HBM sees one write-back.
   3. one program sums the per-item partials in float64 in a fixed order and writes the
      float32 loss: deterministic, independent of the grid and of the launch groups.
-Three launches (the previous design made seven: two kernels, five torch ops for the
-loss). On CUDA the slabs go in launch groups whose inputs and gradient fit in half the
-L2 (`slabs_per_launch`): 480p bf16 batch 1 is one group of 16.8 MB, batch 4 three.
+Three launches (summing the loss with torch ops instead would take five more). On CUDA
+the slabs go in launch groups whose inputs and gradient fit in half the L2
+(`slabs_per_launch`): 480p bf16 batch 1 is one group of 16.8 MB, batch 4 three.
 Bytes per element: HBM 8 (bf16) / 12 (fp32), the minimum, while a group stays in L2;
 L2 traffic 20 / 28 (both passes' reads and writes) plus the operators.
 Shared memory per plane program at 480p, tiles x bytes: A_W 64 KB + A_H 16 KB + d as

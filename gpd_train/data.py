@@ -35,7 +35,7 @@ _MOTION_VELOCITY = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0)
                     "up": (0.0, -1.0)}
 # One colour per shape: a prompt then decides most of a video's look, which is what lets the
 # tiny CPU teacher learn to follow prompts in minutes (random colours and sizes left its
-# samples off-prompt; gpd_train issue 4).
+# samples off-prompt).
 _SHAPE_COLOURS = {"square": (1.0, 0.3, 0.3), "disc": (0.3, 1.0, 0.3), "cross": (0.3, 0.5, 1.0)}
 _BACKGROUND = -1.0
 DEFAULT_SPEED = 2

@@ -5,7 +5,7 @@ A small 3-D conv net is trained to tell each video's shape, motion and start pos
 per video, is where Frechet distances are measured: the features had to encode what the
 prompts ask for and where the shape is, so a set whose shapes are wrong, smeared, static
 or misplaced lands away from real data, unlike fixed random features, which scored naive
-6-step sampling closer to the data than the 48-step teacher (issue 11).
+6-step sampling closer to the data than the 48-step teacher.
 
 Training is deterministic from the seed, takes seconds on a CPU, and is cached per run
 folder (``eval/feature_net.safetensors``, keyed by the data set's shape and seed).
