@@ -89,7 +89,9 @@ def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
     guidance set it): each checkpoint records it and --resume refuses another value."""
     cfg = run.config
     recipe: dict[str, Any] = {"seed": cfg.seed, "shift": cfg.resolved_shift,
-                              "steps": run.steps(sid), "batch_size": cfg.batch_size,
+                              "steps": run.steps(sid),
+                              # the global batch: resuming on another rank count keeps it
+                              "global_batch_size": cfg.batch_size * world().world_size,
                               "precision": cfg.precision}
     if sid.is_teacher:
         return {**recipe, **{f"stage0.{key}": value for key, value in asdict(cfg.stage0).items()}}

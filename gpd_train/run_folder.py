@@ -110,10 +110,10 @@ def read_record(folder: Path) -> dict[str, Any]:
         if not check(value):
             problems.append(f"{name} must be {expected}, got {value!r}")
     if not problems and "teacher_steps" in options and "steps" in options and (
-            2 * options["steps"] != options["teacher_steps"]):
-        problems.append(f"options.steps must be half of options.teacher_steps "
-                        f"({options['teacher_steps']}: a stage halves its teacher's steps), got "
-                        f"{options['steps']}")
+            options["teacher_steps"] % options["steps"]):
+        problems.append(f"options.steps must divide options.teacher_steps "
+                        f"({options['teacher_steps']}: a student step is a whole number of its "
+                        f"teacher's steps), got {options['steps']}")
     if problems:
         raise RunFolderError(f"corrupt stage record {path}: {'; '.join(problems)}; retrain the "
                              "stage with --restart (its folder is moved aside, not deleted)")

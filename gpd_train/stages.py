@@ -70,7 +70,7 @@ TEACHER = StageId(DEFAULT_CHAIN, 0)
 DIFFUSERS_FOLDER = "diffusers"
 
 
-class MissingStageError(GPDError):
+class MissingStageError(GPDError, RuntimeError):
     """A stage's input (the previous stage's output) is not in the run folder."""
 
 

@@ -40,7 +40,8 @@ def finish_random_adapter(run, chain: str, stage: int, seed: int) -> dict[str, t
     spec = run.lora_spec(StageId(chain, stage))
     adapter = {key: torch.randn(shape, generator=generator) * 0.2
                for key, shape in adapter_shapes(run.new_model(), spec).items()}
-    run.finish_stage(StageId(chain, stage), adapter, {"steps": 0})
+    sid = StageId(chain, stage)
+    run.finish_stage(sid, adapter, {"steps": run.steps(sid)})
     return adapter
 
 
@@ -302,7 +303,8 @@ def finish_random_guided_adapter(run, stage, seed: int) -> None:
     shapes = {**adapter_shapes(run.new_model(), run.lora_spec(StageId("gpd", stage))),
               **{f"guidance_embedding.{k}": tuple(v.shape) for k, v in guidance.items()}}
     run.finish_stage(StageId("gpd", stage), {k: torch.randn(s, generator=generator) * 0.2
-                                    for k, s in shapes.items()}, {"steps": 0})
+                                    for k, s in shapes.items()},
+                     {"steps": run.steps(StageId("gpd", stage))})
 
 
 def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
@@ -330,7 +332,7 @@ def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
                                    rtol=1e-5, atol=1e-5)
     output = adapter_from_params(trainer.ema.state_dict())
     assert any(k.startswith("guidance_embedding.") for k in output)
-    run.finish_stage(StageId("gpd", 1), output, {"steps": 0})
+    run.finish_stage(StageId("gpd", 1), output, {"steps": run.steps(StageId("gpd", 1))})
     unfolded = run.load_stage_model(StageId("gpd", 1))  # stage 0 + adapter, with its w input
     student = run.load_stage_model(StageId("gpd", 1), fold_at=2.0)  # w folded: a plain Wan2.1 model
     assert student.guidance_embedding is None

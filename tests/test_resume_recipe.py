@@ -104,7 +104,7 @@ def partial_stage1(micro, tmp_path, monkeypatch):  # noqa: F811
     (["--stage-guidance", "1"], "distill.stage_guidance[0]", "1.5", "1.0"),
     (["--seed", "5"], "seed", "0", "5"),
     (["--freq-weight", "0.5"], "distill.freq_weight[0]", "0.0", "0.5"),
-    (["--batch-size", "3"], "batch_size", "2", "3"),
+    (["--batch-size", "3"], "global_batch_size", "2", "3"),
 ])
 def test_resume_with_a_changed_option_is_refused_naming_both_values(
         partial_stage1, tmp_path, capsys, args, option, saved, changed):
@@ -151,8 +151,8 @@ def test_resume_of_a_complete_stage_with_a_truncated_output_is_refused(micro, tm
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("options.steps", 7, "options.steps must be half of options.teacher_steps (8: a stage "
-                         "halves its teacher's steps), got 7"),
+    ("options.steps", 3, "options.steps must divide options.teacher_steps (8: a student step "
+                         "is a whole number of its teacher's steps), got 3"),
     ("options.shift", "9", "options.shift must be a positive finite number, got '9'"),
     ("options.shift", -1, "options.shift must be a positive finite number, got -1"),
     ("options.guidance", [3, 1], "options.guidance must be a CFG scale > 0 or [low, high]"),

@@ -36,7 +36,8 @@ def micro_run(tmp_path, **overrides) -> TrainingRun:
 def with_random_stages(run: TrainingRun, chain: str, upto: int) -> None:
     """Stand-in outputs for stages 0..upto, so a later stage can be built directly."""
     for stage in range(upto + 1):
-        run.finish_stage(StageId(chain, stage), run.new_model().state_dict(), {"steps": 0})
+        sid = StageId(chain, stage)
+        run.finish_stage(sid, run.new_model().state_dict(), {"steps": run.steps(sid)})
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
