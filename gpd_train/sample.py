@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,6 +51,7 @@ from .chains import add_chain_argument
 from .config import (
     DEFAULT_SHIFT,
     PRESET_SHIFT,
+    SEED_MAX,
     check_device,
     check_number,
 )
@@ -71,6 +73,12 @@ from .media import (
     write_contact_sheet,
     write_gif,
     write_mp4,
+)
+from .preflight import (
+    check_can_create,
+    check_environment,
+    check_guidance_in_range,
+    output_error,
 )
 from .run_folder import check_writable_folder
 from .wan_folder import WanFolderError
@@ -235,8 +243,31 @@ def check_args(args: argparse.Namespace) -> None:
         check_number("--guidance", args.guidance, low=0, low_open=True)
     if args.shift is not None:
         check_number("--shift", args.shift, low=0, low_open=True)
+    check_number("--seed", args.seed, integer=True, low=0, high=SEED_MAX)
     check_device(args.device)
+    check_environment()
     check_writable_folder("--out", args.out)
+    check_can_create("--out", args.out)
+    _check_option_use(args)
+
+
+def _check_option_use(args: argparse.Namespace) -> None:
+    """Refuse options this request would not read, naming what reads them."""
+    decoding = [flag for flag, value in (("--vae-tiling", args.vae_tiling),
+                                         ("--vae-slicing", args.vae_slicing),
+                                         ("--vae-dtype", args.vae_dtype), ("--fps", args.fps))
+                if value]
+    if decoding and args.vae is None:
+        raise ValueError(f"{', '.join(decoding)} set(s) the VAE decoding to MP4, which only "
+                         "--vae DIR turns on: add --vae or drop them")
+    if args.latent_shape is not None:
+        _parse_shape(args.latent_shape)
+        _, texts = _prompt_request(args)
+        embeddings = args.prompt_embeddings
+        if not texts and (embeddings is None or Path(embeddings).is_dir()):
+            raise ValueError(f"--latent-shape {args.latent_shape} is read with text prompts "
+                             "(--prompt, --prompts FILE) or a --prompt-embeddings file; these "
+                             "prompts come from a data set, which states its own shape: drop it")
 
 
 def sample(args: argparse.Namespace) -> dict[str, object]:
@@ -255,11 +286,22 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         if folded_at is None:
             raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
                               "--guidance W (the w to sample at)")
+        try:
+            check_guidance_in_range(loaded.record, folded_at, loaded.description)
+        except ValueError as exc:
+            raise SampleError(str(exc)) from None
         model, cfg_scale = fold_guidance(model, folded_at), None
+    elif args.guidance is not None:
+        refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
     device = next(model.parameters()).device
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
+    if prompts.latent_shape[0] != loaded.model.cfg.in_channels:
+        raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
+                          f"has {prompts.latent_shape[0]} channels, the model takes "
+                          f"{loaded.model.cfg.in_channels} (in_channels): give embeddings (or "
+                          "--latent-shape C,T,H,W) made for this model's VAE")
     vae = None if args.vae is None else load_vae(  # loaded first: a wrong VAE fails fast
         args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
@@ -308,9 +350,21 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
             write_gif(out / f"{i:03d}-{_slug(name)}.gif", video.clamp(-1, 1)[None])
         write_contact_sheet(out / "contact_sheet.png", [("samples", latents[:8].clamp(-1, 1))])
     if vae is not None:
-        summary.update(write_videos(vae, latents, prompts.names, out, args.fps))
+        summary.update(write_videos(vae, latents, prompts.names, out, args.fps or WAN_FPS))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def refuse_cfg_on_student(record: dict[str, Any] | None, guidance: float,
+                          description: str) -> None:
+    """A distilled stage without a guidance input absorbed its teacher's CFG: a CFG scale
+    on it (the sampler's pair, the export's fold) is a second guidance or nothing at all."""
+    options = (record or {}).get("options")
+    if isinstance(options, dict) and "teacher_steps" in options:
+        raise SampleError(f"--guidance {guidance:g}: {description} is a guidance-free student "
+                          f"(it absorbed its teacher's CFG, done.json options.guidance "
+                          f"{options.get('guidance')}), sampled in one forward per step: drop "
+                          "--guidance, or give --stage 0 to sample the teacher with CFG")
 
 
 def write_videos(vae: object, latents: torch.Tensor, names: list[str], out: Path,
@@ -354,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "folder")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
     parser.add_argument("--vae-slicing", action="store_true", help="decode one video at a time")
-    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--fps", type=int, default=WAN_FPS)
+    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"),
+                        help="the decoder's dtype (default fp32)")
+    parser.add_argument("--fps", type=int, help=f"MP4 frame rate (default {WAN_FPS})")
     parser.add_argument("--prompt-embeddings", help="data-set folder or safetensors file")
     parser.add_argument("--latent-shape", help="C,T,H,W when the embeddings file lacks it")
     parser.add_argument("--num", type=int, help="videos (default: one per text prompt, else 4)")
@@ -374,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = sample(args)
     except (SampleError, EncodeError, WanFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
+        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
     print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
           f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "
