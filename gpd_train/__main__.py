@@ -187,7 +187,8 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
                              f"got {args.stage}")
         preflight.check_environment()
         preflight.check_threads(config.threads)
-        preflight.check_teacher_matches(config)
+        if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
+            preflight.check_teacher_matches(config)
         check_video_flags(args, config)
         return
     preflight.check_precision(config.precision, run.device)

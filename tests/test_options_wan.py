@@ -101,8 +101,20 @@ def test_export_of_a_folder_without_config_json_says_it_is_no_run_folder(importe
 
 def test_teacher_other_than_the_imported_one_is_refused(imported, unchanged, capsys):
     run, wan, other, args = imported
-    _refused(capsys, ["--stage", "1", "--resume", *args, "--teacher", str(other), *VIDEO_ARGS],
-             f"--teacher {other} is not the folder this run's stage 0 was imported from ({wan}")
+    for stage in ("1", "0"):  # stage 0 without --restart would keep the old import
+        _refused(capsys, ["--stage", stage, "--resume", *args, "--teacher", str(other),
+                          *VIDEO_ARGS],
+                 f"--teacher {other} is not the folder this run's stage 0 was imported from "
+                 f"({wan}", "--stage 0 --restart")
+
+
+def test_the_named_remedy_reimporting_stage_0_is_not_refused(imported, monkeypatch):
+    run, _, other, args = imported
+    ran = []
+    monkeypatch.setattr("gpd_train.__main__.run_stage", lambda *a, **k: ran.append(a[1:3]))
+    assert train_main(["--stage", "0", "--restart", *args, "--teacher", str(other),
+                       *VIDEO_ARGS]) == 0
+    assert ran == [("gpd", 0)]
 
 
 def test_reencoding_for_another_video_size_is_refused(imported, unchanged, capsys):
