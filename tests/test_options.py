@@ -17,9 +17,10 @@ from test_run_folder import hashes, micro, micro_run  # noqa: F401  (micro: a fi
 from gpd_model import add_guidance_input, get_preset
 from gpd_train import preflight, sample
 from gpd_train.__main__ import main
+from gpd_train.builders import TrainingRun
+from gpd_train.chains import StageId
 from gpd_train.checkpoint import atomic_write_text
 from gpd_train.config import load_config
-from gpd_train.pipeline import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,8 +148,8 @@ def trained(tmp_path):
     """A micro run with stage 0 and GPD stage 1 finished (stage 1 absorbed CFG 1.5)."""
     run = micro_run(tmp_path)
     run.save_config()
-    run.finish_stage("gpd", 0, run.new_model().state_dict(), {"stage": "stage0"})
-    run.finish_stage("gpd", 1, run.new_model().state_dict(), {"stage": "stage1"})
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": "stage0"})
+    run.finish_stage(StageId("gpd", 1), run.new_model().state_dict(), {"stage": "stage1"})
     return run
 
 
@@ -165,7 +166,7 @@ def test_teacher_other_than_the_imported_one_is_refused(micro, trained, tmp_path
     wan, other = tmp_path / "W", tmp_path / "W2"
     wan.mkdir()
     other.mkdir()
-    record = trained.stage_folder("gpd", 0) / "done.json"
+    record = trained.stage_folder(StageId("gpd", 0)) / "done.json"
     record.write_text(json.dumps({**json.loads(record.read_text()),
                                   "imported_from": str(wan)}))
     before = hashes(trained.folder)
@@ -209,7 +210,8 @@ def test_sampler_refuses_embeddings_for_another_channel_count(trained, tmp_path,
     path = tmp_path / "prompts.safetensors"
     save_file({"context": torch.randn(1, 4, trained.dit_config.text_dim)}, str(path),
               metadata={"latent_shape": "4,1,8,8"})
-    _refused(capsys, ["--checkpoint", str(trained.stage_folder("gpd", 0)), "--device", "cpu",
+    _refused(capsys, ["--checkpoint", str(trained.stage_folder(StageId("gpd", 0))), "--device",
+                      "cpu",
                       "--prompt-embeddings", str(path), "--out", str(tmp_path / "out"),
                       "--steps", "1"],
              "latent shape 4,1,8,8 has 4 channels, the model takes 3", command=sample.main)
@@ -219,11 +221,12 @@ def test_guided_student_outside_its_learned_range_is_refused(tmp_path, capsys):
     config = load_config(None, {"run_dir": str(tmp_path / "run"), "device": "cpu",
                                 "distill.guidance_stage": True,
                                 "distill.guidance_range": [1.0, 2.0]})
-    run = Run(config)
+    run = TrainingRun(config)
     run.save_config()
-    run.finish_stage("gpd", 0, run.new_model().state_dict(), {"stage": 0})
-    run.finish_stage("gpd", "g", add_guidance_input(run.new_model()).state_dict(), {})
-    argv = ["--checkpoint", str(run.stage_folder("gpd", "g")), "--device", "cpu", "--steps", "1",
+    guidance = StageId("gpd", "g")
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": 0})
+    run.finish_stage(guidance, add_guidance_input(run.new_model()).state_dict(), {})
+    argv = ["--checkpoint", str(run.stage_folder(guidance)), "--device", "cpu", "--steps", "1",
             "--num", "1"]
     _refused(capsys, [*argv, "--guidance", "10", "--out", str(tmp_path / "a")],
              "learned CFG scales 1..2 (its done.json); w = 10 is outside that range",

@@ -17,6 +17,7 @@ from test_run_folder import hashes  # noqa: E402
 
 from gpd_train import encode_prompts, export  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
+from gpd_train.chains import StageId  # noqa: E402
 
 VIDEO_ARGS = ["--height", str(VIDEO["height"]), "--width", str(VIDEO["width"]), "--frames",
               str(VIDEO["frames"])]
@@ -111,10 +112,10 @@ def test_teacher_other_than_the_imported_one_is_refused(imported, unchanged, cap
 def test_the_named_remedy_reimporting_stage_0_is_not_refused(imported, monkeypatch):
     run, _, other, args = imported
     ran = []
-    monkeypatch.setattr("gpd_train.__main__.run_stage", lambda *a, **k: ran.append(a[1:3]))
+    monkeypatch.setattr("gpd_train.__main__.run_stage", lambda run, sid, **k: ran.append(sid))
     assert train_main(["--stage", "0", "--restart", *args, "--teacher", str(other),
                        *VIDEO_ARGS]) == 0
-    assert ran == [("gpd", 0)]
+    assert ran == [StageId("gpd", 0)]
 
 
 def test_reencoding_for_another_video_size_is_refused(imported, unchanged, capsys):
