@@ -10,8 +10,8 @@
 - ``writing(path)``: an OSError while writing (a full disk, an unwritable path) becomes one
   line naming the file and what to do, with nothing half-written left behind.
 
-Every check raises ValueError (or ``WriteError``, an OSError); the command lines print it
-as ``error: ...`` and exit 2.
+Every check raises ConfigError (a ValueError), a write ``WriteError`` (an OSError), both
+GPDErrors; the command lines print them as ``error: ...`` and exit 2.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
+
+from .errors import ConfigError, GPDError
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +54,7 @@ def check_threads(threads: int) -> None:
     """Refuse more torch threads than cores: far above it torch's thread pool crashes."""
     cores = available_cores()
     if threads > cores:
-        raise ValueError(f"--threads {threads} exceeds the {cores} CPU cores this process may "
+        raise ConfigError(f"--threads {threads} exceeds the {cores} CPU cores this process may "
                          f"use: give --threads 1..{cores} (0 = torch's default)")
 
 
@@ -112,7 +114,7 @@ def check_batch_fits(config: RunConfig, dit: DiTConfig, latent_shape: Sequence[i
     if need > have:
         per_sample = need / config.batch_size
         fits = max(1, int(have // per_sample))
-        raise ValueError(f"--batch-size {config.batch_size} cannot fit: its activations alone "
+        raise ConfigError(f"--batch-size {config.batch_size} cannot fit: its activations alone "
                          f"take at least {_gib(need)} (gpd_train.preflight.activation_floor), "
                          f"the {device.type} has {_gib(have)}; give --batch-size below {fits}"
                          + ("" if checkpointing else " or add --activation-checkpointing"))
@@ -124,7 +126,7 @@ def check_lora_width(config: RunConfig, dit: DiTConfig) -> None:
     for section, table in config.chain_tables.items():
         rank = table.lora_rank
         if rank > dit.dim:
-            raise ValueError(f"{section}.lora_rank (--lora-rank) {rank} exceeds the width "
+            raise ConfigError(f"{section}.lora_rank (--lora-rank) {rank} exceeds the width "
                              f"{dit.dim} of the layers it adapts (the model's dim): an update of "
                              f"a {dit.dim}-wide projection has rank <= {dit.dim}; give "
                              f"--lora-rank 1..{dit.dim}")
@@ -133,7 +135,7 @@ def check_lora_width(config: RunConfig, dit: DiTConfig) -> None:
 def check_precision(precision: str, device: torch.device) -> None:
     """bf16 is autocast on CUDA; the CPU would silently run fp32."""
     if precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"--precision bf16 is bf16 autocast on CUDA; on the {device.type} it "
+        raise ConfigError(f"--precision bf16 is bf16 autocast on CUDA; on the {device.type} it "
                          "would run in fp32: drop --precision (or use --device cuda)")
 
 
@@ -145,11 +147,11 @@ def check_environment() -> None:
 
     reason = disable_native_error()
     if reason is not None:
-        raise ValueError(reason)
+        raise ConfigError(reason)
     try:
         environment_backends()
     except ValueError as exc:
-        raise ValueError(f"{exc} (e.g. GPD_DIT_OP_BACKENDS=\"gated_residual=compile\"; unset "
+        raise ConfigError(f"{exc} (e.g. GPD_DIT_OP_BACKENDS=\"gated_residual=compile\"; unset "
                          "it for the defaults)") from None
 
 
@@ -178,7 +180,7 @@ def check_teacher_matches(config: RunConfig) -> None:
     if config.teacher is None or source is None or _wan_root(config.teacher) == source:
         return
     stage0 = Path(config.run_dir) / "stage0"
-    raise ValueError(f"--teacher {config.teacher} is not the folder this run's stage 0 was "
+    raise ConfigError(f"--teacher {config.teacher} is not the folder this run's stage 0 was "
                      f"imported from ({source}, recorded in {stage0 / 'done.json'}): give "
                      f"--teacher {source}, or import the new teacher with `python -m gpd_train "
                      f"--stage 0 --restart --teacher {config.teacher} --run-dir "
@@ -195,7 +197,7 @@ def check_base_matches(run_dir: str | Path, base: str | Path) -> None:
         print(f"warning: {run_dir}'s stage 0 was imported from {source}, which no longer "
               f"exists; exporting with --base {base} as its replacement", file=sys.stderr)
         return
-    raise ValueError(f"--base {base} is not the Wan folder this run was trained from ({source}, "
+    raise ConfigError(f"--base {base} is not the Wan folder this run was trained from ({source}, "
                      f"recorded in {Path(run_dir) / 'stage0' / 'done.json'}): its text encoder "
                      f"and VAE would not match the student; give --base {source}")
 
@@ -209,7 +211,7 @@ def check_guidance_in_range(record: dict[str, Any] | None, w: float, what: str) 
         return
     low, high = (float(v) for v in learned)
     if not low <= w <= high:
-        raise ValueError(f"{what} learned CFG scales {low:g}..{high:g} (its done.json); w = "
+        raise ConfigError(f"{what} learned CFG scales {low:g}..{high:g} (its done.json); w = "
                          f"{w:g} is outside that range: give --guidance W with {low:g} <= W <= "
                          f"{high:g}, or retrain the guided chain with a wider --guidance-range")
 
@@ -231,7 +233,7 @@ def check_eval_guidance(run: RunFolder) -> None:
                 continue  # recorded before options were kept
             now = run.stage_options(sid)["guidance"]
             if options["guidance"] != now:
-                raise ValueError(
+                raise ConfigError(
                     f"{sid} was trained at guidance {options['guidance']} (its done.json); "
                     f"this evaluation's options give {now}, and would compare it against the "
                     f"teacher at CFG {config.resolved_guidance:g}: give the guidance options "
@@ -240,7 +242,7 @@ def check_eval_guidance(run: RunFolder) -> None:
 
 
 # -- writing --------------------------------------------------------------------------------
-class WriteError(OSError):
+class WriteError(GPDError, OSError):
     """An output that could not be written: the message names the file and the remedy."""
 
     def __init__(self, code: int, message: str) -> None:
@@ -263,7 +265,7 @@ def check_can_create(where: str, path: str | Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ValueError(f"{where} {path} cannot be written (no file can be created in "
+        raise ConfigError(f"{where} {path} cannot be written (no file can be created in "
                          f"{existing}: {exc.strerror or exc}); choose another path") from None
 
 

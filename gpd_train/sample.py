@@ -64,7 +64,7 @@ from .encode_prompts import (
     negative_text,
     read_prompts,
 )
-from .errors import SampleError
+from .errors import GPDError, SampleError
 from .loading import LoadedModel, load_model, recorded_grid
 from .media import (
     WAN_FPS,
@@ -81,7 +81,6 @@ from .preflight import (
     output_error,
 )
 from .run_folder import check_writable_folder
-from .wan_folder import WanFolderError
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
@@ -286,13 +285,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         if folded_at is None:
             raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
                               "--guidance W (the w to sample at)")
-        try:
-            check_guidance_in_range(loaded.record, folded_at, loaded.description)
-        except ValueError as exc:
-            raise SampleError(str(exc)) from None
+        check_guidance_in_range(loaded.record, folded_at, loaded.description)
         model, cfg_scale = fold_guidance(model, folded_at), None
     elif args.guidance is not None:
-        refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
+        _refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
     device = next(model.parameters()).device
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -355,10 +351,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
     return summary
 
 
-def refuse_cfg_on_student(record: dict[str, Any] | None, guidance: float,
+def _refuse_cfg_on_student(record: dict[str, Any] | None, guidance: float,
                           description: str) -> None:
-    """A distilled stage without a guidance input absorbed its teacher's CFG: a CFG scale
-    on it (the sampler's pair, the export's fold) is a second guidance or nothing at all."""
+    """A distilled stage without a guidance input absorbed its teacher's CFG: a CFG pair on
+    it would guide a second time."""
     options = (record or {}).get("options")
     if isinstance(options, dict) and "teacher_steps" in options:
         raise SampleError(f"--guidance {guidance:g}: {description} is a guidance-free student "
@@ -427,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = sample(args)
-    except (SampleError, EncodeError, WanFolderError) as exc:
+    except GPDError as exc:  # SampleError, EncodeError, WanFolderError, ConfigError ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
