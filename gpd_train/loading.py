@@ -61,8 +61,8 @@ def _is_run_folder(path: Path) -> bool:
 
 
 def _looks_like_run(path: Path) -> bool:
-    """A folder holding a finished stage (stage0/done.json ...) without being a run folder."""
-    return any((path / name / RECORD).is_file() for name in ("stage0", "stage1"))
+    """A folder holding stage folders (stage0/, stage1/ ...) without being a run folder."""
+    return any(child.is_dir() for child in path.glob("stage*"))
 
 
 def _enclosing_run(path: Path) -> Path | None:

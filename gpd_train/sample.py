@@ -207,8 +207,11 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
     if args.prompt_embeddings is not None:
         path = Path(args.prompt_embeddings)
         if path.is_dir():
-            return _from_data_set(PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels),
-                                  args.num, ids)
+            try:
+                data_set = PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels)
+            except ValueError as exc:  # made for another model: channels, text_dim, layout
+                raise SampleError(f"--prompt-embeddings {path}: {exc}") from None
+            return _from_data_set(data_set, args.num, ids)
         if not path.is_file():
             raise SampleError(f"no prompt embeddings at {path}")
         return _embeddings_file(path, cfg.text_dim, args.latent_shape, args.num,

@@ -206,15 +206,25 @@ def test_sampler_on_a_run_folder_without_config_json_says_so(trained, tmp_path, 
              command=sample.main)
 
 
-def test_sampler_refuses_embeddings_for_another_channel_count(trained, tmp_path, capsys):
-    path = tmp_path / "prompts.safetensors"
-    save_file({"context": torch.randn(1, 4, trained.dit_config.text_dim)}, str(path),
-              metadata={"latent_shape": "4,1,8,8"})
+@pytest.mark.parametrize("form", ["file", "data set"])
+def test_sampler_refuses_embeddings_for_another_channel_count(trained, tmp_path, capsys, form):
+    context = {"context": torch.randn(1, 4, trained.dit_config.text_dim)}
+    if form == "file":
+        path = tmp_path / "prompts.safetensors"
+        save_file(context, str(path), metadata={"latent_shape": "4,1,8,8"})
+        message = "latent shape 4,1,8,8 has 4 channels, the model takes 3"
+    else:
+        path = tmp_path / "embeddings"
+        path.mkdir()
+        save_file(context, str(path / "shard-00000.safetensors"),
+                  metadata={"latent_shape": "4,1,8,8"})
+        save_file(context, str(path / "negative.safetensors"))
+        message = f"--prompt-embeddings {path}: data set latent channels 4 do not match"
+    out = tmp_path / "out"
     _refused(capsys, ["--checkpoint", str(trained.stage_folder(StageId("gpd", 0))), "--device",
-                      "cpu",
-                      "--prompt-embeddings", str(path), "--out", str(tmp_path / "out"),
-                      "--steps", "1"],
-             "latent shape 4,1,8,8 has 4 channels, the model takes 3", command=sample.main)
+                      "cpu", "--prompt-embeddings", str(path), "--out", str(out), "--steps",
+                      "1"], message, command=sample.main)
+    assert not out.exists()
 
 
 def test_guided_student_outside_its_learned_range_is_refused(tmp_path, capsys):
