@@ -185,10 +185,10 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     context = encoded[[unique.index(text) for text in rows]]
     negative = None
     if _needs_negative(loaded, args):
-        negative = encoder.encode([negative_text(args.negative)]).float().cpu()
+        negative = encoder.encode([negative_text(args.negative or "")]).float().cpu()
         negative = negative.expand(args.num, -1, -1)
-    shape = args.latent_shape or latent_shape_for(args.model, args.height, args.width,
-                                                  args.frames)
+    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+    shape = args.latent_shape or latent_shape_for(args.model, **size)
     return Prompts(context, negative, rows, _parse_shape(shape), built_in=False)
 
 
@@ -262,14 +262,23 @@ def _check_option_use(args: argparse.Namespace) -> None:
     if decoding and args.vae is None:
         raise ValueError(f"{', '.join(decoding)} set(s) the VAE decoding to MP4, which only "
                          "--vae DIR turns on: add --vae or drop them")
+    _, texts = _prompt_request(args)
     if args.latent_shape is not None:
         _parse_shape(args.latent_shape)
-        _, texts = _prompt_request(args)
         embeddings = args.prompt_embeddings
         if not texts and (embeddings is None or Path(embeddings).is_dir()):
             raise ValueError(f"--latent-shape {args.latent_shape} is read with text prompts "
                              "(--prompt, --prompts FILE) or a --prompt-embeddings file; these "
                              "prompts come from a data set, which states its own shape: drop it")
+    size = [f"--{name}" for name in VIDEO_DEFAULTS if getattr(args, name) is not None]
+    if size and (not texts or args.latent_shape is not None):
+        raise ValueError(f"{', '.join(size)} set(s) the video size of text prompts (--prompt, "
+                         "--prompts FILE, with --model), without --latent-shape; nothing else "
+                         "reads them: drop them")
+    if args.negative is not None and not (texts and args.guidance is not None):
+        raise ValueError("--negative is the negative prompt text prompts are encoded with for "
+                         "CFG (--prompt/--prompts FILE with --guidance); here nothing reads it: "
+                         "drop it")
 
 
 def sample(args: argparse.Namespace) -> dict[str, object]:
@@ -397,12 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a text prompt (repeatable); needs --model")
     parser.add_argument("--model", help="Wan2.1-T2V-Diffusers folder whose umT5 encodes prompts")
-    parser.add_argument("--negative", default="",
+    parser.add_argument("--negative",
                         help="negative prompt with --guidance (default '' as WanPipeline; "
                              "'wan' = Wan's own)")
-    parser.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"])
-    parser.add_argument("--width", type=int, default=VIDEO_DEFAULTS["width"])
-    parser.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"])
+    for name, default in VIDEO_DEFAULTS.items():  # None: not given (refused where unread)
+        parser.add_argument(f"--{name}", type=int,
+                            help=f"video size text prompts are sampled at (default {default})")
     parser.add_argument("--vae", help="decode to MP4 with this AutoencoderKLWan (or Diffusers) "
                                       "folder")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")

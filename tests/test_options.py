@@ -183,6 +183,9 @@ def test_teacher_other_than_the_imported_one_is_refused(micro, trained, tmp_path
     (["--vae-tiling"], "--vae-tiling set(s) the VAE decoding to MP4, which only --vae"),
     (["--fps", "8", "--vae-dtype", "bf16"], "--vae-dtype, --fps set(s) the VAE decoding"),
     (["--preset", "tiny"], "is a run folder, whose config.json states the model; drop --preset"),
+    (["--height", "480", "--frames", "81"], "--height, --frames set(s) the video size of text "
+                                            "prompts"),
+    (["--negative", "wan"], "--negative is the negative prompt text prompts are encoded with"),
     (["--guidance", "3"], "is a guidance-free student (it absorbed its teacher's CFG"),
     (["--chain", "vanilla"], "has no finished vanilla stage (only the shared stage0); train it "
                              "with `python -m gpd_train --stage 1 --chain vanilla --run-dir"),
