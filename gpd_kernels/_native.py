@@ -26,6 +26,17 @@ _LIB_NAME = {"darwin": "libgpd_native.dylib", "win32": "gpd_native.dll"}.get(
 )
 
 _state: dict[str, object] = {"loaded": None, "error": None}
+DISABLE_VAR = "GPD_DISABLE_NATIVE"
+DISABLE_VALUES = ("", "0", "1")  # unset/empty or 0: native when built; 1: the references
+
+
+def disable_native_error() -> str | None:
+    """Why GPD_DISABLE_NATIVE holds a value it does not understand (None: it is fine)."""
+    value = os.environ.get(DISABLE_VAR, "")
+    if value.strip() in DISABLE_VALUES:
+        return None
+    return (f"{DISABLE_VAR}={value!r}: expected 1 (use the Python reference CPU ops) or 0 / "
+            "unset (the native library when built)")
 
 
 def native_library_path() -> Path:
@@ -54,8 +65,8 @@ def load_native() -> bool:
         return bool(_state["loaded"])
     path = native_library_path()
     loaded = False
-    if os.environ.get("GPD_DISABLE_NATIVE") == "1":
-        _state["error"] = "disabled by GPD_DISABLE_NATIVE=1"
+    if os.environ.get(DISABLE_VAR, "").strip() == "1":
+        _state["error"] = f"disabled by {DISABLE_VAR}=1"
     elif not path.exists():
         _state["error"] = f"{path} not built (pip install --no-build-isolation -e . builds it)"
     else:

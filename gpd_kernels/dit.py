@@ -42,6 +42,7 @@ __all__ = [
     "DIT_OPS",
     "dit_op",
     "dit_op_backend",
+    "environment_backends",
     "environment_value",
     "force_fused_dit_ops",
     "fused_dit_ops",
@@ -85,20 +86,36 @@ def environment_value(backends: dict[str, str]) -> str:
     return ",".join(f"{name}={backend}" for name, backend in backends.items())
 
 
-_backends: dict[str, str] = dict.fromkeys(DIT_OPS, "triton") | _from_environment(
-    os.environ.get(ENV_VAR, ""))
+def environment_backends() -> dict[str, str]:
+    """The backends GPD_DIT_OP_BACKENDS selects (ValueError naming the variable when bad).
+
+    Command lines call it before any work, so a bad value is one clear line, not a
+    traceback from the first fused op (on the CPU, where no fused op runs, never).
+    """
+    return _from_environment(os.environ.get(ENV_VAR, ""))
+
+
+# Filled from the environment at the first use, not at import: a bad value must not break
+# importing (and with it every `--help`).
+_backends: dict[str, str] = {}
+
+
+def _current() -> dict[str, str]:
+    if not _backends:
+        _backends.update(dict.fromkeys(DIT_OPS, "triton") | environment_backends())
+    return _backends
 
 
 def set_dit_op_backend(name: str, backend: str) -> None:
     """Serve DiT op `name` by "triton" or "compile" from now on (process-wide)."""
     _check_choice(name, backend)
-    _backends[name] = backend
+    _current()[name] = backend
 
 
 def dit_op_backend(name: str) -> str:
     """The backend that `dit_op(name)` currently returns."""
     _check_choice(name, "triton")
-    return _backends[name]
+    return _current()[name]
 
 
 @functools.cache

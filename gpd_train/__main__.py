@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import parallel
+from . import parallel, preflight
 from .builders import TrainingRun
 from .chains import CHAINS, GUIDANCE_STAGE, StageId, add_chain_argument
 from .config import STATE_SOURCES, RunConfig, load_config
@@ -50,11 +50,14 @@ def _stage_id(text: str) -> int | str:
 
 
 def _parse_compare(items: list[str]) -> dict[str, str]:
-    compare = {}
+    compare: dict[str, str] = {}
     for item in items:
         label, sep, folder = item.partition("=")
         if not sep or not label or not folder:
             raise ValueError(f"--compare takes LABEL=RUN_DIR, got {item!r}")
+        if label in compare:
+            raise ValueError(f"--compare label {label!r} given twice ({compare[label]} and "
+                             f"{folder}): each row needs its own label")
         compare[label] = folder
     return compare
 
@@ -130,10 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: --guidance for stage 1, then 1 = none)")
     video = parser.add_argument_group("with --prompts: the videos to train for (WanPipeline's "
                                       "defaults) and the negative prompt")
-    video.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"], dest="video_height")
-    video.add_argument("--width", type=int, default=VIDEO_DEFAULTS["width"], dest="video_width")
-    video.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"], dest="video_frames")
-    video.add_argument("--negative", default="", dest="video_negative",
+    for name, default in VIDEO_DEFAULTS.items():  # None: not given (refused without --prompts)
+        video.add_argument(f"--{name}", type=int, dest=f"video_{name}",
+                           help=f"default {default}")
+    video.add_argument("--negative", dest="video_negative",
                        help="negative prompt (default '' as WanPipeline; 'wan' = Wan's own)")
     parser.add_argument("--cuda-graph", action="store_true", default=None, dest="cuda_graph",
                         help="CUDA: capture each stage's training step once as a CUDA graph "
@@ -153,6 +156,48 @@ DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
 GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
 CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
+# Flags only training reads (the evaluation samples finished stages).
+TRAINING_FLAGS = {**DISTILL_FLAGS, **STAGE0_FLAGS, "batch_size": "--batch-size",
+                  "checkpoint_every": "--checkpoint-every",
+                  "parallel.data_streams": "--data-streams", "parallel.teacher":
+                  "--teacher-sharding", "cuda_graph": "--cuda-graph",
+                  "parallel.activation_checkpointing": "--activation-checkpointing"}
+VIDEO_FLAGS = {"video_height": "--height", "video_width": "--width",
+               "video_frames": "--frames", "video_negative": "--negative"}
+
+
+def check_video_flags(args: argparse.Namespace, config: RunConfig) -> None:
+    """--height/--width/--frames/--negative shape the encoding of --prompts, nothing else."""
+    given = sorted(flag for key, flag in VIDEO_FLAGS.items() if getattr(args, key) is not None)
+    if given and config.prompts is None:
+        raise ValueError(f"{', '.join(given)} set(s) the videos --prompts are encoded for; "
+                         "without --prompts (a prompts file and --teacher) nothing reads them: "
+                         "drop them (a --data set states its own latent shape)")
+
+
+def video_options(args: argparse.Namespace) -> tuple[str, int, int, int]:
+    """(negative prompt, height, width, frames) for encoding --prompts; defaults filled in."""
+    size = [getattr(args, f"video_{name}") or default for name, default in VIDEO_DEFAULTS.items()]
+    return (negative_text(args.video_negative or ""), *size)  # type: ignore[return-value]
+
+
+def check_before_work(args: argparse.Namespace, config: RunConfig, run: TrainingRun | None) -> None:
+    """The machine, the environment and the run folder's provenance allow this request;
+    ``run`` (its model and data known) is None until --prompts are encoded."""
+    if run is None:
+        if args.stage not in (None, GUIDANCE_STAGE) and not 0 <= args.stage <= config.num_stages:
+            raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in 0..{config.num_stages}, "
+                             f"got {args.stage}")
+        preflight.check_environment()
+        preflight.check_threads(config.threads)
+        if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
+            preflight.check_teacher_matches(config)
+        check_video_flags(args, config)
+        return
+    preflight.check_precision(config.precision, run.device)
+    if not args.eval:
+        preflight.check_lora_width(config, run.dit_config)
+        preflight.check_batch_fits(config, run.dit_config, run.data.latent_shape, run.device)
 
 
 def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
@@ -160,8 +205,18 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
     if args.restart and args.stage is None:
         raise ValueError("--restart applies to one stage: give --stage N (the embedded pipeline "
                          "retrains stale stages by itself)")
+    if args.resume and args.stage is None:
+        raise ValueError("--resume applies to one stage: give --stage N (the embedded pipeline "
+                         "and --all resume partial stages by themselves; --eval trains nothing)")
     if args.compare and not args.eval:
         raise ValueError("--compare adds rows to the evaluation report: use it with --eval")
+    _parse_compare(args.compare or [])  # a bad or repeated label refused before any work
+    if args.eval:
+        training = sorted(flag for key, flag in TRAINING_FLAGS.items() if key in given)
+        if training:
+            raise ValueError(f"{', '.join(training)} set(s) training, which --eval does not do "
+                             "(it samples the finished stages): drop them, or train with "
+                             "--stage N first")
     if args.stage is None:
         return []
     distill = sorted(flag for key, flag in DISTILL_FLAGS.items() if key in given)
@@ -216,7 +271,7 @@ def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) ->
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
-            "video_height", "video_width", "video_frames", "video_negative"}
+            *VIDEO_FLAGS}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     started = time.perf_counter()
     held = contextlib.ExitStack()
@@ -226,26 +281,32 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, per_stage_iterations(args, overrides))
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
+        check_before_work(args, config, None)
         if config.threads:
             torch.set_num_threads(config.threads)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
+        adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
+        # Without --prompts the run's model and data are known now: checked before the lock
+        # creates the run folder. --prompts are encoded into it first, under the lock.
+        run = None if config.prompts is not None else TrainingRun(config)
+        if run is not None:
+            check_before_work(args, config, run)
         if parallel.is_main():  # one trainer per run folder; ranks of one job share it
             held.enter_context(RunLock(config.run_dir))
-        adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
-        if config.prompts is not None:  # one rank encodes; every rank then reads the shards
-            config.data = parallel.main_only(
-                encode_for_run, config, negative_text(args.video_negative), args.video_height,
-                args.video_width, args.video_frames)
+        if run is None:  # one rank encodes; every rank then reads the shards
+            config.data = parallel.main_only(encode_for_run, config, *video_options(args))
+            run = TrainingRun(config)
+            check_before_work(args, config, run)
         if args.stage is not None:
             check_stage(args.stage, config.num_stages)
-            output = run_stage(TrainingRun(config), StageId(args.chain, args.stage),
-                               resume=args.resume, restart=args.restart)
+            output = run_stage(run, StageId(args.chain, args.stage), resume=args.resume,
+                               restart=args.restart)
             print(f"stage {args.stage} output: {output}")
             return 0
         if args.eval:
             compare = _parse_compare(args.compare or [])
             if parallel.is_main():  # rank 0 evaluates
-                run = trainable_plan(TrainingRun(config))[1]
+                run = trainable_plan(run)[1]
                 report = evaluate_run(run, run.data, compare)
             else:
                 report = None

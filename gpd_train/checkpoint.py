@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from gpd_model import CheckpointError, add_guidance_input
 
 from . import parallel
+from .preflight import writing
 
 KEEP_CHECKPOINTS = 2
 MANIFEST = "manifest.json"
@@ -78,12 +79,13 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and os.replace."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with writing(path, partial=tmp):
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def _sort_metadata(handle: io.BufferedRandom, path: Path) -> None:
@@ -112,14 +114,15 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """Save tensors as safetensors at ``path`` atomically; identical tensors and metadata
     give a byte-identical file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)
-    with tmp.open("r+b") as handle:
-        _sort_metadata(handle, tmp)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with writing(path, partial=tmp):
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)
+        with tmp.open("r+b") as handle:
+            _sort_metadata(handle, tmp)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -387,8 +390,11 @@ class Checkpointer(CheckpointStore):
             meta = {**self.metadata, "step": str(step)}
             for part in WEIGHT_PARTS:
                 save_weights(tmp / f"{part}.safetensors", self.parts[part].state_dict(), meta)
-            torch.save({part: value.state_dict() for part, value in self.parts.items()
-                        if part not in WEIGHT_PARTS}, tmp / STATE_FILE)
+            # Through a Python file: torch's own writer reports a full disk as an
+            # opaque RuntimeError, a Python write as OSError ENOSPC.
+            with writing(tmp / STATE_FILE), (tmp / STATE_FILE).open("wb") as handle:
+                torch.save({part: value.state_dict() for part, value in self.parts.items()
+                            if part not in WEIGHT_PARTS}, handle)
         manifest = {"format": DCP_FORMAT if world.distributed else SINGLE_FORMAT,
                     "step": step, "world_size": world.world_size, **self._layout(),
                     "metadata": self.metadata, "recipe": self.recipe}

@@ -97,6 +97,10 @@ PRESET_GUIDANCE = {"tiny": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 PATH_KEYS = ("data", "teacher", "prompts")  # input paths, held absolute once loaded
 RUN_CONFIG = "config.json"  # a run folder's configuration
+# Seeds feed torch.Generator.manual_seed (64 bits) as seed * 1000 + a stage offset.
+SEED_MAX = 2**32 - 1
+# The per-stage lists of a chain's table and the trainer flag that sets them (GPD chain).
+PER_STAGE = {"iterations": "--iterations", "freq_weight": "--freq-weight"}
 
 
 @dataclass
@@ -242,7 +246,9 @@ class RunConfig:
         if (not isinstance(steps, list) or len(steps) < 2
                 or any(not _is_int(k) or k < 1 for k in steps)):
             raise ValueError(f"steps must list >= 2 positive ints, got {steps!r}")
+        self._check_stage_lists(lengths=False)  # lists first: chain() copies them
         self._check_numbers()
+        self._check_stage_lists(lengths=True)
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
             if teacher_steps != 2 * student_steps:
                 raise ValueError(f"steps must halve stage by stage; stage {k + 1} has "
@@ -273,18 +279,12 @@ class RunConfig:
                              f"got {chains!r}")
         for name, declared in CHAINS.items():
             chain = self.chain(name)
-            stages = self.num_stages
             if chain.guidance_stage and not declared.allows_guidance_stage:
                 raise ValueError(f"{declared.section}.guidance_stage must be false: the {name} "
                                  f"chain is {declared.summary}")
             if chain.state_source not in STATE_SOURCES:
                 raise ValueError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
                                  f"{chain.state_source!r}")
-            for key in ("iterations", "freq_weight"):
-                values = getattr(chain, key)
-                if not isinstance(values, list) or len(values) != stages:
-                    raise ValueError(f"{name}.{key} needs one entry per stage ({stages}), got "
-                                     f"{values!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
                     or chain.lane_groups < 1):
                 section = declared.section
@@ -293,10 +293,36 @@ class RunConfig:
             _check_guidance_options(name, chain, self.num_stages)
             _check_lora_options(name, chain)
 
+    def _check_stage_lists(self, lengths: bool) -> None:
+        """The per-stage lists are lists (with ``lengths``: one entry per stage, ``len(steps)
+        - 1``; a list the user never set is named as the default ``steps`` no longer fits)."""
+        stages = self.num_stages
+        default_section = get_chain(DEFAULT_CHAIN).section
+        for section, table in self.chain_tables.items():
+            defaults = _chain_tables()[section]
+            for key, flag in PER_STAGE.items():
+                values = getattr(table, key)
+                if values is None and section != default_section:
+                    continue  # inherits the default chain's, checked as those
+                example = (getattr(defaults, key) or getattr(DistillConfig(), key))[:1] * stages
+                if not isinstance(values, list):
+                    raise ValueError(f"{section}.{key} must be a list, got {values!r}: one entry "
+                                     f"per stage ({stages} for steps {self.steps}), e.g. {key} = "
+                                     f"{example}")
+                if lengths and len(values) != stages:
+                    unset = values == getattr(defaults, key)
+                    where = (f"{flag} or " if section == default_section else "") + (
+                        f"[{section}] {key} in the TOML file")
+                    raise ValueError(
+                        f"{section}.{key} needs one entry per stage: steps {self.steps} makes "
+                        f"{stages} stage(s), {section}.{key} has {len(values)} "
+                        f"({values!r}{', its default' if unset else ''}); give {stages} "
+                        f"value(s) ({where})")
+
     def _check_numbers(self) -> None:
         """Every number finite, in range, and an int where an int is meant (TOML and flags
         alike: a string or 1.5 where a count belongs is refused here, not deep in training)."""
-        check_number("seed", self.seed, integer=True)
+        check_number("seed", self.seed, integer=True, low=0, high=SEED_MAX)
         for key in ("batch_size", "checkpoint_every"):
             check_number(key, getattr(self, key), integer=True, low=1)
         check_number("threads", self.threads, integer=True, low=0)
@@ -321,7 +347,7 @@ class RunConfig:
                 check_number(f"{section}.{key}", getattr(values, key), low=0)
         for key in ("prompts", "batch_size", "examples"):
             check_number(f"eval.{key}", getattr(self.eval, key), integer=True, low=1)
-        check_number("eval.seed", self.eval.seed, integer=True)
+        check_number("eval.seed", self.eval.seed, integer=True, low=0, high=SEED_MAX)
         for key in ("run_dir", "preset", "device", "precision"):
             if not isinstance(getattr(self, key), str):
                 raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
@@ -358,11 +384,14 @@ def check_number(where: str, value: Any, *, integer: bool = False, low: float | 
 
     The one rule set for the trainer's flags and TOML keys and the sampler's flags.
     """
+    def shown(bound: float) -> str:
+        return str(bound) if _is_int(bound) else f"{bound:g}"
+
     bounds = []
     if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        bounds.append(f"{'>' if low_open else '>='} {shown(low)}")
     if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        bounds.append(f"{'<' if high_open else '<='} {shown(high)}")
     text = " and ".join(bounds)
     if not (_is_int(value) if integer else (isinstance(value, (int, float))
                                             and not isinstance(value, bool)
@@ -445,6 +474,11 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
     check_number(f"{section}.lora_rank", chain.lora_rank, integer=True, low=0)
     if chain.lora_alpha is not None:
         check_number(f"{section}.lora_alpha", chain.lora_alpha, low=0, low_open=True)
+    unread = [key for key in ("lora_alpha", "lora_targets") if getattr(chain, key) is not None]
+    if unread and not chain.lora_rank:
+        raise ValueError(f"{', '.join(f'{section}.{key}' for key in unread)} only apply to "
+                         f"LoRA adapters, but {section}.lora_rank is 0 (full weights): give a rank "
+                         "(--lora-rank R) or drop them")
     targets = chain.lora_targets
     if targets is not None and (not isinstance(targets, list) or not targets
                                 or not set(targets) <= set(LORA_TARGETS)

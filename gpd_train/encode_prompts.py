@@ -16,7 +16,8 @@ noise shape for ``--height/--width/--frames`` through the VAE's compression), ``
 (the texts, JSON) and ``prompts_sha256``; ``negative.safetensors`` with the encoded
 negative prompt [1, 512, text_dim]. Re-running skips shards already written for the same
 prompts (each shard is written to a temporary file and renamed, so a killed run leaves
-only whole shards); a shard written for other prompts is an error, never overwritten.
+only whole shards); a shard written for other prompts or another latent shape (video
+size) is an error, never overwritten.
 
 Negative prompt: ``--negative TEXT``; by default the empty string, which is what WanPipeline
 uses when it is given none. Wan2.1's own sampling scripts use this one (its English
@@ -41,8 +42,10 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .checkpoint import save_weights
-from .config import RunConfig, resolve_device
+from .config import RunConfig, check_device, resolve_device
 from .errors import GPDError
+from .preflight import check_can_create, output_error
+from .run_folder import check_writable_folder
 from .wan_folder import WanFolderError, component, diffusers_root
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
@@ -145,11 +148,12 @@ def _digest(texts: list[str]) -> str:
     return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
 
 
-def _written_for(path: Path) -> str | None:
-    """The prompts digest a finished shard was written for (None when unreadable)."""
+def _written_for(path: Path) -> dict[str, str] | None:
+    """The metadata of a finished shard: its prompts digest and latent shape (None when
+    unreadable)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("prompts_sha256")
+            return handle.metadata() or {}
     except (SafetensorError, OSError):
         return None
 
@@ -180,9 +184,17 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
     todo = []
     for path, texts in jobs:
         found = _written_for(path) if path.exists() else None
-        if path.exists() and found != _digest(texts):
+        if path.exists() and (found or {}).get("prompts_sha256") != _digest(texts):
             raise EncodeError(f"{path} exists but was written for other prompts (or is "
                               f"unreadable); use another --out, or delete {path} to re-encode")
+        # The shape of the noise the shards are trained with: another video size (--height,
+        # --width, --frames) needs other shards, never the old ones relabelled.
+        written_shape = (found or {}).get("latent_shape")
+        if path.name != "negative.safetensors" and found and written_shape != latent_shape:
+            raise EncodeError(f"{out} holds shards encoded for latent shape {written_shape} "
+                              f"({path}); this video size needs {latent_shape}: use another "
+                              "--out (or, for the trainer, another --run-dir), or give the "
+                              "original --height/--width/--frames")
         if not path.exists():
             todo.append((path, texts))
     if not todo:
@@ -247,6 +259,12 @@ def negative_text(value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        try:
+            check_device(args.device)
+            check_writable_folder("--out", args.out)
+            check_can_create("--out", args.out)
+        except ValueError as exc:
+            raise EncodeError(str(exc)) from None
         prompts = read_prompts(args.prompts)
         shape = latent_shape_for(args.model, args.height, args.width, args.frames)
         out = encode_to_folder(args.model, prompts, args.out, negative=negative_text(args.negative),
@@ -254,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, dtype=args.dtype, device=args.device)
     except (EncodeError, WanFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
+        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
     print(f"encoded {len(prompts)} prompts -> {out} (latent shape {shape}); train with "
           f"`python -m gpd_train --teacher {args.model} --data {out}`")

@@ -54,6 +54,7 @@ from .metrics import (
     motion_energy,
     psnr_per_video,
 )
+from .preflight import check_eval_guidance
 from .report import render_markdown
 from .run_folder import read_record
 from .stages import TEACHER, RunFolder
@@ -289,6 +290,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     ``compare`` maps labels to other run folders (same stage 0) whose final GPD student is
     added as a row: the ablation table in one evaluation.
     """
+    check_eval_guidance(run)
     cfg, ev = run.config, run.config.eval
     out = run.folder / "eval"
     candidates = _candidates(run) + _compare_candidates(run, compare or {})  # all verified

@@ -41,15 +41,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
 
 from .chains import DEFAULT_CHAIN, add_chain_argument
+from .checkpoint import read_metadata
 from .config import RunConfig, check_number
 from .destination import EXPORT, check_export_destination, staged_output
 from .errors import GPDError, SampleError
 from .loading import load_model, recorded_grid, run_stage_of
 from .lora import GUIDANCE_PREFIX, save_diffusers_lora
+from .lora import METADATA_KEY as LORA_KEY
+from .preflight import (
+    check_base_matches,
+    check_can_create,
+    check_environment,
+    check_guidance_in_range,
+    output_error,
+)
 from .wan_folder import WanFolderError, component
 
 LINKED = ("text_encoder", "tokenizer", "vae")
@@ -228,6 +238,31 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     return record
 
 
+def check_export_request(args: argparse.Namespace) -> None:
+    """Refuse, before any work, options the exported stage would not read: --merged on full
+    weights, --guidance on a guidance-free student or outside a w-student's range, and a
+    --base other than the Wan folder the run was imported from."""
+    if args.guidance is not None:
+        check_number("--guidance", args.guidance, low=0, low_open=True)
+    if not (Path(args.run) / "config.json").is_file():
+        raise SampleError(f"--run {args.run} is not a run folder: it has no config.json (the "
+                          "trainer writes it when a stage starts); pass the --run-dir of "
+                          "`python -m gpd_train`")
+    run, sid = run_stage_of(Path(args.run), args.chain, args.stage)
+    name = f"{args.chain} stage {sid.stage}"
+    if args.merged and LORA_KEY not in read_metadata(run.stage_folder(sid) / "model.safetensors"):
+        raise SampleError(f"--merged merges a LoRA adapter, but {name} holds full weights: drop "
+                          "--merged (full weights are exported as a pipeline folder with --base)")
+    if run.guidance_input(sid):
+        w = args.guidance if args.guidance is not None else run.config.resolved_guidance
+        check_guidance_in_range(run.record(sid), w, name)
+    elif args.guidance is not None:
+        raise SampleError(f"--guidance {args.guidance:g}: {name} takes no CFG scale as an input; "
+                          "the export samples it with guidance_scale=1.0: drop --guidance")
+    if args.base is not None:
+        check_base_matches(args.run, args.base)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpd_train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,11 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.guidance is not None:
-            check_number("--guidance", args.guidance, low=0, low_open=True)
+        check_environment()
         check_export_destination(args.out, args.base, args.overwrite)  # before any work
+        check_can_create("--out", args.out)
         if args.base is not None:
             base_components(Path(args.base))  # a wrong --base is named before any work
+        check_export_request(args)
         lora = None if args.merged else export_lora(args.run, args.out, chain=args.chain,
                                                      stage=args.stage, overwrite=args.overwrite)
         if lora is not None:
@@ -279,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                                      guidance=args.guidance, overwrite=args.overwrite)
     except (GPDError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
+        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
     print(f"exported {record['model']} -> {args.out}: WanPipeline.from_pretrained("
           f"{str(args.out)!r})(prompt, num_inference_steps={record['steps']}, "

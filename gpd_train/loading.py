@@ -58,6 +58,11 @@ def _is_run_folder(path: Path) -> bool:
     return config.is_file() and '"steps"' in config.read_text()
 
 
+def _looks_like_run(path: Path) -> bool:
+    """A folder holding stage folders (stage0/, stage1/ ...) without being a run folder."""
+    return any(child.is_dir() for child in path.glob("stage*"))
+
+
 def _enclosing_run(path: Path) -> Path | None:
     """The run folder holding a stage file (stageN/model.safetensors or vanilla/stageN/...)."""
     for parent in list(path.parents)[:3]:
@@ -71,12 +76,19 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
     """The run in ``folder`` and its ``stage`` (default: the chain's last finished one)."""
     config = _run_config(folder, device)
     run = RunFolder(config)
+    if stage is not None and not 0 <= stage <= config.num_stages:
+        raise SampleError(f"--stage {stage}: run folder {folder} has stages 0..{config.num_stages} "
+                          f"(steps {config.steps})")
     if stage is None:
         done = [sid for sid in (StageId(chain, s) for s in range(config.num_stages, -1, -1))
                 if run.is_done(sid)]
         if not done:
             raise SampleError(f"run folder {folder} has no finished stage; run "
                               f"`{TEACHER.command(folder)}` first")
+        if done[0].is_teacher and chain != DEFAULT_CHAIN:  # stage0 is shared, not the chain's
+            raise SampleError(f"run folder {folder} has no finished {chain} stage (only the "
+                              f"shared stage0); train it with `{StageId(chain, 1).command(folder)}"
+                              "`, or pass --stage 0 for the teacher")
         return run, done[0]
     return run, StageId(chain, stage)
 
@@ -109,6 +121,9 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
 
 
 def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:
+    if preset is not None and transformer_folder(path) is not None:
+        raise SampleError(f"--preset {preset}: {transformer_folder(path)}/config.json states "
+                          "the model's shape; drop --preset (it is for checkpoints without one)")
     if preset is not None:
         cfg = get_preset(preset)
     elif transformer_folder(path) is not None:  # a transformer or a whole Diffusers folder
@@ -135,11 +150,21 @@ def load_model(path: str | Path, *, preset: str | None = None, chain: str = DEFA
     try:
         torch_device = resolve_device(device)
         if path.is_dir() and _is_run_folder(path):
+            if preset is not None:
+                raise SampleError(f"--preset {preset}: {path} is a run folder, whose "
+                                  "config.json states the model; drop --preset")
             return _load_from_run(path, chain, stage, device)
+        if path.is_dir() and _looks_like_run(path):
+            raise SampleError(f"{path} is not a complete run folder: it holds stage folders "
+                              f"but no config.json (the trainer writes it when a stage starts); "
+                              f"point at a stage folder ({path}/stage0) or restore config.json")
         if path.is_dir() and (path / "done.json").is_file():
             path = path / "model.safetensors"
         if path.is_file() and path.suffix == ".safetensors":
             if read_metadata(path).get("format") == "gpd_train":
+                if preset is not None:
+                    raise SampleError(f"--preset {preset}: {path} is a gpd_train stage output, "
+                                      "whose metadata states the model; drop --preset")
                 return _load_gpd_file(path, torch_device, device)
         return _load_external(path, preset, torch_device)
     except SampleError:

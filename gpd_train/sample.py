@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,6 +53,7 @@ from .chains import add_chain_argument
 from .config import (
     DEFAULT_SHIFT,
     PRESET_SHIFT,
+    SEED_MAX,
     check_device,
     check_number,
 )
@@ -74,6 +76,12 @@ from .media import (
     write_contact_sheet,
     write_gif,
     write_mp4,
+)
+from .preflight import (
+    check_can_create,
+    check_environment,
+    check_guidance_in_range,
+    output_error,
 )
 
 DEFAULT_NUM = 4
@@ -179,10 +187,10 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     context = encoded[[unique.index(text) for text in rows]]
     negative = None
     if _needs_negative(loaded, args):
-        negative = encoder.encode([negative_text(args.negative)]).float().cpu()
+        negative = encoder.encode([negative_text(args.negative or "")]).float().cpu()
         negative = negative.expand(args.num, -1, -1)
-    shape = args.latent_shape or latent_shape_for(args.model, args.height, args.width,
-                                                  args.frames)
+    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+    shape = args.latent_shape or latent_shape_for(args.model, **size)
     return Prompts(context, negative, rows, _parse_shape(shape), built_in=False)
 
 
@@ -201,8 +209,11 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
     if args.prompt_embeddings is not None:
         path = Path(args.prompt_embeddings)
         if path.is_dir():
-            return _from_data_set(PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels),
-                                  args.num, ids)
+            try:
+                data_set = PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels)
+            except ValueError as exc:  # made for another model: channels, text_dim, layout
+                raise SampleError(f"--prompt-embeddings {path}: {exc}") from None
+            return _from_data_set(data_set, args.num, ids)
         if not path.is_file():
             raise SampleError(f"no prompt embeddings at {path}")
         return _embeddings_file(path, cfg.text_dim, args.latent_shape, args.num,
@@ -236,8 +247,40 @@ def check_args(args: argparse.Namespace) -> None:
         check_number("--guidance", args.guidance, low=0, low_open=True)
     if args.shift is not None:
         check_number("--shift", args.shift, low=0, low_open=True)
+    check_number("--seed", args.seed, integer=True, low=0, high=SEED_MAX)
     check_device(args.device)
+    check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
+    check_can_create("--out", args.out)
+    _check_option_use(args)
+
+
+def _check_option_use(args: argparse.Namespace) -> None:
+    """Refuse options this request would not read, naming what reads them."""
+    decoding = [flag for flag, value in (("--vae-tiling", args.vae_tiling),
+                                         ("--vae-slicing", args.vae_slicing),
+                                         ("--vae-dtype", args.vae_dtype), ("--fps", args.fps))
+                if value]
+    if decoding and args.vae is None:
+        raise ValueError(f"{', '.join(decoding)} set(s) the VAE decoding to MP4, which only "
+                         "--vae DIR turns on: add --vae or drop them")
+    _, texts = _prompt_request(args)
+    if args.latent_shape is not None:
+        _parse_shape(args.latent_shape)
+        embeddings = args.prompt_embeddings
+        if not texts and (embeddings is None or Path(embeddings).is_dir()):
+            raise ValueError(f"--latent-shape {args.latent_shape} is read with text prompts "
+                             "(--prompt, --prompts FILE) or a --prompt-embeddings file; these "
+                             "prompts come from a data set, which states its own shape: drop it")
+    size = [f"--{name}" for name in VIDEO_DEFAULTS if getattr(args, name) is not None]
+    if size and (not texts or args.latent_shape is not None):
+        raise ValueError(f"{', '.join(size)} set(s) the video size of text prompts (--prompt, "
+                         "--prompts FILE, with --model), without --latent-shape; nothing else "
+                         "reads them: drop them")
+    if args.negative is not None and not (texts and args.guidance is not None):
+        raise ValueError("--negative is the negative prompt text prompts are encoded with for "
+                         "CFG (--prompt/--prompts FILE with --guidance); here nothing reads it: "
+                         "drop it")
 
 
 def sample(args: argparse.Namespace) -> dict[str, object]:
@@ -256,11 +299,19 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         if folded_at is None:
             raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
                               "--guidance W (the w to sample at)")
+        check_guidance_in_range(loaded.record, folded_at, loaded.description)
         model, cfg_scale = fold_guidance(model, folded_at), None
+    elif args.guidance is not None:
+        _refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
     device = next(model.parameters()).device
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
+    if prompts.latent_shape[0] != loaded.model.cfg.in_channels:
+        raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
+                          f"has {prompts.latent_shape[0]} channels, the model takes "
+                          f"{loaded.model.cfg.in_channels} (in_channels): give embeddings (or "
+                          "--latent-shape C,T,H,W) made for this model's VAE")
     vae = None if args.vae is None else load_vae(  # loaded first: a wrong VAE fails fast
         args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
@@ -309,9 +360,21 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
             write_contact_sheet(out / "contact_sheet.png",
                                 [("samples", latents[:8].clamp(-1, 1))])
         if vae is not None:
-            summary.update(write_videos(vae, latents, prompts.names, out, args.fps))
+            summary.update(write_videos(vae, latents, prompts.names, out, args.fps or WAN_FPS))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _refuse_cfg_on_student(record: dict[str, Any] | None, guidance: float,
+                          description: str) -> None:
+    """A distilled stage without a guidance input absorbed its teacher's CFG: a CFG pair on
+    it would guide a second time."""
+    options = (record or {}).get("options")
+    if isinstance(options, dict) and "teacher_steps" in options:
+        raise SampleError(f"--guidance {guidance:g}: {description} is a guidance-free student "
+                          f"(it absorbed its teacher's CFG, done.json options.guidance "
+                          f"{options.get('guidance')}), sampled in one forward per step: drop "
+                          "--guidance, or give --stage 0 to sample the teacher with CFG")
 
 
 def write_videos(vae: object, latents: torch.Tensor, names: list[str], out: Path,
@@ -345,18 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a text prompt (repeatable); needs --model")
     parser.add_argument("--model", help="Wan2.1-T2V-Diffusers folder whose umT5 encodes prompts")
-    parser.add_argument("--negative", default="",
+    parser.add_argument("--negative",
                         help="negative prompt with --guidance (default '' as WanPipeline; "
                              "'wan' = Wan's own)")
-    parser.add_argument("--height", type=int, default=VIDEO_DEFAULTS["height"])
-    parser.add_argument("--width", type=int, default=VIDEO_DEFAULTS["width"])
-    parser.add_argument("--frames", type=int, default=VIDEO_DEFAULTS["frames"])
+    for name, default in VIDEO_DEFAULTS.items():  # None: not given (refused where unread)
+        parser.add_argument(f"--{name}", type=int,
+                            help=f"video size text prompts are sampled at (default {default})")
     parser.add_argument("--vae", help="decode to MP4 with this AutoencoderKLWan (or Diffusers) "
                                       "folder")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
     parser.add_argument("--vae-slicing", action="store_true", help="decode one video at a time")
-    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--fps", type=int, default=WAN_FPS)
+    parser.add_argument("--vae-dtype", choices=("fp32", "bf16"),
+                        help="the decoder's dtype (default fp32)")
+    parser.add_argument("--fps", type=int, help=f"MP4 frame rate (default {WAN_FPS})")
     parser.add_argument("--prompt-embeddings", help="data-set folder or safetensors file")
     parser.add_argument("--latent-shape", help="C,T,H,W when the embeddings file lacks it")
     parser.add_argument("--num", type=int, help="videos (default: one per text prompt, else 4)")
@@ -378,8 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = sample(args)
-    except GPDError as exc:
+    except GPDError as exc:  # SampleError, EncodeError, WanFolderError, ConfigError ...
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
+        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
     print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
           f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "

@@ -361,7 +361,7 @@ def test_bad_flags_are_refused_before_anything_is_written(micro, tmp_path, capsy
     ("[distill]\niterations = \"50\"\n", "distill.iterations must be a list, got '50'"),
     ("[distill]\nlr = nan\n", "distill.lr must be a finite number > 0, got nan"),
     ("[distill]\nema_decay = 1.0\n", "distill.ema_decay must be >= 0 and < 1, got 1.0"),
-    ("seed = 1.5\n", "seed must be an int, got 1.5"),
+    ("seed = 1.5\n", "seed must be an int >= 0 and <= 4294967295, got 1.5"),
     ("[eval]\nprompts = 0\n", "eval.prompts must be >= 1, got 0"),
 ])
 def test_bad_toml_values_are_refused_with_their_key(micro, tmp_path, capsys, toml, message):

@@ -1,0 +1,282 @@
+"""Every option is read or refused, sizes that cannot fit are refused before work, and faults
+while writing name the file (issue 21, items 4 and 5). Each refusal: exit code 2, a message
+naming the option, no traceback, and the user's files unchanged (SHA-256 of every file)."""
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from test_run_folder import hashes, micro, micro_run  # noqa: F401  (micro: a fixture)
+
+from gpd_model import add_guidance_input, get_preset
+from gpd_train import preflight, sample
+from gpd_train.__main__ import main
+from gpd_train.builders import TrainingRun
+from gpd_train.chains import StageId
+from gpd_train.checkpoint import atomic_write_text
+from gpd_train.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _refused(capsys, argv: list[str], *needles: str, command=main) -> str:
+    """Run ``command(argv)``: exit 2, one ``error:`` line holding every needle."""
+    assert command(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: " in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# -- the trainer: flags, TOML keys and environment values it would not read ------------------
+@pytest.mark.parametrize("args,message", [
+    (["--stage", "0", "--threads", "100000"], "--threads 100000 exceeds the"),
+    (["--stage", "0", "--precision", "bf16"], "--precision bf16 is bf16 autocast on CUDA"),
+    (["--stage", "1", "--lora-alpha", "8"], "distill.lora_alpha only apply to LoRA adapters"),
+    (["--stage", "1", "--lora-rank", "100000"],
+     "distill.lora_rank (--lora-rank) 100000 exceeds the width 32"),
+    (["--stage", "0", "--height", "480"], "--height set(s) the videos --prompts are encoded"),
+    (["--stage", "0", "--width", "832", "--frames", "81", "--negative", "wan"],
+     "--frames, --negative, --width set(s) the videos --prompts are encoded for"),
+    (["--height", "480"], "--height set(s) the videos --prompts are encoded for"),
+    (["--eval", "--resume"], "--resume applies to one stage"),
+    (["--resume"], "--resume applies to one stage"),
+    (["--eval", "--iterations", "3"], "--iterations set(s) training, which --eval does not do"),
+    (["--eval", "--batch-size", "2", "--teacher-iterations", "2"],
+     "--batch-size, --teacher-iterations set(s) training"),
+    (["--eval", "--compare", "x=runs/a", "--compare", "x=runs/b"],
+     "--compare label 'x' given twice (runs/a and runs/b)"),
+    (["--stage", "0", "--seed", str(10**24)],
+     f"seed must be >= 0 and <= 4294967295, got {10**24}"),
+    (["--stage", "0", "--seed", "-1"], "seed must be >= 0 and <= 4294967295, got -1"),
+])
+def test_unread_or_impossible_flags_are_refused(micro, tmp_path, capsys, args,  # noqa: F811
+                                                 message):
+    if "bf16" in args and torch.cuda.is_available():
+        args = [*args, "--device", "cpu"]  # the later flag wins
+    _refused(capsys, [*micro, *args], message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[distill]\niterations = 5\n",
+     "distill.iterations must be a list, got 5: one entry per stage (3 for steps "
+     "[48, 24, 12, 6]), e.g. iterations = [2000, 2000, 2000]"),
+    ("[vanilla]\nfreq_weight = 0.5\n", "vanilla.freq_weight must be a list, got 0.5"),
+    # The user set steps and --iterations; freq_weight is the default that no longer fits.
+    ("steps = [48, 24, 12]\n[distill]\niterations = [5, 5]\n",
+     "distill.freq_weight needs one entry per stage: steps [48, 24, 12] makes 2 stage(s), "
+     "distill.freq_weight has 3 ([0.0, 0.0, 1.0], its default); give 2 value(s) "
+     "(--freq-weight or [distill] freq_weight in the TOML file)"),
+    ("[distill]\nlora_targets = [\"ffn.0\"]\n", "distill.lora_targets only apply to LoRA"),
+    ("threads = 100000\n", "--threads 100000 exceeds the"),
+])
+def test_bad_toml_keys_are_refused_with_their_key(tmp_path, capsys, toml, message):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    _refused(capsys, ["--stage", "0", "--config", str(path), "--run-dir", str(tmp_path / "run"),
+                      "--device", "cpu"], message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("GPD_DISABLE_NATIVE", "yes", "GPD_DISABLE_NATIVE='yes': expected 1"),
+    ("GPD_DIT_OP_BACKENDS", "foo", "GPD_DIT_OP_BACKENDS: expected name=backend items, got 'foo'"),
+    ("GPD_DIT_OP_BACKENDS", "gated_residual=fast",
+     "gated_residual: expected a backend in ('triton', 'compile'), got 'fast'"),
+])
+def test_bad_environment_values_are_refused_by_every_command(micro, tmp_path, capsys,  # noqa: F811
+                                                              monkeypatch, variable, value,
+                                                              message):
+    monkeypatch.setenv(variable, value)
+    _refused(capsys, ["--stage", "0", *micro], message)
+    assert not (tmp_path / "run").exists()
+    out = tmp_path / "out"
+    _refused(capsys, ["--checkpoint", str(tmp_path), "--out", str(out)], message,
+             command=sample.main)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["gpd_train", "gpd_train.sample", "gpd_train.export"])
+def test_help_works_with_a_bad_dit_op_backends_value(module):
+    """The variable is parsed at first use, not at import: --help never reads it."""
+    env = {"GPD_DIT_OP_BACKENDS": "foo", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and "Traceback" not in done.stderr
+
+
+# -- the machine's limits -------------------------------------------------------------------
+def test_activation_floor_is_the_documented_arithmetic():
+    tiny = get_preset("tiny")  # dim 64, ffn_dim 256, 3 layers, patch (4, 2, 2)
+    tokens = (4 // 4) * (16 // 2) * (16 // 2)
+    assert preflight.activation_floor(tiny, (3, 4, 16, 16), 10, False, "fp32") == (
+        10 * tokens * 3 * (64 + 2 * 256) * 4)
+    assert preflight.activation_floor(tiny, (3, 4, 16, 16), 10, True, "bf16") == (
+        10 * tokens * 3 * 64 * 2)
+
+
+@pytest.mark.parametrize("batch,refused", [(100000, True), (16, False), (2000, False)])
+def test_batch_whose_activations_exceed_memory_is_refused(tmp_path, capsys, monkeypatch,
+                                                          batch, refused):
+    """The tiny preset on a 16 GiB machine: 100000 (41 GiB of activations at least) is
+    refused before work; the default 16 and a large but possible 2000 are not."""
+    monkeypatch.setattr(preflight, "memory_bytes", lambda device: 16 * 2**30)
+    run_dir = tmp_path / "run"
+    argv = ["--stage", "0", "--batch-size", str(batch), "--run-dir", str(run_dir), "--device",
+            "cpu", "--teacher-iterations", "1", "--threads", "1"]
+    if refused:
+        _refused(capsys, argv, f"--batch-size {batch} cannot fit", "16.0 GiB",
+                 "--activation-checkpointing")
+        assert not run_dir.exists()
+    else:  # checked, not trained: the check passes and the stage starts
+        monkeypatch.setattr("gpd_train.__main__.run_stage", lambda *a, **k: "started")
+        assert main(argv) == 0
+
+
+# -- evaluation and provenance --------------------------------------------------------------
+@pytest.fixture
+def trained(tmp_path):
+    """A micro run with stage 0 and GPD stage 1 finished (stage 1 absorbed CFG 1.5)."""
+    run = micro_run(tmp_path)
+    run.save_config()
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": "stage0"})
+    run.finish_stage(StageId("gpd", 1), run.new_model().state_dict(), {"stage": "stage1"})
+    return run
+
+
+def test_eval_at_another_guidance_than_trained_is_refused(micro, trained, tmp_path,  # noqa: F811
+                                                          capsys):
+    before = hashes(trained.folder)
+    _refused(capsys, [*micro, "--eval", "--guidance", "3"],
+             "stage1 was trained at guidance 1.5", "teacher at CFG 3")
+    assert hashes(trained.folder) == before and not (trained.folder / "eval").exists()
+
+
+def test_teacher_other_than_the_imported_one_is_refused(micro, trained, tmp_path,  # noqa: F811
+                                                        capsys):
+    wan, other = tmp_path / "W", tmp_path / "W2"
+    wan.mkdir()
+    other.mkdir()
+    record = trained.stage_folder(StageId("gpd", 0)) / "done.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()),
+                                  "imported_from": str(wan)}))
+    before = hashes(trained.folder)
+    _refused(capsys, [*micro, "--stage", "1", "--restart", "--teacher", str(other)],
+             f"--teacher {other} is not the folder this run's stage 0 was imported from "
+             f"({wan}", "--stage 0 --restart")
+    assert hashes(trained.folder) == before
+
+
+# -- the sampler ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--latent-shape", "1,2"], "latent shape must be four positive ints 'C,T,H,W', got '1,2'"),
+    (["--latent-shape", "3,1,8,8"], "--latent-shape 3,1,8,8 is read with text prompts"),
+    (["--vae-tiling"], "--vae-tiling set(s) the VAE decoding to MP4, which only --vae"),
+    (["--fps", "8", "--vae-dtype", "bf16"], "--vae-dtype, --fps set(s) the VAE decoding"),
+    (["--preset", "tiny"], "is a run folder, whose config.json states the model; drop --preset"),
+    (["--height", "480", "--frames", "81"], "--height, --frames set(s) the video size of text "
+                                            "prompts"),
+    (["--negative", "wan"], "--negative is the negative prompt text prompts are encoded with"),
+    (["--guidance", "3"], "is a guidance-free student (it absorbed its teacher's CFG"),
+    (["--chain", "vanilla"], "has no finished vanilla stage (only the shared stage0); train it "
+                             "with `python -m gpd_train --stage 1 --chain vanilla --run-dir"),
+    (["--stage", "5"], "has stages 0..1 (steps [8, 4])"),
+    (["--seed", str(2**64)], f"--seed must be >= 0 and <= 4294967295, got {2**64}"),
+    (["--out", "/proc/gpd-out"], "--out /proc/gpd-out cannot be written"),
+])
+def test_sampler_refuses_unread_options(trained, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    before = hashes(trained.folder)
+    argv = ["--checkpoint", str(trained.folder), "--device", "cpu", "--out", str(out), *args]
+    _refused(capsys, argv, message, command=sample.main)
+    assert hashes(trained.folder) == before and not out.exists()
+    assert not Path("/proc/gpd-out").exists()
+
+
+def test_sampler_on_a_run_folder_without_config_json_says_so(trained, tmp_path, capsys):
+    (trained.folder / "config.json").unlink()
+    _refused(capsys, ["--checkpoint", str(trained.folder), "--out", str(tmp_path / "out")],
+             "is not a complete run folder: it holds stage folders but no config.json",
+             command=sample.main)
+
+
+@pytest.mark.parametrize("form", ["file", "data set"])
+def test_sampler_refuses_embeddings_for_another_channel_count(trained, tmp_path, capsys, form):
+    context = {"context": torch.randn(1, 4, trained.dit_config.text_dim)}
+    if form == "file":
+        path = tmp_path / "prompts.safetensors"
+        save_file(context, str(path), metadata={"latent_shape": "4,1,8,8"})
+        message = "latent shape 4,1,8,8 has 4 channels, the model takes 3"
+    else:
+        path = tmp_path / "embeddings"
+        path.mkdir()
+        save_file(context, str(path / "shard-00000.safetensors"),
+                  metadata={"latent_shape": "4,1,8,8"})
+        save_file(context, str(path / "negative.safetensors"))
+        message = f"--prompt-embeddings {path}: data set latent channels 4 do not match"
+    out = tmp_path / "out"
+    _refused(capsys, ["--checkpoint", str(trained.stage_folder(StageId("gpd", 0))), "--device",
+                      "cpu", "--prompt-embeddings", str(path), "--out", str(out), "--steps",
+                      "1"], message, command=sample.main)
+    assert not out.exists()
+
+
+def test_guided_student_outside_its_learned_range_is_refused(tmp_path, capsys):
+    config = load_config(None, {"run_dir": str(tmp_path / "run"), "device": "cpu",
+                                "distill.guidance_stage": True,
+                                "distill.guidance_range": [1.0, 2.0]})
+    run = TrainingRun(config)
+    run.save_config()
+    guidance = StageId("gpd", "g")
+    run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": 0})
+    run.finish_stage(guidance, add_guidance_input(run.new_model()).state_dict(), {})
+    argv = ["--checkpoint", str(run.stage_folder(guidance)), "--device", "cpu", "--steps", "1",
+            "--num", "1"]
+    _refused(capsys, [*argv, "--guidance", "10", "--out", str(tmp_path / "a")],
+             "learned CFG scales 1..2 (its done.json); w = 10 is outside that range",
+             command=sample.main)
+    assert sample.main([*argv, "--guidance", "2", "--out", str(tmp_path / "b")]) == 0
+
+
+# -- faults while writing -------------------------------------------------------------------
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "record.json"
+    monkeypatch.setattr("gpd_train.checkpoint.os.fsync", _no_space)
+    with pytest.raises(preflight.WriteError, match=f"no space left while writing {target} "
+                                                   r"\(\d+ MiB free on the disk holding"):
+        atomic_write_text(target, "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_training_is_one_line_naming_the_file(micro, tmp_path,  # noqa: F811
+                                                                 monkeypatch, capsys):
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr("gpd_train.checkpoint.save_file", full)
+    err = _refused(capsys, ["--stage", "0", *micro], "no space left while writing "
+                   f"{tmp_path / 'run' / 'stage0'}", "free space there")
+    assert ".safetensors" in err
+    assert not list((tmp_path / "run").rglob(".*.tmp-*"))  # the partial file removed
+
+
+def test_write_errors_other_than_space_name_the_path(tmp_path):
+    with pytest.raises(preflight.WriteError, match=f"cannot write {tmp_path / 'x'}: Permission "
+                                                   "denied; choose a path in a writable folder"):
+        with preflight.writing(tmp_path / "x"):
+            raise PermissionError(errno.EACCES, "Permission denied")
