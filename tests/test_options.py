@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from test_run_folder import hashes, micro, micro_run  # noqa: F401  (micro: a fixture)
+from test_run_folder import hashes, micro_run
 
 from gpd_model import add_guidance_input, get_preset
 from gpd_train import preflight, sample

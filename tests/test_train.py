@@ -259,12 +259,12 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkey
     real_save = torch.save
     calls = {"n": 0}
 
-    def dies_on_second_checkpoint(obj, path):
+    def dies_on_second_checkpoint(obj, handle):
         calls["n"] += 1
         if calls["n"] == 2:
-            path.write_bytes(b"partial")
+            handle.write(b"partial")
             raise OSError("disk vanished mid-save")
-        real_save(obj, path)
+        real_save(obj, handle)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dies_on_second_checkpoint)
     with pytest.raises(OSError, match="mid-save"):
