@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from gpd_model import WanDiT, get_preset
+from gpd_train.config import LoraSpec
 from gpd_train.data import PromptEmbeddingSet
 from gpd_train.loop import Ema, ModelState
-from gpd_train.lora import LoraSpec, adapter_shapes, lora_stage_model
+from gpd_train.lora import adapter_shapes, lora_stage_model
 from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, StageTeacher
 from gpd_train.parallel import checkpoint_blocks
 

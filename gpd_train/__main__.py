@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -12,22 +13,22 @@ import torch
 
 from . import parallel, preflight
 from .builders import TrainingRun
-from .chains import CHAINS, GUIDANCE_STAGE, StageId, add_chain_argument
+from .chains import CHAINS, DEFAULT_PIPELINE, GUIDANCE_STAGE, StageId, add_chain_argument
 from .config import STATE_SOURCES, RunConfig, load_config
 from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
-from .errors import GPDError
+from .errors import ConfigError, GPDError
 from .evaluate import evaluate_run
 from .pipeline import run_pipeline, run_stage, trainable_plan
 from .run_folder import RunLock, check_run_paths
-from .wan_folder import adopt_teacher_defaults
+from .wan_folder import with_teacher_defaults
 
-EPILOG = """\
-With no action the embedded pipeline runs: stage 0 (teacher), the GPD chain (stages
-1..3), the vanilla-PD ablation chain (and, with pipeline_chains = ["gpd", "guided",
-"vanilla"] in a --config file, the guided chain: guidance stage g, then 1..3 with w as an
-input), then the evaluation; complete stages are skipped and partial ones resumed.
-Run-folder layout and TOML keys: see gpd_train/pipeline.py and gpd_train/config.py.
+EPILOG = f"""\
+With no action the embedded pipeline runs: stage 0 (teacher), then the stages of each chain
+of pipeline_chains (default {", ".join(DEFAULT_PIPELINE)}; registered:
+{", ".join(CHAINS)}; set it in a --config file), then the evaluation; complete stages are
+skipped and partial ones resumed.
+Run-folder layout and TOML keys: see gpd_train/stages.py and gpd_train/config.py.
 Examples:
   python -m gpd_train                      # everything, tiny preset, runs/default/
   python -m gpd_train --stage 1 --resume   # continue GPD stage 1 from its last checkpoint
@@ -54,19 +55,49 @@ def _parse_compare(items: list[str]) -> dict[str, str]:
     for item in items:
         label, sep, folder = item.partition("=")
         if not sep or not label or not folder:
-            raise ValueError(f"--compare takes LABEL=RUN_DIR, got {item!r}")
+            raise ConfigError(f"--compare takes LABEL=RUN_DIR, got {item!r}")
         if label in compare:
-            raise ValueError(f"--compare label {label!r} given twice ({compare[label]} and "
+            raise ConfigError(f"--compare label {label!r} given twice ({compare[label]} and "
                              f"{folder}): each row needs its own label")
         compare[label] = folder
     return compare
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpd_train", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Guided progressive distillation: 48-step CFG teacher -> 6-step student.")
+# Flags that set one configuration key: (flag, key, type, help).
+CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
+    ("--preset", "preset", str, "gpd_model preset (default tiny)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--threads", "threads", int, "CPU threads for torch (0 = torch's default)"),
+    ("--precision", "precision", str, "fp32 | bf16 (bf16 autocast on CUDA)"),
+    ("--seed", "seed", int, "seed of data, initialisation and noise"),
+    ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
+    ("--teacher", "teacher", str, "import stage 0 from Wan2.1 weights at this path (a "
+     "Wan2.1-T2V-Diffusers folder gives the model shape itself: no --preset needed)"),
+    ("--prompts", "prompts", str, "prompts file (one per line) that the --teacher folder's "
+     "umT5 encodes into <run-dir>/prompt-embeddings (instead of --data)"),
+    ("--shift", "shift", float, "sigma-grid shift (tiny default 3.0, else 5.0)"),
+    ("--guidance", "guidance", float, "the teacher's CFG scale (tiny default 1.5, else 5.0)"),
+    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--checkpoint-every", "checkpoint_every", int, "checkpoint interval in iterations"),
+    ("--teacher-iterations", "stage0.iterations", int, "stage-0 training iterations"),
+    ("--state-source", "distill.state_source", str,
+     f"GPD state source: {' | '.join(STATE_SOURCES)}"),
+    ("--lr", "distill.lr", float, "distillation learning rate"),
+    ("--lora-rank", "distill.lora_rank", int, "train rank-R LoRA adapters on the frozen "
+     "stage-0 base instead of full weights (GPD stages; 0 = full weights)"),
+    ("--lora-alpha", "distill.lora_alpha", float, "LoRA alpha: the update is alpha/rank * "
+     "B A (default: the rank)"),
+    ("--data-streams", "parallel.data_streams", int,
+     "data streams over all ranks (default one per rank; keep it to change rank count)"),
+    ("--teacher-sharding", "parallel.teacher", str,
+     "under torchrun: shard | replicate the frozen stage teacher"),
+]
+
+
+def _add_actions(parser: argparse.ArgumentParser) -> None:
+    """What to run: a stage (of a chain), the evaluation or everything; how to treat an
+    existing stage; the TOML file and --compare rows."""
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--stage", type=_stage_id, metavar="N",
                         help="run stage N (0 = train/import the teacher, g = the guidance "
@@ -85,36 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", action="append", metavar="LABEL=RUN_DIR", default=None,
                         help="with --eval: add RUN_DIR's final GPD student as row LABEL (an "
                              "ablation trained on a copy of this run's stage0/); repeatable")
-    options: list[tuple[str, str, Any, str]] = [
-        ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
-        ("--preset", "preset", str, "gpd_model preset (default tiny)"),
-        ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
-        ("--threads", "threads", int, "CPU threads for torch (0 = torch's default)"),
-        ("--precision", "precision", str, "fp32 | bf16 (bf16 autocast on CUDA)"),
-        ("--seed", "seed", int, "seed of data, initialisation and noise"),
-        ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
-        ("--teacher", "teacher", str, "import stage 0 from Wan2.1 weights at this path (a "
-         "Wan2.1-T2V-Diffusers folder gives the model shape itself: no --preset needed)"),
-        ("--prompts", "prompts", str, "prompts file (one per line) that the --teacher folder's "
-         "umT5 encodes into <run-dir>/prompt-embeddings (instead of --data)"),
-        ("--shift", "shift", float, "sigma-grid shift (tiny default 3.0, else 5.0)"),
-        ("--guidance", "guidance", float, "the teacher's CFG scale (tiny default 1.5, else 5.0)"),
-        ("--batch-size", "batch_size", int, "training batch size"),
-        ("--checkpoint-every", "checkpoint_every", int, "checkpoint interval in iterations"),
-        ("--teacher-iterations", "stage0.iterations", int, "stage-0 training iterations"),
-        ("--state-source", "distill.state_source", str,
-         f"GPD state source: {' | '.join(STATE_SOURCES)}"),
-        ("--lr", "distill.lr", float, "distillation learning rate"),
-        ("--lora-rank", "distill.lora_rank", int, "train rank-R LoRA adapters on the frozen "
-         "stage-0 base instead of full weights (GPD stages; 0 = full weights)"),
-        ("--lora-alpha", "distill.lora_alpha", float, "LoRA alpha: the update is alpha/rank * "
-         "B A (default: the rank)"),
-        ("--data-streams", "parallel.data_streams", int,
-         "data streams over all ranks (default one per rank; keep it to change rank count)"),
-        ("--teacher-sharding", "parallel.teacher", str,
-         "under torchrun: shard | replicate the frozen stage teacher"),
-    ]
-    for flag, key, kind, text in options:
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that set configuration keys (each overrides the TOML file and the defaults)."""
+    for flag, key, kind, text in CONFIG_FLAGS:
         parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
     parser.add_argument("--iterations", type=int, nargs="+", metavar="N", default=None,
                         dest="distill.iterations",
@@ -131,6 +137,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         dest="distill.stage_guidance",
                         help="without a guidance stage: each GPD stage teacher's CFG scale "
                              "(default: --guidance for stage 1, then 1 = none)")
+
+
+def _add_video_and_device_flags(parser: argparse.ArgumentParser) -> None:
+    """The videos --prompts are encoded for, and how the step runs on the device."""
     video = parser.add_argument_group("with --prompts: the videos to train for (WanPipeline's "
                                       "defaults) and the negative prompt")
     for name, default in VIDEO_DEFAULTS.items():  # None: not given (refused without --prompts)
@@ -145,6 +155,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         dest="parallel.activation_checkpointing",
                         help="recompute each transformer block in the backward (less memory)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpd_train", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Guided progressive distillation: 48-step CFG teacher -> 6-step student.")
+    _add_actions(parser)
+    _add_config_flags(parser)
+    _add_video_and_device_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -170,7 +190,7 @@ def check_video_flags(args: argparse.Namespace, config: RunConfig) -> None:
     """--height/--width/--frames/--negative shape the encoding of --prompts, nothing else."""
     given = sorted(flag for key, flag in VIDEO_FLAGS.items() if getattr(args, key) is not None)
     if given and config.prompts is None:
-        raise ValueError(f"{', '.join(given)} set(s) the videos --prompts are encoded for; "
+        raise ConfigError(f"{', '.join(given)} set(s) the videos --prompts are encoded for; "
                          "without --prompts (a prompts file and --teacher) nothing reads them: "
                          "drop them (a --data set states its own latent shape)")
 
@@ -186,7 +206,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
     ``run`` (its model and data known) is None until --prompts are encoded."""
     if run is None:
         if args.stage not in (None, GUIDANCE_STAGE) and not 0 <= args.stage <= config.num_stages:
-            raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in 0..{config.num_stages}, "
+            raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{config.num_stages}, "
                              f"got {args.stage}")
         preflight.check_environment()
         preflight.check_threads(config.threads)
@@ -203,25 +223,25 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
 def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
     """Refuse flags the requested action does not read; returns warnings for harmless ones."""
     if args.restart and args.stage is None:
-        raise ValueError("--restart applies to one stage: give --stage N (the embedded pipeline "
+        raise ConfigError("--restart applies to one stage: give --stage N (the embedded pipeline "
                          "retrains stale stages by itself)")
     if args.resume and args.stage is None:
-        raise ValueError("--resume applies to one stage: give --stage N (the embedded pipeline "
+        raise ConfigError("--resume applies to one stage: give --stage N (the embedded pipeline "
                          "and --all resume partial stages by themselves; --eval trains nothing)")
     if args.compare and not args.eval:
-        raise ValueError("--compare adds rows to the evaluation report: use it with --eval")
+        raise ConfigError("--compare adds rows to the evaluation report: use it with --eval")
     _parse_compare(args.compare or [])  # a bad or repeated label refused before any work
     if args.eval:
         training = sorted(flag for key, flag in TRAINING_FLAGS.items() if key in given)
         if training:
-            raise ValueError(f"{', '.join(training)} set(s) training, which --eval does not do "
+            raise ConfigError(f"{', '.join(training)} set(s) training, which --eval does not do "
                              "(it samples the finished stages): drop them, or train with "
                              "--stage N first")
     if args.stage is None:
         return []
     distill = sorted(flag for key, flag in DISTILL_FLAGS.items() if key in given)
     if args.stage == 0 and distill:
-        raise ValueError(f"{', '.join(distill)} not used by stage 0 (the teacher): these set the "
+        raise ConfigError(f"{', '.join(distill)} not used by stage 0 (the teacher): these set the "
                          "GPD distillation stages. Stage 0's options are --teacher-iterations "
                          "and the [stage0] table of a --config TOML file (e.g. lr = 3e-3)")
     section = CHAINS[args.chain].section
@@ -232,7 +252,7 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
             elsewhere.setdefault(table, []).append(flag)
     for table, flags in sorted(elsewhere.items()):
         readers = [c.name for c in CHAINS.values() if c.section == table]
-        raise ValueError(f"{', '.join(sorted(flags))} set the [{table}] table (read by --chain "
+        raise ConfigError(f"{', '.join(sorted(flags))} set the [{table}] table (read by --chain "
                          f"{' or '.join(readers)}); the {args.chain} chain reads the [{section}] "
                          "table of a --config TOML file")
     return [f"{flag} is ignored by stage {args.stage} (it sets stage 0's training)"
@@ -241,7 +261,7 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
 
 def check_stage(stage: int | str, num_stages: int) -> None:
     if stage != GUIDANCE_STAGE and not 0 <= int(stage) <= num_stages:
-        raise ValueError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
+        raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
 
 
 def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +282,7 @@ def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) ->
     if args.stage is not None:
         check_stage(args.stage, len(stages))
     if args.stage is None or len(values) != 1:
-        raise ValueError(f"--iterations takes one value per stage ({len(stages)}), or with "
+        raise ConfigError(f"--iterations takes one value per stage ({len(stages)}), or with "
                          f"--stage N the value for stage N; got {len(values)} ({values})")
     stages[args.stage - 1] = values[0]
     return {**rest, "distill.iterations": stages}
@@ -278,14 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for warning in check_flag_use(args, set(overrides)):
             print(f"warning: {warning}", file=sys.stderr)
-        config = load_config(args.config, per_stage_iterations(args, overrides))
+        # The one resolve step: defaults, TOML, flags, then the teacher folder's defaults.
+        given = load_config(args.config, per_stage_iterations(args, overrides))
+        config = with_teacher_defaults(given, preset_given="preset" in overrides
+                                       or given.preset != RunConfig.preset)
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         check_before_work(args, config, None)
         if config.threads:
             torch.set_num_threads(config.threads)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
-        adopt_teacher_defaults(config, "preset" in overrides or config.preset != RunConfig.preset)
         # Without --prompts the run's model and data are known now: checked before the lock
         # creates the run folder. --prompts are encoded into it first, under the lock.
         run = None if config.prompts is not None else TrainingRun(config)
@@ -294,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.is_main():  # one trainer per run folder; ranks of one job share it
             held.enter_context(RunLock(config.run_dir))
         if run is None:  # one rank encodes; every rank then reads the shards
-            config.data = parallel.main_only(encode_for_run, config, *video_options(args))
+            encoded = parallel.main_only(encode_for_run, config, *video_options(args))
+            config = dataclasses.replace(config, data=encoded)  # the data set it made
             run = TrainingRun(config)
             check_before_work(args, config, run)
         if args.stage is not None:
@@ -312,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 report = None
         else:
             report = run_pipeline(config, resume=True)
-    except (GPDError, ValueError, OSError) as exc:
+    except (GPDError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

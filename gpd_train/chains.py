@@ -8,7 +8,8 @@ seed offset, how the evaluation treats it and (optionally) its own objective. Th
 trainer, the CLIs, the evaluation and the export all read ``CHAINS``; adding a chain is a
 ``register(Chain(...))`` call plus, if it learns something new, an objective factory.
 
-This module imports nothing of the engine, so every other module may import it.
+This module imports only the error family (gpd_train.errors), so every other module may
+import it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from .errors import ConfigError
 
 # The guidance stage's id: between stage 0 and stage 1 of a chain that has one.
 GUIDANCE_STAGE = "g"
@@ -55,9 +58,9 @@ CHAINS: Mapping[str, Chain] = MappingProxyType(_REGISTRY)
 def register(chain: Chain) -> Chain:
     """Add ``chain`` to the registry; its name and folder must be new."""
     if chain.name in _REGISTRY:
-        raise ValueError(f"chain {chain.name!r} is already registered")
+        raise ConfigError(f"chain {chain.name!r} is already registered")
     if any(other.folder == chain.folder for other in _REGISTRY.values()):
-        raise ValueError(f"chain {chain.name!r}: folder {chain.folder!r} is taken")
+        raise ConfigError(f"chain {chain.name!r}: folder {chain.folder!r} is taken")
     _REGISTRY[chain.name] = chain
     return chain
 
@@ -71,7 +74,7 @@ def get_chain(name: str) -> Chain:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"chain must be one of {chain_names()}, got {name!r}") from None
+        raise ConfigError(f"chain must be one of {chain_names()}, got {name!r}") from None
 
 
 def chain_names() -> list[str]:
@@ -111,7 +114,7 @@ class StageId:
         elif self.stage != GUIDANCE_STAGE and not (
                 isinstance(self.stage, int) and not isinstance(self.stage, bool)
                 and self.stage >= 1):
-            raise ValueError(f"a stage is 0, {GUIDANCE_STAGE!r} or a positive int, got "
+            raise ConfigError(f"a stage is 0, {GUIDANCE_STAGE!r} or a positive int, got "
                              f"{self.stage!r}")
 
     @classmethod
@@ -120,7 +123,7 @@ class StageId:
         parent, _, own = name.rpartition("/")
         chain = next((c.name for c in _REGISTRY.values() if c.folder == parent), None)
         if chain is None or not (own == "guidance" or own.removeprefix("stage").isdigit()):
-            raise ValueError(f"{name!r} is not a stage folder of a run (expected stage0, "
+            raise ConfigError(f"{name!r} is not a stage folder of a run (expected stage0, "
                              "stageN, guidance or <chain>/stageN)")
         stage: Stage = GUIDANCE_STAGE if own == "guidance" else int(own.removeprefix("stage"))
         return cls(chain, stage)
@@ -154,7 +157,7 @@ class StageId:
     def previous(self, has_guidance_stage: bool) -> StageId:
         """The stage whose output is this stage's teacher and its student's start."""
         if self.is_teacher:
-            raise ValueError("stage 0 has no previous stage")
+            raise ConfigError("stage 0 has no previous stage")
         if self.is_guidance:
             return StageId(self.chain, 0)
         if self.stage == 1 and has_guidance_stage:

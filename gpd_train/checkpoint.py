@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from gpd_model import CheckpointError, add_guidance_input
 
 from . import parallel
-from .preflight import writing
+from .writes import writing
 
 KEEP_CHECKPOINTS = 2
 MANIFEST = "manifest.json"

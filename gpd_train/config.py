@@ -17,7 +17,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
     batch_size = 16
     checkpoint_every = 50
-    pipeline_chains = ["gpd", "vanilla"]  # the chains the pipeline trains (+ "guided")
+    pipeline_chains = [...]    # the chains the pipeline trains, in order (gpd_train.chains)
 
     [stage0]                   # flow-matching training of the base teacher
     iterations = 10000
@@ -76,18 +76,80 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomllib
 import torch
 
+from gpd_model import CheckpointError
+
 from .chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, chain_names, get_chain
-from .lora import LORA_TARGETS, LoraSpec
-from .parallel import ParallelConfig
+from .errors import ConfigError, LoraError
 
 STATE_SOURCES = ("student", "teacher", "data")
+# The projections LoRA adapters may target (gpd_train.lora), and how a frozen stage teacher
+# is held under torchrun (gpd_train.parallel).
+LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
+                "cross_attn.o", "ffn.0", "ffn.2")
+TEACHER_MODES = ("shard", "replicate")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank, alpha (the update is ``alpha / rank * B A``) and the adapted projections."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                or not 0 < self.alpha < float("inf")):
+            raise LoraError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise LoraError(f"LoRA targets must be distinct names of {LORA_TARGETS}, got "
+                            f"{list(self.targets)!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_metadata(self) -> str:
+        return json.dumps({**asdict(self), "targets": list(self.targets)}, sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, text: str, source: Path | str) -> LoraSpec:
+        try:
+            raw = json.loads(text)
+            return cls(int(raw["rank"]), float(raw["alpha"]), tuple(raw["targets"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{source}: unreadable LoRA spec {text!r} ({exc})") from None
+
+
+@dataclass
+class ParallelConfig:
+    """The ``[parallel]`` TOML section (also flags of ``python -m gpd_train``)."""
+
+    data_streams: int = 0  # 0: one per rank. Fix it to resume on another number of ranks.
+    activation_checkpointing: bool = False  # recompute each block in the backward
+    teacher: str = "shard"  # the frozen stage teacher under torchrun: shard | replicate
+
+    def validate(self) -> None:
+        if not isinstance(self.data_streams, int) or self.data_streams < 0:
+            raise ConfigError(f"parallel.data_streams must be an int >= 0, got "
+                             f"{self.data_streams!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError("parallel.activation_checkpointing must be true or false, got "
+                             f"{self.activation_checkpointing!r}")
+        if self.teacher not in TEACHER_MODES:
+            raise ConfigError(f"parallel.teacher must be one of {TEACHER_MODES}, got "
+                             f"{self.teacher!r}")
+
 # Per-preset defaults for values the DiT config does not carry.
 PRESET_SHIFT = {"tiny": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
@@ -222,7 +284,7 @@ class RunConfig:
         try:
             return self.chain_tables[section]
         except KeyError:
-            raise ValueError(f"no chain table [{section}]; the registered chains read "
+            raise ConfigError(f"no chain table [{section}]; the registered chains read "
                              f"{sorted(self.chain_tables)}") from None
 
     def chain(self, name: str) -> DistillConfig:
@@ -245,22 +307,22 @@ class RunConfig:
         steps = self.steps
         if (not isinstance(steps, list) or len(steps) < 2
                 or any(not _is_int(k) or k < 1 for k in steps)):
-            raise ValueError(f"steps must list >= 2 positive ints, got {steps!r}")
+            raise ConfigError(f"steps must list >= 2 positive ints, got {steps!r}")
         self._check_stage_lists(lengths=False)  # lists first: chain() copies them
         self._check_numbers()
         self._check_stage_lists(lengths=True)
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
             if teacher_steps != 2 * student_steps:
-                raise ValueError(f"steps must halve stage by stage; stage {k + 1} has "
+                raise ConfigError(f"steps must halve stage by stage; stage {k + 1} has "
                                  f"{teacher_steps} -> {student_steps} (expected "
                                  f"{teacher_steps} -> {teacher_steps // 2})")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+            raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
         self.parallel.validate()
         if self.prompts is not None and self.teacher is None:
-            raise ValueError(f"prompts ({self.prompts!r}) are encoded by the teacher's "
+            raise ConfigError(f"prompts ({self.prompts!r}) are encoded by the teacher's "
                              "Wan2.1-T2V-Diffusers folder: give teacher too")
         if self.shift is not None:
             check_number("shift", self.shift, low=0, low_open=True)
@@ -270,25 +332,25 @@ class RunConfig:
         values = self.eval.guidance_values
         if values is not None and (not isinstance(values, (list, tuple))
                                    or not all(_finite_scale(w) for w in values)):
-            raise ValueError(f"eval.guidance_values must be a list of CFG scales > 0, got "
+            raise ConfigError(f"eval.guidance_values must be a list of CFG scales > 0, got "
                              f"{values!r}")
         chains = self.pipeline_chains
         if (not isinstance(chains, list) or not chains or not set(chains) <= set(CHAINS)
                 or len(set(chains)) != len(chains)):
-            raise ValueError(f"pipeline_chains must list distinct chains of {chain_names()}, "
+            raise ConfigError(f"pipeline_chains must list distinct chains of {chain_names()}, "
                              f"got {chains!r}")
         for name, declared in CHAINS.items():
             chain = self.chain(name)
             if chain.guidance_stage and not declared.allows_guidance_stage:
-                raise ValueError(f"{declared.section}.guidance_stage must be false: the {name} "
+                raise ConfigError(f"{declared.section}.guidance_stage must be false: the {name} "
                                  f"chain is {declared.summary}")
             if chain.state_source not in STATE_SOURCES:
-                raise ValueError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
+                raise ConfigError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
                                  f"{chain.state_source!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
                     or chain.lane_groups < 1):
                 section = declared.section
-                raise ValueError(f"{section}.lane_groups must be a positive int, got "
+                raise ConfigError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
             _check_guidance_options(name, chain, self.num_stages)
             _check_lora_options(name, chain)
@@ -306,14 +368,14 @@ class RunConfig:
                     continue  # inherits the default chain's, checked as those
                 example = (getattr(defaults, key) or getattr(DistillConfig(), key))[:1] * stages
                 if not isinstance(values, list):
-                    raise ValueError(f"{section}.{key} must be a list, got {values!r}: one entry "
+                    raise ConfigError(f"{section}.{key} must be a list, got {values!r}: one entry "
                                      f"per stage ({stages} for steps {self.steps}), e.g. {key} = "
                                      f"{example}")
                 if lengths and len(values) != stages:
                     unset = values == getattr(defaults, key)
                     where = (f"{flag} or " if section == default_section else "") + (
                         f"[{section}] {key} in the TOML file")
-                    raise ValueError(
+                    raise ConfigError(
                         f"{section}.{key} needs one entry per stage: steps {self.steps} makes "
                         f"{stages} stage(s), {section}.{key} has {len(values)} "
                         f"({values!r}{', its default' if unset else ''}); give {stages} "
@@ -339,7 +401,7 @@ class RunConfig:
                      high_open=True)
         for section, values in ((c.section, self.chain(name)) for name, c in CHAINS.items()):
             if not isinstance(values.guidance_stage, bool):
-                raise ValueError(f"{section}.guidance_stage must be true or false, got "
+                raise ConfigError(f"{section}.guidance_stage must be true or false, got "
                                  f"{values.guidance_stage!r}")
             check_numbers(f"{section}.iterations", values.iterations, integer=True, low=1)
             check_numbers(f"{section}.freq_weight", values.freq_weight, low=0)
@@ -350,10 +412,10 @@ class RunConfig:
         check_number("eval.seed", self.eval.seed, integer=True, low=0, high=SEED_MAX)
         for key in ("run_dir", "preset", "device", "precision"):
             if not isinstance(getattr(self, key), str):
-                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
         for key in ("data", "teacher", "prompts"):
             if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
-                raise ValueError(f"{key} must be a path (a string), got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a path (a string), got {getattr(self, key)!r}")
         check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,18 +459,18 @@ def check_number(where: str, value: Any, *, integer: bool = False, low: float | 
                                             and not isinstance(value, bool)
                                             and math.isfinite(value))):
         kind = "an int" if integer else "a finite number"
-        raise ValueError(f"{where} must be {kind}{' ' + text if text else ''}{note}, got "
+        raise ConfigError(f"{where} must be {kind}{' ' + text if text else ''}{note}, got "
                          f"{value!r}")
     in_range = ((low is None or (value > low if low_open else value >= low))
                 and (high is None or (value < high if high_open else value <= high)))
     if not in_range:
-        raise ValueError(f"{where} must be {text}{note}, got {value!r}")
+        raise ConfigError(f"{where} must be {text}{note}, got {value!r}")
 
 
 def check_numbers(where: str, values: Any, **rule: Any) -> None:
     """``check_number`` for each entry of the list ``values`` (named ``where[i]``)."""
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{where} must be a list, got {values!r}")
+        raise ConfigError(f"{where} must be a list, got {values!r}")
     for index, value in enumerate(values):
         check_number(f"{where}[{index}]", value, **rule)
 
@@ -419,7 +481,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -430,14 +492,14 @@ def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"device {name!r} requested, but this machine has {count} CUDA "
+            raise ConfigError(f"device {name!r} requested, but this machine has {count} CUDA "
                              "device(s); use --device cpu or auto")
     elif device.type != "cpu":
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _finite_scale(value: Any) -> bool:
@@ -450,22 +512,22 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
     low_high = chain.guidance_range
     if (not isinstance(low_high, (list, tuple)) or len(low_high) != 2
             or not all(_finite_scale(w) for w in low_high) or low_high[0] > low_high[1]):
-        raise ValueError(f"{section}.guidance_range must be [low, high] with 0 < low <= high, "
+        raise ConfigError(f"{section}.guidance_range must be [low, high] with 0 < low <= high, "
                          f"got {low_high!r}")
     iterations = chain.guidance_iterations
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"{section}.guidance_iterations must be a positive int, got "
+        raise ConfigError(f"{section}.guidance_iterations must be a positive int, got "
                          f"{iterations!r}")
     scales = chain.stage_guidance
     if scales is None:
         return
     if chain.guidance_stage:
-        raise ValueError(f"{section}.stage_guidance (CFG per stage) and {section}.guidance_stage "
+        raise ConfigError(f"{section}.stage_guidance (CFG per stage) and {section}.guidance_stage "
                          "exclude each other: after a guidance stage the students take w as an "
                          "input; set one of them")
     if (not isinstance(scales, (list, tuple)) or len(scales) != stages
             or not all(_finite_scale(w) for w in scales)):
-        raise ValueError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
+        raise ConfigError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
                          f"got {scales!r}")
 
 
@@ -476,14 +538,14 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
         check_number(f"{section}.lora_alpha", chain.lora_alpha, low=0, low_open=True)
     unread = [key for key in ("lora_alpha", "lora_targets") if getattr(chain, key) is not None]
     if unread and not chain.lora_rank:
-        raise ValueError(f"{', '.join(f'{section}.{key}' for key in unread)} only apply to "
+        raise ConfigError(f"{', '.join(f'{section}.{key}' for key in unread)} only apply to "
                          f"LoRA adapters, but {section}.lora_rank is 0 (full weights): give a rank "
                          "(--lora-rank R) or drop them")
     targets = chain.lora_targets
     if targets is not None and (not isinstance(targets, list) or not targets
                                 or not set(targets) <= set(LORA_TARGETS)
                                 or len(set(targets)) != len(targets)):
-        raise ValueError(f"{section}.lora_targets must list distinct projections of "
+        raise ConfigError(f"{section}.lora_targets must list distinct projections of "
                          f"{list(LORA_TARGETS)}, got {targets!r}")
 
 
@@ -496,10 +558,10 @@ def _merge(target: object, values: dict[str, Any], where: str) -> None:
     names = (names - {"chain_tables"}) | set(chain_tables)
     for key, value in values.items():
         if key not in names:
-            raise ValueError(f"unknown key {where}{key!r}; expected one of {sorted(names)}")
+            raise ConfigError(f"unknown key {where}{key!r}; expected one of {sorted(names)}")
         if key in _TABLES or key in chain_tables:
             if not isinstance(value, dict):
-                raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")
+                raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
             table = chain_tables[key] if key in chain_tables else getattr(target, key)
             _merge(table, value, f"{key}.")
         else:
@@ -516,12 +578,12 @@ def load_config(path: str | Path | None = None,
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         with path.open("rb") as handle:
             try:
                 _merge(config, tomllib.load(handle), "")
             except tomllib.TOMLDecodeError as exc:
-                raise ValueError(f"{path}: invalid TOML: {exc}") from None
+                raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     nested: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
@@ -542,7 +604,7 @@ def load_run_config(folder: str | Path, **overrides: Any) -> RunConfig:
     path = folder / RUN_CONFIG
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     for key in PATH_KEYS:
         if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
             raw[key] = _run_path(key, raw[key], folder, raw.get("run_dir"))

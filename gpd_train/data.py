@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import ConfigError
+
 SHAPES: tuple[str, ...] = ("square", "disc", "cross")
 MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
 # Direction of motion along (x, y), times the speed in pixels per frame; y grows downwards.
@@ -49,7 +51,7 @@ def _check_generator(generator: torch.Generator) -> None:
 
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def shape_mask(shape_ids: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
@@ -90,7 +92,7 @@ class ProceduralVideos:
         for name, value, low in (("text_dim", text_dim, 1), ("frames", frames, 2),
                                  ("speed", speed, 1), ("size", size, 5 + speed * (frames - 1))):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"ProceduralVideos.{name} must be an int >= {low}, got {value!r}")
+                raise ConfigError(f"ProceduralVideos.{name} must be an int >= {low}, got {value!r}")
         self.text_dim = text_dim
         self.frames = frames
         self.size = size
@@ -193,7 +195,7 @@ class ProceduralVideos:
         foreground) get -1.
         """
         if videos.dim() != 5 or videos.shape[1] != 3:
-            raise ValueError(f"videos must be [B, 3, T, H, W], got {tuple(videos.shape)}")
+            raise ConfigError(f"videos must be [B, 3, T, H, W], got {tuple(videos.shape)}")
         foreground = (videos.float().amax(dim=1) > _BACKGROUND + 0.5).float()  # [B, T, H, W]
         pixel = torch.arange(videos.shape[-1], dtype=torch.float32)
         rows = torch.arange(videos.shape[-2], dtype=torch.float32)
@@ -226,10 +228,10 @@ class ProceduralVideos:
     def _check_ids(ids: torch.Tensor, name: str, upper: int | None) -> None:
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
             got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else ids
-            raise ValueError(f"{name} must be a 1-D int64 tensor, got {got}")
+            raise ConfigError(f"{name} must be a 1-D int64 tensor, got {got}")
         if ids.numel() and (int(ids.min()) < 0 or (upper is not None and int(ids.max()) >= upper)):
             bound = f"[0, {upper})" if upper is not None else ">= 0"
-            raise ValueError(f"{name} must lie in {bound}, got min {int(ids.min())} "
+            raise ConfigError(f"{name} must lie in {bound}, got min {int(ids.min())} "
                              f"max {int(ids.max())}")
 
 
@@ -240,13 +242,13 @@ class PromptEmbeddingSet:
                  latent_channels: int | None = None) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise ValueError(f"prompt-embedding data set must be a folder, got {self.folder}")
+            raise ConfigError(f"prompt-embedding data set must be a folder, got {self.folder}")
         shards = sorted(self.folder.glob("shard-*.safetensors"))
         if not shards:
-            raise ValueError(f"no shard-*.safetensors in {self.folder}")
+            raise ConfigError(f"no shard-*.safetensors in {self.folder}")
         negative_path = self.folder / "negative.safetensors"
         if not negative_path.exists():
-            raise ValueError(f"missing {negative_path} (the encoded negative prompt)")
+            raise ConfigError(f"missing {negative_path} (the encoded negative prompt)")
         self._rows: list[tuple[Path, int]] = []  # (shard, rows) in order
         layout: dict[str, object] = {}
         for shard in shards:
@@ -255,19 +257,19 @@ class PromptEmbeddingSet:
         self.has_latents = bool(layout["latents"])
         self.latent_shape: tuple[int, ...] = tuple(layout["latent_shape"])  # type: ignore[arg-type]
         if text_dim is not None and self.text_dim != text_dim:
-            raise ValueError(f"data set text_dim {self.text_dim} does not match the model's "
+            raise ConfigError(f"data set text_dim {self.text_dim} does not match the model's "
                              f"text_dim {text_dim} ({self.folder})")
         if latent_channels is not None and self.latent_shape[0] != latent_channels:
-            raise ValueError(f"data set latent channels {self.latent_shape[0]} do not match the "
+            raise ConfigError(f"data set latent channels {self.latent_shape[0]} do not match the "
                              f"model's in_channels {latent_channels} ({self.folder})")
         with safe_open(str(negative_path), framework="pt") as handle:
             if "context" not in handle.keys():
-                raise ValueError(f"{negative_path} has no 'context' tensor")
+                raise ConfigError(f"{negative_path} has no 'context' tensor")
             negative = handle.get_tensor("context")
         if negative.dim() == 3 and negative.shape[0] == 1:
             negative = negative[0]
         if tuple(negative.shape) != (self.context_len, self.text_dim):
-            raise ValueError(f"{negative_path}: 'context' must be [1, {self.context_len}, "
+            raise ConfigError(f"{negative_path}: 'context' must be [1, {self.context_len}, "
                              f"{self.text_dim}] or [{self.context_len}, {self.text_dim}], got "
                              f"{tuple(negative.shape)}")
         self.negative_context = negative.float()
@@ -280,7 +282,7 @@ class PromptEmbeddingSet:
     @staticmethod
     def _check_finite(tensor: torch.Tensor, where: Path) -> None:
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{where}: non-finite values in the embeddings")
+            raise ConfigError(f"{where}: non-finite values in the embeddings")
 
     @staticmethod
     def _inspect_shard(shard: Path, layout: dict[str, object]) -> int:
@@ -288,21 +290,21 @@ class PromptEmbeddingSet:
         with safe_open(str(shard), framework="pt") as handle:
             keys = set(handle.keys())
             if "context" not in keys:
-                raise ValueError(f"{shard}: missing 'context' tensor (got keys {sorted(keys)})")
+                raise ConfigError(f"{shard}: missing 'context' tensor (got keys {sorted(keys)})")
             context = handle.get_slice("context")
             shape = tuple(context.get_shape())
             if len(shape) != 3 or shape[0] == 0:
-                raise ValueError(f"{shard}: 'context' must be [N, L, text_dim] with N >= 1, "
+                raise ConfigError(f"{shard}: 'context' must be [N, L, text_dim] with N >= 1, "
                                  f"got {shape}")
             first = context[0:1]
             if first.dtype not in floating:
-                raise ValueError(f"{shard}: 'context' dtype must be one of {floating}, "
+                raise ConfigError(f"{shard}: 'context' dtype must be one of {floating}, "
                                  f"got {first.dtype}")
             has_latents = "latents" in keys
             if has_latents:
                 latent_shape = tuple(handle.get_slice("latents").get_shape())
                 if len(latent_shape) != 5 or latent_shape[0] != shape[0]:
-                    raise ValueError(f"{shard}: 'latents' must be [{shape[0]}, C, T, H, W], "
+                    raise ConfigError(f"{shard}: 'latents' must be [{shape[0]}, C, T, H, W], "
                                      f"got {latent_shape}")
                 per_item = latent_shape[1:]
             else:
@@ -310,17 +312,17 @@ class PromptEmbeddingSet:
                 try:
                     per_item = tuple(int(v) for v in meta.split(","))  # type: ignore[union-attr]
                 except (AttributeError, ValueError):
-                    raise ValueError(f"{shard}: without 'latents' the metadata must give "
+                    raise ConfigError(f"{shard}: without 'latents' the metadata must give "
                                      f"latent_shape='C,T,H,W', got {meta!r}") from None
                 if len(per_item) != 4:
-                    raise ValueError(f"{shard}: latent_shape must have 4 entries, got {meta!r}")
+                    raise ConfigError(f"{shard}: latent_shape must have 4 entries, got {meta!r}")
         expected = {"context": (None,) + shape[1:], "latents": has_latents,
                     "latent_shape": per_item}
         for key, value in expected.items():
             if key not in layout:
                 layout[key] = value
             elif layout[key] != value:
-                raise ValueError(f"{shard}: {key} {value} differs from the earlier shards' "
+                raise ConfigError(f"{shard}: {key} {value} differs from the earlier shards' "
                                  f"{layout[key]}")
         return shape[0]
 
@@ -329,7 +331,7 @@ class PromptEmbeddingSet:
         contexts, latents = [], []
         for index in indices:
             if not 0 <= index < self.num_rows:
-                raise ValueError(f"row {index} out of range [0, {self.num_rows})")
+                raise ConfigError(f"row {index} out of range [0, {self.num_rows})")
             position = bisect.bisect_right(self._starts, index) - 1
             shard, offset = self._rows[position][0], index - self._starts[position]
             with safe_open(str(shard), framework="pt") as handle:
@@ -346,7 +348,7 @@ class PromptEmbeddingSet:
         _check_generator(generator)
         _check_batch_size(batch_size)
         if with_latents and not self.has_latents:
-            raise ValueError(f"{self.folder} has no 'latents' (prompt embeddings alone): "
+            raise ConfigError(f"{self.folder} has no 'latents' (prompt embeddings alone): "
                              "training stage 0 needs them (import it with --teacher W instead) "
                              "and so does state_source 'data' (use 'teacher' or 'student')")
         indices = torch.randint(0, self.num_rows, (batch_size,), generator=generator).tolist()
@@ -364,7 +366,7 @@ def open_data(path: str | Path | None, text_dim: int, latent_channels: int,
     """The built-in set when ``path`` is None, else the prompt-embedding set at ``path``."""
     if path is None:
         if latent_channels != 3:
-            raise ValueError("the built-in data set is RGB video (in_channels 3); the model has "
+            raise ConfigError("the built-in data set is RGB video (in_channels 3); the model has "
                              f"in_channels {latent_channels}: pass --data with a prompt-embedding "
                              "data set")
         return ProceduralVideos(text_dim, seed=seed)

@@ -44,9 +44,9 @@ from tqdm import tqdm
 from .checkpoint import save_weights
 from .config import RunConfig, check_device, resolve_device
 from .errors import GPDError
-from .preflight import check_can_create, output_error
 from .run_folder import check_writable_folder
 from .wan_folder import WanFolderError, component, diffusers_root
+from .writes import check_can_create, output_error
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
 WAN_NEGATIVE_PROMPT = (
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         out = encode_to_folder(args.model, prompts, args.out, negative=negative_text(args.negative),
                                latent_shape=shape, shard_size=args.shard_size,
                                batch_size=args.batch_size, dtype=args.dtype, device=args.device)
-    except (EncodeError, WanFolderError) as exc:
+    except GPDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file

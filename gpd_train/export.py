@@ -49,18 +49,17 @@ from .chains import DEFAULT_CHAIN, add_chain_argument
 from .checkpoint import read_metadata
 from .config import RunConfig, check_number
 from .destination import EXPORT, check_export_destination, staged_output
-from .errors import GPDError, SampleError
+from .errors import ConfigError, GPDError, SampleError
 from .loading import load_model, recorded_grid, run_stage_of
 from .lora import GUIDANCE_PREFIX, save_diffusers_lora
 from .lora import METADATA_KEY as LORA_KEY
 from .preflight import (
     check_base_matches,
-    check_can_create,
     check_environment,
     check_guidance_in_range,
-    output_error,
 )
 from .wan_folder import WanFolderError, component
+from .writes import check_can_create, output_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
@@ -81,9 +80,9 @@ def student_scheduler_config(steps: int, shift: float,
     its own grid, not ours.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
     if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be finite and > 0, got {shift!r}")
+        raise ConfigError(f"shift must be finite and > 0, got {shift!r}")
     config: dict[str, Any] = {"num_train_timesteps": num_train_timesteps, "shift": 1.0,
                               "use_dynamic_shifting": False, "shift_terminal": None,
                               "invert_sigmas": False, "stochastic_sampling": False}
@@ -95,7 +94,7 @@ def student_scheduler_config(steps: int, shift: float,
     b = 1 - r * (n - 1)
     discriminant = b * b - 4 * r
     if discriminant < 0:
-        raise ValueError(f"no FlowMatchEulerDiscreteScheduler config reproduces {steps} steps at "
+        raise ConfigError(f"no FlowMatchEulerDiscreteScheduler config reproduces {steps} steps at "
                          f"shift {shift} with {n} train timesteps")
     config["shift"] = 2 / (b + math.sqrt(discriminant))  # the smaller root, stable form
     t_last = 1.0 / steps
@@ -307,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.base is None:
             why = "--merged writes" if args.merged else "this stage holds full weights, exported as"
-            raise ValueError(f"{why} a whole pipeline folder: give --base (the "
+            raise ConfigError(f"{why} a whole pipeline folder: give --base (the "
                              "Wan2.1-T2V-Diffusers folder trained on)")
         with torch.no_grad():
             record = export_pipeline(args.run, args.base, args.out, chain=args.chain,
                                      stage=args.stage, copy=args.copy,
                                      guidance=args.guidance, overwrite=args.overwrite)
-    except (GPDError, ValueError) as exc:
+    except GPDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
+
 
 @dataclass
 class LaneBatch:
@@ -105,7 +107,7 @@ class RolloutLanes:
             self.pool = None
             return
         if set(state) != set(_KEYS) or state["x"].shape[0] != self.count:
-            raise ValueError(f"checkpoint rollout lanes do not match this run (keys "
+            raise ConfigError(f"checkpoint rollout lanes do not match this run (keys "
                              f"{sorted(state)}, expected {sorted(_KEYS)} with {self.count} lanes "
                              f"= batch {self.batch_size} x {self.groups} groups)")
         self.pool = {key: value.to(self.device) if key != "group" else value

@@ -26,7 +26,7 @@ from .checkpoint import (
     atomic_write_text,
     load_exact_state,
 )
-from .errors import GPDError
+from .errors import ConfigError, GPDError
 from .parallel import StreamGroup
 from .step import GraphStep, host_value
 
@@ -215,7 +215,7 @@ class MetricsLog:
                         tqdm.write(f"warning: {self.path} ends in a torn line ({line[:40]!r}"
                                    "...), left by a killed run; it is cut off")
                     return
-                raise ValueError(f"{self.path} line {number} is not JSON ({exc}): "
+                raise ConfigError(f"{self.path} line {number} is not JSON ({exc}): "
                                  f"{line[:60]!r}") from None
             yield line, record
 
@@ -266,7 +266,7 @@ class StageTrainer:
         self.graph: GraphStep | None = None
         if cuda_graph:  # the options were checked (gpd_train.step.cuda_graph_refusal)
             if isinstance(objective, StreamGroup):
-                raise ValueError("--cuda-graph takes one data stream per process")
+                raise ConfigError("--cuda-graph takes one data stream per process")
             self.graph = GraphStep(forward=objective.forward, backward=self._backward,
                                    update=self._update, optimizer=self.optimizer,
                                    device=next(model.parameters()).device)

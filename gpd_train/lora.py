@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +39,10 @@ from gpd_model import CheckpointError, add_guidance_input, has_guidance_input
 from gpd_model.checkpoint import key_map
 
 from .checkpoint import signature_mismatch
-from .errors import GPDError
+from .config import LoraSpec
+from .errors import LoraError
 
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
-LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
-                "cross_attn.o", "ffn.0", "ffn.2")
 TEACHER = "teacher"
 STUDENT = "student"
 BASE = "base"  # use_adapter(model, BASE): the base model, every adapter switched off
@@ -54,45 +52,6 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # full (gpd_model.guidance: a small MLP) beside the adapter; its output carries both.
 GUIDANCE_PREFIX = "guidance_embedding."
 _FACTORS = ("lora_A", "lora_B")
-
-
-class LoraError(GPDError, ValueError):
-    """A LoRA option, adapter file or model that does not fit."""
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """Rank, alpha (the update is ``alpha / rank * B A``) and the adapted projections."""
-
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = LORA_TARGETS
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise LoraError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                or not 0 < self.alpha < float("inf")):
-            raise LoraError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
-            raise LoraError(f"LoRA targets must be distinct names of {LORA_TARGETS}, got "
-                            f"{list(self.targets)!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_metadata(self) -> str:
-        return json.dumps({**asdict(self), "targets": list(self.targets)}, sort_keys=True)
-
-    @classmethod
-    def from_metadata(cls, text: str, source: Path | str) -> LoraSpec:
-        try:
-            raw = json.loads(text)
-            return cls(int(raw["rank"]), float(raw["alpha"]), tuple(raw["targets"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{source}: unreadable LoRA spec {text!r} ({exc})") from None
 
 
 def _peft():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import ConfigError
 from .wan_folder import WanFolderError, component
 
 WAN_FPS = 16
@@ -57,7 +58,7 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """
     config = vae.config
     if latents.dim() != 5 or latents.shape[1] != config.z_dim:
-        raise ValueError(f"latents must be [N, {config.z_dim}, T, H, W], got "
+        raise ConfigError(f"latents must be [N, {config.z_dim}, T, H, W], got "
                          f"{tuple(latents.shape)}")
     param = next(vae.parameters())
     view = (1, config.z_dim, 1, 1, 1)
@@ -70,7 +71,7 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """[F, H, W, 3] uint8 from one video [3, F, H, W] in [-1, 1]."""
     if video.dim() != 4 or video.shape[0] != 3:
-        raise ValueError(f"video must be [3, F, H, W], got {tuple(video.shape)}")
+        raise ConfigError(f"video must be [3, F, H, W], got {tuple(video.shape)}")
     pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(1, 2, 3, 0).contiguous().numpy()
 
@@ -84,7 +85,7 @@ def write_mp4(path: str | Path, video: torch.Tensor, fps: int = WAN_FPS, crf: in
     frames = to_uint8_frames(video)
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
-        raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {height} x {width}")
+        raise ConfigError(f"H.264 (yuv420p) needs even frame sizes, got {height} x {width}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.mp4")
     with av.open(str(tmp), mode="w") as container:

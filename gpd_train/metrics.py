@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import ConfigError
+
 BOOTSTRAP_RESAMPLES = 400
 BOOTSTRAP_SEED = 0
 
@@ -96,7 +98,7 @@ def bootstrap_interval(statistic: Callable[[torch.Tensor], float], count: int,
     same seed gives every row the same resamples, so paired rows vary together.
     """
     if not isinstance(count, int) or count < 2:
-        raise ValueError(f"bootstrap needs at least 2 items, got {count!r}")
+        raise ConfigError(f"bootstrap needs at least 2 items, got {count!r}")
     generator = torch.Generator().manual_seed(seed)
     values = torch.tensor([statistic(torch.randint(0, count, (count,), generator=generator))
                            for _ in range(resamples)], dtype=torch.float64)
@@ -119,7 +121,7 @@ def half_sample_interval(statistic: Callable[[torch.Tensor], float], count: int,
     centring their spread on the full estimate removes their size bias.
     """
     if not isinstance(count, int) or count < 4:
-        raise ValueError(f"half-sampling needs at least 4 items, got {count!r}")
+        raise ConfigError(f"half-sampling needs at least 4 items, got {count!r}")
     generator = torch.Generator().manual_seed(seed)
     half = count // 2
     values = torch.tensor([statistic(torch.randperm(count, generator=generator)[:half])

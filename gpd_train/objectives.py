@@ -20,6 +20,7 @@ from gpd_model import (
     timestep_from_sigma,
 )
 
+from .errors import ConfigError
 from .lanes import LaneBatch, RolloutLanes
 from .loop import autocast
 from .lora import use_adapter
@@ -69,7 +70,7 @@ class FlowMatching:
 
     def load_stream_state(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
+            raise ConfigError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
 
 
 @dataclass

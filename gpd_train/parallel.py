@@ -33,35 +33,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .config import ParallelConfig
+from .errors import ConfigError
 from .step import eager_loss
 
-TEACHER_MODES = ("shard", "replicate")
 # Streams j > 0 seed their generator at base_seed + j * STREAM_SEED_STRIDE (a prime larger
 # than any offset gpd_train adds to a run's seed, so streams never share a sequence).
 STREAM_SEED_STRIDE = 1_000_003
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)  # rank 0 alone writes the stage export
 
 T = TypeVar("T")
-
-
-@dataclass
-class ParallelConfig:
-    """The ``[parallel]`` TOML section (also flags of ``python -m gpd_train``)."""
-
-    data_streams: int = 0  # 0: one per rank. Fix it to resume on another number of ranks.
-    activation_checkpointing: bool = False  # recompute each block in the backward
-    teacher: str = "shard"  # the frozen stage teacher under torchrun: shard | replicate
-
-    def validate(self) -> None:
-        if not isinstance(self.data_streams, int) or self.data_streams < 0:
-            raise ValueError(f"parallel.data_streams must be an int >= 0, got "
-                             f"{self.data_streams!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError("parallel.activation_checkpointing must be true or false, got "
-                             f"{self.activation_checkpointing!r}")
-        if self.teacher not in TEACHER_MODES:
-            raise ValueError(f"parallel.teacher must be one of {TEACHER_MODES}, got "
-                             f"{self.teacher!r}")
 
 
 @dataclass(frozen=True)
@@ -95,7 +76,7 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer (set by torchrun), "
+        raise ConfigError(f"environment variable {name} must be an integer (set by torchrun), "
                          f"got {value!r}") from None
 
 
@@ -115,11 +96,11 @@ def setup(device: str = "auto") -> World:
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK")
     if device.startswith("cuda:"):
-        raise ValueError(f"under torchrun pass --device auto or cuda (each rank uses "
+        raise ConfigError(f"under torchrun pass --device auto or cuda (each rank uses "
                          f"cuda:LOCAL_RANK), got {device!r}")
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
@@ -211,7 +192,7 @@ def owned_streams(config: ParallelConfig) -> list[int]:
     """The data streams this rank runs (contiguous; all of them in a single process)."""
     total = config.data_streams or _world.world_size
     if total % _world.world_size:
-        raise ValueError(f"parallel.data_streams ({total}) must be a multiple of the number "
+        raise ConfigError(f"parallel.data_streams ({total}) must be a multiple of the number "
                          f"of ranks ({_world.world_size})")
     per_rank = total // _world.world_size
     return list(range(_world.rank * per_rank, (_world.rank + 1) * per_rank))
@@ -237,7 +218,7 @@ class StreamGroup:
     def __init__(self, ids: Sequence[int], generators: Sequence[torch.Generator],
                  objectives: Sequence[Any]) -> None:
         if not len(ids) == len(generators) == len(objectives) >= 1:
-            raise ValueError(f"StreamGroup needs one generator and objective per stream id, got "
+            raise ConfigError(f"StreamGroup needs one generator and objective per stream id, got "
                              f"{len(ids)} ids, {len(generators)} generators, "
                              f"{len(objectives)} objectives")
         self.ids = list(ids)
@@ -275,7 +256,7 @@ def stream_objectives(base_generator: torch.Generator, batch_size: int,
     """
     ids = owned_streams(config)
     if batch_size % len(ids):
-        raise ValueError(f"the per-rank batch {batch_size} must be a multiple of the data "
+        raise ConfigError(f"the per-rank batch {batch_size} must be a multiple of the data "
                          f"streams per rank ({len(ids)})")
     generators = [stream_generator(base_generator, i) for i in ids]
     objectives = [make(g, batch_size // len(ids)) for g in generators]
@@ -339,7 +320,7 @@ def prepare_teacher(teacher: nn.Module, config: ParallelConfig, precision: str,
                     device: torch.device) -> nn.Module:
     """The frozen stage teacher: FSDP2-sharded (no gradients) or a full copy per rank."""
     if any(p.requires_grad for p in teacher.parameters()):
-        raise ValueError("the stage teacher must be frozen (requires_grad_(False)) first")
+        raise ConfigError("the stage teacher must be frozen (requires_grad_(False)) first")
     if _world.distributed and config.teacher == "shard":
         _fully_shard(teacher, precision, device)
     return teacher

@@ -7,39 +7,29 @@
   gpd_kernels would not understand.
 - Provenance: a ``--teacher`` or ``--base`` other than the Wan folder a run was imported
   from, and a w-conditioned student sampled outside the CFG range it learned.
-- ``writing(path)``: an OSError while writing (a full disk, an unwritable path) becomes one
-  line naming the file and what to do, with nothing half-written left behind.
-
-Every check raises ConfigError (a ValueError), a write ``WriteError`` (an OSError), both
-GPDErrors; the command lines print them as ``error: ...`` and exit 2.
+Every check raises ConfigError (a ValueError and a GPDError); the command lines print it as
+``error: ...`` and exit 2. Faults while writing are gpd_train.writes'.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import math
 import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from safetensors import SafetensorError
+import torch
 
-from .errors import ConfigError, GPDError
+from gpd_model import DiTConfig
 
-if TYPE_CHECKING:
-    import torch
-
-    from gpd_model import DiTConfig
-
-    from .config import RunConfig
-    from .stages import RunFolder
+from .chains import GUIDANCE_STAGE, StageId
+from .config import RunConfig
+from .errors import ConfigError
+from .stages import RunFolder
+from .wan_folder import diffusers_root
 
 
 # -- the machine ----------------------------------------------------------------------------
@@ -157,7 +147,6 @@ def check_environment() -> None:
 
 # -- provenance -----------------------------------------------------------------------------
 def _wan_root(path: str | Path) -> Path:
-    from .wan_folder import diffusers_root
 
     return diffusers_root(path).resolve()
 
@@ -220,7 +209,6 @@ def check_eval_guidance(run: RunFolder) -> None:
     """Refuse evaluating stages under guidance options other than those they were trained
     with: the reference teacher would be sampled at another CFG scale than the one the
     students absorbed (or, w-conditioned, learned), and the table would not say so."""
-    from .chains import GUIDANCE_STAGE, StageId
 
     config = run.config
     for chain in config.pipeline_chains:
@@ -239,84 +227,3 @@ def check_eval_guidance(run: RunFolder) -> None:
                     f"teacher at CFG {config.resolved_guidance:g}: give the guidance options "
                     "the run was trained with (--guidance, --stage-guidance, --guidance-range or "
                     "the --config file)")
-
-
-# -- writing --------------------------------------------------------------------------------
-class WriteError(GPDError, OSError):
-    """An output that could not be written: the message names the file and the remedy."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def check_can_create(where: str, path: str | Path) -> None:
-    """Refuse an output path no file can be created under (e.g. under /proc, or a read-only
-    mount that os.access does not see): a temporary file is made and removed where the
-    first missing folder would go, so nothing stays behind."""
-    path = Path(path)
-    existing = _existing(path)
-    if not existing.is_dir():
-        return  # a file in the way: check_writable_folder names it
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{where} {path} cannot be written (no file can be created in "
-                         f"{existing}: {exc.strerror or exc}); choose another path") from None
-
-
-def output_error(out: str | Path, exc: OSError | SafetensorError) -> WriteError:
-    """A command's OSError as one line: about its output folder ``out`` unless the error
-    names a file outside it (then about that file)."""
-    if isinstance(exc, WriteError):
-        return exc
-    out = Path(out)
-    filename = getattr(exc, "filename", None)
-    if filename and not Path(filename).resolve().is_relative_to(out.resolve()):
-        return WriteError(exc.errno or errno.EIO, f"cannot access {filename}: "
-                                                  f"{exc.strerror or exc}")
-    return _write_error(out, exc)
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-@contextlib.contextmanager
-def writing(path: str | Path, partial: Path | None = None) -> Iterator[None]:
-    """Turn an OSError inside the block into a ``WriteError`` naming ``path``; ``partial``
-    (a temporary file the block writes) is removed, so a failed write leaves nothing."""
-    path = Path(path)
-    try:
-        yield
-    except WriteError:
-        raise
-    except (OSError, SafetensorError) as exc:
-        if partial is not None:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-
-
-def _write_error(path: Path, exc: OSError | SafetensorError) -> WriteError:
-    # safetensors reports I/O failures as SafetensorError("... (os error N)").
-    found = re.search(r"os error (\d+)", str(exc))
-    code = getattr(exc, "errno", None) or (int(found.group(1)) if found else errno.EIO)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        where = _existing(path)
-        free = shutil.disk_usage(where).free
-        return WriteError(code, f"no space left while writing {path} ({free / 2**20:.0f} MiB "
-                                f"free on the disk holding {where}): free space there (e.g. "
-                                "folders moved aside as *.old-<time>/, or ckpt/ of finished "
-                                "stages) or write elsewhere, then run the command again")
-    filename = getattr(exc, "filename", None)
-    failed = f" ({filename})" if filename and str(filename) != str(path) else ""
-    reason = getattr(exc, "strerror", None) or str(exc)
-    return WriteError(code, f"cannot write {path}{failed}: {reason}; choose a path in a "
-                            "writable folder")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, read_metadata, sha256_file
-from .errors import GPDError
+from .errors import ConfigError, GPDError
 
 LOCK_NAME = ".lock"
 RECORD = "done.json"
@@ -205,12 +205,12 @@ def check_writable_folder(where: str, folder: str | Path) -> None:
     """A folder that exists as a writable directory, or can be created."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{where} {path} is a file, expected a folder (or a path to create)")
+        raise ConfigError(f"{where} {path} is a file, expected a folder (or a path to create)")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{where} {path} cannot be written ({existing} is not a writable "
+        raise ConfigError(f"{where} {path} cannot be written ({existing} is not a writable "
                          "folder); choose another path")
 
 
@@ -223,4 +223,4 @@ def check_run_paths(config: Any) -> None:
               ("--prompts", config.prompts, "a text file, one prompt per line"))
     for flag, value, expected in inputs:
         if value is not None and not Path(value).exists():
-            raise ValueError(f"{flag} {value} does not exist (expected {expected})")
+            raise ConfigError(f"{flag} {value} does not exist (expected {expected})")

@@ -67,7 +67,7 @@ from .encode_prompts import (
     negative_text,
     read_prompts,
 )
-from .errors import GPDError, SampleError
+from .errors import ConfigError, GPDError, SampleError
 from .loading import LoadedModel, load_model, recorded_grid
 from .media import (
     WAN_FPS,
@@ -78,11 +78,10 @@ from .media import (
     write_mp4,
 )
 from .preflight import (
-    check_can_create,
     check_environment,
     check_guidance_in_range,
-    output_error,
 )
+from .writes import check_can_create, output_error
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
@@ -262,23 +261,23 @@ def _check_option_use(args: argparse.Namespace) -> None:
                                          ("--vae-dtype", args.vae_dtype), ("--fps", args.fps))
                 if value]
     if decoding and args.vae is None:
-        raise ValueError(f"{', '.join(decoding)} set(s) the VAE decoding to MP4, which only "
+        raise ConfigError(f"{', '.join(decoding)} set(s) the VAE decoding to MP4, which only "
                          "--vae DIR turns on: add --vae or drop them")
     _, texts = _prompt_request(args)
     if args.latent_shape is not None:
         _parse_shape(args.latent_shape)
         embeddings = args.prompt_embeddings
         if not texts and (embeddings is None or Path(embeddings).is_dir()):
-            raise ValueError(f"--latent-shape {args.latent_shape} is read with text prompts "
+            raise ConfigError(f"--latent-shape {args.latent_shape} is read with text prompts "
                              "(--prompt, --prompts FILE) or a --prompt-embeddings file; these "
                              "prompts come from a data set, which states its own shape: drop it")
     size = [f"--{name}" for name in VIDEO_DEFAULTS if getattr(args, name) is not None]
     if size and (not texts or args.latent_shape is not None):
-        raise ValueError(f"{', '.join(size)} set(s) the video size of text prompts (--prompt, "
+        raise ConfigError(f"{', '.join(size)} set(s) the video size of text prompts (--prompt, "
                          "--prompts FILE, with --model), without --latent-shape; nothing else "
                          "reads them: drop them")
     if args.negative is not None and not (texts and args.guidance is not None):
-        raise ValueError("--negative is the negative prompt text prompts are encoded with for "
+        raise ConfigError("--negative is the negative prompt text prompts are encoded with for "
                          "CFG (--prompt/--prompts FILE with --guidance); here nothing reads it: "
                          "drop it")
 
@@ -290,19 +289,7 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         raise SampleError(str(exc)) from None
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
-    model = loaded.model.eval()
-    run = loaded.run_config
-    cfg_scale, folded_at = args.guidance, None
-    if has_guidance_input(model):  # a w-conditioned student: w is an input, not a CFG pair
-        folded_at = args.guidance if args.guidance is not None else (
-            run.resolved_guidance if run is not None else None)
-        if folded_at is None:
-            raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
-                              "--guidance W (the w to sample at)")
-        check_guidance_in_range(loaded.record, folded_at, loaded.description)
-        model, cfg_scale = fold_guidance(model, folded_at), None
-    elif args.guidance is not None:
-        _refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
+    model, cfg_scale, folded_at = _guidance_plan(loaded, args)
     device = next(model.parameters()).device
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -316,31 +303,12 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
-    trained_steps, trained_shift = recorded_grid(loaded.record)  # None: unknown
-    if args.steps is None:
-        args.steps = trained_steps or DEFAULT_STEPS
-    # The stage's own grid beats the run's config.json, which a later invocation rewrites.
-    if args.shift is not None:
-        shift = args.shift
-    elif trained_shift is not None:
-        shift = trained_shift
-    else:
-        shift = run.resolved_shift if run else _preset_shift(loaded.model.cfg)
-    sigmas = sigma_grid(args.steps, shift)
-    sampler = GraphSampler(model, sigmas, use_graphs=False if args.eager else None)
+    args.steps, shift = _sampling_grid(loaded, args)
+    sampler = GraphSampler(model, sigma_grid(args.steps, shift),
+                           use_graphs=False if args.eager else None)
     noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
     guided = cfg_scale is not None
-    outputs, elapsed = [], 0.0
-    for start in range(0, args.num, args.batch_size):
-        part = slice(start, start + args.batch_size)
-        context = prompts.context[part].to(device)
-        negative = prompts.negative[part].to(device) if guided else None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        outputs.append(sampler(noise[part], context, negative, cfg_scale).float().cpu())
-        elapsed += time.perf_counter() - began
-    latents = torch.cat(outputs)
+    latents, elapsed = _sample_batches(sampler, noise, prompts, cfg_scale, args.batch_size)
     summary = {
         "checkpoint": loaded.description, "num": args.num, "steps": args.steps,
         "guidance": args.guidance if folded_at is None else folded_at,
@@ -351,6 +319,62 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         "cuda_graphs": sampler.graphs_enabled(device),
         "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
     }
+    _write_samples(args, latents, prompts, vae, summary)
+    return summary
+
+
+def _guidance_plan(loaded: LoadedModel, args: argparse.Namespace
+                   ) -> tuple[torch.nn.Module, float | None, float | None]:
+    """(model to sample, CFG scale of a CFG pair or None, w folded into a w-conditioned
+    student or None): such a student takes w as an input, sampled in one forward."""
+    model, run = loaded.model.eval(), loaded.run_config
+    if not has_guidance_input(model):
+        if args.guidance is not None:
+            _refuse_cfg_on_student(loaded.record, args.guidance, loaded.description)
+        return model, args.guidance, None
+    folded_at = args.guidance if args.guidance is not None else (
+        run.resolved_guidance if run is not None else None)
+    if folded_at is None:
+        raise SampleError(f"{loaded.description} takes the CFG scale as an input: pass "
+                          "--guidance W (the w to sample at)")
+    check_guidance_in_range(loaded.record, folded_at, loaded.description)
+    return fold_guidance(model, folded_at), None, folded_at
+
+
+def _sampling_grid(loaded: LoadedModel, args: argparse.Namespace) -> tuple[int, float]:
+    """(steps, shift): the flags, else the stage's own grid (its done.json beats the run's
+    config.json, which a later invocation rewrites), else the defaults."""
+    trained_steps, trained_shift = recorded_grid(loaded.record)  # None: unknown
+    steps = args.steps if args.steps is not None else trained_steps or DEFAULT_STEPS
+    if args.shift is not None:
+        return steps, args.shift
+    if trained_shift is not None:
+        return steps, trained_shift
+    run = loaded.run_config
+    return steps, run.resolved_shift if run else _preset_shift(loaded.model.cfg)
+
+
+def _sample_batches(sampler: GraphSampler, noise: torch.Tensor, prompts: Prompts,
+                    cfg_scale: float | None, batch_size: int) -> tuple[torch.Tensor, float]:
+    """The videos of every batch and the seconds spent sampling them (synchronised)."""
+    device, guided = noise.device, cfg_scale is not None
+    outputs, elapsed = [], 0.0
+    for start in range(0, len(noise), batch_size):
+        part = slice(start, start + batch_size)
+        context = prompts.context[part].to(device)
+        negative = prompts.negative[part].to(device) if guided else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        outputs.append(sampler(noise[part], context, negative, cfg_scale).float().cpu())
+        elapsed += time.perf_counter() - began
+    return torch.cat(outputs), elapsed
+
+
+def _write_samples(args: argparse.Namespace, latents: torch.Tensor, prompts: Prompts,
+                   vae: object, summary: dict[str, object]) -> None:
+    """Latents, GIFs and contact sheet (built-in prompts), MP4s (with a VAE) and the
+    summary, written whole into --out (gpd_train.destination)."""
     with staged_output(args.out, SAMPLES, overwrite=args.overwrite) as out:
         save_file({"latents": latents.contiguous()}, str(out / "latents.safetensors"),
                   metadata={"summary": json.dumps(summary)})
@@ -362,7 +386,6 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         if vae is not None:
             summary.update(write_videos(vae, latents, prompts.names, out, args.fps or WAN_FPS))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 def _refuse_cfg_on_student(record: dict[str, Any] | None, guidance: float,

@@ -53,10 +53,10 @@ from .checkpoint import (
     save_weights,
     sha256_file,
 )
-from .config import RunConfig, resolve_device
+from .config import LoraSpec, RunConfig, resolve_device
 from .destination import claim_run_folder
 from .errors import GPDError
-from .lora import METADATA_KEY, LoraSpec, merge_adapter
+from .lora import METADATA_KEY, merge_adapter
 from .run_folder import (
     OPTIONS_KEY,
     RunFolderError,

@@ -14,13 +14,14 @@ Only the components a command uses are required; a missing one is an error namin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from gpd_model import PRESETS, DiTConfig, config_from_diffusers
 
 from .config import DEFAULT_GUIDANCE, DEFAULT_SHIFT, RunConfig
-from .errors import GPDError
+from .errors import ConfigError, GPDError
 
 # component -> (a file that must be inside it, what it is)
 COMPONENTS: dict[str, tuple[str, str]] = {
@@ -42,7 +43,7 @@ class WanFolderError(GPDError, ValueError):
 def component(root: str | Path, name: str) -> Path:
     """``root/name`` after checking it holds its marker file; a clear error otherwise."""
     if name not in COMPONENTS:
-        raise ValueError(f"unknown component {name!r}; expected one of {sorted(COMPONENTS)}")
+        raise ConfigError(f"unknown component {name!r}; expected one of {sorted(COMPONENTS)}")
     root = Path(root)
     if not root.is_dir():
         raise WanFolderError(f"{root} is not a folder: {LAYOUT_HINT}")
@@ -86,18 +87,19 @@ def diffusers_root(teacher: str | Path) -> Path:
     return Path(teacher)
 
 
-def adopt_teacher_defaults(config: RunConfig, preset_given: bool) -> None:
-    """With a Diffusers teacher and no --preset: the preset of that shape, else Wan's defaults.
+def with_teacher_defaults(config: RunConfig, preset_given: bool) -> RunConfig:
+    """``config`` with a Diffusers teacher's defaults when no --preset was given: the preset
+    of that shape, else Wan's shift and CFG scale (a new, validated config).
 
-    The model's shape comes from the folder (Run); the preset only picks shift and CFG
-    defaults, and the tiny preset's (made for the built-in RGB set) would be wrong here.
+    The model's shape comes from the folder (gpd_train.stages); the preset only picks shift
+    and CFG defaults, and the tiny preset's (made for the built-in RGB set) would be wrong.
     """
     shape = teacher_dit_config(config.teacher)
     if shape is None or preset_given:
-        return
+        return config
     matching = [name for name, preset in PRESETS.items() if preset == shape]
     if matching:
-        config.preset = matching[0]
-    else:
-        config.shift = DEFAULT_SHIFT if config.shift is None else config.shift
-        config.guidance = DEFAULT_GUIDANCE if config.guidance is None else config.guidance
+        return dataclasses.replace(config, preset=matching[0])
+    return dataclasses.replace(
+        config, shift=DEFAULT_SHIFT if config.shift is None else config.shift,
+        guidance=DEFAULT_GUIDANCE if config.guidance is None else config.guidance)

@@ -138,10 +138,10 @@ def test_failed_export_leaves_nothing_half_written(wan_run, tmp_path, capsys, mo
     out = tmp_path / "student"
 
     def disk_full(*args, **kwargs):
-        raise ValueError("simulated failure while writing the transformer")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "export_transformer", disk_full)
-    refused(capsys, _export(run, out, wan), "simulated failure")
+    refused(capsys, _export(run, out, wan), "no space left")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -217,6 +217,7 @@ def test_restart_of_stage1_without_stage0_moves_nothing(micro, tmp_path, capsys)
     assert tree(run_dir) == before
 
 
+@pytest.mark.slow
 def test_pipeline_moves_an_outdated_eval_aside_and_the_sampler_refuses_it(
         micro, tmp_path, capsys):  # noqa: F811
     run_dir = tmp_path / "run"

@@ -16,6 +16,8 @@ import pytest
 import torch
 from cpu_graphs import emulate_cuda_graphs
 
+pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -42,11 +42,13 @@ from gpd_train.checkpoint import (
     load_weights,
     read_manifest,
 )
-from gpd_train.config import load_config
+from gpd_train.config import ParallelConfig, load_config
 from gpd_train.data import ProceduralVideos
-from gpd_train.parallel import ParallelConfig, StreamGroup
+from gpd_train.parallel import StreamGroup
 from gpd_train.pipeline import run_stage
 from gpd_train.stages import DIFFUSERS_FOLDER
+
+pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 2e-5, 1e-7

@@ -51,8 +51,8 @@ def table() -> dict[tuple[str, str], dict[str, int]]:
     return rows
 
 
-pytestmark = pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(),
-                                reason="this Triton wheel has no NVIDIA tools (cuobjdump)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (TOOLS / "cuobjdump").exists(),
+                                reason="this Triton wheel has no NVIDIA tools (cuobjdump)")]
 
 
 def test_every_kernel_is_compiled_for_sm90(table):

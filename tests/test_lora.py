@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from gpd_model import CheckpointError, WanDiT, get_preset
+from gpd_train.config import LORA_TARGETS, LoraSpec
+from gpd_train.errors import LoraError
 from gpd_train.lora import (
     BASE,
-    LORA_TARGETS,
     STUDENT,
     TEACHER,
-    LoraError,
-    LoraSpec,
     adapter_from_params,
     adapter_shapes,
     attach_adapters,

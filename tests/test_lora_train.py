@@ -12,11 +12,11 @@ from test_train import losses, micro_run, run_until_killed, with_random_stages
 from gpd_train.builders import TrainingRun, build_distill
 from gpd_train.chains import GUIDANCE_STAGE, StageId
 from gpd_train.checkpoint import CheckpointError
+from gpd_train.config import LoraSpec
 from gpd_train.lora import (
     BASE,
     STUDENT,
     TEACHER,
-    LoraSpec,
     adapter_from_params,
     adapter_shapes,
     merge_adapter,

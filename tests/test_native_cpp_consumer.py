@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch.utils
 
+pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPILERS = (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from test_run_folder import hashes, micro_run
 
 from gpd_model import add_guidance_input, get_preset
-from gpd_train import preflight, sample
+from gpd_train import preflight, sample, writes
 from gpd_train.__main__ import main
 from gpd_train.builders import TrainingRun
 from gpd_train.chains import StageId
@@ -255,7 +255,7 @@ def _no_space(*args, **kwargs):
 def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "record.json"
     monkeypatch.setattr("gpd_train.checkpoint.os.fsync", _no_space)
-    with pytest.raises(preflight.WriteError, match=f"no space left while writing {target} "
+    with pytest.raises(writes.WriteError, match=f"no space left while writing {target} "
                                                    r"\(\d+ MiB free on the disk holding"):
         atomic_write_text(target, "{}")
     assert list(tmp_path.iterdir()) == []
@@ -276,7 +276,7 @@ def test_a_full_disk_during_training_is_one_line_naming_the_file(micro, tmp_path
 
 
 def test_write_errors_other_than_space_name_the_path(tmp_path):
-    with pytest.raises(preflight.WriteError, match=f"cannot write {tmp_path / 'x'}: Permission "
+    with pytest.raises(writes.WriteError, match=f"cannot write {tmp_path / 'x'}: Permission "
                                                    "denied; choose a path in a writable folder"):
-        with preflight.writing(tmp_path / "x"):
+        with writes.writing(tmp_path / "x"):
             raise PermissionError(errno.EACCES, "Permission denied")

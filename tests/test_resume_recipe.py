@@ -40,6 +40,7 @@ freq_weight = [0.0]
 """
 
 
+@pytest.mark.slow
 def test_identical_training_in_two_processes_writes_identical_files(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(TWO_STAGE_TOML)

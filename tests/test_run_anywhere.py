@@ -63,6 +63,7 @@ def wan_dir(tmp_path_factory):
     return build_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny-Diffusers")
 
 
+@pytest.mark.slow
 def test_prompt_pipeline_finishes_and_its_run_folder_works_from_anywhere(
         wan_dir, tmp_path, monkeypatch, capsys):
     train_dir, elsewhere = tmp_path / "X", tmp_path / "elsewhere"

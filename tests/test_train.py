@@ -358,6 +358,7 @@ def test_config_file_and_flags(tmp_path):
         main(["--help"])
 
 
+@pytest.mark.slow
 def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
     run = micro_run(tmp_path, pipeline_chains=["gpd", "guided", "vanilla"])
     for sid in pipeline_plan(run.config):
@@ -455,6 +456,7 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
         micro_run(tmp_path, **{"distill.guidance_range": [1.0, float("inf")]})
 
 
+@pytest.mark.slow
 def test_a_guidance_stage_on_the_gpd_chain_reports_it_at_other_w(tmp_path):
     run = guided_run(tmp_path, pipeline_chains=["gpd"], **{"eval.guidance_values": [2.5]})
     assert pipeline_plan(run.config) == [StageId("gpd", s) for s in (0, "g", 1, 2, 3)]

@@ -178,6 +178,7 @@ def test_the_host_sync_detector_sees_what_a_capture_would_refuse():
 
 @pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student"),
                                           (3, "data")])
+@pytest.mark.slow
 def test_the_device_part_of_a_step_can_be_captured(tmp_path, monkeypatch, stage, source):
     """What GraphStep captures (the objective's forward, backward with clipping, the EMA
     with a device-tensor weight) reads nothing back to the host and draws no random
@@ -274,6 +275,7 @@ def test_emulated_graph_trainer_resumes_as_if_never_killed(tmp_path, monkeypatch
         assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())
 
 
+@pytest.mark.slow
 def test_emulated_graph_pipeline_reports_what_the_eager_one_does(tmp_path, monkeypatch):
     """Every chain (the guided one with its guidance stage) trained with --cuda-graph under
     the emulation, then evaluated: each report row matches the eager pipeline's."""
