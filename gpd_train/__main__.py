@@ -205,9 +205,8 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
     """The machine, the environment and the run folder's provenance allow this request;
     ``run`` (its model and data known) is None until --prompts are encoded."""
     if run is None:
-        if args.stage not in (None, GUIDANCE_STAGE) and not 0 <= args.stage <= config.num_stages:
-            raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{config.num_stages}, "
-                             f"got {args.stage}")
+        if args.stage is not None:
+            check_stage(args.stage, config.num_stages)
         preflight.check_environment()
         preflight.check_threads(config.threads)
         if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
@@ -321,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
             run = TrainingRun(config)
             check_before_work(args, config, run)
         if args.stage is not None:
-            check_stage(args.stage, config.num_stages)
             output = run_stage(run, StageId(args.chain, args.stage), resume=args.resume,
                                restart=args.restart)
             print(f"stage {args.stage} output: {output}")

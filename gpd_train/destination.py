@@ -29,6 +29,7 @@ from typing import Any
 
 from .errors import GPDError
 from .run_folder import check_writable_folder, move_aside
+from .writes import check_can_create
 
 MARKER = ".gpd_output.json"
 RUN, EXPORT, SAMPLES, EVAL = "run", "export", "samples", "eval"
@@ -121,7 +122,15 @@ def check_destination(flag: str, path: str | Path, kind: str, overwrite: bool = 
         check_writable_folder(flag, path)
     except ValueError as exc:
         raise DestinationError(str(exc)) from None
-    folder = Path(path)
+    _check_kind(flag, Path(path), kind, overwrite)
+    try:  # probed only once the folder is known to be this command's to write
+        check_can_create(flag, path)
+    except ValueError as exc:
+        raise DestinationError(str(exc)) from None
+
+
+def _check_kind(flag: str, folder: Path, kind: str, overwrite: bool) -> None:
+    """Refuse an existing, non-empty ``folder`` that is not ``kind``'s own output."""
     what, command = KINDS[kind]
     if not folder.exists():
         return

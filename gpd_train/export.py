@@ -59,7 +59,7 @@ from .preflight import (
     check_guidance_in_range,
 )
 from .wan_folder import WanFolderError, component
-from .writes import check_can_create, output_error
+from .writes import output_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         check_export_destination(args.out, args.base, args.overwrite)  # before any work
-        check_can_create("--out", args.out)
         if args.base is not None:
             base_components(Path(args.base))  # a wrong --base is named before any work
         check_export_request(args)

@@ -153,11 +153,12 @@ def pipeline_plan(config: RunConfig) -> list[StageId]:
 def trainable_plan(run: TrainingRun) -> tuple[list[StageId], TrainingRun]:
     """The pipeline's stages that can train on the run's data set, and the run to evaluate
     (its pipeline_chains the chains that train); prints one line per chain skipped."""
-    todo = [sid for sid in pipeline_plan(run.config) if not run.is_done(sid)]
-    chains, notes = trainable_chains(run.config, run.data, todo)
+    full = pipeline_plan(run.config)
+    chains, notes = trainable_chains(run.config, run.data,
+                                     [sid for sid in full if not run.is_done(sid)])
     for note in notes:
         tqdm.write(note)
-    plan = [sid for sid in pipeline_plan(run.config) if sid.is_teacher or sid.chain in chains]
+    plan = [sid for sid in full if sid.is_teacher or sid.chain in chains]
     if chains == run.config.pipeline_chains:
         return plan, run
     return plan, TrainingRun(dataclasses.replace(run.config, pipeline_chains=chains))

@@ -81,7 +81,7 @@ from .preflight import (
     check_environment,
     check_guidance_in_range,
 )
-from .writes import check_can_create, output_error
+from .writes import output_error
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
@@ -250,7 +250,6 @@ def check_args(args: argparse.Namespace) -> None:
     check_device(args.device)
     check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
-    check_can_create("--out", args.out)
     _check_option_use(args)
 
 
