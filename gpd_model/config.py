@@ -69,6 +69,12 @@ PRESETS: dict[str, DiTConfig] = {
         in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=3,
         text_dim=32, patch_size=(4, 2, 2),
     ),
+    # Twice tiny's width (4x its linear-layer FLOPs): the capacity check of the step
+    # schedules on the same built-in data.
+    "tiny-wide": DiTConfig(
+        in_channels=3, out_channels=3, dim=128, ffn_dim=512, num_heads=2, num_layers=3,
+        text_dim=32, patch_size=(4, 2, 2),
+    ),
     "wan2.1-t2v-1.3b": DiTConfig(
         in_channels=16, out_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
         text_dim=4096,

@@ -151,11 +151,11 @@ class ParallelConfig:
                              f"{self.teacher!r}")
 
 # Per-preset defaults for values the DiT config does not carry.
-PRESET_SHIFT = {"tiny": 3.0}
+PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # The tiny teacher follows prompts as well unguided as at scale 4 (prompt accuracy 0.77 vs
 # 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
-PRESET_GUIDANCE = {"tiny": 1.5}
+PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 PATH_KEYS = ("data", "teacher", "prompts")  # input paths, held absolute once loaded
 RUN_CONFIG = "config.json"  # a run folder's configuration
