@@ -206,7 +206,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
     ``run`` (its model and data known) is None until --prompts are encoded."""
     if run is None:
         if args.stage is not None:
-            check_stage(args.stage, config.num_stages)
+            check_stage(args.stage, config.stage_count(args.chain))
         preflight.check_environment()
         preflight.check_threads(config.threads)
         if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
@@ -260,7 +260,8 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
 
 def check_stage(stage: int | str, num_stages: int) -> None:
     if stage != GUIDANCE_STAGE and not 0 <= int(stage) <= num_stages:
-        raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
+        raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages} (the chain's "
+                          f"stages), got {stage}")
 
 
 def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .chains import GUIDANCE_STAGE, StageId, get_chain
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .errors import ConfigError
+from .horizon import HorizonGrid, horizon_evaluations
 from .loop import Objective, StageTrainer
 from .lora import lora_stage_model
 from .objectives import (
@@ -107,6 +108,9 @@ def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
         options["guidance_iterations"] = chain_cfg.guidance_iterations
     else:
         index = int(sid.stage) - 1
+        if chain_cfg.horizons is not None:  # the jump and its teacher's
+            options.update({f"horizons[{k}]": chain_cfg.horizons[k]
+                            for k in range(max(index - 1, 0), index + 1)})
         options[f"iterations[{index}]"] = chain_cfg.iterations[index]
         options[f"freq_weight[{index}]"] = chain_cfg.freq_weight[index]
         if not run.guidance_input(sid):
@@ -174,27 +178,61 @@ def _teacher_and_guidance(run: TrainingRun, sid: StageId,
     return teacher, GuidanceRange(scale, scale)
 
 
+def stage_grid(run: RunFolder, sid: StageId) -> StageGrid | HorizonGrid:
+    """The grid a distillation stage learns on: r = steps[k-1] / steps[k] teacher steps per
+    student step (1 for the guidance stage), or a horizon stage's jumps on steps[0]."""
+    cfg, jumps = run.config, run.jumps(sid)
+    if jumps is not None:
+        return HorizonGrid(cfg.steps[0], cfg.resolved_shift, *jumps, run.device)
+    steps = run.steps(sid)
+    ratio = 1 if sid.is_guidance else run.steps(run.previous_stage(sid)) // steps
+    return StageGrid(steps, cfg.resolved_shift, ratio, run.device)
+
+
+def teacher_evaluations(run: RunFolder, sid: StageId) -> float:
+    """Frozen-model forwards per training sample and update of a distillation stage."""
+    grid = stage_grid(run, sid)
+    cfg_pair = sid.is_guidance or (not run.guidance_input(sid)
+                                   and run.config.stage_guidance(sid.chain)[int(sid.stage) - 1]
+                                   != 1.0)
+    if isinstance(grid, HorizonGrid):
+        return horizon_evaluations(grid, cfg_pair)
+    return grid.fine_steps * (2 if cfg_pair else 1)
+
+
+def _base_teacher(run: TrainingRun, sid: StageId, models: _StageModels
+                  ) -> torch.nn.Module | None:
+    """The frozen stage-0 teacher a horizon stage's targets step with (None elsewhere)."""
+    if run.jumps(sid) is None:
+        return None
+    if run.previous_stage(sid).is_teacher:
+        return models.teacher
+    cfg = run.config
+    return prepare_teacher(run.load_stage_model(TEACHER).eval().requires_grad_(False),
+                           cfg.parallel, cfg.precision, run.device)
+
+
 def build_distill(run: TrainingRun, sid: StageId) -> StageTrainer:
     """Stage ``sid`` of its chain: the student starts as, and learns from, the previous output."""
     cfg = run.config
-    if not sid.is_guidance and not 1 <= int(sid.stage) <= cfg.num_stages:
+    stages = cfg.stage_count(sid.chain)
+    if not sid.is_guidance and not 1 <= int(sid.stage) <= stages:
         raise ConfigError(f"distillation stage must be {GUIDANCE_STAGE!r} or in "
-                          f"1..{cfg.num_stages}, got {sid.stage!r}")
+                          f"1..{stages}, got {sid.stage!r}")
     if sid.is_guidance and not run.has_guidance_stage(sid.chain):
         raise ConfigError(f"the {sid.chain} chain has no guidance stage (set "
                           f"{get_chain(sid.chain).section}.guidance_stage = true in the TOML "
                           "file)")
+    cfg.check_horizon_fits(sid.chain)
     chain_cfg = cfg.chain(sid.chain)
     models = _stage_models(run, sid)
     teacher_sha256 = run.output_sha256(run.previous_stage(sid))  # once loading verified it
     teacher, guidance = _teacher_and_guidance(run, sid, models)
     setup = DistillSetup(
-        student=models.student, teacher=teacher, data=run.data,
-        grid=StageGrid(run.steps(sid), cfg.resolved_shift, 1 if sid.is_guidance else 2,
-                       run.device),
+        student=models.student, teacher=teacher, data=run.data, grid=stage_grid(run, sid),
         guidance=guidance, chain=chain_cfg,
         freq_weight=0.0 if sid.is_guidance else float(chain_cfg.freq_weight[int(sid.stage) - 1]),
-        device=run.device, precision=cfg.precision)
+        device=run.device, precision=cfg.precision, base=_base_teacher(run, sid, models))
     make: Any = get_chain(sid.chain).objective or online_distillation
     objective, generator = stream_objectives(
         stage_generator(run, sid), cfg.batch_size, cfg.parallel,

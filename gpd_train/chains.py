@@ -1,12 +1,15 @@
 """The distillation chains, each declared once, and the stages of a run folder as values.
 
 A chain is a sequence of distillation stages that starts from the shared base teacher
-(stage 0): optionally a guidance stage (w becomes a model input), then one halving stage
-per entry of ``steps[1:]``. Everything that differs between chains is in its ``Chain``
-declaration: the TOML table it reads, its label in reports, where its stages live, its
-seed offset, how the evaluation treats it and (optionally) its own objective. The
-trainer, the CLIs, the evaluation and the export all read ``CHAINS``; adding a chain is a
-``register(Chain(...))`` call plus, if it learns something new, an objective factory.
+(stage 0): optionally a guidance stage (w becomes a model input), then one stage per entry
+of the run's ``steps[1:]`` (each dividing the one before: stage k learns r = steps[k-1] /
+steps[k] teacher steps per student step), or, for a chain with ``schedule="horizons"``, one
+stage per entry of its table's ``horizons`` (gpd_train/horizon.py registers that chain).
+Everything that differs between chains is in its ``Chain`` declaration: the TOML table
+it reads, its label in reports, where its stages live, its seed offset, how the evaluation
+treats it and (optionally) its own objective and schedule. The trainer, the CLIs, the
+evaluation and the export all read ``CHAINS``; adding a chain is a ``register(Chain(...))``
+call plus, if it learns something new, an objective factory.
 
 This module imports only the error family (gpd_train.errors), so every other module may
 import it.
@@ -49,6 +52,13 @@ class Chain:
     baseline: bool = False
     allows_guidance_stage: bool = True
     objective: Callable[..., Any] | None = None
+    # "steps": stage k follows the run's steps list; "horizons": its table's horizons list.
+    schedule: str = "steps"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("steps", "horizons"):
+            raise ConfigError(f"chain {self.name!r}: schedule must be 'steps' or 'horizons', got "
+                             f"{self.schedule!r}")
 
 
 _REGISTRY: dict[str, Chain] = {}

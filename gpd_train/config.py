@@ -14,7 +14,8 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     prompts = "prompts.txt"    # with a Diffusers teacher: encoded into <run_dir>/prompt-embeddings
     shift = 3.0                # sigma-grid shift (Wan 480p T2V: 5.0)
     guidance = 1.5             # the base teacher's CFG scale (tiny default 1.5, else 5.0)
-    steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (halving)
+    steps = [48, 24, 12, 6]    # teacher steps, then each stage's student steps (each divides
+                               # the one before: [48, 24, 12, 6, 3], [48, 16, 8, 4], ...)
     batch_size = 16
     checkpoint_every = 50
     pipeline_chains = [...]    # the chains the pipeline trains, in order (gpd_train.chains)
@@ -44,6 +45,13 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     lora_rank = 0              # > 0: rank-R LoRA adapters on a frozen stage-0 base (lora.py)
     lora_alpha = 16.0          # the update is alpha / rank * B A; omit for alpha = rank
     lora_targets = ["self_attn.qkv", "ffn.0"]  # omit for every attention and FFN projection
+
+    [horizon]                  # the GPD paper's recipe (gpd_train/horizon.py)
+    horizons = [2, 3, 4, 5, 6, 7, 8]  # teacher steps per student step, stage by stage
+    iterations = [700, 700, 700, 700, 700, 700, 700]
+    freq_weight = [0, 0, 0, 0, 0, 0, 1.0]
+    guidance_anneal = [1.5, 1.05]  # T0's CFG per stage, linear from/to (default: guidance
+                                   # to 1 + (guidance - 1) / 10, the paper's 6.0 -> 1.5)
 
     [guided]                   # the guided chain: keys as [distill]; guidance_stage = true
     guidance_range = [1.0, 3.0]  # iterations and freq_weight default to [distill]'s
@@ -157,6 +165,9 @@ DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
 PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
+# A horizon chain's CFG anneal ends at this share of the guidance beyond 1 (the GPD paper's
+# 6.0 -> 1.5 for Wan2.1: 5.0 -> 0.5).
+HORIZON_ANNEAL = 0.1
 PATH_KEYS = ("data", "teacher", "prompts")  # input paths, held absolute once loaded
 RUN_CONFIG = "config.json"  # a run folder's configuration
 # Seeds feed torch.Generator.manual_seed (64 bits) as seed * 1000 + a stage offset.
@@ -197,6 +208,11 @@ class DistillConfig:
     # a stage teacher after T0 is a student, guided with its own unconditional branch).
     # Default: the run's guidance for stage 1 (T0), none after.
     stage_guidance: list[float] | None = None
+    # Linear from/to over the stages, where stage_guidance is not given (the horizon chain).
+    guidance_anneal: list[float] | None = None
+    # A horizon chain (gpd_train/horizon.py): stage k's student jumps horizons[k-1] teacher
+    # steps; None for chains whose stages follow the run's steps.
+    horizons: list[int] | None = None
     # LoRA distillation (gpd_train.lora): 0 trains full weights. R > 0 trains rank-R adapters
     # on the frozen stage-0 base in every distillation stage; the stage teacher is the base
     # plus the previous stage's adapter, and stage outputs hold the adapter alone.
@@ -277,7 +293,24 @@ class RunConfig:
 
     @property
     def num_stages(self) -> int:
+        """Stages of the chains that follow ``steps`` (a horizon chain has its own count)."""
         return len(self.steps) - 1
+
+    def check_horizon_fits(self, chain: str) -> None:
+        """A horizon chain's last jump divides the teacher's steps (its student samples on
+        every k-th teacher point; a shorter last step is not supported)."""
+        horizons, fine = self.chain(chain).horizons, self.steps[0]
+        if horizons is not None and (horizons[-1] > fine or fine % horizons[-1]):
+            fits = [k for k in range(2, fine + 1) if fine % k == 0]
+            section = get_chain(chain).section
+            raise ConfigError(f"{section}.horizons ends at {horizons[-1]}, which does not divide "
+                             f"the teacher's {fine} steps (steps[0]): its student would need a "
+                             f"shorter last step; end at one of {fits}")
+
+    def stage_count(self, chain: str) -> int:
+        """The distillation stages of ``chain`` (not counting a guidance stage)."""
+        horizons = self.table(get_chain(chain).section).horizons
+        return self.num_stages if horizons is None else len(horizons)
 
     def table(self, section: str) -> DistillConfig:
         """The chain table [section] (e.g. ``table("distill")``)."""
@@ -298,10 +331,16 @@ class RunConfig:
 
     def stage_guidance(self, chain: str) -> list[float]:
         """Each halving stage's teacher CFG scale in a chain without a guidance stage."""
-        scales = self.chain(chain).stage_guidance
-        if scales is None:
-            return [self.resolved_guidance] + [1.0] * (self.num_stages - 1)
-        return [float(w) for w in scales]
+        table, stages = self.chain(chain), self.stage_count(chain)
+        if table.stage_guidance is not None:
+            return [float(w) for w in table.stage_guidance]
+        anneal = table.guidance_anneal
+        if anneal is None and table.horizons is not None:
+            anneal = [self.resolved_guidance, 1 + (self.resolved_guidance - 1) * HORIZON_ANNEAL]
+        if anneal is not None:
+            start, end = map(float, anneal)
+            return [start + (end - start) * k / max(stages - 1, 1) for k in range(stages)]
+        return [self.resolved_guidance] + [1.0] * (stages - 1)
 
     def validate(self) -> None:
         steps = self.steps
@@ -312,10 +351,12 @@ class RunConfig:
         self._check_numbers()
         self._check_stage_lists(lengths=True)
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
-            if teacher_steps != 2 * student_steps:
-                raise ConfigError(f"steps must halve stage by stage; stage {k + 1} has "
-                                 f"{teacher_steps} -> {student_steps} (expected "
-                                 f"{teacher_steps} -> {teacher_steps // 2})")
+            if student_steps >= teacher_steps or teacher_steps % student_steps:
+                divisors = [d for d in range(teacher_steps - 1, 0, -1) if teacher_steps % d == 0]
+                raise ConfigError(f"steps: each stage's student steps must divide its teacher's "
+                                 f"and be fewer; stage {k + 1} has {teacher_steps} -> "
+                                 f"{student_steps} (steps {steps}); after {teacher_steps} choose "
+                                 f"one of {divisors}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
@@ -352,16 +393,19 @@ class RunConfig:
                 section = declared.section
                 raise ConfigError(f"{section}.lane_groups must be a positive int, got "
                                  f"{chain.lane_groups!r}")
-            _check_guidance_options(name, chain, self.num_stages)
+            _check_guidance_options(name, chain, self.stage_count(name))
             _check_lora_options(name, chain)
+            _check_horizons(name, chain)
+        for name in chains:  # a chain run by --chain alone is checked when its stage starts
+            self.check_horizon_fits(name)
 
     def _check_stage_lists(self, lengths: bool) -> None:
         """The per-stage lists are lists (with ``lengths``: one entry per stage, ``len(steps)
         - 1``; a list the user never set is named as the default ``steps`` no longer fits)."""
-        stages = self.num_stages
         default_section = get_chain(DEFAULT_CHAIN).section
         for section, table in self.chain_tables.items():
             defaults = _chain_tables()[section]
+            stages = self.num_stages if table.horizons is None else len(table.horizons)
             for key, flag in PER_STAGE.items():
                 values = getattr(table, key)
                 if values is None and section != default_section:
@@ -518,6 +562,14 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ConfigError(f"{section}.guidance_iterations must be a positive int, got "
                          f"{iterations!r}")
+    anneal = chain.guidance_anneal
+    if anneal is not None and (not isinstance(anneal, (list, tuple)) or len(anneal) != 2
+                               or not all(_finite_scale(w) for w in anneal)):
+        raise ConfigError(f"{section}.guidance_anneal must be [from, to] CFG scales > 0, got "
+                         f"{anneal!r}")
+    if anneal is not None and chain.guidance_stage:
+        raise ConfigError(f"{section}.guidance_anneal and {section}.guidance_stage exclude each "
+                         "other: after a guidance stage the students take w as an input")
     scales = chain.stage_guidance
     if scales is None:
         return
@@ -529,6 +581,26 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
             or not all(_finite_scale(w) for w in scales)):
         raise ConfigError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
                          f"got {scales!r}")
+
+
+def _check_horizons(name: str, chain: DistillConfig) -> None:
+    """A horizon chain's jumps: increasing ints from 2 teacher steps (and its full weights)."""
+    declared = get_chain(name)
+    section, horizons = declared.section, chain.horizons
+    if (horizons is None) != (declared.schedule == "steps"):
+        want = "no horizons (its stages follow steps)" if declared.schedule == "steps" else (
+            "horizons = [2, 3, ...] (teacher steps per student step, stage by stage)")
+        raise ConfigError(f"{section}: the {name} chain takes {want}, got horizons {horizons!r}")
+    if horizons is None:
+        return
+    if (not isinstance(horizons, list) or not horizons
+            or any(not _is_int(k) or k < 2 for k in horizons)
+            or any(b <= a for a, b in zip(horizons, horizons[1:], strict=False))):
+        raise ConfigError(f"{section}.horizons must be increasing ints >= 2 (teacher steps per "
+                         f"student step), got {horizons!r}")
+    if chain.lora_rank:
+        raise ConfigError(f"{section}.lora_rank must be 0: the {name} chain trains full weights "
+                         "(its targets query two frozen models)")
 
 
 def _check_lora_options(name: str, chain: DistillConfig) -> None:

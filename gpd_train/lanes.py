@@ -38,8 +38,12 @@ _KEYS = ("x", "context", "guidance", "index", "group")
 
 
 class RolloutLanes:
+    """``steps`` grid points; each update moves a lane ``stride`` of them. A lane that passes
+    the end restarts from fresh noise at its overshoot (rolled there by ``step``), so lanes
+    keep their phase on the grid (with stride 1 the overshoot is always 0)."""
+
     def __init__(self, *, batch_size: int, groups: int, steps: int, fresh: FreshFn,
-                 device: torch.device) -> None:
+                 device: torch.device, stride: int = 1) -> None:
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"lane_groups must be a positive int, got {groups!r}")
         self.batch_size = batch_size
@@ -47,6 +51,7 @@ class RolloutLanes:
         self.steps = steps
         self.fresh = fresh
         self.device = device
+        self.stride = stride
         self.pool: dict[str, torch.Tensor] | None = None
 
     @property
@@ -58,10 +63,7 @@ class RolloutLanes:
         """Fresh lanes at indices spread evenly over the grid, rolled there by ``step``."""
         x, context, guidance = self.fresh(self.count)
         index = torch.arange(self.count, device=self.device) * self.steps // self.count
-        for position in range(int(index.max())):
-            active = index > position
-            at = torch.full((int(active.sum()),), position, device=self.device)
-            x[active] = step(LaneBatch(x[active], context[active], guidance[active], at))
+        _roll(x, context, guidance, index, step)
         self.pool = {"x": x, "context": context, "guidance": guidance, "index": index,
                      "group": torch.zeros((), dtype=torch.long)}
 
@@ -79,11 +81,11 @@ class RolloutLanes:
         return LaneBatch(*(self.pool[key][rows] for key in ("x", "context", "guidance", "index")))
 
     @torch.no_grad()
-    def advance(self, x_next: torch.Tensor) -> None:
+    def advance(self, x_next: torch.Tensor, step: StepFn) -> None:
         """Store the current group's next states, restart finished lanes, pass the turn on."""
         assert self.pool is not None
         rows = self._rows()
-        index = self.pool["index"][rows] + 1
+        index = self.pool["index"][rows] + self.stride
         finished = index >= self.steps
         x_next = x_next.to(self.pool["x"].dtype)
         context = self.pool["context"][rows]
@@ -93,7 +95,8 @@ class RolloutLanes:
             x_next[finished] = noise.to(x_next.dtype)
             context[finished] = fresh_context
             guidance[finished] = fresh_guidance
-            index[finished] = 0
+            index[finished] -= self.steps
+            _roll(x_next, context, guidance, torch.where(finished, index, 0), step)
         for key, value in (("x", x_next), ("context", context), ("guidance", guidance),
                            ("index", index)):
             self.pool[key][rows] = value
@@ -112,3 +115,12 @@ class RolloutLanes:
                              f"= batch {self.batch_size} x {self.groups} groups)")
         self.pool = {key: value.to(self.device) if key != "group" else value
                      for key, value in state.items()}
+
+
+def _roll(x: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor, index: torch.Tensor,
+          step: StepFn) -> None:
+    """Move each lane of ``x`` (in place) from grid point 0 to ``index`` by ``step``."""
+    for position in range(int(index.max()) if len(index) else 0):
+        active = index > position
+        at = torch.full((int(active.sum()),), position, device=index.device)
+        x[active] = step(LaneBatch(x[active], context[active], guidance[active], at))

@@ -42,6 +42,12 @@ class LoadedModel:
 def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | None]:
     """(steps, shift) a stage record (done.json) says the stage was trained for."""
     options = (record or {}).get("options") or {}
+    horizon, fine = options.get("horizon"), options.get("fine_steps")
+    if horizon and fine and fine % horizon:
+        raise SampleError(f"{record.get('stage', 'this stage')} jumps {horizon} of the teacher's "
+                          f"{fine} steps, which does not divide them: it is an intermediate "
+                          "horizon stage (its last step would be shorter); sample a stage "
+                          f"whose horizon divides {fine}, e.g. the chain's last")
     return options.get("steps"), options.get("shift")
 
 
@@ -76,11 +82,12 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
     """The run in ``folder`` and its ``stage`` (default: the chain's last finished one)."""
     config = _run_config(folder, device)
     run = RunFolder(config)
-    if stage is not None and not 0 <= stage <= config.num_stages:
-        raise SampleError(f"--stage {stage}: run folder {folder} has stages 0..{config.num_stages} "
+    stages = config.stage_count(chain)
+    if stage is not None and not 0 <= stage <= stages:
+        raise SampleError(f"--stage {stage}: run folder {folder} has {chain} stages 0..{stages} "
                           f"(steps {config.steps})")
     if stage is None:
-        done = [sid for sid in (StageId(chain, s) for s in range(config.num_stages, -1, -1))
+        done = [sid for sid in (StageId(chain, s) for s in range(stages, -1, -1))
                 if run.is_done(sid)]
         if not done:
             raise SampleError(f"run folder {folder} has no finished stage; run "

@@ -129,12 +129,45 @@ def teacher_target(teacher: StageTeacher, x_a: torch.Tensor, context: torch.Tens
     return double_step_target(g1, u_cond, u_uncond, weight, s_a, s_b, s_c)
 
 
+@torch.no_grad()
+def euler_path(teacher: StageTeacher, x: torch.Tensor, context: torch.Tensor,
+               guidance: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """Where the teacher's Euler steps along ``path`` [m + 1, B] take ``x`` (x's dtype); a
+    step whose two sigmas are equal leaves that sample where it is."""
+    weight = teacher.combine_weight(guidance)
+    for s_from, s_to in zip(path, path[1:], strict=False):
+        u_cond, u_uncond = teacher.branches(x, s_from, context, guidance)
+        x, _ = cfg_euler_step(x, u_cond, u_uncond, weight, s_from, s_to)
+    return x
+
+
+def velocity_between(x_from: torch.Tensor, x_to: torch.Tensor, s_from: torch.Tensor,
+                     s_to: torch.Tensor) -> torch.Tensor:
+    """The one Euler velocity (float32) that goes from ``x_from`` at ``s_from`` [B] to
+    ``x_to`` at ``s_to``."""
+    step = (s_to - s_from).float().view(-1, *([1] * (x_from.dim() - 1)))
+    return (x_to.float() - x_from.float()) / step
+
+
+@torch.no_grad()
+def rollout_target(teacher: StageTeacher, x_a: torch.Tensor, context: torch.Tensor,
+                   guidance: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """The velocity that takes ``x_a`` where ``len(path) - 1`` teacher Euler steps along
+    ``path`` [r + 1, B] go: one or two steps through ``teacher_target`` (the double step's
+    fused kernel), more by explicit steps."""
+    if len(path) <= 3:
+        return teacher_target(teacher, x_a, context, guidance, *path, *([None] * (3 - len(path))))
+    x_end = euler_path(teacher, x_a, context, guidance, path)
+    return velocity_between(x_a, x_end, path[0], path[-1])
+
+
 @dataclass
 class StageGrid:
     """A student grid of ``steps`` points and the teacher's finer points inside each step.
 
-    ``fine_steps`` teacher steps make one student step: 2 when halving (the teacher's grid
-    has 2K steps and the K-step grid is its even points), 1 for the guidance stage.
+    ``fine_steps`` r teacher steps make one student step (the teacher's grid has rK steps
+    and the K-step grid is every r-th of its points): 2 when halving, 1 for the guidance
+    stage, any r for a schedule such as [48, 16, 8, 4].
     """
 
     steps: int
@@ -143,8 +176,9 @@ class StageGrid:
     device: torch.device
 
     def __post_init__(self) -> None:
-        if self.fine_steps not in (1, 2):
-            raise ValueError(f"fine_steps must be 1 or 2, got {self.fine_steps!r}")
+        if isinstance(self.fine_steps, bool) or not isinstance(self.fine_steps, int) \
+                or self.fine_steps < 1:
+            raise ValueError(f"fine_steps must be an int >= 1, got {self.fine_steps!r}")
         self.student = sigma_grid(self.steps, self.shift).float().to(self.device)
         self.teacher = sigma_grid(self.fine_steps * self.steps, self.shift).float().to(
             self.device)
@@ -152,12 +186,29 @@ class StageGrid:
     def sigmas(self, index: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(s_a, s_b, s_c) [B] of student indices ``index`` [B]; s_c is None for one fine step."""
+        if self.fine_steps > 2:
+            raise ValueError(f"sigmas() names at most two fine steps; this grid has "
+                             f"{self.fine_steps}: use path()")
         if self.fine_steps == 1:
             return self.student[index], self.student[index + 1], None
         return self.student[index], self.teacher[2 * index + 1], self.teacher[2 * index + 2]
 
+    lane_stride = 1  # rollout lanes index the student grid and move one step per update
+
+    def path(self, index: torch.Tensor) -> torch.Tensor:
+        """The teacher's sigmas [r + 1, B] inside the student steps from indices ``index``."""
+        offsets = torch.arange(self.fine_steps + 1, device=index.device)
+        return self.teacher[self.fine_steps * index[None, :] + offsets[:, None]]
+
     def next_sigma(self, index: torch.Tensor) -> torch.Tensor:
         return self.student[index + 1]
+
+    def target(self, teacher: StageTeacher, x: torch.Tensor, context: torch.Tensor,
+               guidance: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The stage teacher's r-step target from student indices ``index``."""
+        if self.fine_steps <= 2:  # (s_a, s_b[, s_c]) as the fused kernels take them
+            return teacher_target(teacher, x, context, guidance, *self.sigmas(index))
+        return rollout_target(teacher, x, context, guidance, self.path(index))
 
 
 @dataclass
@@ -203,7 +254,7 @@ class OnlineDistillation:
         self.precision = precision
         self.lanes = None if source == "data" else RolloutLanes(
             batch_size=batch_size, groups=lane_groups, steps=grid.steps, fresh=self._fresh,
-            device=device)
+            device=device, stride=grid.lane_stride)
 
     def _fresh(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         context, _ = self.data.draw(self.generator, count, with_latents=False)
@@ -212,8 +263,8 @@ class OnlineDistillation:
         return noise.to(self.device), context.to(self.device), guidance.to(self.device)
 
     def _target(self, batch: LaneBatch) -> torch.Tensor:
-        return teacher_target(self.teacher, batch.x, batch.context, batch.guidance,
-                              *self.grid.sigmas(batch.index))
+        return self.grid.target(self.teacher, batch.x, batch.context, batch.guidance,
+                                batch.index)
 
     def _student_velocity(self, batch: LaneBatch) -> torch.Tensor:
         fed = batch.guidance if has_guidance_input(self.student) else None
@@ -270,7 +321,7 @@ class OnlineDistillation:
 
     def finish(self, outputs: dict[str, torch.Tensor]) -> None:
         if self.lanes is not None:
-            self.lanes.advance(outputs["x_next"])
+            self.lanes.advance(outputs["x_next"], self._rollout_step)
 
     def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return eager_loss(self, step)
@@ -291,22 +342,31 @@ class DistillSetup:
     student: nn.Module
     teacher: StageTeacher
     data: Any
-    grid: StageGrid
+    grid: Any  # StageGrid, or the grid the chain's objective reads (horizon.HorizonGrid)
     guidance: GuidanceRange
     chain: Any  # the chain's DistillConfig (state source, lane groups, frequency loss)
     freq_weight: float
     device: torch.device
     precision: str
+    base: nn.Module | None = None  # the frozen stage-0 teacher, for a horizon chain's targets
+
+
+def online_arguments(setup: DistillSetup, generator: torch.Generator, batch_size: int,
+                     teacher: StageTeacher | None = None) -> dict[str, Any]:
+    """``OnlineDistillation``'s arguments from a stage's setup (``teacher``: another stage
+    teacher than ``setup.teacher``)."""
+    chain = setup.chain
+    return {"student": setup.student, "teacher": teacher or setup.teacher, "data": setup.data,
+            "generator": generator, "grid": setup.grid, "guidance": setup.guidance,
+            "source": chain.state_source, "batch_size": batch_size,
+            "freq_weight": setup.freq_weight,
+            "freq_params": {"alpha_s": chain.freq_alpha_s, "alpha_t": chain.freq_alpha_t,
+                            "gamma": chain.freq_gamma},
+            "device": setup.device, "precision": setup.precision,
+            "lane_groups": chain.lane_groups}
 
 
 def online_distillation(setup: DistillSetup, generator: torch.Generator,
                         batch_size: int) -> OnlineDistillation:
     """The built-in chains' objective (``Chain.objective`` None)."""
-    chain = setup.chain
-    return OnlineDistillation(
-        student=setup.student, teacher=setup.teacher, data=setup.data, generator=generator,
-        grid=setup.grid, guidance=setup.guidance, source=chain.state_source,
-        batch_size=batch_size, freq_weight=setup.freq_weight,
-        freq_params={"alpha_s": chain.freq_alpha_s, "alpha_t": chain.freq_alpha_t,
-                     "gamma": chain.freq_gamma},
-        device=setup.device, precision=setup.precision, lane_groups=chain.lane_groups)
+    return OnlineDistillation(**online_arguments(setup, generator, batch_size))

@@ -146,7 +146,7 @@ def pipeline_plan(config: RunConfig) -> list[StageId]:
     for chain in config.pipeline_chains:
         if config.chain(chain).guidance_stage:
             plan.append(StageId(chain, GUIDANCE_STAGE))
-        plan += [StageId(chain, k) for k in range(1, config.num_stages + 1)]
+        plan += [StageId(chain, k) for k in range(1, config.stage_count(chain) + 1)]
     return plan
 
 

@@ -213,7 +213,8 @@ def check_eval_guidance(run: RunFolder) -> None:
     config = run.config
     for chain in config.pipeline_chains:
         stages = [GUIDANCE_STAGE] if run.has_guidance_stage(chain) else []
-        for sid in (StageId(chain, stage) for stage in [*stages, *range(1, config.num_stages + 1)]):
+        stages += range(1, config.stage_count(chain) + 1)
+        for sid in (StageId(chain, stage) for stage in stages):
             if not run.is_done(sid):
                 continue
             options = run.record(sid).get("options")

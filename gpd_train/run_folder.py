@@ -110,7 +110,7 @@ def read_record(folder: Path) -> dict[str, Any]:
         if not check(value):
             problems.append(f"{name} must be {expected}, got {value!r}")
     if not problems and "teacher_steps" in options and "steps" in options and (
-            options["teacher_steps"] % options["steps"]):
+            "horizon" not in options and options["teacher_steps"] % options["steps"]):
         problems.append(f"options.steps must divide options.teacher_steps "
                         f"({options['teacher_steps']}: a student step is a whole number of its "
                         f"teacher's steps), got {options['steps']}")

@@ -125,8 +125,23 @@ class RunFolder:
         return None if sid.is_teacher else self.config.chain(sid.chain).lora_spec()
 
     def steps(self, sid: StageId) -> int:
-        """The stage's sampling steps: the teacher's grid for the guidance stage."""
+        """The stage's sampling steps: the teacher's grid for the guidance stage; a horizon
+        stage's student makes ``ceil(steps[0] / horizon)`` steps."""
+        jumps = self.jumps(sid)
+        if jumps is not None:
+            return -(-self.config.steps[0] // jumps[1])
         return self.config.steps[sid.steps_index]
+
+    def jumps(self, sid: StageId) -> tuple[int, int] | None:
+        """A horizon stage's (previous stage's jump, its own jump) in teacher steps; the base
+        teacher's jump is 1. None for stages that follow ``steps``."""
+        if sid.is_teacher or sid.is_guidance:
+            return None
+        horizons = self.config.chain(sid.chain).horizons
+        if horizons is None:
+            return None
+        stage = int(sid.stage)
+        return (1 if stage == 1 else horizons[stage - 2]), horizons[stage - 1]
 
     def iterations(self, sid: StageId) -> int:
         if sid.is_teacher:
@@ -149,6 +164,9 @@ class RunFolder:
             guidance = cfg.stage_guidance(sid.chain)[int(sid.stage) - 1]
         spec = self.lora_spec(sid)
         lora = {} if spec is None else {"lora": json.loads(spec.to_metadata())}
+        jumps = self.jumps(sid)
+        if jumps is not None:  # the teacher steps its student jumps, on the steps[0] grid
+            options.update(horizon=jumps[1], fine_steps=cfg.steps[0])
         return {**options, "teacher_steps": self.steps(self.previous_stage(sid)),
                 "guidance": guidance, "guidance_input": self.guidance_input(sid),
                 "state_source": chain_cfg.state_source, **lora}

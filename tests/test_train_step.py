@@ -52,7 +52,7 @@ def old_distillation_loss(o, step):
         extras["freq"] = freq.item()
     if o.lanes is not None:
         velocity = u_star if o.source == "teacher" else u_student.detach()
-        o.lanes.advance(o._next_state(batch, velocity))
+        o.lanes.advance(o._next_state(batch, velocity), o._rollout_step)
     return loss, extras
 
 
