@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from gpd_model import euler_sample, make_noise, sigma_grid
 
-from .chains import CHAINS, GUIDANCE_STAGE, StageId, get_chain
+from .builders import teacher_evaluations
+from .chains import CHAINS, DEFAULT_CHAIN, GUIDANCE_STAGE, StageId, get_chain
 from .checkpoint import atomic_write_text, sha256_file
 from .config import load_run_config
 from .data import ProceduralVideos
@@ -121,7 +122,15 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
 
-def _candidates(run: RunFolder) -> list[Candidate]:
+def final_steps(run: RunFolder, others: list[int] = ()) -> list[int]:
+    """The step counts the report compares at (descending): each pipeline chain's final
+    student's and ``others`` (the --compare rows')."""
+    finals = {run.steps(StageId(chain, run.config.stage_count(chain)))
+              for chain in run.config.pipeline_chains}
+    return sorted(finals | set(others), reverse=True)
+
+
+def _candidates(run: RunFolder, compared_steps: list[int]) -> list[Candidate]:
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
     teacher = run.load_stage_model(TEACHER)
@@ -129,19 +138,22 @@ def _candidates(run: RunFolder) -> list[Candidate]:
     rows = [Candidate(reference, teacher, full, w, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
                       perturbed(teacher, CEILING_NOISE, CEILING_SEED), full, w, reference)]
-    rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in cfg.steps[1:]]
+    naive = sorted(set(cfg.steps[1:]) | set(final_steps(run, compared_steps)), reverse=True)
+    rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in naive]
     for chain in cfg.pipeline_chains:
-        rows += _chain_rows(run, chain, reference)
+        rows += _chain_rows(run, chain, reference, final_steps(run, compared_steps))
     return rows + _other_guidance_rows(run, teacher)
 
 
-def _chain_rows(run: RunFolder, chain: str, reference: str) -> list[Candidate]:
-    """A chain's students at the run's CFG scale: every stage, or the last of a chain that
-    is evaluated by its final student alone."""
+def _chain_rows(run: RunFolder, chain: str, reference: str,
+                compared_steps: list[int]) -> list[Candidate]:
+    """A chain's students at the run's CFG scale: every stage, or for a chain evaluated by
+    its final student, that one and its stages at the other compared step counts."""
     cfg, declared = run.config, get_chain(chain)
-    w, last = cfg.resolved_guidance, cfg.num_stages
+    w, last = cfg.resolved_guidance, cfg.stage_count(chain)
     how = f"input w={w:g}" if run.has_guidance_stage(chain) else "none"
-    stages: list[Any] = list(range(1, last + 1)) if declared.evaluate_every_stage else [last]
+    stages: list[Any] = [k for k in range(1, last + 1) if declared.evaluate_every_stage
+                         or k == last or run.steps(StageId(chain, k)) in compared_steps]
     if run.has_guidance_stage(chain):
         stages.insert(0, GUIDANCE_STAGE)
     rows = []
@@ -195,15 +207,17 @@ def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candida
             raise ConfigError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
                              f"({teacher}); comparisons need the same stage 0 (copy stage0/ "
                              "into the other run folder before training it)")
-        last = other.config.num_stages
-        done = [c for c in other.config.pipeline_chains if other.is_done(StageId(c, last))]
+        done = [StageId(c, other.config.stage_count(c)) for c in other.config.pipeline_chains]
+        done = [sid for sid in done if other.is_done(sid)]
         if not done:
-            raise ConfigError(f"--compare {label}={folder}: no chain has finished stage {last}")
-        w, chain = cfg.resolved_guidance, done[0]
-        how = f"input w={w:g}" if other.has_guidance_stage(chain) else "none"
-        rows.append(Candidate(f"{label}: {get_chain(chain).label}@{other.config.steps[last]}",
-                              other.load_stage_model(StageId(chain, last), fold_at=w),
-                              other.config.steps[last], None, reference, "ablations", cfg=how))
+            raise ConfigError(f"--compare {label}={folder}: no chain of "
+                             f"{other.config.pipeline_chains} has finished its last stage")
+        w, sid = cfg.resolved_guidance, done[0]
+        how = f"input w={w:g}" if other.has_guidance_stage(sid.chain) else "none"
+        steps = other.steps(sid)
+        rows.append(Candidate(f"{label}: {get_chain(sid.chain).label}@{steps}",
+                              other.load_stage_model(sid, fold_at=w), steps, None, reference,
+                              "ablations", cfg=how))
     return rows
 
 
@@ -293,7 +307,8 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     check_eval_guidance(run)
     cfg, ev = run.config, run.config.eval
     out = run.folder / "eval"
-    candidates = _candidates(run) + _compare_candidates(run, compare or {})  # all verified
+    compared = _compare_candidates(run, compare or {})
+    candidates = _candidates(run, [c.steps for c in compared]) + compared  # all verified
     stages = _stage_summaries(run)
     # A report of other stages, runs or settings is kept aside, not overwritten.
     moved = reuse_or_move_aside(out, EVAL, {
@@ -316,15 +331,11 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
         sheet_rows.append((candidate.label, videos[examples]))
         write_gif(out / f"{_slug(candidate.label)}.gif", videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
-    last = cfg.steps[-1]
     reference = candidates[0].label
-    students = [f"{CHAINS[c].label}@{last}" for c in cfg.pipeline_chains
-                if not CHAINS[c].baseline]
-    baselines = [f"{c.label}@{last}" for c in CHAINS.values() if c.baseline]
-    pairs = [(student, other) for student in students
-             for other in (f"teacher@{last} naive", *baselines)]
+    steps = final_steps(run, [c.steps for c in compared])
     report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
-              "comparisons": judge.comparisons(pairs, sets, sets[reference]),
+              "comparisons": judge.comparisons(_pairs(candidates, steps), sets, sets[reference]),
+              "compared_steps": steps, "training": _training_costs(run),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
                            "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
               "stages": stages, "config": cfg.to_dict(),
@@ -332,6 +343,48 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))
     return out / "report.md"
+
+
+def _pairs(candidates: list[Candidate], steps: list[int]) -> list[tuple[str, str]]:
+    """The paired comparisons: each student at a compared step count S against naive
+    sampling at S, the baseline chains and the default chain at S, and naive sampling at
+    every larger compared S (e.g. a 3-step student against naive@6 at 12 NFE)."""
+    labels = {c.label for c in candidates}
+    default = get_chain(DEFAULT_CHAIN).label
+    baselines = [c.label for c in CHAINS.values() if c.baseline]
+    pairs = []
+    for candidate in candidates:
+        label, at = candidate.label, candidate.steps
+        chain_label = label.split(": ")[-1].rsplit("@", 1)[0]
+        if (candidate.group not in (MAIN, "ablations") or at not in steps
+                or chain_label in baselines or candidate.guidance is not None):
+            continue
+        others = [f"teacher@{at} naive", *(f"{b}@{at}" for b in baselines)]
+        others += [f"{default}@{at}"] if label != f"{default}@{at}" else []
+        others += [f"teacher@{k} naive" for k in steps if k > at]
+        pairs += [(label, other) for other in others if other in labels]
+    return pairs
+
+
+def _training_costs(run: RunFolder) -> list[dict[str, Any]]:
+    """Each pipeline chain's finished stages: iterations, recorded wall seconds and frozen-
+    model forwards per training sample and update (iteration-weighted over its stages)."""
+    costs = []
+    for chain in run.config.pipeline_chains:
+        stages = [StageId(chain, k) for k in range(1, run.config.stage_count(chain) + 1)]
+        if run.has_guidance_stage(chain):
+            stages.insert(0, StageId(chain, GUIDANCE_STAGE))
+        records = [(sid, run.record(sid)) for sid in stages if run.is_done(sid)]
+        if not records:
+            continue
+        iterations = sum(int(record.get("iterations", 0)) for _, record in records)
+        forwards = sum(teacher_evaluations(run, sid) * int(record.get("iterations", 0))
+                       for sid, record in records)
+        costs.append({"chain": get_chain(chain).label, "stages": len(records),
+                      "iterations": iterations,
+                      "seconds": sum(float(record.get("seconds", 0.0)) for _, record in records),
+                      "teacher_forwards_per_sample": forwards / max(iterations, 1)})
+    return costs
 
 
 def _stage_summaries(run: RunFolder) -> dict[str, Any]:

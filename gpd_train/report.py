@@ -45,6 +45,32 @@ def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
     return lines
 
 
+def _at_equal_steps(report: dict[str, Any], builtin: bool) -> list[str]:
+    """The rows again, grouped by step count, where more than one step count is compared."""
+    steps = report.get("compared_steps") or []
+    if len(steps) < 2:
+        return []
+    lines = ["", "## At equal steps", ""]
+    for count in steps:
+        rows = [r for r in report["rows"]
+                if r["steps"] == count and r["group"] in ("main", "ablations")]
+        lines += [f"### {count} steps", ""] + _table(rows, builtin) + [""]
+    return lines[:-1]
+
+
+def _training(report: dict[str, Any]) -> list[str]:
+    costs = report.get("training") or []
+    if not costs:
+        return []
+    lines = ["", "## Training cost per chain", "",
+             "| chain | stages | iterations | seconds | teacher forwards per sample and update |",
+             "|---|---|---|---|---|"]
+    for item in costs:
+        lines.append(f"| {item['chain']} | {item['stages']} | {item['iterations']} | "
+                     f"{fmt(item['seconds'], 0)} | {fmt(item['teacher_forwards_per_sample'], 2)} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report's markdown: the tables, the paired comparisons, the columns, the stages."""
     rows = report["rows"]
@@ -67,6 +93,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {item['a']} - {item['b']} | {item['metric']} | "
                          f"{fmt(item['value'], 3)} | [{fmt(item['ci'][0], 3)}, "
                          f"{fmt(item['ci'][1], 3)}] |")
+    lines += _at_equal_steps(report, builtin) + _training(report)
     lines += ["", "Columns: PSNR of each video to its reference's video from the same noise and "
               "prompt (range [-1, 1]; the ceiling row is the teacher with 1% multiplicative "
               "weight noise, what a separately trained network can hope to reach); learned "
