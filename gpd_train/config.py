@@ -347,9 +347,6 @@ class RunConfig:
         if (not isinstance(steps, list) or len(steps) < 2
                 or any(not _is_int(k) or k < 1 for k in steps)):
             raise ConfigError(f"steps must list >= 2 positive ints, got {steps!r}")
-        self._check_stage_lists(lengths=False)  # lists first: chain() copies them
-        self._check_numbers()
-        self._check_stage_lists(lengths=True)
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
             if student_steps >= teacher_steps or teacher_steps % student_steps:
                 divisors = [d for d in range(teacher_steps - 1, 0, -1) if teacher_steps % d == 0]
@@ -357,6 +354,9 @@ class RunConfig:
                                  f"and be fewer; stage {k + 1} has {teacher_steps} -> "
                                  f"{student_steps} (steps {steps}); after {teacher_steps} choose "
                                  f"one of {divisors}")
+        self._check_stage_lists(lengths=False)  # lists first: chain() copies them
+        self._check_numbers()
+        self._check_stage_lists(lengths=True)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
