@@ -80,6 +80,13 @@ class PlatformDistribution(Distribution):
         return True
 
 
+# The commands a pip install puts on PATH; `python -m <module>` runs the same main.
+CONSOLE_SCRIPTS = [
+    "gpd-train = gpd_train.__main__:main",
+    "gpd-sample = gpd_train.sample:main",
+    "gpd-export = gpd_train.export:main",
+    "gpd-encode-prompts = gpd_train.encode_prompts:main",
+]
 REAL = ["diffusers>=0.33", "accelerate", "transformers>=4.56", "tokenizers", "ftfy", "av>=12"]
 
 setup(
@@ -91,6 +98,7 @@ setup(
     package_data={"gpd_kernels": ["schemas.txt"]},
     cmdclass={"build_py": BuildPyWithNative},
     distclass=PlatformDistribution,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[
         "torch>=2.5",
         "triton>=3.3",

@@ -9,9 +9,7 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from . import parallel, preflight
+from . import parallel, preflight, threads
 from .builders import TrainingRun
 from .chains import CHAINS, DEFAULT_PIPELINE, GUIDANCE_STAGE, StageId, add_chain_argument
 from .config import STATE_SOURCES, RunConfig, load_config
@@ -68,7 +66,8 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
     ("--preset", "preset", str, "gpd_model preset (default tiny)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
-    ("--threads", "threads", int, "CPU threads for torch (0 = torch's default)"),
+    ("--threads", "threads", int, "CPU threads for torch (0 = torch's default, fewer when "
+     "other processes keep cores busy)"),
     ("--precision", "precision", str, "fp32 | bf16 (bf16 autocast on CUDA)"),
     ("--seed", "seed", int, "seed of data, initialisation and noise"),
     ("--data", "data", str, "prompt-embedding data set folder (default: built-in videos)"),
@@ -305,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         check_before_work(args, config, None)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        note = threads.set_threads(config.threads)
+        if note is not None:
+            print(note, file=sys.stderr)
         parallel.setup(config.device)  # joins torchrun's process group; no-op otherwise
         # Without --prompts the run's model and data are known now: checked before the lock
         # creates the run folder. --prompts are encoded into it first, under the lock.

@@ -5,7 +5,7 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
     device = "auto"            # auto | cpu | cuda | cuda:N
-    threads = 0                # CPU threads for torch; 0 keeps torch's default
+    threads = 0                # CPU threads for torch; 0: its default, fewer on busy cores
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
     cuda_graph = false         # CUDA: each training step one captured graph (gpd_train/step.py)
     seed = 0

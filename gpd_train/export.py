@@ -17,6 +17,13 @@ A LoRA stage (``--lora-rank``) is exported as a diffusers Wan LoRA instead
 
 ``--merged --base ...`` writes it as a whole pipeline folder, the adapter merged.
 
+``--format comfyui`` writes one safetensors file in Wan's original key layout instead, as
+ComfyUI shares models (``<out>/<out's name>.safetensors``; no ``--base``): the student for
+ComfyUI's ``models/diffusion_models/`` (a guidance input folded at ``--guidance``, as for
+diffusers), or a LoRA stage as a LoRA for ``models/loras/`` (``diffusion_model.<module>.``
+``lora_down``/``lora_up``/``alpha``, which diffusers' ``load_lora_weights`` reads too),
+applied to the run's stage 0; ``--merged`` writes the merged model instead.
+
 The folder holds the base's ``text_encoder/``, ``tokenizer/`` and ``vae/`` (symbolic links
 by default, ``--copy`` for copies), the student as ``transformer/`` and a
 FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
@@ -42,26 +49,30 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from gpd_model import WanDiT, fold_guidance, has_guidance_input, save_diffusers
+from gpd_model.checkpoint import export_state_dict
 
-from .chains import DEFAULT_CHAIN, add_chain_argument
+from .chains import DEFAULT_CHAIN, StageId, add_chain_argument
 from .checkpoint import read_metadata
 from .config import RunConfig, check_number
 from .destination import EXPORT, check_export_destination, staged_output
 from .errors import ConfigError, GPDError, SampleError
 from .loading import load_model, recorded_grid, run_stage_of
-from .lora import GUIDANCE_PREFIX, save_diffusers_lora
+from .lora import GUIDANCE_PREFIX, comfyui_lora_state, save_diffusers_lora
 from .lora import METADATA_KEY as LORA_KEY
 from .preflight import (
     check_base_matches,
     check_environment,
     check_guidance_in_range,
 )
+from .stages import TEACHER
 from .wan_folder import WanFolderError, component
 from .writes import output_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
+DIFFUSERS, COMFYUI = "diffusers", "comfyui"  # --format
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
 
 
@@ -102,18 +113,21 @@ def student_scheduler_config(steps: int, shift: float,
     return config
 
 
-def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None = None) -> Path:
-    """Write the student as diffusers' WanTransformer3DModel folder.
+def plain_student(model: WanDiT, guidance: float | None = None) -> WanDiT:
+    """The one place a student becomes a plain Wan2.1 transformer, for every format: a
+    student with a guidance input is folded at ``guidance`` (the w the exported model
+    samples at)."""
+    if not has_guidance_input(model):
+        return model
+    if guidance is None:
+        raise SampleError("this student takes the CFG scale as an input: say which w to "
+                          "export it at (--guidance W)")
+    return fold_guidance(model, guidance)
 
-    The one place a student becomes a plain Wan2.1 transformer: a student with a guidance
-    input is folded at ``guidance`` (the w the exported model samples at) before writing.
-    """
-    if has_guidance_input(model):
-        if guidance is None:
-            raise SampleError("this student takes the CFG scale as an input: say which w to "
-                              "export it at (--guidance W)")
-        model = fold_guidance(model, guidance)
-    return save_diffusers(model, folder)
+
+def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None = None) -> Path:
+    """Write the student (``plain_student``) as diffusers' WanTransformer3DModel folder."""
+    return save_diffusers(plain_student(model, guidance), folder)
 
 
 def _student_grid(record: dict[str, Any] | None, run: RunConfig,
@@ -139,6 +153,13 @@ def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
         str(folder / "scheduler"))
 
 
+def _refuse_guided_lora(sid: StageId, adapter: dict[str, torch.Tensor], what: str,
+                        instead: str) -> None:
+    if any(key.startswith(GUIDANCE_PREFIX) for key in adapter):
+        raise SampleError(f"{sid} takes the CFG scale as an input, which {what} cannot carry: "
+                          f"export it merged at a CFG scale with {instead}")
+
+
 def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
                 stage: int | None = None, overwrite: bool = False) -> dict[str, Any] | None:
     """Write a LoRA stage's adapter as a diffusers Wan LoRA in ``out``, with the scheduler
@@ -149,10 +170,7 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
     if found is None:
         return None
     spec, adapter = found
-    if any(key.startswith(GUIDANCE_PREFIX) for key in adapter):
-        raise SampleError(f"{sid} takes the CFG scale as an input, which a "
-                          "diffusers LoRA cannot carry: export it merged at a CFG scale with "
-                          "--merged --base W [--guidance W]")
+    _refuse_guided_lora(sid, adapter, "a diffusers LoRA", "--merged --base W [--guidance W]")
     steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
         weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
@@ -237,12 +255,72 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     return record
 
 
+def comfyui_file(out: str | Path) -> str:
+    """The ComfyUI export's one weights file, named after ``--out`` (the name ComfyUI lists)."""
+    return f"{Path(out).resolve().name}.safetensors"
+
+
+def export_comfyui(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
+                   stage: int | None = None, guidance: float | None = None,
+                   merged: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Write a run's stage into the folder ``out`` as one safetensors file in Wan's original
+    key layout (``comfyui_file``), as ComfyUI shares models: a diffusion model (full weights,
+    a guidance input folded at ``guidance``, default the run's CFG; for ComfyUI's
+    models/diffusion_models/) or, for a LoRA stage unless ``merged``, a LoRA (models/loras/,
+    applied to stage 0 of the run, the base). Returns what was exported."""
+    run, sid = run_stage_of(Path(run_dir), chain, stage)
+    found = None if merged else run.stage_adapter(sid, check_grid=False)
+    steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
+    record: dict[str, Any] = {
+        "run": str(Path(run_dir).resolve()), "stage": sid.name, "format": COMFYUI,
+        "file": comfyui_file(out), "steps": steps, "shift": shift,
+        "guidance_scale": sampling_guidance(run.record(sid), run.config, sid.steps_index)}
+    if found is not None:
+        spec, adapter = found
+        _refuse_guided_lora(sid, adapter, "a ComfyUI LoRA",
+                            "--format comfyui --merged [--guidance W]")
+        tensors = comfyui_lora_state(adapter, spec, run.dit_config.num_layers)
+        record.update(comfyui_folder="models/loras", base=TEACHER.name,
+                      lora={"rank": spec.rank, "alpha": spec.alpha,
+                            "targets": list(spec.targets)})
+    else:
+        folded_at = run.config.resolved_guidance if guidance is None else guidance
+        model = run.load_stage_model(sid, check_grid=False).float()
+        record.update(comfyui_folder="models/diffusion_models",
+                      student_guidance=folded_at if has_guidance_input(model) else None)
+        tensors = export_state_dict(plain_student(model, folded_at), "wan")
+    with staged_output(out, EXPORT, overwrite=overwrite) as staging:
+        save_file(tensors, str(staging / record["file"]),
+                  metadata={"format": "pt", "gpd_export": json.dumps(record)})
+        (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def comfyui_usage(record: dict[str, Any], out: str | Path) -> str:
+    """What to do with a ComfyUI export: where the file goes and how to sample it."""
+    path = Path(out) / record["file"]
+    if "lora" in record:
+        where = (f"a LoRA of {record['stage']}: put {path} in ComfyUI/{record['comfyui_folder']}/"
+                 f" and apply it (LoraLoaderModelOnly, strength 1.0) to the run's "
+                 f"{record['base']} (export it with --format comfyui --stage 0)")
+    else:
+        where = (f"{record['stage']}: put {path} in ComfyUI/{record['comfyui_folder']}/ "
+                 "(Load Diffusion Model)")
+    return (f"exported {where}; sample with ModelSamplingSD3 shift {record['shift']:g}, "
+            f"KSampler steps {record['steps']}, cfg {record['guidance_scale']:g}, "
+            "scheduler simple")
+
+
 def check_export_request(args: argparse.Namespace) -> None:
     """Refuse, before any work, options the exported stage would not read: --merged on full
-    weights, --guidance on a guidance-free student or outside a w-student's range, and a
-    --base other than the Wan folder the run was imported from."""
+    weights, --guidance on a guidance-free student or outside a w-student's range, --copy
+    with --format comfyui, and a --base other than the Wan folder the run was imported
+    from."""
     if args.guidance is not None:
         check_number("--guidance", args.guidance, low=0, low_open=True)
+    if args.format == COMFYUI and args.copy:
+        raise ConfigError("--copy copies the base's text_encoder/, tokenizer/ and vae/ into a "
+                          "Diffusers folder; --format comfyui writes one weights file: drop --copy")
     if not (Path(args.run) / "config.json").is_file():
         raise SampleError(f"--run {args.run} is not a run folder: it has no config.json (the "
                           "trainer writes it when a stage starts); pass the --run-dir of "
@@ -251,7 +329,7 @@ def check_export_request(args: argparse.Namespace) -> None:
     name = f"{args.chain} stage {sid.stage}"
     if args.merged and LORA_KEY not in read_metadata(run.stage_folder(sid) / "model.safetensors"):
         raise SampleError(f"--merged merges a LoRA adapter, but {name} holds full weights: drop "
-                          "--merged (full weights are exported as a pipeline folder with --base)")
+                          "--merged (full weights are exported whole)")
     if run.guidance_input(sid):
         w = args.guidance if args.guidance is not None else run.config.resolved_guidance
         check_guidance_in_range(run.record(sid), w, name)
@@ -266,11 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpd_train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder of python -m gpd_train")
+    parser.add_argument("--format", choices=(DIFFUSERS, COMFYUI), default=DIFFUSERS,
+                        help="diffusers: a Diffusers folder or LoRA (default); comfyui: one "
+                             "safetensors file in Wan's original keys, a model for ComfyUI's "
+                             "models/diffusion_models/ or a LoRA stage for models/loras/ (no "
+                             "--base needed)")
     parser.add_argument("--base", help="the Wan2.1-T2V-Diffusers folder trained on (not needed "
                         "for a LoRA stage, which is written as a LoRA unless --merged)")
     parser.add_argument("--out", required=True,
-                        help="the Diffusers folder to write: a new or empty folder, outside "
-                             "--base (written whole, then renamed into place)")
+                        help="the folder to write (the Diffusers folder, or the ComfyUI file's): "
+                             "a new or empty folder, outside --base (written whole, then "
+                             "renamed into place)")
     add_chain_argument(parser, "the chain of the run folder's stage to export")
     parser.add_argument("--stage", type=int, help="stage to export (default: the last finished)")
     parser.add_argument("--guidance", type=float, metavar="W",
@@ -294,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.base is not None:
             base_components(Path(args.base))  # a wrong --base is named before any work
         check_export_request(args)
+        if args.format == COMFYUI:
+            with torch.no_grad():
+                comfy = export_comfyui(args.run, args.out, chain=args.chain, stage=args.stage,
+                                       guidance=args.guidance, merged=args.merged,
+                                       overwrite=args.overwrite)
+            print(comfyui_usage(comfy, args.out))
+            return 0
         lora = None if args.merged else export_lora(args.run, args.out, chain=args.chain,
                                                      stage=args.stage, overwrite=args.overwrite)
         if lora is not None:

@@ -20,7 +20,8 @@ the adapter: trained in full, in fp32, and switched with it (``use_adapter``'s
 
 Diffusers keeps q, k, v (and the cross-attention's k, v) as separate projections where we
 fuse them; a fused LoRA splits exactly: every part shares A, and B splits by rows
-(``diffusers_lora_state``).
+(``split_lora``). Exported in diffusers' layout (``diffusers_lora_state``) or in Wan's
+original one, as ComfyUI shares LoRAs (``comfyui_lora_state``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ STUDENT = "student"
 BASE = "base"  # use_adapter(model, BASE): the base model, every adapter switched off
 METADATA_KEY = "lora"  # a stage output's metadata entry holding the spec (JSON)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_PREFIX = "diffusion_model."  # the diffusion model's keys in a ComfyUI LoRA
 # A w-conditioned LoRA stage (the guidance stage and after) trains its guidance input in
 # full (gpd_model.guidance: a small MLP) beside the adapter; its output carries both.
 GUIDANCE_PREFIX = "guidance_embedding."
@@ -271,28 +273,53 @@ def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor], spec: Lora
     return model
 
 
-def diffusers_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
-                         num_layers: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(tensors, module names) of ``adapter`` in diffusers' WanTransformer3DModel layout,
-    with ``alpha / R`` folded into B so that any loader (rank = alpha) applies it exactly.
+def split_lora(adapter: dict[str, torch.Tensor], num_layers: int, fmt: str
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``fmt``'s module name (gpd_model.checkpoint.key_map) -> (A [R, in], B [out, R]) of
+    the LoRA tensors of ``adapter``, unscaled, in float32.
 
     A fused projection (qkv: 3 parts, kv: 2) becomes one LoRA per part: A shared, B's rows
     split in the fused order.
     """
-    names = key_map(num_layers, "diffusers")
-    tensors: dict[str, torch.Tensor] = {}
-    modules: list[str] = []
-    for key, down in adapter.items():
+    names = key_map(num_layers, fmt)
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, down in split_guidance(adapter)[0].items():
         module, factor, _ = key.rsplit(".", 2)
         if factor != "lora_A":
             continue
-        parts = [name.removesuffix(".weight") for name in names[f"{module}.weight"]]
-        up = adapter[f"{module}.lora_B.weight"] * spec.scale
-        for part, rows in zip(parts, up.chunk(len(parts), dim=0), strict=True):
-            tensors[f"{part}.lora_A.weight"] = down.detach().float().contiguous().clone()
-            tensors[f"{part}.lora_B.weight"] = rows.detach().float().contiguous().clone()
-            modules.append(part)
-    return tensors, modules
+        external = [name.removesuffix(".weight") for name in names[f"{module}.weight"]]
+        up = adapter[f"{module}.lora_B.weight"]
+        for part, rows in zip(external, up.chunk(len(external), dim=0), strict=True):
+            parts[part] = (down.detach().float().contiguous().clone(),
+                           rows.detach().float().contiguous().clone())
+    return parts
+
+
+def diffusers_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
+                         num_layers: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors, module names) of ``adapter`` in diffusers' WanTransformer3DModel layout,
+    with ``alpha / R`` folded into B so that any loader (rank = alpha) applies it exactly."""
+    tensors: dict[str, torch.Tensor] = {}
+    parts = split_lora(adapter, num_layers, "diffusers")
+    for part, (down, up) in parts.items():
+        tensors[f"{part}.lora_A.weight"] = down
+        tensors[f"{part}.lora_B.weight"] = up * spec.scale
+    return tensors, list(parts)
+
+
+def comfyui_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
+                       num_layers: int) -> dict[str, torch.Tensor]:
+    """``adapter`` in the LoRA layout of Wan's original keys that ComfyUI's LoRA loader and
+    diffusers' non-diffusers Wan converter both read: ``diffusion_model.<wan module>.``
+    ``lora_down.weight`` (A), ``lora_up.weight`` (B) and ``alpha`` (the loaders scale by
+    alpha / R, as we do)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for part, (down, up) in split_lora(adapter, num_layers, "wan").items():
+        prefix = f"{COMFYUI_PREFIX}{part}"
+        tensors[f"{prefix}.lora_down.weight"] = down
+        tensors[f"{prefix}.lora_up.weight"] = up
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(spec.alpha))
+    return tensors
 
 
 def save_diffusers_lora(adapter: dict[str, torch.Tensor], spec: LoraSpec, num_layers: int,

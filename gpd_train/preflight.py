@@ -45,7 +45,7 @@ def check_threads(threads: int) -> None:
     cores = available_cores()
     if threads > cores:
         raise ConfigError(f"--threads {threads} exceeds the {cores} CPU cores this process may "
-                         f"use: give --threads 1..{cores} (0 = torch's default)")
+                         f"use: give --threads 1..{cores} (0 = chosen from the load)")
 
 
 def _cgroup_limit() -> int | None:

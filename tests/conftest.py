@@ -20,6 +20,15 @@ from gpd_train.builders import TrainingRun  # noqa: E402
 from gpd_train.data import ProceduralVideos  # noqa: E402
 from gpd_train.stages import RunFolder  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch):
+    """The commands a test runs in-process see an idle machine: they keep the thread count
+    set above whatever else the machine runs (gpd_train.threads; tests/test_threads.py
+    tests the choice under load)."""
+    monkeypatch.setattr("gpd_train.threads.measure_others_busy", lambda: 0.0)
+
+
 # A run of one distillation stage on a 1-layer width-32 DiT and 4-frame 8x8 videos.
 MICRO_TOML = """\
 steps = [8, 4]
