@@ -121,6 +121,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that set configuration keys (each overrides the TOML file and the defaults)."""
     for flag, key, kind, text in CONFIG_FLAGS:
         parser.add_argument(flag, dest=key, type=kind, default=None, help=text)
+    parser.add_argument("--steps", type=int, nargs="+", metavar="N", default=None,
+                        help="the teacher's steps, then each stage's student steps, each "
+                             "dividing the one before (default 48 24 12 6; e.g. 48 24 12 6 3 "
+                             "or 48 16 8 4)")
+    parser.add_argument("--horizons", type=int, nargs="+", metavar="K", default=None,
+                        dest="horizon.horizons",
+                        help="horizon chain: teacher steps per student step, stage by stage "
+                             "(default 2 3 4 5 6 7 8; the last divides the teacher's steps)")
     parser.add_argument("--iterations", type=int, nargs="+", metavar="N", default=None,
                         dest="distill.iterations",
                         help="GPD iterations per stage (1..3); with --stage N one value, that "
@@ -173,10 +181,11 @@ DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
                  "distill.stage_guidance": "--stage-guidance", "distill.lora_rank": "--lora-rank",
                  "distill.lora_alpha": "--lora-alpha"}
 GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
-CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS}
+HORIZON_FLAGS = {"horizon.horizons": "--horizons"}
+CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS, **HORIZON_FLAGS}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
 # Flags only training reads (the evaluation samples finished stages).
-TRAINING_FLAGS = {**DISTILL_FLAGS, **STAGE0_FLAGS, "batch_size": "--batch-size",
+TRAINING_FLAGS = {**DISTILL_FLAGS, **HORIZON_FLAGS, **STAGE0_FLAGS, "batch_size": "--batch-size",
                   "checkpoint_every": "--checkpoint-every",
                   "parallel.data_streams": "--data-streams", "parallel.teacher":
                   "--teacher-sharding", "cuda_graph": "--cuda-graph",

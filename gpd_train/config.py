@@ -406,6 +406,8 @@ class RunConfig:
         for section, table in self.chain_tables.items():
             defaults = _chain_tables()[section]
             stages = self.num_stages if table.horizons is None else len(table.horizons)
+            schedule = (f"steps {self.steps}" if table.horizons is None
+                        else f"{section}.horizons {table.horizons}")
             for key, flag in PER_STAGE.items():
                 values = getattr(table, key)
                 if values is None and section != default_section:
@@ -413,14 +415,14 @@ class RunConfig:
                 example = (getattr(defaults, key) or getattr(DistillConfig(), key))[:1] * stages
                 if not isinstance(values, list):
                     raise ConfigError(f"{section}.{key} must be a list, got {values!r}: one entry "
-                                     f"per stage ({stages} for steps {self.steps}), e.g. {key} = "
+                                     f"per stage ({stages} for {schedule}), e.g. {key} = "
                                      f"{example}")
                 if lengths and len(values) != stages:
                     unset = values == getattr(defaults, key)
                     where = (f"{flag} or " if section == default_section else "") + (
                         f"[{section}] {key} in the TOML file")
                     raise ConfigError(
-                        f"{section}.{key} needs one entry per stage: steps {self.steps} makes "
+                        f"{section}.{key} needs one entry per stage: {schedule} makes "
                         f"{stages} stage(s), {section}.{key} has {len(values)} "
                         f"({values!r}{', its default' if unset else ''}); give {stages} "
                         f"value(s) ({where})")
