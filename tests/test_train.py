@@ -350,7 +350,7 @@ def test_config_file_and_flags(tmp_path):
     toml.write_text("bacth_size = 8\n")
     with pytest.raises(ValueError, match="unknown key 'bacth_size'"):
         load_config(toml)
-    with pytest.raises(ValueError, match="steps must halve.*48 -> 20"):
+    with pytest.raises(ValueError, match="must divide its teacher.*48 -> 20"):
         load_config(None, {"steps": [48, 20, 10, 5]})
     with pytest.raises(ValueError, match="state_source must be one of"):
         load_config(None, {"distill.state_source": "buffer"})
