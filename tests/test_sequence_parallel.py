@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import losses, micro_run, point_latest, torchrun
 
 from gpd_model import WanDiT, get_preset
 from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
+from gpd_train import parallel
+from gpd_train.builders import build_distill
+from gpd_train.chains import StageId
+from gpd_train.checkpoint import CheckpointStore, load_weights, read_manifest
+from gpd_train.pipeline import run_stage
+from gpd_train.sample import main as sample_main
+from gpd_train.stages import DIFFUSERS_FOLDER
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
+# As tests/test_distributed.py's 1- vs 2-process runs (its docstring gives the reasoning):
+# here the reassociated sums are the all-to-all's split of the attention heads and the
+# gradient average over the 2 ranks of partial (per-token-block) gradients.
+TRAIN_RTOL, TRAIN_ATOL = 2e-5, 1e-7
+SEQUENCE_RUN = {"parallel.sequence": 2, "parallel.activation_checkpointing": True}
 # Latent (T, H, W) with the (1, 2, 2) patch: 18, 9 and 3 tokens.
 GRIDS = {"18_tokens": (3, 4, 6), "9_tokens": (1, 6, 6), "3_tokens": (1, 2, 6)}
 
@@ -124,8 +138,45 @@ def worker(out_file: Path) -> None:
         dist.destroy_process_group()
 
 
+def train_worker(run_dir: Path) -> None:
+    """GPD stages 0 and 1 (frequency loss on) with each video split over 2 ranks, blocks
+    checkpointed, FSDP2 over both; then stage 1 resumed from its step-2 checkpoint."""
+    parallel.setup("cpu")
+    torch.set_num_threads(1)
+    swaps = count_calls(dist, ["all_to_all_single"])
+    try:
+        # ranks=1: one data group (of 2 ranks) runs the whole global batch's 2 streams.
+        run = micro_run(run_dir, ranks=1, **SEQUENCE_RUN)
+        for stage in (0, 1):
+            run_stage(run, StageId("gpd", stage), resume=False)
+        stage1 = run.stage_folder(StageId("gpd", 1))
+        parallel.main_only(shutil.copy, stage1 / "metrics.jsonl", stage1 / "continuous.jsonl")
+        parallel.main_only(point_latest, stage1, 2)
+        build_distill(run, StageId("gpd", 1)).run(resume=True)
+        # Each rank's own count: the tokens really were split (the results alone would look
+        # the same if both ranks ran whole videos).
+        (run_dir / f"all_to_all_calls.{dist.get_rank()}").write_text(str(len(swaps)))
+    finally:
+        parallel.teardown()
+
+
+def count_calls(module, names: list[str], patch=setattr) -> list[str]:
+    """The names of the ``module`` functions called from now on (each still runs);
+    ``patch`` is setattr, or pytest's monkeypatch.setattr to undo it after a test."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        patch(module, name, counted)
+    return calls
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    (train_worker if sys.argv[1] == "train" else worker)(Path(sys.argv[2]))
     sys.exit(0)
 
 
@@ -133,12 +184,79 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sp") / "results.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=4", str(Path(__file__).resolve()), str(out)]
+    launch(torchrun([str(Path(__file__).resolve()), "model", str(out)], ranks=4))
+    return json.loads(out.read_text())
+
+
+def launch(command: list[str]) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def sequence_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sp_run") / "run"
+    launch(torchrun([str(Path(__file__).resolve()), "train", str(run_dir)]))
+    return run_dir
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_gpd_stages_split_over_two_ranks_follow_the_one_process_run(sequence_run, tmp_path,
+                                                                    one_thread):
+    run = micro_run(tmp_path / "run", ranks=1)
+    for stage in (0, 1):
+        run_stage(run, StageId("gpd", stage), resume=False)
+        name = f"stage{stage}"
+        single = losses(tmp_path / "run" / name / "metrics.jsonl")
+        split = losses(sequence_run / name / ("continuous.jsonl" if stage else "metrics.jsonl"))
+        assert len(single) == len(split) == (3 if stage == 0 else 4)
+        torch.testing.assert_close(torch.tensor(split, dtype=torch.float64),
+                                   torch.tensor(single, dtype=torch.float64),
+                                   rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
+        ours = load_weights(sequence_run / name / "model.safetensors")
+        reference = load_weights(tmp_path / "run" / name / "model.safetensors")
+        assert sorted(ours) == sorted(reference)
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_split_stage_resumes_from_its_checkpoint_identically(sequence_run):
+    stage1 = sequence_run / "stage1"
+    assert losses(stage1 / "metrics.jsonl") == losses(stage1 / "continuous.jsonl")
+    manifest = read_manifest(CheckpointStore(stage1 / "ckpt").latest())
+    # 2 ranks sharing 2 streams of 2 samples: one data group, the global batch of 4.
+    assert manifest["world_size"] == 2
+    assert (manifest["data_streams"], manifest["stream_batch"]) == (2, 2)
+    for rank in (0, 1):
+        assert int((sequence_run / f"all_to_all_calls.{rank}").read_text()) > 100
+
+
+@pytest.mark.slow
+def test_sampler_split_over_two_ranks_writes_the_one_process_latents(sequence_run, tmp_path,
+                                                                     one_thread):
+    # 4 videos, the default (torchrun would take --num for its --numa-binding).
+    # The export's diffusers folder states the micro model's shape (the run's preset does not).
+    checkpoint = sequence_run / "stage1" / DIFFUSERS_FOLDER
+    flags = ["--checkpoint", str(checkpoint), "--device", "cpu", "--seed", "5"]
+    launch(torchrun(["-m", "gpd_train.sample", *flags, "--sequence-parallel", "2",
+                     "--out", str(tmp_path / "split")]))
+    assert sample_main([*flags, "--out", str(tmp_path / "one")]) == 0
+    split = load_weights(tmp_path / "split" / "latents.safetensors")["latents"]
+    one = load_weights(tmp_path / "one" / "latents.safetensors")["latents"]
+    assert split.shape == one.shape == (4, 3, 4, 16, 16)  # the built-in videos: 64 tokens
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    # One writer: no second folder, no staging leftovers.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "split"]
 
 
 @pytest.mark.slow
@@ -172,16 +290,9 @@ def test_one_process_runs_no_collective_and_a_world_of_one_equals_it(world_of_on
     split = copy.deepcopy(model)
     enable_sequence_parallel(split, world_of_one)
     x, timestep, context, target = inputs(GRIDS["9_tokens"], batch=2, seed=3)
-    calls: list[str] = []
-    for name in ("all_to_all_single", "all_gather_single", "all_gather_into_tensor",
-                 "all_reduce", "all_gather"):
-        original = getattr(dist, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(dist, name, counted)
+    calls = count_calls(dist, ["all_to_all_single", "all_gather_single",
+                               "all_gather_into_tensor", "all_reduce", "all_gather"],
+                        monkeypatch.setattr)
     outputs = []
     for net in (model, split):
         calls.clear()
