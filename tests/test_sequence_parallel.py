@@ -30,13 +30,17 @@ import torch
 import torch.distributed as dist
 from test_distributed import losses, micro_run, point_latest, torchrun
 
-from gpd_model import WanDiT, get_preset
+from gpd_model import WanDiT, get_preset, save_diffusers
 from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
 from gpd_train import parallel
+from gpd_train.__main__ import main as train_main
 from gpd_train.builders import build_distill
 from gpd_train.chains import StageId
 from gpd_train.checkpoint import CheckpointStore, load_weights, read_manifest
+from gpd_train.config import ParallelConfig
 from gpd_train.pipeline import run_stage
+from gpd_train.sample import _split_over_ranks as split_over_ranks
+from gpd_train.sample import build_parser as build_sample_parser
 from gpd_train.sample import main as sample_main
 from gpd_train.stages import DIFFUSERS_FOLDER
 
@@ -321,3 +325,54 @@ def test_sizes_that_do_not_divide_the_heads_are_refused():
         enable_sequence_parallel(WanDiT(tiny_config(num_layers=1)), None)
     with pytest.raises(TypeError, match="expected a WanDiT, got Linear"):
         enable_sequence_parallel(torch.nn.Linear(2, 2), None)
+
+
+# -- bad sizes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--sequence-parallel", "0"], "parallel.sequence (--sequence-parallel) must be an int >= 1, "
+                                   "got 0"),
+    (["--sequence-parallel", "2"], "--sequence-parallel 2 splits each video over 2 processes: "
+                                   "launch with torchrun --nproc_per_node 2"),
+    (["--sequence-parallel", "4"], "--sequence-parallel 4: sequence-parallel size 4 does not "
+                                   "divide the model's 2 attention heads"),
+])
+def test_trainer_refuses_bad_sequence_sizes_naming_the_fix(micro, capsys, flags, message):
+    assert train_main([*micro, "--stage", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_sequence_size_must_divide_the_ranks(monkeypatch):
+    monkeypatch.setattr(parallel, "_world", parallel.World(world_size=6, distributed=True))
+    with pytest.raises(ValueError, match=r"--sequence-parallel 4 must divide the 6 ranks .*"
+                                         r"dividing both the ranks and the model's 12 heads: "
+                                         r"\[1, 2, 3, 6\]"):
+        parallel.set_sequence(4, 12)
+    with pytest.raises(ValueError, match="parallel.data_streams \\(3\\) must be a multiple of "
+                                         "the number of data groups \\(2, of 3 ranks"):
+        monkeypatch.setattr(parallel, "_world", parallel.World(world_size=6, distributed=True,
+                                                               sequence=3))
+        parallel.owned_streams(ParallelConfig(data_streams=3, sequence=3))
+
+
+def test_sampler_refuses_bad_sequence_sizes_naming_the_fix(tmp_path, capsys, monkeypatch):
+    folder = save_diffusers(WanDiT(tiny_config(num_layers=1)), tmp_path / "model")
+    flags = ["--checkpoint", str(folder), "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert sample_main([*flags, "--sequence-parallel", "2"]) == 2
+    assert ("--sequence-parallel 2 splits each video over 2 processes: launch with torchrun "
+            "--nproc_per_node 2") in capsys.readouterr().err
+    assert sample_main([*flags, "--sequence-parallel", "0"]) == 2
+    assert "--sequence-parallel must be" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    flags[flags.index("cpu")] = "auto"
+    assert sample_main([*flags, "--sequence-parallel", "2"]) == 2
+    assert ("--sequence-parallel 2 samples with the eager sampler (the CUDA-graph sampler is "
+            "single-GPU): add --eager") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # Under torchrun the sampler splits each video over all the ranks started.
+    monkeypatch.setattr(parallel, "_world", parallel.World(world_size=4, distributed=True))
+    args = build_sample_parser().parse_args([*flags, "--sequence-parallel", "2"])
+    with pytest.raises(ValueError, match="splits each video over all 4 processes torchrun "
+                                         "started; pass --sequence-parallel 4 or "
+                                         "--nproc_per_node 2"):
+        split_over_ranks(args, WanDiT(tiny_config(num_layers=1)))
