@@ -82,7 +82,8 @@ def activation_floor(dit: DiTConfig, latent_shape: Sequence[int], batch_size: in
     2 bytes a value under bf16 autocast, else 4; split over ``sequence`` ranks
     (``--sequence-parallel``) a GPU holds 1/sequence of the tokens (rounded up). Attention,
     the other projections, the optimizer, the teacher and the data are left out, so a real
-    step takes several times this: a batch refused by it cannot fit, and no batch that fits is refused.
+    step takes several times this: a batch refused by it cannot fit, and no batch that fits
+    is refused.
     """
     tokens = math.ceil(math.prod(math.ceil(size / patch) for size, patch in
                                  zip(latent_shape[1:], dit.patch_size, strict=True)) / sequence)
