@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from test_distributed import losses, micro_run, point_latest, torchrun
 
+from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, get_preset, save_diffusers
 from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
 from gpd_train import parallel
@@ -116,6 +117,11 @@ def worker(out_file: Path) -> None:
         enable_sequence_parallel(model, dist.group.WORLD)
         for name, latent in GRIDS.items():
             results[f"sp{world}_{name}"] = compare(model, reference, latent, 0, 1)
+        # gpd_kernels' fused ops (RMSNorm + RoPE on the rank's rows of the table, adaLN,
+        # gated residual; Triton interpreted) against the same ops in one process.
+        with force_fused_dit_ops():
+            results[f"sp{world}_fused_9_tokens"] = compare(model, reference, GRIDS["9_tokens"],
+                                                           0, 1)
         # dp = 2 x sp = 2 on a DeviceMesh, blocks recomputed in the backward.
         if world == 4:
             mesh = dist.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
@@ -264,10 +270,10 @@ def test_sampler_split_over_two_ranks_writes_the_one_process_latents(sequence_ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["sp4", "dp2_sp2"])
-@pytest.mark.parametrize("grid", sorted(GRIDS))
-def test_split_forward_and_gradients_equal_one_process(four_ranks, layout, grid):
-    assert four_ranks[f"{layout}_{grid}"] <= RTOL
+@pytest.mark.parametrize("case", [f"{layout}_{grid}" for layout in ("sp4", "dp2_sp2")
+                                  for grid in sorted(GRIDS)] + ["sp4_fused_9_tokens"])
+def test_split_forward_and_gradients_equal_one_process(four_ranks, case):
+    assert four_ranks[case] <= RTOL
 
 
 @pytest.mark.slow
