@@ -252,6 +252,21 @@ def test_a_split_stage_resumes_from_its_checkpoint_identically(sequence_run):
 
 
 @pytest.mark.slow
+def test_a_split_checkpoint_resumes_in_one_process(sequence_run, tmp_path, one_thread):
+    run_dir = tmp_path / "run"
+    shutil.copytree(sequence_run, run_dir)
+    point_latest(run_dir / "stage1", 2)
+    trainer = build_distill(micro_run(run_dir, ranks=1), StageId("gpd", 1))
+    trainer.run(resume=True)
+    resumed = losses(run_dir / "stage1" / "metrics.jsonl")
+    continuous = losses(run_dir / "stage1" / "continuous.jsonl")
+    assert resumed[:2] == continuous[:2]
+    torch.testing.assert_close(torch.tensor(resumed[2:], dtype=torch.float64),
+                               torch.tensor(continuous[2:], dtype=torch.float64),
+                               rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
+
+
+@pytest.mark.slow
 def test_sampler_split_over_two_ranks_writes_the_one_process_latents(sequence_run, tmp_path,
                                                                      one_thread):
     # 4 videos, the default (torchrun would take --num for its --numa-binding).
