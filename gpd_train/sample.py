@@ -261,15 +261,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
-    """--sequence-parallel N splits one video over the N processes torchrun starts, with the
-    eager sampler (the CUDA-graph sampler captures a single-GPU forward)."""
-    size = args.sequence_parallel
-    if size is None:
-        return
-    check_number("--sequence-parallel", size, integer=True, low=1)
+    """--sequence-parallel N splits one video over the N processes torchrun starts (all of
+    them by default), with the eager sampler (the CUDA-graph sampler captures a single-GPU
+    forward)."""
+    if args.sequence_parallel is not None:
+        check_number("--sequence-parallel", args.sequence_parallel, integer=True, low=1)
+    size = args.sequence_parallel or int(os.environ.get("WORLD_SIZE", "1"))
     if size > 1 and not args.eager and args.device != "cpu" and torch.cuda.is_available():
-        raise ConfigError(f"--sequence-parallel {size} samples with the eager sampler (the "
-                          "CUDA-graph sampler is single-GPU): add --eager")
+        raise ConfigError(f"splitting each video over {size} ranks (--sequence-parallel "
+                          f"{size}) needs the eager sampler (the CUDA-graph sampler is "
+                          "single-GPU): add --eager")
 
 
 def _split_over_ranks(args: argparse.Namespace, model: torch.nn.Module) -> None:

@@ -387,8 +387,12 @@ def test_sampler_refuses_bad_sequence_sizes_naming_the_fix(tmp_path, capsys, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     flags[flags.index("cpu")] = "auto"
     assert sample_main([*flags, "--sequence-parallel", "2"]) == 2
-    assert ("--sequence-parallel 2 samples with the eager sampler (the CUDA-graph sampler is "
-            "single-GPU): add --eager") in capsys.readouterr().err
+    assert ("splitting each video over 2 ranks (--sequence-parallel 2) needs the eager sampler "
+            "(the CUDA-graph sampler is single-GPU): add --eager") in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: split over all ranks by default
+    assert sample_main(flags) == 2
+    assert "add --eager" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
     assert not (tmp_path / "out").exists()
     # Under torchrun the sampler splits each video over all the ranks started.
     monkeypatch.setattr(parallel, "_world", parallel.World(world_size=4, distributed=True))
