@@ -302,7 +302,9 @@ class WanDiT(nn.Module):
         ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
         ``guidance`` [B] is the CFG scale the velocity stands for; it is required by, and only
         accepted by, a model with a guidance input (``gpd_model.guidance.add_guidance_input``).
-        Inputs are cast to the parameters' dtype, which is also the output's.
+        Inputs are cast to the parameters' dtype, which is also the output's. With
+        ``sequence_parallel`` set (gpd_model.sequence_parallel) every rank of its group passes
+        the same inputs, computes its share of the tokens and returns the whole output.
         """
         self._check_inputs(x, timestep, context)
         if (guidance is None) != (self.guidance_embedding is None):

@@ -79,10 +79,9 @@ class TokenSplit:
     def padded(self) -> int:
         return self.local * self.parallel.size
 
-    def local_part(self, x: torch.Tensor, pad_value: float = 0.0) -> torch.Tensor:
-        """This rank's tokens of x [B, tokens, ...] (the sequence padded with ``pad_value``)."""
-        return self._pad(x, pad_value, dim=1).narrow(1, self.parallel.rank * self.local,
-                                                     self.local)
+    def local_part(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of x [B, tokens, ...] (the sequence padded with zeros)."""
+        return self._pad(x, 0.0, dim=1).narrow(1, self.parallel.rank * self.local, self.local)
 
     def local_rotations(self, rotations: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a RoPE table [tokens, 1, Dh/2]; padding rotates by 0."""
