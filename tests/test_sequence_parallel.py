@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import losses, micro_run, point_latest, torchrun
+from test_distributed import LORA_VANILLA, losses, micro_run, point_latest, torchrun
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, get_preset, save_diffusers
@@ -51,7 +51,8 @@ RTOL = 1e-5
 # here the reassociated sums are the all-to-all's split of the attention heads and the
 # gradient average over the 2 ranks of partial (per-token-block) gradients.
 TRAIN_RTOL, TRAIN_ATOL = 2e-5, 1e-7
-SEQUENCE_RUN = {"parallel.sequence": 2, "parallel.activation_checkpointing": True}
+SEQUENCE_RUN = {"parallel.sequence": 2, "parallel.activation_checkpointing": True,
+                **LORA_VANILLA}
 # Latent (T, H, W) with the (1, 2, 2) patch: 18, 9 and 3 tokens.
 GRIDS = {"18_tokens": (3, 4, 6), "9_tokens": (1, 6, 6), "3_tokens": (1, 2, 6)}
 
@@ -150,7 +151,8 @@ def worker(out_file: Path) -> None:
 
 def train_worker(run_dir: Path) -> None:
     """GPD stages 0 and 1 (frequency loss on) with each video split over 2 ranks, blocks
-    checkpointed, FSDP2 over both; then stage 1 resumed from its step-2 checkpoint."""
+    checkpointed, FSDP2 over both; stage 1 resumed from its step-2 checkpoint; the vanilla
+    chain's stage 1 as LoRA (the frozen base, sharded, serving as teacher too)."""
     parallel.setup("cpu")
     torch.set_num_threads(1)
     swaps = count_calls(dist, ["all_to_all_single"])
@@ -163,6 +165,7 @@ def train_worker(run_dir: Path) -> None:
         parallel.main_only(shutil.copy, stage1 / "metrics.jsonl", stage1 / "continuous.jsonl")
         parallel.main_only(point_latest, stage1, 2)
         build_distill(run, StageId("gpd", 1)).run(resume=True)
+        run_stage(run, StageId("vanilla", 1), resume=False)
         # Each rank's own count: the tokens really were split (the results alone would look
         # the same if both ranks ran whole videos).
         (run_dir / f"all_to_all_calls.{dist.get_rank()}").write_text(str(len(swaps)))
@@ -237,6 +240,26 @@ def test_gpd_stages_split_over_two_ranks_follow_the_one_process_run(sequence_run
         assert sorted(ours) == sorted(reference)
         for key in reference:
             torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_stage_split_over_two_ranks_follows_the_one_process_run(sequence_run, tmp_path,
+                                                                     one_thread):
+    run = micro_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
+    run_stage(run, StageId("gpd", 0), resume=False)
+    run_stage(run, StageId("vanilla", 1), resume=False)
+    folder = Path("vanilla") / "stage1"
+    single = losses(tmp_path / "run" / folder / "metrics.jsonl")
+    split = losses(sequence_run / folder / "metrics.jsonl")
+    assert len(single) == len(split) == 2
+    torch.testing.assert_close(torch.tensor(split, dtype=torch.float64),
+                               torch.tensor(single, dtype=torch.float64),
+                               rtol=TRAIN_RTOL, atol=TRAIN_ATOL)
+    ours = load_weights(sequence_run / folder / "model.safetensors")
+    reference = load_weights(tmp_path / "run" / folder / "model.safetensors")
+    assert sorted(ours) == sorted(reference) and all(".lora_" in key for key in ours)
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
