@@ -4,7 +4,8 @@
 # fused DiT ops against eager and torch.compile (alone, then inside the model), tiny-preset
 # training eager vs CUDA graph,
 # one 1.3B stage step (full weights, then LoRA), the sampler and the 1.3B training-step MFU,
-# the 1.3B encode -> sample -> decode -> MP4 path; then one summary line per block.
+# the 1.3B encode -> sample -> decode -> MP4 path, the sequence-parallel path's overhead on
+# one GPU; then one summary line per block.
 # Installs and downloads nothing: uses the torch and triton already on the machine
 # (PYTHON overrides the interpreter). Full results go to $OUT (JSON, one log per block)
 # when OUT is set.
@@ -115,6 +116,11 @@ else
   # on this interpreter.
   run_block realscale-path 240 "$PYTHON" benchmarks/realscale_path.py \
     ${OUT:+--out "$OUT/issue13_realscale_path.json"}
+  # Issue 23: 4 blocks of the 1.3B DiT at 480p, bf16, plain (no collective) against the
+  # Ulysses path over a world of one (every all-to-all and the gather run, as copies):
+  # forward and forward+backward times, the overhead, the outputs' relative difference.
+  run_block sequence-parallel 120 "$PYTHON" benchmarks/sequence_overhead.py \
+    ${OUT:+--out "$OUT/issue23_sequence_overhead.json"}
 fi
 
 echo

@@ -12,6 +12,7 @@ from gpd_kernels import dit_op, fused_dit_ops
 
 from .attention import attention
 from .config import DiTConfig
+from .sequence_parallel import SequenceParallel, TokenSplit
 
 
 def rope_frequencies(axis_dim: int, length: int, theta: float) -> torch.Tensor:
@@ -130,10 +131,13 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(cfg.dim, eps=cfg.eps)
         self.o = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotations: torch.Tensor, split: TokenSplit | None = None
+    ) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = norm_rope_qk(q, k, self.norm_q, self.norm_k, rotations, self.num_heads)
-        out = attention(q, k, v.unflatten(-1, (self.num_heads, -1)))
+        v = v.unflatten(-1, (self.num_heads, -1))
+        out = attention(q, k, v) if split is None else split.attention(q, k, v)
         return self.o(out.flatten(2))
 
 
@@ -174,11 +178,11 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, time_mod: torch.Tensor, rotations: torch.Tensor,
-        context: torch.Tensor,
+        context: torch.Tensor, split: TokenSplit | None = None,
     ) -> torch.Tensor:
         mod = (self.modulation + time_mod).unbind(1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
-        attn = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.eps), rotations)
+        attn = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.eps), rotations, split)
         x = gated_add(x, attn, gate_sa)
         x = x + self.cross_attn(self.norm3(x), context)
         ffn = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.eps))
@@ -222,6 +226,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         # Optional guidance-scale input (gpd_model.guidance); absent, this is Wan2.1 exactly.
         self.guidance_embedding: nn.Module | None = None
+        # Ulysses sequence parallelism (gpd_model.sequence_parallel); None: one process.
+        self.sequence_parallel: SequenceParallel | None = None
         self._rope_cache: dict[tuple, torch.Tensor] = {}
 
     def rotations(
@@ -296,7 +302,9 @@ class WanDiT(nn.Module):
         ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
         ``guidance`` [B] is the CFG scale the velocity stands for; it is required by, and only
         accepted by, a model with a guidance input (``gpd_model.guidance.add_guidance_input``).
-        Inputs are cast to the parameters' dtype, which is also the output's.
+        Inputs are cast to the parameters' dtype, which is also the output's. With
+        ``sequence_parallel`` set (gpd_model.sequence_parallel) every rank of its group passes
+        the same inputs, computes its share of the tokens and returns the whole output.
         """
         self._check_inputs(x, timestep, context)
         if (guidance is None) != (self.guidance_embedding is None):
@@ -314,6 +322,11 @@ class WanDiT(nn.Module):
         # Patchify as one matmul: the Conv3d has stride == kernel, so each patch is a dot product.
         patches = x.to(dtype).reshape(batch, channels, grid[0], pt, grid[1], ph, grid[2], pw)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, math.prod(grid), -1)
+        rotations = self.rotations(grid, x.device, dtype)
+        split = None
+        if self.sequence_parallel is not None:
+            split = self.sequence_parallel.split(math.prod(grid))
+            patches, rotations = split.local_part(patches), split.local_rotations(rotations)
         conv = self.patch_embedding
         tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
 
@@ -323,11 +336,12 @@ class WanDiT(nn.Module):
             time_emb = time_emb + self.guidance_embedding(guidance).to(time_emb.dtype)
         time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
-        rotations = self.rotations(grid, x.device, dtype)
 
         for block in self.blocks:
-            tokens = block(tokens, time_mod, rotations, text)
+            tokens = block(tokens, time_mod, rotations, text, split)
 
         out = self.head(tokens, time_emb)
+        if split is not None:
+            out = split.gather(out)
         out = out.view(batch, *grid, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(batch, cfg.out_channels, frames, height, width)

@@ -91,6 +91,9 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
      "data streams over all ranks (default one per rank; keep it to change rank count)"),
     ("--teacher-sharding", "parallel.teacher", str,
      "under torchrun: shard | replicate the frozen stage teacher"),
+    ("--sequence-parallel", "parallel.sequence", int,
+     "under torchrun: split each video's tokens over N ranks (Ulysses attention; N divides "
+     "the ranks and the model's heads; default 1)"),
 ]
 
 
@@ -189,7 +192,8 @@ TRAINING_FLAGS = {**DISTILL_FLAGS, **HORIZON_FLAGS, **STAGE0_FLAGS, "batch_size"
                   "checkpoint_every": "--checkpoint-every",
                   "parallel.data_streams": "--data-streams", "parallel.teacher":
                   "--teacher-sharding", "cuda_graph": "--cuda-graph",
-                  "parallel.activation_checkpointing": "--activation-checkpointing"}
+                  "parallel.activation_checkpointing": "--activation-checkpointing",
+                  "parallel.sequence": "--sequence-parallel"}
 VIDEO_FLAGS = {"video_height": "--height", "video_width": "--width",
                "video_frames": "--frames", "video_negative": "--negative"}
 

@@ -34,7 +34,14 @@ from .objectives import (
     StageTeacher,
     online_distillation,
 )
-from .parallel import owned_streams, prepare_teacher, shard_student, stream_objectives, world
+from .parallel import (
+    owned_streams,
+    prepare_teacher,
+    set_sequence,
+    shard_student,
+    stream_objectives,
+    world,
+)
 from .stages import TEACHER, RunFolder
 from .step import cuda_graph_refusal
 
@@ -44,6 +51,7 @@ class TrainingRun(RunFolder):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
+        set_sequence(config.parallel.sequence, self.dit_config.num_heads)
         self.data = open_data(config.data, self.dit_config.text_dim,
                               self.dit_config.in_channels, config.seed)
 
@@ -92,7 +100,7 @@ def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
     recipe: dict[str, Any] = {"seed": cfg.seed, "shift": cfg.resolved_shift,
                               "steps": run.steps(sid),
                               # the global batch: resuming on another rank count keeps it
-                              "global_batch_size": cfg.batch_size * world().world_size,
+                              "global_batch_size": cfg.batch_size * world().data_ranks,
                               "precision": cfg.precision}
     if sid.is_teacher:
         return {**recipe, **{f"stage0.{key}": value for key, value in asdict(cfg.stage0).items()}}

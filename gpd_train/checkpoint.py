@@ -369,7 +369,7 @@ class Checkpointer(CheckpointStore):
 
     def _layout(self) -> dict[str, int]:
         streams = sum(name.startswith(STREAM_PREFIX) for name in self.parts)
-        return {"data_streams": streams * parallel.world().world_size,
+        return {"data_streams": streams * parallel.world().data_ranks,
                 "stream_batch": self.stream_batch}
 
     # -- saving ---------------------------------------------------------------------------
@@ -438,7 +438,7 @@ class Checkpointer(CheckpointStore):
         layout = self._layout()
         stored = {key: int(manifest[key]) for key in layout}
         if stored != layout:
-            ranks = parallel.world().world_size
+            ranks = parallel.world().data_ranks  # sequence groups count once
             raise CheckpointError(
                 f"checkpoint {path} has {stored['data_streams']} data streams of "
                 f"{stored['stream_batch']} samples (global batch "

@@ -68,8 +68,10 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
     data_streams = 0           # 0 = one per rank; fix it to resume on another rank count
     activation_checkpointing = false
     teacher = "shard"          # shard | replicate (the frozen stage teacher)
+    sequence = 1               # ranks that split each video's tokens (Ulysses); divides the ranks
 
-``batch_size`` is per process: the global batch is batch_size x the number of ranks.
+``batch_size`` is per process: the global batch is batch_size x the number of ranks (with
+``parallel.sequence`` = S, x the number of ranks / S: S ranks share each sample).
 
 Input paths (``data``, ``teacher``, ``prompts``) given as flags or in a TOML file are taken
 relative to the current directory and held absolute. A run folder's ``config.json`` stores
@@ -146,8 +148,13 @@ class ParallelConfig:
     data_streams: int = 0  # 0: one per rank. Fix it to resume on another number of ranks.
     activation_checkpointing: bool = False  # recompute each block in the backward
     teacher: str = "shard"  # the frozen stage teacher under torchrun: shard | replicate
+    sequence: int = 1  # ranks splitting each video's tokens (Ulysses sequence parallelism)
 
     def validate(self) -> None:
+        if (not isinstance(self.sequence, int) or isinstance(self.sequence, bool)
+                or self.sequence < 1):
+            raise ConfigError(f"parallel.sequence (--sequence-parallel) must be an int >= 1, "
+                              f"got {self.sequence!r}")
         if not isinstance(self.data_streams, int) or self.data_streams < 0:
             raise ConfigError(f"parallel.data_streams must be an int >= 0, got "
                              f"{self.data_streams!r}")

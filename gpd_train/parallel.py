@@ -17,10 +17,17 @@ the same with one process or many:
   how many processes share it.
 - ``mean_across_ranks`` / ``all_finite`` / ``main_only`` keep logging, the non-finite
   guard and one-writer outputs consistent across ranks.
+- Sequence parallelism (``parallel.sequence`` = S): the ranks form a (data, sequence)
+  mesh of (world / S) x S; the S ranks of a data group run the same data streams (same
+  samples and noise) and split each video's tokens (gpd_model.sequence_parallel, Ulysses
+  attention on the mesh's sequence groups). FSDP2 still shards over all ranks: its gradient
+  average over the S ranks of a group is the group's gradient (the DiT's collectives are
+  written for that), the average over the data groups the global-batch gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -32,6 +39,8 @@ from typing import Any, TextIO, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
 
 from .config import ParallelConfig
 from .errors import ConfigError
@@ -53,10 +62,21 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     distributed: bool = False
+    sequence: int = 1  # ranks splitting each video (consecutive ranks: one data group)
+    sequence_group: Any = None  # this rank's sequence group when sequence > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which data group (set of ranks sharing samples) this rank belongs to."""
+        return self.rank // self.sequence
+
+    @property
+    def data_ranks(self) -> int:
+        return self.world_size // self.sequence
 
 
 _world = World()
@@ -127,6 +147,51 @@ def teardown() -> None:
     _world = World()
 
 
+def set_sequence(size: int, num_heads: int) -> World:
+    """Split each video over ``size`` ranks (``--sequence-parallel``) for a model with
+    ``num_heads`` heads; builds the (data, sequence) mesh once. 1 is the plain layout."""
+    global _world
+    if size == _world.sequence:
+        if size > 1:
+            _check_sequence(size, num_heads)
+        return _world
+    _check_sequence(size, num_heads)
+    group = None
+    if size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(_collective_device().type, (_world.world_size // size, size),
+                                mesh_dim_names=("data", "sequence"))
+        group = mesh.get_group("sequence")
+    _world = dataclasses.replace(_world, sequence=size, sequence_group=group)
+    return _world
+
+
+def _check_sequence(size: int, num_heads: int) -> None:
+    flag = f"--sequence-parallel {size}"
+    try:
+        check_size(size, num_heads)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+    if size > 1 and not _world.distributed:
+        raise ConfigError(f"{flag} splits each video over {size} processes: launch with "
+                          f"torchrun --nproc_per_node {size} (or a multiple of {size}), or drop "
+                          "it")
+    if _world.world_size % size:
+        both = [n for n in valid_sizes(num_heads) if _world.world_size % n == 0]
+        raise ConfigError(f"{flag} must divide the {_world.world_size} ranks (each video is "
+                          f"split over {size} of them); sizes dividing both the ranks and the "
+                          f"model's {num_heads} heads: {both}")
+
+
+def split_sequence(model: nn.Module) -> nn.Module:
+    """``model`` (a WanDiT) with its tokens split over this rank's sequence group, when the
+    run splits sequences (``set_sequence``); unchanged otherwise."""
+    if _world.sequence > 1:
+        enable_sequence_parallel(model, _world.sequence_group)
+    return model
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -193,13 +258,17 @@ def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 # -- data streams -----------------------------------------------------------------------
 def owned_streams(config: ParallelConfig) -> list[int]:
-    """The data streams this rank runs (contiguous; all of them in a single process)."""
-    total = config.data_streams or _world.world_size
-    if total % _world.world_size:
+    """The data streams this rank runs (contiguous; all of them in a single process; the
+    same for the ranks of one sequence group)."""
+    groups = _world.data_ranks  # the ranks, or the data groups under sequence parallelism
+    total = config.data_streams or groups
+    if total % groups:
+        what = (f"data groups ({groups}, of {_world.sequence} ranks splitting each video)"
+                if _world.sequence > 1 else f"ranks ({groups})")
         raise ConfigError(f"parallel.data_streams ({total}) must be a multiple of the number "
-                         f"of ranks ({_world.world_size})")
-    per_rank = total // _world.world_size
-    return list(range(_world.rank * per_rank, (_world.rank + 1) * per_rank))
+                         f"of {what}")
+    per_rank = total // groups
+    return list(range(_world.data_rank * per_rank, (_world.data_rank + 1) * per_rank))
 
 
 def stream_generator(base: torch.Generator, stream: int) -> torch.Generator:
@@ -313,6 +382,7 @@ def _fully_shard(model: nn.Module, precision: str, device: torch.device) -> None
 def shard_student(model: nn.Module, config: ParallelConfig, precision: str,
                   device: torch.device) -> nn.Module:
     """The trained model: FSDP2 under torchrun, activation checkpointing when asked."""
+    split_sequence(model)
     if config.activation_checkpointing:
         checkpoint_blocks(model)
     if _world.distributed:
@@ -325,6 +395,7 @@ def prepare_teacher(teacher: nn.Module, config: ParallelConfig, precision: str,
     """The frozen stage teacher: FSDP2-sharded (no gradients) or a full copy per rank."""
     if any(p.requires_grad for p in teacher.parameters()):
         raise ConfigError("the stage teacher must be frozen (requires_grad_(False)) first")
+    split_sequence(teacher)
     if _world.distributed and config.teacher == "shard":
         _fully_shard(teacher, precision, device)
     return teacher

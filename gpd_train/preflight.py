@@ -72,19 +72,21 @@ def memory_bytes(device: torch.device) -> int:
 
 
 def activation_floor(dit: DiTConfig, latent_shape: Sequence[int], batch_size: int,
-                     activation_checkpointing: bool, precision: str) -> int:
+                     activation_checkpointing: bool, precision: str, sequence: int = 1) -> int:
     """A lower bound on the bytes one training step's saved activations take.
 
     The rule: the backward needs, for every transformer block, at least its input
     (``dim`` values per token) and, unless blocks are recomputed (activation
     checkpointing), the FFN's hidden activation before and after the GELU
     (``2 * ffn_dim`` per token); tokens = the latent's T x H x W over the patch size;
-    2 bytes a value under bf16 autocast, else 4. Attention, the other projections, the
-    optimizer, the teacher and the data are left out, so a real step takes several times
-    this: a batch refused by it cannot fit, and no batch that fits is refused.
+    2 bytes a value under bf16 autocast, else 4; split over ``sequence`` ranks
+    (``--sequence-parallel``) a GPU holds 1/sequence of the tokens (rounded up). Attention,
+    the other projections, the optimizer, the teacher and the data are left out, so a real
+    step takes several times this: a batch refused by it cannot fit, and no batch that fits
+    is refused.
     """
-    tokens = math.prod(math.ceil(size / patch)
-                       for size, patch in zip(latent_shape[1:], dit.patch_size, strict=True))
+    tokens = math.ceil(math.prod(math.ceil(size / patch) for size, patch in
+                                 zip(latent_shape[1:], dit.patch_size, strict=True)) / sequence)
     per_token = dit.dim + (0 if activation_checkpointing else 2 * dit.ffn_dim)
     value_bytes = 2 if precision == "bf16" else 4
     return batch_size * tokens * dit.num_layers * per_token * value_bytes
@@ -99,7 +101,7 @@ def check_batch_fits(config: RunConfig, dit: DiTConfig, latent_shape: Sequence[i
     """Refuse a batch whose ``activation_floor`` exceeds the device's memory."""
     checkpointing = bool(config.parallel.activation_checkpointing)
     need = activation_floor(dit, latent_shape, config.batch_size, checkpointing,
-                            config.precision)
+                            config.precision, config.parallel.sequence)
     have = memory_bytes(device)
     if need > have:
         per_sample = need / config.batch_size

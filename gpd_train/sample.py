@@ -22,12 +22,17 @@ de-normalised with the VAE config's latents_mean/std and decoded, as WanPipeline
 each video is written as H.264 MP4 at 16 fps (`--fps`); `--vae-tiling` and `--vae-slicing`
 bound the decoder's memory. Sampling uses the CUDA-graph sampler on CUDA (`--eager` to
 turn it off), eager Euler elsewhere.
+
+Under `torchrun --nproc_per_node N`, `--sequence-parallel N` splits each video's tokens over
+the N ranks (Ulysses attention, gpd_model.sequence_parallel; eager sampler only) and rank 0
+writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -49,6 +54,7 @@ from gpd_model import (
 )
 from gpd_model.graph_sampler import GraphSampler
 
+from . import parallel
 from .chains import add_chain_argument
 from .config import (
     DEFAULT_SHIFT,
@@ -251,6 +257,36 @@ def check_args(args: argparse.Namespace) -> None:
     check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
+    _check_sequence_parallel(args)
+
+
+def _check_sequence_parallel(args: argparse.Namespace) -> None:
+    """--sequence-parallel N splits one video over the N processes torchrun starts (all of
+    them by default), with the eager sampler (the CUDA-graph sampler captures a single-GPU
+    forward)."""
+    if args.sequence_parallel is not None:
+        check_number("--sequence-parallel", args.sequence_parallel, integer=True, low=1)
+    size = args.sequence_parallel or int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not args.eager and args.device != "cpu" and torch.cuda.is_available():
+        raise ConfigError(f"splitting each video over {size} ranks (--sequence-parallel "
+                          f"{size}) needs the eager sampler (the CUDA-graph sampler is "
+                          "single-GPU): add --eager")
+
+
+def _split_over_ranks(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Under torchrun: every rank samples the same videos, each holding 1/N of the tokens."""
+    world = parallel.world()
+    if not world.distributed:
+        if (args.sequence_parallel or 1) > 1:  # refused with the torchrun command to use
+            parallel.set_sequence(args.sequence_parallel, model.cfg.num_heads)
+        return
+    size = args.sequence_parallel or world.world_size
+    if size != world.world_size:
+        raise ConfigError(f"--sequence-parallel {size}: the sampler splits each video over all "
+                          f"{world.world_size} processes torchrun started; pass "
+                          f"--sequence-parallel {world.world_size} or --nproc_per_node {size}")
+    parallel.set_sequence(size, model.cfg.num_heads)
+    parallel.split_sequence(model)
 
 
 def _check_option_use(args: argparse.Namespace) -> None:
@@ -286,8 +322,11 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         check_args(args)
     except ValueError as exc:
         raise SampleError(str(exc)) from None
+    if args.sequence_parallel is not None or "WORLD_SIZE" in os.environ:
+        parallel.setup(args.device)  # joins torchrun's process group (one GPU per rank)
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
+    _split_over_ranks(args, loaded.model)
     model, cfg_scale, folded_at = _guidance_plan(loaded, args)
     device = next(model.parameters()).device
     if args.dtype == "bf16":
@@ -318,7 +357,7 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         "cuda_graphs": sampler.graphs_enabled(device),
         "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
     }
-    _write_samples(args, latents, prompts, vae, summary)
+    parallel.main_only(_write_samples, args, latents, prompts, vae, summary)
     return summary
 
 
@@ -451,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--sequence-parallel", "--sp", type=int, metavar="N",
+                        help="under torchrun --nproc_per_node N: split each video's tokens over "
+                             "the N ranks (with --eager on CUDA); rank 0 writes")
     parser.add_argument("--out", required=True,
                         help="a new or empty folder to write into (written whole, then renamed "
                              "into place)")
@@ -464,15 +506,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = sample(args)
+        # Inside the try: ranks > 0 print into /dev/null until the teardown.
+        print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
+              f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "
+              f"({summary['steps']} steps, guidance {summary['guidance']}) -> {args.out}")
     except GPDError as exc:  # SampleError, EncodeError, WanFolderError, ConfigError ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
         print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
-    print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
-          f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "
-          f"({summary['steps']} steps, guidance {summary['guidance']}) -> {args.out}")
+    finally:
+        parallel.teardown()
     return 0
 
 

@@ -81,6 +81,26 @@ def test_train_graph_dry_run_reports_it_s_per_stage(tmp_path) -> None:
         "SUMMARY tiny-train stage0 it/s eager ")
 
 
+def test_sequence_overhead_dry_run_times_both_paths_and_matches(tmp_path) -> None:
+    out = tmp_path / "sequence.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sequence_overhead.py"), "--preset", "tiny",
+         "--layers", "1", "--latent", "3,4,8,8", "--device", "cpu", "--repeats", "2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["max_relative_difference"] < 1e-6  # fp32: the same numbers
+    for label in ("plain", "split"):
+        for kind in ("forward", "forward_backward"):
+            assert result[f"{label}_{kind}_s"] > 0
+    assert run.stdout.strip().splitlines()[-1].startswith(
+        "SUMMARY sequence-parallel world of one: forward ")
+
+
 def test_device_check_quick_dry_run_checks_and_summarises(tmp_path) -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--device", "cpu",
@@ -134,14 +154,15 @@ def test_device_check_sh_full_runs_every_block_and_reports_a_failure(tmp_path) -
     # Most wanted first: issue 14's kernel numbers, then its trainer, then the rest.
     assert [row[0] for row in rows] == ["kernel-tests", "kernels", "dit-op-backends",
                                         "tiny-train", "stage-step", "stage-step-lora",
-                                        "sampler-mfu", "realscale-path"]
+                                        "sampler-mfu", "realscale-path", "sequence-parallel"]
     assert [row[1] for row in rows] == ["ok", "ok", "ok", "ok", "FAIL (3)", "FAIL (3)", "ok",
-                                        "ok"]
+                                        "ok", "ok"]
     assert rows[1][3].startswith("stub benchmarks/device_check.py --out ")
     assert rows[2][3].startswith("stub benchmarks/dit_op_backends.py --out ")
     assert rows[3][3].startswith("stub benchmarks/train_graph.py --out ")
     assert "bench_sampler or mfu" in rows[6][3]
     assert rows[7][3].startswith("stub benchmarks/realscale_path.py --out ")
+    assert rows[8][3].startswith("stub benchmarks/sequence_overhead.py --out ")
 
 
 def test_device_check_sh_only_reruns_the_named_blocks(tmp_path) -> None:
@@ -158,7 +179,8 @@ def test_device_check_sh_caps_a_hung_block_and_skips_what_the_budget_cannot_fit(
     assert rows["tiny-train"][1].startswith("TIMEOUT (")  # cut at the budget left, not 60 s
     assert int(rows["tiny-train"][2]) < 30
     assert all(rows[name][1].startswith("skipped: ") for name in
-               ("stage-step", "stage-step-lora", "sampler-mfu", "realscale-path"))
+               ("stage-step", "stage-step-lora", "sampler-mfu", "realscale-path",
+                "sequence-parallel"))
     assert rows["dit-op-backends"][1] == "ok"
     bad = _run_device_check_sh(tmp_path, "--budget", "soon")
     assert bad.returncode == 2 and "--budget takes whole seconds, got 'soon'" in bad.stderr

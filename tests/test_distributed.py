@@ -237,14 +237,19 @@ def _children(pid: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc (Linux)")
-def test_killing_one_rank_leaves_the_last_checkpoint_loadable(tmp_path):
+@pytest.mark.parametrize("layout,resume_layout", [
+    ([], ["--data-streams", "2", "--batch-size", "2"]),  # 2 ranks x 1 sample: 2 streams of 1
+    # Each video split over both ranks: one data group, one stream of 1 sample.
+    (["--sequence-parallel", "2"], ["--batch-size", "1"]),
+], ids=["data-parallel", "sequence-parallel"])
+def test_killing_one_rank_leaves_the_last_checkpoint_loadable(tmp_path, layout, resume_layout):
     run_dir = tmp_path / "run"
     flags = ["--stage", "0", "--run-dir", str(run_dir), "--device", "cpu", "--batch-size", "1",
              "--checkpoint-every", "1"]
     # Enough iterations that the kill lands mid-run; resuming keeps them (a changed
     # iteration count is refused), with rarer checkpoints so finishing is quick.
     iterations = ["--teacher-iterations", "200"]
-    launcher = subprocess.Popen(torchrun(["-m", "gpd_train", *flags, *iterations]),
+    launcher = subprocess.Popen(torchrun(["-m", "gpd_train", *flags, *iterations, *layout]),
                                 cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     store = CheckpointStore(run_dir / "stage0" / "ckpt")
@@ -268,10 +273,10 @@ def test_killing_one_rank_leaves_the_last_checkpoint_loadable(tmp_path):
     latest = store.latest()
     manifest = read_manifest(latest)
     assert is_dcp(latest) and manifest["world_size"] == 2
-    # The checkpoint loads in one process (2 streams of 1) and the stage finishes from it.
+    # The checkpoint loads in one process (the same streams) and the stage finishes from it.
     step = manifest["step"]
     assert step < 200
-    assert main([*flags, "--resume", "--data-streams", "2", "--batch-size", "2", *iterations,
+    assert main([*flags, "--resume", *resume_layout, *iterations,
                  "--checkpoint-every", "1000"]) == 0
     records = [json.loads(line) for line in
                (run_dir / "stage0" / "metrics.jsonl").read_text().splitlines()]

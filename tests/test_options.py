@@ -122,6 +122,9 @@ def test_activation_floor_is_the_documented_arithmetic():
         10 * tokens * 3 * (64 + 2 * 256) * 4)
     assert preflight.activation_floor(tiny, (3, 4, 16, 16), 10, True, "bf16") == (
         10 * tokens * 3 * 64 * 2)
+    # Split over 3 ranks (--sequence-parallel 3) a GPU holds ceil(64 / 3) = 22 tokens.
+    assert preflight.activation_floor(tiny, (3, 4, 16, 16), 10, True, "bf16", 3) == (
+        10 * 22 * 3 * 64 * 2)
 
 
 @pytest.mark.parametrize("batch,refused", [(100000, True), (16, False), (2000, False)])
