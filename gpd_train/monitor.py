@@ -179,6 +179,10 @@ class StageMonitor:
         self._writer(step).file_writer.add_summary(Summary(value=values), step)
 
     def close(self) -> None:
+        if self.validation_seconds:  # what watching cost, beside the stage's own time
+            mean = sum(self.validation_seconds) / len(self.validation_seconds)
+            tqdm.write(f"[{self.name}] validation: {len(self.validation_seconds)} call(s), "
+                       f"{mean:.2f} s each on average")
         if self.writer is not None:
             self.writer.close()
             self.writer = None
