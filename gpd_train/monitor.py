@@ -71,9 +71,8 @@ class ValidationSet:
 
     def __init__(self, run: RunFolder, sid: StageId, data: Any) -> None:
         cfg = run.config
-        count = max(1, cfg.eval.examples)
-        self.context, self.names = data.eval_prompts(count)
-        self.noise = make_noise((count, *data.latent_shape), seed=cfg.eval.seed)
+        self.context, self.names = data.eval_prompts(cfg.eval.examples)
+        self.noise = make_noise((cfg.eval.examples, *data.latent_shape), seed=cfg.eval.seed)
         self.negative = data.negative_context if sid.is_teacher else None
         self.guidance = cfg.resolved_guidance
         self.guidance_input = sid.is_guidance or run.guidance_input(sid)

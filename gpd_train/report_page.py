@@ -32,11 +32,12 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageSequence
 
 from .checkpoint import atomic_write_text
+from .media import GIF_FRAME_MS
 from .report import render_markdown
+from .writes import writing
 
 PAGE = "report.html"
 GRID = "video_grid.gif"
-LABEL_WIDTH = 260
 NO_PLOTS = ("Plots need matplotlib, which is not installed: pip install -e '.[report]', then "
             "python -m gpd_train.report_html --run-dir {run} rebuilds this page.")
 STYLE = """
@@ -217,14 +218,17 @@ def write_video_grid(folder: Path, rows: list[dict[str, Any]]) -> tuple[Path | N
             continue
         with Image.open(gif) as image:
             frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
-            videos.append((row["model"], frames, int(image.info.get("duration", 150))))
+            videos.append((row["model"], frames, int(image.info.get("duration",
+                                                                    GIF_FRAME_MS))))
     if not videos:
         return None, notes
     frame_count, duration = len(videos[0][1]), videos[0][2]
-    kept = [v for v in videos if len(v[1]) == frame_count and v[2] == duration]
+    fits = [len(frames) == frame_count and ms == duration for _, frames, ms in videos]
+    kept = [video for video, fit in zip(videos, fits, strict=True) if fit]
     notes += [f"{label}: {len(frames)} frames of {ms} ms, not {frame_count} of {duration}"
-              for label, frames, ms in videos if (label, frames, ms) not in kept]
-    width = LABEL_WIDTH + max(frames[0].width for _, frames, _ in kept)
+              for (label, frames, ms), fit in zip(videos, fits, strict=True) if not fit]
+    label_width = max(150, 6 * max(len(label) for label, _, _ in kept) + 8)  # as the sheet
+    width = label_width + max(frames[0].width for _, frames, _ in kept)
     heights = [frames[0].height + 4 for _, frames, _ in kept]
     canvases = []
     for t in range(frame_count):
@@ -232,14 +236,15 @@ def write_video_grid(folder: Path, rows: list[dict[str, Any]]) -> tuple[Path | N
         draw, top = ImageDraw.Draw(canvas), 0
         for (label, frames, _), height in zip(kept, heights, strict=True):
             draw.text((4, top + height // 2 - 6), label, fill=(0, 0, 0))
-            canvas.paste(frames[t], (LABEL_WIDTH, top))
+            canvas.paste(frames[t], (label_width, top))
             top += height
         canvases.append(canvas)
     path = folder / GRID
     tmp = path.with_name(f".{GRID}.tmp-{os.getpid()}")
-    canvases[0].save(tmp, format="GIF", save_all=True, append_images=canvases[1:],
-                     duration=duration, loop=0)
-    os.replace(tmp, path)
+    with writing(path, partial=tmp):
+        canvases[0].save(tmp, format="GIF", save_all=True, append_images=canvases[1:],
+                         duration=duration, loop=0)
+        os.replace(tmp, path)
     return path, notes
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_TOML
 from PIL import Image
 
 from gpd_model import euler_sample, make_noise, sigma_grid
@@ -46,7 +47,7 @@ def _pixels(data: bytes | Path) -> np.ndarray:
 
 def test_events_read_back_as_the_metrics_log_and_the_stage_outputs_samples(micro, tmp_path):
     run = _train(micro, tmp_path / "logged", "--log", "tensorboard", "--validate-every", "2")
-    for sid, steps in ((TEACHER, 8), (STAGE1, 4)):
+    for sid in (TEACHER, STAGE1):
         folder = run.stage_folder(sid)
         events = _events(folder)
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -72,22 +73,39 @@ def test_events_read_back_as_the_metrics_log_and_the_stage_outputs_samples(micro
             assert event.encoded_image_string == saved.read_bytes()
         with Image.open(io.BytesIO(videos[-1].encoded_image_string)) as gif:
             assert (gif.format, gif.n_frames) == ("GIF", 4)  # the micro videos' frames
-        # The last validation is the EMA at the last step: the stage output, sampled as the
-        # evaluation samples it (teacher: CFG pairs at its scale; student: one forward).
-        cfg = run.config
-        data = run.data
-        context, _ = data.eval_prompts(cfg.eval.examples)
-        noise = make_noise((cfg.eval.examples, *data.latent_shape), seed=cfg.eval.seed)
-        model = run.load_stage_model(sid).eval()
-        w = cfg.resolved_guidance if sid.is_teacher else None
-        negative = data.negative_context.expand(len(noise), -1, -1) if w else None
-        expected = euler_sample(model, noise, context, sigma_grid(steps, cfg.resolved_shift),
-                                negative, w)
-        reference = tmp_path / f"{sid.name.replace('/', '_')}.png"
-        label = f"{sid.name} EMA@{steps} step {last}"
-        write_contact_sheet(reference, [(label, expected)])
-        got = _pixels(folder / "validation" / f"step-{last:08d}.png")
-        assert np.abs(got - _pixels(reference)).max() <= 1  # a rounding step at most
+
+
+@pytest.mark.parametrize(("sid", "flags"), [
+    (TEACHER, ["--teacher-iterations", "4"]),
+    (STAGE1, ["--iterations", "4"]),
+    (StageId("guided", "g"), ["--chain", "guided"]),  # w as the student's input
+    (STAGE1, ["--iterations", "4", "--lora-rank", "2"]),  # the EMA of the adapter alone
+], ids=["teacher", "gpd", "guidance-stage", "lora"])
+def test_last_validation_is_the_stage_output_as_the_evaluation_samples_it(micro, tmp_path,
+                                                                          sid, flags):
+    """The validation at the last step (4) uses the EMA then: the stage output. Sampled as
+    the evaluation does (its verified output, a guidance input folded at the run's w, a LoRA
+    adapter merged), it gives the same contact sheet."""
+    toml = tmp_path / "guided.toml"
+    toml.write_text(MICRO_TOML + "[guided]\nguidance_iterations = 4\n")
+    args = [*micro, "--config", str(toml), "--threads", "1"]
+    if not sid.is_teacher:
+        assert main([*args, "--stage", "0"]) == 0
+    assert main([*args, "--stage", str(sid.stage), *flags, "--validate-every", "2"]) == 0
+    run = TrainingRun(load_run_config(tmp_path / "run", device="cpu"))
+    cfg, data, last = run.config, run.data, 4
+    context, _ = data.eval_prompts(cfg.eval.examples)
+    noise = make_noise((cfg.eval.examples, *data.latent_shape), seed=cfg.eval.seed)
+    model = run.load_stage_model(sid, fold_at=cfg.resolved_guidance).eval()
+    w = cfg.resolved_guidance if sid.is_teacher else None
+    negative = data.negative_context.expand(len(noise), -1, -1) if w else None
+    steps = run.steps(sid)
+    expected = euler_sample(model, noise, context, sigma_grid(steps, cfg.resolved_shift),
+                            negative, w)
+    reference = tmp_path / "expected.png"
+    write_contact_sheet(reference, [(f"{sid.name} EMA@{steps} step {last}", expected)])
+    got = _pixels(run.stage_folder(sid) / "validation" / f"step-{last:08d}.png")
+    assert np.abs(got - _pixels(reference)).max() <= 1  # a rounding step at most
 
 
 def test_logging_and_validation_leave_the_trained_weights_bit_identical(micro, tmp_path):
