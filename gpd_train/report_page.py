@@ -184,7 +184,7 @@ def loss_plot(plt: Any, run_dir: Path, stages: list[str]) -> str | None:
     figure, axes = plt.subplots(count, columns, figsize=(4.6 * columns, 3.2 * count),
                                 squeeze=False)
     for ax, (name, records) in zip(axes.flat, logs.items(), strict=False):
-        steps = [r["step"] for r in records]
+        steps, positive = [r["step"] for r in records], True
         for key in ("loss", "mse", "freq"):
             values = [r[key] for r in records if key in r]
             if len(values) != len(steps) or (key == "mse" and values == [r["loss"] for r
@@ -194,7 +194,9 @@ def loss_plot(plt: Any, run_dir: Path, stages: list[str]) -> str | None:
             shown = ax.plot(steps, running_mean(values, window),
                             label=f"{key} (mean of {window})")
             ax.plot(steps, values, alpha=0.25, color=shown[0].get_color(), linewidth=0.8)
-        ax.set_yscale("log")
+            positive = positive and min(values) > 0
+        if positive:  # losses span decades; a zero (a toy objective) cannot be log-scaled
+            ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
