@@ -115,7 +115,11 @@ setup(
         "real": REAL,
         # LoRA distillation and diffusers LoRA export (gpd_train.lora).
         "lora": ["peft>=0.15"],
+        # --log tensorboard (gpd_train.monitor) and the evaluation's plots (report.html).
+        "tensorboard": ["tensorboard"],
+        "report": ["matplotlib"],
         # accelerate: diffusers needs it for WanTransformer3DModel.from_pretrained
-        "test": ["pytest", "pytest-benchmark", "ruff", "peft>=0.15", *REAL],
+        "test": ["pytest", "pytest-benchmark", "ruff", "peft>=0.15", "tensorboard",
+                 "matplotlib", *REAL],
     },
 )

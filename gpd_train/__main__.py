@@ -17,6 +17,7 @@ from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .errors import ConfigError, GPDError
 from .evaluate import evaluate_run
+from .monitor import check_log_backend
 from .pipeline import run_pipeline, run_stage, trainable_plan
 from .run_folder import RunLock, check_run_paths
 from .wan_folder import with_teacher_defaults
@@ -79,6 +80,11 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--guidance", "guidance", float, "the teacher's CFG scale (tiny default 1.5, else 5.0)"),
     ("--batch-size", "batch_size", int, "training batch size"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint interval in iterations"),
+    ("--log", "log", str, "none | tensorboard: also log each stage's scalars (and the "
+     "validation samples) to <stage folder>/tensorboard (needs the [tensorboard] extra)"),
+    ("--validate-every", "validate_every", int, "every N iterations the EMA student samples "
+     "fixed prompts and noise at its step count: <stage folder>/validation/step-N.png "
+     "(and TensorBoard with --log tensorboard); 0 = never (default)"),
     ("--teacher-iterations", "stage0.iterations", int, "stage-0 training iterations"),
     ("--state-source", "distill.state_source", str,
      f"GPD state source: {' | '.join(STATE_SOURCES)}"),
@@ -189,7 +195,8 @@ CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS, **HORIZON_FLAGS}
 STAGE0_FLAGS = {"stage0.iterations": "--teacher-iterations"}
 # Flags only training reads (the evaluation samples finished stages).
 TRAINING_FLAGS = {**DISTILL_FLAGS, **HORIZON_FLAGS, **STAGE0_FLAGS, "batch_size": "--batch-size",
-                  "checkpoint_every": "--checkpoint-every",
+                  "checkpoint_every": "--checkpoint-every", "log": "--log",
+                  "validate_every": "--validate-every",
                   "parallel.data_streams": "--data-streams", "parallel.teacher":
                   "--teacher-sharding", "cuda_graph": "--cuda-graph",
                   "parallel.activation_checkpointing": "--activation-checkpointing",
@@ -221,6 +228,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
             check_stage(args.stage, config.stage_count(args.chain))
         preflight.check_environment()
         preflight.check_threads(config.threads)
+        check_log_backend(config.log)
         if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
             preflight.check_teacher_matches(config)
         check_video_flags(args, config)

@@ -18,6 +18,8 @@ Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
                                # the one before: [48, 24, 12, 6, 3], [48, 16, 8, 4], ...)
     batch_size = 16
     checkpoint_every = 50
+    log = "none"               # none | tensorboard: scalars (and validation) per stage folder
+    validate_every = 0         # > 0: sample the EMA student's validation set every N iterations
     pipeline_chains = [...]    # the chains the pipeline trains, in order (gpd_train.chains)
 
     [stage0]                   # flow-matching training of the base teacher
@@ -165,6 +167,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.teacher must be one of {TEACHER_MODES}, got "
                              f"{self.teacher!r}")
 
+LOG_BACKENDS = ("none", "tensorboard")  # --log: where training's scalars also go
+
 # Per-preset defaults for values the DiT config does not carry.
 PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
@@ -272,6 +276,9 @@ class RunConfig:
     steps: list[int] = field(default_factory=lambda: [48, 24, 12, 6])
     batch_size: int = 16
     checkpoint_every: int = 50
+    # Watching training (gpd_train.monitor); neither changes what a stage trains.
+    log: str = "none"
+    validate_every: int = 0
     stage0: Stage0Config = field(default_factory=Stage0Config)
     # The chains' TOML tables ([distill], [guided], [vanilla], ...: gpd_train.chains),
     # by section name; config.json and TOML files hold them as top-level tables.
@@ -368,6 +375,8 @@ class RunConfig:
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
             raise ConfigError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
+        if self.log not in LOG_BACKENDS:
+            raise ConfigError(f"log must be one of {', '.join(LOG_BACKENDS)}, got {self.log!r}")
         self.parallel.validate()
         if self.prompts is not None and self.teacher is None:
             raise ConfigError(f"prompts ({self.prompts!r}) are encoded by the teacher's "
@@ -441,6 +450,7 @@ class RunConfig:
         for key in ("batch_size", "checkpoint_every"):
             check_number(key, getattr(self, key), integer=True, low=1)
         check_number("threads", self.threads, integer=True, low=0)
+        check_number("validate_every", self.validate_every, integer=True, low=0)
         check_number("stage0.iterations", self.stage0.iterations, integer=True, low=1)
         for section, values in (("stage0", self.stage0),
                                 *((c.section, self.chain(name)) for name, c in CHAINS.items())):

@@ -57,6 +57,7 @@ from .metrics import (
 )
 from .preflight import check_eval_guidance
 from .report import render_markdown
+from .report_page import write_report_html
 from .run_folder import read_record
 from .stages import TEACHER, RunFolder
 
@@ -327,9 +328,11 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
                                      cfg.resolved_shift, ev.batch_size, run.device,
                                      cfg.precision)
         sets[candidate.label] = videos
-        rows.append(judge.row(candidate, videos, sets[candidate.reference], seconds))
+        gif = f"{_slug(candidate.label)}.gif"
+        rows.append({**judge.row(candidate, videos, sets[candidate.reference], seconds),
+                     "reference": candidate.reference, "gif": gif})  # for report.html
         sheet_rows.append((candidate.label, videos[examples]))
-        write_gif(out / f"{_slug(candidate.label)}.gif", videos[examples])
+        write_gif(out / gif, videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     reference = candidates[0].label
     steps = final_steps(run, [c.steps for c in compared])
@@ -342,6 +345,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
               "compare": compare or {}}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))
+    write_report_html(report, run.folder)
     return out / "report.md"
 
 

@@ -153,6 +153,15 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
+class StepMonitor(Protocol):
+    """Watches training from outside (gpd_train.monitor): sees each step's metrics record
+    and may read the trainer, but must leave its weights, optimizer and RNG as they were."""
+
+    def after_step(self, trainer: StageTrainer, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StreamState:
     """A "stream.<j>" part: data stream j's generator and rollout state."""
 
@@ -263,6 +272,7 @@ class StageTrainer:
             recipe=recipe)
         self.metrics = MetricsLog(folder / "metrics.jsonl")
         self.step = 0
+        self.monitor: StepMonitor | None = None  # set by the caller (gpd_train.pipeline)
         self.graph: GraphStep | None = None
         if cuda_graph:  # the options were checked (gpd_train.step.cuda_graph_refusal)
             if isinstance(objective, StreamGroup):
@@ -311,6 +321,8 @@ class StageTrainer:
                 self._train_step(bar)
         finally:
             bar.close()
+            if self.monitor is not None:
+                self.monitor.close()
         latest = self._latest()
         if latest is None or latest.name != f"step-{self.step:08d}":
             self.checkpoints.save(self.step)
@@ -383,6 +395,8 @@ class StageTrainer:
         record.update(parallel.mean_across_ranks({k: record[k] for k in ("loss", *extras)}))
         if parallel.is_main():
             self.metrics.log(record)
+        if self.monitor is not None:
+            self.monitor.after_step(self, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         bar.update(1)
         if step % self.checkpoint_every == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .wan_folder import WanFolderError, component
 WAN_FPS = 16
 SHEET_SCALE = 3
 GIF_SCALE = 4
+GIF_FRAME_MS = 150
 
 
 def load_vae(path: str | Path, latent_channels: int, *, device: torch.device,
@@ -138,8 +139,8 @@ def write_contact_sheet(path: Path, rows: list[tuple[str, torch.Tensor]]) -> Non
     sheet.save(path)
 
 
-def write_gif(path: Path, videos: torch.Tensor) -> None:
-    """The example videos side by side, animated."""
+def write_gif(target: Path | BinaryIO, videos: torch.Tensor) -> None:
+    """The example videos side by side, animated and looping, to a file or a buffer."""
     per_video = [_frames_to_image(video, GIF_SCALE) for video in videos]
     cell_w, cell_h = per_video[0][0].size
     frames = []
@@ -148,4 +149,5 @@ def write_gif(path: Path, videos: torch.Tensor) -> None:
         for e, video in enumerate(per_video):
             canvas.paste(video[t], (e * (cell_w + 2), 0))
         frames.append(canvas)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0)
+    frames[0].save(target, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=GIF_FRAME_MS, loop=0)

@@ -25,6 +25,7 @@ from .data_needs import missing_latents, trainable_chains
 from .errors import ConfigError
 from .evaluate import evaluate_run
 from .lora import adapter_from_params
+from .monitor import stage_monitor
 from .parallel import full_value, is_main, main_only, world
 from .run_folder import (
     RunFolderError,
@@ -114,6 +115,7 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
     trainer = build_stage0(run) if sid.is_teacher else build_distill(run, sid)
     if resume:
         trainer.checkpoints.check_recipe()
+    trainer.monitor = stage_monitor(run, sid, run.data)  # --log / --validate-every
     main_only(run.save_config)  # only once the stage's inputs and options were accepted
     trainer.run(resume=resume)
     final = list(trainer.metrics.records())[-20:]

@@ -387,7 +387,10 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
         for metric in ("PSNR (dB)", "learned FD to data")]
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert (report.parent / "feature_net.safetensors").is_file()
-    assert len(list(report.parent.glob("*.gif"))) == 19
+    # One GIF per model, and report.html's grid of them.
+    assert sorted(p.name for p in report.parent.glob("*.gif")) == sorted(
+        [row["gif"] for row in data["rows"]] + ["video_grid.gif"])
+    assert len(data["rows"]) == 19 and (report.parent / "report.html").is_file()
     record = run.stage_folder(StageId("vanilla", 1)) / "done.json"
     assert json.loads(record.read_text())["iterations"] == 2
 
