@@ -192,7 +192,7 @@ def test_teacher_other_than_the_imported_one_is_refused(micro, trained, tmp_path
     (["--guidance", "3"], "is a guidance-free student (it absorbed its teacher's CFG"),
     (["--chain", "vanilla"], "has no finished vanilla stage (only the shared stage0); train it "
                              "with `python -m gpd_train --stage 1 --chain vanilla --run-dir"),
-    (["--stage", "5"], "has stages 0..1 (steps [8, 4])"),
+    (["--stage", "5"], "has gpd stages 0..1 (steps [8, 4])"),
     (["--seed", str(2**64)], f"--seed must be >= 0 and <= 4294967295, got {2**64}"),
     (["--out", "/proc/gpd-out"], "--out /proc/gpd-out cannot be written"),
 ])
