@@ -114,7 +114,10 @@ def chromium():
         for command in (["apt-get", "install", "-y", "-q", "chromium"],
                         ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q",
                                                       "chromium"]):
-            result = subprocess.run(command, capture_output=True, timeout=900)
+            try:  # a mirror that does not answer is a skip, not a hang
+                result = subprocess.run(command, capture_output=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                break
             if command[1] == "install" and result.returncode == 0:
                 break
         found = shutil.which("chromium")
