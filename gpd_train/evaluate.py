@@ -43,6 +43,7 @@ from .checkpoint import atomic_write_text, sha256_file
 from .config import load_run_config
 from .data import ProceduralVideos
 from .destination import EVAL, reuse_or_move_aside
+from .detail_metric import SANITY, DetailJudge, real_videos, sanity_pairs, sanity_sets
 from .errors import ConfigError
 from .feature_net import feature_net, video_features
 from .loop import autocast
@@ -69,7 +70,7 @@ MAIN = "main"
 @dataclass
 class Candidate:
     label: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: a set made, not sampled (the sanity rows)
     steps: int
     guidance: float | None  # sampled as a CFG pair at this scale, or (None) one forward
     reference: str  # label of the row this one is compared with
@@ -234,6 +235,7 @@ class _Judge:
     prompt_ids: torch.Tensor | None
     net: Any
     data_features: torch.Tensor | None
+    detail: DetailJudge | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def row(self, candidate: Candidate, videos: torch.Tensor, reference: torch.Tensor,
@@ -256,6 +258,8 @@ class _Judge:
                 lambda idx: frechet_distance(features[idx], self.data_features), len(videos))
             correct = self.correct(videos)
             row["prompt_acc"], row["prompt_acc_ci"] = float(correct.mean()), mean_interval(correct)
+        if self.detail is not None:
+            row.update(self.detail.row(candidate.label, videos))
         return row
 
     def correct(self, videos: torch.Tensor) -> torch.Tensor:
@@ -284,18 +288,20 @@ class _Judge:
             out.append({"a": a, "b": b, "metric": "learned FD to data",
                         "value": fd_gap(torch.arange(len(fa))),
                         "ci": half_sample_interval(fd_gap, len(fa))})
+            out += self.detail.comparisons([(a, b)]) if self.detail is not None else []
         return out
 
 
 def _judge(run: RunFolder, data: Any, prompts: int, out: Path) -> _Judge:
     if not isinstance(data, ProceduralVideos):
-        tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD and "
-                   "prompt accuracy need the built-in data's real videos and labels)")
+        tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD, "
+                   "detail KID and prompt accuracy need the built-in data's real videos and "
+                   "labels)")
         return _Judge(data, None, None, None)
     prompt_ids = torch.arange(prompts) % data.num_prompts
     net = feature_net(data, run.config.seed, out / "feature_net.safetensors")
-    real = data.videos(prompt_ids + data.num_prompts * 10**6)
-    return _Judge(data, prompt_ids, net, video_features(net, real))
+    real = real_videos(data, prompts)
+    return _Judge(data, prompt_ids, net, video_features(net, real), DetailJudge.build(net, real))
 
 
 def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = None) -> Path:
@@ -334,10 +340,12 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
         sheet_rows.append((candidate.label, videos[examples]))
         write_gif(out / gif, videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
+    rows += _sanity_rows(judge, data, candidates[0], sets[candidates[0].label], ev.seed)
     reference = candidates[0].label
     steps = final_steps(run, [c.steps for c in compared])
     report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
-              "comparisons": judge.comparisons(_pairs(candidates, steps), sets, sets[reference]),
+              "comparisons": judge.comparisons(_pairs(candidates, steps), sets, sets[reference])
+              + _sanity_comparisons(judge, candidates),
               "compared_steps": steps, "training": _training_costs(run),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
                            "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
@@ -389,6 +397,31 @@ def _training_costs(run: RunFolder) -> list[dict[str, Any]]:
                       "seconds": sum(float(record.get("seconds", 0.0)) for _, record in records),
                       "teacher_forwards_per_sample": forwards / max(iterations, 1)})
     return costs
+
+
+def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Tensor,
+                 seed: int) -> list[dict[str, Any]]:
+    """The detail metric's sanity rows (gpd_train/detail_metric.py): held-out data and
+    the reference's videos degraded, each measured like a model's."""
+    if judge.detail is None:
+        return []
+    rows = []
+    for label, from_teacher, made in sanity_sets(data, teacher.label, videos, seed):
+        sanity = (Candidate(label, None, teacher.steps, teacher.guidance, teacher.label, SANITY)
+                  if from_teacher else
+                  Candidate(label, None, 0, None, teacher.label, SANITY, cfg="data"))
+        rows.append(judge.row(sanity, made, videos, float("nan")))
+    return rows
+
+
+def _sanity_comparisons(judge: _Judge, candidates: list[Candidate]) -> list[dict[str, Any]]:
+    """The detail metric's ordering steps: sanity rows, then naive sampling by step count."""
+    if judge.detail is None:
+        return []
+    teacher = candidates[0]
+    naive = sorted((c for c in candidates if c.model is teacher.model and c.group == teacher.group
+                    and c.guidance == teacher.guidance), key=lambda c: -c.steps)
+    return judge.detail.comparisons(sanity_pairs(teacher.label, [c.label for c in naive]))
 
 
 def _stage_summaries(run: RunFolder) -> dict[str, Any]:

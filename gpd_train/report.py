@@ -28,7 +28,7 @@ def fmt_interval(row: dict[str, Any], key: str, digits: int = 2) -> str:
 
 def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
     header = ["model", "steps", "CFG", "NFE", "PSNR to ref (dB)"]
-    header += ["learned FD to data", "learned FD to ref"] if builtin else []
+    header += ["learned FD to data", "learned FD to ref", "detail KID to data"] if builtin else []
     header += ["HF ratio", "motion ratio"]
     header += ["prompt acc"] if builtin else []
     header += ["s/video"]
@@ -37,7 +37,8 @@ def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
         cells = [row["model"], fmt(row["steps"]), row["cfg"], fmt(row["nfe"]),
                  fmt_interval(row, "psnr_db")]
         if builtin:
-            cells += [fmt_interval(row, "fd_data"), fmt(row["fd_ref"], 2)]
+            cells += [fmt_interval(row, "fd_data"), fmt(row["fd_ref"], 2),
+                      fmt_interval(row, "kid_data", 3)]
         cells += [fmt(row["hf_ratio"]), fmt(row["motion_ratio"])]
         cells += [fmt_interval(row, "prompt_acc")] if builtin else []
         cells += [fmt(row["seconds_per_video"], 4)]
@@ -100,6 +101,11 @@ def render_markdown(report: dict[str, Any]) -> str:
               "FD: Frechet distance of a small video classifier's penultimate features "
               "(gpd_train/feature_net.py, trained on the data's shape, motion and position "
               "labels) to real data videos of the same prompts and to the reference set; "
+              "detail KID: kernel distance (unbiased MMD^2, kernel (x.y/d + 1)^3) to the real "
+              "videos in those features beside log spatial and temporal spectra "
+              "(gpd_train/detail_metric.py), which see blur and broken motion; its sanity rows "
+              "are held-out data and the reference blurred (Gaussian sigma in latent pixels), "
+              "its frames shuffled, or frozen; "
               "share of spatial spectral energy above half Nyquist, over the reference's; "
               "mean absolute frame difference, over the reference's; share of videos whose "
               "recognised shape and motion match the prompt; wall-clock sampling seconds per "
