@@ -28,6 +28,7 @@ resolve them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from .data import ProceduralVideos
 from .errors import ConfigError
-from .feature_net import VideoFeatureNet, video_features
+from .feature_net import FEATURES, VideoFeatureNet, video_features
 from .metrics import check_videos, half_sample_interval
 
 # Band edges over the normalised radius in (0, 1]; the DC term is excluded (mean removed).
@@ -156,7 +157,7 @@ def gaussian_blur(videos: torch.Tensor, sigma: float) -> torch.Tensor:
     check_videos(videos, "videos")
     if not sigma > 0:
         raise ConfigError(f"blur sigma must be > 0 latent pixels, got {sigma!r}")
-    radius = max(1, int(torch.tensor(3.0 * sigma).ceil()))
+    radius = max(1, math.ceil(3.0 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     weights = (-offsets.square() / (2 * sigma**2)).exp()
     weights = (weights / weights.sum()).to(videos.dtype)
@@ -199,27 +200,32 @@ def real_videos(data: ProceduralVideos, count: int, offset: int = REAL_OFFSET) -
     return data.videos(data.num_prompts * offset + torch.arange(count))
 
 
+def _sanity_labels(teacher: str) -> tuple[str, list[str], str, str]:
+    """Labels of the held-out data, the teacher blurred (by BLUR_SIGMAS), shuffled, frozen."""
+    return ("data, held out", [f"{teacher} blurred sigma={s:g} px" for s in BLUR_SIGMAS],
+            f"{teacher} frames shuffled", f"{teacher} frozen (first frame)")
+
+
 def sanity_sets(data: ProceduralVideos, teacher_label: str, teacher: torch.Tensor,
                 seed: int) -> list[tuple[str, bool, torch.Tensor]]:
     """The sets whose order the metric must get right: (label, made from the teacher's
     videos, videos). Held-out data (other videos of the same prompts) sits nearest the
     data; blur and broken time must each land beyond the teacher."""
-    sets = [("data, held out", False, real_videos(data, len(teacher), HELD_OUT_OFFSET))]
-    sets += [(f"{teacher_label} blurred sigma={s:g} px", True, gaussian_blur(teacher, s))
-             for s in BLUR_SIGMAS]
-    sets += [(f"{teacher_label} frames shuffled", True, shuffle_frames(teacher, seed)),
-             (f"{teacher_label} frozen (first frame)", True, freeze(teacher))]
-    return sets
+    held_out, blurred, shuffled, frozen = _sanity_labels(teacher_label)
+    sets = [(held_out, False, real_videos(data, len(teacher), HELD_OUT_OFFSET))]
+    sets += [(label, True, gaussian_blur(teacher, sigma))
+             for label, sigma in zip(blurred, BLUR_SIGMAS, strict=True)]
+    return sets + [(shuffled, True, shuffle_frames(teacher, seed)),
+                   (frozen, True, freeze(teacher))]
 
 
 def sanity_pairs(teacher_label: str, naive_ladder: list[str]) -> list[tuple[str, str]]:
     """Paired differences ``a - b`` that show each ordering step: the sanity rows, then
     naive sampling from the most steps to the fewest."""
-    blurred = [f"{teacher_label} blurred sigma={s:g} px" for s in BLUR_SIGMAS]
+    held_out, blurred, shuffled, frozen = _sanity_labels(teacher_label)
     ladder = [teacher_label, *blurred]
-    pairs = [(teacher_label, "data, held out"), *zip(ladder[1:], ladder[:-1], strict=True)]
-    pairs += [(f"{teacher_label} frames shuffled", teacher_label),
-              (f"{teacher_label} frozen (first frame)", teacher_label)]
+    pairs = [(teacher_label, held_out), *zip(ladder[1:], ladder[:-1], strict=True),
+             (shuffled, teacher_label), (frozen, teacher_label)]
     return pairs + list(zip(naive_ladder[1:], naive_ladder[:-1], strict=True))
 
 
@@ -241,9 +247,8 @@ class DetailJudge:
         # in (a power spectrum ignores where the shape is, so the data holds about one
         # spectrum per shape) would put any model's small offset there hundreds of units
         # away and drown every other feature.
-        semantic = video_features(net, real[:2]).shape[1]
-        spectra = raw[:, semantic:]
-        scale = torch.cat([raw[:, :semantic].std(dim=0).clamp_min(1e-6),
+        spectra = raw[:, FEATURES:]
+        scale = torch.cat([raw[:, :FEATURES].std(dim=0).clamp_min(1e-6),
                            spectra.var(dim=0).mean().sqrt().clamp_min(1e-6).expand(
                                spectra.shape[1])])
         center = raw.mean(dim=0)
@@ -265,6 +270,9 @@ class DetailJudge:
             if a not in self.kernels or b not in self.kernels:
                 continue
             ka, kb = self.kernels[a], self.kernels[b]
+            if ka.count != kb.count:
+                raise ConfigError(f"paired KID needs sets of one size, got {a!r} with "
+                                  f"{ka.count} videos and {b!r} with {kb.count}")
 
             def gap(idx: torch.Tensor, ka: KernelToReference = ka,
                     kb: KernelToReference = kb) -> float:

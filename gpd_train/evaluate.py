@@ -343,9 +343,10 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     rows += _sanity_rows(judge, data, candidates[0], sets[candidates[0].label], ev.seed)
     reference = candidates[0].label
     steps = final_steps(run, [c.steps for c in compared])
+    pairs = _pairs(candidates, steps)
     report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
-              "comparisons": judge.comparisons(_pairs(candidates, steps), sets, sets[reference])
-              + _sanity_comparisons(judge, candidates),
+              "comparisons": judge.comparisons(pairs, sets, sets[reference])
+              + _detail_comparisons(judge, candidates, pairs),
               "compared_steps": steps, "training": _training_costs(run),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
                            "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
@@ -414,14 +415,18 @@ def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Ten
     return rows
 
 
-def _sanity_comparisons(judge: _Judge, candidates: list[Candidate]) -> list[dict[str, Any]]:
-    """The detail metric's ordering steps: sanity rows, then naive sampling by step count."""
+def _detail_comparisons(judge: _Judge, candidates: list[Candidate],
+                        pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The detail metric's ordering steps (sanity rows, then naive sampling by step count)
+    and each student of ``pairs`` against the reference (no PSNR difference to show there)."""
     if judge.detail is None:
         return []
     teacher = candidates[0]
     naive = sorted((c for c in candidates if c.model is teacher.model and c.group == teacher.group
                     and c.guidance == teacher.guidance), key=lambda c: -c.steps)
-    return judge.detail.comparisons(sanity_pairs(teacher.label, [c.label for c in naive]))
+    students = dict.fromkeys(student for student, _ in pairs)
+    return judge.detail.comparisons(sanity_pairs(teacher.label, [c.label for c in naive])
+                                    + [(student, teacher.label) for student in students])
 
 
 def _stage_summaries(run: RunFolder) -> dict[str, Any]:

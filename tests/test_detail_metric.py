@@ -17,6 +17,8 @@ from gpd_train.detail_metric import (
     gaussian_blur,
     kernel_distance,
     real_videos,
+    sanity_pairs,
+    sanity_sets,
     shuffle_frames,
     spectral_features,
 )
@@ -154,21 +156,27 @@ def judged():
 
 
 def test_detail_kid_orders_known_degradations_of_the_data(judged):
+    """The report's sanity rows and ordering steps, with data videos in the teacher's
+    place: held-out data ~ the sharp set < blurred 0.5 px < blurred 1 px; shuffled and
+    frozen frames far beyond."""
     data, judge = judged
-    held_out = real_videos(data, 64, HELD_OUT_OFFSET)
-    sets = {"held out": held_out, "blur 0.5": gaussian_blur(held_out, 0.5),
-            "blur 1": gaussian_blur(held_out, 1.0), "shuffled": shuffle_frames(held_out, 0),
-            "frozen": freeze(held_out)}
-    rows = {label: judge.row(label, videos) for label, videos in sets.items()}
-    ladder = ["held out", "blur 0.5", "blur 1"]
-    for a, b in zip(ladder[:-1], ladder[1:], strict=True):  # each beyond both intervals
+    sharp = real_videos(data, 64, 3 * HELD_OUT_OFFSET)
+    rows = {"sharp": judge.row("sharp", sharp)}
+    made = sanity_sets(data, "sharp", sharp, seed=0)
+    assert [from_teacher for _, from_teacher, _ in made] == [False, True, True, True, True]
+    rows |= {label: judge.row(label, videos) for label, _, videos in made}
+    held_out, blur_half, blur_one, shuffled, frozen = (label for label, _, _ in made)
+    assert held_out == "data, held out" and blur_half == "sharp blurred sigma=0.5 px"
+    for a, b in ((held_out, blur_half), (blur_half, blur_one)):  # beyond both intervals
         assert rows[a]["kid_data_ci"][1] < rows[b]["kid_data_ci"][0], (a, b)
-    steps = judge.comparisons([("blur 0.5", "held out"), ("blur 1", "blur 0.5"),
-                               ("shuffled", "held out"), ("frozen", "held out")])
+    same, *steps = judge.comparisons(sanity_pairs("sharp", []))
+    assert (same["a"], same["b"]) == ("sharp", held_out) and same["ci"][0] < 0 < same["ci"][1]
+    assert [(item["a"], item["b"]) for item in steps] == [
+        (blur_half, "sharp"), (blur_one, blur_half), (shuffled, "sharp"), (frozen, "sharp")]
     assert all(item["ci"][0] > 0 for item in steps)
-    floor = rows["held out"]["kid_data_ci"]
     # The data against itself: near 0 (a little below: both sets hold every prompt equally
     # often, which i.i.d. sets would not).
-    assert abs(rows["held out"]["kid_data"]) < 0.2 * rows["blur 0.5"]["kid_data"]
-    for broken in ("shuffled", "frozen"):  # far: > 10 held-out interval widths away
-        assert rows[broken]["kid_data"] - rows["held out"]["kid_data"] > 10 * (floor[1] - floor[0])
+    assert abs(rows[held_out]["kid_data"]) < 0.2 * rows[blur_half]["kid_data"]
+    low, high = rows["sharp"]["kid_data_ci"]
+    for broken in (shuffled, frozen):  # far: > 10 of the sharp set's interval widths away
+        assert rows[broken]["kid_data"] - rows["sharp"]["kid_data"] > 10 * (high - low)

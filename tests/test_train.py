@@ -13,6 +13,7 @@ from gpd_train.chains import GUIDANCE_STAGE, StageId
 from gpd_train.checkpoint import CheckpointError, load_exact, read_manifest
 from gpd_train.config import load_config
 from gpd_train.data import ProceduralVideos
+from gpd_train.detail_metric import SANITY, sanity_pairs
 from gpd_train.evaluate import evaluate_run
 from gpd_train.loop import NonFiniteLossError
 from gpd_train.objectives import StageTeacher, teacher_target
@@ -372,13 +373,18 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
     data = json.loads((report.parent / "report.json").read_text())
     # ref, ceiling, naive 4/2/1; GPD 4/2/1; GPD-w: guidance stage, 4/2/1; vanilla PD@1;
     # then at w = 1 and 3: the teacher, the teacher naive at 1 step, GPD-w@1.
-    assert [r["nfe"] for r in data["rows"]] == [16, 16, 8, 4, 2, 4, 2, 1, 8, 4, 2, 1, 1,
-                                                16, 2, 1, 16, 2, 1]
+    assert [r["nfe"] for r in data["rows"] if r["group"] != SANITY] == [
+        16, 16, 8, 4, 2, 4, 2, 1, 8, 4, 2, 1, 1, 16, 2, 1, 16, 2, 1]
+    assert [r["model"] for r in data["rows"] if r["group"] == SANITY] == [
+        "data, held out", "teacher@8 (ref) blurred sigma=0.5 px",
+        "teacher@8 (ref) blurred sigma=1 px", "teacher@8 (ref) frames shuffled",
+        "teacher@8 (ref) frozen (first frame)"]
     assert data["eval_set"]["guidance"] == run.config.resolved_guidance
     assert f"CFG scale {run.config.resolved_guidance}" in table
     assert data["rows"][0]["psnr_db"] is None and data["rows"][1]["psnr_db"] > 0
     for row in data["rows"]:  # every value inside its own interval (references: no PSNR)
-        for key in ("psnr_db", "fd_data", "prompt_acc") if row["psnr_db"] is not None else ():
+        for key in (("psnr_db", "fd_data", "kid_data", "prompt_acc")
+                    if row["psnr_db"] is not None else ()):
             low, high = row[f"{key}_ci"]
             assert low <= row[key] + 1e-9 and row[key] <= high + 1e-9, (row["model"], key)
     # each student against naive sampling, the baseline and (the guided one) the GPD chain
@@ -386,7 +392,12 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
         (student, other, metric)
         for student, others in (("GPD@1", ("teacher@1 naive", "vanilla PD@1")),
                                 ("GPD-w@1", ("teacher@1 naive", "vanilla PD@1", "GPD@1")))
-        for other in others for metric in ("PSNR (dB)", "learned FD to data")]
+        for other in others
+        for metric in ("PSNR (dB)", "learned FD to data", "detail KID to data")] + [
+        (a, b, "detail KID to data") for a, b in sanity_pairs(
+            "teacher@8 (ref)", ["teacher@8 (ref)", "teacher@4 naive", "teacher@2 naive",
+                                "teacher@1 naive"])] + [
+        (student, "teacher@8 (ref)", "detail KID to data") for student in ("GPD@1", "GPD-w@1")]
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert (report.parent / "feature_net.safetensors").is_file()
     # One GIF per model, and report.html's grid of them.
