@@ -215,8 +215,9 @@ def sanity_sets(data: ProceduralVideos, teacher_label: str, teacher: torch.Tenso
     sets = [(held_out, False, real_videos(data, len(teacher), HELD_OUT_OFFSET))]
     sets += [(label, True, gaussian_blur(teacher, sigma))
              for label, sigma in zip(blurred, BLUR_SIGMAS, strict=True)]
-    return sets + [(shuffled, True, shuffle_frames(teacher, seed)),
-                   (frozen, True, freeze(teacher))]
+    if teacher.shape[2] >= 3:  # two frames can only be reversed: a valid video again
+        sets.append((shuffled, True, shuffle_frames(teacher, seed)))
+    return sets + [(frozen, True, freeze(teacher))]
 
 
 def sanity_pairs(teacher_label: str, naive_ladder: list[str]) -> list[tuple[str, str]]:

@@ -102,7 +102,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               "(gpd_train/feature_net.py, trained on the data's shape, motion and position "
               "labels) to real data videos of the same prompts and to the reference set; "
               "detail KID: kernel distance (unbiased MMD^2, kernel (x.y/d + 1)^3) to the real "
-              "videos in those features beside log spatial and temporal spectra "
+              "videos in those features beside spatial and temporal amplitude spectra "
               "(gpd_train/detail_metric.py), which see blur and broken motion; its sanity rows "
               "are held-out data and the reference blurred (Gaussian sigma in latent pixels), "
               "its frames shuffled, or frozen; "

@@ -119,6 +119,10 @@ def test_shuffle_and_freeze_break_time_only():
     assert torch.equal(frozen, videos[:, :, :1].expand_as(videos))
     with pytest.raises(ValueError, match="shuffling needs >= 3 frames"):
         shuffle_frames(videos[:, :, :2], seed=0)
+    two = ProceduralVideos(8, frames=2, size=8)  # no shuffled row: two frames only reverse
+    labels = [label for label, _, _ in sanity_sets(two, "t", real_videos(two, 4), seed=0)]
+    assert labels == ["data, held out", "t blurred sigma=0.5 px", "t blurred sigma=1 px",
+                      "t frozen (first frame)"]
 
 
 def test_spectral_features_against_direct_sums():
