@@ -7,7 +7,7 @@ features are those 32 semantic numbers next to measured spectra, each an RMS amp
 in the video's own units:
 
 - spatial: each frame (mean removed) in 4 radial frequency bands, the radius normalised
-  per axis to Nyquist as in ``metrics.high_frequency_share``: blur, ringing and noise;
+  per axis to Nyquist (``metrics.spectral_radius``): blur, ringing and noise;
 - the same 4 bands of the frame-to-frame difference: fine detail of what moves (smeared
   or flickering edges);
 - temporal: ``x[t + k] - x[t]`` for every lag ``k``: shuffled frames raise the short lags
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .data import ProceduralVideos
 from .errors import ConfigError
 from .feature_net import FEATURES, VideoFeatureNet, video_features
-from .metrics import check_videos, half_sample_interval
+from .metrics import check_videos, half_sample_interval, spectral_radius
 
 # Band edges over the normalised radius in (0, 1]; the DC term is excluded (mean removed).
 BAND_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0 + 1e-9)
@@ -55,15 +55,9 @@ METRIC = "detail KID to data"
 
 def _band_amplitudes(frames: torch.Tensor) -> torch.Tensor:
     """RMS amplitude [N, bands] of ``frames`` [N, C, T, H, W] in the radial bands."""
-    height, width = frames.shape[-2:]
     centred = frames - frames.mean(dim=(-2, -1), keepdim=True)
     power = torch.fft.fft2(centred, norm="ortho").abs().square().mean(dim=(1, 2))  # [N, H, W]
-
-    def axis(n: int) -> torch.Tensor:
-        k = torch.arange(n, dtype=torch.float64)
-        return torch.minimum(k, n - k) / (n / 2)
-
-    radius = ((axis(height)[:, None] ** 2 + axis(width)[None, :] ** 2) / 2).sqrt()
+    radius = spectral_radius(*frames.shape[-2:])
     bands = []
     for low, high in zip(BAND_EDGES[:-1], BAND_EDGES[1:], strict=True):
         inside = (radius > low) & (radius <= high)

@@ -65,18 +65,23 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     return float(mean_term + cov_a.trace() + cov_b.trace() - 2.0 * cross)
 
 
-def high_frequency_share(videos: torch.Tensor) -> float:
-    """Share of spatial spectral energy above half the Nyquist radius."""
-    check_videos(videos, "videos")
-    height, width = videos.shape[-2:]
-    frames = videos.double() - videos.double().mean(dim=(-2, -1), keepdim=True)
-    energy = torch.fft.fft2(frames, norm="ortho").abs().square()
+def spectral_radius(height: int, width: int) -> torch.Tensor:
+    """Radius [H, W] (float64) of each FFT bin, each axis normalised to its Nyquist: 1 where
+    both axes are at Nyquist, 1/sqrt(2) where one is."""
 
     def axis(n: int) -> torch.Tensor:
         k = torch.arange(n, dtype=torch.float64)
         return torch.minimum(k, n - k) / (n / 2)
 
-    radius = ((axis(height)[:, None] ** 2 + axis(width)[None, :] ** 2) / 2).sqrt()
+    return ((axis(height)[:, None] ** 2 + axis(width)[None, :] ** 2) / 2).sqrt()
+
+
+def high_frequency_share(videos: torch.Tensor) -> float:
+    """Share of spatial spectral energy above half the Nyquist radius."""
+    check_videos(videos, "videos")
+    frames = videos.double() - videos.double().mean(dim=(-2, -1), keepdim=True)
+    energy = torch.fft.fft2(frames, norm="ortho").abs().square()
+    radius = spectral_radius(*videos.shape[-2:])
     total = energy.sum()
     return float(energy[..., radius > 0.5].sum() / total) if total > 0 else 0.0
 
