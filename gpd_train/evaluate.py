@@ -340,11 +340,11 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
         sheet_rows.append((candidate.label, videos[examples]))
         write_gif(out / gif, videos[examples])
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
-    rows += _sanity_rows(judge, data, candidates[0], sets[candidates[0].label], ev.seed)
+    sanity = _sanity_rows(judge, data, candidates[0], sets[candidates[0].label], ev.seed)
     reference = candidates[0].label
     steps = final_steps(run, [c.steps for c in compared])
     pairs = _pairs(candidates, steps)
-    report = {"rows": rows, "prompts": [names[int(i)] for i in examples],
+    report = {"rows": rows, "sanity_rows": sanity, "prompts": [names[int(i)] for i in examples],
               "comparisons": judge.comparisons(pairs, sets, sets[reference])
               + _detail_comparisons(judge, candidates, pairs),
               "compared_steps": steps, "training": _training_costs(run),
@@ -403,7 +403,8 @@ def _training_costs(run: RunFolder) -> list[dict[str, Any]]:
 def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Tensor,
                  seed: int) -> list[dict[str, Any]]:
     """The detail metric's sanity rows (gpd_train/detail_metric.py): held-out data and
-    the reference's videos degraded, each measured like a model's."""
+    the reference's videos degraded, each measured like a model's but kept apart from the
+    models' rows (report.html plots and shows those)."""
     if judge.detail is None:
         return []
     rows = []

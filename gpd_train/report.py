@@ -87,6 +87,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for group in sorted({r["group"] for r in rows} - {"main"}):
         lines += ["", f"### {group}", ""]
         lines += _table([r for r in rows if r["group"] == group], builtin)
+    if report.get("sanity_rows"):
+        lines += ["", f"### {report['sanity_rows'][0]['group']}", ""]
+        lines += _table(report["sanity_rows"], builtin)
     if report.get("comparisons"):
         lines += ["", "## Paired differences (same videos resampled for both rows)", "",
                   "| comparison | metric | difference | 95% interval |", "|---|---|---|---|"]
