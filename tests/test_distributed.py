@@ -116,7 +116,7 @@ if __name__ == "__main__":
 def two_rank_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
     result = subprocess.run(torchrun([str(Path(__file__).resolve()), str(run_dir)]), cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return run_dir
 
