@@ -280,8 +280,7 @@ def check_flag_use(args: argparse.Namespace, given: set[str]) -> list[str]:
 
 def check_stage(stage: int | str, num_stages: int) -> None:
     if stage != GUIDANCE_STAGE and not 0 <= int(stage) <= num_stages:
-        raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages} (the chain's "
-                          f"stages), got {stage}")
+        raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
 
 
 def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
