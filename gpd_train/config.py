@@ -323,8 +323,10 @@ class RunConfig:
 
     def stage_count(self, chain: str) -> int:
         """The distillation stages of ``chain`` (not counting a guidance stage)."""
-        horizons = self.table(get_chain(chain).section).horizons
-        return self.num_stages if horizons is None else len(horizons)
+        return self._stages_of(self.table(get_chain(chain).section))
+
+    def _stages_of(self, table: DistillConfig) -> int:
+        return self.num_stages if table.horizons is None else len(table.horizons)
 
     def table(self, section: str) -> DistillConfig:
         """The chain table [section] (e.g. ``table("distill")``)."""
@@ -421,7 +423,7 @@ class RunConfig:
         default_section = get_chain(DEFAULT_CHAIN).section
         for section, table in self.chain_tables.items():
             defaults = _chain_tables()[section]
-            stages = self.num_stages if table.horizons is None else len(table.horizons)
+            stages = self._stages_of(table)
             schedule = (f"steps {self.steps}" if table.horizons is None
                         else f"{section}.horizons {table.horizons}")
             for key, flag in PER_STAGE.items():

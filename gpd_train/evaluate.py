@@ -133,6 +133,7 @@ def final_steps(run: RunFolder, others: list[int] = ()) -> list[int]:
 
 
 def _candidates(run: RunFolder, compared_steps: list[int]) -> list[Candidate]:
+    """The run's rows; ``compared_steps``: ``final_steps``, naive sampling's step counts."""
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
     teacher = run.load_stage_model(TEACHER)
@@ -140,10 +141,10 @@ def _candidates(run: RunFolder, compared_steps: list[int]) -> list[Candidate]:
     rows = [Candidate(reference, teacher, full, w, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
                       perturbed(teacher, CEILING_NOISE, CEILING_SEED), full, w, reference)]
-    naive = sorted(set(cfg.steps[1:]) | set(final_steps(run, compared_steps)), reverse=True)
+    naive = sorted(set(cfg.steps[1:]) | set(compared_steps), reverse=True)
     rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in naive]
     for chain in cfg.pipeline_chains:
-        rows += _chain_rows(run, chain, reference, final_steps(run, compared_steps))
+        rows += _chain_rows(run, chain, reference, compared_steps)
     return rows + _other_guidance_rows(run, teacher)
 
 
@@ -315,7 +316,8 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     cfg, ev = run.config, run.config.eval
     out = run.folder / "eval"
     compared = _compare_candidates(run, compare or {})
-    candidates = _candidates(run, [c.steps for c in compared]) + compared  # all verified
+    steps = final_steps(run, [c.steps for c in compared])
+    candidates = _candidates(run, steps) + compared  # all verified
     stages = _stage_summaries(run)
     # A report of other stages, runs or settings is kept aside, not overwritten.
     moved = reuse_or_move_aside(out, EVAL, {
@@ -342,7 +344,6 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     write_contact_sheet(out / "contact_sheet.png", sheet_rows)
     sanity = _sanity_rows(judge, data, candidates[0], sets[candidates[0].label], ev.seed)
     reference = candidates[0].label
-    steps = final_steps(run, [c.steps for c in compared])
     pairs = _pairs(candidates, steps)
     report = {"rows": rows, "sanity_rows": sanity, "prompts": [names[int(i)] for i in examples],
               "comparisons": judge.comparisons(pairs, sets, sets[reference])

@@ -56,8 +56,15 @@ class HorizonGrid:
                              f"{self.previous_jump} -> {self.jump} teacher steps")
         # Lanes index the fine grid, so the objective's student inputs read these sigmas.
         self.student = sigma_grid(self.fine_steps, self.shift).float().to(self.device)
-        self.steps = self.fine_steps
-        self.lane_stride = self.jump
+
+    @property
+    def steps(self) -> int:
+        """The lanes' grid points: every fine index."""
+        return self.fine_steps
+
+    @property
+    def lane_stride(self) -> int:
+        return self.jump
 
     def ahead(self, index: torch.Tensor, jump: int) -> torch.Tensor:
         """The fine index ``jump`` steps after ``index``, stopping at the grid's end."""

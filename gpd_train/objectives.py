@@ -205,9 +205,8 @@ class StageGrid:
 
     def target(self, teacher: StageTeacher, x: torch.Tensor, context: torch.Tensor,
                guidance: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The stage teacher's r-step target from student indices ``index``."""
-        if self.fine_steps <= 2:  # (s_a, s_b[, s_c]) as the fused kernels take them
-            return teacher_target(teacher, x, context, guidance, *self.sigmas(index))
+        """The stage teacher's r-step target from student indices ``index`` (the student
+        grid is every r-th teacher point bit for bit, so ``path`` starts at its sigmas)."""
         return rollout_target(teacher, x, context, guidance, self.path(index))
 
 

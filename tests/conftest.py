@@ -50,6 +50,15 @@ examples = 2
 """
 
 
+@pytest.fixture()
+def one_thread():
+    """torch on one thread for the test (a one-process reference of a multi-rank run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def micro(tmp_path, monkeypatch):
     """CLI arguments for a one-stage micro run; every run folder opened gets the micro

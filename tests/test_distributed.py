@@ -121,14 +121,6 @@ def two_rank_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one_thread):
     run = micro_run(tmp_path / "run", ranks=1)
     for stage in (0, 1):

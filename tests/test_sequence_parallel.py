@@ -214,14 +214,6 @@ def sequence_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture()
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_gpd_stages_split_over_two_ranks_follow_the_one_process_run(sequence_run, tmp_path,
                                                                     one_thread):
