@@ -1,5 +1,9 @@
 """Safetensors checkpoints in the original Wan2.1 and the diffusers key layouts.
 
+Text-to-video and image-to-video models: Wan2.1-I2V's image embedder and image keys/values
+(``img_emb.*``, ``cross_attn.k_img``; diffusers' ``condition_embedder.image_embedder.*``,
+``attn2.add_k_proj``) are in the maps of models with ``image_dim`` set.
+
 Our parameters fuse self-attention q/k/v and cross-attention k/v into one matrix each;
 the key maps below say which external tensors are concatenated (along dim 0) to form
 each of our parameters, so loading and exporting are the same table read both ways.
@@ -45,6 +49,30 @@ _LINEAR_LIKE_BLOCK = (
     ("ffn.0", ("ffn.0",), ("ffn.net.0.proj",)),
     ("ffn.2", ("ffn.2",), ("ffn.net.2",)),
 )
+# The Wan2.1-I2V parts. Wan's img_emb.proj is Sequential(LayerNorm, Linear, GELU, Linear,
+# LayerNorm), so index 2 (the GELU) has no tensors.
+_LINEAR_LIKE_IMAGE_TOP = (
+    ("image_embedding.0", ("img_emb.proj.0",), ("condition_embedder.image_embedder.norm1",)),
+    ("image_embedding.1", ("img_emb.proj.1",),
+     ("condition_embedder.image_embedder.ff.net.0.proj",)),
+    ("image_embedding.3", ("img_emb.proj.3",), ("condition_embedder.image_embedder.ff.net.2",)),
+    ("image_embedding.4", ("img_emb.proj.4",), ("condition_embedder.image_embedder.norm2",)),
+)
+_LINEAR_LIKE_IMAGE_BLOCK = (
+    ("cross_attn.kv_img", ("cross_attn.k_img", "cross_attn.v_img"),
+     ("attn2.add_k_proj", "attn2.add_v_proj")),
+)
+_SINGLE_IMAGE_BLOCK = (
+    ("cross_attn.norm_k_img.weight", "cross_attn.norm_k_img.weight", "attn2.norm_added_k.weight"),
+)
+# diffusers' first Wan2.1-I2V conversions hold an unused query norm of the image branch;
+# diffusers skips it on load (WanTransformer3DModel._keys_to_ignore_on_load_unexpected).
+_IGNORED_DIFFUSERS_IMAGE_BLOCK = ("attn2.norm_added_q.weight",)
+# Keys only the first-last-frame variant (FLF2V, diffusers' pos_embed_seq_len) has.
+_FLF2V_KEYS = ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed")
+_FLF2V_REFUSAL = ("Wan2.1-FLF2V (first-last-frame, pos_embed_seq_len) is not supported; "
+                  "image-to-video models are Wan2.1-I2V and Wan2.2-I2V")
+
 # (our name, wan name, diffusers name) of single tensors
 _SINGLE_TOP = (("head.modulation", "head.modulation", "scale_shift_table"),)
 _SINGLE_BLOCK = (
@@ -66,8 +94,9 @@ def _check_format(fmt: str) -> int:
     return FORMATS.index(fmt)
 
 
-def key_map(num_layers: int, fmt: str) -> dict[str, tuple[str, ...]]:
-    """Our parameter name -> external tensor names (concatenated along dim 0) in ``fmt``."""
+def key_map(num_layers: int, fmt: str, *, image: bool = False) -> dict[str, tuple[str, ...]]:
+    """Our parameter name -> external tensor names (concatenated along dim 0) in ``fmt``;
+    ``image``: with the Wan2.1-I2V image embedder and image keys/values."""
     column = _check_format(fmt)
     mapping: dict[str, tuple[str, ...]] = {}
 
@@ -81,9 +110,17 @@ def key_map(num_layers: int, fmt: str) -> dict[str, tuple[str, ...]]:
             mapping[prefix + ours] = (prefix + external[column],)
 
     add("", _LINEAR_LIKE_TOP, _SINGLE_TOP)
+    if image:
+        add("", _LINEAR_LIKE_IMAGE_TOP, ())
     for index in range(num_layers):
         add(f"blocks.{index}.", _LINEAR_LIKE_BLOCK, _SINGLE_BLOCK)
+        if image:
+            add(f"blocks.{index}.", _LINEAR_LIKE_IMAGE_BLOCK, _SINGLE_IMAGE_BLOCK)
     return mapping
+
+
+def _model_key_map(cfg: DiTConfig, fmt: str) -> dict[str, tuple[str, ...]]:
+    return key_map(cfg.num_layers, fmt, image=cfg.image_dim is not None)
 
 
 def detect_format(keys: list[str] | set[str]) -> str:
@@ -165,11 +202,19 @@ def convert_state_dict(
     state: dict[str, torch.Tensor], fmt: str, model: nn.Module
 ) -> dict[str, torch.Tensor]:
     """External ``state`` in ``fmt`` -> our names; every problem is reported in one error."""
+    flf2v = sorted(k for k in state if k.endswith(_FLF2V_KEYS))
+    if flf2v:
+        raise CheckpointError(f"checkpoint holds {flf2v[0]}: {_FLF2V_REFUSAL}")
+    cfg = _model_config(model)
     ours = model.state_dict()
-    mapping = key_map(_num_layers(model), fmt)
+    mapping = _model_key_map(cfg, fmt)
     expected = {name for sources in mapping.values() for name in sources}
+    ignored = set()
+    if fmt == "diffusers" and cfg.image_dim is not None:
+        ignored = {f"blocks.{index}.{name}" for index in range(cfg.num_layers)
+                   for name in _IGNORED_DIFFUSERS_IMAGE_BLOCK}
     missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
+    unexpected = sorted(state.keys() - expected - ignored)
     misshaped, wrong_dtype, converted = [], [], {}
     for name, sources in mapping.items():
         if any(source not in state for source in sources):
@@ -199,11 +244,11 @@ def convert_state_dict(
     return converted
 
 
-def _num_layers(model: nn.Module) -> int:
+def _model_config(model: nn.Module) -> DiTConfig:
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, DiTConfig):
         raise TypeError(f"expected a WanDiT (with a DiTConfig .cfg), got {type(model).__name__}")
-    return cfg.num_layers
+    return cfg
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> str:
@@ -223,7 +268,7 @@ def export_state_dict(model: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
         )
     ours = model.state_dict()
     exported = {}
-    for name, sources in key_map(_num_layers(model), fmt).items():
+    for name, sources in _model_key_map(_model_config(model), fmt).items():
         for source, part in zip(sources, ours[name].chunk(len(sources), dim=0), strict=True):
             exported[source] = part.detach().contiguous().clone()
     return exported
@@ -250,9 +295,11 @@ def diffusers_config(cfg: DiTConfig) -> dict[str, object]:
         "cross_attn_norm": True,
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg.eps,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": cfg.image_dim,
+        # The image keys/values project the embedded image tokens, which have the model width.
+        "added_kv_proj_dim": None if cfg.image_dim is None else cfg.dim,
         "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
     }
 
 
@@ -265,26 +312,37 @@ def config_from_diffusers(path: str | Path) -> DiTConfig:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"could not read diffusers config {path}: {error}") from error
-    for field, supported in (("image_dim", None), ("added_kv_proj_dim", None),
-                             ("cross_attn_norm", True), ("qk_norm", "rms_norm_across_heads")):
+    if raw.get("pos_embed_seq_len") is not None:
+        raise CheckpointError(
+            f"{path}: pos_embed_seq_len={raw['pos_embed_seq_len']!r}: {_FLF2V_REFUSAL}"
+        )
+    for field, supported in (("cross_attn_norm", True), ("qk_norm", "rms_norm_across_heads")):
         if raw.get(field, supported) != supported:
             raise CheckpointError(
-                f"{path}: {field}={raw[field]!r} is not supported (text-to-video Wan2.1 needs "
-                f"{supported!r})"
+                f"{path}: {field}={raw[field]!r} is not supported (Wan2.1 needs {supported!r})"
             )
     heads, head_dim = raw["num_attention_heads"], raw["attention_head_dim"]
+    image_dim, added_kv = raw.get("image_dim"), raw.get("added_kv_proj_dim")
+    # Wan2.1-I2V has both (the image keys/values read the embedded tokens, of the model
+    # width); a text-to-video or Wan2.2-I2V model has neither.
+    wanted_kv = None if image_dim is None else heads * head_dim
+    if added_kv != wanted_kv:
+        raise CheckpointError(
+            f"{path}: added_kv_proj_dim={added_kv!r} with image_dim={image_dim!r} is not "
+            f"supported (expected added_kv_proj_dim={wanted_kv!r}: set with image_dim, to "
+            "num_attention_heads * attention_head_dim, as Wan2.1-I2V)"
+        )
     return DiTConfig(
         in_channels=raw["in_channels"], out_channels=raw.get("out_channels") or raw["in_channels"],
         dim=heads * head_dim, ffn_dim=raw["ffn_dim"], num_heads=heads,
         num_layers=raw["num_layers"], text_dim=raw["text_dim"], freq_dim=raw["freq_dim"],
-        patch_size=tuple(raw["patch_size"]), eps=raw.get("eps", 1e-6),
+        patch_size=tuple(raw["patch_size"]), eps=raw.get("eps", 1e-6), image_dim=image_dim,
     )
 
 
 def save_diffusers(model: nn.Module, folder: str | Path) -> Path:
     """Write ``folder`` with diffusers' weights file and config.json; return the folder."""
-    _num_layers(model)
-    config = diffusers_config(model.cfg)
+    config = diffusers_config(_model_config(model))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(export_state_dict(model, "diffusers"), str(folder / DIFFUSERS_WEIGHTS),

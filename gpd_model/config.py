@@ -7,7 +7,13 @@ from dataclasses import dataclass, replace
 
 @dataclass
 class DiTConfig:
-    """Hyper-parameters of :class:`gpd_model.model.WanDiT` (Wan2.1 T2V layout)."""
+    """Hyper-parameters of :class:`gpd_model.model.WanDiT` (Wan2.1 layout).
+
+    ``image_dim`` set: a Wan2.1-I2V model, whose image tokens (CLIP ViT-H: 257 x 1280) go
+    through an image embedder and are attended to by every cross-attention beside the
+    text. Image-to-video without image tokens (Wan2.2-I2V-A14B) is only the wider
+    ``in_channels`` (noisy latent + mask + condition latent).
+    """
 
     in_channels: int
     out_channels: int
@@ -20,6 +26,7 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     rope_theta: float = 10000.0
+    image_dim: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
@@ -28,6 +35,10 @@ class DiTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+        image = self.image_dim
+        if image is not None and (not isinstance(image, int) or isinstance(image, bool)
+                                  or image <= 0):
+            raise ValueError(f"DiTConfig.image_dim must be a positive int or None, got {image!r}")
         patch = tuple(self.patch_size)
         if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
             raise ValueError(
@@ -59,16 +70,20 @@ class DiTConfig:
         return self.head_dim - 2 * spatial, spatial, spatial
 
 
+# CPU demo size. The built-in data are RGB videos used directly as latents (no VAE);
+# Wan's VAE packs 4 frames into one latent frame, so the tiny patch takes 4 frames. On
+# the 4-frame demo videos this made motion learnable within the CPU budget (prompt
+# accuracy of the 48-step teacher 0.12 -> 0.75 against a (1, 2, 2) patch) at 1/4 of the
+# tokens.
+_TINY = DiTConfig(
+    in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=3,
+    text_dim=32, patch_size=(4, 2, 2),
+)
+
 PRESETS: dict[str, DiTConfig] = {
-    # CPU demo size. The built-in data are RGB videos used directly as latents (no VAE);
-    # Wan's VAE packs 4 frames into one latent frame, so the tiny patch takes 4 frames. On
-    # the 4-frame demo videos this made motion learnable within the CPU budget (prompt
-    # accuracy of the 48-step teacher 0.12 -> 0.75 against a (1, 2, 2) patch) at 1/4 of the
-    # tokens.
-    "tiny": DiTConfig(
-        in_channels=3, out_channels=3, dim=64, ffn_dim=256, num_heads=2, num_layers=3,
-        text_dim=32, patch_size=(4, 2, 2),
-    ),
+    "tiny": _TINY,
+    # tiny with Wan2.1-I2V's parts: the 36-channel input and a small image embedder.
+    "tiny-i2v": replace(_TINY, in_channels=36, image_dim=32),
     # Twice tiny's width (4x its linear-layer FLOPs): the capacity check of the step
     # schedules on the same built-in data.
     "tiny-wide": DiTConfig(
@@ -82,6 +97,11 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-14b": DiTConfig(
         in_channels=16, out_channels=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
         text_dim=4096,
+    ),
+    # diffusers' config of Wan-AI/Wan2.1-I2V-14B-480P-Diffusers (720P has the same one).
+    "wan2.1-i2v-14b": DiTConfig(
+        in_channels=36, out_channels=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+        text_dim=4096, image_dim=1280,
     ),
 }
 

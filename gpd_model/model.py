@@ -1,4 +1,4 @@
-"""A compact Wan2.1 text-to-video diffusion transformer."""
+"""A compact Wan2.1 video diffusion transformer: text-to-video and image-to-video."""
 
 from __future__ import annotations
 
@@ -142,7 +142,12 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Attention from video tokens to text tokens, q/k RMSNorm across heads, k and v fused."""
+    """Attention from video tokens to text tokens, q/k RMSNorm across heads, k and v fused.
+
+    With ``cfg.image_dim`` (Wan2.1-I2V) the queries also attend to the embedded image tokens
+    through keys/values of their own (``kv_img``, key norm ``norm_k_img``), in a softmax of
+    their own, and the two results are summed before the output projection.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -152,12 +157,26 @@ class CrossAttention(nn.Module):
         self.norm_q = nn.RMSNorm(cfg.dim, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(cfg.dim, eps=cfg.eps)
         self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.kv_img: nn.Linear | None = None
+        self.norm_k_img: nn.RMSNorm | None = None
+        if cfg.image_dim is not None:
+            self.kv_img = nn.Linear(cfg.dim, 2 * cfg.dim)
+            self.norm_k_img = nn.RMSNorm(cfg.dim, eps=cfg.eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        k, v = self.kv(context).chunk(2, dim=-1)
+    def _attend(
+        self, q: torch.Tensor, tokens: torch.Tensor, kv: nn.Linear, norm_k: nn.RMSNorm
+    ) -> torch.Tensor:
+        k, v = kv(tokens).chunk(2, dim=-1)
         heads = (self.num_heads, -1)
-        q = rms_norm(self.q(x), self.norm_q).unflatten(-1, heads)
-        out = attention(q, rms_norm(k, self.norm_k).unflatten(-1, heads), v.unflatten(-1, heads))
+        return attention(q, rms_norm(k, norm_k).unflatten(-1, heads), v.unflatten(-1, heads))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q = rms_norm(self.q(x), self.norm_q).unflatten(-1, (self.num_heads, -1))
+        out = self._attend(q, context, self.kv, self.norm_k)
+        if image is not None:
+            out = out + self._attend(q, image, self.kv_img, self.norm_k_img)
         return self.o(out.flatten(2))
 
 
@@ -178,13 +197,13 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, time_mod: torch.Tensor, rotations: torch.Tensor,
-        context: torch.Tensor, split: TokenSplit | None = None,
+        context: torch.Tensor, split: TokenSplit | None = None, image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mod = (self.modulation + time_mod).unbind(1)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
         attn = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.eps), rotations, split)
         x = gated_add(x, attn, gate_sa)
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.cross_attn(self.norm3(x), context, image)
         ffn = self.ffn(norm_modulate(x, shift_ff, scale_ff, self.eps))
         return gated_add(x, ffn, gate_ff)
 
@@ -204,7 +223,12 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 text-to-video DiT: ``forward(x, timestep, context)`` predicts the velocity."""
+    """Wan2.1 DiT: ``forward(x, timestep, context)`` predicts the velocity.
+
+    Image-to-video models take the noisy latent, the mask and the condition latent
+    concatenated along channels as ``x``; Wan2.1-I2V ones (``cfg.image_dim`` set) also
+    ``image_tokens``.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -218,6 +242,14 @@ class WanDiT(nn.Module):
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
             nn.Linear(cfg.dim, cfg.dim),
         )
+        # Wan2.1-I2V's image embedder (Wan's MLPProj layout: LayerNorm, Linear, exact GELU,
+        # Linear, LayerNorm; torch's default eps 1e-5, as Wan and diffusers).
+        self.image_embedding: nn.Sequential | None = None
+        if cfg.image_dim is not None:
+            self.image_embedding = nn.Sequential(
+                nn.LayerNorm(cfg.image_dim), nn.Linear(cfg.image_dim, cfg.image_dim), nn.GELU(),
+                nn.Linear(cfg.image_dim, cfg.dim), nn.LayerNorm(cfg.dim),
+            )
         self.time_embedding = nn.Sequential(
             nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
         )
@@ -243,18 +275,26 @@ class WanDiT(nn.Module):
         return table
 
     def _check_inputs(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+        image_tokens: torch.Tensor | None,
     ) -> None:
         cfg = self.cfg
-        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+        inputs = [("x", x), ("timestep", timestep), ("context", context)]
+        if image_tokens is not None:
+            inputs.append(("image_tokens", image_tokens))
+        for label, tensor in inputs:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(
                     f"WanDiT: {label} must be a torch.Tensor, got {type(tensor).__name__}"
                 )
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            # An image-to-video input is wider than the output: say what it is made of.
+            parts = (f"; noisy latent {cfg.out_channels} + mask and condition latent "
+                     f"{cfg.in_channels - cfg.out_channels} along channels"
+                     if cfg.in_channels > cfg.out_channels else "")
             raise ValueError(
                 f"WanDiT: x must be [B, {cfg.in_channels}, T, H, W] (rank 5, {cfg.in_channels} "
-                f"channels), got shape {tuple(x.shape)}"
+                f"channels{parts}), got shape {tuple(x.shape)}"
             )
         bad = [
             f"{axis}={size} (patch {p})"
@@ -281,13 +321,29 @@ class WanDiT(nn.Module):
             )
         if context.shape[1] == 0:
             raise ValueError("WanDiT: context must hold at least one text token, got L=0")
-        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+        if (image_tokens is None) != (cfg.image_dim is None):
+            raise ValueError(
+                "WanDiT: " + (f"this model has an image embedder (image_dim {cfg.image_dim}, "
+                              f"Wan2.1-I2V): pass image_tokens [B, N, {cfg.image_dim}] (CLIP "
+                              "image tokens)" if image_tokens is None else
+                              "image_tokens given, but this model has no image embedder "
+                              "(image_dim None: text-to-video or Wan2.2-I2V style)")
+            )
+        if image_tokens is not None and (
+            image_tokens.ndim != 3 or image_tokens.shape[0] != batch
+            or image_tokens.shape[1] == 0 or image_tokens.shape[2] != cfg.image_dim
+        ):
+            raise ValueError(
+                f"WanDiT: image_tokens must be [{batch}, N, {cfg.image_dim}] with N >= 1 "
+                f"(image_dim {cfg.image_dim}), got shape {tuple(image_tokens.shape)}"
+            )
+        for label, tensor in inputs:
             if label != "timestep" and not tensor.is_floating_point():
                 raise TypeError(f"WanDiT: {label} must be floating point, got {tensor.dtype}")
             if tensor.is_complex() or tensor.dtype == torch.bool:
                 raise TypeError(f"WanDiT: {label} must be real numbers, got {tensor.dtype}")
         device = self.head.head.weight.device
-        for label, tensor in (("x", x), ("timestep", timestep), ("context", context)):
+        for label, tensor in inputs:
             if tensor.device != device:
                 raise ValueError(
                     f"WanDiT: {label} is on {tensor.device} but the model is on {device}"
@@ -295,18 +351,20 @@ class WanDiT(nn.Module):
 
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-        guidance: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity [B, out, T, H, W] for latents x [B, in, T, H, W] at timestep [B] = 1000 sigma.
 
         ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
+        ``image_tokens`` [B, N, image_dim] (Wan2.1-I2V: CLIP ViT-H's 257 x 1280) are required
+        by, and only accepted by, a model with an image embedder (``cfg.image_dim`` set).
         ``guidance`` [B] is the CFG scale the velocity stands for; it is required by, and only
         accepted by, a model with a guidance input (``gpd_model.guidance.add_guidance_input``).
         Inputs are cast to the parameters' dtype, which is also the output's. With
         ``sequence_parallel`` set (gpd_model.sequence_parallel) every rank of its group passes
         the same inputs, computes its share of the tokens and returns the whole output.
         """
-        self._check_inputs(x, timestep, context)
+        self._check_inputs(x, timestep, context, image_tokens)
         if (guidance is None) != (self.guidance_embedding is None):
             raise ValueError(
                 "WanDiT: " + ("this model has a guidance input: pass guidance [B] (the CFG scale)"
@@ -336,9 +394,12 @@ class WanDiT(nn.Module):
             time_emb = time_emb + self.guidance_embedding(guidance).to(time_emb.dtype)
         time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
+        image = None
+        if self.image_embedding is not None:
+            image = self.image_embedding(image_tokens.to(dtype))
 
         for block in self.blocks:
-            tokens = block(tokens, time_mod, rotations, text, split)
+            tokens = block(tokens, time_mod, rotations, text, split, image)
 
         out = self.head(tokens, time_emb)
         if split is not None:

@@ -5,10 +5,20 @@ from __future__ import annotations
 import re
 
 import torch
+from safetensors.torch import save_file
 
 # diffusers name -> original Wan2.1 name, written from Wan's public model layout (independent
 # of gpd_model.checkpoint, so the loader is checked against a second reading of the formats).
 _DIFFUSERS_TO_WAN = [
+    # Wan2.1-I2V: img_emb.proj = (LayerNorm, Linear, GELU, Linear, LayerNorm); the image
+    # keys/values of the cross-attention are k_img/v_img with the key norm norm_k_img.
+    # Before the general rules: image_embedder.norm2 is not a block's norm2.
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"\.attn2\.add_([kv])_proj\.", r".cross_attn.\1_img."),
+    (r"\.attn2\.norm_added_k\.", ".cross_attn.norm_k_img."),
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
@@ -45,13 +55,15 @@ def diffusers_model(cfg, seed: int):
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim, in_channels=cfg.in_channels,
         out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, eps=cfg.eps,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, eps=cfg.eps, image_dim=cfg.image_dim,
+        added_kv_proj_dim=None if cfg.image_dim is None else cfg.dim,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            is_norm = name.endswith(("norm_q.weight", "norm_k.weight")) or ".norm2." in name
+            is_norm = (name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_k.weight"))
+                       or ".norm2." in name or ".image_embedder.norm1." in name)
             if is_norm:
                 # Norm gains away from 1 so that a swapped or dropped norm is visible.
                 param.copy_(1.0 + 0.3 * noise if name.endswith("weight") else 0.1 * noise)
@@ -64,5 +76,27 @@ def contiguous_state(model) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
 
 
+def write_checkpoints(reference, folder) -> tuple[str, str]:
+    """``reference``'s weights as a diffusers-format and a Wan-format file in ``folder``."""
+    state = contiguous_state(reference)
+    save_file(state, str(folder / "diffusers.safetensors"))
+    save_file({diffusers_to_wan_name(k): v for k, v in state.items()},
+              str(folder / "wan.safetensors"))
+    return str(folder / "diffusers.safetensors"), str(folder / "wan.safetensors")
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def loss_and_grads(run, params: dict[str, torch.Tensor], x, timestep, context, **extra):
+    """``run(x, timestep, context, **extra)``, then the gradients of a fixed weighting of its
+    output: (output, {input name: gradient} for x, context and ``extra``, {param: gradient})."""
+    inputs = {"x": x, "context": context, **extra}
+    inputs = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+    extra = {name: inputs[name] for name in extra}
+    out = run(inputs["x"], timestep, inputs["context"], **extra)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    input_grads = {name: tensor.grad for name, tensor in inputs.items()}
+    return out.detach(), input_grads, {name: p.grad for name, p in params.items()}
