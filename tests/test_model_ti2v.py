@@ -137,6 +137,22 @@ def test_equal_per_token_timesteps_are_the_per_sample_model() -> None:
     assert (conditioned - per_sample)[:, :, 4:].abs().amax() > 1e-3
 
 
+def test_guidance_input_is_added_to_every_tokens_time_embedding() -> None:
+    """A guidance input [B] on per-token timesteps: all tokens at t equal the per-sample run."""
+    from gpd_model.guidance import add_guidance_input
+
+    model, x, _, context = _tiny_case()
+    add_guidance_input(model)
+    torch.nn.init.normal_(model.guidance_embedding.mlp[2].weight)  # zero until trained
+    t, guidance = torch.tensor([700.0, 30.0]), torch.tensor([5.0, 2.0])
+    tokens = t[:, None].repeat(1, 45)
+    with torch.no_grad():
+        want = model(x, t, context, guidance)
+        torch.testing.assert_close(model(x, tokens, context, guidance), want,
+                                   atol=2e-6, rtol=1e-5)
+        assert (model(x, tokens, context, guidance.flip(0)) - want).abs().amax() > 1e-3
+
+
 def test_presets() -> None:
     from diffusers import WanTransformer3DModel
 
