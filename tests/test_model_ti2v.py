@@ -10,8 +10,8 @@ import torch
 from test_model_common import diffusers_model, loss_and_grads, relative_error, write_checkpoints
 
 from gpd_kernels import force_fused_dit_ops
-from gpd_model import DiTConfig, WanDiT, get_preset, load_checkpoint
-from gpd_model.checkpoint import diffusers_config, key_map
+from gpd_model import CheckpointError, DiTConfig, WanDiT, get_preset, load_checkpoint
+from gpd_model.checkpoint import config_from_diffusers, diffusers_config, key_map, save_diffusers
 
 pytest.importorskip("diffusers")
 
@@ -196,6 +196,22 @@ def test_bad_timestep_shapes_are_refused_in_one_line(timestep, message) -> None:
     with pytest.raises(ValueError, match=message) as caught:
         model(x, timestep, torch.randn(2, 4, model.cfg.text_dim))
     assert str(caught.value).startswith("WanDiT: ") and "\n" not in str(caught.value)
+
+
+def test_the_flag_comes_from_the_pipeline_folders_model_index(tmp_path) -> None:
+    """diffusers keeps expand_timesteps in model_index.json, not in the transformer's config."""
+    cfg = get_preset("tiny-ti2v", num_layers=1)
+    transformer = save_diffusers(WanDiT(cfg), tmp_path / "pipeline" / "transformer")
+    assert "expand_timesteps" not in diffusers_config(cfg)
+    assert config_from_diffusers(transformer) == get_preset("tiny", num_layers=1)
+    index = tmp_path / "pipeline" / "model_index.json"
+    index.write_text('{"_class_name": "WanPipeline", "expand_timesteps": true}')
+    assert config_from_diffusers(transformer) == cfg
+    assert config_from_diffusers(transformer / "config.json") == cfg
+    index.write_text('{"_class_name": "WanPipeline", "expand_timesteps": "yes"}')
+    with pytest.raises(CheckpointError, match=r"model_index.json: expand_timesteps must be true "
+                                              r"or false, got 'yes'$"):
+        config_from_diffusers(transformer)
 
 
 def test_config_refuses_a_non_bool_flag() -> None:
