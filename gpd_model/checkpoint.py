@@ -303,8 +303,25 @@ def diffusers_config(cfg: DiTConfig) -> dict[str, object]:
     }
 
 
+def _pipeline_expand_timesteps(config_path: Path) -> bool:
+    """``expand_timesteps`` of the Diffusers pipeline folder holding this transformer config
+    (``<pipeline>/transformer/config.json``; Wan2.2-TI2V's model_index.json says true): the
+    transformer's own config has no such field. False outside a pipeline folder."""
+    index = config_path.parent.parent / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        value = json.loads(index.read_text()).get("expand_timesteps", False)
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"could not read {index}: {error}") from error
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{index}: expand_timesteps must be true or false, got {value!r}")
+    return value
+
+
 def config_from_diffusers(path: str | Path) -> DiTConfig:
-    """DiTConfig from a diffusers ``config.json`` (or the folder holding it)."""
+    """DiTConfig from a diffusers ``config.json`` (or the folder holding it); inside a
+    pipeline folder, ``expand_timesteps`` from its model_index.json."""
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_CONFIG
@@ -337,6 +354,7 @@ def config_from_diffusers(path: str | Path) -> DiTConfig:
         dim=heads * head_dim, ffn_dim=raw["ffn_dim"], num_heads=heads,
         num_layers=raw["num_layers"], text_dim=raw["text_dim"], freq_dim=raw["freq_dim"],
         patch_size=tuple(raw["patch_size"]), eps=raw.get("eps", 1e-6), image_dim=image_dim,
+        expand_timesteps=_pipeline_expand_timesteps(path),
     )
 
 

@@ -13,6 +13,11 @@ class DiTConfig:
     through an image embedder and are attended to by every cross-attention beside the
     text. Image-to-video without image tokens (Wan2.2-I2V-A14B) is only the wider
     ``in_channels`` (noisy latent + mask + condition latent).
+
+    ``expand_timesteps`` (diffusers' pipeline flag of the same name): a Wan2.2-TI2V model,
+    sampled with one timestep per patch token, the conditioned first latent frame's tokens
+    at 0 (image-to-video) and all at t (text-to-video). It changes no weight: the DiT takes
+    [B] or [B, N] timesteps either way; the flag tells samplers and exports which to give.
     """
 
     in_channels: int
@@ -27,6 +32,7 @@ class DiTConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     image_dim: int | None = None
+    expand_timesteps: bool = False
 
     def __post_init__(self) -> None:
         positive = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",
@@ -39,6 +45,10 @@ class DiTConfig:
         if image is not None and (not isinstance(image, int) or isinstance(image, bool)
                                   or image <= 0):
             raise ValueError(f"DiTConfig.image_dim must be a positive int or None, got {image!r}")
+        if not isinstance(self.expand_timesteps, bool):
+            raise ValueError(
+                f"DiTConfig.expand_timesteps must be a bool, got {self.expand_timesteps!r}"
+            )
         patch = tuple(self.patch_size)
         if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
             raise ValueError(
@@ -84,6 +94,8 @@ PRESETS: dict[str, DiTConfig] = {
     "tiny": _TINY,
     # tiny with Wan2.1-I2V's parts: the 36-channel input and a small image embedder.
     "tiny-i2v": replace(_TINY, in_channels=36, image_dim=32),
+    # tiny sampled as Wan2.2-TI2V: per-token timesteps, the first latent frame as condition.
+    "tiny-ti2v": replace(_TINY, expand_timesteps=True),
     # Twice tiny's width (4x its linear-layer FLOPs): the capacity check of the step
     # schedules on the same built-in data.
     "tiny-wide": DiTConfig(
@@ -102,6 +114,12 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-i2v-14b": DiTConfig(
         in_channels=36, out_channels=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
         text_dim=4096, image_dim=1280,
+    ),
+    # diffusers' config of Wan-AI/Wan2.2-TI2V-5B-Diffusers (scripts/convert_wan_to_diffusers.py,
+    # "Wan2.2-TI2V-5B"): 48-channel latent of the Wan2.2 VAE (4 x 16 x 16), head_dim 128.
+    "wan2.2-ti2v-5b": DiTConfig(
+        in_channels=48, out_channels=48, dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+        text_dim=4096, expand_timesteps=True,
     ),
 }
 

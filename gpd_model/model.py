@@ -1,4 +1,10 @@
-"""A compact Wan2.1 video diffusion transformer: text-to-video and image-to-video."""
+"""A compact Wan2.1 video diffusion transformer: text-to-video and image-to-video.
+
+Timesteps are per sample ([B], Wan2.1 and Wan2.2-A14B) or per patch token ([B, N],
+Wan2.2-TI2V, whose conditioned first latent frame keeps timestep 0 while the rest is
+denoised): per-token timesteps give per-token time embeddings and so per-token adaLN
+shift/scale/gate in every block and in the head, as diffusers' WanTransformer3DModel.
+"""
 
 from __future__ import annotations
 
@@ -49,19 +55,27 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos | sin] features of ``timestep`` [B] at geometric frequencies 1 .. 1/10000."""
+    """[cos | sin] features [..., dim] of ``timestep`` ([B] or [B, N]) at geometric
+    frequencies 1 .. 1/10000."""
     half = dim // 2
     # Same float32 operation order as diffusers: at timestep ~1000 a one-ulp change in a
     # frequency moves the angle by ~1e-4, visible at the 1e-5 parity level.
     steps = torch.arange(half, dtype=torch.float32, device=timestep.device)
     frequencies = torch.exp(-math.log(10000.0) * steps / half)
-    angles = timestep.float()[:, None] * frequencies
+    angles = timestep.float()[..., None] * frequencies
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def over_tokens(vec: torch.Tensor) -> torch.Tensor:
+    """A modulation vector broadcastable over tokens [B, L, dim]: per sample [B, dim] ->
+    [B, 1, dim]; per token [B, L, dim] as it is."""
+    return vec if vec.ndim == 3 else vec.unsqueeze(1)
+
+
 def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``normed * (1 + scale) + shift`` with per-sample [B, dim] shift and scale."""
-    return torch.addcmul(shift.unsqueeze(1), normed, (1 + scale).unsqueeze(1))
+    """adaLN: ``normed * (1 + scale) + shift``; shift and scale per sample [B, dim] or per
+    token [B, L, dim]."""
+    return torch.addcmul(over_tokens(shift), normed, 1 + over_tokens(scale))
 
 
 # On CUDA the three helpers below run gpd_kernels' fused DiT ops (fp32/bf16/fp16; each
@@ -73,17 +87,17 @@ def _fused(x: torch.Tensor) -> bool:
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
-    """LayerNorm without affine, then adaLN with per-sample [B, dim] shift and scale."""
+    """LayerNorm without affine, then adaLN (shift, scale [B, dim] or [B, L, dim])."""
     if _fused(x):
         return dit_op("layernorm_modulate")(x, shift, scale, eps)
     return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y`` with a per-sample [B, dim] gate."""
+    """``x + gate * y`` with a per-sample [B, dim] or per-token [B, L, dim] gate."""
     if _fused(x):
         return dit_op("gated_residual")(x, y, gate)
-    return torch.addcmul(x, y, gate.unsqueeze(1))
+    return torch.addcmul(x, y, over_tokens(gate))
 
 
 def norm_rope_qk(
@@ -199,7 +213,8 @@ class Block(nn.Module):
         self, x: torch.Tensor, time_mod: torch.Tensor, rotations: torch.Tensor,
         context: torch.Tensor, split: TokenSplit | None = None, image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        mod = (self.modulation + time_mod).unbind(1)
+        # time_mod [B, 6, dim] or per token [B, L, 6, dim]: six [B, dim] or [B, L, dim] views.
+        mod = (self.modulation + time_mod).unbind(-2)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
         attn = self.self_attn(norm_modulate(x, shift_sa, scale_sa, self.eps), rotations, split)
         x = gated_add(x, attn, gate_sa)
@@ -218,7 +233,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation + time_emb.unsqueeze(1)).unbind(1)
+        # time_emb [B, dim] or per token [B, L, dim]: shift and scale of the same shape.
+        shift, scale = (self.modulation + time_emb.unsqueeze(-2)).unbind(-2)
         return self.head(norm_modulate(x, shift, scale, self.eps))
 
 
@@ -309,10 +325,12 @@ class WanDiT(nn.Module):
         batch = x.shape[0]
         if batch == 0:
             raise ValueError(f"WanDiT: x must hold at least one sample, got shape {tuple(x.shape)}")
-        if timestep.shape != (batch,):
+        tokens = math.prod(size // p for size, p in zip(x.shape[2:], cfg.patch_size, strict=True))
+        if timestep.shape not in ((batch,), (batch, tokens)):
             raise ValueError(
-                f"WanDiT: timestep must have shape [{batch}] (one per sample), "
-                f"got {tuple(timestep.shape)}"
+                f"WanDiT: timestep must have shape [{batch}] (one per sample) or "
+                f"[{batch}, {tokens}] (one per patch token of x {tuple(x.shape)}, patch "
+                f"{cfg.patch_size}), got {tuple(timestep.shape)}"
             )
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
             raise ValueError(
@@ -355,6 +373,10 @@ class WanDiT(nn.Module):
     ) -> torch.Tensor:
         """Velocity [B, out, T, H, W] for latents x [B, in, T, H, W] at timestep [B] = 1000 sigma.
 
+        ``timestep`` may instead be [B, N], one per patch token (N = T*H*W / patch volume, in
+        the t-major order of the patches): Wan2.2-TI2V gives the conditioned first latent
+        frame's tokens timestep 0 this way.
+
         ``context`` [B, L, text_dim] is used as given (Wan's pipelines zero-pad it to 512 tokens).
         ``image_tokens`` [B, N, image_dim] (Wan2.1-I2V: CLIP ViT-H's 257 x 1280) are required
         by, and only accepted by, a model with an image embedder (``cfg.image_dim`` set).
@@ -388,11 +410,15 @@ class WanDiT(nn.Module):
         conv = self.patch_embedding
         tokens = F.linear(patches, conv.weight.flatten(1), conv.bias)
 
+        if timestep.ndim == 2 and split is not None:
+            timestep = split.local_part(timestep)  # this rank's tokens' timesteps
+        # [B, dim], or [B, L, dim] for per-token timesteps.
         time_emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype))
         if self.guidance_embedding is not None:
             # In the activations' dtype: a trained (fp32) input on a frozen bf16 LoRA base.
-            time_emb = time_emb + self.guidance_embedding(guidance).to(time_emb.dtype)
-        time_mod = self.time_projection(time_emb).unflatten(1, (6, cfg.dim))
+            guide = self.guidance_embedding(guidance).to(time_emb.dtype)
+            time_emb = time_emb + (guide.unsqueeze(1) if time_emb.ndim == 3 else guide)
+        time_mod = self.time_projection(time_emb).unflatten(-1, (6, cfg.dim))
         text = self.text_embedding(context.to(dtype))
         image = None
         if self.image_embedding is not None:

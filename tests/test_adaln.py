@@ -74,6 +74,86 @@ def test_gated_residual_matches_float64(batch, seq_len, dim, keep_dim, dtype):
     _grads_close([t.grad for t in ours_in], [t.grad for t in ref_in], TOL[dtype] * 10)
 
 
+# Per-token modulation (Wan2.2-TI2V): (batch, L, D, as_views). as_views: the vectors are
+# views of one [B, L, k, D] tensor, as the model's unbind of its modulation gives them (token
+# stride k * D, not D), so a kernel that assumed contiguous rows would read the wrong token.
+TOKEN_SHAPES = [(2, 5, 72, True), (1, 1, 33, False), (3, 7, 128, False), (1, 6, 40, True)]
+
+
+def _token_vectors(count, batch, seq_len, dim, gen):
+    return [torch.randn(batch, seq_len, dim, generator=gen) for _ in range(count)]
+
+
+def _view_leaves(vectors, as_views, dtype, device):
+    """Leaves of ours; as_views: unbound from one packed leaf (after the cast), with one
+    unused slot so that even a single vector has a token stride other than D."""
+    if not as_views:
+        return [_leaf(v, dtype, device) for v in vectors], None
+    packed = _leaf(torch.stack([*vectors, torch.zeros_like(vectors[0])], dim=2), dtype, device)
+    return list(packed.unbind(2)[:-1]), packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seq_len,dim,as_views", TOKEN_SHAPES)
+def test_layernorm_modulate_per_token_matches_float64(batch, seq_len, dim, as_views, dtype):
+    gen = torch.Generator().manual_seed(3 * dim + seq_len)
+    x = torch.randn(batch, seq_len, dim, generator=gen) * 3 + 0.5
+    shift, scale = _token_vectors(2, batch, seq_len, dim, gen)
+    scale = scale * 0.5
+    grad = torch.randn(batch, seq_len, dim, generator=gen)
+    x_ours = _leaf(x, dtype, DEVICE)
+    (shift_ours, scale_ours), packed = _view_leaves([shift, scale], as_views, dtype, DEVICE)
+    ref_in = [_leaf(t.to(dtype), torch.float64) for t in (x, shift, scale)]
+    out = layernorm_modulate(x_ours, shift_ours, scale_ours, eps=1e-6)
+    want = layernorm_modulate_reference(*ref_in, eps=1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.cpu().double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    out.backward(grad.to(device=DEVICE, dtype=dtype))
+    want.backward(grad.to(dtype).double())
+    if packed is None:
+        got = [x_ours.grad, shift_ours.grad, scale_ours.grad]
+        assert got[2].shape == (batch, seq_len, dim) and got[2].dtype == dtype
+    else:
+        got = [x_ours.grad, *packed.grad.unbind(2)[:-1]]
+    _grads_close(got, [t.grad for t in ref_in], TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,seq_len,dim,as_views", TOKEN_SHAPES)
+def test_gated_residual_per_token_matches_float64(batch, seq_len, dim, as_views, dtype):
+    gen = torch.Generator().manual_seed(11 * dim + seq_len)
+    x = torch.randn(batch, seq_len, dim, generator=gen)
+    y = torch.randn(batch, seq_len, dim, generator=gen)
+    (gate,) = _token_vectors(1, batch, seq_len, dim, gen)
+    grad = torch.randn(batch, seq_len, dim, generator=gen)
+    x_ours, y_ours = (_leaf(t, dtype, DEVICE) for t in (x, y))
+    (gate_ours,), packed = _view_leaves([gate], as_views, dtype, DEVICE)
+    ref_in = [_leaf(t.to(dtype), torch.float64) for t in (x, y, gate)]
+    out = gated_residual(x_ours, y_ours, gate_ours)
+    want = gated_residual_reference(*ref_in)
+    torch.testing.assert_close(out.cpu().double(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    out.backward(grad.to(device=DEVICE, dtype=dtype))
+    want.backward(grad.to(dtype).double())
+    gate_grad = gate_ours.grad if packed is None else packed.grad.unbind(2)[0]
+    _grads_close([x_ours.grad, y_ours.grad, gate_grad], [t.grad for t in ref_in], TOL[dtype] * 10)
+
+
+def test_per_token_reference_is_not_a_per_sample_one():
+    """The float64 reference the kernels are checked against, against a loop over tokens
+    written here (each token's row modulated by its own vectors)."""
+    gen = torch.Generator().manual_seed(5)
+    x, y, shift, scale, gate = (torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+                                for _ in range(5))
+    for b in range(2):
+        for i in range(4):
+            row = x[b, i]
+            x_hat = (row - row.mean()) / torch.sqrt(row.var(unbiased=False) + 1e-6)
+            want = x_hat * (1 + scale[b, i]) + shift[b, i]
+            torch.testing.assert_close(layernorm_modulate_reference(x, shift, scale)[b, i], want)
+            torch.testing.assert_close(gated_residual_reference(x, y, gate)[b, i],
+                                       x[b, i] + gate[b, i] * y[b, i])
+
+
 def test_modules_and_mixed_modulation_dtype():
     # Wan keeps the modulation in fp32 while activations are bf16.
     x = torch.randn(2, 3, 40).bfloat16()
@@ -99,6 +179,12 @@ def test_rows_per_program_covers_every_row():
          ValueError, r"x must be \[B, L, D\], got shape \(2, 3\)"),
         (lambda: layernorm_modulate(torch.randn(2, 3, 4), torch.zeros(2, 4), torch.zeros(1, 4)),
          ValueError, r"scale must be \[2, 1, 4\] or \[2, 4\].*got \(1, 4\)"),
+        (lambda: layernorm_modulate(torch.randn(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 5, 4)),
+         ValueError, r"or \[2, 3, 4\] \(per token\) for x of shape \(2, 3, 4\), got \(2, 5, 4\)"),
+        (lambda: layernorm_modulate(torch.randn(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3, 4)),
+         ValueError, r"shift and scale must both be per sample or both per token"),
+        (lambda: gated_residual(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.zeros(3, 3, 4)),
+         ValueError, r"gate must be .*\[2, 3, 4\] \(per token\).*got \(3, 3, 4\)"),
         (lambda: layernorm_modulate(torch.ones(2, 3, 4, dtype=torch.int32), torch.zeros(2, 4),
                                     torch.zeros(2, 4)),
          TypeError, r"x: expected dtype in \(float32, .*, float64\), got torch.int32"),

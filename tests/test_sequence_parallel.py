@@ -63,11 +63,16 @@ def tiny_config(**overrides):
     return get_preset("tiny", **values)
 
 
-def inputs(latent: tuple[int, int, int], batch: int, seed: int):
+def inputs(latent: tuple[int, int, int], batch: int, seed: int, per_token: bool = False):
+    """per_token: Wan2.2-TI2V's [B, N] timesteps, the first latent frame's tokens at 0."""
     generator = torch.Generator().manual_seed(seed)
     cfg = tiny_config()
     x = torch.randn(batch, cfg.in_channels, *latent, generator=generator)
     timestep = torch.rand(batch, generator=generator) * 1000
+    if per_token:
+        frames, per_frame = latent[0], latent[1] * latent[2] // 4
+        timestep = timestep[:, None].repeat(1, frames * per_frame)
+        timestep[:, :per_frame] = 0.0
     context = torch.randn(batch, 5, cfg.text_dim, generator=generator)
     target = torch.randn(batch, cfg.out_channels, *latent, generator=generator)
     return x, timestep, context, target
@@ -83,9 +88,11 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 # -- the worker (runs under torchrun) -----------------------------------------------------
-def compare(model: WanDiT, reference: WanDiT, latent, dp_rank: int, dp: int) -> float:
+def compare(model: WanDiT, reference: WanDiT, latent, dp_rank: int, dp: int,
+            per_token: bool = False) -> float:
     """Largest relative error of this rank's output and of the rank-averaged gradients."""
-    x, timestep, context, target = inputs(latent, batch=2 * dp, seed=sum(latent))
+    x, timestep, context, target = inputs(latent, batch=2 * dp, seed=sum(latent),
+                                          per_token=per_token)
     reference.zero_grad()
     expected = reference(x, timestep, context)
     loss_of(expected, target).backward()
@@ -123,6 +130,13 @@ def worker(out_file: Path) -> None:
         with force_fused_dit_ops():
             results[f"sp{world}_fused_9_tokens"] = compare(model, reference, GRIDS["9_tokens"],
                                                            0, 1)
+        # Per-token timesteps (TI2V): each rank embeds its own tokens' timesteps; 18 tokens
+        # padded to 20, 6 of them (the first frame) at timestep 0, eager and fused.
+        results[f"sp{world}_per_token_18_tokens"] = compare(
+            model, reference, GRIDS["18_tokens"], 0, 1, per_token=True)
+        with force_fused_dit_ops():
+            results[f"sp{world}_fused_per_token_18_tokens"] = compare(
+                model, reference, GRIDS["18_tokens"], 0, 1, per_token=True)
         # dp = 2 x sp = 2 on a DeviceMesh, blocks recomputed in the backward.
         if world == 4:
             mesh = dist.init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
@@ -301,7 +315,9 @@ def test_sampler_split_over_two_ranks_writes_the_one_process_latents(sequence_ru
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [f"{layout}_{grid}" for layout in ("sp4", "dp2_sp2")
-                                  for grid in sorted(GRIDS)] + ["sp4_fused_9_tokens"])
+                                  for grid in sorted(GRIDS)]
+                         + ["sp4_fused_9_tokens", "sp4_per_token_18_tokens",
+                            "sp4_fused_per_token_18_tokens"])
 def test_split_forward_and_gradients_equal_one_process(four_ranks, case):
     assert four_ranks[case] <= RTOL
 
