@@ -728,7 +728,7 @@ def fit_stage_lists(settings: dict[str, Any]) -> dict[str, Any]:
             continue
         for key in PER_STAGE:
             default = getattr(table, key)
-            if key not in given and isinstance(default, list) and len(default) != stages:
+            if key not in given and isinstance(default, list):
                 fitted.setdefault(chain.section, {})[key] = fit_to_stages(default, stages)
     return fitted
 
