@@ -44,13 +44,15 @@ class Schedule:
     ``table`` is the chain's configuration table (gpd_train.config.DistillConfig).
     """
 
-    name = "steps"  # what the chain's stages follow, in messages
-
     def stage_count(self, steps: list[int], table: Any) -> int:
         return len(steps) - 1
 
     def stage(self, steps: list[int], table: Any, stage: int) -> ScheduleStage:
         return ScheduleStage(steps[stage])
+
+    def describe(self, section: str, steps: list[int], table: Any) -> str:
+        """What sets the stage count, in messages (e.g. "steps [48, 24, 12, 6]")."""
+        return f"steps {steps}"
 
     def check(self, section: str, chain: str, table: Any) -> None:
         """Refuse table keys this schedule does not read (each ConfigError one line)."""

@@ -1,6 +1,9 @@
 """Run configuration: defaults for the embedded demo, a TOML file, and command-line flags.
 
-Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
+Precedence: flags > TOML file > defaults, merged before any rule runs; then every rule runs
+once on the merged values and the result is frozen (``load_config``: ``read_settings``, then
+``resolve``). Per-stage lists a user leaves unset follow the chain's schedule (``steps``, or
+a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
@@ -89,8 +92,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import tomllib
@@ -98,7 +103,7 @@ import torch
 
 from gpd_model import CheckpointError
 
-from .chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, HALVING, chain_names, get_chain
+from .chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, chain_names, get_chain
 from .errors import ConfigError, LoraError
 
 STATE_SOURCES = ("student", "teacher", "data")
@@ -300,7 +305,7 @@ class RunConfig:
     # chain's and, without a guidance stage, its stage teachers' CFG scales filled in.
     resolved_shift: float = field(init=False)
     resolved_guidance: float = field(init=False)
-    chains: dict[str, DistillConfig] = field(init=False)
+    chains: Mapping[str, DistillConfig] = field(init=False)
 
     def __post_init__(self) -> None:
         self._resolve()
@@ -314,9 +319,9 @@ class RunConfig:
                     else PRESET_GUIDANCE.get(self.preset, DEFAULT_GUIDANCE))
         object.__setattr__(self, "resolved_shift", float(shift))
         object.__setattr__(self, "resolved_guidance", float(guidance))
-        object.__setattr__(self, "chains", {
+        object.__setattr__(self, "chains", MappingProxyType({
             name: dataclasses.replace(table, stage_guidance=self._stage_guidance(name, table))
-            for name, table in self._inherited_tables().items()})
+            for name, table in self._inherited_tables().items()}))
 
     def _inherited_tables(self) -> dict[str, DistillConfig]:
         """Each chain's table, lists it leaves unset taken from the default chain's, so a
@@ -436,9 +441,7 @@ class RunConfig:
             table = self.table(section)
             defaults = _chain_tables()[section]
             stages = self.stage_count(name)
-            schedule = (f"steps {self.steps}" if declared.schedule is HALVING
-                        else f"{section}.{declared.schedule.name} "
-                             f"{getattr(table, declared.schedule.name)}")
+            schedule = declared.schedule.describe(section, self.steps, table)
             for key, flag in PER_STAGE.items():
                 values = getattr(table, key)
                 if values is None and section != default_section:

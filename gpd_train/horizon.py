@@ -139,8 +139,6 @@ class HorizonSchedule(Schedule):
     samples in ``ceil(steps[0] / horizons[k-1])`` steps; its stage teacher jumps the horizon
     before (the base teacher's is 1)."""
 
-    name = "horizons"
-
     def stage_count(self, steps: list[int], table: Any) -> int:
         return len(table.horizons)
 
@@ -148,6 +146,9 @@ class HorizonSchedule(Schedule):
         horizons = table.horizons
         jump = horizons[stage - 1]
         return ScheduleStage(-(-steps[0] // jump), (1 if stage == 1 else horizons[stage - 2], jump))
+
+    def describe(self, section: str, steps: list[int], table: Any) -> str:
+        return f"{section}.horizons {table.horizons}"
 
     def check(self, section: str, chain: str, table: Any) -> None:
         """Increasing jumps from 2 teacher steps, and full weights."""

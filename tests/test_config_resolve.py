@@ -21,7 +21,7 @@ import gpd_train.__main__ as train_cli
 from gpd_model import sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.builders import TrainingRun, stage_grid
-from gpd_train.chains import StageId
+from gpd_train.chains import Chain, Schedule, ScheduleStage, StageId, register, unregister
 from gpd_train.checkpoint import read_metadata, sha256_file
 from gpd_train.config import RunConfig, fit_to_stages, load_config
 from gpd_train.errors import ConfigError
@@ -220,3 +220,28 @@ def test_export_of_an_old_horizon_record_takes_its_steps_from_the_plan(micro, tm
     exported = export_comfyui(tmp_path / "run", tmp_path / "comfy", chain="horizon", stage=3)
     assert exported["steps"] == stage_plan(config, sids[-1]).steps == 2
     assert exported["shift"] == config.resolved_shift
+
+
+class Quarters(Schedule):
+    """A toy schedule: two stages, each a quarter of the steps before it."""
+
+    def stage_count(self, steps, table):
+        return 2
+
+    def stage(self, steps, table, stage):
+        return ScheduleStage(steps[0] // 4**stage)
+
+
+def test_a_new_schedule_is_one_class_and_its_registration(micro, tmp_path):
+    chain = register(Chain(name="quarters", section="quarters", label="Q", folder="quarters",
+                           seed_offset=400, summary="a test's schedule", schedule=Quarters()))
+    try:
+        config = load_config(None, {"run_dir": str(tmp_path / "run"), "device": "cpu",
+                                    "steps": [16, 8]})
+        assert config.chain(chain.name).iterations == [2000, 2000]  # fitted to its 2 stages
+        plan = stage_plan(config, StageId(chain.name, 2))
+        assert (plan.steps, plan.teacher_steps, plan.ratio) == (1, 4, 4)
+        grid = stage_grid(TrainingRun(config), StageId(chain.name, 2))
+        torch.testing.assert_close(grid.teacher, sigma_grid(4, config.resolved_shift).float())
+    finally:
+        unregister(chain.name)
