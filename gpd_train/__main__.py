@@ -327,13 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for warning in check_flag_use(args, set(overrides)):
             print(f"warning: {warning}", file=sys.stderr)
-        # The one resolve step: defaults <- TOML <- flags merged first, then every rule once
-        # (a Diffusers teacher folder's defaults resolve it again, with its preset).
+        # The one resolve step: defaults <- TOML <- flags (and a Diffusers teacher folder's
+        # defaults) merged first, then every rule once.
         iterations = overrides.pop("distill.iterations", None)
-        settings = read_settings(args.config, overrides)
-        given = resolve(with_iterations(args, settings, iterations))
-        config = with_teacher_defaults(given, preset_given="preset" in overrides
-                                       or given.preset != RunConfig.preset)
+        settings = with_teacher_defaults(read_settings(args.config, overrides))
+        config = resolve(with_iterations(args, settings, iterations))
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         check_before_work(args, config, None)
