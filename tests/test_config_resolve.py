@@ -97,6 +97,22 @@ def test_the_readme_three_step_command_is_accepted_and_trains(micro, tmp_path, m
     assert (record["options"]["steps"], record["options"]["teacher_steps"]) == (24, 48)
 
 
+def test_a_wrong_iterations_count_names_the_counts_that_are_accepted(micro, tmp_path,
+                                                                     monkeypatch, capsys):
+    """"--iterations takes one value per stage (3), or with --stage N the value for stage
+    N": both suggestions run, on steps the flags set (the defaults fitted to them)."""
+    ran = _stage_runs_captured(monkeypatch, tmp_path)
+    steps = ["--steps", "16", "8", "4", "2", *_cli(tmp_path)]
+    assert main([*steps, "--stage", "1", "--iterations", "5", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "--iterations takes one value per stage (3)" in err and not ran
+    assert main([*steps, "--stage", "1", "--iterations", "5", "6", "7"]) == 0
+    assert main([*steps, "--stage", "2", "--iterations", "9"]) == 0
+    run, sid = ran[-1]
+    assert run.config.chain("gpd").iterations == [2000, 9, 2000]
+    assert run.plan(sid).iterations == 9
+
+
 def test_the_resolved_configuration_is_frozen():
     config = load_config(None, {"steps": [8, 4, 2]})
     for target, key in ((config, "seed"), (config, "resolved_shift"), (config.stage0, "lr"),
