@@ -12,13 +12,21 @@ from typing import Any
 from . import parallel, preflight, threads
 from .builders import TrainingRun
 from .chains import CHAINS, DEFAULT_PIPELINE, GUIDANCE_STAGE, StageId, add_chain_argument
-from .config import STATE_SOURCES, RunConfig, load_config
+from .config import (
+    DEFAULT_STEPS,
+    STATE_SOURCES,
+    RunConfig,
+    fit_stage_lists,
+    read_settings,
+    resolve,
+)
 from .destination import RUN, check_destination
 from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
 from .errors import ConfigError, GPDError
 from .evaluate import evaluate_run
 from .monitor import check_log_backend
 from .pipeline import run_pipeline, run_stage, trainable_plan
+from .plan import stage_plan
 from .run_folder import RunLock, check_run_paths
 from .wan_folder import with_teacher_defaults
 
@@ -226,6 +234,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
     if run is None:
         if args.stage is not None:
             check_stage(args.stage, config.stage_count(args.chain))
+            stage_plan(config, StageId(args.chain, args.stage))  # a stage the chain has
         preflight.check_environment()
         preflight.check_threads(config.threads)
         check_log_backend(config.log)
@@ -283,28 +292,29 @@ def check_stage(stage: int | str, num_stages: int) -> None:
         raise ConfigError(f"--stage must be {GUIDANCE_STAGE} or in 0..{num_stages}, got {stage}")
 
 
-def per_stage_iterations(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` with ``--iterations`` as one value per stage.
-
-    With ``--stage N`` one value is stage N's (``--stage g``: the guidance stage's); the
-    other stages keep theirs from the --config file or the defaults.
-    """
-    values = overrides.get("distill.iterations")
+def with_iterations(args: argparse.Namespace, settings: dict[str, Any],
+                    values: list[int] | None) -> dict[str, Any]:
+    """``settings`` (TOML and the other flags, merged) with ``--iterations``: one value per
+    GPD stage, or with ``--stage N`` one value, stage N's (``--stage g``: the guidance
+    stage's), the other stages keeping theirs from the --config file or the defaults."""
     if values is None:
-        return overrides
-    rest = {key: value for key, value in overrides.items() if key != "distill.iterations"}
+        return settings
+    fitted = fit_stage_lists(settings)
+    distill = fitted.get("distill", {})
     if args.stage == GUIDANCE_STAGE and len(values) == 1:
-        return {**rest, "distill.guidance_iterations": values[0]}
-    stages = load_config(args.config, rest).table("distill").iterations
-    if len(values) == len(stages):
-        return overrides
+        return {**fitted, "distill": {**distill, "guidance_iterations": values[0]}}
+    steps = fitted.get("steps", list(DEFAULT_STEPS))
+    if (not isinstance(steps, list) or not isinstance(distill.get("iterations"), list)
+            or len(values) == len(steps) - 1):  # the rules judge what is not a list
+        return {**fitted, "distill": {**distill, "iterations": values}}
     if args.stage is not None:
-        check_stage(args.stage, len(stages))
+        check_stage(args.stage, len(steps) - 1)
     if args.stage is None or len(values) != 1:
-        raise ConfigError(f"--iterations takes one value per stage ({len(stages)}), or with "
+        raise ConfigError(f"--iterations takes one value per stage ({len(steps) - 1}), or with "
                          f"--stage N the value for stage N; got {len(values)} ({values})")
-    stages[args.stage - 1] = values[0]
-    return {**rest, "distill.iterations": stages}
+    stages = list(distill["iterations"])  # the TOML file's, or the defaults fitted to steps
+    stages[int(args.stage) - 1] = values[0]
+    return {**fitted, "distill": {**distill, "iterations": stages}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for warning in check_flag_use(args, set(overrides)):
             print(f"warning: {warning}", file=sys.stderr)
-        # The one resolve step: defaults, TOML, flags, then the teacher folder's defaults.
-        given = load_config(args.config, per_stage_iterations(args, overrides))
-        config = with_teacher_defaults(given, preset_given="preset" in overrides
-                                       or given.preset != RunConfig.preset)
+        # The one resolve step: defaults <- TOML <- flags (and a Diffusers teacher folder's
+        # defaults) merged first, then every rule once.
+        iterations = overrides.pop("distill.iterations", None)
+        settings = with_teacher_defaults(read_settings(args.config, overrides))
+        config = resolve(with_iterations(args, settings, iterations))
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         check_before_work(args, config, None)

@@ -19,7 +19,7 @@ import torch
 
 from gpd_model import add_guidance_input
 
-from .chains import GUIDANCE_STAGE, StageId, get_chain
+from .chains import StageId, get_chain
 from .config import DistillConfig, RunConfig, Stage0Config
 from .data import open_data
 from .errors import ConfigError
@@ -42,6 +42,7 @@ from .parallel import (
     stream_objectives,
     world,
 )
+from .plan import check_fits
 from .stages import TEACHER, RunFolder
 from .step import cuda_graph_refusal
 
@@ -85,7 +86,7 @@ def _trainer(run: TrainingRun, sid: StageId, model: torch.nn.Module, objective: 
     teacher = {} if teacher_sha256 is None else {"teacher_sha256": teacher_sha256}
     return StageTrainer(
         name=sid.name, model=model, objective=objective, folder=run.stage_folder(sid),
-        iterations=run.iterations(sid), lr=optim.lr, warmup=optim.warmup,
+        iterations=run.plan(sid).iterations, lr=optim.lr, warmup=optim.warmup,
         final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
         metadata={**run.metadata(sid), **teacher}, cuda_graph=run.config.cuda_graph,
@@ -96,15 +97,14 @@ def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
     """Every option that shapes the stage's result, by its configuration key (a per-stage
     list entry as ``key[i]``, resolved: the stage teacher's CFG scale even where the run's
     guidance set it): each checkpoint records it and --resume refuses another value."""
-    cfg = run.config
-    recipe: dict[str, Any] = {"seed": cfg.seed, "shift": cfg.resolved_shift,
-                              "steps": run.steps(sid),
+    cfg, plan = run.config, run.plan(sid)
+    recipe: dict[str, Any] = {"seed": cfg.seed, "shift": plan.shift, "steps": plan.steps,
                               # the global batch: resuming on another rank count keeps it
                               "global_batch_size": cfg.batch_size * world().data_ranks,
                               "precision": cfg.precision}
     if sid.is_teacher:
         return {**recipe, **{f"stage0.{key}": value for key, value in asdict(cfg.stage0).items()}}
-    chain_cfg, spec = cfg.chain(sid.chain), run.lora_spec(sid)
+    chain_cfg, spec = cfg.chain(sid.chain), plan.lora
     options: dict[str, Any] = {
         key: getattr(chain_cfg, key) for key in ("lr", "warmup", "final_lr_ratio", "ema_decay",
                                                  "state_source", "lane_groups", "freq_alpha_s",
@@ -113,18 +113,19 @@ def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
     if spec is not None:
         options.update(lora_alpha=spec.alpha, lora_targets=list(spec.targets))
     if sid.is_guidance:
-        options["guidance_iterations"] = chain_cfg.guidance_iterations
+        options["guidance_iterations"] = plan.iterations
     else:
         index = int(sid.stage) - 1
-        if chain_cfg.horizons is not None:  # the jump and its teacher's
-            options.update({f"horizons[{k}]": chain_cfg.horizons[k]
-                            for k in range(max(index - 1, 0), index + 1)})
-        options[f"iterations[{index}]"] = chain_cfg.iterations[index]
+        if plan.jumps is not None:  # the jump and its teacher's (stage 0's is no entry)
+            if index:
+                options[f"horizons[{index - 1}]"] = plan.jumps[0]
+            options[f"horizons[{index}]"] = plan.jumps[1]
+        options[f"iterations[{index}]"] = plan.iterations
         options[f"freq_weight[{index}]"] = chain_cfg.freq_weight[index]
-        if not run.guidance_input(sid):
-            options[f"stage_guidance[{index}]"] = cfg.stage_guidance(sid.chain)[index]
-    if run.guidance_input(sid):
-        options["guidance_range"] = [float(w) for w in chain_cfg.guidance_range]
+        if not plan.guidance_input:
+            options[f"stage_guidance[{index}]"] = plan.teacher_guidance
+    if plan.guidance_input:
+        options["guidance_range"] = plan.guidance
     section = get_chain(sid.chain).section
     return {**recipe, **{f"{section}.{key}": value for key, value in options.items()}}
 
@@ -136,7 +137,7 @@ def build_stage0(run: TrainingRun) -> StageTrainer:
         stage_generator(run, TEACHER), cfg.batch_size, cfg.parallel,
         lambda generator, batch_size: FlowMatching(
             model=model, data=run.data, generator=generator, batch_size=batch_size,
-            shift=cfg.resolved_shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
+            shift=run.plan(TEACHER).shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
             precision=cfg.precision))
     return _trainer(run, TEACHER, model, objective, cfg.stage0, generator)
 
@@ -152,7 +153,8 @@ class _StageModels:
 def _stage_models(run: TrainingRun, sid: StageId) -> _StageModels:
     """The student (the previous output) and its frozen stage teacher; with LoRA one base
     serves both, the teacher being the base with the previous stage's adapter."""
-    cfg, previous, spec = run.config, run.previous_stage(sid), run.lora_spec(sid)
+    cfg, plan = run.config, run.plan(sid)
+    previous, spec = plan.teacher, plan.lora
     if spec is None:
         student = run.load_stage_model(previous)  # verified against its done.json
         teacher = prepare_teacher(run.load_stage_model(previous).eval().requires_grad_(False),
@@ -173,15 +175,15 @@ def _stage_models(run: TrainingRun, sid: StageId) -> _StageModels:
 def _teacher_and_guidance(run: TrainingRun, sid: StageId,
                           models: _StageModels) -> tuple[StageTeacher, GuidanceRange]:
     """The stage teacher (a CFG pair, or one forward with w as input) and the w it uses."""
-    chain_cfg = run.config.chain(sid.chain)
+    plan = run.plan(sid)
     negative = run.data.negative_context.to(run.device)
-    if sid.is_guidance or run.guidance_input(sid):
+    if plan.guidance_input:
         if sid.is_guidance and models.adapter is None:  # a LoRA student got it with its adapter
             add_guidance_input(models.student)
         teacher = StageTeacher(models.teacher, negative if sid.is_guidance else None,
                                models.adapter, None if sid.is_guidance else models.adapter_guidance)
-        return teacher, GuidanceRange(*map(float, chain_cfg.guidance_range))
-    scale = run.config.stage_guidance(sid.chain)[int(sid.stage) - 1]
+        return teacher, GuidanceRange(*plan.guidance)  # type: ignore[misc]
+    scale = plan.teacher_guidance
     teacher = StageTeacher(models.teacher, negative if scale != 1.0 else None, models.adapter)
     return teacher, GuidanceRange(scale, scale)
 
@@ -189,20 +191,15 @@ def _teacher_and_guidance(run: TrainingRun, sid: StageId,
 def stage_grid(run: RunFolder, sid: StageId) -> StageGrid | HorizonGrid:
     """The grid a distillation stage learns on: r = steps[k-1] / steps[k] teacher steps per
     student step (1 for the guidance stage), or a horizon stage's jumps on steps[0]."""
-    cfg, jumps = run.config, run.jumps(sid)
-    if jumps is not None:
-        return HorizonGrid(cfg.steps[0], cfg.resolved_shift, *jumps, run.device)
-    steps = run.steps(sid)
-    ratio = 1 if sid.is_guidance else run.steps(run.previous_stage(sid)) // steps
-    return StageGrid(steps, cfg.resolved_shift, ratio, run.device)
+    plan = run.plan(sid)
+    return (get_chain(sid.chain).schedule.grid(plan, run.device)
+            or StageGrid(plan.steps, plan.shift, plan.ratio, run.device))
 
 
 def teacher_evaluations(run: RunFolder, sid: StageId) -> float:
     """Frozen-model forwards per training sample and update of a distillation stage."""
-    grid = stage_grid(run, sid)
-    cfg_pair = sid.is_guidance or (not run.guidance_input(sid)
-                                   and run.config.stage_guidance(sid.chain)[int(sid.stage) - 1]
-                                   != 1.0)
+    grid, plan = stage_grid(run, sid), run.plan(sid)
+    cfg_pair = sid.is_guidance or plan.teacher_guidance not in (None, 1.0)
     if isinstance(grid, HorizonGrid):
         return horizon_evaluations(grid, cfg_pair)
     return grid.fine_steps * (2 if cfg_pair else 1)
@@ -211,9 +208,10 @@ def teacher_evaluations(run: RunFolder, sid: StageId) -> float:
 def _base_teacher(run: TrainingRun, sid: StageId, models: _StageModels
                   ) -> torch.nn.Module | None:
     """The frozen stage-0 teacher a horizon stage's targets step with (None elsewhere)."""
-    if run.jumps(sid) is None:
+    plan = run.plan(sid)
+    if plan.jumps is None:
         return None
-    if run.previous_stage(sid).is_teacher:
+    if plan.teacher.is_teacher:  # type: ignore[union-attr]
         return models.teacher
     cfg = run.config
     return prepare_teacher(run.load_stage_model(TEACHER).eval().requires_grad_(False),
@@ -223,23 +221,15 @@ def _base_teacher(run: TrainingRun, sid: StageId, models: _StageModels
 def build_distill(run: TrainingRun, sid: StageId) -> StageTrainer:
     """Stage ``sid`` of its chain: the student starts as, and learns from, the previous output."""
     cfg = run.config
-    stages = cfg.stage_count(sid.chain)
-    if not sid.is_guidance and not 1 <= int(sid.stage) <= stages:
-        raise ConfigError(f"distillation stage must be {GUIDANCE_STAGE!r} or in "
-                          f"1..{stages}, got {sid.stage!r}")
-    if sid.is_guidance and not run.has_guidance_stage(sid.chain):
-        raise ConfigError(f"the {sid.chain} chain has no guidance stage (set "
-                          f"{get_chain(sid.chain).section}.guidance_stage = true in the TOML "
-                          "file)")
-    cfg.check_horizon_fits(sid.chain)
+    plan = run.plan(sid)  # refuses a stage the chain does not have
+    check_fits(cfg, sid.chain)
     chain_cfg = cfg.chain(sid.chain)
     models = _stage_models(run, sid)
-    teacher_sha256 = run.output_sha256(run.previous_stage(sid))  # once loading verified it
+    teacher_sha256 = run.output_sha256(plan.teacher)  # type: ignore[arg-type]
     teacher, guidance = _teacher_and_guidance(run, sid, models)
     setup = DistillSetup(
         student=models.student, teacher=teacher, data=run.data, grid=stage_grid(run, sid),
-        guidance=guidance, chain=chain_cfg,
-        freq_weight=0.0 if sid.is_guidance else float(chain_cfg.freq_weight[int(sid.stage) - 1]),
+        guidance=guidance, chain=chain_cfg, freq_weight=plan.freq_weight,
         device=run.device, precision=cfg.precision, base=_base_teacher(run, sid, models))
     make: Any = get_chain(sid.chain).objective or online_distillation
     objective, generator = stream_objectives(

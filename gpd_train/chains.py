@@ -3,8 +3,9 @@
 A chain is a sequence of distillation stages that starts from the shared base teacher
 (stage 0): optionally a guidance stage (w becomes a model input), then one stage per entry
 of the run's ``steps[1:]`` (each dividing the one before: stage k learns r = steps[k-1] /
-steps[k] teacher steps per student step), or, for a chain with ``schedule="horizons"``, one
-stage per entry of its table's ``horizons`` (gpd_train/horizon.py registers that chain).
+steps[k] teacher steps per student step: ``HALVING``), or another ``Schedule``, such as the
+horizon chain's one stage per entry of its table's ``horizons`` (gpd_train/horizon.py
+registers that chain and its schedule; gpd_train/plan.py reads the schedules).
 Everything that differs between chains is in its ``Chain`` declaration: the TOML table
 it reads, its label in reports, where its stages live, its seed offset, how the evaluation
 treats it and (optionally) its own objective and schedule. The trainer, the CLIs, the
@@ -24,6 +25,51 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ScheduleStage:
+    """Where a schedule puts a distillation stage: its student's sampling steps and, for a
+    schedule of jumps on the teacher's grid, (its stage teacher's jump, its own jump)."""
+
+    steps: int
+    jumps: tuple[int, int] | None = None
+
+
+class Schedule:
+    """How a chain's stages step. This base is halving: stage k's student makes ``steps[k]``
+    steps and learns ``steps[k-1] / steps[k]`` of its teacher's per step. A new schedule is a
+    subclass (in its own module) handed to its chain's ``register(Chain(schedule=...))``.
+
+    ``table`` is the chain's configuration table (gpd_train.config.DistillConfig).
+    """
+
+    def stage_count(self, steps: list[int], table: Any) -> int:
+        return len(steps) - 1
+
+    def stage(self, steps: list[int], table: Any, stage: int) -> ScheduleStage:
+        return ScheduleStage(steps[stage])
+
+    def describe(self, section: str, steps: list[int], table: Any) -> str:
+        """What sets the stage count, in messages (e.g. "steps [48, 24, 12, 6]")."""
+        return f"steps {steps}"
+
+    def check(self, section: str, chain: str, table: Any) -> None:
+        """Refuse table keys this schedule does not read (each ConfigError one line)."""
+        if table.horizons is not None:
+            raise ConfigError(f"{section}: the {chain} chain takes no horizons (its stages follow "
+                             f"steps), got horizons {table.horizons!r}")
+
+    def check_fits(self, section: str, table: Any, steps: list[int]) -> None:
+        """Refuse a table that cannot train on the teacher's ``steps`` (run before a stage of
+        the chain starts, and for every chain of the pipeline)."""
+
+    def grid(self, plan: Any, device: Any) -> Any:
+        """The stage's training grid (gpd_train.builders), or None: the halving StageGrid."""
+        return None
+
+
+HALVING = Schedule()
 
 # The guidance stage's id: between stage 0 and stage 1 of a chain that has one.
 GUIDANCE_STAGE = "g"
@@ -52,13 +98,12 @@ class Chain:
     baseline: bool = False
     allows_guidance_stage: bool = True
     objective: Callable[..., Any] | None = None
-    # "steps": stage k follows the run's steps list; "horizons": its table's horizons list.
-    schedule: str = "steps"
+    schedule: Schedule = HALVING  # how its stages step (gpd_train.plan reads it)
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("steps", "horizons"):
-            raise ConfigError(f"chain {self.name!r}: schedule must be 'steps' or 'horizons', got "
-                             f"{self.schedule!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(f"chain {self.name!r}: schedule must be a gpd_train.chains.Schedule, "
+                             f"got {self.schedule!r}")
 
 
 _REGISTRY: dict[str, Chain] = {}
@@ -173,11 +218,6 @@ class StageId:
         if self.stage == 1 and has_guidance_stage:
             return StageId(self.chain, GUIDANCE_STAGE)
         return StageId(self.chain, int(self.stage) - 1)
-
-    @property
-    def steps_index(self) -> int:
-        """Index into the run's ``steps``: the guidance stage samples on the teacher's grid."""
-        return 0 if self.is_guidance else int(self.stage)
 
     def __str__(self) -> str:
         return self.name

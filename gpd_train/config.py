@@ -1,6 +1,9 @@
 """Run configuration: defaults for the embedded demo, a TOML file, and command-line flags.
 
-Precedence: flags > TOML file > defaults. TOML layout (every key optional)::
+Precedence: flags > TOML file > defaults, merged before any rule runs; then every rule runs
+once on the merged values and the result is frozen (``load_config``: ``read_settings``, then
+``resolve``). Per-stage lists a user leaves unset follow the chain's schedule (``steps``, or
+a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
@@ -83,13 +86,16 @@ moved and read from any directory (``load_run_config``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import tomllib
@@ -143,7 +149,7 @@ class LoraSpec:
             raise CheckpointError(f"{source}: unreadable LoRA spec {text!r} ({exc})") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """The ``[parallel]`` TOML section (also flags of ``python -m gpd_train``)."""
 
@@ -179,6 +185,7 @@ DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 # A horizon chain's CFG anneal ends at this share of the guidance beyond 1 (the GPD paper's
 # 6.0 -> 1.5 for Wan2.1: 5.0 -> 0.5).
 HORIZON_ANNEAL = 0.1
+DEFAULT_STEPS = (48, 24, 12, 6)  # the teacher's, then each GPD stage's student's
 PATH_KEYS = ("data", "teacher", "prompts")  # input paths, held absolute once loaded
 RUN_CONFIG = "config.json"  # a run folder's configuration
 # Seeds feed torch.Generator.manual_seed (64 bits) as seed * 1000 + a stage offset.
@@ -187,7 +194,7 @@ SEED_MAX = 2**32 - 1
 PER_STAGE = {"iterations": "--iterations", "freq_weight": "--freq-weight"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage0Config:
     iterations: int = 10000
     lr: float = 3e-3
@@ -197,7 +204,7 @@ class Stage0Config:
     ema_decay: float = 0.995
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
     iterations: list[int] = field(default_factory=lambda: [2000, 1000, 2000])
     lr: float = 3e-4
@@ -248,7 +255,7 @@ def _chain_tables() -> dict[str, DistillConfig]:
     return tables
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     prompts: int = 192
     batch_size: int = 48
@@ -259,8 +266,12 @@ class EvalConfig:
     guidance_values: list[float] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
+    """A run's configuration, resolved once and frozen: the fields as given (what
+    config.json stores), and the values derived from them as fields set by ``_resolve``
+    (``init=False``), so every reader reads a field and nothing is recomputed."""
+
     run_dir: str = "runs/default"
     preset: str = "tiny"
     device: str = "auto"
@@ -273,7 +284,7 @@ class RunConfig:
     prompts: str | None = None
     shift: float | None = None
     guidance: float | None = None
-    steps: list[int] = field(default_factory=lambda: [48, 24, 12, 6])
+    steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     batch_size: int = 16
     checkpoint_every: int = 50
     # Watching training (gpd_train.monitor); neither changes what a stage trains.
@@ -281,7 +292,7 @@ class RunConfig:
     validate_every: int = 0
     stage0: Stage0Config = field(default_factory=Stage0Config)
     # The chains' TOML tables ([distill], [guided], [vanilla], ...: gpd_train.chains),
-    # by section name; config.json and TOML files hold them as top-level tables.
+    # by section name, as given; config.json and TOML files hold them as top-level tables.
     chain_tables: dict[str, DistillConfig] = field(default_factory=_chain_tables)
     # The chains the embedded pipeline trains and the evaluation reports, in order. The
     # guided chain is opt-in: at w = 1.5 its 6-step student is ~1 dB further from the
@@ -289,47 +300,63 @@ class RunConfig:
     pipeline_chains: list[str] = field(default_factory=lambda: list(DEFAULT_PIPELINE))
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Resolved by _resolve: shift and CFG scale (the preset's where not given), and each
+    # registered chain's table with the lists it leaves unset (None) taken from the default
+    # chain's and, without a guidance stage, its stage teachers' CFG scales filled in.
+    resolved_shift: float = field(init=False)
+    resolved_guidance: float = field(init=False)
+    chains: Mapping[str, DistillConfig] = field(init=False)
 
     def __post_init__(self) -> None:
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Every rule, once, then the derived fields (the one place they are computed)."""
         self.validate()
+        shift = self.shift if self.shift is not None else PRESET_SHIFT.get(self.preset,
+                                                                           DEFAULT_SHIFT)
+        guidance = (self.guidance if self.guidance is not None
+                    else PRESET_GUIDANCE.get(self.preset, DEFAULT_GUIDANCE))
+        object.__setattr__(self, "resolved_shift", float(shift))
+        object.__setattr__(self, "resolved_guidance", float(guidance))
+        object.__setattr__(self, "chains", MappingProxyType({
+            name: dataclasses.replace(table, stage_guidance=self._stage_guidance(name, table))
+            for name, table in self._inherited_tables().items()}))
 
-    def _or_preset_default(self, value: float | None, per_preset: dict[str, float],
-                           default: float) -> float:
-        return float(value) if value is not None else per_preset.get(self.preset, default)
+    def _inherited_tables(self) -> dict[str, DistillConfig]:
+        """Each chain's table, lists it leaves unset taken from the default chain's, so a
+        run's stage budget is set in one place."""
+        default = self.table(get_chain(DEFAULT_CHAIN).section)
+        tables = {}
+        for name, declared in CHAINS.items():
+            table = self.table(declared.section)
+            inherited = {key: list(getattr(default, key)) for key in PER_STAGE
+                         if getattr(table, key) is None}
+            tables[name] = dataclasses.replace(table, **inherited)
+        return tables
 
-    @property
-    def resolved_shift(self) -> float:
-        return self._or_preset_default(self.shift, PRESET_SHIFT, DEFAULT_SHIFT)
-
-    @property
-    def resolved_guidance(self) -> float:
-        return self._or_preset_default(self.guidance, PRESET_GUIDANCE, DEFAULT_GUIDANCE)
-
-    @property
-    def num_stages(self) -> int:
-        """Stages of the chains that follow ``steps`` (a horizon chain has its own count)."""
-        return len(self.steps) - 1
-
-    def check_horizon_fits(self, chain: str) -> None:
-        """A horizon chain's last jump divides the teacher's steps (its student samples on
-        every k-th teacher point; a shorter last step is not supported)."""
-        horizons, fine = self.chain(chain).horizons, self.steps[0]
-        if horizons is not None and (horizons[-1] > fine or fine % horizons[-1]):
-            fits = [k for k in range(2, fine + 1) if fine % k == 0]
-            section = get_chain(chain).section
-            raise ConfigError(f"{section}.horizons ends at {horizons[-1]}, which does not divide "
-                             f"the teacher's {fine} steps (steps[0]): its student would need a "
-                             f"shorter last step; end at one of {fits}")
+    def _stage_guidance(self, name: str, table: DistillConfig) -> list[float] | None:
+        """Each stage teacher's CFG scale in a chain without a guidance stage (None with one)."""
+        if table.guidance_stage:
+            return None
+        if table.stage_guidance is not None:
+            return [float(w) for w in table.stage_guidance]
+        stages, w = self.stage_count(name), float(self.resolved_guidance)
+        anneal = table.guidance_anneal
+        if anneal is None and table.horizons is not None:
+            anneal = [w, 1 + (w - 1) * HORIZON_ANNEAL]
+        if anneal is not None:
+            start, end = map(float, anneal)
+            return [start + (end - start) * k / max(stages - 1, 1) for k in range(stages)]
+        return [w] + [1.0] * (stages - 1)
 
     def stage_count(self, chain: str) -> int:
         """The distillation stages of ``chain`` (not counting a guidance stage)."""
-        return self._stages_of(self.table(get_chain(chain).section))
-
-    def _stages_of(self, table: DistillConfig) -> int:
-        return self.num_stages if table.horizons is None else len(table.horizons)
+        declared = get_chain(chain)
+        return declared.schedule.stage_count(self.steps, self.table(declared.section))
 
     def table(self, section: str) -> DistillConfig:
-        """The chain table [section] (e.g. ``table("distill")``)."""
+        """The chain table [section] as given (e.g. ``table("distill")``)."""
         try:
             return self.chain_tables[section]
         except KeyError:
@@ -337,28 +364,13 @@ class RunConfig:
                              f"{sorted(self.chain_tables)}") from None
 
     def chain(self, name: str) -> DistillConfig:
-        """The chain's table, with lists it leaves unset (None) taken from the default
-        chain's, so a run's stage budget is set in one place."""
-        section = self.table(get_chain(name).section)
-        default = self.table(get_chain(DEFAULT_CHAIN).section)
-        inherited = {key: list(getattr(default, key)) for key in ("iterations", "freq_weight")
-                     if getattr(section, key) is None}
-        return dataclasses.replace(section, **inherited) if inherited else section
-
-    def stage_guidance(self, chain: str) -> list[float]:
-        """Each halving stage's teacher CFG scale in a chain without a guidance stage."""
-        table, stages = self.chain(chain), self.stage_count(chain)
-        if table.stage_guidance is not None:
-            return [float(w) for w in table.stage_guidance]
-        anneal = table.guidance_anneal
-        if anneal is None and table.horizons is not None:
-            anneal = [self.resolved_guidance, 1 + (self.resolved_guidance - 1) * HORIZON_ANNEAL]
-        if anneal is not None:
-            start, end = map(float, anneal)
-            return [start + (end - start) * k / max(stages - 1, 1) for k in range(stages)]
-        return [self.resolved_guidance] + [1.0] * (stages - 1)
+        """The chain's resolved table (``chains[name]``, named in errors)."""
+        get_chain(name)
+        return self.chains[name]
 
     def validate(self) -> None:
+        """The rules, in an order that names the first cause: the schedules before the
+        per-stage lists they size, the lists before the numbers in them."""
         steps = self.steps
         if (not isinstance(steps, list) or len(steps) < 2
                 or any(not _is_int(k) or k < 1 for k in steps)):
@@ -370,8 +382,11 @@ class RunConfig:
                                  f"and be fewer; stage {k + 1} has {teacher_steps} -> "
                                  f"{student_steps} (steps {steps}); after {teacher_steps} choose "
                                  f"one of {divisors}")
-        self._check_stage_lists(lengths=False)  # lists first: chain() copies them
-        self._check_numbers()
+        for name, declared in CHAINS.items():
+            declared.schedule.check(declared.section, name, self.table(declared.section))
+        self._check_stage_lists(lengths=False)  # lists first: the resolved tables copy them
+        tables = self._inherited_tables()
+        self._check_numbers(tables)
         self._check_stage_lists(lengths=True)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
@@ -399,7 +414,7 @@ class RunConfig:
             raise ConfigError(f"pipeline_chains must list distinct chains of {chain_names()}, "
                              f"got {chains!r}")
         for name, declared in CHAINS.items():
-            chain = self.chain(name)
+            chain = tables[name]
             if chain.guidance_stage and not declared.allows_guidance_stage:
                 raise ConfigError(f"{declared.section}.guidance_stage must be false: the {name} "
                                  f"chain is {declared.summary}")
@@ -413,19 +428,20 @@ class RunConfig:
                                  f"{chain.lane_groups!r}")
             _check_guidance_options(name, chain, self.stage_count(name))
             _check_lora_options(name, chain)
-            _check_horizons(name, chain)
         for name in chains:  # a chain run by --chain alone is checked when its stage starts
-            self.check_horizon_fits(name)
+            declared = get_chain(name)
+            declared.schedule.check_fits(declared.section, tables[name], self.steps)
 
     def _check_stage_lists(self, lengths: bool) -> None:
-        """The per-stage lists are lists (with ``lengths``: one entry per stage, ``len(steps)
-        - 1``; a list the user never set is named as the default ``steps`` no longer fits)."""
+        """The per-stage lists are lists (with ``lengths``: one entry per stage of the chain's
+        schedule; ``load_config`` sizes the lists a user leaves unset)."""
         default_section = get_chain(DEFAULT_CHAIN).section
-        for section, table in self.chain_tables.items():
+        for name, declared in CHAINS.items():
+            section = declared.section
+            table = self.table(section)
             defaults = _chain_tables()[section]
-            stages = self._stages_of(table)
-            schedule = (f"steps {self.steps}" if table.horizons is None
-                        else f"{section}.horizons {table.horizons}")
+            stages = self.stage_count(name)
+            schedule = declared.schedule.describe(section, self.steps, table)
             for key, flag in PER_STAGE.items():
                 values = getattr(table, key)
                 if values is None and section != default_section:
@@ -436,16 +452,15 @@ class RunConfig:
                                      f"per stage ({stages} for {schedule}), e.g. {key} = "
                                      f"{example}")
                 if lengths and len(values) != stages:
-                    unset = values == getattr(defaults, key)
                     where = (f"{flag} or " if section == default_section else "") + (
                         f"[{section}] {key} in the TOML file")
                     raise ConfigError(
                         f"{section}.{key} needs one entry per stage: {schedule} makes "
-                        f"{stages} stage(s), {section}.{key} has {len(values)} "
-                        f"({values!r}{', its default' if unset else ''}); give {stages} "
-                        f"value(s) ({where})")
+                        f"{stages} stage(s), {section}.{key} has {len(values)} ({values!r}); "
+                        f"give {stages} value(s) ({where}), or leave it unset to follow "
+                        f"{schedule}")
 
-    def _check_numbers(self) -> None:
+    def _check_numbers(self, tables: dict[str, DistillConfig]) -> None:
         """Every number finite, in range, and an int where an int is meant (TOML and flags
         alike: a string or 1.5 where a count belongs is refused here, not deep in training)."""
         check_number("seed", self.seed, integer=True, low=0, high=SEED_MAX)
@@ -454,8 +469,8 @@ class RunConfig:
         check_number("threads", self.threads, integer=True, low=0)
         check_number("validate_every", self.validate_every, integer=True, low=0)
         check_number("stage0.iterations", self.stage0.iterations, integer=True, low=1)
-        for section, values in (("stage0", self.stage0),
-                                *((c.section, self.chain(name)) for name, c in CHAINS.items())):
+        chains = [(c.section, tables[name]) for name, c in CHAINS.items()]
+        for section, values in (("stage0", self.stage0), *chains):
             check_number(f"{section}.lr", values.lr, low=0, low_open=True)
             check_number(f"{section}.warmup", values.warmup, integer=True, low=0)
             check_number(f"{section}.final_lr_ratio", values.final_lr_ratio, low=0, high=1,
@@ -464,7 +479,7 @@ class RunConfig:
                          high_open=True)
         check_number("stage0.cfg_dropout", self.stage0.cfg_dropout, low=0, high=1,
                      high_open=True)
-        for section, values in ((c.section, self.chain(name)) for name, c in CHAINS.items()):
+        for section, values in chains:
             if not isinstance(values.guidance_stage, bool):
                 raise ConfigError(f"{section}.guidance_stage must be true or false, got "
                                  f"{values.guidance_stage!r}")
@@ -484,8 +499,11 @@ class RunConfig:
         check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
-        flat = dataclasses.asdict(self)
-        return {**flat.pop("chain_tables"), **flat}
+        """The fields as given (not the resolved ones), chain tables at the top level."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        tables = {section: asdict(table) for section, table in flat.pop("chain_tables").items()}
+        return {**tables, **{key: (asdict(value) if dataclasses.is_dataclass(value)
+                                   else copy.deepcopy(value)) for key, value in flat.items()}}
 
     def to_json(self) -> str:
         """config.json's text: input paths inside the run folder relative to it (the folder
@@ -594,6 +612,10 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
     scales = chain.stage_guidance
     if scales is None:
         return
+    if anneal is not None:
+        raise ConfigError(f"{section}.stage_guidance and {section}.guidance_anneal both set the "
+                         "stage teachers' CFG scales (one per stage, or linear from/to): set "
+                         "one of them")
     if chain.guidance_stage:
         raise ConfigError(f"{section}.stage_guidance (CFG per stage) and {section}.guidance_stage "
                          "exclude each other: after a guidance stage the students take w as an "
@@ -602,26 +624,6 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
             or not all(_finite_scale(w) for w in scales)):
         raise ConfigError(f"{section}.stage_guidance needs one CFG scale > 0 per stage ({stages}), "
                          f"got {scales!r}")
-
-
-def _check_horizons(name: str, chain: DistillConfig) -> None:
-    """A horizon chain's jumps: increasing ints from 2 teacher steps (and its full weights)."""
-    declared = get_chain(name)
-    section, horizons = declared.section, chain.horizons
-    if (horizons is None) != (declared.schedule == "steps"):
-        want = "no horizons (its stages follow steps)" if declared.schedule == "steps" else (
-            "horizons = [2, 3, ...] (teacher steps per student step, stage by stage)")
-        raise ConfigError(f"{section}: the {name} chain takes {want}, got horizons {horizons!r}")
-    if horizons is None:
-        return
-    if (not isinstance(horizons, list) or not horizons
-            or any(not _is_int(k) or k < 2 for k in horizons)
-            or any(b <= a for a, b in zip(horizons, horizons[1:], strict=False))):
-        raise ConfigError(f"{section}.horizons must be increasing ints >= 2 (teacher steps per "
-                         f"student step), got {horizons!r}")
-    if chain.lora_rank:
-        raise ConfigError(f"{section}.lora_rank must be 0: the {name} chain trains full weights "
-                         "(its targets query two frozen models)")
 
 
 def _check_lora_options(name: str, chain: DistillConfig) -> None:
@@ -642,51 +644,118 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
                          f"{list(LORA_TARGETS)}, got {targets!r}")
 
 
-_TABLES = ("stage0", "eval", "parallel")  # RunConfig's own tables besides the chains'
+_TABLES = {"stage0": Stage0Config, "eval": EvalConfig, "parallel": ParallelConfig}  # and the
+# chains' tables (DistillConfig): RunConfig's tables in a TOML file and config.json
 
 
-def _merge(target: object, values: dict[str, Any], where: str) -> None:
-    names = set(f.name for f in dataclasses.fields(target))  # type: ignore[arg-type]
-    chain_tables = getattr(target, "chain_tables", {})
-    names = (names - {"chain_tables"}) | set(chain_tables)
+def _table_names() -> dict[str, set[str]]:
+    """The keys of each table, and under "" the top-level keys (tables included)."""
+    names = {key: {f.name for f in dataclasses.fields(kind)} for key, kind in _TABLES.items()}
+    chain_keys = {f.name for f in dataclasses.fields(DistillConfig)}
+    names.update((chain.section, chain_keys) for chain in CHAINS.values())
+    top = {f.name for f in dataclasses.fields(RunConfig) if f.init} - {"chain_tables"}
+    return {"": top | set(names), **names}
+
+
+def _merge(settings: dict[str, Any], values: dict[str, Any]) -> None:
+    """``values`` (a TOML document, flags as tables) into ``settings``, table by table;
+    unknown keys and tables that are not tables refused."""
+    names = _table_names()
     for key, value in values.items():
+        if key not in names[""]:
+            raise ConfigError(f"unknown key {key!r}; expected one of {sorted(names[''])}")
         if key not in names:
-            raise ConfigError(f"unknown key {where}{key!r}; expected one of {sorted(names)}")
-        if key in _TABLES or key in chain_tables:
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
-            table = chain_tables[key] if key in chain_tables else getattr(target, key)
-            _merge(table, value, f"{key}.")
-        else:
-            setattr(target, key, value)
+            settings[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
+        for name in value:
+            if name not in names[key]:
+                raise ConfigError(f"unknown key {key}.{name!r}; expected one of "
+                                 f"{sorted(names[key])}")
+        settings.setdefault(key, {}).update(value)
 
 
-def load_config(path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed).
-
-    Relative input paths (``PATH_KEYS``) become absolute against the current directory.
-    """
-    config = RunConfig()
+def read_settings(path: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The values given, before any rule: the TOML file at ``path`` (read once), then
+    ``overrides`` ("a.b" keys allowed), as one nested dict of tables (``resolve`` them)."""
+    settings: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         with path.open("rb") as handle:
             try:
-                _merge(config, tomllib.load(handle), "")
+                document = tomllib.load(handle)
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        _merge(settings, document)
     nested: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[name or key] = value
-    _merge(config, nested, "")
-    config.validate()  # first: a path that is not a string is named as such
-    for key in PATH_KEYS:
-        if getattr(config, key) is not None:
-            setattr(config, key, os.path.abspath(getattr(config, key)))
-    return config
+    _merge(settings, nested)
+    return settings
+
+
+def fit_to_stages(default: list[Any], stages: int) -> list[Any]:
+    """A chain's default per-stage list for ``stages`` stages: its first entry for stage 1
+    (which absorbs CFG), its last for the last stage (the largest steps), its middle entries
+    in between, the last of them repeated (e.g. [2000, 1000, 2000] -> [2000, 1000, 1000,
+    2000], [0, 0, 1] -> [0, 1])."""
+    if len(default) == stages or stages < 1:
+        return list(default) if stages >= 1 else []
+    if stages == 1:
+        return [default[-1]]
+    middle = default[1:-1] or default[:1]
+    return [default[0], *(middle[min(k, len(middle) - 1)] for k in range(stages - 2)),
+            default[-1]]
+
+
+def fit_stage_lists(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with each chain's per-stage lists that were not given sized to the
+    chain's stages, as its defaults would be for them (a schedule that is not a valid list
+    is left to the rules to name)."""
+    fitted = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in settings.items()}
+    steps = fitted.get("steps", list(DEFAULT_STEPS))
+    for chain in CHAINS.values():
+        given = fitted.get(chain.section, {})
+        if not isinstance(given, dict):
+            continue
+        table = dataclasses.replace(DistillConfig(**chain.defaults), **given)
+        try:
+            stages = chain.schedule.stage_count(steps, table)
+        except TypeError:
+            continue
+        for key in PER_STAGE:
+            default = getattr(table, key)
+            if key not in given and isinstance(default, list):
+                fitted.setdefault(chain.section, {})[key] = fit_to_stages(default, stages)
+    return fitted
+
+
+def resolve(settings: dict[str, Any]) -> RunConfig:
+    """The frozen configuration of ``settings`` (from ``read_settings``): defaults filled
+    in, unset per-stage lists sized to the schedules, every rule run once (RunConfig's
+    ``_resolve``), relative input paths made absolute against the current directory."""
+    settings = fit_stage_lists(settings)
+    top = {key: value for key, value in settings.items() if key not in _table_names()}
+    for key in PATH_KEYS:  # a path that is not a string is left for the rules to name
+        if isinstance(top.get(key), str):
+            top[key] = os.path.abspath(top[key])
+    tables = {key: kind(**settings.get(key, {})) for key, kind in _TABLES.items()}
+    chain_tables = {section: dataclasses.replace(table, **settings.get(section, {}))
+                    for section, table in _chain_tables().items()}
+    return RunConfig(**top, **tables, chain_tables=chain_tables)
+
+
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed),
+    merged first and then resolved once (``resolve``)."""
+    return resolve(read_settings(path, overrides))
 
 
 def load_run_config(folder: str | Path, **overrides: Any) -> RunConfig:

@@ -186,7 +186,7 @@ def _other_guidance_rows(run: RunFolder, teacher: torch.nn.Module) -> list[Candi
         rows += [Candidate(reference, teacher, full, w, reference, group),
                  Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group)]
         rows += [Candidate(f"{get_chain(chain).label}@{last} w={w:g}",
-                           run.load_stage_model(StageId(chain, cfg.num_stages), fold_at=w),
+                           run.load_stage_model(StageId(chain, cfg.stage_count(chain)), fold_at=w),
                            last, None,
                            reference, group, cfg=f"input w={w:g}") for chain in chains]
     return rows

@@ -56,12 +56,13 @@ from gpd_model.checkpoint import export_state_dict
 
 from .chains import DEFAULT_CHAIN, StageId, add_chain_argument
 from .checkpoint import read_metadata
-from .config import RunConfig, check_number
+from .config import check_number
 from .destination import EXPORT, check_export_destination, staged_output
 from .errors import ConfigError, GPDError, SampleError
 from .loading import load_model, recorded_grid, run_stage_of
 from .lora import GUIDANCE_PREFIX, comfyui_lora_state, save_diffusers_lora
 from .lora import METADATA_KEY as LORA_KEY
+from .plan import StagePlan
 from .preflight import (
     check_base_matches,
     check_environment,
@@ -130,20 +131,20 @@ def export_transformer(model: WanDiT, folder: str | Path, guidance: float | None
     return save_diffusers(plain_student(model, guidance), folder)
 
 
-def _student_grid(record: dict[str, Any] | None, run: RunConfig,
-                  stage: int) -> tuple[int, float]:
-    """(steps, shift) of the exported scheduler: the stage's own (done.json), else the run's."""
+def _student_grid(record: dict[str, Any] | None, plan: StagePlan) -> tuple[int, float]:
+    """(steps, shift) of the exported scheduler: the stage's own (done.json), else its plan's
+    (a record from before options were kept)."""
     steps, shift = recorded_grid(record)
-    return steps or run.steps[stage], shift or run.resolved_shift
+    return steps or plan.steps, shift or plan.shift
 
 
-def sampling_guidance(record: dict[str, Any] | None, run: RunConfig, stage: int) -> float:
+def sampling_guidance(record: dict[str, Any] | None, plan: StagePlan) -> float:
     """The ``guidance_scale`` the exported stage samples at: the teacher's CFG scale for
-    stage 0 (its done.json's, else the run's), none (1.0) for a distilled student."""
-    if stage != 0:
+    stage 0 (its done.json's, else its plan's), none (1.0) for a distilled student."""
+    if not plan.stage.is_teacher:
         return 1.0
     recorded = ((record or {}).get("options") or {}).get("guidance")
-    return float(recorded if recorded is not None else run.resolved_guidance)
+    return float(recorded if recorded is not None else plan.guidance)  # type: ignore[arg-type]
 
 
 def _write_scheduler(folder: Path, steps: int, shift: float) -> None:
@@ -171,7 +172,7 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
         return None
     spec, adapter = found
     _refuse_guided_lora(sid, adapter, "a diffusers LoRA", "--merged --base W [--guidance W]")
-    steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
+    steps, shift = _student_grid(run.record(sid), run.plan(sid))
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
         weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
         _write_scheduler(staging, steps, shift)
@@ -225,11 +226,11 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     check_export_destination(out, base, overwrite)  # before any model is loaded
     index, sources = base_components(base)
     loaded = load_model(run_dir, chain=chain, stage=stage, device="cpu")
-    if loaded.run_config is None or loaded.stage is None:
+    if loaded.run_config is None or loaded.plan is None:
         raise SampleError(f"{run_dir} is not a gpd_train run folder (no config.json with the "
                           "run's steps); pass the --run-dir of `python -m gpd_train`")
     run = loaded.run_config
-    steps, shift = _student_grid(loaded.record, run, loaded.stage)
+    steps, shift = _student_grid(loaded.record, loaded.plan)
     vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
     if vae_channels != loaded.model.cfg.in_channels:
         raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "
@@ -242,7 +243,7 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                  transformer=["diffusers", "WanTransformer3DModel"])
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "base": str(base.resolve()), "steps": steps, "shift": shift,
-              "guidance_scale": sampling_guidance(loaded.record, run, loaded.stage),
+              "guidance_scale": sampling_guidance(loaded.record, loaded.plan),
               "student_guidance": folded_at,
               "components": "copied" if copy else "linked"}
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
@@ -270,11 +271,12 @@ def export_comfyui(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT
     applied to stage 0 of the run, the base). Returns what was exported."""
     run, sid = run_stage_of(Path(run_dir), chain, stage)
     found = None if merged else run.stage_adapter(sid, check_grid=False)
-    steps, shift = _student_grid(run.record(sid), run.config, sid.steps_index)
+    plan = run.plan(sid)
+    steps, shift = _student_grid(run.record(sid), plan)
     record: dict[str, Any] = {
         "run": str(Path(run_dir).resolve()), "stage": sid.name, "format": COMFYUI,
         "file": comfyui_file(out), "steps": steps, "shift": shift,
-        "guidance_scale": sampling_guidance(run.record(sid), run.config, sid.steps_index)}
+        "guidance_scale": sampling_guidance(run.record(sid), plan)}
     if found is not None:
         spec, adapter = found
         _refuse_guided_lora(sid, adapter, "a ComfyUI LoRA",

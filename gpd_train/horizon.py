@@ -24,7 +24,8 @@ import torch
 
 from gpd_model import sigma_grid
 
-from .chains import Chain, register
+from .chains import Chain, Schedule, ScheduleStage, register
+from .errors import ConfigError
 from .lanes import LaneBatch
 from .loop import autocast
 from .objectives import (
@@ -133,6 +134,52 @@ def horizon_evaluations(grid: HorizonGrid, cfg_pair: bool) -> float:
     return previous + pair * (grid.jump - grid.previous_jump + rolls)
 
 
+class HorizonSchedule(Schedule):
+    """Stage k's student jumps ``horizons[k-1]`` of the teacher's ``steps[0]`` steps, so it
+    samples in ``ceil(steps[0] / horizons[k-1])`` steps; its stage teacher jumps the horizon
+    before (the base teacher's is 1)."""
+
+    def stage_count(self, steps: list[int], table: Any) -> int:
+        return len(table.horizons)
+
+    def stage(self, steps: list[int], table: Any, stage: int) -> ScheduleStage:
+        horizons = table.horizons
+        jump = horizons[stage - 1]
+        return ScheduleStage(-(-steps[0] // jump), (1 if stage == 1 else horizons[stage - 2], jump))
+
+    def describe(self, section: str, steps: list[int], table: Any) -> str:
+        return f"{section}.horizons {table.horizons}"
+
+    def check(self, section: str, chain: str, table: Any) -> None:
+        """Increasing jumps from 2 teacher steps, and full weights."""
+        horizons = table.horizons
+        if horizons is None or (isinstance(horizons, list) and not horizons):
+            raise ConfigError(f"{section}.horizons needs at least one stage's jump: the {chain} "
+                             "chain takes horizons = [2, 3, ...] (teacher steps per student step, "
+                             f"stage by stage), got {horizons!r}")
+        if (not isinstance(horizons, list)
+                or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in horizons)
+                or any(b <= a for a, b in zip(horizons, horizons[1:], strict=False))):
+            raise ConfigError(f"{section}.horizons must be increasing ints >= 2 (teacher steps per "
+                             f"student step), got {horizons!r}")
+        if table.lora_rank:
+            raise ConfigError(f"{section}.lora_rank must be 0: the {chain} chain trains full "
+                             "weights (its targets query two frozen models)")
+
+    def check_fits(self, section: str, table: Any, steps: list[int]) -> None:
+        """The last jump divides the teacher's steps (its student samples on every k-th
+        teacher point; a shorter last step is not supported)."""
+        last, fine = table.horizons[-1], steps[0]
+        if last > fine or fine % last:
+            fits = [k for k in range(2, fine + 1) if fine % k == 0]
+            raise ConfigError(f"{section}.horizons ends at {last}, which does not divide the "
+                             f"teacher's {fine} steps (steps[0]): its student would need a "
+                             f"shorter last step; end at one of {fits}")
+
+    def grid(self, plan: Any, device: torch.device) -> HorizonGrid:
+        return HorizonGrid(plan.fine_steps, plan.shift, *plan.jumps, device)
+
+
 register(Chain(
     name=HORIZON_CHAIN, section="horizon", label="GPD-horizon", folder="horizon",
     seed_offset=300,
@@ -141,4 +188,4 @@ register(Chain(
     defaults={"horizons": [2, 3, 4, 5, 6, 7, 8], "iterations": [700] * 7,
               "freq_weight": [0.0] * 6 + [1.0]},
     evaluate_every_stage=False, allows_guidance_stage=False, objective=horizon_distillation,
-    schedule="horizons"))
+    schedule=HorizonSchedule()))

@@ -21,6 +21,7 @@ from .checkpoint import load_stage_output, read_metadata
 from .config import RunConfig, load_run_config, resolve_device
 from .errors import SampleError
 from .lora import METADATA_KEY as LORA_KEY
+from .plan import StagePlan
 from .run_folder import OUTPUT, RECORD, read_record, verify_output
 from .stages import TEACHER, RunFolder
 from .wan_folder import transformer_folder
@@ -35,7 +36,7 @@ class LoadedModel:
     model: WanDiT
     description: str
     run_config: RunConfig | None  # the run the weights came from, when known
-    stage: int | None = None  # the run's stage the weights are the output of
+    plan: StagePlan | None = None  # the plan of the run's stage the weights are the output of
     record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
 
 
@@ -104,7 +105,7 @@ def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> 
     run, sid = run_stage_of(folder, chain, stage, device)
     # Verified against its done.json, whose shift and steps sample() uses.
     model = run.load_stage_model(sid, check_grid=False)
-    return LoadedModel(model, f"{folder}/{sid}", run.config, sid.steps_index, run.record(sid))
+    return LoadedModel(model, f"{folder}/{sid}", run.config, run.plan(sid), run.record(sid))
 
 
 def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:

@@ -222,7 +222,7 @@ def check_eval_guidance(run: RunFolder) -> None:
             options = run.record(sid).get("options")
             if not isinstance(options, dict) or "guidance" not in options:
                 continue  # recorded before options were kept
-            now = run.stage_options(sid)["guidance"]
+            now = run.plan(sid).guidance
             if options["guidance"] != now:
                 raise ConfigError(
                     f"{sid} was trained at guidance {options['guidance']} (its done.json); "

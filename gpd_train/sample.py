@@ -381,15 +381,16 @@ def _guidance_plan(loaded: LoadedModel, args: argparse.Namespace
 
 def _sampling_grid(loaded: LoadedModel, args: argparse.Namespace) -> tuple[int, float]:
     """(steps, shift): the flags, else the stage's own grid (its done.json beats the run's
-    config.json, which a later invocation rewrites), else the defaults."""
+    config.json, which a later invocation rewrites), else its stage plan's, else the
+    defaults."""
     trained_steps, trained_shift = recorded_grid(loaded.record)  # None: unknown
-    steps = args.steps if args.steps is not None else trained_steps or DEFAULT_STEPS
+    plan = loaded.plan
+    planned = (plan.steps, plan.shift) if plan else (DEFAULT_STEPS,
+                                                     _preset_shift(loaded.model.cfg))
+    steps = args.steps if args.steps is not None else trained_steps or planned[0]
     if args.shift is not None:
         return steps, args.shift
-    if trained_shift is not None:
-        return steps, trained_shift
-    run = loaded.run_config
-    return steps, run.resolved_shift if run else _preset_shift(loaded.model.cfg)
+    return steps, trained_shift if trained_shift is not None else planned[1]
 
 
 def _sample_batches(sampler: GraphSampler, noise: torch.Tensor, prompts: Prompts,

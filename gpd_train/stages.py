@@ -57,6 +57,7 @@ from .config import LoraSpec, RunConfig, resolve_device
 from .destination import claim_run_folder
 from .errors import GPDError
 from .lora import METADATA_KEY, merge_adapter
+from .plan import StagePlan, stage_plan
 from .run_folder import (
     OPTIONS_KEY,
     RunFolderError,
@@ -109,6 +110,10 @@ class RunFolder:
         default = str(self.folder) == RunConfig.run_dir
         return sid.command(None if default else self.folder)
 
+    def plan(self, sid: StageId) -> StagePlan:
+        """The stage's plan (gpd_train.plan) under this run's configuration."""
+        return stage_plan(self.config, sid)
+
     def has_guidance_stage(self, chain: str) -> bool:
         return self.config.chain(chain).guidance_stage
 
@@ -118,58 +123,15 @@ class RunFolder:
 
     def guidance_input(self, sid: StageId) -> bool:
         """Whether the stage's model takes w as an input (the guidance stage and after)."""
-        return self.has_guidance_stage(sid.chain) and not sid.is_teacher
+        return self.plan(sid).guidance_input
 
     def lora_spec(self, sid: StageId) -> LoraSpec | None:
         """The LoRA spec the stage trains with; None: full weights (always for stage 0)."""
-        return None if sid.is_teacher else self.config.chain(sid.chain).lora_spec()
+        return self.plan(sid).lora
 
     def steps(self, sid: StageId) -> int:
-        """The stage's sampling steps: the teacher's grid for the guidance stage; a horizon
-        stage's student makes ``ceil(steps[0] / horizon)`` steps."""
-        jumps = self.jumps(sid)
-        if jumps is not None:
-            return -(-self.config.steps[0] // jumps[1])
-        return self.config.steps[sid.steps_index]
-
-    def jumps(self, sid: StageId) -> tuple[int, int] | None:
-        """A horizon stage's (previous stage's jump, its own jump) in teacher steps; the base
-        teacher's jump is 1. None for stages that follow ``steps``."""
-        if sid.is_teacher or sid.is_guidance:
-            return None
-        horizons = self.config.chain(sid.chain).horizons
-        if horizons is None:
-            return None
-        stage = int(sid.stage)
-        return (1 if stage == 1 else horizons[stage - 2]), horizons[stage - 1]
-
-    def iterations(self, sid: StageId) -> int:
-        if sid.is_teacher:
-            return self.config.stage0.iterations
-        chain_cfg = self.config.chain(sid.chain)
-        if sid.is_guidance:
-            return chain_cfg.guidance_iterations
-        return int(chain_cfg.iterations[int(sid.stage) - 1])
-
-    def stage_options(self, sid: StageId) -> dict[str, Any]:
-        """What shaped a stage beyond its teacher: the grid and the guidance it absorbed."""
-        cfg = self.config
-        options: dict[str, Any] = {"shift": cfg.resolved_shift, "steps": self.steps(sid)}
-        if sid.is_teacher:
-            return {**options, "guidance": cfg.resolved_guidance}
-        chain_cfg = cfg.chain(sid.chain)
-        if self.guidance_input(sid):
-            guidance: Any = [float(w) for w in chain_cfg.guidance_range]
-        else:
-            guidance = cfg.stage_guidance(sid.chain)[int(sid.stage) - 1]
-        spec = self.lora_spec(sid)
-        lora = {} if spec is None else {"lora": json.loads(spec.to_metadata())}
-        jumps = self.jumps(sid)
-        if jumps is not None:  # the teacher steps its student jumps, on the steps[0] grid
-            options.update(horizon=jumps[1], fine_steps=cfg.steps[0])
-        return {**options, "teacher_steps": self.steps(self.previous_stage(sid)),
-                "guidance": guidance, "guidance_input": self.guidance_input(sid),
-                "state_source": chain_cfg.state_source, **lora}
+        """The stage's sampling steps (its plan's)."""
+        return self.plan(sid).steps
 
     def metadata(self, sid: StageId) -> dict[str, str]:
         """The safetensors metadata of the stage's output and checkpoints."""
@@ -246,7 +208,8 @@ class RunFolder:
         options = recorded.get("options")
         if sid.is_teacher or not isinstance(options, dict):
             return  # the teacher samples at any grid; old records carry no options
-        want = {"shift": self.config.resolved_shift, "steps": self.steps(sid)}
+        plan = self.plan(sid)
+        want = {"shift": plan.shift, "steps": plan.steps}
         for key, value in want.items():
             if key in options and options[key] != value:
                 raise RunFolderError(
@@ -345,7 +308,7 @@ class RunFolder:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "done.json").unlink(missing_ok=True)
         output = folder / "model.safetensors"
-        options = self.stage_options(sid)
+        options = self.plan(sid).options()
         # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
         save_weights(output, weights, {**self.metadata(sid),
                                        OPTIONS_KEY: json.dumps(options, sort_keys=True)})

@@ -14,13 +14,13 @@ Only the components a command uses are required; a missing one is an error namin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from gpd_model import PRESETS, DiTConfig, config_from_diffusers
 
-from .config import DEFAULT_GUIDANCE, DEFAULT_SHIFT, RunConfig
+from .config import DEFAULT_GUIDANCE, DEFAULT_SHIFT
 from .errors import ConfigError, GPDError
 
 # component -> (a file that must be inside it, what it is)
@@ -87,19 +87,19 @@ def diffusers_root(teacher: str | Path) -> Path:
     return Path(teacher)
 
 
-def with_teacher_defaults(config: RunConfig, preset_given: bool) -> RunConfig:
-    """``config`` with a Diffusers teacher's defaults when no --preset was given: the preset
-    of that shape, else Wan's shift and CFG scale (a new, validated config).
+def with_teacher_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (gpd_train.config.read_settings: the values given, before the rules)
+    with a Diffusers teacher's defaults when no preset was given: the preset of that shape,
+    else Wan's shift and CFG scale where those were not given either.
 
     The model's shape comes from the folder (gpd_train.stages); the preset only picks shift
     and CFG defaults, and the tiny preset's (made for the built-in RGB set) would be wrong.
     """
-    shape = teacher_dit_config(config.teacher)
-    if shape is None or preset_given:
-        return config
+    teacher = settings.get("teacher")
+    shape = teacher_dit_config(teacher) if isinstance(teacher, str) else None
+    if shape is None or "preset" in settings:
+        return settings
     matching = [name for name, preset in PRESETS.items() if preset == shape]
     if matching:
-        return dataclasses.replace(config, preset=matching[0])
-    return dataclasses.replace(
-        config, shift=DEFAULT_SHIFT if config.shift is None else config.shift,
-        guidance=DEFAULT_GUIDANCE if config.guidance is None else config.guidance)
+        return {**settings, "preset": matching[0]}
+    return {"shift": DEFAULT_SHIFT, "guidance": DEFAULT_GUIDANCE, **settings}

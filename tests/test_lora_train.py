@@ -235,7 +235,7 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
     finish_random_adapter(run, "gpd", 1, seed=11)
     stage_file = run.stage_folder(StageId("gpd", 1)) / "model.safetensors"
     loaded = load_model(stage_file, device="cpu")
-    assert loaded.stage == 1 and loaded.record["options"]["lora"]["rank"] == 2
+    assert loaded.plan.stage.stage == 1 and loaded.record["options"]["lora"]["rank"] == 2
     want = run.load_stage_model(StageId("gpd", 1)).state_dict()
     assert all(torch.equal(want[k], v) for k, v in loaded.model.state_dict().items())
     alone = tmp_path / "elsewhere" / "model.safetensors"

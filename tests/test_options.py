@@ -70,11 +70,11 @@ def test_unread_or_impossible_flags_are_refused(micro, tmp_path, capsys, args,  
      "distill.iterations must be a list, got 5: one entry per stage (3 for steps "
      "[48, 24, 12, 6]), e.g. iterations = [2000, 2000, 2000]"),
     ("[vanilla]\nfreq_weight = 0.5\n", "vanilla.freq_weight must be a list, got 0.5"),
-    # The user set steps and --iterations; freq_weight is the default that no longer fits.
-    ("steps = [48, 24, 12]\n[distill]\niterations = [5, 5]\n",
+    # A list the user set for another schedule (an unset one follows steps).
+    ("steps = [48, 24, 12]\n[distill]\nfreq_weight = [0.0, 0.0, 1.0]\n",
      "distill.freq_weight needs one entry per stage: steps [48, 24, 12] makes 2 stage(s), "
-     "distill.freq_weight has 3 ([0.0, 0.0, 1.0], its default); give 2 value(s) "
-     "(--freq-weight or [distill] freq_weight in the TOML file)"),
+     "distill.freq_weight has 3 ([0.0, 0.0, 1.0]); give 2 value(s) "
+     "(--freq-weight or [distill] freq_weight in the TOML file), or leave it unset"),
     ("[distill]\nlora_targets = [\"ffn.0\"]\n", "distill.lora_targets only apply to LoRA"),
     ("threads = 100000\n", "--threads 100000 exceeds the"),
 ])

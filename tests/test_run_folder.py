@@ -2,6 +2,7 @@
 on load, every option validated up front. Each case checks the message and that no file was
 lost (the SHA-256 of every file before and after)."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -232,7 +233,7 @@ def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
     trainer.iterations = 3
     trainer.run(resume=False)  # a partial stage 1 at step 3
     run_stage(run, StageId("gpd", 0), resume=False, restart=True)
-    run.config.seed = 5  # another teacher
+    run.config = dataclasses.replace(run.config, seed=5)  # another teacher (frozen config)
     run_stage(run, StageId("gpd", 0), resume=False, restart=True)
     before = hashes(run.folder)
     with pytest.raises(CheckpointError, match=r"teacher_sha256=.*--restart"):
@@ -247,7 +248,7 @@ def test_pipeline_moves_a_partial_stage_of_a_changed_teacher_aside(tmp_path, cap
     trainer.iterations = 3
     trainer.run(resume=False)  # a partial stage 1 at step 3
     assert run.partial_stale_reason(StageId("gpd", 1)) is None  # its teacher is unchanged
-    run.config.seed = 5  # another teacher
+    run.config = dataclasses.replace(run.config, seed=5)  # another teacher (frozen config)
     run_stage(run, StageId("gpd", 0), resume=False, restart=True)
     reason = run.partial_stale_reason(StageId("gpd", 1))
     assert "were written under its stage teacher stage0" in reason

@@ -139,7 +139,7 @@ def test_horizon_stage_starts_as_its_stage_teacher_and_steps_with_t0_at_the_anne
     assert all(torch.equal(previous[k], v)
                for k, v in objective.teacher.model.state_dict().items())
     assert all(torch.equal(t0[k], v) for k, v in objective.base.model.state_dict().items())
-    scales = run.config.stage_guidance("horizon")  # 1.5 -> 1.05 over three stages
+    scales = run.config.chain("horizon").stage_guidance  # 1.5 -> 1.05 over three stages
     assert scales == pytest.approx([1.5, 1.275, 1.05])
     assert objective.guidance.low == objective.guidance.high == pytest.approx(scales[1])
     assert objective.teacher.negative is None and objective.base.negative is not None
