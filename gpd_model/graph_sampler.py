@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .denoiser import CFG, Conditioning, Denoiser
 from .sampler import euler_loop
@@ -76,9 +77,10 @@ class GraphSampler:
         self, denoiser: Denoiser, sigmas: torch.Tensor, *, use_graphs: bool | None = None,
         max_graphs: int = 2, warmup_runs: int = 1,
     ) -> None:
-        if not callable(denoiser) or not callable(getattr(denoiser, "modules", None)):
-            raise TypeError(f"denoiser must be a gpd_model.Denoiser (callable with modules()), "
-                            f"got {type(denoiser).__name__}")
+        # A bare network is callable with modules() too, but takes a timestep, not sigma.
+        if isinstance(denoiser, nn.Module) or not callable(getattr(denoiser, "modules", None)):
+            raise TypeError(f"denoiser must be a gpd_model.Denoiser (a network goes in "
+                            f"DiTDenoiser(model)), got {type(denoiser).__name__}")
         if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
             got = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
             raise ValueError(f"sigmas must be a 1-D tensor of K+1 >= 2 grid points, got {got}")
