@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import MICRO_TOML
 
-from gpd_model import add_noise, timestep_from_sigma
+from gpd_model import Conditioning, DiTDenoiser, add_noise
 from gpd_train.__main__ import main
 from gpd_train.chains import CHAINS, Chain, StageId, register, unregister
 from gpd_train.objectives import DistillSetup
@@ -26,17 +26,17 @@ class TeacherVelocityMatching:
 
     def prepare(self, step):
         data = self.setup.data
-        context, clean = data.draw(self.generator, self.batch_size, with_latents=True)
+        cond, clean = data.draw(self.generator, self.batch_size, with_latents=True)
         sigma = torch.rand(self.batch_size, generator=self.generator)
         noisy = add_noise(clean, torch.randn(clean.shape, generator=self.generator), sigma)
         with torch.no_grad():
-            target = self.setup.teacher.model(noisy, timestep_from_sigma(sigma), context)
-        return {"noisy": noisy, "sigma": sigma, "context": context, "target": target}
+            target = self.setup.teacher(noisy, sigma, cond)
+        return {"noisy": noisy, "sigma": sigma, **cond.tensors(), "target": target}
 
     def forward(self, inputs):
         TeacherVelocityMatching.calls += 1
-        pred = self.setup.student(inputs["noisy"], timestep_from_sigma(inputs["sigma"]),
-                                  inputs["context"])
+        pred = DiTDenoiser(self.setup.student)(inputs["noisy"], inputs["sigma"],
+                                               Conditioning.from_tensors(inputs))
         return (pred - inputs["target"]).square().mean(), {}, {}
 
     def finish(self, outputs):
