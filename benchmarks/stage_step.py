@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gpd_model import Conditioning, Denoiser, WanDiT, get_preset
+from gpd_model import Conditioning, Denoiser, DiTDenoiser, WanDiT, get_preset
 from gpd_train.config import LoraSpec
 from gpd_train.data import PromptEmbeddingSet
 from gpd_train.loop import Ema, ModelState
@@ -89,7 +89,7 @@ def measure(preset: str, latent: str, timed_steps: int = 2, lora_rank: int = 0) 
         student, teacher = _models(cfg, device, data.negative.to(device), lora_rank)
         checkpoint_blocks(student)
         objective = OnlineDistillation(
-            student=student, teacher=teacher,
+            student=DiTDenoiser(student), teacher=teacher,
             data=data, generator=torch.Generator().manual_seed(0),
             grid=StageGrid(24, 5.0, 2, device), guidance=GuidanceRange(5.0, 5.0),
             source="student", batch_size=1, freq_weight=0.0, freq_params={}, device=device,

@@ -222,14 +222,16 @@ class GuidanceRange:
 class OnlineDistillation:
     """Regress the student on the frozen stage teacher's target at online states.
 
-    The target is ``teacher_target`` on ``grid`` (one or two teacher steps per student
-    step). States come from ``source``: ``teacher`` or ``student`` rollouts (``lanes``),
-    or ``data`` (a data latent noised to a random grid point: vanilla PD). Each trajectory
+    ``student`` is the denoiser trained (its networks' parameters get the gradients),
+    ``teacher`` the frozen stage teacher. The target is ``teacher_target`` on ``grid``
+    (one or two teacher steps per student step). States come from ``source``: ``teacher``
+    or ``student`` rollouts (``lanes``), or ``data`` (a data latent noised to a random grid
+    point: vanilla PD). Each trajectory
     carries its CFG scale w from ``guidance`` in its Conditioning: a CFG teacher combines
     with it, a student (or teacher) with a guidance input is given it.
     """
 
-    def __init__(self, *, student: nn.Module, teacher: Denoiser, data: Any,
+    def __init__(self, *, student: Denoiser, teacher: Denoiser, data: Any,
                  generator: torch.Generator, grid: StageGrid, guidance: GuidanceRange,
                  source: str, batch_size: int, freq_weight: float,
                  freq_params: dict[str, float], device: torch.device, precision: str,
@@ -237,7 +239,6 @@ class OnlineDistillation:
         if source not in ("student", "teacher", "data"):
             raise ValueError(f"state source must be student, teacher or data, got {source!r}")
         self.student = student
-        self.student_denoiser = DiTDenoiser(student)
         self.teacher = teacher
         self.data = data
         self.generator = generator
@@ -264,8 +265,7 @@ class OnlineDistillation:
         return self.grid.target(self.teacher, batch.x, batch.cond, batch.index)
 
     def _student_velocity(self, batch: LaneBatch) -> torch.Tensor:
-        return self.student_denoiser(batch.x, self.grid.student[batch.index],
-                                     batch.cond).float()
+        return self.student(batch.x, self.grid.student[batch.index], batch.cond).float()
 
     def _next_state(self, batch: LaneBatch, velocity: torch.Tensor) -> torch.Tensor:
         return euler_step(batch.x, velocity, self.grid.student[batch.index],
@@ -352,7 +352,8 @@ def online_arguments(setup: DistillSetup, generator: torch.Generator, batch_size
     """``OnlineDistillation``'s arguments from a stage's setup (``teacher``: another stage
     teacher than ``setup.teacher``)."""
     chain = setup.chain
-    return {"student": setup.student, "teacher": teacher or setup.teacher, "data": setup.data,
+    return {"student": DiTDenoiser(setup.student), "teacher": teacher or setup.teacher,
+            "data": setup.data,
             "generator": generator, "grid": setup.grid, "guidance": setup.guidance,
             "source": chain.state_source, "batch_size": batch_size,
             "freq_weight": setup.freq_weight,
