@@ -2,6 +2,7 @@
 end to end: CLI, training, run folder, evaluation and sampling."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from gpd_train.step import eager_loss
 
 
 class TeacherVelocityMatching:
-    """The toy objective: the student regresses its stage teacher's conditional velocity at
-    noised data latents (one teacher forward per sample, no rollouts, no CFG)."""
+    """The toy objective: the student regresses its stage teacher's velocity (the stage's
+    denoiser: a CFG pair at the stage's w where it is one) at noised data latents (no
+    rollouts)."""
 
     calls = 0
 
@@ -27,6 +29,7 @@ class TeacherVelocityMatching:
     def prepare(self, step):
         data = self.setup.data
         cond, clean = data.draw(self.generator, self.batch_size, with_latents=True)
+        cond = replace(cond, guidance=self.setup.guidance.draw(self.batch_size, self.generator))
         sigma = torch.rand(self.batch_size, generator=self.generator)
         noisy = add_noise(clean, torch.randn(clean.shape, generator=self.generator), sigma)
         with torch.no_grad():
