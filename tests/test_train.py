@@ -78,7 +78,7 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
                                  "distill.freq_weight": [0.0, 0.0, 1.0]})
     with_random_stages(run, "gpd", stage - 1)
     trainer = build_distill(run, StageId("gpd", stage))
-    teacher, student = trainer.objective.teacher.model, trainer.model
+    (teacher,), student = trainer.objective.teacher.modules(), trainer.model
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
     before_teacher, before_student = snapshot(teacher), snapshot(student)
@@ -435,17 +435,17 @@ def test_guidance_stage_starts_as_the_teacher_and_learns_the_guided_velocity(tmp
     with_random_stages(run, "gpd", 0)
     trainer = build_distill(run, StageId("gpd", GUIDANCE_STAGE))
     objective, student = trainer.objective, trainer.model
-    assert objective.teacher.negative is not None  # T0 as a CFG pair
+    assert isinstance(objective.teacher, CFG)  # T0 as a CFG pair
     assert objective.grid.steps == 8 and objective.grid.fine_steps == 1
     x = torch.randn(2, 3, 4, 8, 8)
     context = torch.randn(2, 4, run.dit_config.text_dim)
     timestep = torch.tensor([900.0, 100.0])
     with torch.no_grad():  # zero-initialised: the student is T0 for every w
-        want = objective.teacher.model(x, timestep, context)
+        want = objective.teacher.denoiser.model(x, timestep, context)
         got = student(x, timestep, context, guidance=torch.tensor([1.0, 3.0]))
     assert torch.equal(got, want)
     trainer.run(resume=False)
-    guidance = objective.lanes.pool["guidance"]
+    guidance = objective.lanes.cond.guidance
     assert ((guidance >= 1.0) & (guidance <= 3.0)).all() and guidance.unique().numel() > 1
     output = run_stage(run, StageId("gpd", GUIDANCE_STAGE), resume=True)
     assert output.parent.name == "guidance"
@@ -461,14 +461,14 @@ def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
     for stage in (1, 2):
         trainer = build_distill(run, StageId("gpd", stage))
         teacher = trainer.objective.teacher
-        assert teacher.negative is None and teacher.model.guidance_embedding is not None
+        assert not isinstance(teacher, CFG) and teacher.model.guidance_embedding is not None
         assert trainer.model.guidance_embedding is not None
         run_stage(run, StageId("gpd", stage), resume=False)
     # The vanilla chain is unchanged: a CFG pair at the run's scale in stage 1, no input.
     with_random_stages(run, "vanilla", 0)
     vanilla = build_distill(run, StageId("vanilla", 1))
     assert vanilla.model.guidance_embedding is None
-    assert vanilla.objective.teacher.negative is not None
+    assert isinstance(vanilla.objective.teacher, CFG)
 
 
 def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
@@ -476,7 +476,7 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
     with_random_stages(run, "gpd", 2)
     objectives = [build_distill(run, StageId("gpd", k)).objective for k in (1, 2, 3)]
     assert [o.guidance.low for o in objectives] == [2.0, 1.25, 1.0]
-    assert [o.teacher.negative is not None for o in objectives] == [True, True, False]
+    assert [isinstance(o.teacher, CFG) for o in objectives] == [True, True, False]
     with pytest.raises(ValueError, match="stage_guidance needs one CFG scale > 0 per stage"):
         micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.0]})
     with pytest.raises(ValueError, match="exclude each other"):
