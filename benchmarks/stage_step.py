@@ -118,7 +118,7 @@ def measure(preset: str, latent: str, timed_steps: int = 2, lora_rank: int = 0) 
             loss = train_step(step)
             _synchronize(device)
             times.append(time.perf_counter() - started)
-        state = _state_bytes([student, teacher.model], optimizer, ema)
+        state = _state_bytes([student, *teacher.modules()], optimizer, ema)
     on_gpu = device.type == "cuda"
     precision = ("bf16 autocast, fp32 weights/Adam/EMA/teacher" if not lora_rank else
                  f"LoRA rank {lora_rank}: bf16 frozen base, fp32 adapters/Adam/EMA")
