@@ -87,9 +87,10 @@ class Conditioning:
     def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Conditioning:
         return Conditioning(**{name: fn(name, t) for name, t in self.tensors().items()})
 
-    def _zip(self, other: Conditioning, what: str, same_batch: bool,
-             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Conditioning:
-        """``fn`` over the slot pairs of ``self`` and ``other``, checked to match."""
+    def _pairs(self, other: Conditioning, what: str
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The slot pairs of ``self`` and ``other``, checked to set the same slots with the
+        same shapes beyond the batch."""
         if not isinstance(other, Conditioning):
             raise TypeError(f"{what}: expected a Conditioning, got {type(other).__name__}")
         mine, theirs = self.tensors(), other.tensors()
@@ -97,11 +98,16 @@ class Conditioning:
             raise ValueError(f"{what}: the two Conditionings set different slots: "
                              f"{sorted(mine)} vs {sorted(theirs)}")
         for name, tensor in mine.items():
-            if tensor.shape[1:] != theirs[name].shape[1:] or (
-                    same_batch and tensor.shape[0] != theirs[name].shape[0]):
+            if tensor.shape[1:] != theirs[name].shape[1:]:
                 raise ValueError(f"{what}: {name} shapes do not match: {tuple(tensor.shape)} vs "
                                  f"{tuple(theirs[name].shape)}")
-        return Conditioning(**{name: fn(tensor, theirs[name]) for name, tensor in mine.items()})
+        return {name: (tensor, theirs[name]) for name, tensor in mine.items()}
+
+    def _zip(self, other: Conditioning, what: str,
+             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Conditioning:
+        """``fn`` over the slot pairs of ``self`` and ``other``."""
+        return Conditioning(**{name: fn(mine, theirs)
+                               for name, (mine, theirs) in self._pairs(other, what).items()})
 
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> Conditioning:
@@ -129,7 +135,7 @@ class Conditioning:
             raise ValueError("Conditioning.cat: nothing to concatenate")
         first, *rest = conds
         for other in rest:
-            first._zip(other, "Conditioning.cat", False, lambda a, b: a)  # checks only
+            first._pairs(other, "Conditioning.cat")
         return Conditioning(**{name: torch.cat([c.tensors()[name] for c in conds])
                                for name in first.tensors()})
 
@@ -152,7 +158,7 @@ class Conditioning:
         if other.batch not in (1, self.batch):
             raise ValueError(f"Conditioning.where: other must have 1 or {self.batch} rows, got "
                              f"{other.batch}")
-        return self._zip(other, "Conditioning.where", False, lambda a, b: torch.where(
+        return self._zip(other, "Conditioning.where", lambda a, b: torch.where(
             mask.view(-1, *([1] * (a.ndim - 1))), b, a))
 
     def put(self, index: torch.Tensor, other: Conditioning) -> Conditioning:
@@ -162,7 +168,7 @@ class Conditioning:
             out[index] = theirs.to(out.dtype)
             return out
 
-        return self._zip(other, "Conditioning.put", False, put_rows)
+        return self._zip(other, "Conditioning.put", put_rows)
 
 
 class Denoiser(Protocol):
