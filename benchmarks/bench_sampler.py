@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpd_model import WanDiT, get_preset, sigma_grid
+from gpd_model import Conditioning, DiTDenoiser, WanDiT, get_preset, sigma_grid
 from gpd_model.graph_sampler import GraphSampler
 
 STEPS = 6
@@ -40,8 +40,9 @@ def _setup(size: str, device: str):
         with torch.device(device):
             model = WanDiT(get_preset(preset)).to(dtype).eval()
             noise = torch.randn(latent, dtype=dtype)
-            context = torch.randn(latent[0], text_tokens, model.cfg.text_dim, dtype=dtype)
-        _models[key] = (model, noise, context)
+            cond = Conditioning(torch.randn(latent[0], text_tokens, model.cfg.text_dim,
+                                            dtype=dtype))
+        _models[key] = (DiTDenoiser(model), noise, cond)
     return _models[key]
 
 
@@ -50,13 +51,13 @@ def test_sampler(benchmark, size, mode, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("GPU benchmark: needs CUDA (eager vs CUDA-graph timings only on a lent GPU)")
     benchmark.group = f"6-step sampler {size} ({device})"
-    model, noise, context = _setup(size, device)
+    denoiser, noise, cond = _setup(size, device)
     shift = SIZES[size][4]
     rounds = 3 if device == "cpu" else SIZES[size][5]  # the CPU case is a smoke test
-    sampler = GraphSampler(model, sigma_grid(STEPS, shift), use_graphs=(mode == "graph"))
+    sampler = GraphSampler(denoiser, sigma_grid(STEPS, shift), use_graphs=(mode == "graph"))
 
     def run():
-        out = sampler(noise, context)
+        out = sampler(noise, cond)
         if device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -66,7 +67,7 @@ def test_sampler(benchmark, size, mode, device):
     benchmark.extra_info.update({"steps": STEPS, "captures": sampler.captures_made,
                                  "latent": list(noise.shape), "dtype": str(noise.dtype)})
     if mode == "graph":
-        eager = GraphSampler(model, sigma_grid(STEPS, shift), use_graphs=False)
+        eager = GraphSampler(denoiser, sigma_grid(STEPS, shift), use_graphs=False)
         tol = 1e-4 if noise.dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(run().float(), eager(noise, context).float(),
+        torch.testing.assert_close(run().float(), eager(noise, cond).float(),
                                    atol=tol, rtol=tol)

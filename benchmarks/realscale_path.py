@@ -40,7 +40,15 @@ from pathlib import Path
 
 import torch
 
-from gpd_model import WanDiT, euler_sample, get_preset, make_noise, sigma_grid
+from gpd_model import (
+    Conditioning,
+    DiTDenoiser,
+    WanDiT,
+    euler_sample,
+    get_preset,
+    make_noise,
+    sigma_grid,
+)
 
 GIB = 2**30
 UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64,
@@ -157,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     model = model.to(torch.bfloat16).eval().requires_grad_(False)
     noise = make_noise((1, *latent), args.seed, device)  # float32, as the sampler CLI
     sigmas = sigma_grid(args.steps, SHIFT)
-    latents = timed("sample", device, rows, euler_sample, model, noise, context[:1], sigmas)
+    latents = timed("sample", device, rows, euler_sample, DiTDenoiser(model), noise,
+                    Conditioning(context[:1]), sigmas)
     del model, context
     if device.type == "cuda":
         torch.cuda.empty_cache()

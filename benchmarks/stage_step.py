@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gpd_model import WanDiT, get_preset
+from gpd_model import Conditioning, Denoiser, DiTDenoiser, WanDiT, get_preset
 from gpd_train.config import LoraSpec
 from gpd_train.data import PromptEmbeddingSet
 from gpd_train.loop import Ema, ModelState
 from gpd_train.lora import adapter_shapes, lora_stage_model
-from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, StageTeacher
+from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, stage_teacher
 from gpd_train.parallel import checkpoint_blocks
 
 TEXT_TOKENS = 512  # Wan's padded prompt length
@@ -50,18 +50,18 @@ def _prompt_set(folder: Path, latent: str, text_dim: int, channels: int) -> Prom
     return PromptEmbeddingSet(folder, text_dim=text_dim, latent_channels=channels)
 
 
-def _models(cfg, device: torch.device, negative: torch.Tensor,
-            lora_rank: int) -> tuple[torch.nn.Module, StageTeacher]:
+def _models(cfg, device: torch.device, negative: Conditioning,
+            lora_rank: int) -> tuple[torch.nn.Module, Denoiser]:
     """(student, stage teacher): two full models, or one bf16 base with two adapters."""
     student = WanDiT(cfg).to(device)
     if not lora_rank:
         teacher = WanDiT(cfg).to(device).eval().requires_grad_(False)
         teacher.load_state_dict(student.state_dict())
-        return student, StageTeacher(teacher, negative)
+        return student, stage_teacher(teacher, negative)
     spec = LoraSpec(lora_rank, float(lora_rank))
     previous = {k: torch.randn(shape) * 0.01 for k, shape in adapter_shapes(student, spec).items()}
     stage = lora_stage_model(student, spec, previous, "bf16")
-    return stage.model, StageTeacher(stage.model, negative, stage.adapter)
+    return stage.model, stage_teacher(stage.model, negative, stage.adapter)
 
 
 def _state_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
@@ -86,10 +86,10 @@ def measure(preset: str, latent: str, timed_steps: int = 2, lora_rank: int = 0) 
     with tempfile.TemporaryDirectory() as folder:
         data = _prompt_set(Path(folder), latent, cfg.text_dim, cfg.in_channels)
         torch.manual_seed(0)
-        student, teacher = _models(cfg, device, data.negative_context.to(device), lora_rank)
+        student, teacher = _models(cfg, device, data.negative.to(device), lora_rank)
         checkpoint_blocks(student)
         objective = OnlineDistillation(
-            student=student, teacher=teacher,
+            student=DiTDenoiser(student), teacher=teacher,
             data=data, generator=torch.Generator().manual_seed(0),
             grid=StageGrid(24, 5.0, 2, device), guidance=GuidanceRange(5.0, 5.0),
             source="student", batch_size=1, freq_weight=0.0, freq_params={}, device=device,
@@ -118,7 +118,7 @@ def measure(preset: str, latent: str, timed_steps: int = 2, lora_rank: int = 0) 
             loss = train_step(step)
             _synchronize(device)
             times.append(time.perf_counter() - started)
-        state = _state_bytes([student, teacher.model], optimizer, ema)
+        state = _state_bytes([student, *teacher.modules()], optimizer, ema)
     on_gpu = device.type == "cuda"
     precision = ("bf16 autocast, fp32 weights/Adam/EMA/teacher" if not lora_rank else
                  f"LoRA rank {lora_rank}: bf16 frozen base, fp32 adapters/Adam/EMA")

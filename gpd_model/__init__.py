@@ -1,4 +1,5 @@
-"""Compact Wan2.1-compatible video DiT, flow-matching schedule, sampler and checkpoint I/O."""
+"""Compact Wan2.1-compatible video DiT, the denoiser interface, flow-matching schedule,
+sampler and checkpoint I/O."""
 
 from .attention import attention, attention_backend, force_attention_backend
 from .checkpoint import (
@@ -9,21 +10,26 @@ from .checkpoint import (
     save_diffusers,
 )
 from .config import PRESETS, DiTConfig, get_preset
+from .denoiser import (
+    CFG,
+    Conditioning,
+    Denoiser,
+    DiTDenoiser,
+    ExpertPair,
+    guided_branches,
+)
 from .guidance import GuidanceEmbedding, add_guidance_input, fold_guidance, has_guidance_input
 from .model import WanDiT
-from .sampler import (
-    branch_velocities,
-    euler_sample,
-    euler_step,
-    guided_velocity,
-    make_noise,
-    model_velocity,
-)
+from .sampler import euler_sample, euler_step, make_noise
 from .schedule import add_noise, shift_sigma, sigma_grid, timestep_from_sigma
 
 __all__ = [
     "add_noise",
-    "branch_velocities",
+    "CFG",
+    "Conditioning",
+    "Denoiser",
+    "DiTDenoiser",
+    "ExpertPair",
     "CheckpointError",
     "PRESETS",
     "DiTConfig",
@@ -39,10 +45,9 @@ __all__ = [
     "euler_step",
     "force_attention_backend",
     "get_preset",
-    "guided_velocity",
+    "guided_branches",
     "load_checkpoint",
     "make_noise",
-    "model_velocity",
     "read_state_dict",
     "save_diffusers",
     "shift_sigma",

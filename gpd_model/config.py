@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, replace
+
+# Fields added for other Wan models; a record leaves them out at these values (DiTConfig.to_json).
+_FAMILY_DEFAULTS = {"image_dim": None, "expand_timesteps": False}
 
 
 @dataclass
@@ -33,6 +38,16 @@ class DiTConfig:
     rope_theta: float = 10000.0
     image_dim: int | None = None
     expand_timesteps: bool = False
+
+    def to_json(self) -> str:
+        """The config as sorted JSON, leaving out the model-family fields at their defaults, so
+        a text-to-video model's record reads as it did before those fields existed (its files
+        stay byte-identical and older run folders keep matching)."""
+        fields = dataclasses.asdict(self)
+        for name in _FAMILY_DEFAULTS:
+            if fields[name] == _FAMILY_DEFAULTS[name]:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
 
     def __post_init__(self) -> None:
         positive = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers",

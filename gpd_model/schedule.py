@@ -55,3 +55,26 @@ def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> 
                          f"{tuple(sigma.shape)}")
     s = sigma.to(clean.dtype).view(-1, *([1] * (clean.dim() - 1)))
     return (1.0 - s) * clean + s * noise
+
+
+def _per_sample(
+    value: torch.Tensor | float, batch: int, like: torch.Tensor, name: str
+) -> torch.Tensor:
+    """A float32 [batch] tensor on ``like``'s device from a float, 0-d or [batch] tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(
+                f"{name} must be a float or a [{batch}] tensor, got shape {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
+        return value.to(device=like.device, dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    return torch.full((batch,), float(value), device=like.device, dtype=torch.float32)
+
+
+def _broadcast_to(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (x.ndim - 1)))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gpd_model import add_guidance_input
+from gpd_model import Denoiser, add_guidance_input
 
 from .chains import StageId, get_chain
 from .config import DistillConfig, RunConfig, Stage0Config
@@ -31,8 +31,8 @@ from .objectives import (
     FlowMatching,
     GuidanceRange,
     StageGrid,
-    StageTeacher,
     online_distillation,
+    stage_teacher,
 )
 from .parallel import (
     owned_streams,
@@ -173,18 +173,19 @@ def _stage_models(run: TrainingRun, sid: StageId) -> _StageModels:
 
 
 def _teacher_and_guidance(run: TrainingRun, sid: StageId,
-                          models: _StageModels) -> tuple[StageTeacher, GuidanceRange]:
+                          models: _StageModels) -> tuple[Denoiser, GuidanceRange]:
     """The stage teacher (a CFG pair, or one forward with w as input) and the w it uses."""
     plan = run.plan(sid)
-    negative = run.data.negative_context.to(run.device)
+    negative = run.data.negative.to(run.device)
     if plan.guidance_input:
         if sid.is_guidance and models.adapter is None:  # a LoRA student got it with its adapter
             add_guidance_input(models.student)
-        teacher = StageTeacher(models.teacher, negative if sid.is_guidance else None,
-                               models.adapter, None if sid.is_guidance else models.adapter_guidance)
+        teacher = stage_teacher(models.teacher, negative if sid.is_guidance else None,
+                                models.adapter,
+                                None if sid.is_guidance else models.adapter_guidance)
         return teacher, GuidanceRange(*plan.guidance)  # type: ignore[misc]
     scale = plan.teacher_guidance
-    teacher = StageTeacher(models.teacher, negative if scale != 1.0 else None, models.adapter)
+    teacher = stage_teacher(models.teacher, negative if scale != 1.0 else None, models.adapter)
     return teacher, GuidanceRange(scale, scale)
 
 

@@ -1,9 +1,10 @@
 """Training inputs: the built-in procedural video set and real-scale prompt-embedding shards.
 
 Both sources offer the same small interface used by the trainer and the evaluation:
-``draw(generator, batch_size, with_latents)`` -> ``(context [B, L, D], latents or None)``,
-``negative_context`` [L, D], ``latent_shape`` (C, T, H, W), ``text_dim``, ``context_len``,
-``has_latents`` and ``eval_prompts(count)``.
+``draw(generator, batch_size, with_latents)`` -> ``(cond, latents or None)`` with ``cond`` a
+``gpd_model.Conditioning`` of the texts [B, L, D], ``negative`` (the unconditional
+Conditioning, batch 1; ``negative_context`` [L, D] its text), ``latent_shape`` (C, T, H, W),
+``text_dim``, ``context_len``, ``has_latents`` and ``eval_prompts(count)`` -> ``(cond, names)``.
 
 Prompt-embedding data set layout (real scale), a folder holding:
 
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from gpd_model import Conditioning
 
 from .errors import ConfigError
 
@@ -70,7 +73,17 @@ def shape_mask(shape_ids: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
     return torch.where(ids == 0, square, torch.where(ids == 1, disc, cross))
 
 
-class ProceduralVideos:
+class _Negative:
+    """The unconditional Conditioning of a data set with a ``negative_context`` [L, D]."""
+
+    negative_context: torch.Tensor
+
+    @property
+    def negative(self) -> Conditioning:
+        return Conditioning(self.negative_context[None])
+
+
+class ProceduralVideos(_Negative):
     """Class-conditional moving shapes, made from code, deterministic from ``seed``.
 
     Prompt ``c`` is (SHAPES[c // 4], MOTIONS[c % 4]); sample ``index`` has prompt
@@ -173,18 +186,18 @@ class ProceduralVideos:
         return _BACKGROUND + mask[:, None] * (colour * 2.0 - 1.0 - _BACKGROUND)
 
     def draw(self, generator: torch.Generator, batch_size: int,
-             with_latents: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A random batch: contexts [B, L, D] and, if asked, its videos [B, 3, T, H, W]."""
+             with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
+        """A random batch: its texts [B, L, D] and, if asked, its videos [B, 3, T, H, W]."""
         _check_generator(generator)
         _check_batch_size(batch_size)
         indices = torch.randint(0, 2**31 - 1, (batch_size,), generator=generator)
-        context = self.context(indices % self.num_prompts)
-        return context, (self.videos(indices) if with_latents else None)
+        cond = Conditioning(self.context(indices % self.num_prompts))
+        return cond, (self.videos(indices) if with_latents else None)
 
-    def eval_prompts(self, count: int) -> tuple[torch.Tensor, list[str]]:
-        """The first ``count`` prompts, cycling: contexts [count, L, D] and their names."""
+    def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
+        """The first ``count`` prompts, cycling: their texts [count, L, D] and names."""
         ids = torch.arange(count) % self.num_prompts
-        return self.context(ids), [self.prompt_name(int(i)) for i in ids]
+        return Conditioning(self.context(ids)), [self.prompt_name(int(i)) for i in ids]
 
     def classify(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Recognise (shape id, motion id) [B] of videos [B, 3, T, H, W] made like ours.
@@ -235,7 +248,7 @@ class ProceduralVideos:
                              f"max {int(ids.max())}")
 
 
-class PromptEmbeddingSet:
+class PromptEmbeddingSet(_Negative):
     """The real-scale prompt-embedding data set (layout in this module's docstring)."""
 
     def __init__(self, folder: str | Path, text_dim: int | None = None,
@@ -343,7 +356,7 @@ class PromptEmbeddingSet:
         return context, (torch.cat(latents) if self.has_latents else None)
 
     def draw(self, generator: torch.Generator, batch_size: int,
-             with_latents: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
         """A random batch of rows; latents only when asked (and present)."""
         _check_generator(generator)
         _check_batch_size(batch_size)
@@ -353,12 +366,12 @@ class PromptEmbeddingSet:
                              "and so does state_source 'data' (use 'teacher' or 'student')")
         indices = torch.randint(0, self.num_rows, (batch_size,), generator=generator).tolist()
         context, latents = self.rows(indices)
-        return context, (latents if with_latents else None)
+        return Conditioning(context), (latents if with_latents else None)
 
-    def eval_prompts(self, count: int) -> tuple[torch.Tensor, list[str]]:
+    def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
         """The first ``count`` rows (cycling), named by row number."""
         indices = [i % self.num_rows for i in range(count)]
-        return self.rows(indices)[0], [f"row {i}" for i in indices]
+        return Conditioning(self.rows(indices)[0]), [f"row {i}" for i in indices]
 
 
 def open_data(path: str | Path | None, text_dim: int, latent_channels: int,

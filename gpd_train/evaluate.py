@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gpd_model import euler_sample, make_noise, sigma_grid
+from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, euler_sample, make_noise, sigma_grid
 
 from .builders import teacher_evaluations
 from .chains import CHAINS, DEFAULT_CHAIN, GUIDANCE_STAGE, StageId, get_chain
@@ -70,9 +70,11 @@ MAIN = "main"
 @dataclass
 class Candidate:
     label: str
-    model: torch.nn.Module | None  # None: a set made, not sampled (the sanity rows)
+    # What samples the row: a CFG pair (its scale in the table) or one forward. None: a set
+    # made, not sampled (the data sanity row); the teacher's sanity rows carry its denoiser
+    # for its CFG and NFE in the table, and are never sampled either.
+    denoiser: Denoiser | None
     steps: int
-    guidance: float | None  # sampled as a CFG pair at this scale, or (None) one forward
     reference: str  # label of the row this one is compared with
     group: str = MAIN
     cfg: str = ""  # how guidance enters, for the table
@@ -82,26 +84,30 @@ class Candidate:
             self.cfg = f"CFG {self.guidance:g}" if self.guidance is not None else "none"
 
     @property
+    def guidance(self) -> float | None:
+        """The CFG scale the row is sampled at, None without CFG."""
+        return self.denoiser.scale if isinstance(self.denoiser, CFG) else None
+
+    @property
     def nfe(self) -> int:
         return self.steps * (2 if self.guidance is not None else 1)
 
 
 @torch.no_grad()
-def sample_set(candidate: Candidate, noise: torch.Tensor, context: torch.Tensor,
-               negative: torch.Tensor, shift: float, batch_size: int, device: torch.device,
+def sample_set(candidate: Candidate, noise: torch.Tensor, cond: Conditioning, shift: float,
+               batch_size: int, device: torch.device,
                precision: str) -> tuple[torch.Tensor, float]:
     """Videos of the whole evaluation set and seconds per video."""
     sigmas = sigma_grid(candidate.steps, shift).to(device)
-    candidate.model.eval()
-    guided = candidate.guidance is not None
+    for module in candidate.denoiser.modules():
+        module.eval()
     outputs = []
     started = time.perf_counter()
     for begin in range(0, noise.shape[0], batch_size):
         x = noise[begin:begin + batch_size].to(device)
-        ctx = context[begin:begin + batch_size].to(device)
-        neg = negative.to(device).expand(len(x), -1, -1) if guided else None
+        rows = cond[begin:begin + batch_size].to(device)
         with autocast(device, precision):
-            videos = euler_sample(candidate.model, x, ctx, sigmas, neg, candidate.guidance)
+            videos = euler_sample(candidate.denoiser, x, rows, sigmas)
         outputs.append(videos.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,20 +138,24 @@ def final_steps(run: RunFolder, others: list[int] = ()) -> list[int]:
     return sorted(finals | set(others), reverse=True)
 
 
-def _candidates(run: RunFolder, compared_steps: list[int]) -> list[Candidate]:
-    """The run's rows; ``compared_steps``: ``final_steps``, naive sampling's step counts."""
+def _candidates(run: RunFolder, compared_steps: list[int],
+                negative: Conditioning) -> list[Candidate]:
+    """The run's rows; ``compared_steps``: ``final_steps``, naive sampling's step counts;
+    ``negative``: the CFG pairs' unconditional prompt."""
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
-    teacher = run.load_stage_model(TEACHER)
+    model = run.load_stage_model(TEACHER)
+    teacher = CFG(DiTDenoiser(model), negative, w)  # one object: the naive rows are its own
     reference = f"teacher@{full} (ref)"
-    rows = [Candidate(reference, teacher, full, w, reference),
+    ceiling = CFG(DiTDenoiser(perturbed(model, CEILING_NOISE, CEILING_SEED)), negative, w)
+    rows = [Candidate(reference, teacher, full, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
-                      perturbed(teacher, CEILING_NOISE, CEILING_SEED), full, w, reference)]
+                      ceiling, full, reference)]
     naive = sorted(set(cfg.steps[1:]) | set(compared_steps), reverse=True)
-    rows += [Candidate(f"teacher@{k} naive", teacher, k, w, reference) for k in naive]
+    rows += [Candidate(f"teacher@{k} naive", teacher, k, reference) for k in naive]
     for chain in cfg.pipeline_chains:
         rows += _chain_rows(run, chain, reference, compared_steps)
-    return rows + _other_guidance_rows(run, teacher)
+    return rows + _other_guidance_rows(run, model, negative)
 
 
 def _chain_rows(run: RunFolder, chain: str, reference: str,
@@ -164,12 +174,13 @@ def _chain_rows(run: RunFolder, chain: str, reference: str,
         steps = run.steps(sid)
         name = (f"{declared.label} guidance stage@{steps}" if sid.is_guidance
                 else f"{declared.label}@{steps}")
-        rows.append(Candidate(name, run.load_stage_model(sid, fold_at=w), steps, None,
+        rows.append(Candidate(name, DiTDenoiser(run.load_stage_model(sid, fold_at=w)), steps,
                               reference, cfg=how))
     return rows
 
 
-def _other_guidance_rows(run: RunFolder, teacher: torch.nn.Module) -> list[Candidate]:
+def _other_guidance_rows(run: RunFolder, model: torch.nn.Module,
+                         negative: Conditioning) -> list[Candidate]:
     """Final w-conditioned students at other CFG scales, each against the teacher there."""
     cfg = run.config
     full, last = cfg.steps[0], cfg.steps[-1]
@@ -183,12 +194,13 @@ def _other_guidance_rows(run: RunFolder, teacher: torch.nn.Module) -> list[Candi
     rows = []
     for w in scales:
         group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"
-        rows += [Candidate(reference, teacher, full, w, reference, group),
-                 Candidate(f"teacher@{last} naive w={w:g}", teacher, last, w, reference, group)]
+        teacher = CFG(DiTDenoiser(model), negative, w)
+        rows += [Candidate(reference, teacher, full, reference, group),
+                 Candidate(f"teacher@{last} naive w={w:g}", teacher, last, reference, group)]
         rows += [Candidate(f"{get_chain(chain).label}@{last} w={w:g}",
-                           run.load_stage_model(StageId(chain, cfg.stage_count(chain)), fold_at=w),
-                           last, None,
-                           reference, group, cfg=f"input w={w:g}") for chain in chains]
+                           DiTDenoiser(run.load_stage_model(StageId(chain, cfg.stage_count(chain)),
+                                                             fold_at=w)),
+                           last, reference, group, cfg=f"input w={w:g}") for chain in chains]
     return rows
 
 
@@ -219,8 +231,8 @@ def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candida
         how = f"input w={w:g}" if other.has_guidance_stage(sid.chain) else "none"
         steps = other.steps(sid)
         rows.append(Candidate(f"{label}: {get_chain(sid.chain).label}@{steps}",
-                              other.load_stage_model(sid, fold_at=w), steps, None, reference,
-                              "ablations", cfg=how))
+                              DiTDenoiser(other.load_stage_model(sid, fold_at=w)), steps,
+                              reference, "ablations", cfg=how))
     return rows
 
 
@@ -317,7 +329,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     out = run.folder / "eval"
     compared = _compare_candidates(run, compare or {})
     steps = final_steps(run, [c.steps for c in compared])
-    candidates = _candidates(run, steps) + compared  # all verified
+    candidates = _candidates(run, steps, data.negative) + compared  # all verified
     stages = _stage_summaries(run)
     # A report of other stages, runs or settings is kept aside, not overwritten.
     moved = reuse_or_move_aside(out, EVAL, {
@@ -326,15 +338,14 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
         "shift": cfg.resolved_shift, "guidance": cfg.resolved_guidance})
     if moved is not None:
         tqdm.write(f"[eval] its inputs changed: moved the old report to {moved}")
-    context, names = data.eval_prompts(ev.prompts)
+    cond, names = data.eval_prompts(ev.prompts)
     noise = make_noise((ev.prompts, *data.latent_shape), seed=ev.seed)
     judge = _judge(run, data, ev.prompts, out)
     examples = torch.linspace(0, ev.prompts - 1, min(ev.examples, ev.prompts)).round().long()
     rows, sheet_rows, sets = [], [], {}
     for candidate in tqdm(candidates, desc="eval", unit="model"):
-        videos, seconds = sample_set(candidate, noise, context, data.negative_context,
-                                     cfg.resolved_shift, ev.batch_size, run.device,
-                                     cfg.precision)
+        videos, seconds = sample_set(candidate, noise, cond, cfg.resolved_shift,
+                                     ev.batch_size, run.device, cfg.precision)
         sets[candidate.label] = videos
         gif = f"{_slug(candidate.label)}.gif"
         rows.append({**judge.row(candidate, videos, sets[candidate.reference], seconds),
@@ -410,9 +421,9 @@ def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Ten
         return []
     rows = []
     for label, from_teacher, made in sanity_sets(data, teacher.label, videos, seed):
-        sanity = (Candidate(label, None, teacher.steps, teacher.guidance, teacher.label, SANITY)
+        sanity = (Candidate(label, teacher.denoiser, teacher.steps, teacher.label, SANITY)
                   if from_teacher else
-                  Candidate(label, None, 0, None, teacher.label, SANITY, cfg="data"))
+                  Candidate(label, None, 0, teacher.label, SANITY, cfg="data"))
         rows.append(judge.row(sanity, made, videos, float("nan")))
     return rows
 
@@ -424,8 +435,9 @@ def _detail_comparisons(judge: _Judge, candidates: list[Candidate],
     if judge.detail is None:
         return []
     teacher = candidates[0]
-    naive = sorted((c for c in candidates if c.model is teacher.model and c.group == teacher.group
-                    and c.guidance == teacher.guidance), key=lambda c: -c.steps)
+    naive = sorted((c for c in candidates
+                    if c.denoiser is teacher.denoiser and c.group == teacher.group),
+                   key=lambda c: -c.steps)
     students = dict.fromkeys(student for student, _ in pairs)
     return judge.detail.comparisons(sanity_pairs(teacher.label, [c.label for c in naive])
                                     + [(student, teacher.label) for student in students])

@@ -17,12 +17,13 @@ How this reads the paper where its description is ambiguous: docs/training.md.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gpd_model import sigma_grid
+from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, sigma_grid
 
 from .chains import Chain, Schedule, ScheduleStage, register
 from .errors import ConfigError
@@ -31,7 +32,6 @@ from .loop import autocast
 from .objectives import (
     DistillSetup,
     OnlineDistillation,
-    StageTeacher,
     euler_path,
     online_arguments,
     velocity_between,
@@ -76,18 +76,17 @@ class HorizonGrid:
 
 
 @torch.no_grad()
-def horizon_target(previous: StageTeacher, base: StageTeacher, x: torch.Tensor,
-                   context: torch.Tensor, guidance: torch.Tensor, grid: HorizonGrid,
-                   index: torch.Tensor) -> torch.Tensor:
+def horizon_target(previous: Denoiser, base: Denoiser, x: torch.Tensor,
+                   cond: Conditioning, grid: HorizonGrid, index: torch.Tensor) -> torch.Tensor:
     """The velocity that takes ``x`` at fine indices ``index`` [B] where the previous
     student's jump and then the base teacher's CFG steps go (each stopping at the end)."""
     sigma = grid.student
     middle = grid.ahead(index, grid.previous_jump)
     end = grid.ahead(index, grid.jump)
-    x_middle = euler_path(previous, x, context, guidance, sigma[torch.stack([index, middle])])
+    x_middle = euler_path(previous, x, cond, sigma[torch.stack([index, middle])])
     offsets = torch.arange(grid.jump - grid.previous_jump + 1, device=index.device)
     path = torch.minimum(middle[None, :] + offsets[:, None], end[None, :])
-    x_end = euler_path(base, x_middle, context, guidance, sigma[path])
+    x_end = euler_path(base, x_middle, cond, sigma[path])
     return velocity_between(x, x_end, sigma[index], sigma[end])
 
 
@@ -95,31 +94,34 @@ class HorizonDistillation(OnlineDistillation):
     """Online distillation on a ``HorizonGrid``: ``teacher`` is the previous stage's model,
     ``base`` the stage-0 teacher that makes the extra fine steps (and rolls lanes)."""
 
-    def __init__(self, *, base: StageTeacher, **kwargs: Any) -> None:
+    def __init__(self, *, base: Denoiser, **kwargs: Any) -> None:
         self.base = base
         super().__init__(**kwargs)
 
     def _target(self, batch: LaneBatch) -> torch.Tensor:
-        return horizon_target(self.teacher, self.base, batch.x, batch.context, batch.guidance,
-                              self.grid, batch.index)
+        return horizon_target(self.teacher, self.base, batch.x, batch.cond, self.grid,
+                              batch.index)
 
     @torch.no_grad()
     def _rollout_step(self, batch: LaneBatch) -> torch.Tensor:
         """One fine step of the base teacher (a lane's grid point is a fine index)."""
         path = self.grid.student[torch.stack([batch.index, self.grid.ahead(batch.index, 1)])]
         with autocast(self.device, self.precision):
-            return euler_path(self.base, batch.x, batch.context, batch.guidance, path)
+            return euler_path(self.base, batch.x, batch.cond, path)
 
 
 def horizon_distillation(setup: DistillSetup, generator: torch.Generator,
                          batch_size: int) -> HorizonDistillation:
     """The horizon chain's objective. ``setup.teacher`` is the previous stage as the builder
     makes it: a CFG pair at the stage's scale when it is stage 0, which is how the base
-    teacher's one-step jump is taken; a previous student jumps unguided (it absorbed CFG)."""
-    grid = setup.grid
-    previous = (setup.teacher if grid.previous_jump == 1
-                else StageTeacher(setup.teacher.model))
-    base = StageTeacher(setup.base, setup.teacher.negative)
+    teacher's one-step jump is taken; a previous student jumps unguided (it absorbed CFG).
+    The base teacher runs as a CFG pair exactly when the stage teacher does."""
+    grid, teacher = setup.grid, setup.teacher
+    guided = isinstance(teacher, CFG)
+    previous = teacher if grid.previous_jump == 1 or not guided else teacher.denoiser
+    base = DiTDenoiser(setup.base)
+    if guided:
+        base = dataclasses.replace(teacher, denoiser=base)
     return HorizonDistillation(base=base, **online_arguments(setup, generator, batch_size,
                                                              teacher=previous))
 

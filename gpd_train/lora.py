@@ -5,7 +5,7 @@ run's stage 0) is loaded once and frozen, and peft puts LoRA adapters on its att
 FFN projections: ``teacher``, the previous stage's adapter (frozen; absent in stage 1,
 whose teacher is the base itself), and ``student``, initialised from it (stage 1: peft's
 zero B, so every student starts exactly as its teacher). The stage teacher's forwards run
-inside ``use_adapter`` (gpd_train.objectives.StageTeacher); the student's are the model's
+inside ``use_adapter`` (gpd_train.objectives.AdapterDenoiser); the student's are the model's
 own. Memory: one copy of the base plus ``2 x R x (in + out)`` values per adapted
 projection, instead of a second model, an EMA and Adam state of the full size.
 

@@ -16,7 +16,7 @@ generator, and touches neither the optimizer, the data streams nor the global RN
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import io
 import time
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from gpd_model import euler_sample, make_noise, sigma_grid
+from gpd_model import CFG, Denoiser, DiTDenoiser, euler_sample, make_noise, sigma_grid
 
 from .chains import StageId
 from .errors import ConfigError
@@ -71,9 +71,9 @@ class ValidationSet:
 
     def __init__(self, run: RunFolder, sid: StageId, data: Any) -> None:
         cfg = run.config
-        self.context, self.names = data.eval_prompts(cfg.eval.examples)
+        self.cond, self.names = data.eval_prompts(cfg.eval.examples)
         self.noise = make_noise((cfg.eval.examples, *data.latent_shape), seed=cfg.eval.seed)
-        self.negative = data.negative_context if sid.is_teacher else None
+        self.negative = data.negative if sid.is_teacher else None
         self.guidance = cfg.resolved_guidance
         self.guidance_input = sid.is_guidance or run.guidance_input(sid)
         self.steps = run.steps(sid)
@@ -83,17 +83,15 @@ class ValidationSet:
     @torch.no_grad()
     def sample(self, model: torch.nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device
-        x, context = self.noise.to(device), self.context.to(device)
-        negative, guidance, velocity = None, None, model
+        x, cond = self.noise.to(device), self.cond.to(device)
+        denoiser: Denoiser = DiTDenoiser(model)
         if self.guidance_input:  # the student's own input, as load_stage_model(fold_at=w)
-            velocity = functools.partial(model, guidance=torch.full(
+            cond = dataclasses.replace(cond, guidance=torch.full(
                 (len(x),), self.guidance, device=device))
         elif self.negative is not None:  # the teacher: CFG pairs, as the evaluation
-            negative = self.negative.to(device).expand(len(x), -1, -1)
-            guidance = self.guidance
+            denoiser = CFG(denoiser, self.negative.to(device), self.guidance)
         with autocast(device, self.precision):
-            videos = euler_sample(velocity, x, context, self.sigmas.to(device), negative,
-                                  guidance)
+            videos = euler_sample(denoiser, x, cond, self.sigmas.to(device))
         return videos.float().cpu()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,14 +11,15 @@ import torch.nn as nn
 
 from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
 from gpd_model import (
+    CFG,
+    Conditioning,
+    Denoiser,
+    DiTDenoiser,
     add_noise,
-    branch_velocities,
     euler_step,
-    has_guidance_input,
-    model_velocity,
+    guided_branches,
     shift_sigma,
     sigma_grid,
-    timestep_from_sigma,
 )
 
 from .errors import ConfigError
@@ -34,6 +36,7 @@ class FlowMatching:
                  batch_size: int, shift: float, cfg_dropout: float, device: torch.device,
                  precision: str) -> None:
         self.model = model
+        self.denoiser = DiTDenoiser(model)
         self.data = data
         self.generator = generator
         self.batch_size = batch_size
@@ -43,20 +46,20 @@ class FlowMatching:
         self.precision = precision
 
     def prepare(self, step: int) -> dict[str, torch.Tensor]:
-        context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
+        cond, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         dropped = torch.rand(self.batch_size, generator=self.generator) < self.cfg_dropout
-        context = torch.where(dropped[:, None, None], self.data.negative_context, context)
+        cond = cond.where(dropped, self.data.negative)
         sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
         return {"noisy": add_noise(clean, noise, sigma).to(self.device),
                 "target": (noise - clean).to(self.device), "sigma": sigma.to(self.device),
-                "context": context.to(self.device)}
+                **cond.to(self.device).tensors()}
 
     def forward(self, inputs: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with autocast(self.device, self.precision):
-            pred = self.model(inputs["noisy"], timestep_from_sigma(inputs["sigma"]),
-                              inputs["context"])
+            pred = self.denoiser(inputs["noisy"], inputs["sigma"],
+                                 Conditioning.from_tensors(inputs))
         return (pred.float() - inputs["target"]).square().mean(), {}, {}
 
     def finish(self, outputs: dict[str, torch.Tensor]) -> None:
@@ -73,70 +76,63 @@ class FlowMatching:
             raise ConfigError(f"stage-0 checkpoint carries unexpected stream state {sorted(state)}")
 
 
-@dataclass
-class StageTeacher:
-    """The frozen stage teacher, as the targets query it.
-
-    With ``negative`` (the unconditional text [L, D]) it runs as a CFG pair, cond and uncond
-    batched in one forward; otherwise once, taking w as an input if it has a guidance input.
-    With ``adapter`` the model is the student's own LoRA model (gpd_train.lora), run as the
-    base plus that adapter (``lora.TEACHER``) or the base alone (``lora.BASE``), with
-    ``guidance_embedding`` as its guidance input (None: none).
-    """
+@dataclass(frozen=True)
+class AdapterDenoiser:
+    """The student's own LoRA model (gpd_train.lora) run as a frozen stage teacher: the
+    base plus ``adapter`` (``lora.TEACHER``) or the base alone (``lora.BASE``), with
+    ``guidance_embedding`` as its guidance input (None: none)."""
 
     model: nn.Module
-    negative: torch.Tensor | None = None
-    adapter: str | None = None
+    adapter: str
     guidance_embedding: nn.Module | None = None
 
-    def branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(u_cond, u_uncond)`` at ``sigma`` [B]; ``u_uncond`` is None unless a CFG pair."""
-        if self.adapter is None:
-            return self._branches(x, sigma, context, guidance)
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
         with use_adapter(self.model, self.adapter, self.guidance_embedding):
-            return self._branches(x, sigma, context, guidance)
+            return DiTDenoiser(self.model)(x, sigma, cond)
 
-    def _branches(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                  guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.negative is not None:
-            negative = self.negative.expand(len(x), -1, -1)
-            return branch_velocities(self.model, x, sigma, context, negative)
-        fed = guidance if has_guidance_input(self.model) else None
-        return model_velocity(self.model, x, sigma, context, fed), None
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (self.model,)
 
-    def combine_weight(self, guidance: torch.Tensor) -> torch.Tensor | None:
-        """The w the CFG combine uses: the lanes' w for a CFG pair, none otherwise."""
-        return guidance if self.negative is not None else None
+
+def stage_teacher(model: nn.Module, negative: Conditioning | None = None,
+                  adapter: str | None = None,
+                  guidance_embedding: nn.Module | None = None) -> Denoiser:
+    """The frozen stage teacher as the targets query it: ``model`` (with ``adapter``, the
+    student's LoRA model as ``AdapterDenoiser`` runs it), as a CFG pair around the lanes'
+    w (``cond.guidance``) when ``negative`` is given, else one forward (taking w as an
+    input if it has a guidance input)."""
+    denoiser: Denoiser = (DiTDenoiser(model) if adapter is None
+                          else AdapterDenoiser(model, adapter, guidance_embedding))
+    return denoiser if negative is None else CFG(denoiser, negative)
 
 
 @torch.no_grad()
-def teacher_target(teacher: StageTeacher, x_a: torch.Tensor, context: torch.Tensor,
-                   guidance: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+def teacher_target(teacher: Denoiser, x_a: torch.Tensor, cond: Conditioning,
+                   s_a: torch.Tensor, s_b: torch.Tensor,
                    s_c: torch.Tensor | None = None) -> torch.Tensor:
-    """The velocity ``u*`` that takes ``x_a`` where the teacher goes.
+    """The velocity ``u*`` that takes ``x_a`` where the teacher goes (a ``CFG`` teacher's
+    branches are combined by the fused kernels).
 
     Without ``s_c``: one teacher step ``s_a -> s_b``, i.e. the (guided) velocity itself (the
     guidance stage). With ``s_c``: the double step of design 4.2, ``x_a + (s_c - s_a) u* =
     x_c`` after two teacher Euler steps ``s_a -> s_b -> s_c`` (the halving stages).
     """
-    weight = teacher.combine_weight(guidance)
-    u_cond, u_uncond = teacher.branches(x_a, s_a, context, guidance)
+    u_cond, u_uncond, weight = guided_branches(teacher, x_a, s_a, cond)
     x_b, g1 = cfg_euler_step(x_a, u_cond, u_uncond, weight, s_a, s_b)
     if s_c is None:
         return g1
-    u_cond, u_uncond = teacher.branches(x_b, s_b, context, guidance)
+    u_cond, u_uncond, weight = guided_branches(teacher, x_b, s_b, cond)
     return double_step_target(g1, u_cond, u_uncond, weight, s_a, s_b, s_c)
 
 
 @torch.no_grad()
-def euler_path(teacher: StageTeacher, x: torch.Tensor, context: torch.Tensor,
-               guidance: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+def euler_path(teacher: Denoiser, x: torch.Tensor, cond: Conditioning,
+               path: torch.Tensor) -> torch.Tensor:
     """Where the teacher's Euler steps along ``path`` [m + 1, B] take ``x`` (x's dtype); a
     step whose two sigmas are equal leaves that sample where it is."""
-    weight = teacher.combine_weight(guidance)
     for s_from, s_to in zip(path, path[1:], strict=False):
-        u_cond, u_uncond = teacher.branches(x, s_from, context, guidance)
+        u_cond, u_uncond, weight = guided_branches(teacher, x, s_from, cond)
         x, _ = cfg_euler_step(x, u_cond, u_uncond, weight, s_from, s_to)
     return x
 
@@ -150,14 +146,14 @@ def velocity_between(x_from: torch.Tensor, x_to: torch.Tensor, s_from: torch.Ten
 
 
 @torch.no_grad()
-def rollout_target(teacher: StageTeacher, x_a: torch.Tensor, context: torch.Tensor,
-                   guidance: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+def rollout_target(teacher: Denoiser, x_a: torch.Tensor, cond: Conditioning,
+                   path: torch.Tensor) -> torch.Tensor:
     """The velocity that takes ``x_a`` where ``len(path) - 1`` teacher Euler steps along
     ``path`` [r + 1, B] go: one or two steps through ``teacher_target`` (the double step's
     fused kernel), more by explicit steps."""
     if len(path) <= 3:
-        return teacher_target(teacher, x_a, context, guidance, *path, *([None] * (3 - len(path))))
-    x_end = euler_path(teacher, x_a, context, guidance, path)
+        return teacher_target(teacher, x_a, cond, *path, *([None] * (3 - len(path))))
+    x_end = euler_path(teacher, x_a, cond, path)
     return velocity_between(x_a, x_end, path[0], path[-1])
 
 
@@ -203,11 +199,11 @@ class StageGrid:
     def next_sigma(self, index: torch.Tensor) -> torch.Tensor:
         return self.student[index + 1]
 
-    def target(self, teacher: StageTeacher, x: torch.Tensor, context: torch.Tensor,
-               guidance: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def target(self, teacher: Denoiser, x: torch.Tensor, cond: Conditioning,
+               index: torch.Tensor) -> torch.Tensor:
         """The stage teacher's r-step target from student indices ``index`` (the student
         grid is every r-th teacher point bit for bit, so ``path`` starts at its sigmas)."""
-        return rollout_target(teacher, x, context, guidance, self.path(index))
+        return rollout_target(teacher, x, cond, self.path(index))
 
 
 @dataclass
@@ -226,13 +222,16 @@ class GuidanceRange:
 class OnlineDistillation:
     """Regress the student on the frozen stage teacher's target at online states.
 
-    The target is ``teacher_target`` on ``grid`` (one or two teacher steps per student
-    step). States come from ``source``: ``teacher`` or ``student`` rollouts (``lanes``),
-    or ``data`` (a data latent noised to a random grid point: vanilla PD). Each trajectory
-    carries its CFG scale w from ``guidance``; a student with a guidance input is given it.
+    ``student`` is the denoiser trained (its networks' parameters get the gradients),
+    ``teacher`` the frozen stage teacher. The target is ``teacher_target`` on ``grid``
+    (one or two teacher steps per student step). States come from ``source``: ``teacher``
+    or ``student`` rollouts (``lanes``), or ``data`` (a data latent noised to a random grid
+    point: vanilla PD). Each trajectory
+    carries its CFG scale w from ``guidance`` in its Conditioning: a CFG teacher combines
+    with it, a student (or teacher) with a guidance input is given it.
     """
 
-    def __init__(self, *, student: nn.Module, teacher: StageTeacher, data: Any,
+    def __init__(self, *, student: Denoiser, teacher: Denoiser, data: Any,
                  generator: torch.Generator, grid: StageGrid, guidance: GuidanceRange,
                  source: str, batch_size: int, freq_weight: float,
                  freq_params: dict[str, float], device: torch.device, precision: str,
@@ -255,20 +254,18 @@ class OnlineDistillation:
             batch_size=batch_size, groups=lane_groups, steps=grid.steps, fresh=self._fresh,
             device=device, stride=grid.lane_stride)
 
-    def _fresh(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        context, _ = self.data.draw(self.generator, count, with_latents=False)
+    def _fresh(self, count: int) -> tuple[torch.Tensor, Conditioning]:
+        cond, _ = self.data.draw(self.generator, count, with_latents=False)
         noise = torch.randn((count, *self.data.latent_shape), generator=self.generator)
         guidance = self.guidance.draw(count, self.generator)
-        return noise.to(self.device), context.to(self.device), guidance.to(self.device)
+        cond = dataclasses.replace(cond, guidance=guidance)
+        return noise.to(self.device), cond.to(self.device)
 
     def _target(self, batch: LaneBatch) -> torch.Tensor:
-        return self.grid.target(self.teacher, batch.x, batch.context, batch.guidance,
-                                batch.index)
+        return self.grid.target(self.teacher, batch.x, batch.cond, batch.index)
 
     def _student_velocity(self, batch: LaneBatch) -> torch.Tensor:
-        fed = batch.guidance if has_guidance_input(self.student) else None
-        return model_velocity(self.student, batch.x, self.grid.student[batch.index],
-                              batch.context, fed).float()
+        return self.student(batch.x, self.grid.student[batch.index], batch.cond).float()
 
     def _next_state(self, batch: LaneBatch, velocity: torch.Tensor) -> torch.Tensor:
         return euler_step(batch.x, velocity, self.grid.student[batch.index],
@@ -283,25 +280,25 @@ class OnlineDistillation:
         return self._next_state(batch, velocity)
 
     def _noised_data(self) -> LaneBatch:
-        context, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
+        cond, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         index = torch.randint(0, self.grid.steps, (self.batch_size,), generator=self.generator)
         noise = torch.randn(clean.shape, generator=self.generator)
         guidance = self.guidance.draw(self.batch_size, self.generator)
         index = index.to(self.device)
         x = add_noise(clean, noise, self.grid.student[index].cpu())
-        return LaneBatch(x.to(self.device), context.to(self.device), guidance.to(self.device),
-                         index)
+        cond = dataclasses.replace(cond, guidance=guidance)
+        return LaneBatch(x.to(self.device), cond.to(self.device), index)
 
     def prepare(self, step: int) -> dict[str, torch.Tensor]:
         """The states to train on: the lanes' current group, or noised data."""
         batch = self._noised_data() if self.lanes is None else self.lanes.current(
             self._rollout_step)
-        return dict(vars(batch))  # x, context, guidance, index (the tensors themselves)
+        return batch.inputs()
 
     def forward(self, inputs: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The loss, and the batch's next states (``x_next``) when lanes roll out."""
-        batch = LaneBatch(**inputs)
+        batch = LaneBatch.from_inputs(inputs)
         with autocast(self.device, self.precision):
             u_star = self._target(batch)
             u_student = self._student_velocity(batch)
@@ -339,7 +336,7 @@ class DistillSetup:
     receives it with one data stream's generator and batch size)."""
 
     student: nn.Module
-    teacher: StageTeacher
+    teacher: Denoiser  # the stage teacher (a CFG around it where it runs as a CFG pair)
     data: Any
     grid: Any  # StageGrid, or the grid the chain's objective reads (horizon.HorizonGrid)
     guidance: GuidanceRange
@@ -351,11 +348,12 @@ class DistillSetup:
 
 
 def online_arguments(setup: DistillSetup, generator: torch.Generator, batch_size: int,
-                     teacher: StageTeacher | None = None) -> dict[str, Any]:
+                     teacher: Denoiser | None = None) -> dict[str, Any]:
     """``OnlineDistillation``'s arguments from a stage's setup (``teacher``: another stage
     teacher than ``setup.teacher``)."""
     chain = setup.chain
-    return {"student": setup.student, "teacher": teacher or setup.teacher, "data": setup.data,
+    return {"student": DiTDenoiser(setup.student), "teacher": teacher or setup.teacher,
+            "data": setup.data,
             "generator": generator, "grid": setup.grid, "guidance": setup.guidance,
             "source": chain.state_source, "batch_size": batch_size,
             "freq_weight": setup.freq_weight,

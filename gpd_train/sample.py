@@ -45,8 +45,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gpd_model import (
+    CFG,
     PRESETS,
+    Conditioning,
+    Denoiser,
     DiTConfig,
+    DiTDenoiser,
     fold_guidance,
     has_guidance_input,
     make_noise,
@@ -94,8 +98,8 @@ DEFAULT_STEPS = 6  # a model without a stage record: the final student's step co
 
 @dataclass
 class Prompts:
-    context: torch.Tensor  # [N, L, text_dim]
-    negative: torch.Tensor | None  # [N, L, text_dim]
+    cond: Conditioning  # text [N, L, text_dim]
+    negative: Conditioning | None  # text [1, L, text_dim], the CFG pairs' unconditional prompt
     names: list[str]
     latent_shape: tuple[int, ...]
     built_in: bool
@@ -122,8 +126,8 @@ def _embeddings_file(path: Path, text_dim: int, latent_shape: str | None,
         raise SampleError(f"--guidance needs a 'negative' tensor [L, {text_dim}] in {path}")
     rows = [i % context.shape[0] for i in range(num)]
     if negative is not None:
-        negative = negative.reshape(-1, context.shape[1], text_dim)[:1].expand(num, -1, -1)
-    return Prompts(context[rows], negative, [f"row {i}" for i in rows],
+        negative = Conditioning(negative.reshape(-1, context.shape[1], text_dim)[:1])
+    return Prompts(Conditioning(context[rows]), negative, [f"row {i}" for i in rows],
                    _parse_shape(latent_shape), built_in=False)
 
 
@@ -149,11 +153,11 @@ def _from_data_set(data: ProceduralVideos | PromptEmbeddingSet, num: int,
             raise SampleError(f"--prompts ids must be in [0, {data.num_prompts}), got {bad}; "
                               f"0 is {data.prompt_name(0)!r}")
         ids = torch.tensor([prompt_ids[i % len(prompt_ids)] for i in range(num)])
-        context, names = data.context(ids), [data.prompt_name(int(i)) for i in ids]
+        cond, names = Conditioning(data.context(ids)), [data.prompt_name(int(i)) for i in ids]
     else:
-        context, names = data.eval_prompts(num)
-    negative = data.negative_context.float()[None].expand(num, -1, -1)
-    return Prompts(context.float(), negative, names, tuple(data.latent_shape), built_in)
+        cond, names = data.eval_prompts(num)
+    return Prompts(cond.to(dtype=torch.float32), data.negative.to(dtype=torch.float32), names,
+                   tuple(data.latent_shape), built_in)
 
 
 def _prompt_request(args: argparse.Namespace) -> tuple[list[int] | None, list[str] | None]:
@@ -192,11 +196,11 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     context = encoded[[unique.index(text) for text in rows]]
     negative = None
     if _needs_negative(loaded, args):
-        negative = encoder.encode([negative_text(args.negative or "")]).float().cpu()
-        negative = negative.expand(args.num, -1, -1)
+        negative = Conditioning(
+            encoder.encode([negative_text(args.negative or "")]).float().cpu())
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
     shape = args.latent_shape or latent_shape_for(args.model, **size)
-    return Prompts(context, negative, rows, _parse_shape(shape), built_in=False)
+    return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
 
 
 def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
@@ -342,17 +346,20 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
     args.steps, shift = _sampling_grid(loaded, args)
-    sampler = GraphSampler(model, sigma_grid(args.steps, shift),
+    denoiser: Denoiser = DiTDenoiser(model)
+    if cfg_scale is not None:
+        denoiser = CFG(denoiser, prompts.negative.to(device), cfg_scale)
+    sampler = GraphSampler(denoiser, sigma_grid(args.steps, shift),
                            use_graphs=False if args.eager else None)
     noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
     guided = cfg_scale is not None
-    latents, elapsed = _sample_batches(sampler, noise, prompts, cfg_scale, args.batch_size)
+    latents, elapsed = _sample_batches(sampler, noise, prompts, args.batch_size)
     summary = {
         "checkpoint": loaded.description, "num": args.num, "steps": args.steps,
         "guidance": args.guidance if folded_at is None else folded_at,
         "guidance_as": "input" if folded_at is not None else ("cfg" if guided else "none"),
         "shift": shift, "seed": args.seed,
-        "nfe_per_video": sampler.nfe(guided), "seconds_per_video": elapsed / args.num,
+        "nfe_per_video": sampler.nfe(), "seconds_per_video": elapsed / args.num,
         "device": str(device), "dtype": args.dtype,
         "cuda_graphs": sampler.graphs_enabled(device),
         "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
@@ -394,18 +401,17 @@ def _sampling_grid(loaded: LoadedModel, args: argparse.Namespace) -> tuple[int, 
 
 
 def _sample_batches(sampler: GraphSampler, noise: torch.Tensor, prompts: Prompts,
-                    cfg_scale: float | None, batch_size: int) -> tuple[torch.Tensor, float]:
+                    batch_size: int) -> tuple[torch.Tensor, float]:
     """The videos of every batch and the seconds spent sampling them (synchronised)."""
-    device, guided = noise.device, cfg_scale is not None
+    device = noise.device
     outputs, elapsed = [], 0.0
     for start in range(0, len(noise), batch_size):
         part = slice(start, start + batch_size)
-        context = prompts.context[part].to(device)
-        negative = prompts.negative[part].to(device) if guided else None
+        cond = prompts.cond[part].to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.perf_counter()
-        outputs.append(sampler(noise[part], context, negative, cfg_scale).float().cpu())
+        outputs.append(sampler(noise[part], cond).float().cpu())
         elapsed += time.perf_counter() - began
     return torch.cat(outputs), elapsed
 

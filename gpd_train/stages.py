@@ -25,7 +25,6 @@ for full-weight stages, ``diffusers/`` (the output as a diffusers model folder).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,7 @@ class RunFolder:
         spec = self.lora_spec(sid)
         lora = {} if spec is None else {METADATA_KEY: spec.to_metadata()}
         return {"format": "gpd_train", "stage": sid.name,
-                "dit_config": json.dumps(asdict(self.dit_config), sort_keys=True),
+                "dit_config": self.dit_config.to_json(),
                 GUIDANCE_INPUT_KEY: str(int(self.guidance_input(sid))), **lora}
 
     # -- records and provenance ---------------------------------------------------------

@@ -2,12 +2,13 @@
 end to end: CLI, training, run folder, evaluation and sampling."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import MICRO_TOML
 
-from gpd_model import add_noise, timestep_from_sigma
+from gpd_model import Conditioning, DiTDenoiser, add_noise
 from gpd_train.__main__ import main
 from gpd_train.chains import CHAINS, Chain, StageId, register, unregister
 from gpd_train.objectives import DistillSetup
@@ -16,8 +17,9 @@ from gpd_train.step import eager_loss
 
 
 class TeacherVelocityMatching:
-    """The toy objective: the student regresses its stage teacher's conditional velocity at
-    noised data latents (one teacher forward per sample, no rollouts, no CFG)."""
+    """The toy objective: the student regresses its stage teacher's velocity (the stage's
+    denoiser: a CFG pair at the stage's w where it is one) at noised data latents (no
+    rollouts)."""
 
     calls = 0
 
@@ -26,17 +28,18 @@ class TeacherVelocityMatching:
 
     def prepare(self, step):
         data = self.setup.data
-        context, clean = data.draw(self.generator, self.batch_size, with_latents=True)
+        cond, clean = data.draw(self.generator, self.batch_size, with_latents=True)
+        cond = replace(cond, guidance=self.setup.guidance.draw(self.batch_size, self.generator))
         sigma = torch.rand(self.batch_size, generator=self.generator)
         noisy = add_noise(clean, torch.randn(clean.shape, generator=self.generator), sigma)
         with torch.no_grad():
-            target = self.setup.teacher.model(noisy, timestep_from_sigma(sigma), context)
-        return {"noisy": noisy, "sigma": sigma, "context": context, "target": target}
+            target = self.setup.teacher(noisy, sigma, cond)
+        return {"noisy": noisy, "sigma": sigma, **cond.tensors(), "target": target}
 
     def forward(self, inputs):
         TeacherVelocityMatching.calls += 1
-        pred = self.setup.student(inputs["noisy"], timestep_from_sigma(inputs["sigma"]),
-                                  inputs["context"])
+        pred = DiTDenoiser(self.setup.student)(inputs["noisy"], inputs["sigma"],
+                                               Conditioning.from_tensors(inputs))
         return (pred - inputs["target"]).square().mean(), {}, {}
 
     def finish(self, outputs):

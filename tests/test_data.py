@@ -19,7 +19,8 @@ def test_procedural_videos_are_deterministic_from_the_seed(frames, size, speed):
     assert first.shape == (4, 3, frames, size, size)
     assert first.min() >= -1 and first.max() <= 1
     draws = [data.draw(torch.Generator().manual_seed(3), 5, with_latents=True) for _ in range(2)]
-    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert torch.equal(draws[0][0].text, draws[1][0].text)
+    assert torch.equal(draws[0][1], draws[1][1])
 
 
 @pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (8, 12, 1)])
@@ -126,8 +127,10 @@ def test_prompt_embedding_set_reads_rows_across_shards(tmp_path):
     context, latents = data.rows([4, 0])
     assert torch.equal(context[0], second["context"][1].float())
     assert torch.equal(latents[0], second["latents"][1])
-    context, latents = data.draw(torch.Generator().manual_seed(1), 4, with_latents=False)
-    assert context.shape == (4, 5, 6) and context.dtype == torch.float32 and latents is None
+    cond, latents = data.draw(torch.Generator().manual_seed(1), 4, with_latents=False)
+    assert cond.text.shape == (4, 5, 6) and cond.text.dtype == torch.float32 and latents is None
+    assert cond.guidance is None and cond.image_latent is None
+    assert torch.equal(data.negative.text, data.negative_context[None])
 
 
 def test_prompt_embedding_set_without_latents(tmp_path):

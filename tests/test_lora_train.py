@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import losses, micro_run, run_until_killed, with_random_stages
 
+from gpd_model import CFG, Conditioning
 from gpd_train.builders import TrainingRun, build_distill
 from gpd_train.chains import GUIDANCE_STAGE, StageId
 from gpd_train.checkpoint import CheckpointError
@@ -21,7 +22,7 @@ from gpd_train.lora import (
     adapter_shapes,
     merge_adapter,
 )
-from gpd_train.objectives import StageTeacher, teacher_target
+from gpd_train.objectives import stage_teacher, teacher_target
 from gpd_train.pipeline import run_stage
 from gpd_train.run_folder import RunFolderError
 
@@ -53,6 +54,8 @@ def test_lora_step_trains_the_student_adapter_only(tmp_path, stage):
         finish_random_adapter(run, "gpd", 1, seed=5)
     trainer = build_distill(run, StageId("gpd", stage))
     model, teacher = trainer.model, trainer.objective.teacher
+    assert isinstance(teacher, CFG) == (stage == 1)  # CFG only from T0 (w = 1.5)
+    teacher = teacher.denoiser if stage == 1 else teacher
     assert teacher.model is model  # one model: the teacher is an adapter switch on it
     assert teacher.adapter == (BASE if stage == 1 else TEACHER)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -79,14 +82,12 @@ def test_lora_teacher_target_equals_a_separate_merged_teacher(tmp_path):
     grid = trainer.objective.grid
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, *run.data.latent_shape, generator=generator)
-    context, _ = run.data.draw(generator, 3, with_latents=False)
+    cond, _ = run.data.draw(generator, 3, with_latents=False)
     index = torch.tensor([0, 1, 0])
-    guidance = torch.ones(3)
+    cond = Conditioning(cond.text, guidance=torch.ones(3))
     with torch.no_grad():
-        ours = teacher_target(trainer.objective.teacher, x, context, guidance,
-                              *grid.sigmas(index))
-        want = teacher_target(StageTeacher(merged_teacher), x, context, guidance,
-                              *grid.sigmas(index))
+        ours = teacher_target(trainer.objective.teacher, x, cond, *grid.sigmas(index))
+        want = teacher_target(stage_teacher(merged_teacher), x, cond, *grid.sigmas(index))
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     assert all(p.requires_grad == (f".{STUDENT}." in k)
                for k, p in trainer.model.named_parameters())  # restored after the switch
@@ -264,10 +265,10 @@ GUIDED = {"distill.guidance_stage": True, "distill.guidance_iterations": 2}
 def guidance_inputs(run, batch: int = 3):
     generator = torch.Generator().manual_seed(12)
     x = torch.randn(batch, *run.data.latent_shape, generator=generator)
-    context, _ = run.data.draw(generator, batch, with_latents=False)
+    cond, _ = run.data.draw(generator, batch, with_latents=False)
     t = torch.tensor([950.0, 400.0, 20.0])[:batch]
     w = torch.tensor([1.0, 2.2, 3.0])[:batch]
-    return x, t, context, w
+    return x, t, cond.text, w
 
 
 def test_lora_guidance_stage_starts_as_t0_and_learns_from_t0_with_cfg(tmp_path):
@@ -275,17 +276,18 @@ def test_lora_guidance_stage_starts_as_t0_and_learns_from_t0_with_cfg(tmp_path):
     with_random_stages(run, "gpd", 0)
     trainer = build_distill(run, StageId("gpd", GUIDANCE_STAGE))
     model, teacher = trainer.model, trainer.objective.teacher
-    assert teacher.model is model and teacher.adapter == BASE
-    assert teacher.guidance_embedding is None and teacher.negative is not None
+    assert isinstance(teacher, CFG)  # T0 with CFG
+    assert teacher.denoiser.model is model and teacher.denoiser.adapter == BASE
+    assert teacher.denoiser.guidance_embedding is None
     t0 = run.load_stage_model(StageId("gpd", 0))
     x, t, c, w = guidance_inputs(run)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, c, guidance=w), t0(x, t, c), rtol=0, atol=0)
         grid = trainer.objective.grid
         index = torch.tensor([0, 3, 7])
-        ours = teacher_target(teacher, x, c, w, *grid.sigmas(index))
-        want = teacher_target(StageTeacher(t0, run.data.negative_context), x, c, w,
-                              *grid.sigmas(index))
+        cond = Conditioning(c, guidance=w)
+        ours = teacher_target(teacher, x, cond, *grid.sigmas(index))
+        want = teacher_target(stage_teacher(t0, run.data.negative), x, cond, *grid.sigmas(index))
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
     trainer.iterations = 2
     trainer.run(resume=False)
@@ -315,20 +317,21 @@ def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
 
     trainer = build_distill(run, StageId("gpd", 1))
     model, teacher = trainer.model, trainer.objective.teacher
-    assert teacher.adapter == TEACHER and teacher.negative is None
+    assert teacher.adapter == TEACHER and not isinstance(teacher, CFG)
     x, t, c, w = guidance_inputs(run)
     with torch.no_grad():
         want = merged_g(x, t, c, guidance=w)
         torch.testing.assert_close(model(x, t, c, guidance=w), want, rtol=1e-5, atol=1e-5)
         grid = trainer.objective.grid
         index = torch.tensor([0, 1, 1])
-        ours = teacher_target(teacher, x, c, w, *grid.sigmas(index))
-        ref = teacher_target(StageTeacher(merged_g), x, c, w, *grid.sigmas(index))
+        cond = Conditioning(c, guidance=w)
+        ours = teacher_target(teacher, x, cond, *grid.sigmas(index))
+        ref = teacher_target(stage_teacher(merged_g), x, cond, *grid.sigmas(index))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     trainer.iterations = 2
     trainer.run(resume=False)
     with torch.no_grad():  # training moved the student's w input, not the teacher's
-        torch.testing.assert_close(teacher_target(teacher, x, c, w, *grid.sigmas(index)), ref,
+        torch.testing.assert_close(teacher_target(teacher, x, cond, *grid.sigmas(index)), ref,
                                    rtol=1e-5, atol=1e-5)
     output = adapter_from_params(trainer.ema.state_dict())
     assert any(k.startswith("guidance_embedding.") for k in output)

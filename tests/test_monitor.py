@@ -11,7 +11,7 @@ import torch
 from conftest import MICRO_TOML
 from PIL import Image
 
-from gpd_model import euler_sample, make_noise, sigma_grid
+from gpd_model import CFG, DiTDenoiser, euler_sample, make_noise, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.builders import TrainingRun
 from gpd_train.chains import StageId
@@ -94,14 +94,13 @@ def test_last_validation_is_the_stage_output_as_the_evaluation_samples_it(micro,
     assert main([*args, "--stage", str(sid.stage), *flags, "--validate-every", "2"]) == 0
     run = TrainingRun(load_run_config(tmp_path / "run", device="cpu"))
     cfg, data, last = run.config, run.data, 4
-    context, _ = data.eval_prompts(cfg.eval.examples)
+    cond, _ = data.eval_prompts(cfg.eval.examples)
     noise = make_noise((cfg.eval.examples, *data.latent_shape), seed=cfg.eval.seed)
-    model = run.load_stage_model(sid, fold_at=cfg.resolved_guidance).eval()
-    w = cfg.resolved_guidance if sid.is_teacher else None
-    negative = data.negative_context.expand(len(noise), -1, -1) if w else None
+    denoiser = DiTDenoiser(run.load_stage_model(sid, fold_at=cfg.resolved_guidance).eval())
+    if sid.is_teacher:
+        denoiser = CFG(denoiser, data.negative, cfg.resolved_guidance)
     steps = run.steps(sid)
-    expected = euler_sample(model, noise, context, sigma_grid(steps, cfg.resolved_shift),
-                            negative, w)
+    expected = euler_sample(denoiser, noise, cond, sigma_grid(steps, cfg.resolved_shift))
     reference = tmp_path / "expected.png"
     write_contact_sheet(reference, [(f"{sid.name} EMA@{steps} step {last}", expected)])
     got = _pixels(run.stage_folder(sid) / "validation" / f"step-{last:08d}.png")

@@ -7,7 +7,17 @@ import torch
 from cpu_graphs import emulate_cuda_graphs
 from safetensors.torch import load_file, save_file
 
-from gpd_model import WanDiT, euler_sample, get_preset, make_noise, save_diffusers, sigma_grid
+from gpd_model import (
+    CFG,
+    Conditioning,
+    DiTDenoiser,
+    WanDiT,
+    euler_sample,
+    get_preset,
+    make_noise,
+    save_diffusers,
+    sigma_grid,
+)
 from gpd_model.checkpoint import export_state_dict
 from gpd_model.graph_sampler import GraphSampler
 from gpd_train.builders import TrainingRun
@@ -32,10 +42,12 @@ def run_folder(tmp_path_factory):
 
 def _expected(model, num, seed, shift, guidance=None, data=None):
     data = data or ProceduralVideos(model.cfg.text_dim)
-    context, _ = data.eval_prompts(num)
+    cond, _ = data.eval_prompts(num)
     noise = make_noise((num, *data.latent_shape), seed)
-    neg = data.negative_context[None].expand(num, -1, -1) if guidance else None
-    return euler_sample(model, noise, context, sigma_grid(STEPS, shift), neg, guidance)
+    denoiser = DiTDenoiser(model)
+    if guidance:
+        denoiser = CFG(denoiser, data.negative, guidance)
+    return euler_sample(denoiser, noise, cond, sigma_grid(STEPS, shift))
 
 
 def _run(tmp_path, *args):
@@ -93,8 +105,8 @@ def test_prompt_embeddings_file(run_folder, tmp_path):
                      "--prompt-embeddings", path, "--num", 3, "--shift", 3.0)
     assert code == 0
     latents = load_file(str(out / "latents.safetensors"))["latents"]
-    want = euler_sample(model, make_noise((3, 3, 4, 4, 6), 3), context[[0, 1, 0]],
-                        sigma_grid(STEPS, 3.0))
+    want = euler_sample(DiTDenoiser(model), make_noise((3, 3, 4, 4, 6), 3),
+                        Conditioning(context[[0, 1, 0]]), sigma_grid(STEPS, 3.0))
     torch.testing.assert_close(latents, want)
     assert not list(out.glob("*.gif"))  # videos only for the built-in set
 

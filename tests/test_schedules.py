@@ -13,7 +13,7 @@ import torch
 from conftest import MICRO_TOML
 from test_train import losses, micro_run, run_until_killed, with_random_stages
 
-from gpd_model import WanDiT, get_preset, sigma_grid
+from gpd_model import CFG, Conditioning, WanDiT, get_preset, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.builders import build_distill, stage_grid, teacher_evaluations
 from gpd_train.chains import StageId
@@ -21,7 +21,7 @@ from gpd_train.config import load_config
 from gpd_train.errors import ConfigError
 from gpd_train.horizon import HorizonGrid, horizon_target
 from gpd_train.lanes import LaneBatch, RolloutLanes
-from gpd_train.objectives import StageGrid, StageTeacher, rollout_target
+from gpd_train.objectives import StageGrid, rollout_target, stage_teacher
 from gpd_train.sample import main as sample
 
 SHIFT = 3.0
@@ -47,6 +47,11 @@ def inputs(batch: int, seed: int = 0):
     negative = torch.randn(5, 32, generator=generator)
     guidance = 1.0 + 2.0 * torch.rand(batch, generator=generator)
     return x, context, negative, guidance
+
+
+def teacher(model, negative=None):
+    """The stage teacher: a CFG pair around each trajectory's w, or one forward."""
+    return stage_teacher(model, None if negative is None else Conditioning(negative[None]))
 
 
 @torch.no_grad()
@@ -75,8 +80,8 @@ def test_r_step_target_equals_r_explicit_teacher_steps(ratio, guided):
     x, context, negative, guidance = inputs(3, seed=ratio)
     grid = StageGrid(3, SHIFT, ratio, torch.device("cpu"))
     index = torch.tensor([0, 2, 1])
-    got = grid.target(StageTeacher(model, negative if guided else None), x, context, guidance,
-                      index)
+    got = grid.target(teacher(model, negative if guided else None), x,
+                      Conditioning(context, guidance=guidance), index)
     fine = sigma_grid(3 * ratio, SHIFT)
     for b, i in enumerate(index.tolist()):
         path = fine[ratio * i: ratio * i + ratio + 1]
@@ -91,10 +96,9 @@ def test_two_step_target_is_the_same_by_the_fused_kernel_and_by_explicit_steps()
     x, context, negative, guidance = inputs(4, seed=7)
     grid = StageGrid(4, SHIFT, 2, torch.device("cpu"))
     index = torch.tensor([0, 1, 2, 3])
-    teacher = StageTeacher(model, negative)
-    fused = grid.target(teacher, x, context, guidance, index)
-    explicit = rollout_target(teacher, x, context, guidance,
-                              torch.cat([grid.path(index), grid.path(index)[-1:]]))
+    pair, cond = teacher(model, negative), Conditioning(context, guidance=guidance)
+    fused = grid.target(pair, x, cond, index)
+    explicit = rollout_target(pair, x, cond, torch.cat([grid.path(index), grid.path(index)[-1:]]))
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
 
 
@@ -107,10 +111,10 @@ def test_horizon_target_is_the_previous_jump_then_explicit_cfg_teacher_steps(pre
     x, context, negative, guidance = inputs(4, seed=jump)
     grid = HorizonGrid(8, SHIFT, previous_jump, jump, torch.device("cpu"))
     index = torch.tensor([0, 5, 6, 7])
-    previous_teacher = StageTeacher(base if previous_jump == 1 else previous,
-                                    negative if previous_jump == 1 else None)
-    got = horizon_target(previous_teacher, StageTeacher(base, negative), x, context, guidance,
-                         grid, index)
+    previous_teacher = teacher(base if previous_jump == 1 else previous,
+                               negative if previous_jump == 1 else None)
+    got = horizon_target(previous_teacher, teacher(base, negative), x,
+                         Conditioning(context, guidance=guidance), grid, index)
     fine = sigma_grid(8, SHIFT)
     for b, i in enumerate(index.tolist()):
         middle, end = min(i + previous_jump, 8), min(i + jump, 8)
@@ -138,11 +142,12 @@ def test_horizon_stage_starts_as_its_stage_teacher_and_steps_with_t0_at_the_anne
     assert all(torch.equal(previous[k], v) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(previous[k], v)
                for k, v in objective.teacher.model.state_dict().items())
-    assert all(torch.equal(t0[k], v) for k, v in objective.base.model.state_dict().items())
+    assert all(torch.equal(t0[k], v)
+               for k, v in objective.base.denoiser.model.state_dict().items())
     scales = run.config.chain("horizon").stage_guidance  # 1.5 -> 1.05 over three stages
     assert scales == pytest.approx([1.5, 1.275, 1.05])
     assert objective.guidance.low == objective.guidance.high == pytest.approx(scales[1])
-    assert objective.teacher.negative is None and objective.base.negative is not None
+    assert not isinstance(objective.teacher, CFG) and isinstance(objective.base, CFG)
     assert (objective.grid.previous_jump, objective.grid.jump) == (2, 3)
     # one unguided student forward, one CFG step (2 forwards), restarts: 3/8 x 2 steps x 2
     assert teacher_evaluations(run, StageId("horizon", 2)) == pytest.approx(1 + 2 * (1 + 0.375))
@@ -151,7 +156,8 @@ def test_horizon_stage_starts_as_its_stage_teacher_and_steps_with_t0_at_the_anne
 def test_lanes_keep_their_phase_and_cover_every_fine_start():
     """A fake step adds 1 per fine step, so every lane's x must equal its index."""
     def fresh(count):
-        return torch.zeros(count, 1), torch.zeros(count, 1), torch.ones(count)
+        return torch.zeros(count, 1), Conditioning(torch.zeros(count, 1, 1),
+                                                   guidance=torch.ones(count))
 
     def step(batch: LaneBatch):
         return batch.x + 1

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import gpd_train.checkpoint as checkpoint_module
-from gpd_model import add_guidance_input, euler_step, get_preset, guided_velocity, sigma_grid
+from gpd_model import (
+    CFG,
+    Conditioning,
+    DiTDenoiser,
+    add_guidance_input,
+    euler_step,
+    get_preset,
+    sigma_grid,
+)
 from gpd_train.__main__ import main
 from gpd_train.builders import TrainingRun, build_distill, build_stage0
 from gpd_train.chains import GUIDANCE_STAGE, StageId
@@ -16,7 +24,7 @@ from gpd_train.data import ProceduralVideos
 from gpd_train.detail_metric import SANITY, sanity_pairs
 from gpd_train.evaluate import evaluate_run
 from gpd_train.loop import NonFiniteLossError
-from gpd_train.objectives import StageTeacher, teacher_target
+from gpd_train.objectives import stage_teacher, teacher_target
 from gpd_train.pipeline import pipeline_plan, run_stage
 from gpd_train.stages import MissingStageError
 
@@ -70,7 +78,7 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
                                  "distill.freq_weight": [0.0, 0.0, 1.0]})
     with_random_stages(run, "gpd", stage - 1)
     trainer = build_distill(run, StageId("gpd", stage))
-    teacher, student = trainer.objective.teacher.model, trainer.model
+    (teacher,), student = trainer.objective.teacher.modules(), trainer.model
     assert all(not p.requires_grad for p in teacher.parameters())
     assert all(p.requires_grad for p in student.parameters())
     before_teacher, before_student = snapshot(teacher), snapshot(student)
@@ -82,7 +90,7 @@ def test_one_step_changes_only_the_student(tmp_path, stage, source):
     changed = [k for k, v in student.state_dict().items() if not torch.equal(before_student[k], v)]
     assert len(changed) > len(before_student) // 2
     # CFG only from T0: a CFG pair at w = 1.5 in stage 1, a single plain forward after.
-    assert (trainer.objective.teacher.negative is not None) == (stage == 1)
+    assert isinstance(trainer.objective.teacher, CFG) == (stage == 1)
     assert trainer.objective.guidance.low == trainer.objective.guidance.high == (
         1.5 if stage == 1 else 1.0)
 
@@ -110,13 +118,15 @@ def test_double_step_target_equals_two_explicit_teacher_euler_steps(tmp_path, gu
     grid = sigma_grid(6, 3.0).float()
     index = torch.tensor([0, 1, 2])  # a batch mixing grid indices
     s_a, s_b, s_c = grid[2 * index], grid[2 * index + 1], grid[2 * index + 2]
-    u_star = teacher_target(StageTeacher(teacher, neg), x_a, context, guidance, s_a, s_b, s_c)
-    explicit_neg = neg.expand(batch, -1, -1) if guided else None
-    explicit_w = guidance if guided else None
+    negative = Conditioning(neg[None]) if guided else None
+    cond = Conditioning(context, guidance=guidance)
+    u_star = teacher_target(stage_teacher(teacher, negative), x_a, cond, s_a, s_b, s_c)
+    # The reference combines CFG with torch.lerp, the target in the fused kernels.
+    explicit = CFG(DiTDenoiser(teacher), negative) if guided else DiTDenoiser(teacher)
     with torch.no_grad():
-        g1 = guided_velocity(teacher, x_a, s_a, context, explicit_neg, explicit_w)
+        g1 = explicit(x_a, s_a, cond)
         x_b = euler_step(x_a, g1, s_a, s_b)
-        g2 = guided_velocity(teacher, x_b, s_b, context, explicit_neg, explicit_w)
+        g2 = explicit(x_b, s_b, cond)
         x_c = euler_step(x_b, g2, s_b, s_c)
     got = x_a + (s_c - s_a).view(-1, 1, 1, 1, 1) * u_star
     torch.testing.assert_close(got, x_c, atol=2e-5, rtol=1e-5)
@@ -132,7 +142,8 @@ def test_guided_target_equals_two_explicit_forwards(tmp_path):
     neg = torch.randn(4, run.dit_config.text_dim)
     guidance = torch.tensor([1.0, 2.25, 3.0])
     sigma, sigma_next = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.8, 0.4, 0.0])
-    got = teacher_target(StageTeacher(teacher, neg), x, context, guidance, sigma, sigma_next)
+    got = teacher_target(stage_teacher(teacher, Conditioning(neg[None])), x,
+                         Conditioning(context, guidance=guidance), sigma, sigma_next)
     with torch.no_grad():
         timestep = 1000 * sigma
         u_cond = teacher(x, timestep, context).double()
@@ -149,7 +160,8 @@ def test_guidance_input_teacher_takes_w_in_one_forward(tmp_path):
     context = torch.randn(2, 4, run.dit_config.text_dim)
     sigma, sigma_next = torch.tensor([0.7, 0.3]), torch.tensor([0.6, 0.2])
     guidance = torch.tensor([1.0, 3.0])
-    got = teacher_target(StageTeacher(teacher), x, context, guidance, sigma, sigma_next)
+    got = teacher_target(stage_teacher(teacher), x, Conditioning(context, guidance=guidance),
+                         sigma, sigma_next)
     with torch.no_grad():
         want = teacher(x, 1000 * sigma, context, guidance=guidance)
         other = teacher(x, 1000 * sigma, context, guidance=guidance.flip(0))
@@ -212,10 +224,11 @@ def test_lane_groups_take_turns_advance_by_the_source_and_restart_fresh(tmp_path
             lanes.start(objective._rollout_step)
             assert lanes.pool["index"].tolist() == [0, 0, 1, 2, 2, 3]  # staggered over the grid
         group, waiting = torch.tensor(group), torch.tensor(waiting)
-        before = {key: value.clone() for key, value in lanes.pool.items()}
+        before = {key: value.clone() for key, value in lanes.state_dict().items()}
         objective.loss(update + 1)
-        for key in ("x", "context", "index", "guidance"):  # the other group waits its turn
-            assert torch.equal(lanes.pool[key][waiting], before[key][waiting])
+        now = lanes.state_dict()
+        for key in ("x", "text", "index", "guidance"):  # the other group waits its turn
+            assert torch.equal(now[key][waiting], before[key][waiting])
         assert lanes.pool["index"][group].tolist() == after
         s_a, _, s_c = objective.grid.sigmas(before["index"][group])
         velocity = seen["u_star" if source == "teacher" else "u_student"]
@@ -422,17 +435,17 @@ def test_guidance_stage_starts_as_the_teacher_and_learns_the_guided_velocity(tmp
     with_random_stages(run, "gpd", 0)
     trainer = build_distill(run, StageId("gpd", GUIDANCE_STAGE))
     objective, student = trainer.objective, trainer.model
-    assert objective.teacher.negative is not None  # T0 as a CFG pair
+    assert isinstance(objective.teacher, CFG)  # T0 as a CFG pair
     assert objective.grid.steps == 8 and objective.grid.fine_steps == 1
     x = torch.randn(2, 3, 4, 8, 8)
     context = torch.randn(2, 4, run.dit_config.text_dim)
     timestep = torch.tensor([900.0, 100.0])
     with torch.no_grad():  # zero-initialised: the student is T0 for every w
-        want = objective.teacher.model(x, timestep, context)
+        want = objective.teacher.denoiser.model(x, timestep, context)
         got = student(x, timestep, context, guidance=torch.tensor([1.0, 3.0]))
     assert torch.equal(got, want)
     trainer.run(resume=False)
-    guidance = objective.lanes.pool["guidance"]
+    guidance = objective.lanes.cond.guidance
     assert ((guidance >= 1.0) & (guidance <= 3.0)).all() and guidance.unique().numel() > 1
     output = run_stage(run, StageId("gpd", GUIDANCE_STAGE), resume=True)
     assert output.parent.name == "guidance"
@@ -448,14 +461,14 @@ def test_halving_after_the_guidance_stage_keeps_w_as_an_input(tmp_path):
     for stage in (1, 2):
         trainer = build_distill(run, StageId("gpd", stage))
         teacher = trainer.objective.teacher
-        assert teacher.negative is None and teacher.model.guidance_embedding is not None
+        assert not isinstance(teacher, CFG) and teacher.model.guidance_embedding is not None
         assert trainer.model.guidance_embedding is not None
         run_stage(run, StageId("gpd", stage), resume=False)
     # The vanilla chain is unchanged: a CFG pair at the run's scale in stage 1, no input.
     with_random_stages(run, "vanilla", 0)
     vanilla = build_distill(run, StageId("vanilla", 1))
     assert vanilla.model.guidance_embedding is None
-    assert vanilla.objective.teacher.negative is not None
+    assert isinstance(vanilla.objective.teacher, CFG)
 
 
 def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
@@ -463,7 +476,7 @@ def test_stage_guidance_list_sets_each_stage_teachers_cfg(tmp_path):
     with_random_stages(run, "gpd", 2)
     objectives = [build_distill(run, StageId("gpd", k)).objective for k in (1, 2, 3)]
     assert [o.guidance.low for o in objectives] == [2.0, 1.25, 1.0]
-    assert [o.teacher.negative is not None for o in objectives] == [True, True, False]
+    assert [isinstance(o.teacher, CFG) for o in objectives] == [True, True, False]
     with pytest.raises(ValueError, match="stage_guidance needs one CFG scale > 0 per stage"):
         micro_run(tmp_path, **{"distill.stage_guidance": [2.0, 1.0]})
     with pytest.raises(ValueError, match="exclude each other"):

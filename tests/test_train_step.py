@@ -28,7 +28,8 @@ from gpd_train.step import GraphStep, cuda_graph_refusal
 
 # -- the step as it was before the split (verbatim, CPU: autocast is a no-op there) -------
 def old_flow_matching_loss(o, step):
-    context, clean = o.data.draw(o.generator, o.batch_size, with_latents=True)
+    cond, clean = o.data.draw(o.generator, o.batch_size, with_latents=True)
+    context = cond.text
     dropped = torch.rand(o.batch_size, generator=o.generator) < o.cfg_dropout
     context = torch.where(dropped[:, None, None], o.data.negative_context, context)
     sigma = shift_sigma(torch.rand(o.batch_size, generator=o.generator), o.shift)

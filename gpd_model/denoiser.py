@@ -1,0 +1,309 @@
+"""The denoiser interface: what every sampler, objective and evaluation calls for a velocity.
+
+``velocity = denoiser(x, sigma, cond)``: the noisy latent ``x`` [B, C, T, H, W], its noise
+level ``sigma`` [B] (one per sample) and a ``Conditioning``. A Wan DiT is one denoiser
+(``DiTDenoiser``), two experts switched at a noise boundary another (``ExpertPair``), and
+classifier-free guidance wraps any of them (``CFG``), so a new model family is a new
+denoiser, never a change to a sampler or an objective.
+
+Per-token sigma ([B, T_tokens], for models that give conditioned frames their own timestep)
+is the planned extension of ``sigma``; today every denoiser refuses it with a clear error.
+
+A denoiser is deliberately *not* an ``nn.Module``: it holds its networks by reference, so
+the trained module stays the ``WanDiT`` itself (state-dict keys, FSDP wrapping, LoRA, EMA
+and checkpoints do not see it). ``modules()`` names the networks it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from .guidance import has_guidance_input
+from .schedule import _broadcast_to, _per_sample, timestep_from_sigma
+
+# Each slot's rank; the first dimension of every set slot is the batch.
+_RANKS = {"text": 3, "image_latent": 5, "image_tokens": 3, "guidance": 1}
+# Slots that ``to(dtype=...)`` casts: the network inputs. The CFG scale stays float32, the
+# precision its sinusoidal embedding and the CFG combine are computed in.
+_CAST = ("text", "image_latent", "image_tokens")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a denoiser is conditioned on, one row per sample.
+
+    ``text`` [B, L, D]: text embeddings. ``image_latent`` [B, C, T, H, W]: the VAE latent of
+    the conditioned frames with its mask (image-to-video). ``image_tokens`` [B, N, D_img]:
+    image-encoder tokens. ``guidance`` [B]: the CFG scale w each trajectory follows; it is
+    here because it is per sample like the rest (rollout lanes carry it, slicing and
+    batching keep it with its sample) and because a student with a guidance input takes it
+    as an input, exactly as it takes the text. Unset slots stay None through every operation.
+    """
+
+    text: torch.Tensor
+    image_latent: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, torch.Tensor):
+            raise TypeError(f"Conditioning.text must be a tensor, got {type(self.text).__name__}")
+        for name, tensor in self.tensors().items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"Conditioning.{name} must be a tensor or None, got "
+                                f"{type(tensor).__name__}")
+            if tensor.ndim != _RANKS[name] or tensor.shape[0] != self.text.shape[0]:
+                raise ValueError(f"Conditioning.{name} must have {_RANKS[name]} dims with batch "
+                                 f"{self.text.shape[0]} (text's), got {tuple(tensor.shape)}")
+            if tensor.device != self.text.device:
+                raise ValueError(f"Conditioning.{name} is on {tensor.device}, text on "
+                                 f"{self.text.device}: keep one device")
+
+    @property
+    def batch(self) -> int:
+        return self.text.shape[0]
+
+    def __len__(self) -> int:
+        return self.batch
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The set slots by name (a flat dict, as a captured training step takes)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Conditioning:
+        """The Conditioning of the slot names in ``tensors`` (other keys are not read)."""
+        if "text" not in tensors:
+            raise ValueError(f"a Conditioning needs 'text', got keys {sorted(tensors)}")
+        return cls(**{name: tensors[name] for name in _RANKS if name in tensors})
+
+    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Conditioning:
+        return Conditioning(**{name: fn(name, t) for name, t in self.tensors().items()})
+
+    def _pairs(self, other: Conditioning, what: str
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The slot pairs of ``self`` and ``other``, checked to set the same slots with the
+        same shapes beyond the batch."""
+        if not isinstance(other, Conditioning):
+            raise TypeError(f"{what}: expected a Conditioning, got {type(other).__name__}")
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"{what}: the two Conditionings set different slots: "
+                             f"{sorted(mine)} vs {sorted(theirs)}")
+        for name, tensor in mine.items():
+            if tensor.shape[1:] != theirs[name].shape[1:]:
+                raise ValueError(f"{what}: {name} shapes do not match: {tuple(tensor.shape)} vs "
+                                 f"{tuple(theirs[name].shape)}")
+        return {name: (tensor, theirs[name]) for name, tensor in mine.items()}
+
+    def _zip(self, other: Conditioning, what: str,
+             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Conditioning:
+        """``fn`` over the slot pairs of ``self`` and ``other``."""
+        return Conditioning(**{name: fn(mine, theirs)
+                               for name, (mine, theirs) in self._pairs(other, what).items()})
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> Conditioning:
+        """Every slot on ``device``; ``dtype`` casts the network inputs, not the CFG scale."""
+        return self._map(lambda name, t: t.to(
+            device=device, dtype=dtype if dtype is not None and name in _CAST else t.dtype))
+
+    def __getitem__(self, index: slice | torch.Tensor) -> Conditioning:
+        """The rows ``index`` selects (a slice, a bool mask [B] or long indices)."""
+        if not isinstance(index, (slice, torch.Tensor)) or (
+                isinstance(index, torch.Tensor) and index.ndim != 1):
+            got = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+            raise TypeError(f"Conditioning rows are picked by a slice or a 1-d tensor (the "
+                            f"batch stays), got {got}")
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool \
+                and index.shape[0] != self.batch:
+            raise ValueError(f"Conditioning: a row mask must be [{self.batch}], got "
+                             f"{tuple(index.shape)}")
+        return self._map(lambda _, t: t[index])
+
+    @staticmethod
+    def cat(conds: Sequence[Conditioning]) -> Conditioning:
+        """The Conditionings one after the other along the batch."""
+        if not conds:
+            raise ValueError("Conditioning.cat: nothing to concatenate")
+        first, *rest = conds
+        for other in rest:
+            first._pairs(other, "Conditioning.cat")
+        return Conditioning(**{name: torch.cat([c.tensors()[name] for c in conds])
+                               for name in first.tensors()})
+
+    def expand(self, batch: int) -> Conditioning:
+        """A batch-1 Conditioning (such as a negative prompt) as ``batch`` rows (views)."""
+        if self.batch == batch:
+            return self
+        if self.batch != 1:
+            raise ValueError(f"Conditioning.expand: only batch 1 expands, got batch "
+                             f"{self.batch} to {batch}")
+        return self._map(lambda _, t: t.expand(batch, *t.shape[1:]))
+
+    def where(self, mask: torch.Tensor, other: Conditioning) -> Conditioning:
+        """``other``'s row where ``mask`` [B] is True, ours elsewhere (CFG dropout picks the
+        negative per sample); ``other`` has B rows or one that serves every row."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                or mask.shape != (self.batch,):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"Conditioning.where: mask must be a bool [{self.batch}], got {got}")
+        if other.batch not in (1, self.batch):
+            raise ValueError(f"Conditioning.where: other must have 1 or {self.batch} rows, got "
+                             f"{other.batch}")
+        return self._zip(other, "Conditioning.where", lambda a, b: torch.where(
+            mask.view(-1, *([1] * (a.ndim - 1))), b, a))
+
+    def put(self, index: torch.Tensor, other: Conditioning) -> Conditioning:
+        """A copy with the rows ``index`` (bool mask or long indices) set to ``other``'s."""
+        def put_rows(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            out = mine.clone()
+            out[index] = theirs.to(out.dtype)
+            return out
+
+        return self._zip(other, "Conditioning.put", put_rows)
+
+
+class Denoiser(Protocol):
+    """``denoiser(x, sigma, cond)`` -> the velocity ``u = eps - x0`` at ``x``'s shape."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor: ...
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The networks it runs (for their device, parameters and eval mode)."""
+        ...
+
+
+def check_sigma(x: torch.Tensor, sigma: torch.Tensor, who: str) -> None:
+    """``sigma`` must be one noise level per sample, [B] for ``x`` [B, ...]."""
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{who}: sigma must be a [B] tensor, got {type(sigma).__name__}")
+    if sigma.ndim == 2:
+        raise ValueError(f"{who}: per-token sigma {tuple(sigma.shape)} is not supported yet; "
+                         f"give one sigma per sample, [{x.shape[0]}]")
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"{who}: sigma must be [{x.shape[0]}] (one per sample), got "
+                         f"{tuple(sigma.shape)}")
+
+
+@dataclass(frozen=True)
+class DiTDenoiser:
+    """One Wan DiT: ``model(x, 1000 * sigma, cond.text)``, with ``cond.guidance`` as the
+    model's guidance input when it has one (gpd_model.guidance). Whether it has one is
+    read at every call: a LoRA teacher swaps it in and out (gpd_train.lora.use_adapter)."""
+
+    model: nn.Module
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+        check_sigma(x, sigma, "DiTDenoiser")
+        if cond.image_latent is not None or cond.image_tokens is not None:
+            raise ValueError("DiTDenoiser: this Wan DiT is text-to-video and takes no image "
+                             "condition (image_latent / image_tokens are set)")
+        timestep = timestep_from_sigma(sigma)
+        if not has_guidance_input(self.model):
+            return self.model(x, timestep, cond.text)
+        if cond.guidance is None:
+            raise ValueError("DiTDenoiser: the model takes the CFG scale as an input; set "
+                             "Conditioning.guidance [B]")
+        return self.model(x, timestep, cond.text, guidance=cond.guidance)
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (self.model,)
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance around ``denoiser``: ``u_uncond + w (u_cond - u_uncond)``.
+
+    ``negative`` is the unconditional Conditioning (batch 1, or the batch's size);
+    ``scale`` w is a float or a [B] tensor, or None for each sample's ``cond.guidance``
+    (the w rollout lanes draw per trajectory). Both branches run as one forward of 2B.
+    """
+
+    denoiser: Denoiser
+    negative: Conditioning
+    scale: float | torch.Tensor | None = None
+
+    def weight(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """w per sample, float32 [B] on ``x``'s device."""
+        scale = cond.guidance if self.scale is None else self.scale
+        if scale is None:
+            raise ValueError("CFG: no scale: give CFG(scale=w) or set Conditioning.guidance")
+        return _per_sample(scale, x.shape[0], x, "CFG scale")
+
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u_cond, u_uncond)`` from one forward of batch 2B, the form the fused CFG
+        kernels (gpd_kernels.cfg_euler_step, double_step_target) consume."""
+        # The negative row takes each sample's w too: a denoiser reading it sees one batch.
+        negative = dataclasses.replace(self.negative.to(cond.text.device).expand(len(x)),
+                                       guidance=cond.guidance)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             Conditioning.cat([cond, negative]))
+        u_cond, u_uncond = both.chunk(2)
+        return u_cond, u_uncond
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+        weight = self.weight(x, cond)
+        u_cond, u_uncond = self.branches(x, sigma, cond)
+        return torch.lerp(u_uncond, u_cond, _broadcast_to(weight, u_cond).to(u_cond.dtype))
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return self.denoiser.modules()
+
+
+def guided_branches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
+                    cond: Conditioning
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(u_cond, u_uncond, w)`` for the fused CFG kernels: a ``CFG``'s two branches and
+    its weight, or any other denoiser's velocity with ``(None, None)``."""
+    if isinstance(denoiser, CFG):
+        return (*denoiser.branches(x, sigma, cond), denoiser.weight(x, cond))
+    return denoiser(x, sigma, cond), None, None
+
+
+@dataclass(frozen=True)
+class ExpertPair:
+    """Two experts switched at a noise ``boundary`` (Wan2.2 A14B): ``high`` for samples with
+    sigma >= boundary, ``low`` below. A batch on one side runs that expert only; a mixed
+    batch is split, each part run by its expert, and re-assembled in order (the split
+    reads sigma on the host, so a mixed batch cannot be captured in a CUDA graph)."""
+
+    high: Denoiser
+    low: Denoiser
+    boundary: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.boundary, bool) or not isinstance(self.boundary, (int, float)) \
+                or not 0.0 < self.boundary <= 1.0:
+            raise ValueError(f"ExpertPair: boundary must be a sigma in (0, 1], got "
+                             f"{self.boundary!r}")
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+        check_sigma(x, sigma, "ExpertPair")
+        high = sigma >= self.boundary
+        if bool(high.all()):
+            return self.high(x, sigma, cond)
+        low = ~high
+        if not bool(high.any()):
+            return self.low(x, sigma, cond)
+        u_high = self.high(x[high], sigma[high], cond[high])
+        u_low = self.low(x[low], sigma[low], cond[low])
+        out = u_high.new_empty((len(x), *u_high.shape[1:]))
+        out[high] = u_high
+        out[low] = u_low.to(out.dtype)
+        return out
+
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (*self.high.modules(), *self.low.modules())
