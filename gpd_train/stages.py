@@ -54,7 +54,7 @@ from .checkpoint import (
     sha256_file,
 )
 from .config import LoraSpec, RunConfig, resolve_device
-from .destination import claim_run_folder
+from .destination import claim
 from .errors import GPDError
 from .lora import METADATA_KEY, merge_adapter
 from .run_folder import (
@@ -362,5 +362,5 @@ class RunFolder:
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        claim_run_folder(self.folder)
+        claim(self.folder)
         atomic_write_text(self.folder / "config.json", self.config.to_json())
