@@ -171,9 +171,10 @@ def _write(path: Path, texts: list[str], context: torch.Tensor, metadata: dict[s
 def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path, *,
                      negative: str = "", latent_shape: str, shard_size: int = 128,
                      batch_size: int = 8, dtype: str = "bf16", device: str = "auto",
-                     progress: bool = True) -> int:
+                     progress: bool = True, flag: str = "--out") -> int:
     """Write the data set for ``prompts`` into ``out`` (resumable); returns how many shards
-    (the negative prompt's included) were written, 0 when all were there already."""
+    (the negative prompt's included) were written, 0 when all were there already. ``flag``
+    is the option that chose ``out``, named in the remedies (the trainer's: --run-dir)."""
     if dtype not in DTYPES:
         raise EncodeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -191,19 +192,22 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
         found = _written_for(path) if path.exists() else None
         if path.exists() and (found or {}).get("prompts_sha256") != _digest(texts):
             raise EncodeError(f"{path} exists but was written for other prompts (or is "
-                              f"unreadable); use another --out, or delete {path} to re-encode")
+                              f"unreadable); use another {flag}, or delete {path} to re-encode")
         # The shape of the noise the shards are trained with: another video size (--height,
         # --width, --frames) needs other shards, never the old ones relabelled.
         written_shape = (found or {}).get("latent_shape")
         if path.name != "negative.safetensors" and found and written_shape != latent_shape:
             raise EncodeError(f"{out} holds shards encoded for latent shape {written_shape} "
                               f"({path}); this video size needs {latent_shape}: use another "
-                              "--out (or, for the trainer, another --run-dir), or give the "
-                              "original --height/--width/--frames")
+                              f"{flag}, or give the original --height/--width/--frames")
         if found and found["dtype"] != dtype:
+            # The trainer encodes as bf16 and has no --dtype: it can train on the set as is.
+            remedy = (f"give --dtype {found['dtype']} to use them, or another --out for a "
+                      f"{dtype} set" if flag == "--out" else
+                      f"drop --prompts and pass --data {out} to train on them, or use another "
+                      f"{flag}")
             raise EncodeError(f"{out} holds shards stored as {found['dtype']} ({path}); this "
-                              f"run asks for --dtype {dtype}: give --dtype {found['dtype']} to "
-                              f"use them, or another --out for a {dtype} set")
+                              f"run asks for {dtype}: {remedy}")
         if not path.exists():
             todo.append((path, texts))
     if not todo:
@@ -238,7 +242,7 @@ def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DE
     root = diffusers_root(config.teacher)
     shape = latent_shape_for(root, height, width, frames)
     encode_to_folder(root, read_prompts(config.prompts), folder, negative=negative,
-                     latent_shape=shape, device=config.device)
+                     latent_shape=shape, device=config.device, flag="--run-dir")
     return str(folder)
 
 
