@@ -39,7 +39,7 @@ from .chains import CHAINS
 from .checkpoint import atomic_write_text
 from .errors import GPDError
 from .run_folder import LOCK_NAME, check_writable_folder, move_aside
-from .writes import check_can_create
+from .writes import check_can_create, writing
 
 MARKER = ".gpd_output.json"
 RUN, EXPORT, SAMPLES, EVAL, DATA = "run", "export", "samples", "eval", "data"
@@ -286,15 +286,26 @@ def claim(folder: str | Path, kind: str = RUN) -> None:
 
 def reuse_or_move_aside(folder: str | Path, kind: str, inputs: dict[str, Any]) -> Path | None:
     """Prepare ``folder`` for an in-place rewrite: kept when it was written from the same
-    ``inputs``, else (other inputs, or not marked) moved aside; returns where it went."""
+    ``inputs``, else (other inputs, or not marked) replaced by a new folder holding only its
+    marker, the old one moved aside; returns where it went. The new marker is written first,
+    so a write that fails (a full disk) moves nothing and leaves nothing behind."""
     folder = Path(folder)
     inputs = json.loads(json.dumps(inputs, sort_keys=True))  # as it reads back from JSON
     marker = read_marker(folder)
+    if marker is not None and marker.get("writer") == kind and marker.get("inputs") == inputs:
+        return None
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{time.monotonic_ns()}")
     moved = None
-    same = marker is not None and marker.get("writer") == kind and marker.get("inputs") == inputs
-    if folder.exists() and _entries(folder) and not same:
-        moved = move_aside(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not same:
-        write_marker(folder, kind, inputs=inputs)
+    try:
+        with writing(staging):
+            staging.mkdir(parents=True)
+        write_marker(staging, kind, inputs=inputs)
+        if folder.exists() and _entries(folder):
+            moved = move_aside(folder)
+        elif folder.exists():
+            folder.rmdir()
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # only ever our own unfinished folder
+        raise
     return moved

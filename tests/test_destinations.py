@@ -16,7 +16,8 @@ from test_sample_cli import run_folder  # noqa: F401  (a fixture)
 
 from gpd_train import encode_prompts, export, sample
 from gpd_train.__main__ import main as train_main
-from gpd_train.destination import EXPORT, MARKER, SAMPLES, write_marker
+from gpd_train.destination import EVAL, EXPORT, MARKER, SAMPLES, reuse_or_move_aside, write_marker
+from gpd_train.writes import WriteError
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -239,6 +240,23 @@ def test_pipeline_moves_an_outdated_eval_aside_and_the_sampler_refuses_it(
     (old,) = run_dir.glob("eval.old-*")
     assert tree(old) == first
     assert (run_dir / "eval" / "report.md").is_file()
+
+
+def test_an_old_report_is_moved_aside_only_once_the_new_one_can_be_written(tmp_path):
+    from test_checkpointer import file_size_limit
+
+    out = tmp_path / "eval"
+    assert reuse_or_move_aside(out, EVAL, {"stages": "a"}) is None
+    (out / "report.md").write_text("the old report")
+    before = tree(tmp_path)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/.eval.partial-"), \
+            file_size_limit(4):  # a full disk: the new report's marker cannot be written
+        reuse_or_move_aside(out, EVAL, {"stages": "b"})
+    assert tree(tmp_path) == before  # nothing moved, no empty marker or folder left
+    assert reuse_or_move_aside(out, EVAL, {"stages": "a"}) is None  # same inputs: kept
+    moved = reuse_or_move_aside(out, EVAL, {"stages": "b"})
+    assert (moved / "report.md").read_text() == "the old report"
+    assert sorted(tree(out)) == [MARKER]
 
 
 # -- the sampler ------------------------------------------------------------------------------
