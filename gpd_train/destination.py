@@ -26,6 +26,7 @@ Nothing here deletes anything but its own unfinished temporary folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -39,7 +40,7 @@ from .chains import CHAINS
 from .checkpoint import atomic_write_text
 from .errors import GPDError
 from .run_folder import LOCK_NAME, check_writable_folder, move_aside
-from .writes import check_can_create, writing
+from .writes import WriteError, check_can_create, writing
 
 MARKER = ".gpd_output.json"
 RUN, EXPORT, SAMPLES, EVAL, DATA = "run", "export", "samples", "eval", "data"
@@ -272,8 +273,11 @@ def staged_output(path: str | Path, kind: str, *, flag: str = "--out",
         elif path.exists():
             path.rmdir()  # empty: os.replace would take its place anyway on Linux
         os.replace(staging, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)  # only ever our own unfinished output
+        if isinstance(exc, WriteError):  # named where the file was going, not the temporary
+            raise WriteError(exc.errno or errno.EIO,
+                             exc.message.replace(str(staging), str(path)), exc.then) from None
         raise
 
 

@@ -69,7 +69,7 @@ from .preflight import (
 )
 from .stages import TEACHER
 from .wan_folder import WanFolderError, component
-from .writes import output_error
+from .writes import copy_error, output_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
 DIFFUSERS, COMFYUI = "diffusers", "comfyui"  # --format
@@ -185,10 +185,13 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
 
 def _place(source: Path, target: Path, copy: bool) -> None:
     """Link or copy a base component into a new export (``target`` does not exist yet)."""
-    if copy:
-        shutil.copytree(source, target, symlinks=False)
-    else:
+    if not copy:
         target.symlink_to(source.resolve(), target_is_directory=True)
+        return
+    try:
+        shutil.copytree(source, target, symlinks=False)
+    except shutil.Error as exc:  # one entry per file that failed: said as one line
+        raise copy_error(exc) from None
 
 
 def _model_index(base: Path) -> dict[str, Any]:

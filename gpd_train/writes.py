@@ -69,6 +69,22 @@ def output_error(out: str | Path, exc: OSError | SafetensorError) -> WriteError:
     return _write_error(out, exc)
 
 
+def copy_error(exc: shutil.Error) -> WriteError:
+    """``shutil.copytree``'s error (a list of (source, target, reason), one per file that
+    failed) as one line about the first file: a full disk is said as such."""
+    failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    if not failures:
+        return WriteError(errno.EIO, f"cannot copy: {exc}; check the source and the target")
+    source, target, why = failures[0]
+    found = re.search(r"\[Errno (\d+)\]", str(why))
+    code = int(found.group(1)) if found else errno.EIO
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return _write_error(Path(target), OSError(code, str(why)))
+    more = f" (and {len(failures) - 1} more file(s))" if len(failures) > 1 else ""
+    return WriteError(code, f"cannot copy {source} to {target}{more}: {why}; make the source "
+                            "readable and the target's folder writable")
+
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

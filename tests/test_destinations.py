@@ -146,6 +146,26 @@ def test_failed_export_leaves_nothing_half_written(wan_run, tmp_path, capsys, mo
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("fault,message", [
+    (OSError(28, "No space left on device"), "no space left while writing {out}/text_encoder/"),
+    (PermissionError(13, "Permission denied"), "cannot copy {wan}/"),
+])
+def test_export_copy_that_fails_is_one_line(wan_run, tmp_path, capsys, monkeypatch, fault,
+                                            message):
+    wan, run = wan_run
+    out = tmp_path / "student"
+
+    def failing(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(shutil, "copyfile", failing)  # what copytree's copy2 calls per file
+    err = refused(capsys, _export(run, out, wan, "--copy"),
+                  message.format(out=out, wan=wan),
+                  "then run the command again")
+    assert err.count("error: ") == 1 and "[(" not in err  # not shutil.Error's raw list
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 # -- the trainer's run folder -----------------------------------------------------------------
 @pytest.mark.parametrize("content", ["wan transformer", "foreign config.json"])
 def test_run_dir_that_is_not_a_run_is_refused(micro, tmp_path, capsys, content):  # noqa: F811
