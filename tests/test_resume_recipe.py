@@ -151,6 +151,30 @@ def test_resume_of_a_complete_stage_with_a_truncated_output_is_refused(micro, tm
     assert hashes(tmp_path / "run") == before
 
 
+@pytest.mark.parametrize("args,changed", [
+    (["--iterations", "5"], "iterations 3 in {done}, 5 in this run"),
+    (["--shift", "4"], "shift 3.0 in {done}, 4.0 in this run"),
+    (["--stage-guidance", "1"], "guidance 1.5 in {done}, 1.0 in this run"),
+])
+def test_resume_of_a_complete_stage_refuses_a_changed_option(micro, tmp_path, capsys,  # noqa: F811
+                                                             args, changed):
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    before = hashes(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["--stage", "1", "--resume", *micro]) == 0  # the same options: kept
+    assert "already complete" in capsys.readouterr().out
+    assert main(["--stage", "1", "--resume", *micro, *args]) == 2
+    err = capsys.readouterr().err
+    done = tmp_path / "run" / "stage1" / "done.json"
+    assert "stage1 is complete but was trained with other options than this run: " in err
+    assert changed.format(done=done) in err and err.count("\n") == 1
+    assert hashes(tmp_path / "run") == before
+    hint = err.split("`")[1].split()  # `python -m gpd_train --stage 1 --run-dir R --restart`
+    assert main([*hint[3:], *micro, *args]) == 0  # the named remedy, with the changed option
+    assert list((tmp_path / "run").glob("stage1.old-*"))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("options.steps", 3, "options.steps must divide options.teacher_steps (8: a student step "
                          "is a whole number of its teacher's steps), got 3"),

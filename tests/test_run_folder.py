@@ -432,3 +432,24 @@ def test_missing_stage_still_names_the_command(micro, capsys):
     assert main(["--stage", "1", *micro]) == 2
     assert "python -m gpd_train --stage 0 --run-dir" in capsys.readouterr().err
     assert issubclass(MissingStageError, RuntimeError)
+
+
+def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refused(
+        micro, tmp_path, capsys):
+    from conftest import MICRO_TOML
+
+    (tmp_path / "micro.toml").write_text(
+        MICRO_TOML + "[guided]\nguidance_iterations = 2\niterations = [2]\nfreq_weight = [0.0]\n")
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "g", "--chain", "guided", *micro]) == 0  # learns w in 1..3
+    before = hashes(tmp_path / "run")
+    capsys.readouterr()
+    wider = ["--stage", "1", "--chain", "guided", *micro, "--guidance-range", "0.5", "4"]
+    assert main(wider) == 2
+    err = capsys.readouterr().err
+    assert "guided/guidance learned CFG scales 1..3" in err and err.count("\n") == 1
+    assert "this run asks for --guidance-range 0.5 4, outside them" in err
+    assert hashes(tmp_path / "run") == before
+    hint = err.split("`")[1].split()  # retrain the guidance stage on the wider range
+    assert main([*hint[3:], *micro]) == 0
+    assert main(wider) == 0  # now its teacher learned every scale it is taught at
