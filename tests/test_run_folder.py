@@ -453,3 +453,35 @@ def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refu
     hint = err.split("`")[1].split()  # retrain the guidance stage on the wider range
     assert main([*hint[3:], *micro]) == 0
     assert main(wider) == 0  # now its teacher learned every scale it is taught at
+
+
+@pytest.mark.parametrize("target", ["run folder", "stage folder", "stage file"])
+def test_a_stale_stage_is_refused_however_it_is_named(micro, tmp_path, capsys, target):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    assert main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0  # stage1 now stale
+    checkpoint = {"run folder": run_dir, "stage folder": run_dir / "stage1",
+                  "stage file": run_dir / "stage1" / "model.safetensors"}[target]
+    capsys.readouterr()
+    code = sample.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--steps", "1",
+                        "--out", str(tmp_path / "samples"), "--stage", "1"][
+        :None if target == "run folder" else -2])
+    err = capsys.readouterr().err
+    assert code == 2 and "stage1 is stale: its stage teacher stage0 changed since" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "samples").exists()
+
+
+def test_a_run_whose_last_stage_lost_its_output_is_refused(micro, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    (run_dir / "stage1" / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    capsys.readouterr()
+    out = ["--device", "cpu", "--steps", "1", "--out", str(tmp_path / "samples")]
+    assert sample.main(["--checkpoint", str(run_dir), *out]) == 2
+    err = capsys.readouterr().err
+    assert f"stage1, the last stage {run_dir} records as finished, lost its output" in err
+    assert "or pass --stage 0 for the stage before it" in err and err.count("\n") == 1
+    assert not (tmp_path / "samples").exists()
+    assert sample.main(["--checkpoint", str(run_dir), *out, "--stage", "0"]) == 0  # the hint
