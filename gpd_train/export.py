@@ -324,6 +324,10 @@ def check_export_request(args: argparse.Namespace) -> None:
     if args.format == COMFYUI and args.copy:
         raise ConfigError("--copy copies the base's text_encoder/, tokenizer/ and vae/ into a "
                           "Diffusers folder; --format comfyui writes one weights file: drop --copy")
+    if args.format == COMFYUI and args.base is not None:
+        raise ConfigError(f"--base {args.base}: --format comfyui writes the run's weights alone "
+                          "(ComfyUI loads its own text encoder and VAE; a LoRA applies to the "
+                          "run's stage 0), so nothing of --base is read: drop --base")
     if not (Path(args.run) / "config.json").is_file():
         raise SampleError(f"--run {args.run} is not a run folder: it has no config.json (the "
                           "trainer writes it when a stage starts); pass the --run-dir of "
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         check_export_destination(args.out, args.base, args.overwrite)  # before any work
-        if args.base is not None:
+        if args.base is not None and args.format != COMFYUI:  # which refuses any --base
             base_components(Path(args.base))  # a wrong --base is named before any work
         check_export_request(args)
         if args.format == COMFYUI:
