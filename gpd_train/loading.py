@@ -60,8 +60,20 @@ def _run_config(folder: Path, device: str) -> RunConfig:
 
 
 def _is_run_folder(path: Path) -> bool:
+    """A folder whose config.json is a run's; one holding stage folders beside a config.json
+    that cannot be read is refused as such (not taken for a folder without one)."""
     config = path / "config.json"
-    return config.is_file() and '"steps"' in config.read_text()
+    if not config.exists():
+        return False
+    try:
+        text = config.read_text()
+        json.loads(text)
+    except (OSError, ValueError) as exc:
+        if _looks_like_run(path):
+            raise SampleError(f"unreadable run configuration {config}: {exc}; restore it (the "
+                              "trainer rewrites it when a stage starts)") from None
+        return False
+    return '"steps"' in text
 
 
 def _looks_like_run(path: Path) -> bool:

@@ -485,3 +485,22 @@ def test_a_run_whose_last_stage_lost_its_output_is_refused(micro, tmp_path, caps
     assert "or pass --stage 0 for the stage before it" in err and err.count("\n") == 1
     assert not (tmp_path / "samples").exists()
     assert sample.main(["--checkpoint", str(run_dir), *out, "--stage", "0"]) == 0  # the hint
+
+
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_path, capsys,
+                                                                  command):
+    from gpd_train import export
+
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    config = run_dir / "config.json"
+    config.write_text(config.read_text()[:40])  # cut short
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    code = (sample.main(["--checkpoint", str(run_dir), "--device", "cpu", "--out", out])
+            if command == "sample" else
+            export.main(["--run", str(run_dir), "--format", "comfyui", "--out", out]))
+    err = capsys.readouterr().err
+    assert code == 2 and f"unreadable run configuration {config}" in err, err
+    assert "no config.json" not in err and err.count("\n") == 1
