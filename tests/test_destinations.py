@@ -391,8 +391,10 @@ def test_outputs_inside_another_output_are_refused_and_beside_a_run_accepted(
     assert _sample(folder, samples) == 0
     before = tree(samples)
     refused(capsys, _sample(folder, samples / "more"),
-            f"--out {samples / 'more'} is inside {samples}, samples of gpd_train.sample")
+            f"--out {samples / 'more'} is inside {samples}, samples of gpd_train.sample",
+            f"choose an --out outside it, e.g. a new folder beside {samples}")
     assert tree(samples) == before
+    assert _sample(folder, tmp_path / "more") == 0  # the hint: a new folder beside it
     # A run folder's own entries are the run's; a new folder beside them is the user's.
     assert _sample(folder, folder / "samples") == 0
     assert (folder / "samples" / "summary.json").is_file()

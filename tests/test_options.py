@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import suggested_args
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from test_run_folder import hashes, micro_run
@@ -339,5 +340,4 @@ def test_eval_where_no_run_exists_is_one_line_and_writes_nothing(micro, tmp_path
     assert len(err.strip().splitlines()) == 1 and not run.exists()  # no .lock left
     ran = []
     monkeypatch.setattr("gpd_train.__main__.run_pipeline", lambda config, **k: ran.append(1))
-    hint = err.split("`")[1].split()[3:]  # the flags of the suggested command
-    assert main([*micro, *hint]) == 0 and ran == [1]
+    assert main([*micro, *suggested_args(err)]) == 0 and ran == [1]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import suggested_args
 from test_run_folder import hashes, killed_stage0, micro_run
 from test_train import run_until_killed
 
@@ -170,8 +171,7 @@ def test_resume_of_a_complete_stage_refuses_a_changed_option(micro, tmp_path, ca
     assert "stage1 is complete but was trained with other options than this run: " in err
     assert changed.format(done=done) in err and err.count("\n") == 1
     assert hashes(tmp_path / "run") == before
-    hint = err.split("`")[1].split()  # `python -m gpd_train --stage 1 --run-dir R --restart`
-    assert main([*hint[3:], *micro, *args]) == 0  # the named remedy, with the changed option
+    assert main([*suggested_args(err), *micro, *args]) == 0  # the remedy, with the change
     assert list((tmp_path / "run").glob("stage1.old-*"))
 
 

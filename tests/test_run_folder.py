@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_TOML, suggested_args
 from test_train import run_until_killed
 
 from gpd_kernels import double_step_target
@@ -436,8 +437,6 @@ def test_missing_stage_still_names_the_command(micro, capsys):
 
 def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refused(
         micro, tmp_path, capsys):
-    from conftest import MICRO_TOML
-
     (tmp_path / "micro.toml").write_text(
         MICRO_TOML + "[guided]\nguidance_iterations = 2\niterations = [2]\nfreq_weight = [0.0]\n")
     assert main(["--stage", "0", *micro]) == 0
@@ -450,8 +449,7 @@ def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refu
     assert "guided/guidance learned CFG scales 1..3" in err and err.count("\n") == 1
     assert "this run asks for --guidance-range 0.5 4, outside them" in err
     assert hashes(tmp_path / "run") == before
-    hint = err.split("`")[1].split()  # retrain the guidance stage on the wider range
-    assert main([*hint[3:], *micro]) == 0
+    assert main([*suggested_args(err), *micro]) == 0  # the guidance stage on the wider range
     assert main(wider) == 0  # now its teacher learned every scale it is taught at
 
 
