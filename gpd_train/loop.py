@@ -227,6 +227,9 @@ class MetricsLog:
                     return
                 raise ConfigError(f"{self.path} line {number} is not JSON ({exc}): "
                                  f"{line[:60]!r}") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{self.path} line {number} is not a metrics record (a JSON "
+                                  f"object): {line[:60]!r}; remove the line")
             yield line, record
 
     def log(self, record: dict[str, Any]) -> None:

@@ -208,13 +208,17 @@ def quality_plot(plt: Any, rows: list[dict[str, Any]]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """A stage's metrics.jsonl records; a torn last line (a killed run) is left out."""
+    """A stage's metrics.jsonl records with a numeric step and loss, the plot's axes; other
+    lines (a torn last line of a killed run, text that is no record) are left out."""
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and _number(record.get("step")) and _number(
+                record.get("loss")):
+            records.append(record)
     return records
 
 
@@ -242,7 +246,7 @@ def loss_plot(plt: Any, run_dir: Path, stages: list[str]) -> str | None:
     for ax, (name, records) in zip(axes.flat, logs.items(), strict=False):
         steps, positive = [r["step"] for r in records], True
         for key in ("loss", "mse", "freq"):
-            values = [r[key] for r in records if key in r]
+            values = [r[key] for r in records if _number(r.get(key))]
             if len(values) != len(steps) or (key == "mse" and values == [r["loss"] for r
                                                                           in records]):
                 continue  # absent, or the loss itself (no other term)

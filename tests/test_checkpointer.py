@@ -16,6 +16,7 @@ import torch
 
 from gpd_train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
 from gpd_train.destination import RUN, write_marker
+from gpd_train.errors import ConfigError
 from gpd_train.loop import Ema, MetricsLog, ModelState, OptimizerState
 from gpd_train.writes import WriteError
 
@@ -208,3 +209,11 @@ def test_a_failing_rewrite_keeps_the_previous_file(tmp_path, name):
         rewrite(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [filename]
+
+
+def test_a_metrics_line_that_is_no_record_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n{"step": 2, "loss": 0.4}\n')
+    with pytest.raises(ConfigError, match=f"{path} line 2 is not a metrics record"):
+        MetricsLog(path).reset(keep_until_step=1)
+    assert path.read_text().count("\n") == 3  # left as it was

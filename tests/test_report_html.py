@@ -205,3 +205,13 @@ def test_rebuild_of_a_malformed_report_is_one_line(tmp_path, capsys, monkeypatch
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.json"]
     (tmp_path / "eval" / "report.json").write_text(json.dumps(REPORT))  # as --eval writes it
     assert rebuild(["--run-dir", str(tmp_path)]) == 0
+
+
+def test_loss_curves_read_only_metrics_records(tmp_path):
+    from gpd_train.report_page import read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5, "mse": 0.4}\n[1, 2]\n"text"\n{"step": "2"}\n'
+                   '{"loss": 0.3}\n{"step": 3, "loss": 0.2, "mse": null}\n{"step": 4, "lo')
+    assert read_metrics(log) == [{"step": 1, "loss": 0.5, "mse": 0.4},
+                                 {"step": 3, "loss": 0.2, "mse": None}]
