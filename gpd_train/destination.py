@@ -206,11 +206,17 @@ def _check_ancestors(flag: str, path: str | Path) -> None:
         inside = folder / target.relative_to(folder).parts[0]
         if writer == RUN and not _run_owned(folder, inside.name):
             continue  # the rest of a run folder is the user's, e.g. <run>/samples
-        what = (f"{inside}, which the gpd_train run folder {folder} writes itself"
-                if writer == RUN else f"{folder}, {KINDS[writer][0]}")
+        if inside == target and _writer(target) is not None:
+            continue  # a marked output itself, e.g. <run>/eval: _check_kind says what it is
+        if writer != RUN:
+            where = f"inside {folder}, {KINDS[writer][0]}"
+        elif inside == target:
+            where = f"a folder the gpd_train run folder {folder} writes itself"
+        else:
+            where = f"inside {inside}, which the gpd_train run folder {folder} writes itself"
         raise DestinationError(
-            f"{flag} {path} is inside {what}: nothing but its own command writes there; "
-            f"choose an {flag} outside it, e.g. a new folder beside {folder}")
+            f"{flag} {path} is {where}: nothing but its own command writes there; choose an "
+            f"{flag} outside it, e.g. a new folder beside {folder}")
 
 
 def _check_kind(flag: str, folder: Path, kind: str, overwrite: bool) -> None:

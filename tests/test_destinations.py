@@ -395,6 +395,10 @@ def test_outputs_inside_another_output_are_refused_and_beside_a_run_accepted(
             f"choose an --out outside it, e.g. a new folder beside {samples}")
     assert tree(samples) == before
     assert _sample(folder, tmp_path / "more") == 0  # the hint: a new folder beside it
+    # A folder the run would write itself, not there yet: its name is the run's.
+    refused(capsys, _sample(folder, folder / "stage1"), f"--out {folder / 'stage1'} is a folder "
+            f"the gpd_train run folder {folder} writes itself")
+    assert not (folder / "stage1").exists()
     # A run folder's own entries are the run's; a new folder beside them is the user's.
     assert _sample(folder, folder / "samples") == 0
     assert (folder / "samples" / "summary.json").is_file()
