@@ -16,11 +16,10 @@ Each writing command marks its folder with ``.gpd_output.json`` (``{"writer": KI
 A destination that exists, is not empty and is not the command's own kind is refused,
 saying what it is (a Diffusers pipeline, a model folder, another command's output) and what
 to pass instead. So is a destination inside another command's output, or inside what a run
-folder writes itself (its stages, ``eval/``, ``config.json``; its ``prompt-embeddings/`` is a
-data set, marked as one); the
-rest of a run folder is the user's (e.g. ``<run>/samples``). Paths are taken absolute, so
-``.`` is the current directory; the export and the sampler, which rename their finished
-output into place, refuse the current directory and its parents.
+folder writes itself (its stages, ``eval/``, ``config.json``; its ``prompt-embeddings/`` is
+a data set, marked as one); the rest of a run folder is the user's (e.g. ``<run>/samples``).
+Paths are taken absolute, so ``.`` is the current directory; the export and the sampler,
+which rename their finished output into place, refuse the current directory and its parents.
 Nothing here deletes anything but its own unfinished temporary folder.
 """
 
