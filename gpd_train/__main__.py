@@ -11,7 +11,14 @@ from typing import Any
 
 from . import parallel, preflight, threads
 from .builders import TrainingRun
-from .chains import CHAINS, DEFAULT_PIPELINE, GUIDANCE_STAGE, StageId, add_chain_argument
+from .chains import (
+    CHAINS,
+    DEFAULT_CHAIN,
+    DEFAULT_PIPELINE,
+    GUIDANCE_STAGE,
+    StageId,
+    add_chain_argument,
+)
 from .config import (
     DEFAULT_STEPS,
     STATE_SOURCES,
@@ -27,7 +34,7 @@ from .evaluate import evaluate_run
 from .monitor import check_log_backend
 from .pipeline import run_pipeline, run_stage, trainable_plan
 from .plan import stage_plan
-from .run_folder import RunLock, check_run_paths
+from .run_folder import OUTPUT, RECORD, RunLock, check_run_paths
 from .wan_folder import with_teacher_defaults
 
 EPILOG = f"""\
@@ -317,6 +324,17 @@ def with_iterations(args: argparse.Namespace, settings: dict[str, Any],
     return {**fitted, "distill": {**distill, "iterations": stages}}
 
 
+def check_evaluable(config: RunConfig) -> None:
+    """--eval evaluates a trained run: at least its stage 0 must be there."""
+    teacher = StageId(DEFAULT_CHAIN, 0)
+    folder = teacher.folder(config.run_dir)
+    if not (folder / RECORD).is_file() or not (folder / OUTPUT).is_file():
+        where = "" if config.run_dir == RunConfig.run_dir else f" --run-dir {config.run_dir}"
+        raise ConfigError(f"--eval: {config.run_dir} holds no trained run (no complete "
+                          f"{folder}); train it first with `python -m gpd_train{where}` (every "
+                          "stage, then the evaluation)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
@@ -334,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(with_iterations(args, settings, iterations))
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
+        if args.eval:
+            check_evaluable(config)  # before the lock would create the folder
         check_before_work(args, config, None)
         note = threads.set_threads(config.threads)
         if note is not None:

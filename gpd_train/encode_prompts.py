@@ -16,8 +16,10 @@ noise shape for ``--height/--width/--frames`` through the VAE's compression), ``
 (the texts, JSON) and ``prompts_sha256``; ``negative.safetensors`` with the encoded
 negative prompt [1, 512, text_dim]. Re-running skips shards already written for the same
 prompts (each shard is written to a temporary file and renamed, so a killed run leaves
-only whole shards); a shard written for other prompts or another latent shape (video
-size) is an error, never overwritten.
+only whole shards); a shard written for other prompts, another latent shape (video
+size) or another ``--dtype`` is an error, never overwritten. ``--out`` follows the rule of
+every gpd_train output (gpd_train/destination.py): a new or empty folder, or a data set
+this command wrote.
 
 Negative prompt: ``--negative TEXT``; by default the empty string, which is what WanPipeline
 uses when it is given none. Wan2.1's own sampling scripts use this one (its English
@@ -43,10 +45,10 @@ from tqdm import tqdm
 
 from .checkpoint import save_weights
 from .config import RunConfig, check_device, resolve_device
+from .destination import DATA, check_destination, claim
 from .errors import GPDError
-from .run_folder import check_writable_folder
 from .wan_folder import WanFolderError, component, diffusers_root
-from .writes import check_can_create, output_error
+from .writes import output_error
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
 WAN_NEGATIVE_PROMPT = (
@@ -54,6 +56,7 @@ WAN_NEGATIVE_PROMPT = (
     "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
     "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORED = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}  # safetensors' names of DTYPES
 VIDEO_DEFAULTS = {"height": 480, "width": 832, "frames": 81}  # WanPipeline's defaults
 
 
@@ -149,11 +152,12 @@ def _digest(texts: list[str]) -> str:
 
 
 def _written_for(path: Path) -> dict[str, str] | None:
-    """The metadata of a finished shard: its prompts digest and latent shape (None when
-    unreadable)."""
+    """The metadata of a finished shard: its prompts digest and latent shape, and its
+    ``dtype`` (a --dtype name) as stored (None when unreadable)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
+            stored = handle.get_slice("context").get_dtype()
+            return {**(handle.metadata() or {}), "dtype": STORED.get(stored, stored)}
     except (SafetensorError, OSError):
         return None
 
@@ -167,8 +171,10 @@ def _write(path: Path, texts: list[str], context: torch.Tensor, metadata: dict[s
 def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path, *,
                      negative: str = "", latent_shape: str, shard_size: int = 128,
                      batch_size: int = 8, dtype: str = "bf16", device: str = "auto",
-                     progress: bool = True) -> Path:
-    """Write the data set for ``prompts`` into ``out`` (resumable); returns ``out``."""
+                     progress: bool = True, flag: str = "--out") -> int:
+    """Write the data set for ``prompts`` into ``out`` (resumable); returns how many shards
+    (the negative prompt's included) were written, 0 when all were there already. ``flag``
+    is the option that chose ``out``, named in the remedies (the trainer's: --run-dir)."""
     if dtype not in DTYPES:
         raise EncodeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -186,19 +192,27 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
         found = _written_for(path) if path.exists() else None
         if path.exists() and (found or {}).get("prompts_sha256") != _digest(texts):
             raise EncodeError(f"{path} exists but was written for other prompts (or is "
-                              f"unreadable); use another --out, or delete {path} to re-encode")
+                              f"unreadable); use another {flag}, or delete {path} to re-encode")
         # The shape of the noise the shards are trained with: another video size (--height,
         # --width, --frames) needs other shards, never the old ones relabelled.
         written_shape = (found or {}).get("latent_shape")
         if path.name != "negative.safetensors" and found and written_shape != latent_shape:
             raise EncodeError(f"{out} holds shards encoded for latent shape {written_shape} "
                               f"({path}); this video size needs {latent_shape}: use another "
-                              "--out (or, for the trainer, another --run-dir), or give the "
-                              "original --height/--width/--frames")
+                              f"{flag}, or give the original --height/--width/--frames")
+        if found and found["dtype"] != dtype:
+            # The trainer encodes as bf16 and has no --dtype: it can train on the set as is.
+            remedy = (f"give --dtype {found['dtype']} to use them, or another --out for a "
+                      f"{dtype} set" if flag == "--out" else
+                      f"drop --prompts and pass --data {out} to train on them, or use another "
+                      f"{flag}")
+            raise EncodeError(f"{out} holds shards stored as {found['dtype']} ({path}); this "
+                              f"run asks for {dtype}: {remedy}")
         if not path.exists():
             todo.append((path, texts))
     if not todo:
-        return out
+        return 0
+    claim(out, DATA)
     encoder = TextEncoder(model_dir, device)
     metadata = {"latent_shape": latent_shape, "text_encoder": str(Path(model_dir).resolve()),
                 "max_tokens": str(MAX_TOKENS)}
@@ -211,7 +225,7 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
             bar.update(len(parts[-1]))
         _write(path, texts, torch.cat(parts), metadata)
     bar.close()
-    return out
+    return len(todo)
 
 
 def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DEFAULTS["height"],
@@ -228,7 +242,7 @@ def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DE
     root = diffusers_root(config.teacher)
     shape = latent_shape_for(root, height, width, frames)
     encode_to_folder(root, read_prompts(config.prompts), folder, negative=negative,
-                     latent_shape=shape, device=config.device)
+                     latent_shape=shape, device=config.device, flag="--run-dir")
     return str(folder)
 
 
@@ -261,22 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             check_device(args.device)
-            check_writable_folder("--out", args.out)
-            check_can_create("--out", args.out)
         except ValueError as exc:
             raise EncodeError(str(exc)) from None
+        check_destination("--out", args.out, DATA)
+        out = Path(os.path.abspath(args.out))
         prompts = read_prompts(args.prompts)
         shape = latent_shape_for(args.model, args.height, args.width, args.frames)
-        out = encode_to_folder(args.model, prompts, args.out, negative=negative_text(args.negative),
-                               latent_shape=shape, shard_size=args.shard_size,
-                               batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+        written = encode_to_folder(args.model, prompts, out,
+                                   negative=negative_text(args.negative), latent_shape=shape,
+                                   shard_size=args.shard_size, batch_size=args.batch_size,
+                                   dtype=args.dtype, device=args.device)
     except GPDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
         print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
-    print(f"encoded {len(prompts)} prompts -> {out} (latent shape {shape}); train with "
+    done = (f"encoded {len(prompts)} prompts -> {out}" if written else
+            f"{out} already holds these {len(prompts)} prompts, encoded as {args.dtype}")
+    print(f"{done} (latent shape {shape}); train with "
           f"`python -m gpd_train --teacher {args.model} --data {out}`")
     return 0
 

@@ -70,7 +70,7 @@ from .preflight import (
 )
 from .stages import TEACHER
 from .wan_folder import WanFolderError, component
-from .writes import output_error
+from .writes import copy_error, output_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
 DIFFUSERS, COMFYUI = "diffusers", "comfyui"  # --format
@@ -186,10 +186,13 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
 
 def _place(source: Path, target: Path, copy: bool) -> None:
     """Link or copy a base component into a new export (``target`` does not exist yet)."""
-    if copy:
-        shutil.copytree(source, target, symlinks=False)
-    else:
+    if not copy:
         target.symlink_to(source.resolve(), target_is_directory=True)
+        return
+    try:
+        shutil.copytree(source, target, symlinks=False)
+    except shutil.Error as exc:  # one entry per file that failed: said as one line
+        raise copy_error(exc) from None
 
 
 def _model_index(base: Path) -> dict[str, Any]:
@@ -323,6 +326,10 @@ def check_export_request(args: argparse.Namespace) -> None:
     if args.format == COMFYUI and args.copy:
         raise ConfigError("--copy copies the base's text_encoder/, tokenizer/ and vae/ into a "
                           "Diffusers folder; --format comfyui writes one weights file: drop --copy")
+    if args.format == COMFYUI and args.base is not None:
+        raise ConfigError(f"--base {args.base}: --format comfyui writes the run's weights alone "
+                          "(ComfyUI loads its own text encoder and VAE; a LoRA applies to the "
+                          "run's stage 0), so nothing of --base is read: drop --base")
     if not (Path(args.run) / "config.json").is_file():
         raise SampleError(f"--run {args.run} is not a run folder: it has no config.json (the "
                           "trainer writes it when a stage starts); pass the --run-dir of "
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         check_export_destination(args.out, args.base, args.overwrite)  # before any work
-        if args.base is not None:
+        if args.base is not None and args.format != COMFYUI:  # which refuses any --base
             base_components(Path(args.base))  # a wrong --base is named before any work
         check_export_request(args)
         if args.format == COMFYUI:

@@ -61,8 +61,20 @@ def _run_config(folder: Path, device: str) -> RunConfig:
 
 
 def _is_run_folder(path: Path) -> bool:
+    """A folder whose config.json is a run's; one holding stage folders beside a config.json
+    that cannot be read is refused as such (not taken for a folder without one)."""
     config = path / "config.json"
-    return config.is_file() and '"steps"' in config.read_text()
+    if not config.exists():
+        return False
+    try:
+        text = config.read_text()
+        json.loads(text)
+    except (OSError, ValueError) as exc:
+        if _looks_like_run(path):
+            raise SampleError(f"unreadable run configuration {config}: {exc}; restore it (the "
+                              "trainer rewrites it when a stage starts)") from None
+        return False
+    return '"steps"' in text
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -89,7 +101,14 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
                           f"(steps {config.steps})")
     if stage is None:
         done = [sid for sid in (StageId(chain, s) for s in range(stages, -1, -1))
-                if run.is_done(sid)]
+                if run.is_done(sid) or (run.stage_folder(sid) / RECORD).is_file()]
+        if done and not run.is_done(done[0]):  # never silently the stage before it
+            sid = done[0]
+            raise SampleError(
+                f"{sid}, the last stage {folder} records as finished, lost its output "
+                f"({run.stage_folder(sid) / OUTPUT} is missing): restore it, retrain it with "
+                f"`{sid.command(folder)} --restart`, or pass --stage {int(sid.stage) - 1} for the "
+                "stage before it")
         if not done:
             raise SampleError(f"run folder {folder} has no finished stage; run "
                               f"`{TEACHER.command(folder)}` first")
@@ -108,20 +127,34 @@ def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> 
     return LoadedModel(model, f"{folder}/{sid}", run.config, run.plan(sid), run.record(sid))
 
 
+def _stage_of_run(run: Path | None, path: Path, meta: dict[str, str]) -> StageId | None:
+    """The numbered stage of ``run`` whose output ``path`` is (None: not one of the stages
+    its configuration holds; such a file is loaded as it is, verified by its done.json)."""
+    if run is None or path.name != OUTPUT:
+        return None
+    try:
+        sid = StageId.parse(meta.get("stage", ""))
+    except ValueError:
+        return None
+    if sid.is_guidance or sid.folder(run).resolve() != path.parent.resolve():
+        return None
+    return sid if int(sid.stage) <= _run_config(run, "cpu").stage_count(sid.chain) else None
+
+
 def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
+    meta = read_metadata(path)
+    run = _enclosing_run(path)
+    sid = _stage_of_run(run, path, meta)
+    if sid is not None:  # a stage of its run: the run folder's checks (staleness, ...)
+        assert run is not None
+        return _load_from_run(run, sid.chain, int(sid.stage), run_device)
+    if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
+        raise SampleError(f"{path} holds a LoRA adapter, not a model (it needs its stage-0 "
+                          "base): pass its run folder with --chain/--stage instead")
     record = None
     if path.name == OUTPUT and (path.parent / RECORD).is_file():  # a stage output
         verify_output(path.parent)
         record = read_record(path.parent)
-    meta = read_metadata(path)
-    run = _enclosing_run(path)
-    if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
-        if run is None:
-            raise SampleError(f"{path} holds a LoRA adapter, not a model, and no run folder "
-                              "encloses it (the adapter needs its stage-0 base): pass the run "
-                              "folder with --chain/--stage instead")
-        sid = StageId.parse(meta.get("stage", ""))
-        return _load_from_run(run, sid.chain, int(sid.stage), run_device)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
     model = load_stage_output(WanDiT(cfg), path, meta)
     return LoadedModel(model.to(device), str(path),

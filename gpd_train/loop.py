@@ -29,6 +29,7 @@ from .checkpoint import (
 from .errors import ConfigError, GPDError
 from .parallel import StreamGroup
 from .step import GraphStep, host_value
+from .writes import WriteError, writing
 
 GRAD_CLIP = 1.0
 
@@ -226,12 +227,17 @@ class MetricsLog:
                     return
                 raise ConfigError(f"{self.path} line {number} is not JSON ({exc}): "
                                  f"{line[:60]!r}") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{self.path} line {number} is not a metrics record (a JSON "
+                                  f"object): {line[:60]!r}; remove the line")
             yield line, record
 
     def log(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one record (a write cut short leaves a torn last line, which is dropped)."""
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
 
     def records(self) -> Iterator[dict[str, Any]]:
         if self.path.exists():
@@ -319,13 +325,25 @@ class StageTrainer:
         try:
             while self.step < self.iterations:
                 self._train_step(bar)
+        except WriteError as exc:  # a full disk: the next step is a resume, not a rerun
+            raise self._resume_after(exc) from None
         finally:
             bar.close()
             if self.monitor is not None:
                 self.monitor.close()
         latest = self._latest()
         if latest is None or latest.name != f"step-{self.step:08d}":
-            self.checkpoints.save(self.step)
+            try:
+                self.checkpoints.save(self.step)
+            except WriteError as exc:
+                raise self._resume_after(exc) from None
+
+    def _resume_after(self, exc: WriteError) -> WriteError:
+        latest = self._latest()
+        kept = (f"its last checkpoint {latest.name} is intact" if latest is not None
+                else "it had no checkpoint yet")
+        return exc.followed_by(f"continue the stage with --resume ({kept}; without --stage "
+                               "the pipeline resumes by itself)", prefix=f"[{self.name}] ")
 
     def _latest(self) -> Path | None:
         """The ``latest`` pointer's checkpoint; None when it is missing or broken."""

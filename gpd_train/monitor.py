@@ -36,6 +36,7 @@ from .loop import StageTrainer, autocast
 from .media import write_contact_sheet, write_gif
 from .parallel import is_main, world
 from .stages import RunFolder
+from .writes import writing
 
 TENSORBOARD_FOLDER = "tensorboard"
 VALIDATION_FOLDER = "validation"
@@ -153,8 +154,9 @@ class StageMonitor:
             videos = self.validation.sample(model)
         label = f"{self.name} EMA@{self.validation.steps} step {step}"
         sheet = self.folder / VALIDATION_FOLDER / f"step-{step:08d}.png"
-        sheet.parent.mkdir(parents=True, exist_ok=True)
-        write_contact_sheet(sheet, [(label, videos)])
+        with writing(sheet):
+            sheet.parent.mkdir(parents=True, exist_ok=True)
+            write_contact_sheet(sheet, [(label, videos)])
         if self.backend == "tensorboard":
             self._log_images(step, sheet, videos)
         self.validation_seconds.append(time.perf_counter() - started)
@@ -196,6 +198,13 @@ def stage_monitor(run: RunFolder, sid: StageId, data: Any) -> StageMonitor | Non
                           "output with python -m gpd_train.sample instead")
     if (cfg.log == "none" and not cfg.validate_every) or not is_main():
         return None
+    wanted = ((TENSORBOARD_FOLDER, "--log tensorboard", cfg.log == "tensorboard"),
+              (VALIDATION_FOLDER, "--validate-every", bool(cfg.validate_every)))
+    for name, flag, used in wanted:  # found now, not at the first event or validation
+        folder = run.stage_folder(sid) / name
+        if used and folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, where {flag} writes {sid}'s {name}/ "
+                              "folder; move the file elsewhere, or drop " + flag)
     validation = ValidationSet(run, sid, data) if cfg.validate_every else None
     if validation is not None:
         tqdm.write(f"[{sid}] validation every {cfg.validate_every} iterations: "

@@ -61,6 +61,12 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
                                   f"`{command} --restart` (moves {folder} aside)")
         if resume:
             check_kept_output(folder, name, command)
+            changed = run.kept_changes(sid)
+            if changed:  # as a partial stage's checkpoint refuses them
+                raise RunFolderError(
+                    f"{name} is complete but was trained with other options than this run: "
+                    f"{'; '.join(changed)}. Keep it by dropping the flags or TOML keys that "
+                    f"changed them, or retrain it with `{command} --restart` (moves it aside)")
             tqdm.write(f"[{name}] already complete ({folder / 'model.safetensors'}); kept")
             return folder / "model.safetensors"
         raise StageExistsError(

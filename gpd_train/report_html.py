@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, GPDError
-from .report_page import write_report_html
+from .report_page import report_problems, write_report_html
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         if not source.is_file():
             raise ConfigError(f"no evaluation in {run_dir} ({source} is missing): run "
                               f"`python -m gpd_train --eval --run-dir {run_dir}` first")
+        rerun = f"rerun the evaluation: `python -m gpd_train --eval --run-dir {run_dir}`"
         try:
             report = json.loads(source.read_text())
         except ValueError as exc:
-            raise ConfigError(f"{source} is not JSON ({exc}); rerun the evaluation") from None
+            raise ConfigError(f"{source} is not JSON ({exc}); {rerun}") from None
+        problems = report_problems(report)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)"
+                                               if len(problems) > 3 else "")
+            raise ConfigError(f"{source} is not an evaluation report gpd_train can read: "
+                              f"{shown}; {rerun}")
         print(f"report: {write_report_html(report, run_dir)}")
     except (GPDError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

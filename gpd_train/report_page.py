@@ -50,6 +50,62 @@ img { max-width: 100%; image-rendering: pixelated; }
 """
 
 
+# -- reading the report ----------------------------------------------------------------------
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rows_of(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(row, dict) for row in value)
+
+
+# What the page and report.md read of report.json: key -> (check, what is expected).
+_REPORT_FIELDS = {
+    "rows": (lambda v: _rows_of(v) and len(v) > 0, "a non-empty list of row objects"),
+    "eval_set": (lambda v: isinstance(v, dict) and all(
+        _number(v.get(k)) for k in ("prompts", "noise_seed", "steps", "guidance")),
+        "an object with numbers prompts, noise_seed, steps, guidance"),
+    "prompts": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+                "a list of prompt names"),
+    "stages": (lambda v: isinstance(v, dict) and all(isinstance(i, dict) for i in v.values()),
+               "an object of stage objects"),
+}
+_OPTIONAL_FIELDS = {
+    "sanity_rows": (_rows_of, "a list of row objects"),
+    "comparisons": (lambda v: isinstance(v, list) and all(
+        isinstance(c, dict) and {"a", "b", "metric", "value"} <= set(c)
+        and isinstance(c.get("ci"), list) and len(c["ci"]) == 2 for c in v),
+        "a list of objects with a, b, metric, value and a two-value ci"),
+    "training": (lambda v: isinstance(v, list) and all(isinstance(c, dict) for c in v),
+                 "a list of objects"),
+    "compared_steps": (lambda v: isinstance(v, list) and all(_number(k) for k in v),
+                       "a list of step counts"),
+}
+# Each row's fields read by name (the metrics beside them are optional: shown as "ref").
+_ROW_FIELDS = {"model": str, "group": str, "steps": int, "nfe": int}
+_ROW_KEYS = ("cfg", "hf_ratio", "motion_ratio", "seconds_per_video")
+
+
+def report_problems(report: Any) -> list[str]:
+    """What in a report.json the page cannot read (empty: it reads everything it needs)."""
+    if not isinstance(report, dict):
+        return [f"expected a JSON object, got {type(report).__name__}"]
+    problems = [f"{key} must be {expected}, got {report.get(key)!r:.60}"
+                for key, (check, expected) in _REPORT_FIELDS.items()
+                if not check(report.get(key))]
+    problems += [f"{key} must be {expected}, got {report[key]!r:.60}"
+                 for key, (check, expected) in _OPTIONAL_FIELDS.items()
+                 if report.get(key) is not None and not check(report[key])]
+    for group in ("rows", "sanity_rows"):
+        rows = report.get(group)
+        for i, row in enumerate(rows if _rows_of(rows) else []):
+            problems += [f"{group}[{i}].{key} must be a {kind.__name__}, got {row.get(key)!r}"
+                         for key, kind in _ROW_FIELDS.items()
+                         if not isinstance(row.get(key), kind) or isinstance(row[key], bool)]
+            problems += [f"{group}[{i}] has no {key}" for key in _ROW_KEYS if key not in row]
+    return problems
+
+
 # -- reading the rows ------------------------------------------------------------------------
 def _reference(rows: list[dict[str, Any]]) -> str:
     return rows[0]["model"]
@@ -152,13 +208,17 @@ def quality_plot(plt: Any, rows: list[dict[str, Any]]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """A stage's metrics.jsonl records; a torn last line (a killed run) is left out."""
+    """A stage's metrics.jsonl records with a numeric step and loss, the plot's axes; other
+    lines (a torn last line of a killed run, text that is no record) are left out."""
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and _number(record.get("step")) and _number(
+                record.get("loss")):
+            records.append(record)
     return records
 
 
@@ -186,7 +246,7 @@ def loss_plot(plt: Any, run_dir: Path, stages: list[str]) -> str | None:
     for ax, (name, records) in zip(axes.flat, logs.items(), strict=False):
         steps, positive = [r["step"] for r in records], True
         for key in ("loss", "mse", "freq"):
-            values = [r[key] for r in records if key in r]
+            values = [r[key] for r in records if _number(r.get(key))]
             if len(values) != len(steps) or (key == "mse" and values == [r["loss"] for r
                                                                           in records]):
                 continue  # absent, or the loss itself (no other term)

@@ -61,7 +61,14 @@ class RunLock(contextlib.AbstractContextManager):
 
     def __enter__(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # e.g. a folder named .lock, or a read-only file
+            raise RunFolderError(
+                f"cannot open the run folder's lock file {self.path}: {exc.strerror}; it "
+                "must be a file gpd_train can write (it holds the PID of the trainer using "
+                "the folder): move what is there elsewhere, or choose another --run-dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

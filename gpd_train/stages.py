@@ -53,7 +53,7 @@ from .checkpoint import (
     sha256_file,
 )
 from .config import LoraSpec, RunConfig, resolve_device
-from .destination import claim_run_folder
+from .destination import claim
 from .errors import GPDError
 from .lora import METADATA_KEY, merge_adapter
 from .plan import StagePlan, stage_plan
@@ -216,6 +216,33 @@ class RunFolder:
                     f"({self.stage_folder(sid) / 'done.json'}); this run asks for "
                     f"{key} {value}. Drop the option that changed it (--shift, steps), or "
                     "train another --run-dir")
+        learned = options.get("guidance")
+        if self.guidance_input(sid) and isinstance(learned, list):
+            low, high = self.config.chain(sid.chain).guidance_range
+            if low < learned[0] or high > learned[1]:  # its students would be taught there
+                raise RunFolderError(
+                    f"{sid} learned CFG scales {learned[0]:g}..{learned[1]:g} "
+                    f"({self.stage_folder(sid) / 'done.json'}); this run asks for "
+                    f"--guidance-range {low:g} {high:g}, outside them. Give a range within "
+                    f"{learned[0]:g}..{learned[1]:g}, or retrain {sid} on the wider one with "
+                    f"`{self.command(sid)} --restart --guidance-range {low:g} {high:g}`")
+
+    def kept_changes(self, sid: StageId) -> list[str]:
+        """What this run asks of a finished stage that its done.json says it was not trained
+        with (what --resume would otherwise keep silently): its iterations, and for a
+        distilled stage the options that shaped it (grid, guidance, LoRA, ...). Records from
+        before options were kept are not compared."""
+        recorded = self.record(sid)
+        want: dict[str, Any] = {"iterations": self.iterations(sid)}
+        if not sid.is_teacher:  # the teacher samples at any grid and CFG scale
+            want.update(self.stage_options(sid))
+        want = json.loads(json.dumps(want))  # as done.json reads back
+        options = recorded.get("options")
+        had = {**(options if isinstance(options, dict) else {}),
+               "iterations": recorded.get("iterations")}
+        return [f"{key} {had[key]!r} in {self.stage_folder(sid) / 'done.json'}, {value!r} in "
+                "this run" for key, value in want.items()
+                if had.get(key) is not None and had[key] != value]
 
     def verified_output(self, sid: StageId, check_grid: bool = True
                         ) -> tuple[Path, dict[str, str]]:
@@ -324,5 +351,5 @@ class RunFolder:
 
     def save_config(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        claim_run_folder(self.folder)
+        claim(self.folder)
         atomic_write_text(self.folder / "config.json", self.config.to_json())

@@ -19,17 +19,25 @@ from safetensors import SafetensorError
 
 from .errors import ConfigError, GPDError
 
-
 # -- writing --------------------------------------------------------------------------------
-class WriteError(GPDError, OSError):
-    """An output that could not be written: the message names the file and the remedy."""
+AGAIN = "run the command again"
 
-    def __init__(self, code: int, message: str) -> None:
+
+class WriteError(GPDError, OSError):
+    """An output that could not be written: the message names the file and the remedy,
+    then the command's next step (``then``; a caller that knows better replaces it)."""
+
+    def __init__(self, code: int, message: str, then: str = AGAIN) -> None:
         super().__init__(code, message)
         self.message = message
+        self.then = then
 
     def __str__(self) -> str:
-        return self.message
+        return f"{self.message}, then {self.then}"
+
+    def followed_by(self, then: str, prefix: str = "") -> WriteError:
+        """The same error with another next step (and ``prefix`` before it, e.g. a stage)."""
+        return WriteError(self.errno or errno.EIO, prefix + self.message, then)
 
 
 def check_can_create(where: str, path: str | Path) -> None:
@@ -57,8 +65,24 @@ def output_error(out: str | Path, exc: OSError | SafetensorError) -> WriteError:
     filename = getattr(exc, "filename", None)
     if filename and not Path(filename).resolve().is_relative_to(out.resolve()):
         return WriteError(exc.errno or errno.EIO, f"cannot access {filename}: "
-                                                  f"{exc.strerror or exc}")
+                                                  f"{exc.strerror or exc}; make it accessible")
     return _write_error(out, exc)
+
+
+def copy_error(exc: shutil.Error) -> WriteError:
+    """``shutil.copytree``'s error (a list of (source, target, reason), one per file that
+    failed) as one line about the first file: a full disk is said as such."""
+    failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    if not failures:
+        return WriteError(errno.EIO, f"cannot copy: {exc}; check the source and the target")
+    source, target, why = failures[0]
+    found = re.search(r"\[Errno (\d+)\]", str(why))
+    code = int(found.group(1)) if found else errno.EIO
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return _write_error(Path(target), OSError(code, str(why)))
+    more = f" (and {len(failures) - 1} more file(s))" if len(failures) > 1 else ""
+    return WriteError(code, f"cannot copy {source} to {target}{more}: {why}; make the source "
+                            "readable and the target's folder writable")
 
 
 def _existing(path: Path) -> Path:
@@ -93,9 +117,9 @@ def _write_error(path: Path, exc: OSError | SafetensorError) -> WriteError:
         return WriteError(code, f"no space left while writing {path} ({free / 2**20:.0f} MiB "
                                 f"free on the disk holding {where}): free space there (e.g. "
                                 "folders moved aside as *.old-<time>/, or ckpt/ of finished "
-                                "stages) or write elsewhere, then run the command again")
+                                "stages) or write elsewhere")
     filename = getattr(exc, "filename", None)
     failed = f" ({filename})" if filename and str(filename) != str(path) else ""
     reason = getattr(exc, "strerror", None) or str(exc)
     return WriteError(code, f"cannot write {path}{failed}: {reason}; choose a path in a "
-                            "writable folder")
+                            "writable folder (or make this one writable)")

@@ -5,6 +5,8 @@ variable must be set before anything imports triton, hence here at the top.
 """
 
 import os
+import re
+import shlex
 
 import pytest
 import torch
@@ -48,6 +50,14 @@ prompts = 4
 batch_size = 4
 examples = 2
 """
+
+
+def suggested_args(err: str, module: str = "gpd_train") -> list[str]:
+    """The arguments of the command ``python -m MODULE ...`` an error message suggests in
+    backticks: a test runs them to show the hint is accepted."""
+    found = re.search(rf"`python -m {re.escape(module)} ([^`]*)`", err)
+    assert found is not None, f"no `python -m {module} ...` hint in: {err}"
+    return shlex.split(found.group(1))
 
 
 @pytest.fixture()

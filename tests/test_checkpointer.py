@@ -3,15 +3,22 @@ nothing (gpd_train.checkpoint.Checkpointer with the trainer's parts from gpd_tra
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from gpd_train.checkpoint import Checkpointer, CheckpointError
-from gpd_train.loop import Ema, ModelState, OptimizerState
+from gpd_train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
+from gpd_train.destination import RUN, write_marker
+from gpd_train.errors import ConfigError
+from gpd_train.loop import Ema, MetricsLog, ModelState, OptimizerState
+from gpd_train.writes import WriteError
 
 METADATA = {"stage": "stage1", "dit_config": "{}"}
 
@@ -159,3 +166,54 @@ def test_a_corrupt_checkpoint_is_passed_over_for_the_previous_one(tmp_path):
     assert problems == [f"checkpoint file {state} is corrupt (its SHA-256 differs from the "
                         "manifest) (kept as corrupt-step-00000002)"]
     assert_same(states(loaded), states(first))
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past ``size`` bytes of any file fail with EFBIG, as a full disk fails them,
+    however the writer writes (Python, safetensors' Rust, torch.save)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _metrics(path: Path) -> MetricsLog:
+    if not path.exists():  # the log of a run killed after step 2, checkpointed at step 1
+        path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    return MetricsLog(path)
+
+
+REWRITES: dict[str, tuple[str, Callable[[Path], None]]] = {
+    # name: (the file rewritten, inside the test's folder; the rewrite)
+    "ckpt/latest": ("latest", lambda path: atomic_write_text(path, "step-00000002")),
+    "output marker": (".gpd_output.json", lambda path: write_marker(path.parent, RUN)),
+    "metrics.jsonl on resume": ("metrics.jsonl",
+                                lambda path: _metrics(path).reset(keep_until_step=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWRITES))
+def test_a_failing_rewrite_keeps_the_previous_file(tmp_path, name):
+    """Every rewrite of an existing file goes through a temporary file and a rename: a write
+    that fails (a full disk) leaves the previous content, and no temporary file."""
+    filename, rewrite = REWRITES[name]
+    path = tmp_path / filename
+    rewrite(path)  # the previous content, written by the same writer
+    before = path.read_bytes()
+    with pytest.raises(WriteError, match=f"cannot write {path}"), file_size_limit(4):
+        rewrite(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [filename]
+
+
+def test_a_metrics_line_that_is_no_record_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n{"step": 2, "loss": 0.4}\n')
+    with pytest.raises(ConfigError, match=f"{path} line 2 is not a metrics record"):
+        MetricsLog(path).reset(keep_until_step=1)
+    assert path.read_text().count("\n") == 3  # left as it was

@@ -216,3 +216,11 @@ def test_destination_rules_and_options_it_would_not_read(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "error: --copy copies the base's text_encoder/, tokenizer/ and vae/ into a Diffusers "
         "folder; --format comfyui writes one weights file: drop --copy\n")
+    base = tmp_path / "base"
+    base.mkdir()
+    assert comfyui_export(tmp_path, run, "c", "--stage", "0", "--base", str(base))[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --base {base}: --format comfyui writes the run's weights "
+                          "alone") and err.endswith("nothing of --base is read: drop --base\n")
+    assert not (tmp_path / "c").exists()
+    assert comfyui_export(tmp_path, run, "c", "--stage", "0")[0] == 0  # the hint: dropped

@@ -14,9 +14,10 @@ import pytest
 from conftest import MICRO_TOML
 from test_sample_cli import run_folder  # noqa: F401  (a fixture)
 
-from gpd_train import export, sample
+from gpd_train import encode_prompts, export, sample
 from gpd_train.__main__ import main as train_main
-from gpd_train.destination import MARKER
+from gpd_train.destination import EVAL, EXPORT, MARKER, SAMPLES, reuse_or_move_aside, write_marker
+from gpd_train.writes import WriteError
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -145,6 +146,26 @@ def test_failed_export_leaves_nothing_half_written(wan_run, tmp_path, capsys, mo
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("fault,message", [
+    (OSError(28, "No space left on device"), "no space left while writing {out}/text_encoder/"),
+    (PermissionError(13, "Permission denied"), "cannot copy {wan}/"),
+])
+def test_export_copy_that_fails_is_one_line(wan_run, tmp_path, capsys, monkeypatch, fault,
+                                            message):
+    wan, run = wan_run
+    out = tmp_path / "student"
+
+    def failing(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(shutil, "copyfile", failing)  # what copytree's copy2 calls per file
+    err = refused(capsys, _export(run, out, wan, "--copy"),
+                  message.format(out=out, wan=wan),
+                  "then run the command again")
+    assert err.count("error: ") == 1 and "[(" not in err  # not shutil.Error's raw list
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 # -- the trainer's run folder -----------------------------------------------------------------
 @pytest.mark.parametrize("content", ["wan transformer", "foreign config.json"])
 def test_run_dir_that_is_not_a_run_is_refused(micro, tmp_path, capsys, content):  # noqa: F811
@@ -241,6 +262,23 @@ def test_pipeline_moves_an_outdated_eval_aside_and_the_sampler_refuses_it(
     assert (run_dir / "eval" / "report.md").is_file()
 
 
+def test_an_old_report_is_moved_aside_only_once_the_new_one_can_be_written(tmp_path):
+    from test_checkpointer import file_size_limit
+
+    out = tmp_path / "eval"
+    assert reuse_or_move_aside(out, EVAL, {"stages": "a"}) is None
+    (out / "report.md").write_text("the old report")
+    before = tree(tmp_path)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path}/.eval.partial-"), \
+            file_size_limit(4):  # a full disk: the new report's marker cannot be written
+        reuse_or_move_aside(out, EVAL, {"stages": "b"})
+    assert tree(tmp_path) == before  # nothing moved, no empty marker or folder left
+    assert reuse_or_move_aside(out, EVAL, {"stages": "a"}) is None  # same inputs: kept
+    moved = reuse_or_move_aside(out, EVAL, {"stages": "b"})
+    assert (moved / "report.md").read_text() == "the old report"
+    assert sorted(tree(out)) == [MARKER]
+
+
 # -- the sampler ------------------------------------------------------------------------------
 def _sample(checkpoint: Path, out: Path, *extra: str) -> int:
     return sample.main(["--checkpoint", str(checkpoint), "--steps", "1", "--device", "cpu",
@@ -291,3 +329,123 @@ def test_failed_sampling_leaves_nothing_half_written(run_folder, tmp_path, capsy
     assert "error: no space left while writing" in err and "Traceback" not in err
     assert tree(out) == first and list(tmp_path.glob("samples.old-*")) == []
     assert leftovers(tmp_path) == []
+
+
+# -- encode_prompts ---------------------------------------------------------------------------
+def _encode(wan: Path, out: str | Path, *extra: str) -> int:
+    from realscale_fixtures import VIDEO
+
+    prompts = wan.parent / "prompts.txt"
+    return encode_prompts.main(["--model", str(wan), "--prompts", str(prompts), "--out",
+                                str(out), "--device", "cpu", "--height", str(VIDEO["height"]),
+                                "--width", str(VIDEO["width"]), "--frames", str(VIDEO["frames"]),
+                                *extra])
+
+
+@pytest.mark.parametrize("what,needle", [
+    ("wan", "is a Diffusers pipeline folder"), ("run", "is a gpd_train run folder"),
+    ("export", "is an export of gpd_train.export"), ("samples", "is samples of gpd_train.sample"),
+    ("user files", "is a folder holding 1 entries not written by gpd_train")])
+def test_encode_refuses_a_folder_it_did_not_write(wan_run, tmp_path, capsys, what, needle):
+    wan, run = wan_run
+    out = {"wan": wan, "run": run}.get(what, tmp_path / what)
+    if what in ("export", "samples"):
+        out.mkdir()
+        write_marker(out, EXPORT if what == "export" else SAMPLES)
+    elif what == "user files":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+    before = tree(out)
+    refused(capsys, _encode(wan, out), f"--out {out} {needle}",
+            "not a prompt-embedding data set", "choose another --out")
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("command", ["encode", "sample", "export", "train"])
+@pytest.mark.parametrize("inside", ["stage0", "stage0/ckpt", "eval", "vanilla/stage1"])
+def test_outputs_inside_what_a_run_writes_are_refused(wan_run, micro, tmp_path, capsys,
+                                                      command, inside):
+    """Ancestors count: not only the stage folder itself, anything below it too."""
+    wan, run = wan_run
+    (run / "eval").mkdir(exist_ok=True)
+    out = run / inside / "mine"
+    before = tree(run)
+    if command == "encode":
+        code = _encode(wan, out)
+    elif command == "sample":
+        code = _sample(run, out)
+    elif command == "export":
+        code = _export(run, out, wan)
+    else:
+        code = train_main(["--stage", "0", *micro, "--run-dir", str(out)])
+    flag = "--run-dir" if command == "train" else "--out"
+    refused(capsys, code, f"{flag} {out} is inside {run / inside.split('/')[0]}, which the "
+            f"gpd_train run folder {run} writes itself", f"choose an {flag} outside it")
+    assert tree(run) == before
+
+
+def test_outputs_inside_another_output_are_refused_and_beside_a_run_accepted(
+        run_folder, tmp_path, capsys):  # noqa: F811
+    folder, _, _ = run_folder
+    samples = tmp_path / "samples"
+    assert _sample(folder, samples) == 0
+    before = tree(samples)
+    refused(capsys, _sample(folder, samples / "more"),
+            f"--out {samples / 'more'} is inside {samples}, samples of gpd_train.sample",
+            f"choose an --out outside it, e.g. a new folder beside {samples}")
+    assert tree(samples) == before
+    assert _sample(folder, tmp_path / "more") == 0  # the hint: a new folder beside it
+    # A folder the run would write itself, not there yet: its name is the run's.
+    refused(capsys, _sample(folder, folder / "stage1"), f"--out {folder / 'stage1'} is a folder "
+            f"the gpd_train run folder {folder} writes itself")
+    assert not (folder / "stage1").exists()
+    # A run folder's own entries are the run's; a new folder beside them is the user's.
+    assert _sample(folder, folder / "samples") == 0
+    assert (folder / "samples" / "summary.json").is_file()
+
+
+def test_out_dot_is_the_current_directory(wan_run, run_folder, tmp_path, capsys,  # noqa: F811
+                                          monkeypatch):
+    wan, _ = wan_run
+    folder, _, _ = run_folder
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    # Samples are renamed into place as a whole folder: not onto the shell's directory.
+    refused(capsys, _sample(folder, "."), "--out . is the current directory",
+            "give a folder name, e.g. --out ./samples")
+    refused(capsys, _sample(folder, ".."), "--out .. holds the current directory")
+    assert list(tmp_path.iterdir()) == [here] and list(here.iterdir()) == []
+    # The hint's command is accepted.
+    assert _sample(folder, "./samples") == 0 and (here / "samples" / MARKER).is_file()
+    # A data set is written in place: an empty current directory is a new data set.
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.chdir(data)
+    assert _encode(wan, ".") == 0
+    assert (data / "shard-00000.safetensors").is_file() and (data / MARKER).is_file()
+
+
+def test_encode_with_another_dtype_refuses_and_keeps_the_set(wan_run, tmp_path, capsys):
+    wan, _ = wan_run
+    out = tmp_path / "data"
+    assert _encode(wan, out, "--dtype", "bf16") == 0
+    before = tree(out)
+    capsys.readouterr()
+    refused(capsys, _encode(wan, out, "--dtype", "fp32"), "holds shards stored as bf16",
+            "give --dtype bf16 to use them, or another --out for a fp32 set")
+    assert tree(out) == before
+    assert _encode(wan, out, "--dtype", "bf16") == 0  # the hint: accepted, nothing rewritten
+    assert "already holds these 2 prompts, encoded as bf16" in capsys.readouterr().out
+    assert tree(out) == before
+    assert _encode(wan, tmp_path / "fp32", "--dtype", "fp32") == 0  # the other hint
+
+
+def test_encode_resumes_a_data_set_from_before_markers(wan_run, tmp_path, capsys):
+    wan, _ = wan_run
+    out = tmp_path / "data"
+    assert _encode(wan, out) == 0
+    (out / MARKER).unlink()
+    (out / "shard-00000.safetensors").unlink()
+    assert _encode(wan, out) == 0
+    assert (out / "shard-00000.safetensors").is_file()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import suggested_args
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from test_run_folder import hashes, micro_run
@@ -283,3 +284,60 @@ def test_write_errors_other_than_space_name_the_path(tmp_path):
                                                    "denied; choose a path in a writable folder"):
         with writes.writing(tmp_path / "x"):
             raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_a_full_disk_appending_metrics_names_the_log_and_the_resume(micro, tmp_path,  # noqa: F811
+                                                                   monkeypatch, capsys):
+    log = tmp_path / "run" / "stage0" / "metrics.jsonl"
+    real_open = Path.open
+
+    def full_after_two(path, mode="r", *args, **kwargs):
+        if path == log and mode == "a" and log.exists() and len(log.read_text().split()) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_after_two)
+    err = _refused(capsys, ["--stage", "0", *micro], f"[stage0] no space left while writing "
+                   f"{log}", "free space there", "then continue the stage with --resume")
+    assert err.count("error: ") == 1 and err.endswith("by itself)\n")  # one sentence
+    monkeypatch.setattr(Path, "open", real_open)
+    assert main(["--stage", "0", "--resume", *micro]) == 0  # the named next step
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_lock_that_is_a_folder_is_one_line(micro, tmp_path, capsys):  # noqa: F811
+    lock = tmp_path / "run" / ".lock"
+    lock.mkdir(parents=True)
+    (lock / "notes.txt").write_text("mine")
+    _refused(capsys, ["--stage", "0", *micro], f"cannot open the run folder's lock file {lock}",
+             "move what is there elsewhere, or choose another --run-dir")
+    assert hashes(lock) == {"notes.txt": hashes(lock)["notes.txt"]}
+    lock.rename(tmp_path / "lock-moved")
+    assert main(["--stage", "0", *micro]) == 0  # the remedy: moved elsewhere
+
+
+@pytest.mark.parametrize("flag,folder", [(["--log", "tensorboard"], "tensorboard"),
+                                         (["--validate-every", "1"], "validation")])
+def test_a_file_where_a_stage_folder_goes_is_refused_before_training(
+        micro, tmp_path, capsys, flag, folder):  # noqa: F811
+    assert main(["--stage", "0", *micro]) == 0
+    stage = tmp_path / "run" / "stage1"
+    stage.mkdir()
+    (stage / folder).write_text("mine")
+    _refused(capsys, ["--stage", "1", *micro, *flag], f"{stage / folder} is a file, where "
+             f"{flag[0]}", f"writes stage1's {folder}/ folder; move the file elsewhere, or "
+             f"drop {flag[0]}")
+    assert sorted(p.name for p in stage.iterdir()) == [folder]  # nothing trained
+    (stage / folder).rename(tmp_path / "moved")
+    assert main(["--stage", "1", *micro, *flag]) == 0  # the remedy: moved elsewhere
+
+
+def test_eval_where_no_run_exists_is_one_line_and_writes_nothing(micro, tmp_path, capsys,
+                                                                 monkeypatch):  # noqa: F811
+    run = tmp_path / "run"
+    err = _refused(capsys, ["--eval", *micro], f"--eval: {run} holds no trained run",
+                   f"train it first with `python -m gpd_train --run-dir {run}`")
+    assert len(err.strip().splitlines()) == 1 and not run.exists()  # no .lock left
+    ran = []
+    monkeypatch.setattr("gpd_train.__main__.run_pipeline", lambda config, **k: ran.append(1))
+    assert main([*micro, *suggested_args(err)]) == 0 and ran == [1]

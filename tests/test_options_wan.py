@@ -122,11 +122,25 @@ def test_reencoding_for_another_video_size_is_refused(imported, unchanged, capsy
     run, wan, _, args = imported
     taller = ["--height", str(2 * VIDEO["height"]), *VIDEO_ARGS[2:]]
     message = "holds shards encoded for latent shape 4,2,4,6"
-    _refused(capsys, ["--stage", "1", "--resume", *args, "--teacher", str(wan), *taller],
-             message, "this video size needs 4,2,8,6")
+    err = _refused(capsys, ["--stage", "1", "--resume", *args, "--teacher", str(wan), *taller],
+                   message, "this video size needs 4,2,8,6", "use another --run-dir")
+    assert "--out" not in err  # an encode_prompts flag: the trainer has none
     _refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
                       "--out", str(run / "prompt-embeddings"), *taller], message,
-             command=encode_prompts.main)
+             "use another --out", command=encode_prompts.main)
+
+
+def test_the_trainers_reencoding_hint_another_run_dir_is_accepted(imported, tmp_path,
+                                                                  monkeypatch):
+    run, wan, _, args = imported
+    ran = []
+    monkeypatch.setattr("gpd_train.__main__.run_stage", lambda run, sid, **k: ran.append(sid))
+    taller = ["--height", str(2 * VIDEO["height"]), *VIDEO_ARGS[2:]]
+    other = tmp_path / "taller"
+    assert train_main(["--stage", "0", *args, "--teacher", str(wan), *taller,
+                       "--run-dir", str(other)]) == 0
+    assert ran == [StageId("gpd", 0)] and (other / "prompt-embeddings" / "negative.safetensors"
+                                           ).is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

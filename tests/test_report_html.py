@@ -178,3 +178,40 @@ def test_rebuild_without_an_evaluation_names_the_command(tmp_path, capsys):
     assert rebuild(["--run-dir", str(tmp_path)]) == 2
     assert f"run `python -m gpd_train --eval --run-dir {tmp_path}` first" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda r: [r], "expected a JSON object, got list"),
+    (lambda r: {**r, "rows": []}, "rows must be a non-empty list of row objects"),
+    (lambda r: {k: v for k, v in r.items() if k != "eval_set"}, "eval_set must be an object"),
+    (lambda r: {**r, "stages": []}, "stages must be an object of stage objects"),
+    (lambda r: {**r, "comparisons": [{"a": "x"}]}, "comparisons must be a list of objects"),
+    (lambda r: {**r, "rows": [{**ROWS[0], "steps": "40"}]}, "rows[0].steps must be a int, "
+                                                            "got '40'"),
+    (lambda r: {**r, "rows": [{k: v for k, v in ROWS[0].items() if k != "cfg"}]},
+     "rows[0] has no cfg"),
+])
+def test_rebuild_of_a_malformed_report_is_one_line(tmp_path, capsys, monkeypatch, change, named):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # fast: the page without plots
+    (tmp_path / "eval").mkdir()
+    report = change(json.loads(json.dumps(REPORT)))
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(report))
+    assert rebuild(["--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'eval' / 'report.json'} is not an evaluation "
+                          "report gpd_train can read: ") and named in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"rerun the evaluation: `python -m gpd_train --eval --run-dir {tmp_path}`" in err
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["report.json"]
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(REPORT))  # as --eval writes it
+    assert rebuild(["--run-dir", str(tmp_path)]) == 0
+
+
+def test_loss_curves_read_only_metrics_records(tmp_path):
+    from gpd_train.report_page import read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5, "mse": 0.4}\n[1, 2]\n"text"\n{"step": "2"}\n'
+                   '{"loss": 0.3}\n{"step": 3, "loss": 0.2, "mse": null}\n{"step": 4, "lo')
+    assert read_metrics(log) == [{"step": 1, "loss": 0.5, "mse": 0.4},
+                                 {"step": 3, "loss": 0.2, "mse": None}]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import suggested_args
 from test_run_folder import hashes, killed_stage0, micro_run
 from test_train import run_until_killed
 
@@ -149,6 +150,29 @@ def test_resume_of_a_complete_stage_with_a_truncated_output_is_refused(micro, tm
     assert "python -m gpd_train --stage 1 --run-dir" in captured.err
     assert "--restart` moves" in captured.err
     assert hashes(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("args,changed", [
+    (["--iterations", "5"], "iterations 3 in {done}, 5 in this run"),
+    (["--shift", "4"], "shift 3.0 in {done}, 4.0 in this run"),
+    (["--stage-guidance", "1"], "guidance 1.5 in {done}, 1.0 in this run"),
+])
+def test_resume_of_a_complete_stage_refuses_a_changed_option(micro, tmp_path, capsys,  # noqa: F811
+                                                             args, changed):
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    before = hashes(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["--stage", "1", "--resume", *micro]) == 0  # the same options: kept
+    assert "already complete" in capsys.readouterr().out
+    assert main(["--stage", "1", "--resume", *micro, *args]) == 2
+    err = capsys.readouterr().err
+    done = tmp_path / "run" / "stage1" / "done.json"
+    assert "stage1 is complete but was trained with other options than this run: " in err
+    assert changed.format(done=done) in err and err.count("\n") == 1
+    assert hashes(tmp_path / "run") == before
+    assert main([*suggested_args(err), *micro, *args]) == 0  # the remedy, with the change
+    assert list((tmp_path / "run").glob("stage1.old-*"))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_TOML, suggested_args
 from test_train import run_until_killed
 
 from gpd_kernels import double_step_target
@@ -433,3 +434,72 @@ def test_missing_stage_still_names_the_command(micro, capsys):
     assert main(["--stage", "1", *micro]) == 2
     assert "python -m gpd_train --stage 0 --run-dir" in capsys.readouterr().err
     assert issubclass(MissingStageError, RuntimeError)
+
+
+def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refused(
+        micro, tmp_path, capsys):
+    (tmp_path / "micro.toml").write_text(
+        MICRO_TOML + "[guided]\nguidance_iterations = 2\niterations = [2]\nfreq_weight = [0.0]\n")
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "g", "--chain", "guided", *micro]) == 0  # learns w in 1..3
+    before = hashes(tmp_path / "run")
+    capsys.readouterr()
+    wider = ["--stage", "1", "--chain", "guided", *micro, "--guidance-range", "0.5", "4"]
+    assert main(wider) == 2
+    err = capsys.readouterr().err
+    assert "guided/guidance learned CFG scales 1..3" in err and err.count("\n") == 1
+    assert "this run asks for --guidance-range 0.5 4, outside them" in err
+    assert hashes(tmp_path / "run") == before
+    assert main([*suggested_args(err), *micro]) == 0  # the guidance stage on the wider range
+    assert main(wider) == 0  # now its teacher learned every scale it is taught at
+
+
+@pytest.mark.parametrize("target", ["run folder", "stage folder", "stage file"])
+def test_a_stale_stage_is_refused_however_it_is_named(micro, tmp_path, capsys, target):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    assert main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0  # stage1 now stale
+    checkpoint = {"run folder": run_dir, "stage folder": run_dir / "stage1",
+                  "stage file": run_dir / "stage1" / "model.safetensors"}[target]
+    capsys.readouterr()
+    code = sample.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--steps", "1",
+                        "--out", str(tmp_path / "samples"), "--stage", "1"][
+        :None if target == "run folder" else -2])
+    err = capsys.readouterr().err
+    assert code == 2 and "stage1 is stale: its stage teacher stage0 changed since" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "samples").exists()
+
+
+def test_a_run_whose_last_stage_lost_its_output_is_refused(micro, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    assert main(["--stage", "1", *micro]) == 0
+    (run_dir / "stage1" / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    capsys.readouterr()
+    out = ["--device", "cpu", "--steps", "1", "--out", str(tmp_path / "samples")]
+    assert sample.main(["--checkpoint", str(run_dir), *out]) == 2
+    err = capsys.readouterr().err
+    assert f"stage1, the last stage {run_dir} records as finished, lost its output" in err
+    assert "or pass --stage 0 for the stage before it" in err and err.count("\n") == 1
+    assert not (tmp_path / "samples").exists()
+    assert sample.main(["--checkpoint", str(run_dir), *out, "--stage", "0"]) == 0  # the hint
+
+
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_path, capsys,
+                                                                  command):
+    from gpd_train import export
+
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "0", *micro]) == 0
+    config = run_dir / "config.json"
+    config.write_text(config.read_text()[:40])  # cut short
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    code = (sample.main(["--checkpoint", str(run_dir), "--device", "cpu", "--out", out])
+            if command == "sample" else
+            export.main(["--run", str(run_dir), "--format", "comfyui", "--out", out]))
+    err = capsys.readouterr().err
+    assert code == 2 and f"unreadable run configuration {config}" in err, err
+    assert "no config.json" not in err and err.count("\n") == 1

@@ -164,10 +164,14 @@ def test_lanes_keep_their_phase_and_cover_every_fine_start():
 
     lanes = RolloutLanes(batch_size=3, groups=2, steps=8, fresh=fresh, device=torch.device("cpu"),
                          stride=3)
-    seen = set()
-    for _ in range(40):
+    seen, previous = set(), {}
+    for update in range(40):
         batch = lanes.current(step)
-        seen |= set(batch.index.tolist())
+        group = update % 2
+        if group in previous:  # each lane moved 3 on, a restarted one to its overshoot
+            assert torch.equal(batch.index, (previous[group] + 3) % 8), update
+            seen |= set(batch.index.tolist())  # not the first update's: its spread is given
+        previous[group] = batch.index
         assert torch.equal(batch.x[:, 0], batch.index.float())
         lanes.advance(batch.x + 3, step)  # a jump of 3 (past the end: replaced by fresh noise)
     assert seen == set(range(8))
