@@ -233,9 +233,9 @@ class RunFolder:
         distilled stage the options that shaped it (grid, guidance, LoRA, ...). Records from
         before options were kept are not compared."""
         recorded = self.record(sid)
-        want: dict[str, Any] = {"iterations": self.iterations(sid)}
+        want: dict[str, Any] = {"iterations": self.plan(sid).iterations}
         if not sid.is_teacher:  # the teacher samples at any grid and CFG scale
-            want.update(self.stage_options(sid))
+            want.update(self.plan(sid).options())
         want = json.loads(json.dumps(want))  # as done.json reads back
         options = recorded.get("options")
         had = {**(options if isinstance(options, dict) else {}),
