@@ -244,7 +244,7 @@ def test_band_spectrum_matches_a_float64_fft_written_out(shape):
 def test_each_band_sees_only_its_own_content():
     """A static cosine in one band and a flickering one in another: the spatial group sees
     both in their bands only, the frame difference only the flicker, the lags only odd."""
-    size, frames = 16, 4
+    size = 16
     grid = torch.arange(size, dtype=torch.float64)
     # Along x only, k cycles: radius (k / 8) / sqrt(2): k = 2 -> 0.18 (band 0), k = 5 ->
     # 0.44 (band 1), k = 8 (Nyquist) -> 0.71 (band 2); the diagonal k = (8, 8) -> 1 (band 3).
