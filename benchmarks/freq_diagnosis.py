@@ -92,6 +92,7 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
     w = frequency_weights(frames, height, width, params["alpha_s"], params["alpha_t"],
                           params["gamma"], torch.float64)
     effective = 1 + freq_weight * w  # the whole loss's weight per bin (MSE's is 1)
+    relative = effective / (1 + freq_weight)  # over its weight at DC
     total_error = float(error_power.sum())
     print("| bin | share of error power | error / target power | loss weight w | "
           "(1 + fw w) / (1 + fw) |")
@@ -100,13 +101,15 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
         share = float(error_power[mask].sum()) / total_error
         relative = float(error_power[mask].sum() / target_power[mask].sum())
         print(f"| {name} | {share:.4f} | {relative:.4f} | {float(w[mask].mean()):.3f} | "
-              f"{float(effective[mask].mean()) / (1 + freq_weight):.3f} |")
+              f"{float(relative[mask].mean()):.3f} |")
     moving = float(error_power[1:].sum()) / total_error
+
+    def weighted(part: slice) -> float:  # the mean relative weight an error power meets
+        return float((error_power[part] * relative[part]).sum() / error_power[part].sum())
+
     print(f"error power at temporal frequencies > 0 (frame differences): {moving:.4f}; "
-          f"the whole loss's mean relative weight there "
-          f"{float((error_power[1:] * effective[1:]).sum() / error_power[1:].sum()):.3f} "
-          f"against {float((error_power[0] * effective[0]).sum() / error_power[0].sum()):.3f}"
-          " at k_t = 0 (error-power weighted)")
+          f"the whole loss's mean relative weight there {weighted(slice(1, None)):.3f} "
+          f"against {weighted(slice(0, 1)):.3f} at k_t = 0 (error-power weighted)")
     sys.stdout.flush()
     if not math.isfinite(mse_norm):
         raise SystemExit("non-finite gradients")
