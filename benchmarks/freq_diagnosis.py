@@ -99,8 +99,8 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
     print("|---|---|---|---|---|")
     for name, mask in spectral_bins(frames, height, width):
         share = float(error_power[mask].sum()) / total_error
-        relative = float(error_power[mask].sum() / target_power[mask].sum())
-        print(f"| {name} | {share:.4f} | {relative:.4f} | {float(w[mask].mean()):.3f} | "
+        missed = float(error_power[mask].sum() / target_power[mask].sum())
+        print(f"| {name} | {share:.4f} | {missed:.4f} | {float(w[mask].mean()):.3f} | "
               f"{float(relative[mask].mean()):.3f} |")
     moving = float(error_power[1:].sum()) / total_error
 
