@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .data import ProceduralVideos
 from .errors import ConfigError
 from .feature_net import FEATURES, VideoFeatureNet, video_features
-from .metrics import check_videos, half_sample_interval, spectral_radius
+from .metrics import bootstrap_interval, check_videos, half_sample_interval, spectral_radius
 
 # Band edges over the normalised radius in (0, 1]; the DC term is excluded (mean removed).
 BAND_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0 + 1e-9)
@@ -51,6 +51,8 @@ HELD_OUT_OFFSET = 2 * 10**6
 BLUR_SIGMAS = (0.5, 1.0)  # latent pixels
 SANITY = "sanity: known sets and degradations"
 METRIC = "detail KID to data"
+SEMANTIC = "semantic"
+SPATIAL, FRAME_DIFFERENCE, TEMPORAL = "spatial", "frame difference", "temporal"
 
 
 def _band_amplitudes(frames: torch.Tensor) -> torch.Tensor:
@@ -66,17 +68,39 @@ def _band_amplitudes(frames: torch.Tensor) -> torch.Tensor:
     return torch.stack(bands, dim=1).sqrt()
 
 
+def band_labels(frames: int) -> dict[str, list[str]]:
+    """Each band group's band names for videos of ``frames`` frames (the order of
+    ``band_spectrum``; a single frame has no frame differences and no lags)."""
+    radial = [f"{low:g}-{min(high, 1.0):g}" for low, high in zip(BAND_EDGES[:-1], BAND_EDGES[1:],
+                                                                   strict=True)]
+    labels = {SPATIAL: radial}
+    if frames >= 2:
+        labels |= {FRAME_DIFFERENCE: radial, TEMPORAL: [f"lag {k}" for k in range(1, frames)]}
+    return labels
+
+
+def band_spectrum(videos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """RMS amplitudes (float64) of videos [N, C, T, H, W] by band group: ``spatial``
+    [N, bands] (each frame), ``frame difference`` [N, bands] (``x[t + 1] - x[t]``) and
+    ``temporal`` [N, T - 1] (``x[t + k] - x[t]`` per lag k); the last two need T >= 2."""
+    check_videos(videos, "videos")
+    x = videos.double()
+    spectrum = {SPATIAL: _band_amplitudes(x)}
+    if x.shape[2] >= 2:
+        lags = [(x[:, :, k:] - x[:, :, :-k]).square().mean(dim=(1, 2, 3, 4))
+                for k in range(1, x.shape[2])]
+        spectrum |= {FRAME_DIFFERENCE: _band_amplitudes(x[:, :, 1:] - x[:, :, :-1]),
+                     TEMPORAL: torch.stack(lags, dim=1).sqrt()}
+    return spectrum
+
+
 def spectral_features(videos: torch.Tensor) -> torch.Tensor:
     """Spatial and temporal amplitudes [N, 2 * bands + T - 1] (float64) of videos
-    [N, C, T, H, W]."""
+    [N, C, T, H, W]: ``band_spectrum``'s groups side by side."""
     check_videos(videos, "videos")
     if videos.shape[2] < 2:
         raise ConfigError(f"spectral features need >= 2 frames, got {videos.shape[2]}")
-    x = videos.double()
-    lags = [(x[:, :, k:] - x[:, :, :-k]).square().mean(dim=(1, 2, 3, 4))
-            for k in range(1, x.shape[2])]
-    return torch.cat([_band_amplitudes(x), _band_amplitudes(x[:, :, 1:] - x[:, :, :-1]),
-                      torch.stack(lags, dim=1).sqrt()], dim=1)
+    return torch.cat(list(band_spectrum(videos).values()), dim=1)
 
 
 def detail_features(net: VideoFeatureNet, videos: torch.Tensor) -> torch.Tensor:
@@ -224,16 +248,31 @@ def sanity_pairs(teacher_label: str, naive_ladder: list[str]) -> list[tuple[str,
     return pairs + list(zip(naive_ladder[1:], naive_ladder[:-1], strict=True))
 
 
+def feature_groups(frames: int) -> dict[str, slice]:
+    """The columns of ``detail_features`` by group: the learned ``semantic`` features, then
+    ``band_spectrum``'s groups, for videos of ``frames`` frames."""
+    groups, begin = {SEMANTIC: slice(0, FEATURES)}, FEATURES
+    for group, names in band_labels(frames).items():
+        groups[group] = slice(begin, begin + len(names))
+        begin += len(names)
+    return groups
+
+
 @dataclass
 class DetailJudge:
-    """Every set's detail KID to the real data videos; kernels kept by row label for the
-    paired differences."""
+    """Every set's detail KID to the real data videos; kernels (whole and by feature
+    group) and band amplitudes kept by row label for the paired differences and the band
+    table."""
 
     net: VideoFeatureNet
     center: torch.Tensor
     scale: torch.Tensor
     data_features: torch.Tensor
+    data_spectra: torch.Tensor  # the real videos' band amplitudes [N, F - FEATURES]
+    frames: int
     kernels: dict[str, KernelToReference] = field(default_factory=dict)
+    part_kernels: dict[str, dict[str, KernelToReference]] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, net: VideoFeatureNet, real: torch.Tensor) -> DetailJudge:
@@ -247,32 +286,70 @@ class DetailJudge:
                            spectra.var(dim=0).mean().sqrt().clamp_min(1e-6).expand(
                                spectra.shape[1])])
         center = raw.mean(dim=0)
-        return cls(net, center, scale, (raw - center) / scale)
+        return cls(net, center, scale, (raw - center) / scale, spectra, real.shape[2])
 
-    def features(self, videos: torch.Tensor) -> torch.Tensor:
-        return (detail_features(self.net, videos) - self.center) / self.scale
+    @property
+    def groups(self) -> dict[str, slice]:
+        return feature_groups(self.frames)
 
     def row(self, label: str, videos: torch.Tensor) -> dict[str, Any]:
-        kernel = self.kernels[label] = KernelToReference(self.features(videos),
-                                                         self.data_features)
-        return {"kid_data": kernel.full(), "kid_data_ci": kid_interval(kernel, kernel.count)}
+        """The set's detail KID with its interval, and the KID of each feature group alone
+        (``kid_parts``: where the distance sits)."""
+        raw = detail_features(self.net, videos)
+        self.spectra[label] = raw[:, FEATURES:]
+        features = (raw - self.center) / self.scale
+        kernel = self.kernels[label] = KernelToReference(features, self.data_features)
+        parts = self.part_kernels[label] = {
+            group: KernelToReference(features[:, columns], self.data_features[:, columns])
+            for group, columns in self.groups.items()}
+        return {"kid_data": kernel.full(), "kid_data_ci": kid_interval(kernel, kernel.count),
+                "kid_parts": {group: part.full() for group, part in parts.items()}}
 
     def comparisons(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """Paired differences ``a - b`` of the detail KID: the same half-samples of video
-        indices for both rows (same prompts and noise), so what they share cancels."""
+        """Paired differences ``a - b`` of the detail KID, and of each feature group's
+        (``parts``): the same half-samples of video indices for both rows (same prompts
+        and noise), so what they share cancels."""
         out = []
         for a, b in pairs:
             if a not in self.kernels or b not in self.kernels:
                 continue
-            ka, kb = self.kernels[a], self.kernels[b]
-            if ka.count != kb.count:
+            if self.kernels[a].count != self.kernels[b].count:
                 raise ConfigError(f"paired KID needs sets of one size, got {a!r} with "
-                                  f"{ka.count} videos and {b!r} with {kb.count}")
-
-            def gap(idx: torch.Tensor, ka: KernelToReference = ka,
-                    kb: KernelToReference = kb) -> float:
-                return ka(idx) - kb(idx)
-
-            out.append({"a": a, "b": b, "metric": METRIC,
-                        "value": gap(torch.arange(ka.count)), "ci": kid_interval(gap, ka.count)})
+                                  f"{self.kernels[a].count} videos and {b!r} with "
+                                  f"{self.kernels[b].count}")
+            value, ci = _paired_gap(self.kernels[a], self.kernels[b])
+            parts = {group: dict(zip(("value", "ci"), _paired_gap(
+                self.part_kernels[a][group], self.part_kernels[b][group]), strict=True))
+                for group in self.groups}
+            out.append({"a": a, "b": b, "metric": METRIC, "value": value, "ci": ci,
+                        "parts": parts})
         return out
+
+    def band_table(self, reference: str, labels: list[str]) -> dict[str, Any]:
+        """Where detail goes: the mean band amplitudes (``band_spectrum``'s groups) of the
+        data, the ``reference`` row and each row of ``labels``, and each row's amplitude over
+        the reference's with a paired bootstrap 95% interval (the same noise and prompt
+        per video, so a ratio whose interval excludes 1 is a real loss or gain)."""
+        ref = self.spectra[reference]
+        rows = [{"model": reference, "amplitude": ref.mean(dim=0).tolist()}]
+        for label in labels:
+            if label == reference:
+                continue
+            amplitude = self.spectra[label]
+            rows.append({"model": label, "amplitude": amplitude.mean(dim=0).tolist(),
+                         "ratio": (amplitude.mean(dim=0) / ref.mean(dim=0)).tolist(),
+                         "ratio_ci": [bootstrap_interval(
+                             lambda idx, j=j, a=amplitude: float(a[idx, j].mean()
+                                                                 / ref[idx, j].mean()),
+                             len(ref)) for j in range(ref.shape[1])]})
+        return {"groups": band_labels(self.frames), "reference": reference,
+                "data": self.data_spectra.mean(dim=0).tolist(), "rows": rows}
+
+
+def _paired_gap(ka: KernelToReference, kb: KernelToReference) -> tuple[float, tuple[float, float]]:
+    """``ka - kb`` on the full set and its half-sample interval (same indices for both)."""
+
+    def gap(idx: torch.Tensor) -> float:
+        return ka(idx) - kb(idx)
+
+    return gap(torch.arange(ka.count)), kid_interval(gap, ka.count)

@@ -359,6 +359,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     report = {"rows": rows, "sanity_rows": sanity, "prompts": [names[int(i)] for i in examples],
               "comparisons": judge.comparisons(pairs, sets, sets[reference])
               + _detail_comparisons(judge, candidates, pairs),
+              "bands": _band_table(judge, rows, reference),
               "compared_steps": steps, "training": _training_costs(run),
               "eval_set": {"prompts": ev.prompts, "noise_seed": ev.seed,
                            "guidance": cfg.resolved_guidance, "steps": cfg.steps[0]},
@@ -426,6 +427,16 @@ def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Ten
                   Candidate(label, None, 0, teacher.label, SANITY, cfg="data"))
         rows.append(judge.row(sanity, made, videos, float("nan")))
     return rows
+
+
+def _band_table(judge: _Judge, rows: list[dict[str, Any]], reference: str
+                ) -> dict[str, Any] | None:
+    """The per-band amplitudes of every row measured against ``reference`` (not the sanity
+    rows: the band table shows where the models' detail goes)."""
+    if judge.detail is None:
+        return None
+    return judge.detail.band_table(reference, [r["model"] for r in rows
+                                               if r["reference"] == reference])
 
 
 def _detail_comparisons(judge: _Judge, candidates: list[Candidate],

@@ -72,6 +72,65 @@ def _training(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _kid_parts(report: dict[str, Any]) -> list[str]:
+    """The detail KID of each feature group alone, per row and paired: where a distance sits."""
+    rows = [r for r in report["rows"] + (report.get("sanity_rows") or []) if "kid_parts" in r]
+    if not rows:
+        return []
+    groups = list(rows[0]["kid_parts"])
+    lines = ["", "## Detail KID by feature group", "",
+             "Each group's features alone (the same standardisation and kernel): learned "
+             "semantic features, spatial bands, frame-difference bands, temporal lags.", "",
+             "| model | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    lines += [f"| {r['model']} | " + " | ".join(fmt(r["kid_parts"][g], 3) for g in groups)
+              + " |" for r in rows]
+    paired = [c for c in report.get("comparisons") or [] if "parts" in c]
+    if paired:
+        lines += ["", "| comparison (paired) | " + " | ".join(groups) + " |",
+                  "|" + "---|" * (len(groups) + 1)]
+        lines += [f"| {c['a']} - {c['b']} | " + " | ".join(
+            f"{fmt(c['parts'][g]['value'], 3)} [{fmt(c['parts'][g]['ci'][0], 3)}, "
+            f"{fmt(c['parts'][g]['ci'][1], 3)}]" for g in groups) + " |" for c in paired]
+    return lines
+
+
+def _beyond_one(ratio: float, interval: list[float]) -> str:
+    """A ratio, starred where its paired 95% interval excludes 1."""
+    return fmt(ratio, 3) + ("*" if interval[0] > 1 or interval[1] < 1 else "")
+
+
+def _bands(report: dict[str, Any]) -> list[str]:
+    """Where detail goes: each band's RMS amplitude, then every model's over the
+    reference's."""
+    bands = report.get("bands")
+    if not bands:
+        return []
+    prefix = {"spatial": "S", "frame difference": "D", "temporal": "T"}
+    header = [f"{prefix.get(group, group)} {name}" for group, names in bands["groups"].items()
+              for name in names]
+    ref, *models = bands["rows"]
+    head = ["| model | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 1)]
+
+    def line(label: str, values: list[str]) -> str:
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    lines = ["", "## Where detail goes: band amplitudes", "",
+             "RMS amplitude, mean over videos, in each band: S = each frame's spatial "
+             "spectrum in rings of the radius normalised to Nyquist, D = the same of the "
+             "frame-to-frame difference (detail of what moves), T = x[t + k] - x[t] per lag "
+             "k. Then every model's amplitude over the reference's; * where the paired 95% "
+             "bootstrap interval (same noise and prompt per video) excludes 1.", "", *head,
+             line("data", [fmt(v, 4) for v in bands["data"]]),
+             line(ref["model"], [fmt(v, 4) for v in ref["amplitude"]]),
+             "", f"Over {ref['model']}:", "", *head,
+             line("data (other videos: unpaired)",
+                  [fmt(d / r, 3) for d, r in zip(bands["data"], ref["amplitude"], strict=True)])]
+    lines += [line(m["model"], [_beyond_one(v, ci) for v, ci in zip(m["ratio"], m["ratio_ci"],
+                                                                      strict=True)])
+              for m in models]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report's markdown: the tables, the paired comparisons, the columns, the stages."""
     rows = report["rows"]
@@ -97,6 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {item['a']} - {item['b']} | {item['metric']} | "
                          f"{fmt(item['value'], 3)} | [{fmt(item['ci'][0], 3)}, "
                          f"{fmt(item['ci'][1], 3)}] |")
+    lines += _kid_parts(report) + _bands(report)
     lines += _at_equal_steps(report, builtin) + _training(report)
     lines += ["", "Columns: PSNR of each video to its reference's video from the same noise and "
               "prompt (range [-1, 1]; the ceiling row is the teacher with 1% multiplicative "

@@ -8,6 +8,8 @@ evaluation's own GIFs beside it, linked relatively. The page holds
   measured against the main reference, with their 95% intervals as error bars; rows that
   differ only in step count (``label@K``) form one curve, the naive teacher's curve being
   the reference's CFG rows;
+- where detail goes: each band group's amplitudes (spatial, frame difference, temporal lags)
+  of the reference, the data and the students, over the reference's;
 - each stage's loss curves from its metrics.jsonl;
 - a side-by-side video grid (``video_grid.gif``, one GIF so the rows stay in step): the
   reference, the naive teacher at its fewest steps and every student, same prompts and noise;
@@ -207,6 +209,38 @@ def quality_plot(plt: Any, rows: list[dict[str, Any]]) -> str:
     return _png(plt, figure)
 
 
+def band_plot(plt: Any, bands: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Where detail goes: one panel per band group, each row's amplitude over the
+    reference's by band (paired 95% intervals as bars), the data's dashed; the rows are
+    ``grid_rows``' (the reference, the fewest-step naive teacher, the students)."""
+    shown = {r["model"] for r in grid_rows(rows)}
+    ref = bands["rows"][0]
+    figure, axes = plt.subplots(1, len(bands["groups"]), squeeze=False,
+                                figsize=(4.2 * len(bands["groups"]), 3.8))
+    begin = 0
+    for ax, (group, names) in zip(axes[0], bands["groups"].items(), strict=True):
+        part = slice(begin, begin + len(names))
+        begin += len(names)
+        x = list(range(len(names)))
+        ax.axhline(1.0, color="black", linewidth=0.8, label=ref["model"])
+        data = [d / r for d, r in zip(bands["data"][part], ref["amplitude"][part], strict=True)]
+        ax.plot(x, data, "k--", marker="s", label="data (other videos)")
+        for row in bands["rows"][1:]:
+            if row["model"] not in shown:
+                continue
+            y, ci = row["ratio"][part], row["ratio_ci"][part]
+            ax.errorbar(x, y, yerr=[[v - c[0] for v, c in zip(y, ci, strict=True)],
+                                    [c[1] - v for v, c in zip(y, ci, strict=True)]],
+                        marker="o", capsize=3, label=row["model"])
+        ax.set_xticks(x, names)
+        ax.set_title(f"{group}: amplitude over {ref['model']}", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", fontsize=8, ncol=min(3, len(labels)),
+                  bbox_to_anchor=(0.5, 0.0))
+    return _png(plt, figure)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """A stage's metrics.jsonl records with a numeric step and loss, the plot's axes; other
     lines (a torn last line of a killed run, text that is no record) are left out."""
@@ -371,6 +405,11 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
     parts.append("<p>Examples: " + html.escape(", ".join(report.get("prompts", []))) + ". "
                  "Each model's GIF: " + ", ".join(links) + "; all frames: "
                  '<a href="contact_sheet.png">contact_sheet.png</a>.</p>')
+    if report.get("bands"):
+        parts.append("<h2>Where detail goes: band amplitudes</h2>")
+        if plt is not None:
+            parts.append(_figure(band_plot(plt, report["bands"], rows), "band amplitudes"))
+        parts.append("<p>The numbers: the band table below (report.md).</p>")
     parts.append("<h2>Training losses</h2>")
     if plt is not None:
         losses = loss_plot(plt, run_dir, list(report.get("stages", {})))

@@ -13,6 +13,10 @@ from gpd_train.detail_metric import (
     HELD_OUT_OFFSET,
     DetailJudge,
     KernelToReference,
+    band_labels,
+    band_spectrum,
+    detail_features,
+    feature_groups,
     freeze,
     gaussian_blur,
     kernel_distance,
@@ -184,3 +188,117 @@ def test_detail_kid_orders_known_degradations_of_the_data(judged):
     low, high = rows["sharp"]["kid_data_ci"]
     for broken in (shuffled, frozen):  # far: > 10 of the sharp set's interval widths away
         assert rows[broken]["kid_data"] - rows["sharp"]["kid_data"] > 10 * (high - low)
+
+
+def bands_by_fft(frames: torch.Tensor) -> list[float]:
+    """RMS amplitude of frames [C, T, H, W] per radial band, written out bin by bin from
+    torch.fft in float64, the radius from fftfreq (|k / n| over Nyquist's 1/2)."""
+    c, t, h, w = frames.shape
+    power = torch.zeros(h, w, dtype=torch.float64)
+    for channel in range(c):
+        for time in range(t):
+            plane = frames[channel, time].double()
+            power += torch.fft.fftn(plane - plane.mean(), norm="ortho").abs().square()
+    power /= c * t
+    fy, fx = torch.fft.fftfreq(h, dtype=torch.float64).abs() * 2, \
+        torch.fft.fftfreq(w, dtype=torch.float64).abs() * 2
+    sums, counts = [0.0] * 4, [0] * 4
+    for y in range(h):
+        for x in range(w):
+            radius = math.sqrt((float(fy[y]) ** 2 + float(fx[x]) ** 2) / 2)
+            for band, (low, high) in enumerate(((0, 0.25), (0.25, 0.5), (0.5, 0.75),
+                                                (0.75, 1.0))):
+                if low < radius <= high + 1e-12:
+                    sums[band] += float(power[y, x])
+                    counts[band] += 1
+    return [math.sqrt(s / n) if n else 0.0 for s, n in zip(sums, counts, strict=True)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 7, 5), (3, 2, 5, 6, 9), (1, 1, 3, 11, 13),
+                                   (2, 1, 2, 5, 16)])
+def test_band_spectrum_matches_a_float64_fft_written_out(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    videos = torch.randn(shape, generator=gen) * 0.7 + 0.2  # float32 in, float64 out
+    spectrum = band_spectrum(videos)
+    frames = shape[2]
+    labels = band_labels(frames)
+    assert list(spectrum) == list(labels) == (["spatial"] if frames == 1 else
+                                              ["spatial", "frame difference", "temporal"])
+    assert labels["spatial"] == ["0-0.25", "0.25-0.5", "0.5-0.75", "0.75-1"]
+    for v in range(shape[0]):
+        video = videos[v].double()
+        want = {"spatial": bands_by_fft(video)}
+        if frames > 1:
+            want["frame difference"] = bands_by_fft(video[:, 1:] - video[:, :-1])
+            want["temporal"] = [math.sqrt(float((video[:, k:] - video[:, :-k]).square().mean()))
+                                for k in range(1, frames)]
+            assert labels["temporal"] == [f"lag {k}" for k in range(1, frames)]
+        for group, values in want.items():
+            assert spectrum[group].dtype == torch.float64
+            np.testing.assert_allclose(spectrum[group][v].numpy(), values, rtol=1e-10,
+                                       atol=1e-12, err_msg=group)
+    if frames > 1:  # the KID's spectra are these groups side by side
+        assert torch.equal(spectral_features(videos), torch.cat(list(spectrum.values()), 1))
+
+
+def test_each_band_sees_only_its_own_content():
+    """A static cosine in one band and a flickering one in another: the spatial group sees
+    both in their bands only, the frame difference only the flicker, the lags only odd."""
+    size = 16
+    grid = torch.arange(size, dtype=torch.float64)
+    # Along x only, k cycles: radius (k / 8) / sqrt(2): k = 2 -> 0.18 (band 0), k = 5 ->
+    # 0.44 (band 1), k = 8 (Nyquist) -> 0.71 (band 2); the diagonal k = (8, 8) -> 1 (band 3).
+    wave = {band: torch.cos(2 * math.pi * k * grid / size).expand(size, size)
+            for band, k in ((0, 2), (1, 5), (2, 8))}
+    wave[3] = torch.cos(math.pi * (grid[:, None] + grid[None, :]))
+    for static in range(4):
+        for moving in range(4):
+            if static == moving:
+                continue
+            sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)  # flicker
+            video = (wave[static] + sign[:, None, None] * wave[moving])[None, None]
+            spectrum = band_spectrum(video)
+            spatial = spectrum["spatial"][0]
+            assert set(torch.nonzero(spatial > 1e-9).flatten().tolist()) == {static, moving}
+            assert torch.nonzero(spectrum["frame difference"][0] > 1e-9).flatten().tolist() \
+                == [moving]
+            lags = spectrum["temporal"][0]
+            assert lags[1] < 1e-12 < lags[0] and lags[2] == pytest.approx(float(lags[0]))
+
+
+def test_band_table_ratios_parts_and_the_paired_interval(judged):
+    data, judge = judged
+    sharp = real_videos(data, 64, 3 * HELD_OUT_OFFSET)
+    blurred = gaussian_blur(sharp, 0.5)
+    judge.row("sharp", sharp)
+    row = judge.row("blurred", blurred)
+    judge.row("copy", sharp.clone())
+    table = judge.band_table("sharp", ["sharp", "blurred", "copy"])
+    assert table["groups"] == band_labels(4) and table["reference"] == "sharp"
+    assert [r["model"] for r in table["rows"]] == ["sharp", "blurred", "copy"]
+    want = {group: band_spectrum(videos)
+            for group, videos in (("sharp", sharp), ("blurred", blurred))}
+    flat = {name: torch.cat(list(s.values()), 1).mean(0) for name, s in want.items()}
+    np.testing.assert_allclose(table["rows"][0]["amplitude"], flat["sharp"].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(table["rows"][1]["ratio"],
+                               (flat["blurred"] / flat["sharp"]).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(table["data"], torch.cat(list(band_spectrum(
+        real_videos(data, 64)).values()), 1).mean(0).numpy(), rtol=1e-12)
+    copy = table["rows"][2]
+    assert copy["ratio"] == [1.0] * 11 and all(ci == (1.0, 1.0) for ci in copy["ratio_ci"])
+    # Blur keeps the coarsest ring, takes most of the finest, and the intervals say so.
+    ratio, ci = table["rows"][1]["ratio"], table["rows"][1]["ratio_ci"]
+    assert ratio[3] < 0.5 and ci[3][1] < 1 and ratio[7] < 0.5 and ci[7][1] < 1
+    assert ci[0][0] <= ratio[0] <= ci[0][1]
+    # Each feature group's KID is the KID of those standardised columns alone.
+    features = (detail_features(judge.net, blurred) - judge.center) / judge.scale
+    for group, columns in feature_groups(4).items():
+        assert row["kid_parts"][group] == pytest.approx(kernel_distance(
+            features[:, columns], judge.data_features[:, columns]), rel=1e-10)
+    assert row["kid_parts"]["spatial"] > 10 * abs(judge.row("copy", sharp)["kid_parts"]
+                                                  ["spatial"])
+    (paired,) = judge.comparisons([("blurred", "sharp")])
+    assert set(paired["parts"]) == {"semantic", "spatial", "frame difference", "temporal"}
+    spatial = paired["parts"]["spatial"]
+    assert spatial["ci"][0] > 0 and spatial["value"] == pytest.approx(
+        row["kid_parts"]["spatial"] - judge.row("sharp", sharp)["kid_parts"]["spatial"])

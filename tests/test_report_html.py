@@ -39,9 +39,31 @@ ROWS = [_row(REF, 40, "CFG 2", REF, psnr=None),
         _row("teacher@40 w=3 (ref)", 40, "CFG 3", "teacher@40 w=3 (ref)", "w=3", psnr=None),
         _row("alpha@5 w=3", 5, "input w=3", "teacher@40 w=3 (ref)", "w=3"),
         _row("abl: alpha@5", 5, "none", REF, group="ablations")]
-REPORT = {"rows": ROWS, "prompts": ["a", "b"], "comparisons": [],
+# Two frames: one ring of each group per band name below, one lag.
+BANDS = {"groups": {"spatial": ["0-0.5", "0.5-1"], "frame difference": ["0-0.5", "0.5-1"],
+                    "temporal": ["lag 1"]},
+         "reference": REF, "data": [2.0, 1.0, 0.5, 0.25, 0.4],
+         "rows": [{"model": REF, "amplitude": [1.0, 1.0, 1.0, 1.0, 1.0]},
+                  {"model": "alpha@5", "amplitude": [1.0, 0.9, 1.1, 0.95, 1.0],
+                   "ratio": [1.0, 0.9, 1.1, 0.95, 1.0],
+                   "ratio_ci": [[0.99, 1.01], [0.8, 0.95], [1.05, 1.2], [0.9, 1.0],
+                                [0.9, 1.1]]}]}
+REPORT = {"rows": ROWS, "prompts": ["a", "b"], "comparisons": [], "bands": BANDS,
           "eval_set": {"prompts": 4, "noise_seed": 1, "guidance": 2.0, "steps": 40},
           "stages": {}}
+
+
+def test_band_table_shows_amplitudes_then_ratios_starred_beyond_their_interval():
+    lines = render_markdown(REPORT).splitlines()
+    start = lines.index("## Where detail goes: band amplitudes")
+    tables = [line for line in lines[start:] if line.startswith("| ")][:-1]  # then stages
+    header = "| model | S 0-0.5 | S 0.5-1 | D 0-0.5 | D 0.5-1 | T lag 1 |"
+    assert tables == [
+        header, "| data | 2.0000 | 1.0000 | 0.5000 | 0.2500 | 0.4000 |",
+        f"| {REF} | 1.0000 | 1.0000 | 1.0000 | 1.0000 | 1.0000 |",
+        header, "| data (other videos: unpaired) | 2.000 | 1.000 | 0.500 | 0.250 | 0.400 |",
+        "| alpha@5 | 1.000 | 0.900* | 1.100* | 0.950 | 1.000 |"]
+    assert render_markdown({**REPORT, "bands": None}).count("band amplitudes") == 0
 
 
 def test_curves_join_step_counts_and_keep_the_main_reference_only():
@@ -154,6 +176,7 @@ def test_evaluation_page_loads_its_plots_and_videos_in_chromium(micro, tmp_path,
     assert found, dom[-2000:]
     images = json.loads(found.group(1).replace("&quot;", '"'))
     assert [i["src"][:22] for i in images] == ["data:image/png;base64,", "video_grid.gif",
+                                               "data:image/png;base64,",  # band amplitudes
                                                "data:image/png;base64,"]
     assert all(i["ok"] for i in images), images
     # The grid holds every shown model's GIF frame for frame (so the rows stay in step).
@@ -215,3 +238,15 @@ def test_loss_curves_read_only_metrics_records(tmp_path):
                    '{"loss": 0.3}\n{"step": 3, "loss": 0.2, "mse": null}\n{"step": 4, "lo')
     assert read_metrics(log) == [{"step": 1, "loss": 0.5, "mse": 0.4},
                                  {"step": 3, "loss": 0.2, "mse": None}]
+
+
+def test_page_plots_the_band_ratios_of_the_grid_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "eval").mkdir()
+    page = render_html(REPORT, tmp_path)
+    parsed = _Tables()
+    parsed.feed(page)
+    assert [i["alt"] for i in parsed.images if i["src"].startswith("data:")] == [
+        "quality against NFE", "band amplitudes"]
+    assert "<h2>Where detail goes: band amplitudes</h2>" in page
+    assert "band amplitudes" not in render_html({**REPORT, "bands": None}, tmp_path)

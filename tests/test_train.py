@@ -412,6 +412,10 @@ def test_embedded_pipeline_end_to_end_writes_the_report(tmp_path):
             "teacher@8 (ref)", ["teacher@8 (ref)", "teacher@4 naive", "teacher@2 naive",
                                 "teacher@1 naive"])] + [
         (student, "teacher@8 (ref)", "detail KID to data") for student in ("GPD@1", "GPD-w@1")]
+    # The band table: every row measured against the main reference, in the rows' order.
+    assert [r["model"] for r in data["bands"]["rows"]] == [
+        r["model"] for r in data["rows"] if r["reference"] == "teacher@8 (ref)"]
+    assert "## Where detail goes: band amplitudes" in table
     assert (report.parent / "contact_sheet.png").stat().st_size > 0
     assert (report.parent / "feature_net.safetensors").is_file()
     # One GIF per model, and report.html's grid of them.
