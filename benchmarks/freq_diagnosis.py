@@ -29,12 +29,12 @@ import sys
 import torch
 
 from gpd_kernels.reference import freq_loss_reference, frequency_weights
-from gpd_train.builders import TrainingRun, build_distill
-from gpd_train.chains import StageId
-from gpd_train.config import load_run_config
-from gpd_train.detail_metric import BAND_EDGES
-from gpd_train.lanes import LaneBatch
-from gpd_train.metrics import spectral_radius
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import load_run_config
+from gpd_train.eval.detail_metric import BAND_EDGES
+from gpd_train.eval.metrics import spectral_radius
+from gpd_train.train.builders import TrainingRun, build_distill
+from gpd_train.train.lanes import LaneBatch
 
 
 def spectral_bins(frames: int, height: int, width: int) -> list[tuple[str, torch.Tensor]]:

@@ -15,8 +15,8 @@ Issue 13's last acceptance bullet. Everything is built from configs, nothing is 
 Steps, each timed with torch.cuda.synchronize around it and the peak-memory counter reset
 before it: ``encode`` (a batch of random token ids padded to 512, Wan-style: padding
 masked, then zeroed), ``sample`` (``euler_sample``, 6 steps, no CFG, one latent
-[1, 16, 21, 60, 104]: 81 frames at 480 x 832), ``decode`` (gpd_train.media.decode_latents)
-and ``write_mp4`` (gpd_train.media.write_mp4). The encoder is deleted and the cache emptied
+[1, 16, 21, 60, 104]: 81 frames at 480 x 832), ``decode`` (gpd_train.infer.media.decode_latents)
+and ``write_mp4`` (gpd_train.infer.media.write_mp4). The encoder is deleted and the cache emptied
 before the DiT is built. Each step is timed once, cold: first-call kernel selection and
 allocator growth are inside the numbers. ``peak_gib`` is max_memory_allocated during the
 step, resident weights included; ``resident_gib`` is what was allocated when it began.
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from diffusers import AutoencoderKLWan
 
-    from gpd_train.media import decode_latents, write_mp4
+    from gpd_train.infer.media import decode_latents, write_mp4
 
     with torch.device(device):
         vae = AutoencoderKLWan(**vae_config)

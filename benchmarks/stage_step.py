@@ -5,7 +5,7 @@ weights, bf16 autocast with fp32 weights/Adam/EMA/teacher, per-block activation
 checkpointing, a CFG teacher (two guided teacher forwards), student forward/backward,
 AdamW and EMA. The README's memory section is arithmetic; this is the measurement.
 
-With ``--lora-rank R`` the step is a LoRA stage after stage 1 (gpd_train.lora): one bf16
+With ``--lora-rank R`` the step is a LoRA stage after stage 1 (gpd_train.run.lora): one bf16
 base, frozen, with a teacher adapter and a trained student adapter (fp32, Adam, EMA).
 ``state_gib`` counts the bytes of every parameter, gradient, Adam and EMA tensor (on any
 device); ``peak_allocated_gib`` is CUDA's peak, activations included.
@@ -27,12 +27,12 @@ import torch
 from safetensors.torch import save_file
 
 from gpd_model import Conditioning, Denoiser, DiTDenoiser, WanDiT, get_preset
-from gpd_train.config import LoraSpec
-from gpd_train.data import PromptEmbeddingSet
-from gpd_train.loop import Ema, ModelState
-from gpd_train.lora import adapter_shapes, lora_stage_model
-from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid, stage_teacher
+from gpd_train.config.settings import LoraSpec
+from gpd_train.data.datasets import PromptEmbeddingSet
 from gpd_train.parallel import checkpoint_blocks
+from gpd_train.run.lora import adapter_shapes, lora_stage_model
+from gpd_train.train.loop import Ema, ModelState
+from gpd_train.train.objectives import GuidanceRange, OnlineDistillation, StageGrid, stage_teacher
 
 TEXT_TOKENS = 512  # Wan's padded prompt length
 

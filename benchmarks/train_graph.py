@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gpd_train.__main__ import main as gpd_train
-from gpd_train.config import RunConfig
+from gpd_train.config.settings import RunConfig
 
 
 def _records(run_dir: Path, stage: str) -> list[dict]:

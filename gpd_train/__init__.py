@@ -1,34 +1,19 @@
-"""The GPD trainer: stages, online targets, data, checkpoints and evaluation.
+"""The GPD trainer: ``python -m gpd_train`` (see ``--help``) and its parts, bottom up.
 
-Entry point: ``python -m gpd_train`` (see ``--help``). The parts, bottom up:
-``chains`` (the chains and stage ids), ``config``, ``stages`` (the run folder's one
-reader), ``builders`` (each stage's trainer), ``pipeline`` (the order of stages),
-``evaluate``, ``loading`` / ``sample`` / ``export`` (inference, apart from training).
+- ``config``: the chains' registry and the run configuration (defaults, TOML, flags).
+- ``run``: the run folder as a record (files, records, destinations, provenance) and loading
+  a stage's model; checks made before any work.
+- ``data``: the built-in videos and prompt-embedding sets.
+- ``infer``: sampling, media and export from a run folder or a Wan folder.
+- ``eval``: metrics, the learned feature space, the detail metric and the report.
+- ``train``: objectives, rollout lanes, the step and loop, checkpoints, the stage pipeline.
+
+Importing this package loads only the configuration: the sampler, the export and the
+evaluation never load the trainer.
 """
 
-from .builders import TrainingRun
-from .chains import CHAINS, Chain, StageId, register
-from .config import RunConfig, load_config
-from .data import ProceduralVideos, PromptEmbeddingSet
-from .errors import GPDError
-from .evaluate import evaluate_run
-from .pipeline import run_pipeline, run_stage
-from .stages import MissingStageError, RunFolder
+from gpd_train.config.chains import CHAINS, Chain, StageId, register
+from gpd_train.config.settings import RunConfig, load_config
+from gpd_train.errors import GPDError
 
-__all__ = [
-    "CHAINS",
-    "Chain",
-    "GPDError",
-    "MissingStageError",
-    "ProceduralVideos",
-    "PromptEmbeddingSet",
-    "RunConfig",
-    "RunFolder",
-    "StageId",
-    "TrainingRun",
-    "evaluate_run",
-    "load_config",
-    "register",
-    "run_pipeline",
-    "run_stage",
-]
+__all__ = ["CHAINS", "Chain", "GPDError", "RunConfig", "StageId", "load_config", "register"]

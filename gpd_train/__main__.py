@@ -9,9 +9,8 @@ import sys
 import time
 from typing import Any
 
-from . import parallel, preflight, threads
-from .builders import TrainingRun
-from .chains import (
+from gpd_train import parallel
+from gpd_train.config.chains import (
     CHAINS,
     DEFAULT_CHAIN,
     DEFAULT_PIPELINE,
@@ -19,7 +18,8 @@ from .chains import (
     StageId,
     add_chain_argument,
 )
-from .config import (
+from gpd_train.config.plan import stage_plan
+from gpd_train.config.settings import (
     DEFAULT_STEPS,
     STATE_SOURCES,
     RunConfig,
@@ -27,15 +27,17 @@ from .config import (
     read_settings,
     resolve,
 )
-from .destination import RUN, check_destination
-from .encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
-from .errors import ConfigError, GPDError
-from .evaluate import evaluate_run
-from .monitor import check_log_backend
-from .pipeline import run_pipeline, run_stage, trainable_plan
-from .plan import stage_plan
-from .run_folder import OUTPUT, RECORD, RunLock, check_run_paths
-from .wan_folder import with_teacher_defaults
+from gpd_train.data.encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
+from gpd_train.errors import ConfigError, GPDError
+from gpd_train.eval.evaluate import evaluate_run
+from gpd_train.run import preflight
+from gpd_train.run.destination import RUN, check_destination
+from gpd_train.run.records import OUTPUT, RECORD, RunLock, check_run_paths
+from gpd_train.run.wan_folder import with_teacher_defaults
+from gpd_train.train import threads
+from gpd_train.train.builders import TrainingRun
+from gpd_train.train.monitor import check_log_backend
+from gpd_train.train.pipeline import run_pipeline, run_stage, trainable_plan
 
 EPILOG = f"""\
 With no action the embedded pipeline runs: stage 0 (teacher), then the stages of each chain

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TextIO, TypeVar
@@ -41,10 +41,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
-
-from .config import ParallelConfig
-from .errors import ConfigError
-from .step import eager_loss
+from gpd_train.config.settings import ParallelConfig
+from gpd_train.errors import ConfigError
 
 # Streams j > 0 seed their generator at base_seed + j * STREAM_SEED_STRIDE (a prime larger
 # than any offset gpd_train adds to a run's seed, so streams never share a sequence).
@@ -280,62 +278,8 @@ def stream_generator(base: torch.Generator, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(base.initial_seed() + stream * STREAM_SEED_STRIDE)
 
 
-class StreamGroup:
-    """Several data streams run by one rank; the loss is the mean over the streams.
-
-    Every stream has the same batch, so the mean equals the loss of their concatenated
-    batch, and FSDP's gradient average over ranks then gives the global-batch gradient.
-    Each stream is a checkpoint part of its own (gpd_train.loop.stream_parts).
-    """
-
-    def __init__(self, ids: Sequence[int], generators: Sequence[torch.Generator],
-                 objectives: Sequence[Any]) -> None:
-        if not len(ids) == len(generators) == len(objectives) >= 1:
-            raise ConfigError(f"StreamGroup needs one generator and objective per stream id, got "
-                             f"{len(ids)} ids, {len(generators)} generators, "
-                             f"{len(objectives)} objectives")
-        self.ids = list(ids)
-        self.generators = list(generators)
-        self.objectives = list(objectives)
-
-    def prepare(self, step: int) -> list[Any]:
-        return [objective.prepare(step) for objective in self.objectives]
-
-    def forward(self, inputs: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                   list[Any]]:
-        """The streams' mean loss; each extra as one value per stream (logged as their
-        mean, gpd_train.step.host_value)."""
-        parts = [objective.forward(part) for objective, part in
-                 zip(self.objectives, inputs, strict=True)]
-        loss = torch.stack([part[0] for part in parts]).mean()
-        extras = {key: torch.stack([part[1][key] for part in parts]) for key in parts[0][1]}
-        return loss, extras, [part[2] for part in parts]
-
-    def finish(self, outputs: list[Any]) -> None:
-        for objective, part in zip(self.objectives, outputs, strict=True):
-            objective.finish(part)
-
-    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return eager_loss(self, step)
 
 
-def stream_objectives(base_generator: torch.Generator, batch_size: int,
-                      config: ParallelConfig, make: Callable[[torch.Generator, int], Any]
-                      ) -> tuple[Any, torch.Generator]:
-    """This rank's objective (``make(generator, stream_batch)`` per owned stream) and the
-    generator the trainer checkpoints. ``batch_size`` is the per-rank batch.
-
-    One stream and one process is exactly the single-process objective.
-    """
-    ids = owned_streams(config)
-    if batch_size % len(ids):
-        raise ConfigError(f"the per-rank batch {batch_size} must be a multiple of the data "
-                         f"streams per rank ({len(ids)})")
-    generators = [stream_generator(base_generator, i) for i in ids]
-    objectives = [make(g, batch_size // len(ids)) for g in generators]
-    if len(ids) == 1 and not _world.distributed:
-        return objectives[0], generators[0]
-    return StreamGroup(ids, generators, objectives), generators[0]
 
 
 def stream_batch(config: ParallelConfig, batch_size: int) -> int:

@@ -18,17 +18,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Imported once TRITON_INTERPRET is set: gpd_kernels imports triton.
 from gpd_model import get_preset  # noqa: E402
-from gpd_train.builders import TrainingRun  # noqa: E402
-from gpd_train.data import ProceduralVideos  # noqa: E402
-from gpd_train.stages import RunFolder  # noqa: E402
+from gpd_train.data.datasets import ProceduralVideos  # noqa: E402
+from gpd_train.run.folder import RunFolder  # noqa: E402
+from gpd_train.train.builders import TrainingRun  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def idle_machine(monkeypatch):
     """The commands a test runs in-process see an idle machine: they keep the thread count
-    set above whatever else the machine runs (gpd_train.threads; tests/test_threads.py
+    set above whatever else the machine runs (gpd_train.train.threads; tests/test_threads.py
     tests the choice under load)."""
-    monkeypatch.setattr("gpd_train.threads.measure_others_busy", lambda: 0.0)
+    monkeypatch.setattr("gpd_train.train.threads.measure_others_busy", lambda: 0.0)
 
 
 # A run of one distillation stage on a 1-layer width-32 DiT and 4-frame 8x8 videos.

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gpd_kernels.reference
-import gpd_train.step
+import gpd_train.train.step
 from gpd_model.graph_sampler import GraphSampler
 
 
@@ -116,7 +116,7 @@ def _stream(stream: _Stream):
 
 def emulate_cuda_graphs(monkeypatch) -> None:
     """Within the test, torch.cuda's graph API is the CPU stand-in above, and the CPU counts
-    as a device with graphs: for --cuda-graph training (gpd_train.step.graphs_supported,
+    as a device with graphs: for --cuda-graph training (gpd_train.train.step.graphs_supported,
     AdamW(capturable=True)) and for the sampler (GraphSampler.graphs_enabled)."""
     monkeypatch.setattr(torch.cuda, "CUDAGraph", CpuGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
@@ -125,7 +125,7 @@ def emulate_cuda_graphs(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: _Stream())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: _capturing[0])
     monkeypatch.setattr(gpd_kernels.reference, "graph_capturing", lambda tensor: _capturing[0])
-    monkeypatch.setattr(gpd_train.step, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(gpd_train.train.step, "graphs_supported", lambda device: True)
     monkeypatch.setattr(importlib.import_module("torch.optim.adam"),
                         "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
     monkeypatch.setattr(GraphSampler, "graphs_enabled",

@@ -10,10 +10,10 @@ from conftest import MICRO_TOML
 
 from gpd_model import Conditioning, DiTDenoiser, add_noise
 from gpd_train.__main__ import main
-from gpd_train.chains import CHAINS, Chain, StageId, register, unregister
-from gpd_train.objectives import DistillSetup
-from gpd_train.sample import main as sample
-from gpd_train.step import eager_loss
+from gpd_train.config.chains import CHAINS, Chain, StageId, register, unregister
+from gpd_train.infer.sample import main as sample
+from gpd_train.train.objectives import DistillSetup
+from gpd_train.train.step import eager_loss
 
 
 class TeacherVelocityMatching:

@@ -1,5 +1,6 @@
 """The checkpoint component: a dict of stateful parts saved and loaded together, all or
-nothing (gpd_train.checkpoint.Checkpointer with the trainer's parts from gpd_train.loop)."""
+nothing (gpd_train.train.checkpoint.Checkpointer with the trainer's parts from
+gpd_train.train.loop)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from gpd_train.checkpoint import Checkpointer, CheckpointError, atomic_write_text
-from gpd_train.destination import RUN, write_marker
 from gpd_train.errors import ConfigError
-from gpd_train.loop import Ema, MetricsLog, ModelState, OptimizerState
-from gpd_train.writes import WriteError
+from gpd_train.run.destination import RUN, write_marker
+from gpd_train.run.files import CheckpointError, atomic_write_text
+from gpd_train.run.writes import WriteError
+from gpd_train.train.checkpoint import Checkpointer
+from gpd_train.train.loop import Ema, MetricsLog, ModelState, OptimizerState
 
 METADATA = {"stage": "stage1", "dit_config": "{}"}
 

@@ -13,10 +13,10 @@ from test_lora_train import finish_random_adapter, finish_random_guided_adapter
 
 from gpd_model import add_guidance_input, fold_guidance
 from gpd_model.checkpoint import diffusers_config
-from gpd_train.builders import TrainingRun
-from gpd_train.chains import GUIDANCE_STAGE, StageId
-from gpd_train.config import load_config
-from gpd_train.export import main as export
+from gpd_train.config.chains import GUIDANCE_STAGE, StageId
+from gpd_train.config.settings import load_config
+from gpd_train.infer.export import main as export
+from gpd_train.train.builders import TrainingRun
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")

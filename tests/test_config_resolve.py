@@ -20,14 +20,15 @@ from safetensors.torch import load_file, save_file
 import gpd_train.__main__ as train_cli
 from gpd_model import sigma_grid
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun, stage_grid
-from gpd_train.chains import Chain, Schedule, ScheduleStage, StageId, register, unregister
-from gpd_train.checkpoint import read_metadata, sha256_file
-from gpd_train.config import RunConfig, fit_to_stages, load_config
+from gpd_train.config.chains import Chain, StageId, register, unregister
+from gpd_train.config.plan import stage_plan
+from gpd_train.config.schedule import Schedule, ScheduleStage
+from gpd_train.config.settings import RunConfig, fit_to_stages, load_config
 from gpd_train.errors import ConfigError
-from gpd_train.export import export_comfyui
-from gpd_train.plan import stage_plan
-from gpd_train.run_folder import OPTIONS_KEY
+from gpd_train.infer.export import export_comfyui
+from gpd_train.run.files import read_metadata, sha256_file
+from gpd_train.run.records import OPTIONS_KEY
+from gpd_train.train.builders import TrainingRun, stage_grid
 
 REPO = Path(__file__).resolve().parents[1]
 HORIZON = {"horizon.horizons": [2, 3, 4], "horizon.iterations": [1, 1, 1],

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpd_train.data import MOTIONS, SHAPES, ProceduralVideos, PromptEmbeddingSet, open_data
+from gpd_train.data.datasets import MOTIONS, SHAPES, ProceduralVideos, PromptEmbeddingSet, open_data
 
 
 @pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (8, 12, 1), (3, 9, 2)])

@@ -23,9 +23,9 @@ from gpd_model import (
     sigma_grid,
 )
 from gpd_model.graph_sampler import GraphSampler
-from gpd_train.data import ProceduralVideos
-from gpd_train.evaluate import Candidate, sample_set
-from gpd_train.objectives import GuidanceRange, OnlineDistillation, StageGrid
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.eval.evaluate import Candidate, sample_set
+from gpd_train.train.objectives import GuidanceRange, OnlineDistillation, StageGrid
 
 TEXT_DIM = 32
 

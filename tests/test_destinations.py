@@ -14,10 +14,18 @@ import pytest
 from conftest import MICRO_TOML
 from test_sample_cli import run_folder  # noqa: F401  (a fixture)
 
-from gpd_train import encode_prompts, export, sample
 from gpd_train.__main__ import main as train_main
-from gpd_train.destination import EVAL, EXPORT, MARKER, SAMPLES, reuse_or_move_aside, write_marker
-from gpd_train.writes import WriteError
+from gpd_train.data import encode_prompts
+from gpd_train.infer import export, sample
+from gpd_train.run.destination import (
+    EVAL,
+    EXPORT,
+    MARKER,
+    SAMPLES,
+    reuse_or_move_aside,
+    write_marker,
+)
+from gpd_train.run.writes import WriteError
 
 
 def tree(folder: Path) -> dict[str, str]:

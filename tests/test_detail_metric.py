@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpd_train.data import ProceduralVideos
-from gpd_train.detail_metric import (
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.eval.detail_metric import (
     BAND_EDGES,
     HELD_OUT_OFFSET,
     DetailJudge,
@@ -26,7 +26,7 @@ from gpd_train.detail_metric import (
     shuffle_frames,
     spectral_features,
 )
-from gpd_train.feature_net import train_feature_net
+from gpd_train.eval.feature_net import train_feature_net
 
 
 def kid_by_loops(x: np.ndarray, y: np.ndarray) -> float:

@@ -32,21 +32,15 @@ import torch
 from gpd_model import WanDiT, get_preset, load_checkpoint
 from gpd_train import parallel
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun, build_distill
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import (
-    CheckpointError,
-    CheckpointStore,
-    atomic_write_text,
-    is_dcp,
-    load_weights,
-    read_manifest,
-)
-from gpd_train.config import ParallelConfig, load_config
-from gpd_train.data import ProceduralVideos
-from gpd_train.parallel import StreamGroup
-from gpd_train.pipeline import run_stage
-from gpd_train.stages import DIFFUSERS_FOLDER
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import ParallelConfig, load_config
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.run.checkpoint_store import CheckpointStore, is_dcp, read_manifest
+from gpd_train.run.files import CheckpointError, atomic_write_text, load_weights
+from gpd_train.run.folder import DIFFUSERS_FOLDER
+from gpd_train.train.builders import TrainingRun, build_distill
+from gpd_train.train.pipeline import run_stage
+from gpd_train.train.streams import StreamGroup
 
 pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
 

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from gpd_train.data import ProceduralVideos
-from gpd_train.evaluate import perturbed
-from gpd_train.feature_net import HELD_OUT_OFFSET, feature_net, train_feature_net, video_features
-from gpd_train.metrics import (
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.eval.evaluate import perturbed
+from gpd_train.eval.feature_net import (
+    HELD_OUT_OFFSET,
+    feature_net,
+    train_feature_net,
+    video_features,
+)
+from gpd_train.eval.metrics import (
     bootstrap_interval,
     frechet_distance,
     half_sample_interval,

@@ -14,11 +14,7 @@ import torch
 
 from gpd_kernels import FrequencyLoss, freq_loss
 from gpd_kernels.freq_loss import axis_operator, freq_loss_triton, slabs_fitting_in
-from gpd_kernels.reference import (
-    axis_frequency,
-    freq_loss_grad_reference,
-    freq_loss_reference,
-)
+from gpd_kernels.reference import axis_frequency, freq_loss_grad_reference, freq_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 2e-3 if DEVICE == "cuda" else 1e-5

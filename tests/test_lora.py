@@ -1,4 +1,5 @@
-"""LoRA distillation (gpd_train.lora): adapter switching, merging, one base copy, diffusers export.
+"""LoRA distillation (gpd_train.run.lora):
+adapter switching, merging, one base copy, diffusers export.
 
 References: the base model with the adapter merged explicitly (W + alpha/R B A, float64)
 for the switch; diffusers' WanPipeline.load_lora_weights on a tiny pipeline for the export.
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from gpd_model import CheckpointError, WanDiT, get_preset
-from gpd_train.config import LORA_TARGETS, LoraSpec
+from gpd_train.config.settings import LORA_TARGETS, LoraSpec
 from gpd_train.errors import LoraError
-from gpd_train.lora import (
+from gpd_train.run.lora import (
     BASE,
     STUDENT,
     TEACHER,

@@ -10,11 +10,10 @@ from safetensors.torch import load_file
 from test_train import losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_model import CFG, Conditioning
-from gpd_train.builders import TrainingRun, build_distill
-from gpd_train.chains import GUIDANCE_STAGE, StageId
-from gpd_train.checkpoint import CheckpointError
-from gpd_train.config import LoraSpec
-from gpd_train.lora import (
+from gpd_train.config.chains import GUIDANCE_STAGE, StageId
+from gpd_train.config.settings import LoraSpec
+from gpd_train.run.files import CheckpointError
+from gpd_train.run.lora import (
     BASE,
     STUDENT,
     TEACHER,
@@ -22,9 +21,10 @@ from gpd_train.lora import (
     adapter_shapes,
     merge_adapter,
 )
-from gpd_train.objectives import stage_teacher, teacher_target
-from gpd_train.pipeline import run_stage
-from gpd_train.run_folder import RunFolderError
+from gpd_train.run.records import RunFolderError
+from gpd_train.train.builders import TrainingRun, build_distill
+from gpd_train.train.objectives import stage_teacher, teacher_target
+from gpd_train.train.pipeline import run_stage
 
 pytest.importorskip("peft")
 
@@ -180,8 +180,8 @@ def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
 
     from gpd_model import save_diffusers
     from gpd_train.__main__ import main as train
-    from gpd_train.config import load_config
-    from gpd_train.export import main as export
+    from gpd_train.config.settings import load_config
+    from gpd_train.infer.export import main as export
     run_dir, out = tmp_path / "run", tmp_path / "lora"
     assert train(["--stage", "0", "--teacher-iterations", "2", "--run-dir", str(run_dir),
                   "--device", "cpu", "--batch-size", "2"]) == 0
@@ -224,9 +224,9 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
     import shutil
 
     from gpd_train.__main__ import main as train
-    from gpd_train.config import load_config
-    from gpd_train.loading import load_model
-    from gpd_train.sample import SampleError
+    from gpd_train.config.settings import load_config
+    from gpd_train.infer.sample import SampleError
+    from gpd_train.run.loading import load_model
 
     run_dir = tmp_path / "run"
     assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
@@ -346,8 +346,8 @@ def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
 
 def test_export_refuses_a_w_conditioned_lora_and_names_merged(tmp_path, capsys):
     from gpd_train.__main__ import main as train
-    from gpd_train.config import load_config
-    from gpd_train.export import main as export
+    from gpd_train.config.settings import load_config
+    from gpd_train.infer.export import main as export
     run_dir = tmp_path / "run"
     assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),
                   "--device", "cpu", "--batch-size", "2"]) == 0

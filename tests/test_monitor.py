@@ -1,4 +1,4 @@
-"""--log tensorboard and --validate-every (gpd_train.monitor): the events TensorBoard's own
+"""--log tensorboard and --validate-every (gpd_train.train.monitor): the events TensorBoard's own
 reader reads back, validation samples that are the stage output's, training unchanged."""
 
 import io
@@ -13,12 +13,12 @@ from PIL import Image
 
 from gpd_model import CFG, DiTDenoiser, euler_sample, make_noise, sigma_grid
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import load_weights
-from gpd_train.config import load_run_config
-from gpd_train.media import write_contact_sheet
-from gpd_train.stages import TEACHER
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import load_run_config
+from gpd_train.infer.media import write_contact_sheet
+from gpd_train.run.files import load_weights
+from gpd_train.run.folder import TEACHER
+from gpd_train.train.builders import TrainingRun
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator",

@@ -16,12 +16,13 @@ from safetensors.torch import save_file
 from test_run_folder import hashes, micro_run
 
 from gpd_model import add_guidance_input, get_preset
-from gpd_train import preflight, sample, writes
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import atomic_write_text
-from gpd_train.config import load_config
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import load_config
+from gpd_train.infer import sample
+from gpd_train.run import preflight, writes
+from gpd_train.run.files import atomic_write_text
+from gpd_train.train.builders import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,7 +259,7 @@ def _no_space(*args, **kwargs):
 
 def test_a_full_disk_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "record.json"
-    monkeypatch.setattr("gpd_train.checkpoint.os.fsync", _no_space)
+    monkeypatch.setattr("gpd_train.run.files.os.fsync", _no_space)
     with pytest.raises(writes.WriteError, match=f"no space left while writing {target} "
                                                    r"\(\d+ MiB free on the disk holding"):
         atomic_write_text(target, "{}")
@@ -272,7 +273,7 @@ def test_a_full_disk_during_training_is_one_line_naming_the_file(micro, tmp_path
         raise SafetensorError("Error while serializing: I/O error: No space left on device "
                               "(os error 28)")
 
-    monkeypatch.setattr("gpd_train.checkpoint.save_file", full)
+    monkeypatch.setattr("gpd_train.run.files.save_file", full)
     err = _refused(capsys, ["--stage", "0", *micro], "no space left while writing "
                    f"{tmp_path / 'run' / 'stage0'}", "free space there")
     assert ".safetensors" in err

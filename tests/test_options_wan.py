@@ -15,9 +15,10 @@ from realscale_fixtures import VIDEO, build_wan_folder  # noqa: E402
 from test_options import _refused  # noqa: E402
 from test_run_folder import hashes  # noqa: E402
 
-from gpd_train import encode_prompts, export  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
-from gpd_train.chains import StageId  # noqa: E402
+from gpd_train.config.chains import StageId  # noqa: E402
+from gpd_train.data import encode_prompts
+from gpd_train.infer import export  # noqa: E402
 
 VIDEO_ARGS = ["--height", str(VIDEO["height"]), "--width", str(VIDEO["width"]), "--frames",
               str(VIDEO["frames"])]

@@ -22,10 +22,11 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder  # noqa: E402
 
 from gpd_model import sigma_grid  # noqa: E402
-from gpd_train import encode_prompts, export, sample  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
-from gpd_train.data import PromptEmbeddingSet  # noqa: E402
-from gpd_train.media import decode_latents, read_mp4, to_uint8_frames, write_mp4  # noqa: E402
+from gpd_train.data import encode_prompts
+from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
+from gpd_train.infer import export, sample  # noqa: E402
+from gpd_train.infer.media import decode_latents, read_mp4, to_uint8_frames, write_mp4  # noqa: E402
 
 PROMPTS = ["a red cat runs in the park", "the  blue dog &amp; a bird jumps", "green bird flies",
            "a dog runs quickly over water", "the cat jumps slowly"]

@@ -1,4 +1,4 @@
-"""eval/report.html (gpd_train.report_page): the curves and the video grid read from the rows,
+"""eval/report.html (gpd_train.eval.report_page): the curves and the video grid read from the rows,
 the tables of report.md, a page without matplotlib, and the page an evaluation writes
 loading in headless Chromium (plots and videos)."""
 
@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from gpd_train.__main__ import main
-from gpd_train.report import render_markdown
-from gpd_train.report_html import main as rebuild
-from gpd_train.report_page import curves, grid_rows, render_html, running_mean
+from gpd_train.eval.report import render_markdown
+from gpd_train.eval.report_html import main as rebuild
+from gpd_train.eval.report_page import curves, grid_rows, render_html, running_mean
 
 
 def _row(model, steps, cfg, reference, group="main", psnr=30.0, **extra):
@@ -231,7 +231,7 @@ def test_rebuild_of_a_malformed_report_is_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_loss_curves_read_only_metrics_records(tmp_path):
-    from gpd_train.report_page import read_metrics
+    from gpd_train.eval.report_page import read_metrics
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": 0.5, "mse": 0.4}\n[1, 2]\n"text"\n{"step": "2"}\n'

@@ -16,13 +16,14 @@ from conftest import suggested_args
 from test_run_folder import hashes, killed_stage0, micro_run
 from test_train import run_until_killed
 
-from gpd_train import sample
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun, build_distill, build_stage0
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import MANIFEST, STATE_FILE, CheckpointError, sha256_file
-from gpd_train.config import load_config
-from gpd_train.run_folder import RunFolderError, read_record
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import load_config
+from gpd_train.infer import sample
+from gpd_train.run.checkpoint_store import MANIFEST, STATE_FILE
+from gpd_train.run.files import CheckpointError, sha256_file
+from gpd_train.run.records import RunFolderError, read_record
+from gpd_train.train.builders import TrainingRun, build_distill, build_stage0
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STAGE_TOML = """\

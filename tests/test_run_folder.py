@@ -16,15 +16,15 @@ from test_train import run_until_killed
 
 from gpd_kernels import double_step_target
 from gpd_kernels.reference import double_step_target_reference
-from gpd_train import sample
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun, build_distill, build_stage0
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import CheckpointError
-from gpd_train.config import load_config
-from gpd_train.pipeline import run_pipeline, run_stage
-from gpd_train.run_folder import RunFolderError, RunLock, StaleStageError
-from gpd_train.stages import MissingStageError
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import load_config
+from gpd_train.infer import sample
+from gpd_train.run.files import CheckpointError
+from gpd_train.run.folder import MissingStageError
+from gpd_train.run.records import RunFolderError, RunLock, StaleStageError
+from gpd_train.train.builders import TrainingRun, build_distill, build_stage0
+from gpd_train.train.pipeline import run_pipeline, run_stage
 
 
 def micro_run(tmp_path, **overrides) -> TrainingRun:
@@ -489,7 +489,7 @@ def test_a_run_whose_last_stage_lost_its_output_is_refused(micro, tmp_path, caps
 @pytest.mark.parametrize("command", ["sample", "export"])
 def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_path, capsys,
                                                                   command):
-    from gpd_train import export
+    from gpd_train.infer import export
 
     run_dir = tmp_path / "run"
     assert main(["--stage", "0", *micro]) == 0

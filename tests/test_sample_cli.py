@@ -20,11 +20,11 @@ from gpd_model import (
 )
 from gpd_model.checkpoint import export_state_dict
 from gpd_model.graph_sampler import GraphSampler
-from gpd_train.builders import TrainingRun
-from gpd_train.chains import StageId
-from gpd_train.config import RunConfig, load_config
-from gpd_train.data import ProceduralVideos
-from gpd_train.sample import main
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import RunConfig, load_config
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.infer.sample import main
+from gpd_train.train.builders import TrainingRun
 
 STEPS = 2
 

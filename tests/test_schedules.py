@@ -15,14 +15,15 @@ from test_train import losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_model import CFG, Conditioning, WanDiT, get_preset, sigma_grid
 from gpd_train.__main__ import main
-from gpd_train.builders import build_distill, stage_grid, teacher_evaluations
-from gpd_train.chains import StageId
-from gpd_train.config import load_config
+from gpd_train.config.chains import StageId
+from gpd_train.config.horizon import HorizonGrid
+from gpd_train.config.settings import load_config
 from gpd_train.errors import ConfigError
-from gpd_train.horizon import HorizonGrid, horizon_target
-from gpd_train.lanes import LaneBatch, RolloutLanes
-from gpd_train.objectives import StageGrid, rollout_target, stage_teacher
-from gpd_train.sample import main as sample
+from gpd_train.infer.sample import main as sample
+from gpd_train.train.builders import build_distill, stage_grid
+from gpd_train.train.horizon import horizon_target
+from gpd_train.train.lanes import LaneBatch, RolloutLanes
+from gpd_train.train.objectives import StageGrid, rollout_target, stage_teacher
 
 SHIFT = 3.0
 HORIZON = {"horizon.horizons": [2, 3, 4], "horizon.iterations": [3, 3, 3],
@@ -150,7 +151,7 @@ def test_horizon_stage_starts_as_its_stage_teacher_and_steps_with_t0_at_the_anne
     assert not isinstance(objective.teacher, CFG) and isinstance(objective.base, CFG)
     assert (objective.grid.previous_jump, objective.grid.jump) == (2, 3)
     # one unguided student forward, one CFG step (2 forwards), restarts: 3/8 x 2 steps x 2
-    assert teacher_evaluations(run, StageId("horizon", 2)) == pytest.approx(1 + 2 * (1 + 0.375))
+    assert run.plan(StageId("horizon", 2)).teacher_forwards == pytest.approx(1 + 2 * (1 + 0.375))
 
 
 def test_lanes_keep_their_phase_and_cover_every_fine_start():
@@ -207,8 +208,8 @@ def test_a_ratio_three_stage_learns_on_its_teachers_grid(tmp_path):
     assert (grid.steps, grid.fine_steps) == (4, 3)
     torch.testing.assert_close(grid.path(torch.tensor([1]))[:, 0],
                                sigma_grid(12, run.config.resolved_shift).float()[3:7])
-    assert teacher_evaluations(run, StageId("gpd", 1)) == 6  # 3 CFG steps at w = 1.5
-    assert teacher_evaluations(run, StageId("gpd", 2)) == 2  # 2 unguided steps
+    assert run.plan(StageId("gpd", 1)).teacher_forwards == 6  # 3 CFG steps at w = 1.5
+    assert run.plan(StageId("gpd", 2)).teacher_forwards == 2  # 2 unguided steps
 
 
 @pytest.mark.parametrize("overrides,needle", [

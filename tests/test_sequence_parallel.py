@@ -35,15 +35,16 @@ from gpd_model import WanDiT, get_preset, save_diffusers
 from gpd_model.sequence_parallel import check_size, enable_sequence_parallel, valid_sizes
 from gpd_train import parallel
 from gpd_train.__main__ import main as train_main
-from gpd_train.builders import build_distill
-from gpd_train.chains import StageId
-from gpd_train.checkpoint import CheckpointStore, load_weights, read_manifest
-from gpd_train.config import ParallelConfig
-from gpd_train.pipeline import run_stage
-from gpd_train.sample import _split_over_ranks as split_over_ranks
-from gpd_train.sample import build_parser as build_sample_parser
-from gpd_train.sample import main as sample_main
-from gpd_train.stages import DIFFUSERS_FOLDER
+from gpd_train.config.chains import StageId
+from gpd_train.config.settings import ParallelConfig
+from gpd_train.infer.sample import _split_over_ranks as split_over_ranks
+from gpd_train.infer.sample import build_parser as build_sample_parser
+from gpd_train.infer.sample import main as sample_main
+from gpd_train.run.checkpoint_store import CheckpointStore, read_manifest
+from gpd_train.run.files import load_weights
+from gpd_train.run.folder import DIFFUSERS_FOLDER
+from gpd_train.train.builders import build_distill
+from gpd_train.train.pipeline import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5

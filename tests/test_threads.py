@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from gpd_train import threads
 from gpd_train.__main__ import main as train
-from gpd_train.threads import MachineLoad, choose_threads, cpu_ticks, others_busy
+from gpd_train.train import threads
+from gpd_train.train.threads import MachineLoad, choose_threads, cpu_ticks, others_busy
 
 measure_others_busy = threads.measure_others_busy  # conftest replaces it during each test
 

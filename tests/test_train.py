@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import gpd_train.checkpoint as checkpoint_module
+import gpd_train.train.checkpoint as checkpoint_module
 from gpd_model import (
     CFG,
     Conditioning,
@@ -16,17 +16,18 @@ from gpd_model import (
     sigma_grid,
 )
 from gpd_train.__main__ import main
-from gpd_train.builders import TrainingRun, build_distill, build_stage0
-from gpd_train.chains import GUIDANCE_STAGE, StageId
-from gpd_train.checkpoint import CheckpointError, load_exact, read_manifest
-from gpd_train.config import load_config
-from gpd_train.data import ProceduralVideos
-from gpd_train.detail_metric import SANITY, sanity_pairs
-from gpd_train.evaluate import evaluate_run
-from gpd_train.loop import NonFiniteLossError
-from gpd_train.objectives import stage_teacher, teacher_target
-from gpd_train.pipeline import pipeline_plan, run_stage
-from gpd_train.stages import MissingStageError
+from gpd_train.config.chains import GUIDANCE_STAGE, StageId
+from gpd_train.config.settings import load_config
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.eval.detail_metric import SANITY, sanity_pairs
+from gpd_train.eval.evaluate import evaluate_run
+from gpd_train.run.checkpoint_store import read_manifest
+from gpd_train.run.files import CheckpointError, load_exact
+from gpd_train.run.folder import MissingStageError
+from gpd_train.train.builders import TrainingRun, build_distill, build_stage0
+from gpd_train.train.loop import NonFiniteLossError
+from gpd_train.train.objectives import stage_teacher, teacher_target
+from gpd_train.train.pipeline import pipeline_plan, run_stage
 
 
 def micro_run(tmp_path, **overrides) -> TrainingRun:

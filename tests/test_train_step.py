@@ -18,12 +18,12 @@ import gpd_kernels.reference
 from gpd_kernels import force_fused_dit_ops, freq_loss
 from gpd_model import add_noise, shift_sigma, timestep_from_sigma
 from gpd_train.__main__ import main
-from gpd_train.builders import build_distill, build_stage0, check_cuda_graph
-from gpd_train.chains import StageId
-from gpd_train.loop import GRAD_CLIP, OptimizerState
-from gpd_train.objectives import FlowMatching
-from gpd_train.pipeline import run_pipeline
-from gpd_train.step import GraphStep, cuda_graph_refusal
+from gpd_train.config.chains import StageId
+from gpd_train.train.builders import build_distill, build_stage0, check_cuda_graph
+from gpd_train.train.loop import GRAD_CLIP, OptimizerState
+from gpd_train.train.objectives import FlowMatching
+from gpd_train.train.pipeline import run_pipeline
+from gpd_train.train.step import GraphStep, cuda_graph_refusal
 
 
 # -- the step as it was before the split (verbatim, CPU: autocast is a no-op there) -------

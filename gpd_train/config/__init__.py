@@ -1,0 +1,1 @@
+"""Configuration: the chains' registry, defaults + TOML + flags resolved once."""

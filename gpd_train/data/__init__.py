@@ -1,0 +1,1 @@
+"""Training inputs: the built-in videos, prompt-embedding sets and their encoder."""

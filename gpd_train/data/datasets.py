@@ -1,0 +1,385 @@
+"""Training inputs: the built-in procedural video set and real-scale prompt-embedding shards.
+
+Both sources offer the same small interface used by the trainer and the evaluation:
+``draw(generator, batch_size, with_latents)`` -> ``(cond, latents or None)`` with ``cond`` a
+``gpd_model.Conditioning`` of the texts [B, L, D], ``negative`` (the unconditional
+Conditioning, batch 1; ``negative_context`` [L, D] its text), ``latent_shape`` (C, T, H, W),
+``text_dim``, ``context_len``, ``has_latents`` and ``eval_prompts(count)`` -> ``(cond, names)``.
+
+Prompt-embedding data set layout (real scale), a folder holding:
+
+- ``shard-*.safetensors``: each with ``context`` [N, L, text_dim] (float16, bfloat16 or
+  float32 text-encoder outputs, e.g. umT5 padded to L = 512) and optionally ``latents``
+  [N, C, T, H, W] (VAE latents of matching videos, only needed for stage-0 training and the
+  ``data`` state source). Either every shard has ``latents`` or none does. A shard without
+  latents must carry safetensors metadata ``latent_shape`` = ``"C,T,H,W"`` (e.g.
+  ``"16,21,60,104"`` for Wan 480p), the shape of the noise the sampler starts from.
+- ``negative.safetensors``: ``context`` [1, L, text_dim] or [L, text_dim], the encoded
+  negative prompt used as the unconditional branch of classifier-free guidance.
+
+Shards are read lazily (only the drawn rows are loaded), so the set may exceed memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gpd_model import Conditioning
+from gpd_train.errors import ConfigError
+
+SHAPES: tuple[str, ...] = ("square", "disc", "cross")
+MOTIONS: tuple[str, ...] = ("right", "left", "down", "up")
+# Direction of motion along (x, y), times the speed in pixels per frame; y grows downwards.
+_MOTION_VELOCITY = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0),
+                    "up": (0.0, -1.0)}
+# One colour per shape: a prompt then decides most of a video's look, which is what lets the
+# tiny CPU teacher learn to follow prompts in minutes (random colours and sizes left its
+# samples off-prompt).
+_SHAPE_COLOURS = {"square": (1.0, 0.3, 0.3), "disc": (0.3, 1.0, 0.3), "cross": (0.3, 0.5, 1.0)}
+_BACKGROUND = -1.0
+DEFAULT_SPEED = 2
+_EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data seed
+
+
+def _check_generator(generator: torch.Generator) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def shape_mask(shape_ids: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+               radius: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of each sample's shape at pixel offsets (dx, dy) from its centre.
+
+    ``shape_ids``/``radius`` are [B]; ``dx``/``dy`` broadcast against [B, ...].
+    """
+    view = (-1,) + (1,) * (dx.dim() - 1)
+    r = radius.view(view)
+    ids = shape_ids.view(view)
+    square = (dx.abs() <= r) & (dy.abs() <= r)
+    disc = dx.square() + dy.square() <= (r + 0.5).square()
+    arm = torch.where(r >= 3, 1.0, 0.5)
+    cross = ((dx.abs() <= r) & (dy.abs() <= arm)) | ((dx.abs() <= arm) & (dy.abs() <= r))
+    return torch.where(ids == 0, square, torch.where(ids == 1, disc, cross))
+
+
+class _Negative:
+    """The unconditional Conditioning of a data set with a ``negative_context`` [L, D]."""
+
+    negative_context: torch.Tensor
+
+    @property
+    def negative(self) -> Conditioning:
+        return Conditioning(self.negative_context[None])
+
+
+class ProceduralVideos(_Negative):
+    """Class-conditional moving shapes, made from code, deterministic from ``seed``.
+
+    Prompt ``c`` is (SHAPES[c // 4], MOTIONS[c % 4]); sample ``index`` has prompt
+    ``index % num_prompts`` and a start position drawn from (seed, index). Each shape has
+    its own colour; every shape has radius 3 (2 when the canvas leaves no room for 3).
+    Videos are [3, frames, size, size] in [-1, 1] on a black background, moving ``speed``
+    pixels per frame (default 2, slower when the canvas is too small). Prompt
+    embeddings are fixed random token vectors: [start, shape, motion, end];
+    the null (negative) prompt is [start, end, 0, 0].
+    """
+
+    context_len = 4
+
+    def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int | None = None,
+                 seed: int = 0) -> None:
+        if speed is None and isinstance(frames, int) and isinstance(size, int) and frames >= 2:
+            # 2 px per frame (one 2x2 patch), slower when a small canvas leaves no room.
+            speed = max(1, min(DEFAULT_SPEED, (size - 5) // (frames - 1)))
+        for name, value, low in (("text_dim", text_dim, 1), ("frames", frames, 2),
+                                 ("speed", speed, 1), ("size", size, 5 + speed * (frames - 1))):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"ProceduralVideos.{name} must be an int >= {low}, got {value!r}")
+        self.text_dim = text_dim
+        self.frames = frames
+        self.size = size
+        self.speed = speed
+        self.radius = min(3, (size - 1 - speed * (frames - 1)) // 2)  # fits beside its travel
+        self.seed = int(seed)
+        self.has_latents = True
+        self.latent_shape = (3, frames, size, size)
+        gen = torch.Generator().manual_seed(_EMBEDDING_SEED)
+        token = torch.randn(2 + len(SHAPES) + len(MOTIONS), text_dim, generator=gen)
+        start, end = token[0], token[1]
+        shapes, motions = token[2:2 + len(SHAPES)], token[2 + len(SHAPES):]
+        self._prompt_context = torch.stack([
+            torch.stack([start, shapes[c // len(MOTIONS)], motions[c % len(MOTIONS)], end])
+            for c in range(self.num_prompts)
+        ])
+        zero = torch.zeros(text_dim)
+        self.negative_context = torch.stack([start, end, zero, zero])
+
+    @property
+    def num_prompts(self) -> int:
+        return len(SHAPES) * len(MOTIONS)
+
+    def prompt_name(self, prompt_id: int) -> str:
+        shape, motion = SHAPES[prompt_id // len(MOTIONS)], MOTIONS[prompt_id % len(MOTIONS)]
+        return f"a {shape} moving {motion}"
+
+    def prompt_labels(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape id, motion id) [B] that prompts ``prompt_ids`` [B] ask for."""
+        self._check_ids(prompt_ids, "prompt_ids", self.num_prompts)
+        return prompt_ids // len(MOTIONS), prompt_ids % len(MOTIONS)
+
+    def start_positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """Start centres (x0, y0) [B, 2] in pixels of samples ``indices`` [B]."""
+        self._check_ids(indices, "indices", None)
+        return torch.stack([self._appearance(int(i))[1:3] for i in indices.cpu()])
+
+    def context(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, L, text_dim] of prompts ``prompt_ids`` [B]."""
+        self._check_ids(prompt_ids, "prompt_ids", self.num_prompts)
+        return self._prompt_context[prompt_ids.cpu()]
+
+    def videos(self, indices: torch.Tensor) -> torch.Tensor:
+        """The data set's samples ``indices`` [B] (int64, >= 0) as [B, 3, T, H, W]."""
+        self._check_ids(indices, "indices", None)
+        params = torch.stack([self._appearance(int(i)) for i in indices.cpu()])
+        return self.render(indices.cpu() % self.num_prompts, params)
+
+    def _appearance(self, index: int) -> torch.Tensor:
+        """(radius, x0, y0, r, g, b) of sample ``index``: a pure function of (seed, index)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        travel = self.speed * (self.frames - 1)
+        radius = float(self.radius)
+        prompt = index % self.num_prompts
+        vx, vy = _MOTION_VELOCITY[MOTIONS[prompt % len(MOTIONS)]]
+        starts = []
+        for v in (vx, vy):
+            # Keep the whole shape inside the canvas for every frame.
+            low = radius + (travel if v < 0 else 0)
+            high = self.size - 1 - radius - (travel if v > 0 else 0)
+            starts.append(float(torch.randint(int(low), int(high) + 1, (1,), generator=gen)))
+        colour = _SHAPE_COLOURS[SHAPES[prompt // len(MOTIONS)]]
+        return torch.tensor([radius, *starts, *colour])
+
+    def render(self, prompt_ids: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Videos [B, 3, T, H, W] of prompts [B] with appearance rows [B, 6]."""
+        shape_ids = prompt_ids // len(MOTIONS)
+        velocity = self.speed * torch.tensor([_MOTION_VELOCITY[m] for m in MOTIONS])[
+            prompt_ids % len(MOTIONS)]
+        time = torch.arange(self.frames, dtype=torch.float32)
+        cx = params[:, 1, None] + velocity[:, 0, None] * time  # [B, T]
+        cy = params[:, 2, None] + velocity[:, 1, None] * time
+        pixel = torch.arange(self.size, dtype=torch.float32)
+        dx = pixel.view(1, 1, 1, -1) - cx[:, :, None, None]  # [B, T, 1, W]
+        dy = pixel.view(1, 1, -1, 1) - cy[:, :, None, None]  # [B, T, H, 1]
+        mask = shape_mask(shape_ids, dx, dy, params[:, 0]).float()  # [B, T, H, W]
+        colour = params[:, 3:6].view(-1, 3, 1, 1, 1)
+        return _BACKGROUND + mask[:, None] * (colour * 2.0 - 1.0 - _BACKGROUND)
+
+    def draw(self, generator: torch.Generator, batch_size: int,
+             with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
+        """A random batch: its texts [B, L, D] and, if asked, its videos [B, 3, T, H, W]."""
+        _check_generator(generator)
+        _check_batch_size(batch_size)
+        indices = torch.randint(0, 2**31 - 1, (batch_size,), generator=generator)
+        cond = Conditioning(self.context(indices % self.num_prompts))
+        return cond, (self.videos(indices) if with_latents else None)
+
+    def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
+        """The first ``count`` prompts, cycling: their texts [count, L, D] and names."""
+        ids = torch.arange(count) % self.num_prompts
+        return Conditioning(self.context(ids)), [self.prompt_name(int(i)) for i in ids]
+
+    def classify(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recognise (shape id, motion id) [B] of videos [B, 3, T, H, W] made like ours.
+
+        Motion: the direction of the foreground centroid's displacement from the first to
+        the last frame. Shape: the template (shape x radius) with the best IoU against the
+        middle frame's foreground, centred on its centroid. Unrecognisable videos (no
+        foreground) get -1.
+        """
+        if videos.dim() != 5 or videos.shape[1] != 3:
+            raise ConfigError(f"videos must be [B, 3, T, H, W], got {tuple(videos.shape)}")
+        foreground = (videos.float().amax(dim=1) > _BACKGROUND + 0.5).float()  # [B, T, H, W]
+        pixel = torch.arange(videos.shape[-1], dtype=torch.float32)
+        rows = torch.arange(videos.shape[-2], dtype=torch.float32)
+        area = foreground.sum(dim=(2, 3)).clamp_min(1e-6)
+        cx = (foreground * pixel).sum(dim=(2, 3)) / area  # [B, T]
+        cy = (foreground * rows[:, None]).sum(dim=(2, 3)) / area
+        shift_x, shift_y = cx[:, -1] - cx[:, 0], cy[:, -1] - cy[:, 0]
+        horizontal = shift_x.abs() >= shift_y.abs()
+        motion = torch.where(horizontal, torch.where(shift_x > 0, 0, 1),
+                             torch.where(shift_y > 0, 2, 3))
+        middle = foreground.shape[1] // 2
+        frame = foreground[:, middle] > 0.5  # [B, H, W]
+        best = torch.full((videos.shape[0],), -1.0)
+        shape = torch.full((videos.shape[0],), -1, dtype=torch.long)
+        dx = pixel.view(1, 1, -1) - cx[:, middle].round().view(-1, 1, 1)
+        dy = rows.view(1, -1, 1) - cy[:, middle].round().view(-1, 1, 1)
+        for shape_id in range(len(SHAPES)):
+            for radius in (2.0, 3.0):
+                ids = torch.full_like(shape, shape_id)
+                template = shape_mask(ids, dx, dy, torch.full((len(ids),), radius))
+                union = (template | frame).sum(dim=(1, 2)).clamp_min(1)
+                iou = (template & frame).sum(dim=(1, 2)) / union
+                better = iou > best
+                best = torch.where(better, iou, best)
+                shape = torch.where(better, shape_id, shape)
+        empty = foreground.sum(dim=(1, 2, 3)) == 0
+        return shape.masked_fill(empty, -1), motion.masked_fill(empty, -1)
+
+    @staticmethod
+    def _check_ids(ids: torch.Tensor, name: str, upper: int | None) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else ids
+            raise ConfigError(f"{name} must be a 1-D int64 tensor, got {got}")
+        if ids.numel() and (int(ids.min()) < 0 or (upper is not None and int(ids.max()) >= upper)):
+            bound = f"[0, {upper})" if upper is not None else ">= 0"
+            raise ConfigError(f"{name} must lie in {bound}, got min {int(ids.min())} "
+                             f"max {int(ids.max())}")
+
+
+class PromptEmbeddingSet(_Negative):
+    """The real-scale prompt-embedding data set (layout in this module's docstring)."""
+
+    def __init__(self, folder: str | Path, text_dim: int | None = None,
+                 latent_channels: int | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConfigError(f"prompt-embedding data set must be a folder, got {self.folder}")
+        shards = sorted(self.folder.glob("shard-*.safetensors"))
+        if not shards:
+            raise ConfigError(f"no shard-*.safetensors in {self.folder}")
+        negative_path = self.folder / "negative.safetensors"
+        if not negative_path.exists():
+            raise ConfigError(f"missing {negative_path} (the encoded negative prompt)")
+        self._rows: list[tuple[Path, int]] = []  # (shard, rows) in order
+        layout: dict[str, object] = {}
+        for shard in shards:
+            self._rows.append((shard, self._inspect_shard(shard, layout)))
+        self.context_len, self.text_dim = layout["context"][1:]  # type: ignore[index]
+        self.has_latents = bool(layout["latents"])
+        self.latent_shape: tuple[int, ...] = tuple(layout["latent_shape"])  # type: ignore[arg-type]
+        if text_dim is not None and self.text_dim != text_dim:
+            raise ConfigError(f"data set text_dim {self.text_dim} does not match the model's "
+                             f"text_dim {text_dim} ({self.folder})")
+        if latent_channels is not None and self.latent_shape[0] != latent_channels:
+            raise ConfigError(f"data set latent channels {self.latent_shape[0]} do not match the "
+                             f"model's in_channels {latent_channels} ({self.folder})")
+        with safe_open(str(negative_path), framework="pt") as handle:
+            if "context" not in handle.keys():
+                raise ConfigError(f"{negative_path} has no 'context' tensor")
+            negative = handle.get_tensor("context")
+        if negative.dim() == 3 and negative.shape[0] == 1:
+            negative = negative[0]
+        if tuple(negative.shape) != (self.context_len, self.text_dim):
+            raise ConfigError(f"{negative_path}: 'context' must be [1, {self.context_len}, "
+                             f"{self.text_dim}] or [{self.context_len}, {self.text_dim}], got "
+                             f"{tuple(negative.shape)}")
+        self.negative_context = negative.float()
+        self._check_finite(self.negative_context, negative_path)
+        self._starts = [0]
+        for _, count in self._rows:
+            self._starts.append(self._starts[-1] + count)
+        self.num_rows = self._starts.pop()
+
+    @staticmethod
+    def _check_finite(tensor: torch.Tensor, where: Path) -> None:
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"{where}: non-finite values in the embeddings")
+
+    @staticmethod
+    def _inspect_shard(shard: Path, layout: dict[str, object]) -> int:
+        floating = (torch.float16, torch.bfloat16, torch.float32)
+        with safe_open(str(shard), framework="pt") as handle:
+            keys = set(handle.keys())
+            if "context" not in keys:
+                raise ConfigError(f"{shard}: missing 'context' tensor (got keys {sorted(keys)})")
+            context = handle.get_slice("context")
+            shape = tuple(context.get_shape())
+            if len(shape) != 3 or shape[0] == 0:
+                raise ConfigError(f"{shard}: 'context' must be [N, L, text_dim] with N >= 1, "
+                                 f"got {shape}")
+            first = context[0:1]
+            if first.dtype not in floating:
+                raise ConfigError(f"{shard}: 'context' dtype must be one of {floating}, "
+                                 f"got {first.dtype}")
+            has_latents = "latents" in keys
+            if has_latents:
+                latent_shape = tuple(handle.get_slice("latents").get_shape())
+                if len(latent_shape) != 5 or latent_shape[0] != shape[0]:
+                    raise ConfigError(f"{shard}: 'latents' must be [{shape[0]}, C, T, H, W], "
+                                     f"got {latent_shape}")
+                per_item = latent_shape[1:]
+            else:
+                meta = (handle.metadata() or {}).get("latent_shape")
+                try:
+                    per_item = tuple(int(v) for v in meta.split(","))  # type: ignore[union-attr]
+                except (AttributeError, ValueError):
+                    raise ConfigError(f"{shard}: without 'latents' the metadata must give "
+                                     f"latent_shape='C,T,H,W', got {meta!r}") from None
+                if len(per_item) != 4:
+                    raise ConfigError(f"{shard}: latent_shape must have 4 entries, got {meta!r}")
+        expected = {"context": (None,) + shape[1:], "latents": has_latents,
+                    "latent_shape": per_item}
+        for key, value in expected.items():
+            if key not in layout:
+                layout[key] = value
+            elif layout[key] != value:
+                raise ConfigError(f"{shard}: {key} {value} differs from the earlier shards' "
+                                 f"{layout[key]}")
+        return shape[0]
+
+    def rows(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contexts [B, L, D] (float32) and latents (or None) of the given global rows."""
+        contexts, latents = [], []
+        for index in indices:
+            if not 0 <= index < self.num_rows:
+                raise ConfigError(f"row {index} out of range [0, {self.num_rows})")
+            position = bisect.bisect_right(self._starts, index) - 1
+            shard, offset = self._rows[position][0], index - self._starts[position]
+            with safe_open(str(shard), framework="pt") as handle:
+                contexts.append(handle.get_slice("context")[offset:offset + 1].float())
+                if self.has_latents:
+                    latents.append(handle.get_slice("latents")[offset:offset + 1].float())
+        context = torch.cat(contexts)
+        self._check_finite(context, self.folder)
+        return context, (torch.cat(latents) if self.has_latents else None)
+
+    def draw(self, generator: torch.Generator, batch_size: int,
+             with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
+        """A random batch of rows; latents only when asked (and present)."""
+        _check_generator(generator)
+        _check_batch_size(batch_size)
+        if with_latents and not self.has_latents:
+            raise ConfigError(f"{self.folder} has no 'latents' (prompt embeddings alone): "
+                             "training stage 0 needs them (import it with --teacher W instead) "
+                             "and so does state_source 'data' (use 'teacher' or 'student')")
+        indices = torch.randint(0, self.num_rows, (batch_size,), generator=generator).tolist()
+        context, latents = self.rows(indices)
+        return Conditioning(context), (latents if with_latents else None)
+
+    def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
+        """The first ``count`` rows (cycling), named by row number."""
+        indices = [i % self.num_rows for i in range(count)]
+        return Conditioning(self.rows(indices)[0]), [f"row {i}" for i in indices]
+
+
+def open_data(path: str | Path | None, text_dim: int, latent_channels: int,
+              seed: int) -> ProceduralVideos | PromptEmbeddingSet:
+    """The built-in set when ``path`` is None, else the prompt-embedding set at ``path``."""
+    if path is None:
+        if latent_channels != 3:
+            raise ConfigError("the built-in data set is RGB video (in_channels 3); the model has "
+                             f"in_channels {latent_channels}: pass --data with a prompt-embedding "
+                             "data set")
+        return ProceduralVideos(text_dim, seed=seed)
+    return PromptEmbeddingSet(path, text_dim=text_dim, latent_channels=latent_channels)

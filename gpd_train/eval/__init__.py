@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the learned feature space, the detail metric, reports."""

@@ -1,0 +1,1 @@
+"""Inference from a run folder or a Wan folder: sampling, media, export."""
