@@ -93,7 +93,7 @@ setup(
     name="gpd-engine",
     version="0.1.0",
     description="Guided Progressive Distillation of Wan2.1-style video DiTs",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["gpd_kernels*", "gpd_model*", "gpd_train*"]),
     package_data={"gpd_kernels": ["schemas.txt"]},
     cmdclass={"build_py": BuildPyWithNative},

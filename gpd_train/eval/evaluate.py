@@ -58,7 +58,7 @@ from gpd_train.run.destination import EVAL, reuse_or_move_aside
 from gpd_train.run.files import atomic_write_text, sha256_file
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.preflight import check_eval_guidance
-from gpd_train.run.records import read_record
+from gpd_train.run.records import OUTPUT, read_record
 
 CEILING_NOISE = 0.01
 CEILING_SEED = 0
@@ -205,7 +205,7 @@ def _other_guidance_rows(run: RunFolder, model: torch.nn.Module,
 def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candidate]:
     """Each other run folder's final student (an ablation on the same stage 0): its first
     pipeline chain that finished."""
-    own_teacher = sha256_file(run.stage_folder(TEACHER) / "model.safetensors")
+    own_teacher = sha256_file(run.stage_folder(TEACHER) / OUTPUT)
     cfg = run.config
     reference = f"teacher@{cfg.steps[0]} (ref)"
     rows = []
@@ -215,7 +215,7 @@ def _compare_candidates(run: RunFolder, compare: dict[str, str]) -> list[Candida
             raise ConfigError(f"--compare {label}={folder}: no run folder there (missing "
                              f"{config_path})")
         other = RunFolder(load_run_config(folder, device=cfg.device), run.device)
-        teacher = other.stage_folder(TEACHER) / "model.safetensors"
+        teacher = other.stage_folder(TEACHER) / OUTPUT
         if not teacher.is_file() or sha256_file(teacher) != own_teacher:
             raise ConfigError(f"--compare {label}={folder}: its stage0 is not this run's teacher "
                              f"({teacher}); comparisons need the same stage 0 (copy stage0/ "

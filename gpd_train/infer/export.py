@@ -64,6 +64,7 @@ from gpd_train.run.loading import load_model, recorded_grid, run_stage_of
 from gpd_train.run.lora import GUIDANCE_PREFIX, comfyui_lora_state, save_diffusers_lora
 from gpd_train.run.lora import METADATA_KEY as LORA_KEY
 from gpd_train.run.preflight import check_base_matches, check_environment, check_guidance_in_range
+from gpd_train.run.records import OUTPUT
 from gpd_train.run.wan_folder import WanFolderError, component
 from gpd_train.run.writes import copy_error, output_error
 
@@ -331,7 +332,7 @@ def check_export_request(args: argparse.Namespace) -> None:
                           "`python -m gpd_train`")
     run, sid = run_stage_of(Path(args.run), args.chain, args.stage)
     name = f"{args.chain} stage {sid.stage}"
-    if args.merged and LORA_KEY not in read_metadata(run.stage_folder(sid) / "model.safetensors"):
+    if args.merged and LORA_KEY not in read_metadata(run.stage_folder(sid) / OUTPUT):
         raise SampleError(f"--merged merges a LoRA adapter, but {name} holds full weights: drop "
                           "--merged (full weights are exported whole)")
     if run.guidance_input(sid):

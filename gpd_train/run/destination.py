@@ -39,7 +39,7 @@ from typing import Any
 from gpd_train.config.chains import CHAINS
 from gpd_train.errors import GPDError
 from gpd_train.run.files import atomic_write_text
-from gpd_train.run.records import LOCK_NAME, check_writable_folder, move_aside
+from gpd_train.run.records import LOCK_NAME, RECORD, check_writable_folder, move_aside
 from gpd_train.run.writes import WriteError, check_can_create, writing
 
 MARKER = ".gpd_output.json"
@@ -88,7 +88,7 @@ def _is_legacy_run(folder: Path) -> bool:
     """A run folder without the marker (written before markers existed, or through the
     Python API): config.json is a gpd_train run config, or stage 0 holds a stage record or
     checkpoints."""
-    if (folder / "stage0" / "done.json").is_file() or (folder / "stage0" / "ckpt").is_dir():
+    if (folder / "stage0" / RECORD).is_file() or (folder / "stage0" / "ckpt").is_dir():
         return True
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -57,6 +57,8 @@ from gpd_train.run.files import (
 from gpd_train.run.lora import METADATA_KEY, merge_adapter
 from gpd_train.run.records import (
     OPTIONS_KEY,
+    OUTPUT,
+    RECORD,
     RunFolderError,
     StaleStageError,
     read_record,
@@ -141,7 +143,7 @@ class RunFolder:
     # -- records and provenance ---------------------------------------------------------
     def is_done(self, sid: StageId) -> bool:
         folder = self.stage_folder(sid)
-        return (folder / "done.json").is_file() and (folder / "model.safetensors").is_file()
+        return (folder / RECORD).is_file() and (folder / OUTPUT).is_file()
 
     def record(self, sid: StageId) -> dict[str, Any]:
         """The finished stage's done.json (its summary and provenance)."""
@@ -150,7 +152,7 @@ class RunFolder:
     def output_sha256(self, sid: StageId) -> str:
         """The recorded SHA-256 of a finished stage's output (hashed when not recorded)."""
         return self.record(sid).get("sha256") or sha256_file(
-            self.stage_folder(sid) / "model.safetensors")
+            self.stage_folder(sid) / OUTPUT)
 
     def stale_reason(self, sid: StageId) -> str | None:
         """Why a finished stage no longer follows from its stage teacher (None: it does).
@@ -211,7 +213,7 @@ class RunFolder:
             if key in options and options[key] != value:
                 raise RunFolderError(
                     f"{sid} was distilled with {key} {options[key]} "
-                    f"({self.stage_folder(sid) / 'done.json'}); this run asks for "
+                    f"({self.stage_folder(sid) / RECORD}); this run asks for "
                     f"{key} {value}. Drop the option that changed it (--shift, steps), or "
                     "train another --run-dir")
         learned = options.get("guidance")
@@ -220,7 +222,7 @@ class RunFolder:
             if low < learned[0] or high > learned[1]:  # its students would be taught there
                 raise RunFolderError(
                     f"{sid} learned CFG scales {learned[0]:g}..{learned[1]:g} "
-                    f"({self.stage_folder(sid) / 'done.json'}); this run asks for "
+                    f"({self.stage_folder(sid) / RECORD}); this run asks for "
                     f"--guidance-range {low:g} {high:g}, outside them. Give a range within "
                     f"{learned[0]:g}..{learned[1]:g}, or retrain {sid} on the wider one with "
                     f"`{self.command(sid)} --restart --guidance-range {low:g} {high:g}`")
@@ -238,7 +240,7 @@ class RunFolder:
         options = recorded.get("options")
         had = {**(options if isinstance(options, dict) else {}),
                "iterations": recorded.get("iterations")}
-        return [f"{key} {had[key]!r} in {self.stage_folder(sid) / 'done.json'}, {value!r} in "
+        return [f"{key} {had[key]!r} in {self.stage_folder(sid) / RECORD}, {value!r} in "
                 "this run" for key, value in want.items()
                 if had.get(key) is not None and had[key] != value]
 
@@ -248,7 +250,7 @@ class RunFolder:
         if not self.is_done(sid):
             raise MissingStageError(
                 f"{sid} is not complete in {self.folder} (no "
-                f"{self.stage_folder(sid) / 'done.json'}); run `{self.command(sid)}` first")
+                f"{self.stage_folder(sid) / RECORD}); run `{self.command(sid)}` first")
         reason = self.stale_reason(sid)
         if reason is not None:
             raise StaleStageError(f"{sid} is stale: {reason}; retrain it with "
@@ -256,7 +258,7 @@ class RunFolder:
         if check_grid:
             self._check_grid(sid, self.record(sid))
         verify_output(self.stage_folder(sid))
-        path = self.stage_folder(sid) / "model.safetensors"
+        path = self.stage_folder(sid) / OUTPUT
         meta = read_metadata(path)
         expected = self.metadata(sid)["dit_config"]
         if meta.get("dit_config") != expected:
@@ -330,8 +332,8 @@ class RunFolder:
         teacher hash the stage started from). One process and torchrun's rank 0 alike."""
         folder = self.stage_folder(sid)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "done.json").unlink(missing_ok=True)
-        output = folder / "model.safetensors"
+        (folder / RECORD).unlink(missing_ok=True)
+        output = folder / OUTPUT
         options = self.plan(sid).options()
         # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
         save_weights(output, weights, {**self.metadata(sid),
@@ -344,7 +346,7 @@ class RunFolder:
             previous = self.previous_stage(sid)
             record["teacher"] = previous.name
             record.setdefault("teacher_sha256", self.output_sha256(previous))
-        atomic_write_text(folder / "done.json", json.dumps(record, indent=1, sort_keys=True))
+        atomic_write_text(folder / RECORD, json.dumps(record, indent=1, sort_keys=True))
         return output
 
     def save_config(self) -> None:

@@ -198,8 +198,8 @@ def load_model(path: str | Path, *, preset: str | None = None, chain: str = DEFA
             raise SampleError(f"{path} is not a complete run folder: it holds stage folders "
                               f"but no config.json (the trainer writes it when a stage starts); "
                               f"point at a stage folder ({path}/stage0) or restore config.json")
-        if path.is_dir() and (path / "done.json").is_file():
-            path = path / "model.safetensors"
+        if path.is_dir() and (path / RECORD).is_file():
+            path = path / OUTPUT
         if path.is_file() and path.suffix == ".safetensors":
             if read_metadata(path).get("format") == "gpd_train":
                 if preset is not None:

@@ -28,6 +28,7 @@ from gpd_train.config.chains import GUIDANCE_STAGE, StageId
 from gpd_train.config.settings import RunConfig
 from gpd_train.errors import ConfigError
 from gpd_train.run.folder import RunFolder
+from gpd_train.run.records import RECORD
 from gpd_train.run.wan_folder import diffusers_root
 
 
@@ -155,7 +156,7 @@ def _wan_root(path: str | Path) -> Path:
 def imported_from(run_dir: str | Path) -> Path | None:
     """The Wan folder a run's stage 0 was imported from (its done.json), None when the
     stage was trained here, is missing, or records no source."""
-    record = Path(run_dir) / "stage0" / "done.json"
+    record = Path(run_dir) / "stage0" / RECORD
     try:
         source = json.loads(record.read_text()).get("imported_from")
     except (OSError, ValueError, AttributeError):
@@ -171,7 +172,7 @@ def check_teacher_matches(config: RunConfig) -> None:
         return
     stage0 = Path(config.run_dir) / "stage0"
     raise ConfigError(f"--teacher {config.teacher} is not the folder this run's stage 0 was "
-                     f"imported from ({source}, recorded in {stage0 / 'done.json'}): give "
+                     f"imported from ({source}, recorded in {stage0 / RECORD}): give "
                      f"--teacher {source}, or import the new teacher with `python -m gpd_train "
                      f"--stage 0 --restart --teacher {config.teacher} --run-dir "
                      f"{config.run_dir}` (moves {stage0} aside; later stages become stale)")
@@ -188,7 +189,7 @@ def check_base_matches(run_dir: str | Path, base: str | Path) -> None:
               f"exists; exporting with --base {base} as its replacement", file=sys.stderr)
         return
     raise ConfigError(f"--base {base} is not the Wan folder this run was trained from ({source}, "
-                     f"recorded in {Path(run_dir) / 'stage0' / 'done.json'}): its text encoder "
+                     f"recorded in {Path(run_dir) / 'stage0' / RECORD}): its text encoder "
                      f"and VAE would not match the student; give --base {source}")
 
 

@@ -26,6 +26,7 @@ from gpd_train.run.files import CheckpointError
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import adapter_from_params
 from gpd_train.run.records import (
+    OUTPUT,
     RunFolderError,
     StageExistsError,
     StaleStageError,
@@ -66,10 +67,10 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
                     f"{name} is complete but was trained with other options than this run: "
                     f"{'; '.join(changed)}. Keep it by dropping the flags or TOML keys that "
                     f"changed them, or retrain it with `{command} --restart` (moves it aside)")
-            tqdm.write(f"[{name}] already complete ({folder / 'model.safetensors'}); kept")
-            return folder / "model.safetensors"
+            tqdm.write(f"[{name}] already complete ({folder / OUTPUT}); kept")
+            return folder / OUTPUT
         raise StageExistsError(
-            f"{name} is already complete ({folder / 'model.safetensors'}); to train it again "
+            f"{name} is already complete ({folder / OUTPUT}); to train it again "
             f"run `{command} --restart` (moves it aside to {folder.name}.old-<time>/)")
     checkpoints = sorted((folder / "ckpt").glob("step-*"))
     if checkpoints and not resume:
