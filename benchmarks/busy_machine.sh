@@ -2,7 +2,7 @@
 # `make demo`'s stage 0 (tiny preset, built-in videos) in iterations per second, on the idle
 # machine and beside BUSY single-threaded busy loops, under the old thread policy (torch's
 # default count whatever the load, given as --threads) and the new one (--threads 0:
-# gpd_train/threads.py lowers the count to the cores the others leave free), in one run; the
+# gpd_train/train/threads.py lowers the count to the cores the others leave free), in one run; the
 # old policy with OMP_WAIT_POLICY=PASSIVE (waiting OpenMP threads sleep instead of spinning)
 # is measured beside it for comparison. Prints one table.
 #

@@ -44,7 +44,7 @@ With no action the embedded pipeline runs: stage 0 (teacher), then the stages of
 of pipeline_chains (default {", ".join(DEFAULT_PIPELINE)}; registered:
 {", ".join(CHAINS)}; set it in a --config file), then the evaluation; complete stages are
 skipped and partial ones resumed.
-Run-folder layout and TOML keys: see gpd_train/stages.py and gpd_train/config.py.
+Run-folder layout and TOML keys: see gpd_train/run/folder.py and gpd_train/config/settings.py.
 Examples:
   python -m gpd_train                      # everything, tiny preset, runs/default/
   python -m gpd_train --stage 1 --resume   # continue GPD stage 1 from its last checkpoint

@@ -1,4 +1,4 @@
-"""Outputs never overwrite what their command did not write (gpd_train/destination.py).
+"""Outputs never overwrite what their command did not write (gpd_train/run/destination.py).
 
 Every refused case records the whole state of the user's folder (each file's SHA-256, each
 symbolic link's target, each folder) before and after and asserts it is identical, plus the

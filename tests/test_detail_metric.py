@@ -1,4 +1,4 @@
-"""The detail metric (gpd_train/detail_metric.py) against float64 loop references, and its
+"""The detail metric (gpd_train/eval/detail_metric.py) against float64 loop references, and its
 ordering of known degradations of the built-in data."""
 
 import math

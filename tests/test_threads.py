@@ -1,4 +1,4 @@
-"""The thread count of a command with --threads 0 (gpd_train/threads.py): torch's default on
+"""The thread count of a command with --threads 0 (gpd_train/train/threads.py): torch's default on
 an idle machine, the cores left free by busy ones, never a different count when idle."""
 
 from __future__ import annotations

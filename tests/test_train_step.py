@@ -1,4 +1,4 @@
-"""The split training step (gpd_train/step.py) run eagerly equals the step it replaced,
+"""The split training step (gpd_train/train/step.py) run eagerly equals the step it replaced,
 bit for bit, and --cuda-graph is refused, saying why, where it cannot run. What GraphStep
 captures reads nothing back and draws nothing, and GraphStep itself (warm-up, capture,
 replays) trains as the eager step under a CPU emulation of the graph API

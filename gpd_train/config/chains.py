@@ -4,8 +4,8 @@ A chain is a sequence of distillation stages that starts from the shared base te
 (stage 0): optionally a guidance stage (w becomes a model input), then one stage per entry
 of the run's ``steps[1:]`` (each dividing the one before: stage k learns r = steps[k-1] /
 steps[k] teacher steps per student step: ``HALVING``), or another ``Schedule``, such as the
-horizon chain's one stage per entry of its table's ``horizons`` (gpd_train/horizon.py
-registers that chain and its schedule; gpd_train/plan.py reads the schedules).
+horizon chain's one stage per entry of its table's ``horizons`` (gpd_train/train/horizon.py
+registers that chain and its schedule; gpd_train/config/plan.py reads the schedules).
 Everything that differs between chains is in its ``Chain`` declaration: the TOML table
 it reads, its label in reports, where its stages live, its seed offset, how the evaluation
 treats it and (optionally) its own objective and schedule. The trainer, the CLIs, the

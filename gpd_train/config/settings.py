@@ -10,7 +10,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
     device = "auto"            # auto | cpu | cuda | cuda:N
     threads = 0                # CPU threads for torch; 0: its default, fewer on busy cores
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
-    cuda_graph = false         # CUDA: each training step one captured graph (gpd_train/step.py)
+    cuda_graph = false         # CUDA: each training step one captured graph (train/step.py)
     seed = 0
     data = "path/to/prompt-embeddings"   # omit for the built-in procedural videos
     teacher = "path/to/wan2.1"           # stage 0 imports instead of training
@@ -51,7 +51,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
     lora_alpha = 16.0          # the update is alpha / rank * B A; omit for alpha = rank
     lora_targets = ["self_attn.qkv", "ffn.0"]  # omit for every attention and FFN projection
 
-    [horizon]                  # the GPD paper's recipe (gpd_train/horizon.py)
+    [horizon]                  # the GPD paper's recipe (gpd_train/train/horizon.py)
     horizons = [2, 3, 4, 5, 6, 7, 8]  # teacher steps per student step, stage by stage
     iterations = [700, 700, 700, 700, 700, 700, 700]
     freq_weight = [0, 0, 0, 0, 0, 0, 1.0]
@@ -227,7 +227,7 @@ class DistillConfig:
     stage_guidance: list[float] | None = None
     # Linear from/to over the stages, where stage_guidance is not given (the horizon chain).
     guidance_anneal: list[float] | None = None
-    # A horizon chain (gpd_train/horizon.py): stage k's student jumps horizons[k-1] teacher
+    # A horizon chain (gpd_train/train/horizon.py): stage k's student jumps horizons[k-1] teacher
     # steps; None for chains whose stages follow the run's steps.
     horizons: list[int] | None = None
     # LoRA distillation (gpd_train.run.lora): 0 trains full weights. R > 0 trains rank-R adapters

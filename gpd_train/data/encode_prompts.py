@@ -10,7 +10,7 @@ unescaped, whitespace collapsed; padded or truncated to 512 tokens, end-of-seque
 appended), encoded with the attention mask, and the positions after the prompt's tokens
 are set to zero, as Wan's reference code and WanPipeline feed them to the DiT.
 
-Output (the layout of gpd_train/data.py, read by ``--data``): ``shard-NNNNN.safetensors``
+Output (the layout of gpd_train/data/datasets.py, read by ``--data``): ``shard-NNNNN.safetensors``
 with ``context`` [N, 512, text_dim] (bf16 by default) and metadata ``latent_shape`` (the
 noise shape for ``--height/--width/--frames`` through the VAE's compression), ``prompts``
 (the texts, JSON) and ``prompts_sha256``; ``negative.safetensors`` with the encoded
@@ -18,7 +18,7 @@ negative prompt [1, 512, text_dim]. Re-running skips shards already written for 
 prompts (each shard is written to a temporary file and renamed, so a killed run leaves
 only whole shards); a shard written for other prompts, another latent shape (video
 size) or another ``--dtype`` is an error, never overwritten. ``--out`` follows the rule of
-every gpd_train output (gpd_train/destination.py): a new or empty folder, or a data set
+every gpd_train output (gpd_train/run/destination.py): a new or empty folder, or a data set
 this command wrote.
 
 Negative prompt: ``--negative TEXT``; by default the empty string, which is what WanPipeline

@@ -1,6 +1,6 @@
 """The detail metric: a kernel distance (KID) in features that see fine detail and time.
 
-The learned FD's features (gpd_train/feature_net.py) were trained to name shape, motion
+The learned FD's features (gpd_train/eval/feature_net.py) were trained to name shape, motion
 and position, so they are nearly blind to how sharp a video is: a 3-step student keeping
 94% of the teacher's high-frequency energy scored like the teacher. Here each video's
 features are those 32 semantic numbers next to measured spectra, each an RMS amplitude

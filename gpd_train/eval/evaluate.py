@@ -1,11 +1,11 @@
 """The evaluation report (design section 7): every model against the 48-step teacher.
 
 All models sample the same fixed evaluation set (prompts x noise seeds); the metrics
-(gpd_train/metrics.py) compare each set with its reference, the teacher at its full step
+(gpd_train/eval/metrics.py) compare each set with its reference, the teacher at its full step
 count and CFG scale from the same noise and prompts:
 
 - PSNR to the reference, per video, averaged (the tiny preset's latents are its pixels).
-- On the built-in data, the learned Frechet distance (gpd_train/feature_net.py) to real
+- On the built-in data, the learned Frechet distance (gpd_train/eval/feature_net.py) to real
   data videos of the same prompts and to the reference set, and prompt accuracy: the share
   of videos whose shape and motion, recognised by ``ProceduralVideos.classify``, are asked for.
 - High-frequency and motion energy, each over the reference's.
@@ -413,7 +413,7 @@ def _training_costs(run: RunFolder) -> list[dict[str, Any]]:
 
 def _sanity_rows(judge: _Judge, data: Any, teacher: Candidate, videos: torch.Tensor,
                  seed: int) -> list[dict[str, Any]]:
-    """The detail metric's sanity rows (gpd_train/detail_metric.py): held-out data and
+    """The detail metric's sanity rows (gpd_train/eval/detail_metric.py): held-out data and
     the reference's videos degraded, each measured like a model's but kept apart from the
     models' rows (report.html plots and shows those)."""
     if judge.detail is None:

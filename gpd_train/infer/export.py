@@ -34,7 +34,7 @@ included, and the command prints the call with it.
 
 ``--out`` must be a new or empty folder outside ``--base`` (a Wan/Diffusers folder or any
 folder this command did not write is refused); an earlier export there is replaced only
-with ``--overwrite``, which moves it aside (see gpd_train/destination.py).
+with ``--overwrite``, which moves it aside (see gpd_train/run/destination.py).
 """
 
 from __future__ import annotations
