@@ -199,5 +199,5 @@ def test_guidance_2_needs_guidance_and_a_pair(wan22, tmp_path, capsys):
     index = json.loads((one / "model_index.json").read_text())
     del index["transformer_2"], index["boundary_ratio"]  # a Wan2.1 folder's index
     (one / "model_index.json").write_text(json.dumps(index))
-    assert sample.main(["--checkpoint", str(one), *common, "--guidance", 4]) == 2
+    assert sample.main(["--checkpoint", str(one), *common, "--guidance", "4"]) == 2
     assert f"{one} is one model: drop it" in capsys.readouterr().err
