@@ -16,6 +16,7 @@ from .denoiser import (
     Denoiser,
     DiTDenoiser,
     ExpertPair,
+    ExpertScales,
     guided_branches,
 )
 from .guidance import GuidanceEmbedding, add_guidance_input, fold_guidance, has_guidance_input
@@ -30,6 +31,7 @@ __all__ = [
     "Denoiser",
     "DiTDenoiser",
     "ExpertPair",
+    "ExpertScales",
     "CheckpointError",
     "PRESETS",
     "DiTConfig",

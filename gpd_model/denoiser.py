@@ -221,23 +221,53 @@ class DiTDenoiser:
 
 
 @dataclass(frozen=True)
+class ExpertScales:
+    """Two CFG scales for an ``ExpertPair``: ``high`` for the samples its high-noise expert
+    runs, ``low`` for the rest (Wan2.2's ``guidance_scale`` and ``guidance_scale_2``)."""
+
+    high: float
+    low: float
+
+    def __post_init__(self) -> None:
+        for name in ("high", "low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"ExpertScales: {name} must be a CFG scale > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
 class CFG:
     """Classifier-free guidance around ``denoiser``: ``u_uncond + w (u_cond - u_uncond)``.
 
     ``negative`` is the unconditional Conditioning (batch 1, or the batch's size);
     ``scale`` w is a float or a [B] tensor, or None for each sample's ``cond.guidance``
     (the w rollout lanes draw per trajectory). Both branches run as one forward of 2B.
+
+    Around an ``ExpertPair``, ``scale`` may be ``ExpertScales(high, low)``: each sample is
+    guided by the scale of the expert that runs it, chosen by the pair's own boundary test
+    (diffusers' WanPipeline ``guidance_scale`` / ``guidance_scale_2``). The pair stays inside
+    one CFG so the two branches still come as one forward (the fused CFG kernels' input).
     """
 
     denoiser: Denoiser
     negative: Conditioning
-    scale: float | torch.Tensor | None = None
+    scale: float | torch.Tensor | ExpertScales | None = None
 
-    def weight(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, ExpertScales) and not isinstance(self.denoiser, ExpertPair):
+            raise TypeError(f"CFG: ExpertScales guide an ExpertPair, got a "
+                            f"{type(self.denoiser).__name__}; give one scale")
+
+    def weight(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """w per sample, float32 [B] on ``x``'s device."""
         scale = cond.guidance if self.scale is None else self.scale
         if scale is None:
             raise ValueError("CFG: no scale: give CFG(scale=w) or set Conditioning.guidance")
+        if isinstance(scale, ExpertScales):
+            assert isinstance(self.denoiser, ExpertPair)  # __post_init__
+            high = self.denoiser.is_high(sigma).to(x.device)
+            return torch.where(high, _per_sample(scale.high, x.shape[0], x, "CFG high scale"),
+                               _per_sample(scale.low, x.shape[0], x, "CFG low scale"))
         return _per_sample(scale, x.shape[0], x, "CFG scale")
 
     def branches(self, x: torch.Tensor, sigma: torch.Tensor,
@@ -254,7 +284,7 @@ class CFG:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
-        weight = self.weight(x, cond)
+        weight = self.weight(x, sigma, cond)
         u_cond, u_uncond = self.branches(x, sigma, cond)
         return torch.lerp(u_uncond, u_cond, _broadcast_to(weight, u_cond).to(u_cond.dtype))
 
@@ -268,7 +298,7 @@ def guided_branches(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor,
     """``(u_cond, u_uncond, w)`` for the fused CFG kernels: a ``CFG``'s two branches and
     its weight, or any other denoiser's velocity with ``(None, None)``."""
     if isinstance(denoiser, CFG):
-        return (*denoiser.branches(x, sigma, cond), denoiser.weight(x, cond))
+        return (*denoiser.branches(x, sigma, cond), denoiser.weight(x, sigma, cond))
     return denoiser(x, sigma, cond), None, None
 
 
@@ -289,10 +319,15 @@ class ExpertPair:
             raise ValueError(f"ExpertPair: boundary must be a sigma in (0, 1], got "
                              f"{self.boundary!r}")
 
+    def is_high(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Which samples the high-noise expert runs: bool [B]. The one boundary test, shared
+        by the split and by ``ExpertScales`` so a sample's expert and its scale agree."""
+        return sigma >= self.boundary
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
         check_sigma(x, sigma, "ExpertPair")
-        high = sigma >= self.boundary
+        high = self.is_high(sigma)
         if bool(high.all()):
             return self.high(x, sigma, cond)
         low = ~high

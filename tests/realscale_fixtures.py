@@ -5,7 +5,9 @@ transformers UMT5EncoderModel (d_model = the DiT's text_dim), a Unigram tokenize
 the `tokenizers` library and saved as a transformers fast tokenizer (pad 0, eos 1 appended,
 as umT5's), a random AutoencoderKLWan with 4 latent channels, a random
 WanTransformer3DModel, Wan's UniPC scheduler config and model_index.json, all written by
-diffusers' WanPipeline.save_pretrained.
+diffusers' WanPipeline.save_pretrained. ``build_wan22_folder``: the Wan2.2 A14B layout, two
+experts of that shape (``transformer/`` high-noise, ``transformer_2/`` low-noise, differently
+seeded) and ``boundary_ratio`` in model_index.json.
 """
 
 from __future__ import annotations
@@ -39,17 +41,42 @@ def _tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_transformer(**changes: object):
+    """A random tiny WanTransformer3DModel (``changes`` override its arguments)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**{
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16,
+        "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS, "text_dim": TEXT_DIM,
+        "freq_dim": 256, "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads", "eps": 1e-6, **changes})
+
+
 def build_wan_folder(root: Path, seed: int = 0) -> Path:
     """Write the tiny folder at ``root`` and return it."""
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanPipeline
 
     torch.manual_seed(seed)
+    WanPipeline(**_shared_components(), transformer=tiny_transformer()).save_pretrained(str(root))
+    return root
+
+
+def build_wan22_folder(root: Path, boundary_ratio: float, seed: int = 0) -> Path:
+    """Write a tiny two-expert Wan2.2 A14B-layout folder at ``root`` and return it."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(seed)
+    WanPipeline(**_shared_components(), transformer=tiny_transformer(),
+                transformer_2=tiny_transformer(), boundary_ratio=boundary_ratio
+                ).save_pretrained(str(root))
+    return root
+
+
+def _shared_components() -> dict[str, object]:
+    """Tokenizer, text encoder, VAE and scheduler (random, from the current torch seed)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
     tokenizer = _tokenizer()
     encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -59,14 +86,6 @@ def build_wan_folder(root: Path, seed: int = 0) -> Path:
     vae = AutoencoderKLWan(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1],
                            num_res_blocks=1, temperal_downsample=[False, True, True],
                            latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM,
-        freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0, num_train_timesteps=1000)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=scheduler,
-                       transformer=transformer)
-    pipe.save_pretrained(str(root))
-    return root
+    return {"tokenizer": tokenizer, "text_encoder": encoder, "vae": vae, "scheduler": scheduler}

@@ -3,6 +3,10 @@
 PATH may be a run folder (the last finished stage of `--chain`, or `--stage N`), a stage
 folder or its `model.safetensors`, or an original-Wan / diffusers checkpoint (file, folder
 or sharded index; give `--preset` unless the folder has a diffusers config.json).
+A Wan2.2 A14B Diffusers folder samples through its two experts as WanPipeline does: each
+step by `transformer/` while sigma >= the folder's `boundary_ratio`, by `transformer_2/`
+below, guided by `--guidance` and `--guidance-2` (the low-noise expert's; default
+`--guidance`); eager (a CUDA graph cannot hold the switch).
 Prompts come from the built-in set (RGB models), the run's prompt-embedding data set, or
 `--prompt-embeddings` (a data-set folder, or a safetensors file with `context` [N, L, D],
 optional `negative` [L, D] and metadata `latent_shape` = "C,T,H,W").
@@ -51,6 +55,8 @@ from gpd_model import (
     Denoiser,
     DiTConfig,
     DiTDenoiser,
+    ExpertPair,
+    ExpertScales,
     fold_guidance,
     has_guidance_input,
     make_noise,
@@ -87,6 +93,7 @@ from gpd_train.infer.media import (
 from gpd_train.run.destination import SAMPLES, check_destination, staged_output
 from gpd_train.run.loading import LoadedModel, load_model, recorded_grid
 from gpd_train.run.preflight import check_environment, check_guidance_in_range
+from gpd_train.run.wan_folder import expert_folders
 from gpd_train.run.writes import output_error
 
 DEFAULT_NUM = 4
@@ -250,6 +257,8 @@ def check_args(args: argparse.Namespace) -> None:
             check_number(f"--{name.replace('_', '-')}", getattr(args, name), integer=True, low=1)
     if args.guidance is not None:
         check_number("--guidance", args.guidance, low=0, low_open=True)
+    if args.guidance_2 is not None:
+        _check_guidance_2(args)
     if args.shift is not None:
         check_number("--shift", args.shift, low=0, low_open=True)
     check_number("--seed", args.seed, integer=True, low=0, high=SEED_MAX)
@@ -258,6 +267,17 @@ def check_args(args: argparse.Namespace) -> None:
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
     _check_sequence_parallel(args)
+
+
+def _check_guidance_2(args: argparse.Namespace) -> None:
+    """--guidance-2 guides the low-noise expert of a Wan2.2 folder, beside --guidance."""
+    check_number("--guidance-2", args.guidance_2, low=0, low_open=True)
+    if args.guidance is None:
+        raise ConfigError(f"--guidance-2 {args.guidance_2:g} is the low-noise expert's CFG "
+                          "scale beside --guidance W (the high-noise one's): add --guidance")
+    if expert_folders(args.checkpoint) is None:
+        raise ConfigError(f"--guidance-2 is the low-noise expert's CFG scale of a Wan2.2 "
+                          f"two-expert folder; {args.checkpoint} is one model: drop it")
 
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
@@ -326,11 +346,16 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         parallel.setup(args.device)  # joins torchrun's process group (one GPU per rank)
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
+    if loaded.low_expert is not None and parallel.world().distributed:
+        raise SampleError("--sequence-parallel / torchrun: a Wan2.2 two-expert folder samples "
+                          "on one device for now; run it without torchrun")
     _split_over_ranks(args, loaded.model)
     model, cfg_scale, folded_at = _guidance_plan(loaded, args)
     device = next(model.parameters()).device
+    low = None if loaded.low_expert is None else loaded.low_expert.eval()
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
+        low = None if low is None else low.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
     if prompts.latent_shape[0] != loaded.model.cfg.in_channels:
         raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
@@ -343,10 +368,17 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         slicing=args.vae_slicing)
     args.steps, shift = _sampling_grid(loaded, args)
     denoiser: Denoiser = DiTDenoiser(model)
-    if cfg_scale is not None:
-        denoiser = CFG(denoiser, prompts.negative.to(device), cfg_scale)
+    scale: float | ExpertScales | None = cfg_scale
+    if low is not None:
+        assert loaded.boundary is not None  # set with low_expert
+        denoiser = ExpertPair(denoiser, DiTDenoiser(low), loaded.boundary)
+        if cfg_scale is not None:  # WanPipeline: guidance_scale_2 defaults to guidance_scale
+            scale = ExpertScales(cfg_scale, args.guidance_2 or cfg_scale)
+    if scale is not None:
+        denoiser = CFG(denoiser, prompts.negative.to(device), scale)
+    # The pair reads each step's sigma on the host to pick its expert: no CUDA graph.
     sampler = GraphSampler(denoiser, sigma_grid(args.steps, shift),
-                           use_graphs=False if args.eager else None)
+                           use_graphs=False if args.eager or low is not None else None)
     noise = make_noise((args.num, *prompts.latent_shape), args.seed, device)
     guided = cfg_scale is not None
     latents, elapsed = _sample_batches(sampler, noise, prompts, args.batch_size)
@@ -360,6 +392,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         "cuda_graphs": sampler.graphs_enabled(device),
         "captures_in_timing": sampler.captures_made, "prompts": prompts.names,
     }
+    if isinstance(scale, ExpertScales):
+        summary["guidance_2"] = scale.low
+    if loaded.boundary is not None:
+        summary["boundary"] = loaded.boundary
     parallel.main_only(_write_samples, args, latents, prompts, vae, summary)
     return summary
 
@@ -465,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CFG scale (default: none, as students); a student with a guidance "
                              "input samples at this w in one forward per step (default: the "
                              "run's CFG scale)")
+    parser.add_argument("--guidance-2", type=float,
+                        help="a Wan2.2 two-expert folder: the low-noise expert's CFG scale "
+                             "(diffusers' guidance_scale_2; default --guidance)")
     parser.add_argument("--shift", type=float,
                         help="sigma-grid shift (default: the one the stage was trained at)")
     parser.add_argument("--prompts", nargs="+", metavar="IDS_OR_FILE",

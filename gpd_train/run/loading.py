@@ -1,5 +1,6 @@
 """Loading a model to sample or export: a run folder's stage (verified, LoRA merged), a
-stage file, a Wan2.1-T2V-Diffusers folder, or an original-Wan / diffusers checkpoint.
+stage file, a Wan2.1-T2V-Diffusers folder, a Wan2.2 A14B Diffusers folder (two experts), or
+an original-Wan / diffusers checkpoint.
 
 Reads run folders through gpd_train.run.folder; builds no data set and no trainer.
 """
@@ -23,7 +24,7 @@ from gpd_train.run.files import load_stage_output, read_metadata
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import METADATA_KEY as LORA_KEY
 from gpd_train.run.records import OUTPUT, RECORD, read_record, verify_output
-from gpd_train.run.wan_folder import transformer_folder
+from gpd_train.run.wan_folder import ExpertFolders, expert_folders, transformer_folder
 
 TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
               "runs/default/stage0/model.safetensors), or pass an original-Wan / diffusers "
@@ -32,11 +33,13 @@ TRAIN_HINT = ("train one with `python -m gpd_train --stage 0` (writes "
 
 @dataclass
 class LoadedModel:
-    model: WanDiT
+    model: WanDiT  # of a two-expert folder: the high-noise expert
     description: str
     run_config: RunConfig | None  # the run the weights came from, when known
     plan: StagePlan | None = None  # the plan of the run's stage the weights are the output of
     record: dict[str, Any] | None = None  # the stage's done.json: its own shift and steps
+    low_expert: WanDiT | None = None  # Wan2.2 A14B: the expert below ``boundary``
+    boundary: float | None = None  # the sigma from which down ``low_expert`` runs
 
 
 def recorded_grid(record: dict[str, Any] | None) -> tuple[int | None, float | None]:
@@ -181,6 +184,21 @@ def _load_external(path: Path, preset: str | None, device: torch.device) -> Load
     return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
 
 
+def _load_experts(experts: ExpertFolders, device: torch.device) -> LoadedModel:
+    """Both experts of a Wan2.2 folder; their shape and boundary were checked already."""
+    models = []
+    for folder in (experts.high, experts.low):
+        model = WanDiT(experts.config)
+        try:
+            load_checkpoint(model, folder)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise SampleError(f"expert {folder} does not fit its config.json: {exc}") from None
+        models.append(model.to(device))
+    return LoadedModel(models[0], f"{experts.high.parent} (Wan2.2 experts, boundary sigma "
+                       f"{experts.boundary:g})", None, low_expert=models[1],
+                       boundary=experts.boundary)
+
+
 def load_model(path: str | Path, *, preset: str | None = None, chain: str = DEFAULT_CHAIN,
                stage: int | None = None, device: str = "auto") -> LoadedModel:
     """Resolve PATH (run folder, stage folder/file, Wan or diffusers checkpoint) to a model."""
@@ -198,6 +216,12 @@ def load_model(path: str | Path, *, preset: str | None = None, chain: str = DEFA
             raise SampleError(f"{path} is not a complete run folder: it holds stage folders "
                               f"but no config.json (the trainer writes it when a stage starts); "
                               f"point at a stage folder ({path}/stage0) or restore config.json")
+        experts = expert_folders(path)
+        if experts is not None:
+            if preset is not None:
+                raise SampleError(f"--preset {preset}: {path} is a Wan2.2 folder whose experts' "
+                                  "config.json states the model; drop --preset")
+            return _load_experts(experts, torch_device)
         if path.is_dir() and (path / RECORD).is_file():
             path = path / OUTPUT
         if path.is_file() and path.suffix == ".safetensors":

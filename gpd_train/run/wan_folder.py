@@ -10,11 +10,19 @@ Layout (what diffusers' ``WanPipeline.from_pretrained`` reads)::
     scheduler/      scheduler_config.json
 
 Only the components a command uses are required; a missing one is an error naming the path.
+
+A Wan2.2 A14B folder (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers) holds two experts of one shape:
+``transformer/`` denoises timesteps >= ``boundary_ratio * num_train_timesteps`` and
+``transformer_2/`` those below (diffusers' WanPipeline), ``boundary_ratio`` being in
+model_index.json. With timestep = 1000 sigma on both sides the boundary is the sigma
+``boundary_ratio`` (``expert_folders``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +80,77 @@ def transformer_folder(path: str | Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class ExpertFolders:
+    """A Wan2.2 A14B folder's experts: ``high`` runs sigma >= ``boundary``, ``low`` below."""
+
+    high: Path
+    low: Path
+    boundary: float
+    config: DiTConfig  # both experts'
+
+
+# diffusers' WanPipeline component -> which expert it is
+EXPERTS = {"transformer": "high-noise", "transformer_2": "low-noise"}
+
+
+def _read_index(root: Path) -> dict[str, Any] | None:
+    index = root / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise WanFolderError(f"cannot read {index}: {exc}") from None
+    if not isinstance(data, dict):
+        raise WanFolderError(f"{index} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def expert_folders(path: str | Path) -> ExpertFolders | None:
+    """The two experts of a Wan2.2 A14B Diffusers folder, None for a folder without
+    ``transformer_2`` or ``boundary_ratio`` (one model). Everything is checked before any
+    weight is read: both experts present, of one shape, the boundary inside (0, 1)."""
+    root = Path(path)
+    index = _read_index(root) if root.is_dir() else None
+    if index is None:
+        return None
+    boundary = index.get("boundary_ratio")
+    listed = index.get("transformer_2") not in (None, [None, None])
+    if boundary is None and not (listed or (root / "transformer_2").exists()):
+        return None
+    where = root / "model_index.json"
+    if boundary is None:  # diffusers would silently run transformer/ alone
+        raise WanFolderError(f"{root} has a transformer_2 expert but {where} sets no "
+                             "boundary_ratio (the sigma where it takes over): add it")
+    if isinstance(boundary, bool) or not isinstance(boundary, (int, float)) \
+            or not 0.0 < boundary < 1.0:
+        raise WanFolderError(f"{where}: boundary_ratio must be in (0, 1) (the sigma where "
+                             f"transformer_2 takes over), got {boundary!r}")
+    configs = {}
+    for name, noise in EXPERTS.items():
+        folder = transformer_folder(root / name)
+        if folder is None or folder != root / name:
+            raise WanFolderError(f"{root} (boundary_ratio {boundary}) has no {name} expert: "
+                                 f"missing {root / name / 'config.json'} (the {noise} "
+                                 "WanTransformer3DModel)")
+        configs[name] = config_from_diffusers(folder)
+    high, low = configs.values()
+    if high != low:
+        diff = ", ".join(f"{field.name} {getattr(high, field.name)} vs {getattr(low, field.name)}"
+                         for field in dataclasses.fields(high)
+                         if getattr(high, field.name) != getattr(low, field.name))
+        raise WanFolderError(f"{root}: the experts differ in shape (transformer vs "
+                             f"transformer_2: {diff}); both must be one model's shape")
+    return ExpertFolders(root / "transformer", root / "transformer_2", float(boundary), high)
+
+
 def teacher_dit_config(path: str | Path | None) -> DiTConfig | None:
     """The DiT configuration of a diffusers teacher folder, None for other checkpoints."""
+    if path is not None and expert_folders(path) is not None:
+        raise WanFolderError(f"{path} is a Wan2.2 two-expert folder: training from an expert "
+                             "pair is not supported yet (sample it with python -m "
+                             "gpd_train.sample --checkpoint)")
     folder = None if path is None else transformer_folder(path)
     return None if folder is None else config_from_diffusers(folder)
 
