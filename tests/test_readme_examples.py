@@ -1,0 +1,122 @@
+"""Every `python -m gpd_train` example of the README's training section runs, on the micro model.
+
+Each command runs as the README prints it (its comment cut), in a run folder of its own that
+holds what the command needs first (stage 0, the stage before, a finished stage to resume or
+restart, another run to compare), with the micro configuration's file in place of the
+defaults' budgets. The one whose budget is the point of the line (a 3-step student at 7000
+iterations) is parsed and planned, its training stood in for; tests/test_config_resolve.py
+trains its stages at tiny counts.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+import gpd_train.__main__ as train_cli
+from gpd_train.__main__ import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Four sampling steps at the teacher, halving to one; every chain's lists one entry per stage.
+EXAMPLES_TOML = """\
+steps = [8, 4, 2, 1]
+pipeline_chains = ["gpd", "vanilla"]
+batch_size = 2
+checkpoint_every = 2
+[stage0]
+iterations = 2
+[distill]
+iterations = [2, 2, 2]
+guidance_iterations = 2
+[vanilla]
+iterations = [2, 2, 2]
+[guided]
+iterations = [2, 2, 2]
+[horizon]
+horizons = [2, 4]
+iterations = [2, 2]
+freq_weight = [0.0, 1.0]
+[eval]
+prompts = 4
+batch_size = 4
+examples = 2
+"""
+
+# What a command's run folder holds before it runs (in this order).
+NEEDS: dict[str, list[list[str]]] = {
+    "--stage 1": [["--stage", "0"]],
+    "--stage 2": [["--stage", "0"], ["--stage", "1"]],
+    "--stage 1 --chain vanilla": [["--stage", "0"]],
+    "--stage g --chain guided": [["--stage", "0"]],
+    "--stage 1 --chain guided": [["--stage", "0"], ["--stage", "g", "--chain", "guided"]],
+    "--stage 2 --resume": [["--stage", "0"], ["--stage", "1"], ["--stage", "2"]],
+    "--stage 2 --restart": [["--stage", "0"], ["--stage", "1"], ["--stage", "2"]],
+    "--stage 1 --iterations 3": [["--stage", "0"]],
+    "--stage 1 --lora-rank 16": [["--stage", "0"]],
+    "--stage 1 --chain horizon": [["--stage", "0"]],
+    "--stage 1 --log tensorboard --validate-every 200": [["--stage", "0"]],
+    "--eval": [[]],
+    '--eval --compare "lr 1e-4=runs/lr1e-4"': [[]],
+}
+PLANNED_ONLY = ("--steps 48 24 12 6 3",)
+
+
+def training_examples() -> list[str]:
+    """The README's training commands, after `python -m gpd_train`, comments cut."""
+    text = README.read_text()
+    block = text[text.index("## Training: `python -m gpd_train`"):]
+    start = block.index("```bash") + len("```bash")
+    block = block[start:block.index("```", start)]
+    commands = []
+    for line in block.splitlines():
+        command = line.partition("  #")[0].strip()
+        if command.startswith("python -m gpd_train"):
+            commands.append(command[len("python -m gpd_train"):].strip())
+    return commands
+
+
+def test_the_readme_lists_the_commands_this_test_knows():
+    """A new README example must be placed here (what it needs), not silently skipped."""
+    known = {"", "--stage 0", "--help", "--config run.toml", "--iterations 500 250 250",
+             *NEEDS, *[c for c in training_examples() if c.startswith(PLANNED_ONLY)]}
+    assert set(training_examples()) <= known, set(training_examples()) - known
+    assert len(training_examples()) >= 15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", training_examples())
+def test_a_readme_training_example_runs(command, micro, tmp_path, monkeypatch, capsys):
+    toml = Path(micro[micro.index("--config") + 1])
+    toml.write_text(EXAMPLES_TOML)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(toml, tmp_path / "run.toml")  # the README's --config run.toml
+    flags = [*micro, "--threads", "1"]
+    if command == "--help":
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0 and "--stage" in capsys.readouterr().out
+        return
+    if command.startswith(PLANNED_ONLY):
+        planned: list = []
+        monkeypatch.setattr(train_cli, "run_pipeline",
+                            lambda config, resume: planned.append(config))
+        assert main([*shlex.split(command), *flags]) == 0
+        assert len(planned) == 1
+        return
+    for needed in NEEDS.get(command, []):
+        assert main([*needed, *flags]) == 0, f"setting up {needed}: {capsys.readouterr().err}"
+    if "--compare" in command:  # another run: the same stage 0, its own GPD chain
+        other = tmp_path / "runs" / "lr1e-4"
+        other.mkdir(parents=True)
+        shutil.copytree(tmp_path / "run" / "stage0", other / "stage0")
+        other_flags = [*flags[:flags.index("--run-dir")], "--run-dir", str(other),
+                       *flags[flags.index("--run-dir") + 2:]]
+        for stage in ("1", "2", "3"):
+            assert main(["--stage", stage, "--lr", "1e-4", *other_flags]) == 0, \
+                capsys.readouterr().err
+    rc = main([*shlex.split(command), *flags])
+    assert rc == 0, f"`python -m gpd_train {command}` exited {rc}: {capsys.readouterr().err}"
