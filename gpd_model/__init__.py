@@ -17,6 +17,7 @@ from .denoiser import (
     DiTDenoiser,
     ExpertPair,
     guided_branches,
+    unconditional,
 )
 from .guidance import GuidanceEmbedding, add_guidance_input, fold_guidance, has_guidance_input
 from .model import WanDiT
@@ -30,6 +31,7 @@ __all__ = [
     "Denoiser",
     "DiTDenoiser",
     "ExpertPair",
+    "unconditional",
     "CheckpointError",
     "PRESETS",
     "DiTConfig",
