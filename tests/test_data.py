@@ -99,7 +99,7 @@ def test_procedural_input_errors():
         data.draw(0, 2, with_latents=False)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         data.draw(torch.Generator(), 0, with_latents=False)
-    with pytest.raises(ValueError, match="a t2v model on it has in_channels 3 and "
+    with pytest.raises(ValueError, match="a model for t2v on it has in_channels 3 and "
                                          "out_channels 3, got 16 and 16"):
         open_data(None, get_preset("tiny", in_channels=16, out_channels=16), seed=0)
 

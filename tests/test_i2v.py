@@ -168,7 +168,7 @@ def test_cfg_dropout_drops_the_text_and_keeps_the_image():
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"task": "i2v"}, r"task 'i2v' does not fit preset 'tiny': it is t2v \(in_channels 3, "
-                      r"out_channels 3\); give task 't2v' or a i2v preset"),
+                      r"out_channels 3\); give task 't2v' or a preset for i2v"),
     ({"preset": "tiny-i2v"}, r"task 't2v' does not fit preset 'tiny-i2v': it is i2v"),
     ({"task": "v2v"}, r"task must be one of t2v, i2v, got 'v2v'"),
 ])
@@ -182,7 +182,7 @@ def test_open_data_refuses_what_the_i2v_model_cannot_train_on(tmp_path):
     cfg = get_preset("tiny-i2v")
     with pytest.raises(ConfigError, match="image-to-video trains on the built-in data set only"):
         open_data(tmp_path, cfg, 0, "i2v")
-    with pytest.raises(ConfigError, match=r"a i2v model on it has in_channels 7 and "
+    with pytest.raises(ConfigError, match=r"a model for i2v on it has in_channels 7 and "
                                           r"out_channels 3, got 36 and 3"):
         open_data(None, get_preset("tiny-i2v", in_channels=36), 0, "i2v")
     assert open_data(None, cfg, 0, "i2v").task == "i2v"

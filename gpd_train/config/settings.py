@@ -201,7 +201,7 @@ def check_task(task: str, cfg: DiTConfig, model: str = "the model") -> None:
     if task != made_for:
         raise ConfigError(f"task {task!r} does not fit {model}: it is {made_for} (in_channels "
                          f"{cfg.in_channels}, out_channels {cfg.out_channels}); give task "
-                         f"{made_for!r} or a {task} preset")
+                         f"{made_for!r} or a preset for {task}")
 
 
 @dataclass(frozen=True)

@@ -430,7 +430,7 @@ def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
     if path is None:
         channels = 3 + (1 + 3 if task == "i2v" else 0)  # video; i2v: + mask and first frame
         if (cfg.in_channels, cfg.out_channels) != (channels, 3):
-            raise ConfigError(f"the built-in data set is RGB video: a {task} model on it has "
+            raise ConfigError(f"the built-in data set is RGB video: a model for {task} on it has "
                              f"in_channels {channels} and out_channels 3, got "
                              f"{cfg.in_channels} and {cfg.out_channels}: pass --data with a "
                              "prompt-embedding data set")
