@@ -18,6 +18,7 @@ from .denoiser import (
     ExpertPair,
     ExpertScales,
     guided_branches,
+    unconditional,
 )
 from .guidance import GuidanceEmbedding, add_guidance_input, fold_guidance, has_guidance_input
 from .model import WanDiT
@@ -32,6 +33,7 @@ __all__ = [
     "DiTDenoiser",
     "ExpertPair",
     "ExpertScales",
+    "unconditional",
     "CheckpointError",
     "PRESETS",
     "DiTConfig",

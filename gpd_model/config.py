@@ -85,6 +85,12 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.rope_theta must be > 0, got {self.rope_theta!r}")
 
     @property
+    def image_to_video(self) -> bool:
+        """Whether the input is wider than the output: the noisy latent, then the mask and
+        condition latent of image-to-video along channels."""
+        return self.in_channels > self.out_channels
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
@@ -107,8 +113,10 @@ _TINY = DiTConfig(
 
 PRESETS: dict[str, DiTConfig] = {
     "tiny": _TINY,
-    # tiny with Wan2.1-I2V's parts: the 36-channel input and a small image embedder.
-    "tiny-i2v": replace(_TINY, in_channels=36, image_dim=32),
+    # tiny with Wan2.1-I2V's parts on the built-in RGB videos (no VAE): the input is the
+    # noisy video 3 + a 1-channel mask (one mask channel per frame: nothing packs 4 frames
+    # into one as Wan's VAE does) + the first frame then zeros 3, and a small image embedder.
+    "tiny-i2v": replace(_TINY, in_channels=7, image_dim=32),
     # tiny sampled as Wan2.2-TI2V: per-token timesteps, the first latent frame as condition.
     "tiny-ti2v": replace(_TINY, expand_timesteps=True),
     # Twice tiny's width (4x its linear-layer FLOPs): the capacity check of the step

@@ -194,30 +194,77 @@ def check_sigma(x: torch.Tensor, sigma: torch.Tensor, who: str) -> None:
                          f"{tuple(sigma.shape)}")
 
 
+def image_inputs(model: nn.Module) -> tuple[bool, bool]:
+    """(takes an image latent, takes image tokens) of a Wan DiT: an image-to-video input is
+    wider than its output (the mask and condition latent), and Wan2.1-I2V has an image
+    embedder for image tokens."""
+    return model.cfg.image_to_video, model.cfg.image_dim is not None
+
+
 @dataclass(frozen=True)
 class DiTDenoiser:
     """One Wan DiT: ``model(x, 1000 * sigma, cond.text)``, with ``cond.guidance`` as the
     model's guidance input when it has one (gpd_model.guidance). Whether it has one is
-    read at every call: a LoRA teacher swaps it in and out (gpd_train.lora.use_adapter)."""
+    read at every call: a LoRA teacher swaps it in and out (gpd_train.lora.use_adapter).
+
+    Image-to-video: the model's input is ``cat([x, cond.image_latent], channels)`` (the mask
+    and condition latent after the noisy latent, as diffusers' WanImageToVideoPipeline
+    concatenates) and ``cond.image_tokens`` go to its image embedder; a model takes exactly
+    the image slots it has inputs for."""
 
     model: nn.Module
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
         check_sigma(x, sigma, "DiTDenoiser")
-        if cond.image_latent is not None or cond.image_tokens is not None:
-            raise ValueError("DiTDenoiser: this Wan DiT is text-to-video and takes no image "
-                             "condition (image_latent / image_tokens are set)")
+        inputs = self._inputs(x, cond)
+        extra = {} if cond.image_tokens is None else {"image_tokens": cond.image_tokens}
         timestep = timestep_from_sigma(sigma)
         if not has_guidance_input(self.model):
-            return self.model(x, timestep, cond.text)
+            return self.model(inputs, timestep, cond.text, **extra)
         if cond.guidance is None:
             raise ValueError("DiTDenoiser: the model takes the CFG scale as an input; set "
                              "Conditioning.guidance [B]")
-        return self.model(x, timestep, cond.text, guidance=cond.guidance)
+        return self.model(inputs, timestep, cond.text, guidance=cond.guidance, **extra)
+
+    def _inputs(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model's input: ``x``, with the image latent after it along channels."""
+        takes_latent, takes_tokens = image_inputs(self.model)
+        for name, takes, given, what, without in (
+                ("image_latent", takes_latent, cond.image_latent, "the mask and condition "
+                 "latent", "a text-to-video model"),
+                ("image_tokens", takes_tokens, cond.image_tokens, "image-encoder tokens",
+                 "no image embedder")):
+            if takes and given is None:
+                raise ValueError(f"DiTDenoiser: this image-to-video Wan DiT needs "
+                                 f"Conditioning.{name} ({what}), got None")
+            if given is not None and not takes:
+                raise ValueError(f"DiTDenoiser: this Wan DiT has no input for "
+                                 f"Conditioning.{name} ({what}; {without}), but it is set")
+        latent = cond.image_latent
+        if latent is None:
+            return x
+        if latent.shape[0] != x.shape[0] or latent.shape[2:] != x.shape[2:]:
+            raise ValueError(f"DiTDenoiser: image_latent must be [{x.shape[0]}, C, "
+                             f"{', '.join(map(str, x.shape[2:]))}] (x's batch and frames, "
+                             f"height, width), got {tuple(latent.shape)}")
+        return torch.cat([x, latent.to(x.dtype)], dim=1)
 
     def modules(self) -> tuple[nn.Module, ...]:
         return (self.model,)
+
+
+def unconditional(cond: Conditioning, negative: Conditioning) -> Conditioning:
+    """The unconditional Conditioning of each of ``cond``'s rows: ``negative``'s text (batch
+    1 or ``cond``'s) with ``cond``'s image slots and CFG scale. Wan guides image-to-video on
+    the text alone: the image condition is kept in both branches, so CFG and CFG dropout
+    both take their negative from here."""
+    if negative.image_latent is not None or negative.image_tokens is not None:
+        raise ValueError("unconditional: the negative Conditioning carries text only; its "
+                         "image slots come from each sample's own")
+    return dataclasses.replace(negative.to(cond.text.device).expand(len(cond)),
+                               image_latent=cond.image_latent, image_tokens=cond.image_tokens,
+                               guidance=cond.guidance)
 
 
 @dataclass(frozen=True)
@@ -239,7 +286,8 @@ class ExpertScales:
 class CFG:
     """Classifier-free guidance around ``denoiser``: ``u_uncond + w (u_cond - u_uncond)``.
 
-    ``negative`` is the unconditional Conditioning (batch 1, or the batch's size);
+    ``negative`` is the unconditional text (batch 1, or the batch's size), completed per
+    sample by ``unconditional``;
     ``scale`` w is a float or a [B] tensor, or None for each sample's ``cond.guidance``
     (the w rollout lanes draw per trajectory). Both branches run as one forward of 2B.
 
@@ -274,9 +322,9 @@ class CFG:
                  cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u_cond, u_uncond)`` from one forward of batch 2B, the form the fused CFG
         kernels (gpd_kernels.cfg_euler_step, double_step_target) consume."""
-        # The negative row takes each sample's w too: a denoiser reading it sees one batch.
-        negative = dataclasses.replace(self.negative.to(cond.text.device).expand(len(x)),
-                                       guidance=cond.guidance)
+        # The negative row takes each sample's w (a denoiser reading it sees one batch) and
+        # image condition.
+        negative = unconditional(cond, self.negative)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
                              Conditioning.cat([cond, negative]))
         u_cond, u_uncond = both.chunk(2)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from gpd_model import get_preset
 from gpd_train.data.datasets import MOTIONS, SHAPES, ProceduralVideos, PromptEmbeddingSet, open_data
 
 
@@ -98,8 +99,9 @@ def test_procedural_input_errors():
         data.draw(0, 2, with_latents=False)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         data.draw(torch.Generator(), 0, with_latents=False)
-    with pytest.raises(ValueError, match="in_channels 3.*in_channels 16"):
-        open_data(None, 8, 16, seed=0)
+    with pytest.raises(ValueError, match="a model for t2v on it has in_channels 3 and "
+                                         "out_channels 3, got 16 and 16"):
+        open_data(None, get_preset("tiny", in_channels=16, out_channels=16), seed=0)
 
 
 def write_set(folder, rows=(3, 2), length=5, text_dim=6, latents=True, latent_shape="2,3,4,4"):

@@ -160,7 +160,8 @@ def test_denoisers_refuse_per_token_sigma_and_image_conditions_they_do_not_take(
                                              r"supported yet; give one sigma per sample, \[2\]"):
             denoiser(x, torch.rand(2, 8), cond)
     image = Conditioning(cond.text, image_latent=torch.zeros(2, 4, 4, 8, 8))
-    with pytest.raises(ValueError, match="text-to-video and takes no image condition"):
+    with pytest.raises(ValueError, match=r"no input for Conditioning.image_latent \(the mask "
+                                         r"and condition latent; a text-to-video model\)"):
         DiTDenoiser(model)(x, torch.rand(2), image)
     with pytest.raises(ValueError, match=r"boundary must be a sigma in \(0, 1\], got 1.5"):
         ExpertPair(DiTDenoiser(model), DiTDenoiser(model), 1.5)

@@ -178,10 +178,10 @@ def test_presets_match_diffusers_configs_and_parameters() -> None:
         p.numel() for p in reference.parameters())
 
     tiny = get_preset("tiny-i2v")
-    assert (tiny.in_channels, tiny.image_dim) == (36, 32)
+    assert (tiny.in_channels, tiny.image_dim) == (7, 32)  # RGB 3 + mask 1 + frame 3
     assert {**vars(tiny), "in_channels": 3, "image_dim": None} == vars(get_preset("tiny"))
     model = WanDiT(tiny)
-    out = model(torch.randn(2, 36, 4, 6, 8), torch.tensor([999.0, 10.0]),
+    out = model(torch.randn(2, 7, 4, 6, 8), torch.tensor([999.0, 10.0]),
                 torch.randn(2, 5, tiny.text_dim), image_tokens=torch.randn(2, 7, 32))
     assert out.shape == (2, 3, 4, 6, 8) and torch.isfinite(out).all()
 

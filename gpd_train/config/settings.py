@@ -7,6 +7,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
+    task = "t2v"               # t2v | i2v (the preset's: tiny-i2v; built-in data only)
     device = "auto"            # auto | cpu | cuda | cuda:N
     threads = 0                # CPU threads for torch; 0: its default, fewer on busy cores
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
@@ -101,7 +102,7 @@ from typing import Any
 import tomllib
 import torch
 
-from gpd_model import CheckpointError
+from gpd_model import PRESETS, CheckpointError, DiTConfig
 from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, chain_names, get_chain
 from gpd_train.errors import ConfigError, LoraError
 
@@ -172,14 +173,15 @@ class ParallelConfig:
             raise ConfigError(f"parallel.teacher must be one of {TEACHER_MODES}, got "
                              f"{self.teacher!r}")
 
+TASKS = ("t2v", "i2v")  # text-to-video; image-to-video (built-in data: from the first frame)
 LOG_BACKENDS = ("none", "tensorboard")  # --log: where training's scalars also go
 
 # Per-preset defaults for values the DiT config does not carry.
-PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0}
+PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0, "tiny-i2v": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # The tiny teacher follows prompts as well unguided as at scale 4 (prompt accuracy 0.77 vs
 # 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
-PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5}
+PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5, "tiny-i2v": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 # A horizon chain's CFG anneal ends at this share of the guidance beyond 1 (the GPD paper's
 # 6.0 -> 1.5 for Wan2.1: 5.0 -> 0.5).
@@ -191,6 +193,15 @@ RUN_CONFIG = "config.json"  # a run folder's configuration
 SEED_MAX = 2**32 - 1
 # The per-stage lists of a chain's table and the trainer flag that sets them (GPD chain).
 PER_STAGE = {"iterations": "--iterations", "freq_weight": "--freq-weight"}
+
+
+def check_task(task: str, cfg: DiTConfig, model: str = "the model") -> None:
+    """``task`` must be the one ``cfg`` is made for (an image-to-video input is wider)."""
+    made_for = "i2v" if cfg.image_to_video else "t2v"
+    if task != made_for:
+        raise ConfigError(f"task {task!r} does not fit {model}: it is {made_for} (in_channels "
+                         f"{cfg.in_channels}, out_channels {cfg.out_channels}); give task "
+                         f"{made_for!r} or a preset for {task}")
 
 
 @dataclass(frozen=True)
@@ -273,6 +284,7 @@ class RunConfig:
 
     run_dir: str = "runs/default"
     preset: str = "tiny"
+    task: str = "t2v"
     device: str = "auto"
     threads: int = 0
     precision: str = "fp32"
@@ -387,6 +399,10 @@ class RunConfig:
         tables = self._inherited_tables()
         self._check_numbers(tables)
         self._check_stage_lists(lengths=True)
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.teacher is None and self.preset in PRESETS:  # a teacher folder: checked on load
+            check_task(self.task, PRESETS[self.preset], f"preset {self.preset!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
@@ -489,7 +505,7 @@ class RunConfig:
         for key in ("prompts", "batch_size", "examples"):
             check_number(f"eval.{key}", getattr(self.eval, key), integer=True, low=1)
         check_number("eval.seed", self.eval.seed, integer=True, low=0, high=SEED_MAX)
-        for key in ("run_dir", "preset", "device", "precision"):
+        for key in ("run_dir", "preset", "task", "device", "precision"):
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
         for key in ("data", "teacher", "prompts"):

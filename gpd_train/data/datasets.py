@@ -6,6 +6,13 @@ Both sources offer the same small interface used by the trainer and the evaluati
 Conditioning, batch 1; ``negative_context`` [L, D] its text), ``latent_shape`` (C, T, H, W),
 ``text_dim``, ``context_len``, ``has_latents`` and ``eval_prompts(count)`` -> ``(cond, names)``.
 
+Image-to-video (``task = "i2v"``, the built-in set only): each sample's Conditioning also
+carries its first frame as the condition, ``image_latent`` = [mask, frame] [B, 1 + 3, T, H, W]
+(the mask 1 on the first frame, the frame there and zeros after, as Wan's image-to-video
+pipeline lays out its VAE latent with no temporal compression) and, for a model with an image
+embedder, ``image_tokens``: the first frame's 4 x 4 patches through a fixed random projection
+(the built-in set's stand-in for CLIP, as its prompt embeddings stand in for umT5).
+
 Prompt-embedding data set layout (real scale), a folder holding:
 
 - ``shard-*.safetensors``: each with ``context`` [N, L, text_dim] (float16, bfloat16 or
@@ -28,8 +35,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from gpd_model import Conditioning
+from gpd_model import Conditioning, DiTConfig
+from gpd_train.config.settings import TASKS, check_task
 from gpd_train.errors import ConfigError
 
 SHAPES: tuple[str, ...] = ("square", "disc", "cross")
@@ -44,6 +53,8 @@ _SHAPE_COLOURS = {"square": (1.0, 0.3, 0.3), "disc": (0.3, 1.0, 0.3), "cross": (
 _BACKGROUND = -1.0
 DEFAULT_SPEED = 2
 _EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data seed
+_IMAGE_SEED = 20240602  # the fixed "image encoder" of image-to-video tasks
+_IMAGE_PATCH = 4  # pixels per side of one image token
 
 
 def _check_generator(generator: torch.Generator) -> None:
@@ -97,7 +108,7 @@ class ProceduralVideos(_Negative):
     context_len = 4
 
     def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, task: str = "t2v", image_dim: int | None = None) -> None:
         if speed is None and isinstance(frames, int) and isinstance(size, int) and frames >= 2:
             # 2 px per frame (one 2x2 patch), slower when a small canvas leaves no room.
             speed = max(1, min(DEFAULT_SPEED, (size - 5) // (frames - 1)))
@@ -105,6 +116,12 @@ class ProceduralVideos(_Negative):
                                  ("speed", speed, 1), ("size", size, 5 + speed * (frames - 1))):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"ProceduralVideos.{name} must be an int >= {low}, got {value!r}")
+        if task not in TASKS:
+            raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        if image_dim is not None and (task != "i2v" or size % _IMAGE_PATCH):
+            raise ConfigError(f"image tokens (image_dim {image_dim}) need task 'i2v' and a size "
+                             f"divisible by {_IMAGE_PATCH}, got task {task!r}, size {size}")
+        self.task = task
         self.text_dim = text_dim
         self.frames = frames
         self.size = size
@@ -123,6 +140,9 @@ class ProceduralVideos(_Negative):
         ])
         zero = torch.zeros(text_dim)
         self.negative_context = torch.stack([start, end, zero, zero])
+        self._image_projection = None if image_dim is None else torch.randn(
+            3 * _IMAGE_PATCH ** 2, image_dim, generator=torch.Generator().manual_seed(
+                _IMAGE_SEED)) / (3 * _IMAGE_PATCH ** 2) ** 0.5
 
     @property
     def num_prompts(self) -> int:
@@ -184,19 +204,48 @@ class ProceduralVideos(_Negative):
         colour = params[:, 3:6].view(-1, 3, 1, 1, 1)
         return _BACKGROUND + mask[:, None] * (colour * 2.0 - 1.0 - _BACKGROUND)
 
+    def conditioning(self, indices: torch.Tensor) -> tuple[Conditioning, torch.Tensor | None]:
+        """Samples ``indices``' Conditioning and, for image-to-video, their videos (the
+        condition is made from them; None for text-to-video, which renders none)."""
+        text = self.context(indices % self.num_prompts)
+        if self.task == "t2v":
+            return Conditioning(text), None
+        videos = self.videos(indices)
+        first = videos[:, :, :1]
+        image_latent = torch.cat([torch.ones_like(first[:, :1]), first], dim=1)
+        image_latent = torch.cat([image_latent, image_latent.new_zeros(
+            (*image_latent.shape[:2], self.frames - 1, self.size, self.size))], dim=2)
+        tokens = None
+        if self._image_projection is not None:
+            # [B, 3, H, W] -> [B, (H/p)(W/p), 3 p p]: each token one p x p patch.
+            patches = nn.functional.unfold(first[:, :, 0], _IMAGE_PATCH, stride=_IMAGE_PATCH)
+            tokens = patches.transpose(1, 2) @ self._image_projection
+        return Conditioning(text, image_latent=image_latent, image_tokens=tokens), videos
+
     def draw(self, generator: torch.Generator, batch_size: int,
              with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
-        """A random batch: its texts [B, L, D] and, if asked, its videos [B, 3, T, H, W]."""
+        """A random batch: its Conditioning and, if asked, its videos [B, 3, T, H, W]."""
         _check_generator(generator)
         _check_batch_size(batch_size)
         indices = torch.randint(0, 2**31 - 1, (batch_size,), generator=generator)
-        cond = Conditioning(self.context(indices % self.num_prompts))
-        return cond, (self.videos(indices) if with_latents else None)
+        cond, videos = self.conditioning(indices)
+        if not with_latents:
+            return cond, None
+        return cond, videos if videos is not None else self.videos(indices)
 
     def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
-        """The first ``count`` prompts, cycling: their texts [count, L, D] and names."""
-        ids = torch.arange(count) % self.num_prompts
-        return Conditioning(self.context(ids)), [self.prompt_name(int(i)) for i in ids]
+        """The first ``count`` samples (their prompts cycle): their Conditioning and names."""
+        indices = torch.arange(count)
+        return (self.conditioning(indices)[0],
+                [self.prompt_name(int(i)) for i in indices % self.num_prompts])
+
+    @staticmethod
+    def condition_frames(cond: Conditioning) -> torch.Tensor:
+        """The condition frames [B, 3, H, W] of an image-to-video Conditioning."""
+        if cond.image_latent is None:
+            raise ConfigError("condition_frames: the Conditioning has no image_latent "
+                             "(text-to-video)")
+        return cond.image_latent[:, 1:, 0]
 
     def classify(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Recognise (shape id, motion id) [B] of videos [B, 3, T, H, W] made like ours.
@@ -373,13 +422,20 @@ class PromptEmbeddingSet(_Negative):
         return Conditioning(self.rows(indices)[0]), [f"row {i}" for i in indices]
 
 
-def open_data(path: str | Path | None, text_dim: int, latent_channels: int,
-              seed: int) -> ProceduralVideos | PromptEmbeddingSet:
-    """The built-in set when ``path`` is None, else the prompt-embedding set at ``path``."""
+def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
+              task: str = "t2v") -> ProceduralVideos | PromptEmbeddingSet:
+    """The built-in set when ``path`` is None, else the prompt-embedding set at ``path``,
+    for ``task`` (text- or image-to-video), which must be the model's."""
+    check_task(task, cfg)
     if path is None:
-        if latent_channels != 3:
-            raise ConfigError("the built-in data set is RGB video (in_channels 3); the model has "
-                             f"in_channels {latent_channels}: pass --data with a prompt-embedding "
-                             "data set")
-        return ProceduralVideos(text_dim, seed=seed)
-    return PromptEmbeddingSet(path, text_dim=text_dim, latent_channels=latent_channels)
+        channels = 3 + (1 + 3 if task == "i2v" else 0)  # video; i2v: + mask and first frame
+        if (cfg.in_channels, cfg.out_channels) != (channels, 3):
+            raise ConfigError(f"the built-in data set is RGB video: a model for {task} on it has "
+                             f"in_channels {channels} and out_channels 3, got "
+                             f"{cfg.in_channels} and {cfg.out_channels}: pass --data with a "
+                             "prompt-embedding data set")
+        return ProceduralVideos(cfg.text_dim, seed=seed, task=task, image_dim=cfg.image_dim)
+    if task == "i2v":
+        raise ConfigError(f"image-to-video trains on the built-in data set only; {path} holds "
+                         "prompt embeddings without images")
+    return PromptEmbeddingSet(path, text_dim=cfg.text_dim, latent_channels=cfg.in_channels)

@@ -44,6 +44,7 @@ from gpd_train.errors import ConfigError
 from gpd_train.eval.detail_metric import SANITY, DetailJudge, real_videos, sanity_pairs, sanity_sets
 from gpd_train.eval.feature_net import feature_net, video_features
 from gpd_train.eval.metrics import (
+    first_frame_psnr,
     frechet_distance,
     half_sample_interval,
     high_frequency_share,
@@ -247,6 +248,8 @@ class _Judge:
     net: Any
     data_features: torch.Tensor | None
     detail: DetailJudge | None = None
+    # Image-to-video: each video's condition frame [N, 3, H, W] (first-frame fidelity).
+    first_frames: torch.Tensor | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def row(self, candidate: Candidate, videos: torch.Tensor, reference: torch.Tensor,
@@ -261,6 +264,10 @@ class _Judge:
         if candidate.label != candidate.reference:
             per_video = psnr_per_video(videos, reference)
             row["psnr_db"], row["psnr_db_ci"] = float(per_video.mean()), mean_interval(per_video)
+        if self.first_frames is not None:
+            per_video = first_frame_psnr(videos, self.first_frames)
+            row["first_frame_psnr_db"] = float(per_video.mean())
+            row["first_frame_psnr_db_ci"] = mean_interval(per_video)
         if self.net is not None:
             features = self.features[candidate.label] = video_features(self.net, videos)
             row["fd_ref"] = frechet_distance(features, self.features[candidate.reference])
@@ -288,6 +295,11 @@ class _Judge:
             diff = psnr_per_video(sets[a], reference) - psnr_per_video(sets[b], reference)
             out.append({"a": a, "b": b, "metric": "PSNR (dB)", "value": float(diff.mean()),
                         "ci": mean_interval(diff)})
+            if self.first_frames is not None:
+                diff = (first_frame_psnr(sets[a], self.first_frames)
+                        - first_frame_psnr(sets[b], self.first_frames))
+                out.append({"a": a, "b": b, "metric": "first-frame PSNR (dB)",
+                            "value": float(diff.mean()), "ci": mean_interval(diff)})
             if self.net is None:
                 continue
             fa, fb = self.features[a], self.features[b]
@@ -303,16 +315,20 @@ class _Judge:
         return out
 
 
-def _judge(run: RunFolder, data: Any, prompts: int, out: Path) -> _Judge:
+def _judge(run: RunFolder, data: Any, cond: Conditioning, out: Path) -> _Judge:
+    prompts = len(cond)
+    first_frames = (None if cond.image_latent is None
+                    else ProceduralVideos.condition_frames(cond))
     if not isinstance(data, ProceduralVideos):
         tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD, "
                    "detail KID and prompt accuracy need the built-in data's real videos and "
                    "labels)")
-        return _Judge(data, None, None, None)
+        return _Judge(data, None, None, None, first_frames=first_frames)
     prompt_ids = torch.arange(prompts) % data.num_prompts
     net = feature_net(data, run.config.seed, out / "feature_net.safetensors")
     real = real_videos(data, prompts)
-    return _Judge(data, prompt_ids, net, video_features(net, real), DetailJudge.build(net, real))
+    return _Judge(data, prompt_ids, net, video_features(net, real), DetailJudge.build(net, real),
+                  first_frames=first_frames)
 
 
 def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = None) -> Path:
@@ -338,7 +354,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
         tqdm.write(f"[eval] its inputs changed: moved the old report to {moved}")
     cond, names = data.eval_prompts(ev.prompts)
     noise = make_noise((ev.prompts, *data.latent_shape), seed=ev.seed)
-    judge = _judge(run, data, ev.prompts, out)
+    judge = _judge(run, data, cond, out)
     examples = torch.linspace(0, ev.prompts - 1, min(ev.examples, ev.prompts)).round().long()
     rows, sheet_rows, sets = [], [], {}
     for candidate in tqdm(candidates, desc="eval", unit="model"):

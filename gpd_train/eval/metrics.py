@@ -40,6 +40,17 @@ def psnr_per_video(videos: torch.Tensor, reference: torch.Tensor,
     return 10.0 * torch.log10(peak_to_peak ** 2 / mse)
 
 
+def first_frame_psnr(videos: torch.Tensor, frames: torch.Tensor,
+                     peak_to_peak: float = 2.0) -> torch.Tensor:
+    """PSNR [N] of each video's first frame to its condition frame ``frames`` [N, C, H, W]:
+    how faithfully an image-to-video model starts from the image it was given."""
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4:
+        got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"frames must be a [N, C, H, W] tensor, got {got}")
+    check_videos(videos, "videos")
+    return psnr_per_video(videos[:, :, :1], frames[:, :, None], peak_to_peak)
+
+
 def psnr(videos: torch.Tensor, reference: torch.Tensor, peak_to_peak: float = 2.0) -> float:
     """Mean over videos of ``10 log10(peak_to_peak^2 / MSE)`` (inf when identical)."""
     return float(psnr_per_video(videos, reference, peak_to_peak).mean())

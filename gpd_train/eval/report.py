@@ -27,7 +27,9 @@ def fmt_interval(row: dict[str, Any], key: str, digits: int = 2) -> str:
 
 
 def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
+    i2v = any("first_frame_psnr_db" in row for row in rows)
     header = ["model", "steps", "CFG", "NFE", "PSNR to ref (dB)"]
+    header += ["first-frame PSNR (dB)"] if i2v else []
     header += ["learned FD to data", "learned FD to ref", "detail KID to data"] if builtin else []
     header += ["HF ratio", "motion ratio"]
     header += ["prompt acc"] if builtin else []
@@ -36,6 +38,7 @@ def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
     for row in rows:
         cells = [row["model"], fmt(row["steps"]), row["cfg"], fmt(row["nfe"]),
                  fmt_interval(row, "psnr_db")]
+        cells += [fmt_interval(row, "first_frame_psnr_db")] if i2v else []
         if builtin:
             cells += [fmt_interval(row, "fd_data"), fmt(row["fd_ref"], 2),
                       fmt_interval(row, "kid_data", 3)]
@@ -170,7 +173,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               "rows are held-out data and the reference blurred (Gaussian sigma in latent pixels), "
               "its frames shuffled, or frozen; "
               "share of spatial spectral energy above half Nyquist, over the reference's; "
-              "mean absolute frame difference, over the reference's; share of videos whose "
+              "mean absolute frame difference, over the reference's; first-frame PSNR "
+              "(image-to-video): each video's first frame to the frame it was conditioned on; "
+              "share of videos whose "
               "recognised shape and motion match the prompt; wall-clock sampling seconds per "
               "video. VBench is not reported (its models cannot be downloaded here).", "",
               "## Stages", "",

@@ -232,8 +232,8 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
                                 _needs_negative(loaded, args))
     run = loaded.run_config
     try:
-        data = open_data(run.data if run else None, cfg.text_dim, cfg.in_channels,
-                         run.seed if run else 0)
+        data = open_data(run.data if run else None, cfg, run.seed if run else 0,
+                         run.task if run else "t2v")
     except ValueError as exc:
         raise SampleError(f"{exc} (or --prompt-embeddings FILE, or --prompt TEXT with "
                           "--model DIR)") from None

@@ -46,8 +46,7 @@ class TrainingRun(RunFolder):
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
         set_sequence(config.parallel.sequence, self.dit_config.num_heads)
-        self.data = open_data(config.data, self.dit_config.text_dim,
-                              self.dit_config.in_channels, config.seed)
+        self.data = open_data(config.data, self.dit_config, config.seed, config.task)
 
 
 def check_cuda_graph(run: RunFolder, sid: StageId) -> None:

@@ -20,6 +20,7 @@ from gpd_model import (
     guided_branches,
     shift_sigma,
     sigma_grid,
+    unconditional,
 )
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
@@ -47,7 +48,8 @@ class FlowMatching:
     def prepare(self, step: int) -> dict[str, torch.Tensor]:
         cond, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         dropped = torch.rand(self.batch_size, generator=self.generator) < self.cfg_dropout
-        cond = cond.where(dropped, self.data.negative)
+        # Dropout drops the text only: an image condition stays (Wan's I2V guidance).
+        cond = cond.where(dropped, unconditional(cond, self.data.negative))
         sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
         return {"noisy": add_noise(clean, noise, sigma).to(self.device),
