@@ -3,9 +3,9 @@
 Each command runs as the README prints it (its comment cut), in a run folder of its own that
 holds what the command needs first (stage 0, the stage before, a finished stage to resume or
 restart, another run to compare), with the micro configuration's file in place of the
-defaults' budgets. The one whose budget is the point of the line (a 3-step student at 7000
-iterations) is parsed and planned, its training stood in for; tests/test_config_resolve.py
-trains its stages at tiny counts.
+defaults' budgets. Those whose budget is the point of the line (a 3-step student at 7000
+iterations, the image-to-video example) are parsed and planned, their training stood in for;
+tests/test_config_resolve.py and tests/test_i2v.py train them at tiny counts.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ NEEDS: dict[str, list[list[str]]] = {
     "--eval": [[]],
     '--eval --compare "lr 1e-4=runs/lr1e-4"': [[]],
 }
-PLANNED_ONLY = ("--steps 48 24 12 6 3",)
+# Whole pipelines at their own budgets: parsed and planned (their training stood in for); the
+# image-to-video example trains at tiny counts in tests/test_i2v.py.
+PLANNED_ONLY = ("--steps 48 24 12 6 3", "--config examples/i2v.toml")
 
 
 def training_examples() -> list[str]:
@@ -89,7 +91,17 @@ def test_the_readme_lists_the_commands_this_test_knows():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", training_examples())
-def test_a_readme_training_example_runs(command, micro, tmp_path, monkeypatch, capsys):
+def test_a_readme_training_example_runs(command, request, tmp_path, monkeypatch, capsys):
+    if command.startswith(PLANNED_ONLY):  # the model the command's own configuration names
+        planned: list = []
+        monkeypatch.setattr(train_cli, "run_pipeline",
+                            lambda config, resume: planned.append(config))
+        monkeypatch.chdir(README.parent)  # examples/ is the repository's
+        own = ["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--threads", "1"]
+        assert main([*shlex.split(command), *own]) == 0, capsys.readouterr().err
+        assert len(planned) == 1
+        return
+    micro = request.getfixturevalue("micro")
     toml = Path(micro[micro.index("--config") + 1])
     toml.write_text(EXAMPLES_TOML)
     monkeypatch.chdir(tmp_path)
@@ -99,13 +111,6 @@ def test_a_readme_training_example_runs(command, micro, tmp_path, monkeypatch, c
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0 and "--stage" in capsys.readouterr().out
-        return
-    if command.startswith(PLANNED_ONLY):
-        planned: list = []
-        monkeypatch.setattr(train_cli, "run_pipeline",
-                            lambda config, resume: planned.append(config))
-        assert main([*shlex.split(command), *flags]) == 0
-        assert len(planned) == 1
         return
     for needed in NEEDS.get(command, []):
         assert main([*needed, *flags]) == 0, f"setting up {needed}: {capsys.readouterr().err}"
