@@ -16,7 +16,8 @@ from test_sample_cli import run_folder  # noqa: F401  (a fixture)
 
 from gpd_train.__main__ import main as train_main
 from gpd_train.data import encode_prompts
-from gpd_train.infer import export, sample
+from gpd_train.infer import sample
+from gpd_train.infer.export import cli as export
 from gpd_train.run.destination import (
     EVAL,
     EXPORT,
