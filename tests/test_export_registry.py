@@ -2,6 +2,10 @@
 is offered by ``--format``, checked by the shared preflight and written through the CLI."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,8 @@ from gpd_train.infer.export.cli import main as export
 from gpd_train.run.destination import EXPORT, staged_output
 from gpd_train.run.loading import run_stage_of
 from gpd_train.train.builders import TrainingRun
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_toy(request: ExportRequest, kind: str) -> str:
@@ -86,3 +92,12 @@ def test_an_unregistered_format_is_not_offered(run_dir, tmp_path, capsys):
 def test_a_format_declares_known_kinds_only():
     with pytest.raises(ConfigError, match="kinds must be among"):
         ExportFormat(name="bad", help="", write=write_toy, accepts=("whole",))
+
+
+def test_the_export_and_its_formats_load_no_training_module():
+    """Checked in a fresh interpreter: this one has the trainer loaded by the fixtures."""
+    code = ("import sys, gpd_train.export, gpd_train.infer.export as e; e.formats(); "
+            "print(sorted(m for m in sys.modules if m.startswith('gpd_train.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out == "[]\n"
