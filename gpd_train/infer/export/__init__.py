@@ -72,12 +72,12 @@ _REGISTRY: dict[str, ExportFormat] = {}
 
 
 def _builtins() -> dict[str, ExportFormat]:
-    """The registry, the built-in formats first (imported on the first call)."""
-    if not _REGISTRY.get(DEFAULT_FORMAT):
-        loaded = [importlib.import_module(module).FORMAT for module in BUILTIN_MODULES]
-        added = dict(_REGISTRY)  # formats registered before the built-ins come after them
-        _REGISTRY.clear()
-        _REGISTRY.update({fmt.name: fmt for fmt in loaded}, **added)
+    """The registry, the built-in formats imported into it on the first call (so they come
+    first: ``register`` calls this before adding a format)."""
+    if not _REGISTRY:
+        for module in BUILTIN_MODULES:
+            fmt = importlib.import_module(module).FORMAT
+            _REGISTRY[fmt.name] = fmt
     return _REGISTRY
 
 
