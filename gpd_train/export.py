@@ -1,6 +1,8 @@
-"""``python -m gpd_train.export``: the export CLI (gpd_train.infer.export)."""
+"""``python -m gpd_train.export``: the export CLI (gpd_train.infer.export.cli)."""
 
-from gpd_train.infer.export import main
+import sys
+
+from gpd_train.infer.export.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,7 @@ from gpd_model import add_guidance_input, fold_guidance
 from gpd_model.checkpoint import diffusers_config
 from gpd_train.config.chains import GUIDANCE_STAGE, StageId
 from gpd_train.config.settings import load_config
-from gpd_train.infer.export import main as export
+from gpd_train.infer.export.cli import main as export
 from gpd_train.train.builders import TrainingRun
 
 pytest.importorskip("diffusers")

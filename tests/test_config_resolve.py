@@ -25,7 +25,7 @@ from gpd_train.config.plan import stage_plan
 from gpd_train.config.schedule import Schedule, ScheduleStage
 from gpd_train.config.settings import RunConfig, fit_to_stages, load_config
 from gpd_train.errors import ConfigError
-from gpd_train.infer.export import export_comfyui
+from gpd_train.infer.export.comfyui import export_comfyui
 from gpd_train.run.files import read_metadata, sha256_file
 from gpd_train.run.records import OPTIONS_KEY
 from gpd_train.train.builders import TrainingRun, stage_grid

@@ -16,7 +16,9 @@ from test_sample_cli import run_folder  # noqa: F401  (a fixture)
 
 from gpd_train.__main__ import main as train_main
 from gpd_train.data import encode_prompts
-from gpd_train.infer import export, sample
+from gpd_train.infer import sample
+from gpd_train.infer.export import cli as export
+from gpd_train.infer.export import diffusers as diffusers_format
 from gpd_train.run.destination import (
     EVAL,
     EXPORT,
@@ -149,7 +151,7 @@ def test_failed_export_leaves_nothing_half_written(wan_run, tmp_path, capsys, mo
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "export_transformer", disk_full)
+    monkeypatch.setattr(diffusers_format, "export_transformer", disk_full)
     refused(capsys, _export(run, out, wan), "no space left")
     assert not out.exists() and leftovers(tmp_path) == []
 

@@ -27,6 +27,7 @@ from gpd_train.eval.detail_metric import (
     spectral_features,
 )
 from gpd_train.eval.feature_net import train_feature_net
+from gpd_train.eval.metric_registry import KID_DATA
 
 
 def kid_by_loops(x: np.ndarray, y: np.ndarray) -> float:
@@ -163,16 +164,21 @@ def judged():
     return data, judge
 
 
+def kid_row(judge, label, videos):
+    """The report row entries of ``judge.row`` (kid_data, its interval, kid_parts)."""
+    return KID_DATA.entries(judge.row(label, videos), len(videos))
+
+
 def test_detail_kid_orders_known_degradations_of_the_data(judged):
     """The report's sanity rows and ordering steps, with data videos in the teacher's
     place: held-out data ~ the sharp set < blurred 0.5 px < blurred 1 px; shuffled and
     frozen frames far beyond."""
     data, judge = judged
     sharp = real_videos(data, 64, 3 * HELD_OUT_OFFSET)
-    rows = {"sharp": judge.row("sharp", sharp)}
+    rows = {"sharp": kid_row(judge, "sharp", sharp)}
     made = sanity_sets(data, "sharp", sharp, seed=0)
     assert [from_teacher for _, from_teacher, _ in made] == [False, True, True, True, True]
-    rows |= {label: judge.row(label, videos) for label, _, videos in made}
+    rows |= {label: kid_row(judge, label, videos) for label, _, videos in made}
     held_out, blur_half, blur_one, shuffled, frozen = (label for label, _, _ in made)
     assert held_out == "data, held out" and blur_half == "sharp blurred sigma=0.5 px"
     for a, b in ((held_out, blur_half), (blur_half, blur_one)):  # beyond both intervals
@@ -271,7 +277,7 @@ def test_band_table_ratios_parts_and_the_paired_interval(judged):
     sharp = real_videos(data, 64, 3 * HELD_OUT_OFFSET)
     blurred = gaussian_blur(sharp, 0.5)
     judge.row("sharp", sharp)
-    row = judge.row("blurred", blurred)
+    row = kid_row(judge, "blurred", blurred)
     judge.row("copy", sharp.clone())
     table = judge.band_table("sharp", ["sharp", "blurred", "copy"])
     assert table["groups"] == band_labels(4) and table["reference"] == "sharp"
@@ -295,10 +301,10 @@ def test_band_table_ratios_parts_and_the_paired_interval(judged):
     for group, columns in feature_groups(4).items():
         assert row["kid_parts"][group] == pytest.approx(kernel_distance(
             features[:, columns], judge.data_features[:, columns]), rel=1e-10)
-    assert row["kid_parts"]["spatial"] > 10 * abs(judge.row("copy", sharp)["kid_parts"]
+    assert row["kid_parts"]["spatial"] > 10 * abs(kid_row(judge, "copy", sharp)["kid_parts"]
                                                   ["spatial"])
     (paired,) = judge.comparisons([("blurred", "sharp")])
     assert set(paired["parts"]) == {"semantic", "spatial", "frame difference", "temporal"}
     spatial = paired["parts"]["spatial"]
     assert spatial["ci"][0] > 0 and spatial["value"] == pytest.approx(
-        row["kid_parts"]["spatial"] - judge.row("sharp", sharp)["kid_parts"]["spatial"])
+        row["kid_parts"]["spatial"] - kid_row(judge, "sharp", sharp)["kid_parts"]["spatial"])

@@ -40,7 +40,7 @@ from gpd_train.run.files import CheckpointError, atomic_write_text, load_weights
 from gpd_train.run.folder import DIFFUSERS_FOLDER
 from gpd_train.train.builders import TrainingRun, build_distill
 from gpd_train.train.pipeline import run_stage
-from gpd_train.train.streams import StreamGroup
+from gpd_train.train.streams import StreamGroup, stream_objectives
 
 pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
 
@@ -284,17 +284,17 @@ def test_parallel_config_errors(field, value, message):
 def test_single_process_streams_and_errors():
     base = torch.Generator().manual_seed(7)
     made = []
-    objective, generator = parallel.stream_objectives(
+    objective, generator = stream_objectives(
         base, 6, ParallelConfig(data_streams=3), lambda g, b: made.append((g, b)) or object())
     assert isinstance(objective, StreamGroup) and objective.ids == [0, 1, 2]
     assert generator is base and [b for _, b in made] == [2, 2, 2]
     seeds = [g.initial_seed() for g, _ in made]
     assert seeds[0] == 7 and len(set(seeds)) == 3
-    alone, same = parallel.stream_objectives(base, 6, ParallelConfig(), lambda g, b: ("o", b))
+    alone, same = stream_objectives(base, 6, ParallelConfig(), lambda g, b: ("o", b))
     assert alone == ("o", 6) and same is base  # the unchanged single-process objective
     with pytest.raises(ValueError, match="per-rank batch 5 must be a multiple of the data "
                                          r"streams per rank \(2\)"):
-        parallel.stream_objectives(base, 5, ParallelConfig(data_streams=2), lambda g, b: b)
+        stream_objectives(base, 5, ParallelConfig(data_streams=2), lambda g, b: b)
     with pytest.raises(ValueError, match="one generator and objective per stream id, got 2 ids"):
         StreamGroup([0, 1], [base], [object()])
     with pytest.raises(TypeError, match="base must be a torch.Generator, got int"):

@@ -111,7 +111,7 @@ def test_guidance_is_required_exactly_when_the_model_has_an_input():
 
 
 def test_export_transformer_folds_at_the_asked_w(tmp_path):
-    from gpd_train.infer.export import export_transformer
+    from gpd_train.infer.export.diffusers import export_transformer
     from gpd_train.infer.sample import SampleError
 
     model = add_guidance_input(_model(1, 8, 1, seed=11))

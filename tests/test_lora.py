@@ -16,6 +16,7 @@ import torch
 from gpd_model import CheckpointError, WanDiT, get_preset
 from gpd_train.config.settings import LORA_TARGETS, LoraSpec
 from gpd_train.errors import LoraError
+from gpd_train.infer.export.diffusers import save_diffusers_lora
 from gpd_train.run.lora import (
     BASE,
     STUDENT,
@@ -24,7 +25,6 @@ from gpd_train.run.lora import (
     adapter_shapes,
     attach_adapters,
     merge_adapter,
-    save_diffusers_lora,
     use_adapter,
 )
 

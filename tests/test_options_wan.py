@@ -18,7 +18,7 @@ from test_run_folder import hashes  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
 from gpd_train.data import encode_prompts
-from gpd_train.infer import export  # noqa: E402
+from gpd_train.infer.export import cli as export  # noqa: E402
 
 VIDEO_ARGS = ["--height", str(VIDEO["height"]), "--width", str(VIDEO["width"]), "--frames",
               str(VIDEO["frames"])]

@@ -25,7 +25,9 @@ from gpd_model import sigma_grid  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.data import encode_prompts
 from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
-from gpd_train.infer import export, sample  # noqa: E402
+from gpd_train.infer import sample  # noqa: E402
+from gpd_train.infer.export import cli as export  # noqa: E402
+from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.infer.media import decode_latents, read_mp4, to_uint8_frames, write_mp4  # noqa: E402
 
 PROMPTS = ["a red cat runs in the park", "the  blue dog &amp; a bird jumps", "green bird flies",
@@ -104,7 +106,7 @@ def test_encoding_matches_wanpipeline_and_resumes(wan_dir, pipe, prompts_file, t
 @pytest.mark.parametrize("steps,shift", [(6, 5.0), (6, 3.0), (12, 5.0), (48, 5.0), (2, 8.0),
                                          (1, 5.0), (4, 1.0)])
 def test_exported_scheduler_grid_is_ours(steps, shift):
-    scheduler = FlowMatchEulerDiscreteScheduler(**export.student_scheduler_config(steps, shift))
+    scheduler = FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift))
     scheduler.set_timesteps(steps)
     ours = sigma_grid(steps, shift)
     assert (scheduler.sigmas.double() - ours).abs().max() < 1e-6

@@ -489,7 +489,7 @@ def test_a_run_whose_last_stage_lost_its_output_is_refused(micro, tmp_path, caps
 @pytest.mark.parametrize("command", ["sample", "export"])
 def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_path, capsys,
                                                                   command):
-    from gpd_train.infer import export
+    from gpd_train.infer.export import cli as export
 
     run_dir = tmp_path / "run"
     assert main(["--stage", "0", *micro]) == 0

@@ -297,9 +297,10 @@ class DetailJudge:
     def groups(self) -> dict[str, slice]:
         return feature_groups(self.frames)
 
-    def row(self, label: str, videos: torch.Tensor) -> dict[str, Any]:
-        """The set's detail KID with its interval, and the KID of each feature group alone
-        (``kid_parts``: where the distance sits)."""
+    def row(self, label: str, videos: torch.Tensor
+            ) -> tuple[float, tuple[float, float], dict[str, Any]]:
+        """The set's detail KID, its interval and, as a row entry, the KID of each feature
+        group alone (``kid_parts``: where the distance sits)."""
         raw = detail_features(self.net, videos)
         self.spectra[label] = raw[:, FEATURES:]
         features = (raw - self.center) / self.scale
@@ -307,8 +308,8 @@ class DetailJudge:
         parts = self.part_kernels[label] = {
             group: KernelToReference(features[:, columns], self.data_features[:, columns])
             for group, columns in self.groups.items()}
-        return {"kid_data": kernel.full(), "kid_data_ci": kid_interval(kernel, kernel.count),
-                "kid_parts": {group: part.full() for group, part in parts.items()}}
+        return (kernel.full(), kid_interval(kernel, kernel.count),
+                {"kid_parts": {group: part.full() for group, part in parts.items()}})
 
     def comparisons(self, pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """Paired differences ``a - b`` of the detail KID, and of each feature group's

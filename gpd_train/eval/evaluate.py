@@ -43,15 +43,7 @@ from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
 from gpd_train.eval.detail_metric import SANITY, DetailJudge, real_videos, sanity_pairs, sanity_sets
 from gpd_train.eval.feature_net import feature_net, video_features
-from gpd_train.eval.metrics import (
-    first_frame_psnr,
-    frechet_distance,
-    half_sample_interval,
-    high_frequency_share,
-    mean_interval,
-    motion_energy,
-    psnr_per_video,
-)
+from gpd_train.eval.metric_registry import METRICS, Sample
 from gpd_train.eval.report import render_markdown
 from gpd_train.eval.report_page import write_report_html
 from gpd_train.infer.media import write_contact_sheet, write_gif
@@ -240,7 +232,8 @@ class _Judge:
     """What every row is measured against: references, real-data features, prompt labels.
 
     Each set's learned features are computed once (``features``, by row label) and reused
-    as a reference and in the paired comparisons.
+    as a reference; what each metric measured of a set (``measured``, by row label, then
+    metric key) is reused in the paired comparisons.
     """
 
     data: Any
@@ -251,66 +244,45 @@ class _Judge:
     # Image-to-video: each video's condition frame [N, 3, H, W] (first-frame fidelity).
     first_frames: torch.Tensor | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def row(self, candidate: Candidate, videos: torch.Tensor, reference: torch.Tensor,
             seconds: float) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "model": candidate.label, "group": candidate.group, "steps": candidate.steps,
-            "cfg": candidate.cfg, "nfe": candidate.nfe, "psnr_db": None,
-            "hf_ratio": high_frequency_share(videos) / high_frequency_share(reference),
-            "motion_ratio": motion_energy(videos) / motion_energy(reference),
-            "seconds_per_video": seconds,
-        }
-        if candidate.label != candidate.reference:
-            per_video = psnr_per_video(videos, reference)
-            row["psnr_db"], row["psnr_db_ci"] = float(per_video.mean()), mean_interval(per_video)
-        if self.first_frames is not None:
-            per_video = first_frame_psnr(videos, self.first_frames)
-            row["first_frame_psnr_db"] = float(per_video.mean())
-            row["first_frame_psnr_db_ci"] = mean_interval(per_video)
-        if self.net is not None:
-            features = self.features[candidate.label] = video_features(self.net, videos)
-            row["fd_ref"] = frechet_distance(features, self.features[candidate.reference])
-            row["fd_data"] = frechet_distance(features, self.data_features)
-            row["fd_data_ci"] = half_sample_interval(
-                lambda idx: frechet_distance(features[idx], self.data_features), len(videos))
-            correct = self.correct(videos)
-            row["prompt_acc"], row["prompt_acc_ci"] = float(correct.mean()), mean_interval(correct)
-        if self.detail is not None:
-            row.update(self.detail.row(candidate.label, videos))
+        """The row of one set: every registered metric this judge can compute, in column
+        order; what each measured is kept for the paired comparisons."""
+        row: dict[str, Any] = {"model": candidate.label, "group": candidate.group,
+                               "steps": candidate.steps, "cfg": candidate.cfg,
+                               "nfe": candidate.nfe}
+        sample = Sample(candidate.label, candidate.reference, videos, reference, seconds)
+        measured = self.measured.setdefault(candidate.label, {})
+        for metric in METRICS.values():
+            if metric.available(self):
+                measured[metric.key] = metric.compute(self, sample)
+                row.update(metric.entries(measured[metric.key], len(videos)))
         return row
+
+    def learned_features(self, label: str, videos: torch.Tensor) -> torch.Tensor:
+        """The set's learned features, computed once (a reference's are reused by its rows)."""
+        if label not in self.features:
+            self.features[label] = video_features(self.net, videos)
+        return self.features[label]
 
     def correct(self, videos: torch.Tensor) -> torch.Tensor:
         shape, motion = self.data.classify(videos)
         want_shape, want_motion = self.data.prompt_labels(self.prompt_ids)
         return ((shape == want_shape) & (motion == want_motion)).double()
 
-    def comparisons(self, pairs: list[tuple[str, str]], sets: dict[str, torch.Tensor],
-                    reference: torch.Tensor) -> list[dict[str, Any]]:
-        """Paired bootstrap differences ``a - b`` of PSNR (and learned FD to data)."""
+    def comparisons(self, pairs: list[tuple[str, str]], count: int) -> list[dict[str, Any]]:
+        """Paired differences ``a - b`` (same ``count`` videos) of every paired metric, then
+        the detail metric's."""
         out = []
         for a, b in pairs:
-            if a not in sets or b not in sets:
+            if a not in self.measured or b not in self.measured:
                 continue
-            diff = psnr_per_video(sets[a], reference) - psnr_per_video(sets[b], reference)
-            out.append({"a": a, "b": b, "metric": "PSNR (dB)", "value": float(diff.mean()),
-                        "ci": mean_interval(diff)})
-            if self.first_frames is not None:
-                diff = (first_frame_psnr(sets[a], self.first_frames)
-                        - first_frame_psnr(sets[b], self.first_frames))
-                out.append({"a": a, "b": b, "metric": "first-frame PSNR (dB)",
-                            "value": float(diff.mean()), "ci": mean_interval(diff)})
-            if self.net is None:
-                continue
-            fa, fb = self.features[a], self.features[b]
-
-            def fd_gap(idx: torch.Tensor, fa=fa, fb=fb) -> float:
-                return (frechet_distance(fa[idx], self.data_features)
-                        - frechet_distance(fb[idx], self.data_features))
-
-            out.append({"a": a, "b": b, "metric": "learned FD to data",
-                        "value": fd_gap(torch.arange(len(fa))),
-                        "ci": half_sample_interval(fd_gap, len(fa))})
+            out += [{"a": a, "b": b, **metric.difference(self.measured[a][metric.key],
+                                                         self.measured[b][metric.key], count)}
+                    for metric in METRICS.values()
+                    if metric.paired and metric.key in self.measured[a]]
             out += self.detail.comparisons([(a, b)]) if self.detail is not None else []
         return out
 
@@ -371,7 +343,7 @@ def evaluate_run(run: RunFolder, data: Any, compare: dict[str, str] | None = Non
     reference = candidates[0].label
     pairs = _pairs(candidates, steps)
     report = {"rows": rows, "sanity_rows": sanity, "prompts": [names[int(i)] for i in examples],
-              "comparisons": judge.comparisons(pairs, sets, sets[reference])
+              "comparisons": judge.comparisons(pairs, ev.prompts)
               + _detail_comparisons(judge, candidates, pairs),
               "bands": _band_table(judge, rows, reference),
               "compared_steps": steps, "training": _training_costs(run),

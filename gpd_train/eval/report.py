@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gpd_train.eval.metric_registry import Metric, columns
+
 
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:
@@ -26,30 +28,17 @@ def fmt_interval(row: dict[str, Any], key: str, digits: int = 2) -> str:
     return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
 
 
-def _table(rows: list[dict[str, Any]], builtin: bool) -> list[str]:
-    i2v = any("first_frame_psnr_db" in row for row in rows)
-    header = ["model", "steps", "CFG", "NFE", "PSNR to ref (dB)"]
-    header += ["first-frame PSNR (dB)"] if i2v else []
-    header += ["learned FD to data", "learned FD to ref", "detail KID to data"] if builtin else []
-    header += ["HF ratio", "motion ratio"]
-    header += ["prompt acc"] if builtin else []
-    header += ["s/video"]
+def _table(rows: list[dict[str, Any]], metrics: list[Metric]) -> list[str]:
+    header = ["model", "steps", "CFG", "NFE", *(m.title for m in metrics)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], fmt(row["steps"]), row["cfg"], fmt(row["nfe"]),
-                 fmt_interval(row, "psnr_db")]
-        cells += [fmt_interval(row, "first_frame_psnr_db")] if i2v else []
-        if builtin:
-            cells += [fmt_interval(row, "fd_data"), fmt(row["fd_ref"], 2),
-                      fmt_interval(row, "kid_data", 3)]
-        cells += [fmt(row["hf_ratio"]), fmt(row["motion_ratio"])]
-        cells += [fmt_interval(row, "prompt_acc")] if builtin else []
-        cells += [fmt(row["seconds_per_video"], 4)]
+        cells = [row["model"], fmt(row["steps"]), row["cfg"], fmt(row["nfe"])]
+        cells += [fmt_interval(row, m.key, m.digits) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _at_equal_steps(report: dict[str, Any], builtin: bool) -> list[str]:
+def _at_equal_steps(report: dict[str, Any], metrics: list[Metric]) -> list[str]:
     """The rows again, grouped by step count, where more than one step count is compared."""
     steps = report.get("compared_steps") or []
     if len(steps) < 2:
@@ -58,7 +47,7 @@ def _at_equal_steps(report: dict[str, Any], builtin: bool) -> list[str]:
     for count in steps:
         rows = [r for r in report["rows"]
                 if r["steps"] == count and r["group"] in ("main", "ablations")]
-        lines += [f"### {count} steps", ""] + _table(rows, builtin) + [""]
+        lines += [f"### {count} steps", ""] + _table(rows, metrics) + [""]
     return lines[:-1]
 
 
@@ -137,7 +126,7 @@ def _bands(report: dict[str, Any]) -> list[str]:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report's markdown: the tables, the paired comparisons, the columns, the stages."""
     rows = report["rows"]
-    builtin = "prompt_acc" in rows[0]
+    metrics = columns(rows)
     eval_set = report["eval_set"]
     lines = ["# GPD evaluation report", "",
              f"Evaluation set: {eval_set['prompts']} videos (prompts cycled, noise seed "
@@ -145,13 +134,13 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"with CFG scale {eval_set['guidance']}; examples shown: "
              + ", ".join(report["prompts"]) + ".", "",
              "Each value with its 95% bootstrap interval over videos [low, high].", ""]
-    lines += _table([r for r in rows if r["group"] == "main"], builtin)
+    lines += _table([r for r in rows if r["group"] == "main"], metrics)
     for group in sorted({r["group"] for r in rows} - {"main"}):
         lines += ["", f"### {group}", ""]
-        lines += _table([r for r in rows if r["group"] == group], builtin)
+        lines += _table([r for r in rows if r["group"] == group], metrics)
     if report.get("sanity_rows"):
         lines += ["", f"### {report['sanity_rows'][0]['group']}", ""]
-        lines += _table(report["sanity_rows"], builtin)
+        lines += _table(report["sanity_rows"], metrics)
     if report.get("comparisons"):
         lines += ["", "## Paired differences (same videos resampled for both rows)", "",
                   "| comparison | metric | difference | 95% interval |", "|---|---|---|---|"]
@@ -160,7 +149,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{fmt(item['value'], 3)} | [{fmt(item['ci'][0], 3)}, "
                          f"{fmt(item['ci'][1], 3)}] |")
     lines += _kid_parts(report) + _bands(report)
-    lines += _at_equal_steps(report, builtin) + _training(report)
+    lines += _at_equal_steps(report, metrics) + _training(report)
     lines += ["", "Columns: PSNR of each video to its reference's video from the same noise and "
               "prompt (range [-1, 1]; the ceiling row is the teacher with 1% multiplicative "
               "weight noise, what a separately trained network can hope to reach); learned "

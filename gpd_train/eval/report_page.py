@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageSequence
 
+from gpd_train.eval.metric_registry import METRICS
 from gpd_train.eval.report import render_markdown
 from gpd_train.infer.media import GIF_FRAME_MS
 from gpd_train.run.files import atomic_write_text
@@ -85,7 +86,8 @@ _OPTIONAL_FIELDS = {
 }
 # Each row's fields read by name (the metrics beside them are optional: shown as "ref").
 _ROW_FIELDS = {"model": str, "group": str, "steps": int, "nfe": int}
-_ROW_KEYS = ("cfg", "hf_ratio", "motion_ratio", "seconds_per_video")
+def _row_keys() -> tuple[str, ...]:
+    return ("cfg", *(m.key for m in METRICS.values() if m.required))
 
 
 def report_problems(report: Any) -> list[str]:
@@ -104,7 +106,7 @@ def report_problems(report: Any) -> list[str]:
             problems += [f"{group}[{i}].{key} must be a {kind.__name__}, got {row.get(key)!r}"
                          for key, kind in _ROW_FIELDS.items()
                          if not isinstance(row.get(key), kind) or isinstance(row[key], bool)]
-            problems += [f"{group}[{i}] has no {key}" for key in _ROW_KEYS if key not in row]
+            problems += [f"{group}[{i}] has no {key}" for key in _row_keys() if key not in row]
     return problems
 
 
@@ -179,9 +181,8 @@ def _png(plt: Any, figure: Any) -> str:
 
 def quality_plot(plt: Any, rows: list[dict[str, Any]]) -> str:
     """PSNR to the reference and learned FD to data against NFE, 95% intervals as bars."""
-    metrics = [("psnr_db", f"PSNR to {_reference(rows)} (dB), higher is better")]
-    if "fd_data" in rows[0]:
-        metrics.append(("fd_data", "learned FD to data, lower is better"))
+    metrics = [(m.key, m.plot_title(_reference(rows))) for m in METRICS.values()
+               if m.plot is not None and m.key in rows[0]]
     figure, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.4),
                                 squeeze=False)
     lines = curves(rows)

@@ -20,8 +20,8 @@ the adapter: trained in full, in fp32, and switched with it (``use_adapter``'s
 
 Diffusers keeps q, k, v (and the cross-attention's k, v) as separate projections where we
 fuse them; a fused LoRA splits exactly: every part shares A, and B splits by rows
-(``split_lora``). Exported in diffusers' layout (``diffusers_lora_state``) or in Wan's
-original one, as ComfyUI shares LoRAs (``comfyui_lora_state``).
+(``split_lora``), which each export format (gpd_train.infer.export) lays out in its own
+keys.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ TEACHER = "teacher"
 STUDENT = "student"
 BASE = "base"  # use_adapter(model, BASE): the base model, every adapter switched off
 METADATA_KEY = "lora"  # a stage output's metadata entry holding the spec (JSON)
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-COMFYUI_PREFIX = "diffusion_model."  # the diffusion model's keys in a ComfyUI LoRA
 # A w-conditioned LoRA stage (the guidance stage and after) trains its guidance input in
 # full (gpd_model.guidance: a small MLP) beside the adapter; its output carries both.
 GUIDANCE_PREFIX = "guidance_embedding."
@@ -292,46 +290,3 @@ def split_lora(adapter: dict[str, torch.Tensor], num_layers: int, fmt: str
             parts[part] = (down.detach().float().contiguous().clone(),
                            rows.detach().float().contiguous().clone())
     return parts
-
-
-def diffusers_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
-                         num_layers: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(tensors, module names) of ``adapter`` in diffusers' WanTransformer3DModel layout,
-    with ``alpha / R`` folded into B so that any loader (rank = alpha) applies it exactly."""
-    tensors: dict[str, torch.Tensor] = {}
-    parts = split_lora(adapter, num_layers, "diffusers")
-    for part, (down, up) in parts.items():
-        tensors[f"{part}.lora_A.weight"] = down
-        tensors[f"{part}.lora_B.weight"] = up * spec.scale
-    return tensors, list(parts)
-
-
-def comfyui_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
-                       num_layers: int) -> dict[str, torch.Tensor]:
-    """``adapter`` in the LoRA layout of Wan's original keys that ComfyUI's LoRA loader and
-    diffusers' non-diffusers Wan converter both read: ``diffusion_model.<wan module>.``
-    ``lora_down.weight`` (A), ``lora_up.weight`` (B) and ``alpha`` (the loaders scale by
-    alpha / R, as we do)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for part, (down, up) in split_lora(adapter, num_layers, "wan").items():
-        prefix = f"{COMFYUI_PREFIX}{part}"
-        tensors[f"{prefix}.lora_down.weight"] = down
-        tensors[f"{prefix}.lora_up.weight"] = up
-        tensors[f"{prefix}.alpha"] = torch.tensor(float(spec.alpha))
-    return tensors
-
-
-def save_diffusers_lora(adapter: dict[str, torch.Tensor], spec: LoraSpec, num_layers: int,
-                        folder: str | Path) -> Path:
-    """Write ``adapter`` where ``WanPipeline.load_lora_weights(folder)`` finds it; returns
-    the weights file."""
-    from diffusers import WanPipeline
-
-    tensors, modules = diffusers_lora_state(adapter, spec, num_layers)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    WanPipeline.save_lora_weights(
-        folder, transformer_lora_layers=tensors, weight_name=DIFFUSERS_WEIGHT_NAME,
-        transformer_lora_adapter_metadata={"r": spec.rank, "lora_alpha": spec.rank,
-                                           "target_modules": sorted(set(modules))})
-    return folder / DIFFUSERS_WEIGHT_NAME
