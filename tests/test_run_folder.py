@@ -16,17 +16,21 @@ from builders import (
     configured_run,
     hashes,
     killed_stage0,
+    micro_data,
+    micro_dit,
     suggested_args,
+    tiny_run,
 )
 
 from gpd_kernels import double_step_target
 from gpd_kernels.reference import double_step_target_reference
+from gpd_model import get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.settings import load_config
 from gpd_train.infer import sample
 from gpd_train.run.files import CheckpointError
-from gpd_train.run.folder import MissingStageError
+from gpd_train.run.folder import MissingStageError, RunFolder
 from gpd_train.run.records import RunFolderError, RunLock, StaleStageError
 from gpd_train.train.builders import TrainingRun, build_distill, build_stage0
 from gpd_train.train.pipeline import run_pipeline, run_stage
@@ -485,3 +489,16 @@ def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"unreadable run configuration {config}" in err, err
     assert "no config.json" not in err and err.count("\n") == 1
+
+
+def test_a_run_trains_the_callers_model_config_and_data_set(tmp_path):
+    """RunFolder / TrainingRun take a model config and a data set (a user's trainer, the
+    tests' micro runs); without them, the configured preset and the built-in data."""
+    dit_config, values = micro_dit(num_layers=2), {"run_dir": str(tmp_path), "device": "cpu"}
+    data = micro_data(dit_config)
+    run = tiny_run(values, dit_config, data)
+    assert run.dit_config == dit_config and run.data is data
+    assert run.new_model().cfg == dit_config
+    assert RunFolder(run.config, dit_config=dit_config).dit_config == dit_config
+    configured = TrainingRun(run.config)
+    assert configured.dit_config == get_preset("tiny") and configured.data.size == 16
