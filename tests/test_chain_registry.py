@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MICRO_TOML
+from builders import MICRO_TOML
 
 from gpd_model import Conditioning, DiTDenoiser, add_noise
 from gpd_train.__main__ import main

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from model_reference import contiguous_state, diffusers_model, relative_error
 from safetensors.torch import save_file
-from test_model_common import contiguous_state, diffusers_model, relative_error
 
 from gpd_model import CheckpointError, DiTConfig, WanDiT, load_checkpoint, save_diffusers
 from gpd_model.checkpoint import config_from_diffusers, read_state_dict

@@ -4,16 +4,14 @@ gpd_train.train.loop)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import resource
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from builders import file_size_limit
 
 from gpd_train.errors import ConfigError
 from gpd_train.run.destination import RUN, write_marker
@@ -168,20 +166,6 @@ def test_a_corrupt_checkpoint_is_passed_over_for_the_previous_one(tmp_path):
     assert problems == [f"checkpoint file {state} is corrupt (its SHA-256 differs from the "
                         "manifest) (kept as corrupt-step-00000002)"]
     assert_same(states(loaded), states(first))
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Writes past ``size`` bytes of any file fail with EFBIG, as a full disk fails them,
-    however the writer writes (Python, safetensors' Rust, torch.save)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills us
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def _metrics(path: Path) -> MetricsLog:

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
+from builders import finish_random_adapter, finish_random_guided_adapter
 from safetensors.torch import load_file
-from test_lora_train import finish_random_adapter, finish_random_guided_adapter
 
 from gpd_model import add_guidance_input, fold_guidance
 from gpd_model.checkpoint import diffusers_config

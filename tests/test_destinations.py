@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import MICRO_TOML
-from test_sample_cli import run_folder  # noqa: F401  (a fixture)
+from builders import MICRO_TOML, file_size_limit
 
 from gpd_train.__main__ import main as train_main
 from gpd_train.data import encode_prompts
@@ -273,8 +272,6 @@ def test_pipeline_moves_an_outdated_eval_aside_and_the_sampler_refuses_it(
 
 
 def test_an_old_report_is_moved_aside_only_once_the_new_one_can_be_written(tmp_path):
-    from test_checkpointer import file_size_limit
-
     out = tmp_path / "eval"
     assert reuse_or_move_aside(out, EVAL, {"stages": "a"}) is None
     (out / "report.md").write_text("the old report")

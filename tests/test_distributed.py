@@ -28,17 +28,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import (
+    LORA_VANILLA,
+    logged_losses,
+    parallel_run,
+    point_latest,
+    torchrun,
+)
 
 from gpd_model import WanDiT, get_preset, load_checkpoint
 from gpd_train import parallel
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import ParallelConfig, load_config
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.config.settings import ParallelConfig
 from gpd_train.run.checkpoint_store import CheckpointStore, is_dcp, read_manifest
-from gpd_train.run.files import CheckpointError, atomic_write_text, load_weights
+from gpd_train.run.files import CheckpointError, load_weights
 from gpd_train.run.folder import DIFFUSERS_FOLDER
-from gpd_train.train.builders import TrainingRun, build_distill
+from gpd_train.train.builders import build_distill
 from gpd_train.train.pipeline import run_stage
 from gpd_train.train.streams import StreamGroup, stream_objectives
 
@@ -46,37 +52,6 @@ pytestmark = pytest.mark.slow  # subprocesses and compilers: minutes on 2 cores
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 2e-5, 1e-7
-LORA_VANILLA = {"vanilla.lora_rank": 2, "vanilla.lora_alpha": 4.0,
-                "vanilla.iterations": [2, 2, 2]}
-GLOBAL_BATCH, STREAMS = 4, 2
-
-
-def micro_run(run_dir: Path, ranks: int, **overrides) -> TrainingRun:
-    """A 2-layer width-32 DiT on 4-frame 8x8 videos; the global batch is 4 in 2 streams."""
-    values = {"run_dir": str(run_dir), "device": "cpu", "steps": [8, 4, 2, 1],
-              "batch_size": GLOBAL_BATCH // ranks, "checkpoint_every": 2,
-              "stage0.iterations": 3, "distill.iterations": [4, 4, 4],
-              "distill.state_source": "student", "distill.freq_weight": [0.5, 0.0, 0.0],
-              "parallel.data_streams": STREAMS}
-    values.update(overrides)
-    run = TrainingRun(load_config(None, values))
-    run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=2)
-    run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8)
-    return run
-
-
-def losses(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def point_latest(folder: Path, step: int) -> None:
-    """Make checkpoint ``step`` of a stage the one --resume continues from."""
-    atomic_write_text(folder / "ckpt" / "latest", f"step-{step:08d}")
-
-
-def torchrun(args: list[str], ranks: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", *args]
 
 
 # -- the worker (runs under torchrun) -----------------------------------------------------
@@ -87,8 +62,8 @@ def worker(run_dir: Path) -> None:
     parallel.setup("cpu")
     torch.set_num_threads(1)
     try:
-        run = micro_run(run_dir, parallel.world().world_size,
-                        **{"parallel.activation_checkpointing": True, **LORA_VANILLA})
+        run = parallel_run(run_dir, parallel.world().world_size,
+                           **{"parallel.activation_checkpointing": True, **LORA_VANILLA})
         run_stage(run, StageId("gpd", 0), resume=False)
         run_stage(run, StageId("gpd", 1), resume=False)
         run_stage(run, StageId("vanilla", 1), resume=False)
@@ -116,13 +91,13 @@ def two_rank_run(tmp_path_factory) -> Path:
 
 
 def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one_thread):
-    run = micro_run(tmp_path / "run", ranks=1)
+    run = parallel_run(tmp_path / "run", ranks=1)
     for stage in (0, 1):
         run_stage(run, StageId("gpd", stage), resume=False)
         name = f"stage{stage}"
-        single = losses(tmp_path / "run" / name / "metrics.jsonl")
+        single = logged_losses(tmp_path / "run" / name / "metrics.jsonl")
         metrics = "continuous.jsonl" if stage == 1 else "metrics.jsonl"
-        double = losses(two_rank_run / name / metrics)
+        double = logged_losses(two_rank_run / name / metrics)
         assert len(single) == len(double) == (3 if stage == 0 else 4)
         torch.testing.assert_close(torch.tensor(double, dtype=torch.float64),
                                    torch.tensor(single, dtype=torch.float64), rtol=RTOL, atol=ATOL)
@@ -136,11 +111,11 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_rank_run, tmp_path, one
 
 def test_lora_stage_on_two_ranks_follows_the_one_process_run(two_rank_run, tmp_path,
                                                               one_thread):
-    run = micro_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
+    run = parallel_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
     run_stage(run, StageId("gpd", 0), resume=False)
     run_stage(run, StageId("vanilla", 1), resume=False)
-    single = losses(tmp_path / "run" / "vanilla" / "stage1" / "metrics.jsonl")
-    double = losses(two_rank_run / "vanilla" / "stage1" / "metrics.jsonl")
+    single = logged_losses(tmp_path / "run" / "vanilla" / "stage1" / "metrics.jsonl")
+    double = logged_losses(two_rank_run / "vanilla" / "stage1" / "metrics.jsonl")
     assert len(single) == len(double) == 2
     torch.testing.assert_close(torch.tensor(double, dtype=torch.float64),
                                torch.tensor(single, dtype=torch.float64), rtol=RTOL, atol=ATOL)
@@ -165,8 +140,8 @@ def test_stage_export_is_readable_as_diffusers_and_by_the_next_stage(two_rank_ru
 
 def test_dcp_checkpoint_resumes_on_two_ranks_identically(two_rank_run):
     stage1 = two_rank_run / "stage1"
-    continuous = losses(stage1 / "continuous.jsonl")
-    resumed = losses(stage1 / "metrics.jsonl")
+    continuous = logged_losses(stage1 / "continuous.jsonl")
+    resumed = logged_losses(stage1 / "metrics.jsonl")
     # Same ranks, same shards, same reductions: the resumed steps 3 and 4 are bit-identical.
     assert resumed == continuous
 
@@ -178,10 +153,10 @@ def test_dcp_checkpoint_from_two_ranks_resumes_in_one_process(two_rank_run, tmp_
     stage1 = run_dir / "stage1"
     point_latest(stage1, 2)
     assert is_dcp(CheckpointStore(stage1 / "ckpt").latest())
-    trainer = build_distill(micro_run(run_dir, ranks=1), StageId("gpd", 1))
+    trainer = build_distill(parallel_run(run_dir, ranks=1), StageId("gpd", 1))
     trainer.run(resume=True)
-    resumed = losses(stage1 / "metrics.jsonl")
-    continuous = losses(stage1 / "continuous.jsonl")
+    resumed = logged_losses(stage1 / "metrics.jsonl")
+    continuous = logged_losses(stage1 / "continuous.jsonl")
     assert resumed[:2] == continuous[:2]  # kept from before the checkpoint
     torch.testing.assert_close(torch.tensor(resumed[2:], dtype=torch.float64),
                                torch.tensor(continuous[2:], dtype=torch.float64),
@@ -194,7 +169,7 @@ def test_dcp_checkpoint_from_two_ranks_resumes_in_one_process(two_rank_run, tmp_
 def test_resume_on_another_layout_is_refused_with_the_flags_to_use(two_rank_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_rank_run, run_dir)
-    run = micro_run(run_dir, ranks=1, **{"parallel.data_streams": 1})
+    run = parallel_run(run_dir, ranks=1, **{"parallel.data_streams": 1})
     trainer = build_distill(run, StageId("gpd", 1))
     with pytest.raises(ValueError, match="2 data streams of 2 samples .*this run has 1 of 4.*"
                                          "--data-streams 2 --batch-size 4"):

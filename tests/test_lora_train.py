@@ -6,8 +6,15 @@ import json
 
 import pytest
 import torch
+from builders import (
+    finish_random_adapter,
+    finish_random_guided_adapter,
+    losses,
+    micro_run,
+    run_until_killed,
+    with_random_stages,
+)
 from safetensors.torch import load_file
-from test_train import losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_model import CFG, Conditioning
 from gpd_train.config.chains import GUIDANCE_STAGE, StageId
@@ -33,17 +40,6 @@ LORA = {"distill.lora_rank": 2, "distill.lora_alpha": 4.0}
 
 def lora_run(tmp_path, **overrides):
     return micro_run(tmp_path, **{**LORA, **overrides})
-
-
-def finish_random_adapter(run, chain: str, stage: int, seed: int) -> dict[str, torch.Tensor]:
-    """A stand-in LoRA output for ``stage`` (random A and B, so it changes the base)."""
-    generator = torch.Generator().manual_seed(seed)
-    spec = run.lora_spec(StageId(chain, stage))
-    adapter = {key: torch.randn(shape, generator=generator) * 0.2
-               for key, shape in adapter_shapes(run.new_model(), spec).items()}
-    sid = StageId(chain, stage)
-    run.finish_stage(sid, adapter, {"steps": run.steps(sid)})
-    return adapter
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -294,19 +290,6 @@ def test_lora_guidance_stage_starts_as_t0_and_learns_from_t0_with_cfg(tmp_path):
     trained = {k for k, p in model.named_parameters() if p.requires_grad}
     assert any(k.startswith("guidance_embedding.") for k in trained)
     assert all(k.startswith("guidance_embedding.") or f".{STUDENT}." in k for k in trained)
-
-
-def finish_random_guided_adapter(run, stage, seed: int) -> None:
-    """A stand-in output of a w-conditioned LoRA stage: random adapter and guidance input."""
-    from gpd_model import add_guidance_input
-
-    generator = torch.Generator().manual_seed(seed)
-    guidance = add_guidance_input(run.new_model()).guidance_embedding.state_dict()
-    shapes = {**adapter_shapes(run.new_model(), run.lora_spec(StageId("gpd", stage))),
-              **{f"guidance_embedding.{k}": tuple(v.shape) for k, v in guidance.items()}}
-    run.finish_stage(StageId("gpd", stage), {k: torch.randn(s, generator=generator) * 0.2
-                                    for k, s in shapes.items()},
-                     {"steps": run.steps(StageId("gpd", stage))})
 
 
 def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):

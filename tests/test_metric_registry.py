@@ -5,7 +5,7 @@ report.html, through the trainer's CLI (stage 0, one stage per chain, the evalua
 import json
 
 import pytest
-from conftest import MICRO_TOML
+from builders import MICRO_TOML
 
 from gpd_train.__main__ import main
 from gpd_train.errors import ConfigError

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_model_common import (
+from model_reference import (
     contiguous_state,
     diffusers_model,
     loss_and_grads,
     relative_error,
     write_checkpoints,
 )
+from safetensors.torch import load_file, save_file
 
 from gpd_model import CheckpointError, DiTConfig, WanDiT, get_preset, load_checkpoint
 from gpd_model.checkpoint import (

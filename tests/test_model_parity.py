@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_common import diffusers_model, loss_and_grads, relative_error, write_checkpoints
+from model_reference import diffusers_model, loss_and_grads, relative_error, write_checkpoints
 
 from gpd_model import DiTConfig, WanDiT, load_checkpoint
 from gpd_model.checkpoint import key_map

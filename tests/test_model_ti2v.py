@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from test_model_common import diffusers_model, loss_and_grads, relative_error, write_checkpoints
+from model_reference import diffusers_model, loss_and_grads, relative_error, write_checkpoints
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import CheckpointError, DiTConfig, WanDiT, get_preset, load_checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_TOML
+from builders import MICRO_TOML
 from PIL import Image
 
 from gpd_model import CFG, DiTDenoiser, euler_sample, make_noise, sigma_grid

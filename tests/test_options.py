@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import suggested_args
+from builders import configured_run, hashes, refused, suggested_args
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from test_run_folder import hashes, micro_run
 
 from gpd_model import add_guidance_input, get_preset
 from gpd_train.__main__ import main
@@ -25,16 +24,6 @@ from gpd_train.run.files import atomic_write_text
 from gpd_train.train.builders import TrainingRun
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _refused(capsys, argv: list[str], *needles: str, command=main) -> str:
-    """Run ``command(argv)``: exit 2, one ``error:`` line holding every needle."""
-    assert command(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "error: " in err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # -- the trainer: flags, TOML keys and environment values it would not read ------------------
@@ -63,7 +52,7 @@ def test_unread_or_impossible_flags_are_refused(micro, tmp_path, capsys, args,  
                                                  message):
     if "bf16" in args and torch.cuda.is_available():
         args = [*args, "--device", "cpu"]  # the later flag wins
-    _refused(capsys, [*micro, *args], message)
+    refused(capsys, [*micro, *args], message)
     assert not (tmp_path / "run").exists()
 
 
@@ -83,8 +72,8 @@ def test_unread_or_impossible_flags_are_refused(micro, tmp_path, capsys, args,  
 def test_bad_toml_keys_are_refused_with_their_key(tmp_path, capsys, toml, message):
     path = tmp_path / "run.toml"
     path.write_text(toml)
-    _refused(capsys, ["--stage", "0", "--config", str(path), "--run-dir", str(tmp_path / "run"),
-                      "--device", "cpu"], message)
+    refused(capsys, ["--stage", "0", "--config", str(path), "--run-dir", str(tmp_path / "run"),
+                     "--device", "cpu"], message)
     assert not (tmp_path / "run").exists()
 
 
@@ -98,11 +87,11 @@ def test_bad_environment_values_are_refused_by_every_command(micro, tmp_path, ca
                                                               monkeypatch, variable, value,
                                                               message):
     monkeypatch.setenv(variable, value)
-    _refused(capsys, ["--stage", "0", *micro], message)
+    refused(capsys, ["--stage", "0", *micro], message)
     assert not (tmp_path / "run").exists()
     out = tmp_path / "out"
-    _refused(capsys, ["--checkpoint", str(tmp_path), "--out", str(out)], message,
-             command=sample.main)
+    refused(capsys, ["--checkpoint", str(tmp_path), "--out", str(out)], message,
+            command=sample.main)
     assert not out.exists()
 
 
@@ -129,18 +118,18 @@ def test_activation_floor_is_the_documented_arithmetic():
         10 * 22 * 3 * 64 * 2)
 
 
-@pytest.mark.parametrize("batch,refused", [(100000, True), (16, False), (2000, False)])
+@pytest.mark.parametrize("batch,too_big", [(100000, True), (16, False), (2000, False)])
 def test_batch_whose_activations_exceed_memory_is_refused(tmp_path, capsys, monkeypatch,
-                                                          batch, refused):
+                                                          batch, too_big):
     """The tiny preset on a 16 GiB machine: 100000 (41 GiB of activations at least) is
     refused before work; the default 16 and a large but possible 2000 are not."""
     monkeypatch.setattr(preflight, "memory_bytes", lambda device: 16 * 2**30)
     run_dir = tmp_path / "run"
     argv = ["--stage", "0", "--batch-size", str(batch), "--run-dir", str(run_dir), "--device",
             "cpu", "--teacher-iterations", "1", "--threads", "1"]
-    if refused:
-        _refused(capsys, argv, f"--batch-size {batch} cannot fit", "16.0 GiB",
-                 "--activation-checkpointing")
+    if too_big:
+        refused(capsys, argv, f"--batch-size {batch} cannot fit", "16.0 GiB",
+                "--activation-checkpointing")
         assert not run_dir.exists()
     else:  # checked, not trained: the check passes and the stage starts
         monkeypatch.setattr("gpd_train.__main__.run_stage", lambda *a, **k: "started")
@@ -151,7 +140,7 @@ def test_batch_whose_activations_exceed_memory_is_refused(tmp_path, capsys, monk
 @pytest.fixture
 def trained(tmp_path):
     """A micro run with stage 0 and GPD stage 1 finished (stage 1 absorbed CFG 1.5)."""
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     run.save_config()
     run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {"stage": "stage0"})
     run.finish_stage(StageId("gpd", 1), run.new_model().state_dict(), {"stage": "stage1"})
@@ -161,8 +150,8 @@ def trained(tmp_path):
 def test_eval_at_another_guidance_than_trained_is_refused(micro, trained, tmp_path,  # noqa: F811
                                                           capsys):
     before = hashes(trained.folder)
-    _refused(capsys, [*micro, "--eval", "--guidance", "3"],
-             "stage1 was trained at guidance 1.5", "teacher at CFG 3")
+    refused(capsys, [*micro, "--eval", "--guidance", "3"],
+            "stage1 was trained at guidance 1.5", "teacher at CFG 3")
     assert hashes(trained.folder) == before and not (trained.folder / "eval").exists()
 
 
@@ -175,9 +164,9 @@ def test_teacher_other_than_the_imported_one_is_refused(micro, trained, tmp_path
     record.write_text(json.dumps({**json.loads(record.read_text()),
                                   "imported_from": str(wan)}))
     before = hashes(trained.folder)
-    _refused(capsys, [*micro, "--stage", "1", "--restart", "--teacher", str(other)],
-             f"--teacher {other} is not the folder this run's stage 0 was imported from "
-             f"({wan}", "--stage 0 --restart")
+    refused(capsys, [*micro, "--stage", "1", "--restart", "--teacher", str(other)],
+            f"--teacher {other} is not the folder this run's stage 0 was imported from "
+            f"({wan}", "--stage 0 --restart")
     assert hashes(trained.folder) == before
 
 
@@ -202,16 +191,16 @@ def test_sampler_refuses_unread_options(trained, tmp_path, capsys, args, message
     out = tmp_path / "out"
     before = hashes(trained.folder)
     argv = ["--checkpoint", str(trained.folder), "--device", "cpu", "--out", str(out), *args]
-    _refused(capsys, argv, message, command=sample.main)
+    refused(capsys, argv, message, command=sample.main)
     assert hashes(trained.folder) == before and not out.exists()
     assert not Path("/proc/gpd-out").exists()
 
 
 def test_sampler_on_a_run_folder_without_config_json_says_so(trained, tmp_path, capsys):
     (trained.folder / "config.json").unlink()
-    _refused(capsys, ["--checkpoint", str(trained.folder), "--out", str(tmp_path / "out")],
-             "is not a complete run folder: it holds stage folders but no config.json",
-             command=sample.main)
+    refused(capsys, ["--checkpoint", str(trained.folder), "--out", str(tmp_path / "out")],
+            "is not a complete run folder: it holds stage folders but no config.json",
+            command=sample.main)
 
 
 @pytest.mark.parametrize("form", ["file", "data set"])
@@ -229,9 +218,9 @@ def test_sampler_refuses_embeddings_for_another_channel_count(trained, tmp_path,
         save_file(context, str(path / "negative.safetensors"))
         message = f"--prompt-embeddings {path}: data set latent channels 4 do not match"
     out = tmp_path / "out"
-    _refused(capsys, ["--checkpoint", str(trained.stage_folder(StageId("gpd", 0))), "--device",
-                      "cpu", "--prompt-embeddings", str(path), "--out", str(out), "--steps",
-                      "1"], message, command=sample.main)
+    refused(capsys, ["--checkpoint", str(trained.stage_folder(StageId("gpd", 0))), "--device",
+                     "cpu", "--prompt-embeddings", str(path), "--out", str(out), "--steps",
+                     "1"], message, command=sample.main)
     assert not out.exists()
 
 
@@ -246,9 +235,9 @@ def test_guided_student_outside_its_learned_range_is_refused(tmp_path, capsys):
     run.finish_stage(guidance, add_guidance_input(run.new_model()).state_dict(), {})
     argv = ["--checkpoint", str(run.stage_folder(guidance)), "--device", "cpu", "--steps", "1",
             "--num", "1"]
-    _refused(capsys, [*argv, "--guidance", "10", "--out", str(tmp_path / "a")],
-             "learned CFG scales 1..2 (its done.json); w = 10 is outside that range",
-             command=sample.main)
+    refused(capsys, [*argv, "--guidance", "10", "--out", str(tmp_path / "a")],
+            "learned CFG scales 1..2 (its done.json); w = 10 is outside that range",
+            command=sample.main)
     assert sample.main([*argv, "--guidance", "2", "--out", str(tmp_path / "b")]) == 0
 
 
@@ -274,8 +263,8 @@ def test_a_full_disk_during_training_is_one_line_naming_the_file(micro, tmp_path
                               "(os error 28)")
 
     monkeypatch.setattr("gpd_train.run.files.save_file", full)
-    err = _refused(capsys, ["--stage", "0", *micro], "no space left while writing "
-                   f"{tmp_path / 'run' / 'stage0'}", "free space there")
+    err = refused(capsys, ["--stage", "0", *micro], "no space left while writing "
+                  f"{tmp_path / 'run' / 'stage0'}", "free space there")
     assert ".safetensors" in err
     assert not list((tmp_path / "run").rglob(".*.tmp-*"))  # the partial file removed
 
@@ -298,8 +287,8 @@ def test_a_full_disk_appending_metrics_names_the_log_and_the_resume(micro, tmp_p
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(Path, "open", full_after_two)
-    err = _refused(capsys, ["--stage", "0", *micro], f"[stage0] no space left while writing "
-                   f"{log}", "free space there", "then continue the stage with --resume")
+    err = refused(capsys, ["--stage", "0", *micro], f"[stage0] no space left while writing "
+                  f"{log}", "free space there", "then continue the stage with --resume")
     assert err.count("error: ") == 1 and err.endswith("by itself)\n")  # one sentence
     monkeypatch.setattr(Path, "open", real_open)
     assert main(["--stage", "0", "--resume", *micro]) == 0  # the named next step
@@ -310,8 +299,8 @@ def test_a_lock_that_is_a_folder_is_one_line(micro, tmp_path, capsys):  # noqa: 
     lock = tmp_path / "run" / ".lock"
     lock.mkdir(parents=True)
     (lock / "notes.txt").write_text("mine")
-    _refused(capsys, ["--stage", "0", *micro], f"cannot open the run folder's lock file {lock}",
-             "move what is there elsewhere, or choose another --run-dir")
+    refused(capsys, ["--stage", "0", *micro], f"cannot open the run folder's lock file {lock}",
+            "move what is there elsewhere, or choose another --run-dir")
     assert hashes(lock) == {"notes.txt": hashes(lock)["notes.txt"]}
     lock.rename(tmp_path / "lock-moved")
     assert main(["--stage", "0", *micro]) == 0  # the remedy: moved elsewhere
@@ -325,9 +314,9 @@ def test_a_file_where_a_stage_folder_goes_is_refused_before_training(
     stage = tmp_path / "run" / "stage1"
     stage.mkdir()
     (stage / folder).write_text("mine")
-    _refused(capsys, ["--stage", "1", *micro, *flag], f"{stage / folder} is a file, where "
-             f"{flag[0]}", f"writes stage1's {folder}/ folder; move the file elsewhere, or "
-             f"drop {flag[0]}")
+    refused(capsys, ["--stage", "1", *micro, *flag], f"{stage / folder} is a file, where "
+            f"{flag[0]}", f"writes stage1's {folder}/ folder; move the file elsewhere, or "
+            f"drop {flag[0]}")
     assert sorted(p.name for p in stage.iterdir()) == [folder]  # nothing trained
     (stage / folder).rename(tmp_path / "moved")
     assert main(["--stage", "1", *micro, *flag]) == 0  # the remedy: moved elsewhere
@@ -336,8 +325,8 @@ def test_a_file_where_a_stage_folder_goes_is_refused_before_training(
 def test_eval_where_no_run_exists_is_one_line_and_writes_nothing(micro, tmp_path, capsys,
                                                                  monkeypatch):  # noqa: F811
     run = tmp_path / "run"
-    err = _refused(capsys, ["--eval", *micro], f"--eval: {run} holds no trained run",
-                   f"train it first with `python -m gpd_train --run-dir {run}`")
+    err = refused(capsys, ["--eval", *micro], f"--eval: {run} holds no trained run",
+                  f"train it first with `python -m gpd_train --run-dir {run}`")
     assert len(err.strip().splitlines()) == 1 and not run.exists()  # no .lock left
     ran = []
     monkeypatch.setattr("gpd_train.__main__.run_pipeline", lambda config, **k: ran.append(1))

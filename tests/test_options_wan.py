@@ -11,9 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from builders import hashes, refused  # noqa: E402
 from realscale_fixtures import VIDEO, build_wan_folder  # noqa: E402
-from test_options import _refused  # noqa: E402
-from test_run_folder import hashes  # noqa: E402
 
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
@@ -68,9 +67,9 @@ def test_export_refuses_options_the_stage_would_not_read(imported, unchanged, tm
     run, wan, other, _ = imported
     out = tmp_path / "student"
     names = {"wan": wan, "other": other}
-    _refused(capsys, ["--run", str(run), "--out", str(out),
-                      *(item.format(**names) for item in extra)],
-             message.format(**names), command=export.main)
+    refused(capsys, ["--run", str(run), "--out", str(out),
+                     *(item.format(**names) for item in extra)],
+            message.format(**names), command=export.main)
     assert not out.exists()
 
 
@@ -85,10 +84,10 @@ def test_export_and_encode_out_that_cannot_be_written_is_refused(imported, uncha
     else:
         out = Path("/proc/gpd-options-out")
         message = f"--out {out} cannot be written"
-    _refused(capsys, ["--run", str(run), "--base", str(wan), "--out", str(out)], message,
-             command=export.main)
-    _refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
-                      "--out", str(out), *VIDEO_ARGS], message, command=encode_prompts.main)
+    refused(capsys, ["--run", str(run), "--base", str(wan), "--out", str(out)], message,
+            command=export.main)
+    refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
+                     "--out", str(out), *VIDEO_ARGS], message, command=encode_prompts.main)
     assert make == "under /proc" or out.read_text() == "keep me"
 
 
@@ -96,18 +95,18 @@ def test_export_of_a_folder_without_config_json_says_it_is_no_run_folder(importe
                                                                          capsys):
     _, wan, _, _ = imported
     (tmp_path / "stage0").mkdir()
-    _refused(capsys, ["--run", str(tmp_path), "--base", str(wan), "--out",
-                      str(tmp_path / "out")],
-             f"--run {tmp_path} is not a run folder: it has no config.json", command=export.main)
+    refused(capsys, ["--run", str(tmp_path), "--base", str(wan), "--out",
+                     str(tmp_path / "out")],
+            f"--run {tmp_path} is not a run folder: it has no config.json", command=export.main)
 
 
 def test_teacher_other_than_the_imported_one_is_refused(imported, unchanged, capsys):
     run, wan, other, args = imported
     for stage in ("1", "0"):  # stage 0 without --restart would keep the old import
-        _refused(capsys, ["--stage", stage, "--resume", *args, "--teacher", str(other),
-                          *VIDEO_ARGS],
-                 f"--teacher {other} is not the folder this run's stage 0 was imported from "
-                 f"({wan}", "--stage 0 --restart")
+        refused(capsys, ["--stage", stage, "--resume", *args, "--teacher", str(other),
+                         *VIDEO_ARGS],
+                f"--teacher {other} is not the folder this run's stage 0 was imported from "
+                f"({wan}", "--stage 0 --restart")
 
 
 def test_the_named_remedy_reimporting_stage_0_is_not_refused(imported, monkeypatch):
@@ -123,12 +122,12 @@ def test_reencoding_for_another_video_size_is_refused(imported, unchanged, capsy
     run, wan, _, args = imported
     taller = ["--height", str(2 * VIDEO["height"]), *VIDEO_ARGS[2:]]
     message = "holds shards encoded for latent shape 4,2,4,6"
-    err = _refused(capsys, ["--stage", "1", "--resume", *args, "--teacher", str(wan), *taller],
-                   message, "this video size needs 4,2,8,6", "use another --run-dir")
+    err = refused(capsys, ["--stage", "1", "--resume", *args, "--teacher", str(wan), *taller],
+                  message, "this video size needs 4,2,8,6", "use another --run-dir")
     assert "--out" not in err  # an encode_prompts flag: the trainer has none
-    _refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
-                      "--out", str(run / "prompt-embeddings"), *taller], message,
-             "use another --out", command=encode_prompts.main)
+    refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
+                     "--out", str(run / "prompt-embeddings"), *taller], message,
+            "use another --out", command=encode_prompts.main)
 
 
 def test_the_trainers_reencoding_hint_another_run_dir_is_accepted(imported, tmp_path,
@@ -147,8 +146,8 @@ def test_the_trainers_reencoding_hint_another_run_dir_is_accepted(imported, tmp_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_encode_on_cuda_without_cuda_is_refused(imported, tmp_path, capsys):
     run, wan, _, _ = imported
-    _refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
-                      "--out", str(tmp_path / "enc"), "--device", "cuda", *VIDEO_ARGS],
-             "device 'cuda' requested, but this machine has 0 CUDA device(s)",
-             command=encode_prompts.main)
+    refused(capsys, ["--model", str(wan), "--prompts", str(run.parent / "prompts.txt"),
+                     "--out", str(tmp_path / "enc"), "--device", "cuda", *VIDEO_ARGS],
+            "device 'cuda' requested, but this machine has 0 CUDA device(s)",
+            command=encode_prompts.main)
     assert not (tmp_path / "enc").exists()

@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import suggested_args
-from test_run_folder import hashes, killed_stage0, micro_run
-from test_train import run_until_killed
+from builders import configured_run, hashes, killed_stage0, run_until_killed, suggested_args
 
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
@@ -234,10 +232,10 @@ def _forge_state(checkpoint: Path) -> None:
 
 def test_corrupt_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, monkeypatch,
                                                                      capsys):
-    reference = build_stage0(micro_run(tmp_path / "a"))
+    reference = build_stage0(configured_run(tmp_path / "a"))
     reference.iterations = 9
     reference.run(resume=False)
-    run = micro_run(tmp_path / "b")
+    run = configured_run(tmp_path / "b")
     trainer = killed_stage0(run, monkeypatch)  # checkpoints at steps 3 and 6
     ckpt = trainer.checkpoints.folder
     _forge_state(ckpt / "step-00000006")
@@ -257,7 +255,7 @@ def test_corrupt_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, m
 
 
 def test_no_readable_trainer_state_is_a_clear_error(tmp_path, monkeypatch):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     trainer = killed_stage0(run, monkeypatch)
     for step in ("step-00000003", "step-00000006"):
         _forge_state(trainer.checkpoints.folder / step)
@@ -271,7 +269,7 @@ def test_no_readable_trainer_state_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_deleted_metrics_are_named_as_lost_and_the_run_continues(tmp_path, monkeypatch, capsys):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     trainer = killed_stage0(run, monkeypatch)  # resumes from step 6
     trainer.metrics.path.unlink()
     capsys.readouterr()

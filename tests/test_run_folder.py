@@ -11,34 +11,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO_TOML, suggested_args
-from test_train import run_until_killed
+from builders import (
+    MICRO_TOML,
+    configured_run,
+    hashes,
+    killed_stage0,
+    micro_data,
+    micro_dit,
+    suggested_args,
+    tiny_run,
+)
 
 from gpd_kernels import double_step_target
 from gpd_kernels.reference import double_step_target_reference
+from gpd_model import get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.settings import load_config
 from gpd_train.infer import sample
 from gpd_train.run.files import CheckpointError
-from gpd_train.run.folder import MissingStageError
+from gpd_train.run.folder import MissingStageError, RunFolder
 from gpd_train.run.records import RunFolderError, RunLock, StaleStageError
 from gpd_train.train.builders import TrainingRun, build_distill, build_stage0
 from gpd_train.train.pipeline import run_pipeline, run_stage
-
-
-def micro_run(tmp_path, **overrides) -> TrainingRun:
-    values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4],
-              "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 6,
-              "distill.iterations": [3], "distill.freq_weight": [0.0],
-              "vanilla.iterations": [2], "vanilla.freq_weight": [0.0]}
-    return TrainingRun(load_config(None, {**values, **overrides}))
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` (the lock file aside)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_nothing_lost(before: dict[str, str], folder: Path) -> None:
@@ -49,15 +44,6 @@ def assert_nothing_lost(before: dict[str, str], folder: Path) -> None:
     assert not missing, f"lost: {[k for k, v in kept.items() if v in missing]}"
 
 
-def killed_stage0(run: TrainingRun, monkeypatch, at: int = 8):
-    """Stage 0 killed (KeyboardInterrupt) at step ``at``: checkpoints at steps 3 and 6."""
-    trainer = build_stage0(run)
-    trainer.iterations = 9
-    run_until_killed(trainer, monkeypatch, at_step=at)
-    monkeypatch.undo()
-    return trainer
-
-
 # -- 1. nothing destroyed without being asked ----------------------------------------------
 @pytest.mark.parametrize("state", ["checkpoints", "complete"])
 def test_stage_run_without_resume_refuses_and_names_both_choices(micro, tmp_path, capsys,
@@ -66,7 +52,7 @@ def test_stage_run_without_resume_refuses_and_names_both_choices(micro, tmp_path
     if state == "complete":
         assert main(["--stage", "0", *micro]) == 0
     else:
-        killed_stage0(micro_run(tmp_path), pytest.MonkeyPatch(), at=5)
+        killed_stage0(configured_run(tmp_path), pytest.MonkeyPatch(), at=5)
     before = hashes(run_dir)
     capsys.readouterr()
     assert main(["--stage", "0", *micro]) == 2
@@ -78,7 +64,7 @@ def test_stage_run_without_resume_refuses_and_names_both_choices(micro, tmp_path
 
 
 def test_trainer_itself_never_deletes_checkpoints(tmp_path, monkeypatch):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     killed_stage0(run, monkeypatch, at=5)
     before = hashes(run.folder)
     with pytest.raises(CheckpointError, match=r"already holds checkpoints.*--resume.*--restart"):
@@ -110,10 +96,10 @@ def test_restart_and_resume_exclude_each_other(micro, capsys):
                                                  ("newest corrupt", "step-00000003")])
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, monkeypatch, capsys,
                                                                   damage, resumed_from):
-    reference = build_stage0(micro_run(tmp_path / "a"))
+    reference = build_stage0(configured_run(tmp_path / "a"))
     reference.iterations = 9
     reference.run(resume=False)
-    run = micro_run(tmp_path / "b")
+    run = configured_run(tmp_path / "b")
     trainer = killed_stage0(run, monkeypatch)
     ckpt = trainer.checkpoints.folder
     if damage == "missing latest":
@@ -142,7 +128,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, monk
 
 
 def test_no_checkpoint_verifies_is_refused_with_every_reason(tmp_path, monkeypatch):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     trainer = killed_stage0(run, monkeypatch)
     for step in ("step-00000003", "step-00000006"):
         (trainer.checkpoints.folder / step / "manifest.json").write_text("{")
@@ -161,7 +147,7 @@ def test_second_trainer_is_refused_with_the_holders_pid(micro, tmp_path, capsys)
 
 
 def test_torn_metrics_line_is_cut_off_on_resume(tmp_path, monkeypatch, capsys):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     trainer = killed_stage0(run, monkeypatch)
     with trainer.metrics.path.open("a") as handle:
         handle.write('{"stage": "stage0", "step": 8, "lo')
@@ -173,7 +159,7 @@ def test_torn_metrics_line_is_cut_off_on_resume(tmp_path, monkeypatch, capsys):
 
 
 def test_corrupt_metrics_line_inside_the_file_names_file_and_line(tmp_path, monkeypatch):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     trainer = killed_stage0(run, monkeypatch)
     lines = trainer.metrics.path.read_text().splitlines()
     lines[1] = "garbage"
@@ -228,7 +214,7 @@ def test_retrained_teacher_makes_students_stale(micro, tmp_path, capsys):
 
 
 def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
-    run = micro_run(tmp_path, **{"distill.iterations": [6]})
+    run = configured_run(tmp_path, **{"distill.iterations": [6]})
     run_stage(run, StageId("gpd", 0), resume=False)
     trainer = build_distill(run, StageId("gpd", 1))
     trainer.iterations = 3
@@ -243,7 +229,7 @@ def test_resuming_a_stage_under_a_changed_teacher_is_refused(tmp_path):
 
 
 def test_pipeline_moves_a_partial_stage_of_a_changed_teacher_aside(tmp_path, capsys):
-    run = micro_run(tmp_path, **{"distill.iterations": [6]})
+    run = configured_run(tmp_path, **{"distill.iterations": [6]})
     run_stage(run, StageId("gpd", 0), resume=False)
     trainer = build_distill(run, StageId("gpd", 1))
     trainer.iterations = 3
@@ -319,7 +305,7 @@ def test_flipped_bytes_in_a_stage_output_are_refused_everywhere(micro, tmp_path,
 
 
 def test_corrupt_done_json_is_named(tmp_path):
-    run = micro_run(tmp_path)
+    run = configured_run(tmp_path)
     run.finish_stage(StageId("gpd", 0), run.new_model().state_dict(), {})
     done = run.stage_folder(StageId("gpd", 0)) / "done.json"
     done.write_text('{"sha256": ')
@@ -424,7 +410,7 @@ def test_double_step_with_equal_endpoints_is_an_error_not_nan(op):
 
 
 def test_wan_dit_with_an_empty_batch_is_a_clear_error(tmp_path):
-    model = micro_run(tmp_path).new_model()
+    model = configured_run(tmp_path).new_model()
     with pytest.raises(ValueError, match=r"WanDiT: x must hold at least one sample, got shape "
                                          r"\(0, 3, 4, 16, 16\)"):
         model(torch.zeros(0, 3, 4, 16, 16), torch.zeros(0), torch.zeros(0, 4, 32))
@@ -503,3 +489,16 @@ def test_an_unreadable_run_config_is_named_as_such_not_as_missing(micro, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and f"unreadable run configuration {config}" in err, err
     assert "no config.json" not in err and err.count("\n") == 1
+
+
+def test_a_run_trains_the_callers_model_config_and_data_set(tmp_path):
+    """RunFolder / TrainingRun take a model config and a data set (a user's trainer, the
+    tests' micro runs); without them, the configured preset and the built-in data."""
+    dit_config, values = micro_dit(num_layers=2), {"run_dir": str(tmp_path), "device": "cpu"}
+    data = micro_data(dit_config)
+    run = tiny_run(values, dit_config, data)
+    assert run.dit_config == dit_config and run.data is data
+    assert run.new_model().cfg == dit_config
+    assert RunFolder(run.config, dit_config=dit_config).dit_config == dit_config
+    configured = TrainingRun(run.config)
+    assert configured.dit_config == get_preset("tiny") and configured.data.size == 16

@@ -29,17 +29,6 @@ from gpd_train.train.builders import TrainingRun
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    config = RunConfig(run_dir=str(folder), preset="tiny", device="cpu")
-    run = TrainingRun(config)
-    run.save_config()
-    model = run.new_model()
-    run.finish_stage(StageId("gpd", 0), model.state_dict(), {"stage": 0})
-    return folder, model.eval(), config
-
-
 def _expected(model, num, seed, shift, guidance=None, data=None):
     data = data or ProceduralVideos(model.cfg.text_dim)
     cond, _ = data.eval_prompts(num)

@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import MICRO_TOML
-from test_train import losses, micro_run, run_until_killed, with_random_stages
+from builders import MICRO_TOML, losses, micro_run, run_until_killed, with_random_stages
 
 from gpd_model import CFG, Conditioning, WanDiT, get_preset, sigma_grid
 from gpd_train.__main__ import main

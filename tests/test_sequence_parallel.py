@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import LORA_VANILLA, losses, micro_run, point_latest, torchrun
+from builders import LORA_VANILLA, logged_losses, parallel_run, point_latest, torchrun
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, get_preset, save_diffusers
@@ -173,7 +173,7 @@ def train_worker(run_dir: Path) -> None:
     swaps = count_calls(dist, ["all_to_all_single"])
     try:
         # ranks=1: one data group (of 2 ranks) runs the whole global batch's 2 streams.
-        run = micro_run(run_dir, ranks=1, **SEQUENCE_RUN)
+        run = parallel_run(run_dir, ranks=1, **SEQUENCE_RUN)
         for stage in (0, 1):
             run_stage(run, StageId("gpd", stage), resume=False)
         stage1 = run.stage_folder(StageId("gpd", 1))
@@ -232,12 +232,13 @@ def sequence_run(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_gpd_stages_split_over_two_ranks_follow_the_one_process_run(sequence_run, tmp_path,
                                                                     one_thread):
-    run = micro_run(tmp_path / "run", ranks=1)
+    run = parallel_run(tmp_path / "run", ranks=1)
     for stage in (0, 1):
         run_stage(run, StageId("gpd", stage), resume=False)
         name = f"stage{stage}"
-        single = losses(tmp_path / "run" / name / "metrics.jsonl")
-        split = losses(sequence_run / name / ("continuous.jsonl" if stage else "metrics.jsonl"))
+        single = logged_losses(tmp_path / "run" / name / "metrics.jsonl")
+        split = logged_losses(sequence_run / name
+                              / ("continuous.jsonl" if stage else "metrics.jsonl"))
         assert len(single) == len(split) == (3 if stage == 0 else 4)
         torch.testing.assert_close(torch.tensor(split, dtype=torch.float64),
                                    torch.tensor(single, dtype=torch.float64),
@@ -252,12 +253,12 @@ def test_gpd_stages_split_over_two_ranks_follow_the_one_process_run(sequence_run
 @pytest.mark.slow
 def test_lora_stage_split_over_two_ranks_follows_the_one_process_run(sequence_run, tmp_path,
                                                                      one_thread):
-    run = micro_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
+    run = parallel_run(tmp_path / "run", ranks=1, **LORA_VANILLA)
     run_stage(run, StageId("gpd", 0), resume=False)
     run_stage(run, StageId("vanilla", 1), resume=False)
     folder = Path("vanilla") / "stage1"
-    single = losses(tmp_path / "run" / folder / "metrics.jsonl")
-    split = losses(sequence_run / folder / "metrics.jsonl")
+    single = logged_losses(tmp_path / "run" / folder / "metrics.jsonl")
+    split = logged_losses(sequence_run / folder / "metrics.jsonl")
     assert len(single) == len(split) == 2
     torch.testing.assert_close(torch.tensor(split, dtype=torch.float64),
                                torch.tensor(single, dtype=torch.float64),
@@ -272,7 +273,7 @@ def test_lora_stage_split_over_two_ranks_follows_the_one_process_run(sequence_ru
 @pytest.mark.slow
 def test_a_split_stage_resumes_from_its_checkpoint_identically(sequence_run):
     stage1 = sequence_run / "stage1"
-    assert losses(stage1 / "metrics.jsonl") == losses(stage1 / "continuous.jsonl")
+    assert logged_losses(stage1 / "metrics.jsonl") == logged_losses(stage1 / "continuous.jsonl")
     manifest = read_manifest(CheckpointStore(stage1 / "ckpt").latest())
     # 2 ranks sharing 2 streams of 2 samples: one data group, the global batch of 4.
     assert manifest["world_size"] == 2
@@ -286,10 +287,10 @@ def test_a_split_checkpoint_resumes_in_one_process(sequence_run, tmp_path, one_t
     run_dir = tmp_path / "run"
     shutil.copytree(sequence_run, run_dir)
     point_latest(run_dir / "stage1", 2)
-    trainer = build_distill(micro_run(run_dir, ranks=1), StageId("gpd", 1))
+    trainer = build_distill(parallel_run(run_dir, ranks=1), StageId("gpd", 1))
     trainer.run(resume=True)
-    resumed = losses(run_dir / "stage1" / "metrics.jsonl")
-    continuous = losses(run_dir / "stage1" / "continuous.jsonl")
+    resumed = logged_losses(run_dir / "stage1" / "metrics.jsonl")
+    continuous = logged_losses(run_dir / "stage1" / "continuous.jsonl")
     assert resumed[:2] == continuous[:2]
     torch.testing.assert_close(torch.tensor(resumed[2:], dtype=torch.float64),
                                torch.tensor(continuous[2:], dtype=torch.float64),

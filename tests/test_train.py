@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from builders import losses, micro_run, run_until_killed, with_random_stages
 
 import gpd_train.train.checkpoint as checkpoint_module
 from gpd_model import (
@@ -12,13 +13,11 @@ from gpd_model import (
     DiTDenoiser,
     add_guidance_input,
     euler_step,
-    get_preset,
     sigma_grid,
 )
 from gpd_train.__main__ import main
 from gpd_train.config.chains import GUIDANCE_STAGE, StageId
 from gpd_train.config.settings import load_config
-from gpd_train.data.datasets import ProceduralVideos
 from gpd_train.eval.detail_metric import SANITY, sanity_pairs
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.run.checkpoint_store import read_manifest
@@ -30,46 +29,8 @@ from gpd_train.train.objectives import stage_teacher, teacher_target
 from gpd_train.train.pipeline import pipeline_plan, run_stage
 
 
-def micro_run(tmp_path, **overrides) -> TrainingRun:
-    values = {"run_dir": str(tmp_path / "run"), "device": "cpu", "steps": [8, 4, 2, 1],
-              "batch_size": 4, "checkpoint_every": 3, "stage0.iterations": 3,
-              "distill.iterations": [4, 4, 4], "vanilla.iterations": [2, 2, 2],
-              "guided.iterations": [2, 2, 2], "guided.guidance_iterations": 2,
-              "eval.prompts": 4, "eval.batch_size": 4, "eval.examples": 2}
-    values.update(overrides)
-    run = TrainingRun(load_config(None, values))
-    run.dit_config = get_preset("tiny", dim=32, ffn_dim=64, num_layers=1)
-    run.data = ProceduralVideos(run.dit_config.text_dim, frames=4, size=8, speed=1)
-    return run
-
-
-def with_random_stages(run: TrainingRun, chain: str, upto: int) -> None:
-    """Stand-in outputs for stages 0..upto, so a later stage can be built directly."""
-    for stage in range(upto + 1):
-        sid = StageId(chain, stage)
-        run.finish_stage(sid, run.new_model().state_dict(), {"steps": run.steps(sid)})
-
-
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def run_until_killed(trainer, monkeypatch, at_step: int) -> None:
-    """Train from scratch until a simulated kill at ``at_step`` (before its update)."""
-    real_prepare = trainer.objective.prepare
-
-    def crash(step):
-        if step == at_step:
-            raise KeyboardInterrupt("simulated kill")
-        return real_prepare(step)
-
-    monkeypatch.setattr(trainer.objective, "prepare", crash)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(resume=False)
-
-
-def losses(trainer) -> list[float]:
-    return [record["loss"] for record in trainer.metrics.records()]
 
 
 @pytest.mark.parametrize("stage,source", [(1, "student"), (1, "teacher"), (2, "data"),

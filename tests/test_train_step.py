@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
+from builders import micro_run, with_random_stages
 from cpu_graphs import emulate_cuda_graphs
 from host_syncs import HostSyncs
-from test_train import micro_run, with_random_stages
 
 import gpd_kernels.reference
 from gpd_kernels import force_fused_dit_ops, freq_loss

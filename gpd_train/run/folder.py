@@ -92,12 +92,14 @@ class RunFolder:
     """The stages of the run folder ``config.run_dir``; models load onto ``device``
     (default: the config's device)."""
 
-    def __init__(self, config: RunConfig, device: torch.device | None = None) -> None:
+    def __init__(self, config: RunConfig, device: torch.device | None = None,
+                 dit_config: DiTConfig | None = None) -> None:
+        """``dit_config``: the model's shape, where the caller has its own; else a Diffusers
+        teacher folder states it (any Wan2.1 size), else the configured preset."""
         self.config = config
         self.folder = Path(config.run_dir)
         self.device = device or resolve_device(config.device)
-        # A Diffusers teacher folder states its own shape (any Wan2.1 size); else the preset.
-        self.dit_config: DiTConfig = (teacher_dit_config(config.teacher)
+        self.dit_config: DiTConfig = (dit_config or teacher_dit_config(config.teacher)
                                       or get_preset(config.preset))
 
     # -- where stages are and what they are ----------------------------------------------

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from gpd_model import Denoiser, add_guidance_input
+from gpd_model import Denoiser, DiTConfig, add_guidance_input
 from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.horizon import HorizonGrid
 from gpd_train.config.plan import check_fits
 from gpd_train.config.settings import DistillConfig, RunConfig, Stage0Config
-from gpd_train.data.datasets import open_data
+from gpd_train.data.datasets import ProceduralVideos, PromptEmbeddingSet, open_data
 from gpd_train.errors import ConfigError
 from gpd_train.parallel import owned_streams, prepare_teacher, set_sequence, shard_student, world
 from gpd_train.run.folder import TEACHER, RunFolder
@@ -43,10 +43,14 @@ from gpd_train.train.streams import stream_objectives
 class TrainingRun(RunFolder):
     """A run folder opened for training: its stages plus the data set they train on."""
 
-    def __init__(self, config: RunConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: RunConfig, dit_config: DiTConfig | None = None,
+                 data: ProceduralVideos | PromptEmbeddingSet | None = None) -> None:
+        """``dit_config`` and ``data``: a caller's own model shape and data set (a user's
+        trainer, a test's micro run); else the configured ones (RunFolder, open_data)."""
+        super().__init__(config, dit_config=dit_config)
         set_sequence(config.parallel.sequence, self.dit_config.num_heads)
-        self.data = open_data(config.data, self.dit_config, config.seed, config.task)
+        self.data = data if data is not None else open_data(
+            config.data, self.dit_config, config.seed, config.task)
 
 
 def check_cuda_graph(run: RunFolder, sid: StageId) -> None:
