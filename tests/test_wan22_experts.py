@@ -20,7 +20,8 @@ from realscale_fixtures import VIDEO, build_wan22_folder, tiny_transformer  # no
 
 from gpd_model import CFG, Conditioning, ExpertPair, ExpertScales, guided_branches  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
-from gpd_train.infer import export, sample  # noqa: E402
+from gpd_train.infer import sample  # noqa: E402
+from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.run import loading  # noqa: E402
 from gpd_train.run.wan_folder import WanFolderError, teacher_dit_config  # noqa: E402
 
@@ -107,7 +108,7 @@ def test_sampler_through_the_experts_equals_wanpipeline(wan22, tmp_path):
     assert pipe.config.boundary_ratio == BOUNDARY
     # WanPipeline's Euler over our grid (the folder's own UniPC is another solver).
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(
-        **export.student_scheduler_config(STEPS, SHIFT))
+        **student_scheduler_config(STEPS, SHIFT))
     pipe.scheduler.set_timesteps(STEPS)
     timesteps = pipe.scheduler.timesteps.tolist()
     on_high = sum(t >= BOUNDARY * 1000 for t in timesteps)
