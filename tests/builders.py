@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from gpd_model import DiTConfig, add_guidance_input, get_preset
+from gpd_model import DiTConfig, WanDiT, add_guidance_input, get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.settings import load_config
@@ -230,3 +230,13 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str,
         assert needle in err, err
     return err
 
+
+def random_dit(seed: int) -> WanDiT:
+    """A 1-layer DiT whose every weight is random (no zero-initialised output)."""
+    torch.manual_seed(seed)
+    model = WanDiT(get_preset("tiny", dim=32, ffn_dim=64, num_layers=1))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return model.eval()

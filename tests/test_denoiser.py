@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from builders import random_dit
 from torch import nn
 
 from gpd_model import (
@@ -15,10 +16,8 @@ from gpd_model import (
     Conditioning,
     DiTDenoiser,
     ExpertPair,
-    WanDiT,
     add_guidance_input,
     euler_sample,
-    get_preset,
     make_noise,
     sigma_grid,
 )
@@ -28,17 +27,6 @@ from gpd_train.eval.evaluate import Candidate, sample_set
 from gpd_train.train.objectives import GuidanceRange, OnlineDistillation, StageGrid
 
 TEXT_DIM = 32
-
-
-def random_dit(seed: int) -> WanDiT:
-    """A 1-layer DiT whose every weight is random (no zero-initialised output)."""
-    torch.manual_seed(seed)
-    model = WanDiT(get_preset("tiny", dim=32, ffn_dim=64, num_layers=1))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def texts(batch: int, seed: int, length: int = 5) -> torch.Tensor:

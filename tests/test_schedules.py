@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from builders import MICRO_TOML, losses, micro_run, run_until_killed, with_random_stages
+from builders import MICRO_TOML, losses, micro_run, random_dit, run_until_killed, with_random_stages
 
-from gpd_model import CFG, Conditioning, WanDiT, get_preset, sigma_grid
+from gpd_model import CFG, Conditioning, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.horizon import HorizonGrid
@@ -27,17 +27,6 @@ from gpd_train.train.objectives import StageGrid, rollout_target, stage_teacher
 SHIFT = 3.0
 HORIZON = {"horizon.horizons": [2, 3, 4], "horizon.iterations": [3, 3, 3],
            "horizon.freq_weight": [0.0, 0.0, 0.0]}
-
-
-def random_model(seed: int) -> WanDiT:
-    """A 1-layer DiT whose every weight is random (no zero-initialised output)."""
-    torch.manual_seed(seed)
-    model = WanDiT(get_preset("tiny", dim=32, ffn_dim=64, num_layers=1))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def inputs(batch: int, seed: int = 0):
@@ -76,7 +65,7 @@ def steps64(model, x, sigmas, context, negative, w):
 @pytest.mark.parametrize("ratio", [2, 3, 4])
 @pytest.mark.parametrize("guided", [True, False])
 def test_r_step_target_equals_r_explicit_teacher_steps(ratio, guided):
-    model = random_model(ratio)
+    model = random_dit(ratio)
     x, context, negative, guidance = inputs(3, seed=ratio)
     grid = StageGrid(3, SHIFT, ratio, torch.device("cpu"))
     index = torch.tensor([0, 2, 1])
@@ -92,7 +81,7 @@ def test_r_step_target_equals_r_explicit_teacher_steps(ratio, guided):
 
 
 def test_two_step_target_is_the_same_by_the_fused_kernel_and_by_explicit_steps():
-    model = random_model(7)
+    model = random_dit(7)
     x, context, negative, guidance = inputs(4, seed=7)
     grid = StageGrid(4, SHIFT, 2, torch.device("cpu"))
     index = torch.tensor([0, 1, 2, 3])
@@ -107,7 +96,7 @@ def test_horizon_target_is_the_previous_jump_then_explicit_cfg_teacher_steps(pre
                                                                                jump):
     """Index 0 jumps in full; 5, 6 and 7 reach the end of the 8-step grid early (the
     previous student's jump or the teacher steps stop there)."""
-    previous, base = random_model(1), random_model(2)
+    previous, base = random_dit(1), random_dit(2)
     x, context, negative, guidance = inputs(4, seed=jump)
     grid = HorizonGrid(8, SHIFT, previous_jump, jump, torch.device("cpu"))
     index = torch.tensor([0, 5, 6, 7])
