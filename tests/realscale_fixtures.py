@@ -7,7 +7,11 @@ as umT5's), a random AutoencoderKLWan with 4 latent channels, a random
 WanTransformer3DModel, Wan's UniPC scheduler config and model_index.json, all written by
 diffusers' WanPipeline.save_pretrained. ``build_wan22_folder``: the Wan2.2 A14B layout, two
 experts of that shape (``transformer/`` high-noise, ``transformer_2/`` low-noise, differently
-seeded) and ``boundary_ratio`` in model_index.json.
+seeded) and ``boundary_ratio`` in model_index.json. ``build_wan_i2v_folder``: the
+Wan2.1-I2V-Diffusers layout (a 12-channel transformer input: noisy latent, 4-channel frame mask,
+condition latent; image keys/values in cross-attention; a random transformers CLIPVisionModel
+and its CLIPImageProcessor) or, with ``image_encoder=False``, the Wan2.2-I2V single-expert
+layout (no image encoder, no image tokens), written by diffusers' WanImageToVideoPipeline.
 """
 
 from __future__ import annotations
@@ -69,6 +73,43 @@ def build_wan22_folder(root: Path, boundary_ratio: float, seed: int = 0) -> Path
     WanPipeline(**_shared_components(), transformer=tiny_transformer(),
                 transformer_2=tiny_transformer(), boundary_ratio=boundary_ratio
                 ).save_pretrained(str(root))
+    return root
+
+
+# CLIP stand-in: 28 x 28 pixels in 14 x 14 patches -> 4 patch tokens + 1 class token.
+IMAGE_SIZE = 28
+IMAGE_DIM = 24
+IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1
+# The Wan VAE compresses time 4x, so the frame mask takes 4 channels of the transformer input.
+MASK_CHANNELS = 4
+
+
+def build_wan_i2v_folder(root: Path, image_encoder: bool = True, seed: int = 0) -> Path:
+    """Write a tiny image-to-video Wan folder at ``root`` and return it.
+
+    ``image_encoder=True``: Wan2.1-I2V (CLIP image tokens); ``False``: Wan2.2-I2V style (none).
+    """
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    image_parts: dict[str, object] = {"image_encoder": None, "image_processor": None}
+    transformer_image: dict[str, object] = {}
+    if image_encoder:
+        image_parts = {
+            "image_encoder": CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=IMAGE_DIM, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=14,
+                projection_dim=IMAGE_DIM)),
+            "image_processor": CLIPImageProcessor(
+                size={"shortest_edge": IMAGE_SIZE},
+                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        }
+        transformer_image = {"image_dim": IMAGE_DIM, "added_kv_proj_dim": 32}
+    transformer = tiny_transformer(in_channels=2 * LATENT_CHANNELS + MASK_CHANNELS,
+                                   **transformer_image)
+    WanImageToVideoPipeline(**_shared_components(), **image_parts, transformer=transformer
+                            ).save_pretrained(str(root))
     return root
 
 
