@@ -17,7 +17,13 @@ from PIL import Image
 from gpd_train.__main__ import main
 from gpd_train.eval.report import render_markdown
 from gpd_train.eval.report_html import main as rebuild
-from gpd_train.eval.report_page import curves, grid_rows, render_html, running_mean
+from gpd_train.eval.report_page import (
+    curves,
+    grid_rows,
+    plotted_metrics,
+    render_html,
+    running_mean,
+)
 
 
 def _row(model, steps, cfg, reference, group="main", psnr=30.0, **extra):
@@ -64,6 +70,22 @@ def test_band_table_shows_amplitudes_then_ratios_starred_beyond_their_interval()
         header, "| data (other videos: unpaired) | 2.000 | 1.000 | 0.500 | 0.250 | 0.400 |",
         "| alpha@5 | 1.000 | 0.900* | 1.100* | 0.950 | 1.000 |"]
     assert render_markdown({**REPORT, "bands": None}).count("band amplitudes") == 0
+
+
+def test_image_to_video_rows_get_a_first_frame_panel_and_column(tmp_path, monkeypatch):
+    assert [key for key, _ in plotted_metrics(ROWS)] == ["psnr_db"]
+    i2v = [{**row, "first_frame_psnr_db": 20.0 + row["steps"] / 10,
+            "first_frame_psnr_db_ci": [19.0, 21.0]} for row in ROWS]
+    panels = dict(plotted_metrics(i2v))
+    assert list(panels) == ["psnr_db", "first_frame_psnr_db"]
+    assert panels["first_frame_psnr_db"].startswith("first-frame PSNR to its condition (dB)")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # tables only, fast
+    tables = _Tables()
+    tables.feed(render_html({**REPORT, "rows": i2v}, tmp_path))
+    header = next(row for row in tables.rows if row and row[0] == "model")
+    column = header.index("first-frame PSNR (dB)")
+    alpha = next(row for row in tables.rows if row and row[0] == "alpha@5")
+    assert alpha[column].startswith("20.50")
 
 
 def test_curves_join_step_counts_and_keep_the_main_reference_only():

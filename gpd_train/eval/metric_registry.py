@@ -185,7 +185,8 @@ PSNR = register(Metric("psnr_db", "PSNR to ref (dB)", _psnr, MEAN, HIGHER, paire
                        plot="PSNR to {reference} (dB)"))
 FIRST_FRAME = register(Metric("first_frame_psnr_db", "first-frame PSNR (dB)", _first_frame_psnr,
                               MEAN, HIGHER, needs="first_frames",
-                              paired="first-frame PSNR (dB)"))
+                              paired="first-frame PSNR (dB)",
+                              plot="first-frame PSNR to its condition (dB)"))
 FD_DATA = register(Metric("fd_data", "learned FD to data", _fd_data, HALF_SAMPLE, LOWER,
                           needs="net", paired="learned FD to data", plot="learned FD to data"))
 FD_REF = register(Metric("fd_ref", "learned FD to ref", _fd_ref, NONE, LOWER, needs="net"))

@@ -179,10 +179,16 @@ def _png(plt: Any, figure: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def plotted_metrics(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, panel title) of each plotted metric the rows carry, in column order."""
+    return [(m.key, m.plot_title(_reference(rows))) for m in METRICS.values()
+            if m.plot is not None and m.key in rows[0]]
+
+
 def quality_plot(plt: Any, rows: list[dict[str, Any]]) -> str:
-    """PSNR to the reference and learned FD to data against NFE, 95% intervals as bars."""
-    metrics = [(m.key, m.plot_title(_reference(rows))) for m in METRICS.values()
-               if m.plot is not None and m.key in rows[0]]
+    """The plotted metrics (PSNR to the reference, first-frame PSNR for image-to-video, learned
+    FD to data) against NFE, 95% intervals as bars."""
+    metrics = plotted_metrics(rows)
     figure, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.4),
                                 squeeze=False)
     lines = curves(rows)
