@@ -1,0 +1,174 @@
+"""Image-to-video at real scale on tiny Wan I2V Diffusers folders made in code (no downloads).
+
+Both layouts: Wan2.1-I2V (CLIP image tokens) and Wan2.2-I2V style (no image encoder).
+prompts + images -> encode_prompts --images (checked against WanImageToVideoPipeline's own
+prepare_latents, encode_image and encode_prompt) -> the teacher imported -> stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+pytest.importorskip("transformers")
+
+from builders import refused  # noqa: E402
+from diffusers import WanImageToVideoPipeline  # noqa: E402
+from PIL import Image  # noqa: E402
+from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder, build_wan_i2v_folder  # noqa: E402
+
+from gpd_train.__main__ import main as train_main  # noqa: E402
+from gpd_train.data import encode_prompts  # noqa: E402
+from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
+
+PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
+# Odd sizes and modes: the pipeline resizes each to the video size; grey becomes RGB.
+IMAGES = {"a.png": ((37, 53), "RGB"), "b.jpg": ((64, 40), "RGB"), "c.png": ((21, 90), "L")}
+VIDEO_ARGS = ["--height", VIDEO["height"], "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
+VARIANTS = {"wan21": True, "wan22": False}  # image encoder (CLIP tokens) or not
+
+
+def _args(*values: object) -> list[str]:
+    return [str(v) for v in values]
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def wan_i2v(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param) / "Wan-I2V-tiny-Diffusers"
+    return build_wan_i2v_folder(root, image_encoder=VARIANTS[request.param])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """(prompts file, images file) with images of odd sizes."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for name, ((height, width), mode) in IMAGES.items():
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(folder / name)
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (folder / "images.txt").write_text("\n".join(IMAGES) + "\n")  # relative to its folder
+    return folder / "prompts.txt", folder / "images.txt"
+
+
+def _encode(model, inputs, out, *extra: object) -> list[str]:
+    prompts, images = inputs
+    return _args("--model", model, "--prompts", prompts, "--images", images, "--out", out,
+                 "--dtype", "fp32", "--device", "cpu", "--shard-size", 2, *VIDEO_ARGS, *extra)
+
+
+def test_encoding_matches_the_pipeline(wan_i2v, inputs, tmp_path):
+    out = tmp_path / "data"
+    assert encode_prompts.main(_encode(wan_i2v, inputs, out)) == 0
+    pipe = WanImageToVideoPipeline.from_pretrained(str(wan_i2v))
+    shards = [load_file(str(p)) for p in sorted(out.glob("shard-*.safetensors"))]
+    got = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+    tokens = pipe.transformer.config.image_dim is not None
+    assert sorted(got) == ["context", "image_latent", *(["image_tokens"] if tokens else [])]
+    cpu = torch.device("cpu")
+    text = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False,
+                              max_sequence_length=512, device=cpu)[0]
+    torch.testing.assert_close(got["context"], text, atol=1e-5, rtol=1e-5)
+    for row, name in enumerate(IMAGES):
+        image = Image.open(inputs[1].parent / name)
+        rgb = image.convert("RGB")  # the pipeline's VAE takes 3 channels
+        pixels = pipe.video_processor.preprocess(rgb, height=VIDEO["height"],
+                                                 width=VIDEO["width"]).float()
+        _, condition = pipe.prepare_latents(pixels, 1, LATENT_SHAPE[0], VIDEO["height"],
+                                            VIDEO["width"], VIDEO["frames"], torch.float32, cpu)
+        assert got["image_latent"][row].shape == condition[0].shape == (8, *LATENT_SHAPE[1:])
+        torch.testing.assert_close(got["image_latent"][row], condition[0], atol=1e-6, rtol=0)
+        if tokens:
+            torch.testing.assert_close(got["image_tokens"][row],
+                                       pipe.encode_image(image, cpu)[0], atol=1e-6, rtol=0)
+    # The data set yields them in its Conditioning, row by row.
+    data = PromptEmbeddingSet(out, text_dim=32, latent_channels=LATENT_SHAPE[0])
+    assert data.task == "i2v" and data.num_rows == len(PROMPTS)
+    cond, names = data.eval_prompts(4)
+    assert names == ["row 0", "row 1", "row 2", "row 0"]
+    assert torch.equal(cond.image_latent[3], got["image_latent"][0])
+    assert (cond.image_tokens is not None) == tokens
+    drawn, _ = data.draw(torch.Generator().manual_seed(0), 2, with_latents=False)
+    assert drawn.image_latent.shape == (2, 8, *LATENT_SHAPE[1:])
+    with safe_open(str(out / "shard-00000.safetensors"), framework="pt") as handle:
+        listed = json.loads(handle.metadata()["images"])
+    assert listed == [str(inputs[1].parent / name) for name in list(IMAGES)[:2]]
+
+    # Resumable: the same prompts and images are not re-encoded; other images are refused.
+    assert encode_prompts.main(_encode(wan_i2v, inputs, out)) == 0
+    swapped = inputs[1].parent / "swapped.txt"
+    swapped.write_text("b.jpg\na.png\nc.png\n")
+    assert encode_prompts.main(_encode(wan_i2v, (inputs[0], swapped), out)) == 2
+
+
+def test_import_and_stage1_on_image_shards(wan_i2v, inputs, tmp_path):
+    data = tmp_path / "data"
+    assert encode_prompts.main(_encode(wan_i2v, inputs, data)) == 0
+    run = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = [12, 6]\nbatch_size = 2\ncheckpoint_every = 100\n"
+                    "[distill]\niterations = [3]\nfreq_weight = [1.0]\nlane_groups = 1\n")
+    common = _args("--config", toml, "--run-dir", run, "--device", "cpu", "--teacher", wan_i2v,
+                   "--data", data, "--threads", 1)
+    assert train_main(["--stage", "0", *common]) == 0
+    assert json.loads((run / "config.json").read_text())["task"] == "i2v"
+    assert train_main(["--stage", "1", *common]) == 0
+    assert (run / "stage1" / "done.json").is_file()
+
+
+def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
+    prompts, images = inputs
+    out = tmp_path / "d"
+    # An image-to-video folder with text-only data, to encode and to train.
+    refused(capsys, _args("--model", wan_i2v, "--prompts", prompts, "--out", out, *VIDEO_ARGS),
+            "is an image-to-video model", "--images FILE", command=encode_prompts.main)
+    refused(capsys, _args("--stage", 0, "--teacher", wan_i2v, "--prompts", prompts,
+                          "--run-dir", tmp_path / "run", "--device", "cpu"),
+            "is an image-to-video model: --prompts alone is text-only data",
+            "python -m gpd_train.encode_prompts", command=train_main)
+    assert not (tmp_path / "run").exists()
+    # A video size the VAE x patch stride does not divide (the pipeline would round it).
+    refused(capsys, _encode(wan_i2v, inputs, out, "--height", 40),
+            "video size 40 x 48 does not fit the model", "multiple of 16",
+            command=encode_prompts.main)
+    # Missing and unreadable images; a list that is not one image per prompt.
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{images.parent / 'a.png'}\nmissing.png\n{images.parent / 'b.jpg'}\n")
+    refused(capsys, _encode(wan_i2v, (prompts, listed), out),
+            f"image file {tmp_path / 'missing.png'} does not exist", command=encode_prompts.main)
+    (tmp_path / "bad.png").write_text("not an image")
+    listed.write_text(f"{images.parent / 'a.png'}\nbad.png\n{images.parent / 'b.jpg'}\n")
+    refused(capsys, _encode(wan_i2v, (prompts, listed), out),
+            f"cannot read image file {tmp_path / 'bad.png'} as an image",
+            command=encode_prompts.main)
+    listed.write_text(f"{images.parent / 'a.png'}\n")
+    refused(capsys, _encode(wan_i2v, (prompts, listed), out), "has 1 lines, expected 3",
+            command=encode_prompts.main)
+    assert not out.exists()
+
+
+def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
+    wan21 = build_wan_i2v_folder(tmp_path / "w21", image_encoder=True)
+    data = tmp_path / "data"
+    assert encode_prompts.main(_encode(wan21, inputs, data)) == 0
+    # A Wan2.1-I2V folder without its image encoder.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for child in wan21.iterdir():
+        if child.name not in ("image_encoder", "image_processor"):
+            (partial / child.name).symlink_to(child)
+    refused(capsys, _encode(partial, inputs, tmp_path / "d"), "is a Wan2.1-I2V folder",
+            f"missing {partial / 'image_encoder' / 'config.json'}", command=encode_prompts.main)
+    # A text-to-video teacher with image data, and with images to encode.
+    wan = build_wan_folder(tmp_path / "t2v")
+    refused(capsys, _args("--stage", 0, "--teacher", wan, "--data", data, "--run-dir",
+                          tmp_path / "run", "--device", "cpu"),
+            "image conditions (image_latent) for an image-to-video model", "the model is t2v",
+            command=train_main)
+    refused(capsys, _encode(wan, inputs, tmp_path / "d"), "is a text-to-video model",
+            command=encode_prompts.main)
