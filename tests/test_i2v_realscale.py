@@ -2,7 +2,8 @@
 
 Both layouts: Wan2.1-I2V (CLIP image tokens) and Wan2.2-I2V style (no image encoder).
 prompts + images -> encode_prompts --images (checked against WanImageToVideoPipeline's own
-prepare_latents, encode_image and encode_prompt) -> the teacher imported -> stage 1.
+prepare_latents, encode_image and encode_prompt) -> the teacher imported -> stage 1 ->
+sample --image -> export; WanImageToVideoPipeline on the export reproduces our latents.
 """
 
 from __future__ import annotations
@@ -18,19 +19,26 @@ from safetensors.torch import load_file
 pytest.importorskip("transformers")
 
 from builders import refused  # noqa: E402
-from diffusers import WanImageToVideoPipeline  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder, build_wan_i2v_folder  # noqa: E402
 
+from gpd_model import make_noise  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
 from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
+from gpd_train.infer import sample  # noqa: E402
+from gpd_train.infer.export import cli as export  # noqa: E402
+from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 
 PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
 # Odd sizes and modes: the pipeline resizes each to the video size; grey becomes RGB.
 IMAGES = {"a.png": ((37, 53), "RGB"), "b.jpg": ((64, 40), "RGB"), "c.png": ((21, 90), "L")}
 VIDEO_ARGS = ["--height", VIDEO["height"], "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
 VARIANTS = {"wan21": True, "wan22": False}  # image encoder (CLIP tokens) or not
+STUDENT_STEPS = 6
+# Our sampler vs the pipeline, fp32: measured <= 4.8e-7 max abs difference on these folders.
+PIPELINE_ATOL = 1e-4
 
 
 def _args(*values: object) -> list[str]:
@@ -106,7 +114,18 @@ def test_encoding_matches_the_pipeline(wan_i2v, inputs, tmp_path):
     assert encode_prompts.main(_encode(wan_i2v, (inputs[0], swapped), out)) == 2
 
 
-def test_import_and_stage1_on_image_shards(wan_i2v, inputs, tmp_path):
+def _pipeline_latents(pipe: WanImageToVideoPipeline, image: Image.Image, texts: list[str],
+                      steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """The pipeline's latents from our sampler's noise (gpd_model.make_noise at ``seed``)."""
+    noise = make_noise((len(texts), *LATENT_SHAPE), seed, torch.device("cpu"))
+    return pipe(image=image, prompt=texts, num_inference_steps=steps, guidance_scale=guidance,
+                num_frames=VIDEO["frames"], height=VIDEO["height"], width=VIDEO["width"],
+                output_type="latent", latents=noise).frames
+
+
+def test_import_stage1_export_runs_in_the_pipeline(wan_i2v, inputs, tmp_path):
+    """Issue 32's acceptance: stage-0 import, stage 1 on image shards, export; the pipeline on
+    the export equals our sampler's latents from the same noise."""
     data = tmp_path / "data"
     assert encode_prompts.main(_encode(wan_i2v, inputs, data)) == 0
     run = tmp_path / "run"
@@ -119,6 +138,44 @@ def test_import_and_stage1_on_image_shards(wan_i2v, inputs, tmp_path):
     assert json.loads((run / "config.json").read_text())["task"] == "i2v"
     assert train_main(["--stage", "1", *common]) == 0
     assert (run / "stage1" / "done.json").is_file()
+
+    image = inputs[1].parent / "a.png"
+    out = tmp_path / "videos"
+    assert sample.main(_args("--checkpoint", run, "--model", wan_i2v, "--prompt", PROMPTS[0],
+                             "--prompt", PROMPTS[1], "--image", image, "--vae", wan_i2v,
+                             "--seed", 7, "--out", out, "--device", "cpu", *VIDEO_ARGS)) == 0
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nfe_per_video"] == STUDENT_STEPS and len(summary["videos"]) == 2
+
+    student = tmp_path / "student"
+    assert export.main(_args("--run", run, "--base", wan_i2v, "--out", student)) == 0
+    linked = {p.name for p in student.iterdir() if p.is_symlink()}
+    clip = {"image_encoder", "image_processor"} if (wan_i2v / "image_encoder").exists() else set()
+    assert linked == {"text_encoder", "tokenizer", "vae", *clip}
+    exported = WanImageToVideoPipeline.from_pretrained(str(student))
+    assert isinstance(exported.scheduler, FlowMatchEulerDiscreteScheduler)
+    theirs = _pipeline_latents(exported, Image.open(image), PROMPTS[:2], STUDENT_STEPS, 1.0, 7)
+    torch.testing.assert_close(theirs, latents, atol=PIPELINE_ATOL, rtol=0)
+
+
+def test_sampling_a_folder_equals_the_pipeline(wan_i2v, inputs, tmp_path):
+    """``sample --images`` on the Wan I2V folder itself, with CFG, against the pipeline (its
+    scheduler given our Euler grid)."""
+    steps, shift, guidance = 4, 3.0, 2.5
+    listed = inputs[1].parent / "two.txt"
+    listed.write_text("b.jpg\nb.jpg\n")
+    out = tmp_path / "videos"
+    assert sample.main(_args("--checkpoint", wan_i2v, "--model", wan_i2v, "--prompt", PROMPTS[0],
+                             "--prompt", PROMPTS[2], "--images", listed, "--steps", steps,
+                             "--shift", shift, "--guidance", guidance, "--seed", 5, "--out",
+                             out, "--device", "cpu", *VIDEO_ARGS)) == 0
+    ours = load_file(str(out / "latents.safetensors"))["latents"]
+    pipe = WanImageToVideoPipeline.from_pretrained(str(wan_i2v))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift))
+    theirs = _pipeline_latents(pipe, Image.open(inputs[1].parent / "b.jpg"),
+                               [PROMPTS[0], PROMPTS[2]], steps, guidance, 5)
+    torch.testing.assert_close(theirs, ours, atol=PIPELINE_ATOL, rtol=0)
 
 
 def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):

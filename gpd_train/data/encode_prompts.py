@@ -344,18 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def image_rows(model_dir: str | Path, images_file: str | Path | None, count: int,
-               height: int, width: int) -> list[Path] | None:
-    """The image of each of ``count`` prompts (None: text only), checked against the folder's
+def image_rows(model_dir: str | Path, images: str | Path | None, count: int,
+               height: int, width: int, one_for_all: bool = False) -> list[Path] | None:
+    """The image of each of ``count`` prompts (None: text only) from ``images``, an images
+    file or (``one_for_all``) the one image of every prompt, checked against the folder's
     model before any work: an image-to-video folder needs them (and Wan2.1-I2V its image
     encoder), a text-to-video one refuses them; the video size must fit the model."""
-    if images_file is None and transformer_folder(model_dir) is None:
+    if images is None and transformer_folder(model_dir) is None:
         return None  # a text-encoder folder: nothing says it is image-to-video
-    cfg = check_image_model(model_dir, images=images_file is not None)
-    if images_file is None:
+    cfg = check_image_model(model_dir, images=images is not None)
+    if images is None:
         return None
     check_video_size(model_dir, cfg, height, width)
-    return read_image_list(images_file, count)
+    if not one_for_all:
+        return read_image_list(images, count)
+    check_images([Path(images)])
+    return [Path(images)] * count
 
 
 def negative_text(value: str) -> str:

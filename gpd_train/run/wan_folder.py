@@ -37,6 +37,8 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "transformer": ("config.json", "diffusers' WanTransformer3DModel"),
     "vae": ("config.json", "diffusers' AutoencoderKLWan"),
     "scheduler": ("scheduler_config.json", "the sampling scheduler"),
+    "image_encoder": ("config.json", "transformers' CLIPVisionModel (Wan2.1-I2V)"),
+    "image_processor": ("preprocessor_config.json", "transformers' CLIPImageProcessor"),
 }
 LAYOUT_HINT = ("expected a Wan2.1-T2V-Diffusers folder (model_index.json, text_encoder/, "
                "tokenizer/, transformer/, vae/, scheduler/), e.g. a download of "
