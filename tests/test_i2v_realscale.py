@@ -208,6 +208,24 @@ def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
             command=encode_prompts.main)
     assert not out.exists()
 
+    # The sampler, before any model is loaded: the same checks through the same code.
+    videos = tmp_path / "videos"
+    common = _args("--checkpoint", wan_i2v, "--model", wan_i2v, "--prompt", "a cat",
+                   "--device", "cpu", "--out", videos)
+    refused(capsys, _args(*common, *VIDEO_ARGS), "is an image-to-video model",
+            "--image PATH / --images FILE", command=sample.main)
+    refused(capsys, _args(*common, "--image", tmp_path / "missing.png", *VIDEO_ARGS),
+            f"image file {tmp_path / 'missing.png'} does not exist", command=sample.main)
+    refused(capsys, _args(*common, "--image", tmp_path / "bad.png", *VIDEO_ARGS),
+            "cannot read image file", command=sample.main)
+    refused(capsys, _args(*common, "--image", images.parent / "a.png", "--width", 56),
+            "video size 480 x 56 does not fit the model", command=sample.main)
+    refused(capsys, _args(*common, "--image", images.parent / "a.png", "--images", images),
+            "give --image PATH (one image for every prompt) or --images FILE", command=sample.main)
+    refused(capsys, _args("--checkpoint", wan_i2v, "--image", images.parent / "a.png",
+                          "--out", videos), "--image conditions text prompts", command=sample.main)
+    assert not videos.exists()
+
 
 def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
     wan21 = build_wan_i2v_folder(tmp_path / "w21", image_encoder=True)
@@ -229,3 +247,8 @@ def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
             command=train_main)
     refused(capsys, _encode(wan, inputs, tmp_path / "d"), "is a text-to-video model",
             command=encode_prompts.main)
+    refused(capsys, _args("--checkpoint", wan, "--model", wan, "--prompt", "a cat", "--image",
+                          inputs[1].parent / "a.png", "--out", tmp_path / "v", *VIDEO_ARGS),
+            "is a text-to-video model", "drop the images", command=sample.main)
+    refused(capsys, _args("--checkpoint", wan, "--prompt-embeddings", data, "--out",
+                          tmp_path / "v"), "holds image conditions", command=sample.main)
