@@ -123,6 +123,7 @@ def _pipeline_latents(pipe: WanImageToVideoPipeline, image: Image.Image, texts: 
                 output_type="latent", latents=noise).frames
 
 
+@pytest.mark.slow
 def test_import_stage1_export_runs_in_the_pipeline(wan_i2v, inputs, tmp_path):
     """Issue 32's acceptance: stage-0 import, stage 1 on image shards, export; the pipeline on
     the export equals our sampler's latents from the same noise."""
