@@ -18,18 +18,25 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from builders import refused  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline  # noqa: E402
+from builders import finish_random_adapter, refused  # noqa: E402
+from diffusers import (  # noqa: E402
+    FlowMatchEulerDiscreteScheduler,
+    WanImageToVideoPipeline,
+    WanTransformer3DModel,
+)
 from PIL import Image  # noqa: E402
 from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder, build_wan_i2v_folder  # noqa: E402
 
 from gpd_model import make_noise  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
+from gpd_train.config.chains import StageId  # noqa: E402
+from gpd_train.config.settings import load_run_config  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
 from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
+from gpd_train.train.builders import TrainingRun  # noqa: E402
 
 PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
 # Odd sizes and modes: the pipeline resizes each to the video size; grey becomes RGB.
@@ -116,9 +123,10 @@ def test_encoding_matches_the_pipeline(wan_i2v, inputs, tmp_path):
 
 def _pipeline_latents(pipe: WanImageToVideoPipeline, image: Image.Image, texts: list[str],
                       steps: int, guidance: float, seed: int) -> torch.Tensor:
-    """The pipeline's latents from our sampler's noise (gpd_model.make_noise at ``seed``)."""
+    """The pipeline's latents from our sampler's noise (gpd_model.make_noise at ``seed``);
+    the image as RGB (the pipeline's VAE takes 3 channels; ours converts)."""
     noise = make_noise((len(texts), *LATENT_SHAPE), seed, torch.device("cpu"))
-    return pipe(image=image, prompt=texts, num_inference_steps=steps, guidance_scale=guidance,
+    return pipe(image=image.convert("RGB"), prompt=texts, num_inference_steps=steps, guidance_scale=guidance,
                 num_frames=VIDEO["frames"], height=VIDEO["height"], width=VIDEO["width"],
                 output_type="latent", latents=noise).frames
 
@@ -253,3 +261,57 @@ def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
             "is a text-to-video model", "drop the images", command=sample.main)
     refused(capsys, _args("--checkpoint", wan, "--prompt-embeddings", data, "--out",
                           tmp_path / "v"), "holds image conditions", command=sample.main)
+
+
+@pytest.mark.slow
+def test_a_lora_stage_exports_as_diffusers_lora_and_comfyui(wan_i2v, inputs, tmp_path):
+    """An I2V LoRA stage (random adapter, so it changes the model): the diffusers LoRA on the
+    base's WanImageToVideoPipeline equals our sampler; --format comfyui --merged loads
+    through diffusers' single-file converter (image embedder and keys/values included)."""
+    data = tmp_path / "data"
+    assert encode_prompts.main(_encode(wan_i2v, inputs, data)) == 0
+    run_dir = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = [12, 6]\ncheckpoint_every = 100\n[distill]\niterations = [3]\n"
+                    "lora_rank = 3\nlora_alpha = 6.0\n")
+    assert train_main(_args("--stage", 0, "--config", toml, "--run-dir", run_dir, "--device",
+                            "cpu", "--teacher", wan_i2v, "--data", data)) == 0
+    run = TrainingRun(load_run_config(run_dir, device="cpu"))
+    finish_random_adapter(run, "gpd", 1, seed=8)
+
+    image = inputs[1].parent / "c.png"
+    out = tmp_path / "videos"
+    assert sample.main(_args("--checkpoint", run_dir, "--model", wan_i2v, "--prompt", PROMPTS[1],
+                             "--image", image, "--seed", 4, "--out", out, "--device", "cpu",
+                             *VIDEO_ARGS)) == 0
+    ours = load_file(str(out / "latents.safetensors"))["latents"]
+    lora = tmp_path / "lora"
+    assert export.main(_args("--run", run_dir, "--out", lora)) == 0
+    pipe = WanImageToVideoPipeline.from_pretrained(str(wan_i2v))
+    plain = _pipeline_latents(pipe, Image.open(image), PROMPTS[1:2], STUDENT_STEPS, 1.0, 4)
+    pipe.load_lora_weights(str(lora))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(lora),
+                                                                     subfolder="scheduler")
+    theirs = _pipeline_latents(pipe, Image.open(image), PROMPTS[1:2], STUDENT_STEPS, 1.0, 4)
+    torch.testing.assert_close(theirs, ours, atol=PIPELINE_ATOL, rtol=0)
+    assert (plain - ours).abs().max() > 1e-2  # the LoRA and the grid matter
+
+    comfy = tmp_path / "comfy"
+    assert export.main(_args("--run", run_dir, "--format", "comfyui", "--merged", "--out",
+                             comfy)) == 0
+    student = run.load_stage_model(StageId("gpd", 1)).eval()
+    transformer = WanTransformer3DModel.from_single_file(
+        str(comfy / "comfy.safetensors"), config=str(wan_i2v / "transformer"),
+        local_files_only=True, torch_dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, student.cfg.in_channels, *LATENT_SHAPE[1:], generator=generator)
+    t = torch.rand(2, generator=generator) * 1000
+    # 512 text tokens: diffusers splits image from text tokens by that length.
+    text = torch.randn(2, 512, student.cfg.text_dim, generator=generator)
+    image_tokens = None if student.cfg.image_dim is None else torch.randn(
+        2, 5, student.cfg.image_dim, generator=generator)
+    extra = {} if image_tokens is None else {"image_tokens": image_tokens}
+    with torch.no_grad():
+        got = transformer(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                          encoder_hidden_states_image=image_tokens, return_dict=False)[0]
+        torch.testing.assert_close(got, student(x, t, text, **extra), rtol=1e-5, atol=1e-5)

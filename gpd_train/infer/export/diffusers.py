@@ -147,7 +147,8 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
         weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
         _write_scheduler(staging, steps, shift)
-        record = {"run": str(Path(run_dir).resolve()), "stage": sid.name,
+        pipeline = "WanImageToVideoPipeline" if run.dit_config.image_to_video else "WanPipeline"
+        record = {"run": str(Path(run_dir).resolve()), "stage": sid.name, "pipeline": pipeline,
                   "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
                            "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
                   "steps": steps, "shift": shift, "guidance_scale": 1.0}
@@ -263,7 +264,7 @@ def write(request: ExportRequest, kind: str) -> str:
     if kind == LORA:
         lora = export_lora(request.run, out, chain=request.chain, stage=request.stage,
                            overwrite=request.overwrite)
-        return (f"exported the LoRA of {lora['stage']} -> {out}: pipe = WanPipeline."
+        return (f"exported the LoRA of {lora['stage']} -> {out}: pipe = {lora['pipeline']}."
                 f"from_pretrained(BASE); pipe.load_lora_weights({out!r}); "
                 "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("
                 f"{out!r}, subfolder='scheduler'); pipe(prompt, "
