@@ -126,9 +126,9 @@ def _pipeline_latents(pipe: WanImageToVideoPipeline, image: Image.Image, texts: 
     """The pipeline's latents from our sampler's noise (gpd_model.make_noise at ``seed``);
     the image as RGB (the pipeline's VAE takes 3 channels; ours converts)."""
     noise = make_noise((len(texts), *LATENT_SHAPE), seed, torch.device("cpu"))
-    return pipe(image=image.convert("RGB"), prompt=texts, num_inference_steps=steps, guidance_scale=guidance,
-                num_frames=VIDEO["frames"], height=VIDEO["height"], width=VIDEO["width"],
-                output_type="latent", latents=noise).frames
+    return pipe(image=image.convert("RGB"), prompt=texts, num_inference_steps=steps,
+                guidance_scale=guidance, num_frames=VIDEO["frames"], height=VIDEO["height"],
+                width=VIDEO["width"], output_type="latent", latents=noise).frames
 
 
 @pytest.mark.slow
