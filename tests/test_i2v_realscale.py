@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
@@ -140,13 +140,15 @@ def test_import_stage1_export_runs_in_the_pipeline(wan_i2v, inputs, tmp_path):
     run = tmp_path / "run"
     toml = tmp_path / "run.toml"
     toml.write_text("steps = [12, 6]\nbatch_size = 2\ncheckpoint_every = 100\n"
-                    "[distill]\niterations = [3]\nfreq_weight = [1.0]\nlane_groups = 1\n")
+                    "[distill]\niterations = [3]\nfreq_weight = [1.0]\nlane_groups = 1\n"
+                    "[eval]\nprompts = 2\nbatch_size = 2\nexamples = 1\n")
     common = _args("--config", toml, "--run-dir", run, "--device", "cpu", "--teacher", wan_i2v,
                    "--data", data, "--threads", 1)
     assert train_main(["--stage", "0", *common]) == 0
     assert json.loads((run / "config.json").read_text())["task"] == "i2v"
     assert train_main(["--stage", "1", *common]) == 0
     assert (run / "stage1" / "done.json").is_file()
+    assert train_main(["--eval", *common]) == 0  # latents: no first-frame PSNR, no crash
 
     image = inputs[1].parent / "a.png"
     out = tmp_path / "videos"
@@ -233,6 +235,12 @@ def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
             "give --image PATH (one image for every prompt) or --images FILE", command=sample.main)
     refused(capsys, _args("--checkpoint", wan_i2v, "--image", images.parent / "a.png",
                           "--out", videos), "--image conditions text prompts", command=sample.main)
+    text_only = tmp_path / "text.safetensors"  # before sampling, once the model is known
+    save_file({"context": torch.zeros(1, 512, 32)}, str(text_only),
+              metadata={"latent_shape": ",".join(map(str, LATENT_SHAPE))})
+    refused(capsys, _args("--checkpoint", wan_i2v, "--prompt-embeddings", text_only, "--out",
+                          videos, "--device", "cpu"), "is an image-to-video model and these "
+            "prompts carry no image", command=sample.main)
     assert not videos.exists()
 
 

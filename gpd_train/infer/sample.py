@@ -106,7 +106,7 @@ DEFAULT_STEPS = 6  # a model without a stage record: the final student's step co
 
 @dataclass
 class Prompts:
-    cond: Conditioning  # text [N, L, text_dim]
+    cond: Conditioning  # text [N, L, text_dim]; image-to-video: the image slots too
     negative: Conditioning | None  # text [1, L, text_dim], the CFG pairs' unconditional prompt
     names: list[str]
     latent_shape: tuple[int, ...]
@@ -398,6 +398,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         model = model.to(torch.bfloat16)
         low = None if low is None else low.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
+    if loaded.model.cfg.image_to_video and prompts.cond.image_latent is None:
+        raise SampleError(f"{loaded.description} is an image-to-video model and these prompts "
+                          "carry no image: give text prompts with --model DIR and --image PATH "
+                          "or --images FILE, or a data set encoded with --images")
     if prompts.latent_shape[0] != loaded.model.cfg.out_channels:
         raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
                           f"has {prompts.latent_shape[0]} channels, the model makes "
