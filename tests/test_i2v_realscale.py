@@ -252,8 +252,11 @@ def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
     for child in wan21.iterdir():
-        if child.name not in ("image_encoder", "image_processor"):
+        if child.name not in ("image_encoder", "image_processor", "model_index.json"):
             (partial / child.name).symlink_to(child)
+    index = json.loads((wan21 / "model_index.json").read_text())
+    index.update(image_encoder=[None, None], image_processor=[None, None])
+    (partial / "model_index.json").write_text(json.dumps(index))
     refused(capsys, _encode(partial, inputs, tmp_path / "d"), "is a Wan2.1-I2V folder",
             f"missing {partial / 'image_encoder' / 'config.json'}", command=encode_prompts.main)
     # A text-to-video teacher with image data, and with images to encode.
@@ -269,6 +272,17 @@ def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
             "is a text-to-video model", "drop the images", command=sample.main)
     refused(capsys, _args("--checkpoint", wan, "--prompt-embeddings", data, "--out",
                           tmp_path / "v"), "holds image conditions", command=sample.main)
+    # A Wan2.1-I2V student exported onto its teacher folder lacking the image encoder (data
+    # encoded elsewhere): its pipeline could not make the image tokens.
+    assert train_main(_args("--stage", 0, "--teacher", partial, "--data", data, "--run-dir",
+                            tmp_path / "run", "--device", "cpu")) == 0
+    refused(capsys, _args("--run", tmp_path / "run", "--base", partial, "--out", tmp_path / "x",
+                          "--stage", 0), "the student takes CLIP image tokens (image_dim 24",
+            f"--base {partial} has no image_encoder", command=export.main)
+    (partial / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanPipeline"}))
+    refused(capsys, _args("--run", tmp_path / "run", "--base", partial, "--out", tmp_path / "x",
+                          "--stage", 0), "is a WanPipeline folder, the student is i2v",
+            command=export.main)
 
 
 @pytest.mark.slow
