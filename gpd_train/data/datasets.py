@@ -420,7 +420,7 @@ class PromptEmbeddingSet(_Negative):
         wanted = {"image_latent": None, "image_tokens": None}
         if made_for == "i2v":
             wanted["image_latent"] = (cfg.in_channels - cfg.out_channels, *self.latent_shape[1:])
-            wanted["image_tokens"] = None if cfg.image_dim is None else cfg.image_dim
+            wanted["image_tokens"] = cfg.image_dim
         for name, want in wanted.items():
             got = self.condition_shapes[name]
             if name == "image_tokens" and got is not None and want is not None:

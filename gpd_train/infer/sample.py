@@ -197,6 +197,9 @@ def _image_paths(args: argparse.Namespace, texts: list[str] | None) -> list[Path
     if given is not None and not texts:
         raise ConfigError(f"{given} conditions text prompts (--prompt, --prompts FILE, with "
                           "--model DIR, an image-to-video Wan folder): add them")
+    if given is not None and args.latent_shape is not None:
+        raise ConfigError(f"{given}: the image is encoded at --height/--width/--frames, which "
+                          f"give the noise shape too; drop --latent-shape {args.latent_shape}")
     if not texts or args.model is None:
         return None
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
@@ -227,10 +230,7 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
     shape = args.latent_shape or latent_shape_for(args.model, **size)
     images = _image_paths(args, texts)  # checked in check_args; the same answer
-    if images is None:
-        if cfg.image_to_video:
-            raise SampleError(f"{loaded.description} is an image-to-video model: give --image "
-                              "PATH or --images FILE with the text prompts")
+    if images is None:  # an image-to-video model is refused by sample() then
         return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
     if not cfg.image_to_video:
         raise SampleError(f"{loaded.description} is a text-to-video model: --image/--images "
