@@ -404,9 +404,10 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
                           "or --images FILE, or a data set encoded with --images")
     if prompts.latent_shape[0] != loaded.model.cfg.out_channels:
         raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
-                          f"has {prompts.latent_shape[0]} channels, the model makes "
-                          f"{loaded.model.cfg.out_channels} (out_channels): give embeddings (or "
-                          "--latent-shape C,T,H,W) made for this model's VAE")
+                          f"has {prompts.latent_shape[0]} channels, the model takes "
+                          f"{loaded.model.cfg.out_channels} (its latent channels, out_channels): "
+                          "give embeddings (or --latent-shape C,T,H,W) made for this "
+                          "model's VAE")
     vae = None if args.vae is None else load_vae(  # loaded first: a wrong VAE fails fast
         args.vae, loaded.model.cfg.out_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
