@@ -170,6 +170,7 @@ def test_import_stage1_export_runs_in_the_pipeline(wan_i2v, inputs, tmp_path):
     torch.testing.assert_close(theirs, latents, atol=PIPELINE_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_sampling_a_folder_equals_the_pipeline(wan_i2v, inputs, tmp_path):
     """``sample --images`` on the Wan I2V folder itself, with CFG, against the pipeline (its
     scheduler given our Euler grid)."""
@@ -244,6 +245,7 @@ def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
     assert not videos.exists()
 
 
+@pytest.mark.slow
 def test_image_data_and_folders_that_cannot_take_it(tmp_path, inputs, capsys):
     wan21 = build_wan_i2v_folder(tmp_path / "w21", image_encoder=True)
     data = tmp_path / "data"
