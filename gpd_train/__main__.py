@@ -27,7 +27,12 @@ from gpd_train.config.settings import (
     read_settings,
     resolve,
 )
-from gpd_train.data.encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
+from gpd_train.data.encode_prompts import (
+    VIDEO_DEFAULTS,
+    check_prompts_teacher,
+    encode_for_run,
+    negative_text,
+)
 from gpd_train.errors import ConfigError, GPDError
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.run import preflight
@@ -252,6 +257,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
         if not (args.stage == 0 and args.restart):  # that re-imports stage 0: the remedy
             preflight.check_teacher_matches(config)
         check_video_flags(args, config)
+        check_prompts_teacher(config)
         return
     preflight.check_precision(config.precision, run.device)
     if not args.eval:

@@ -126,8 +126,8 @@ def test_prompt_embedding_set_reads_rows_across_shards(tmp_path):
     from safetensors.torch import load_file
 
     second = load_file(str(folder / "shard-001.safetensors"))
-    context, latents = data.rows([4, 0])
-    assert torch.equal(context[0], second["context"][1].float())
+    rows, latents = data.rows([4, 0])
+    assert torch.equal(rows.text[0], second["context"][1].float())
     assert torch.equal(latents[0], second["latents"][1])
     cond, latents = data.draw(torch.Generator().manual_seed(1), 4, with_latents=False)
     assert cond.text.shape == (4, 5, 6) and cond.text.dtype == torch.float32 and latents is None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from gpd_model import CFG, Conditioning, DiTDenoiser, WanDiT, get_preset, unconditional
 from gpd_train.config.settings import RunConfig
@@ -180,7 +181,12 @@ def test_task_is_refused_with_a_preset_of_the_other_task(changes, message):
 
 def test_open_data_refuses_what_the_i2v_model_cannot_train_on(tmp_path):
     cfg = get_preset("tiny-i2v")
-    with pytest.raises(ConfigError, match="image-to-video trains on the built-in data set only"):
+    # Prompt embeddings without images (real-scale image data: tests/test_i2v_realscale.py).
+    save_file({"context": torch.zeros(2, 4, cfg.text_dim)}, str(tmp_path / "shard-0.safetensors"),
+              metadata={"latent_shape": "3,4,16,16"})
+    save_file({"context": torch.zeros(1, 4, cfg.text_dim)}, str(tmp_path / "negative.safetensors"))
+    with pytest.raises(ConfigError, match="holds prompt embeddings without images; the model is "
+                                          "i2v .* --images FILE"):
         open_data(tmp_path, cfg, 0, "i2v")
     with pytest.raises(ConfigError, match=r"a model for i2v on it has in_channels 7 and "
                                           r"out_channels 3, got 36 and 3"):

@@ -5,7 +5,8 @@ holds what the command needs first (stage 0, the stage before, a finished stage 
 restart, another run to compare), with the micro configuration's file in place of the
 defaults' budgets. Those whose budget is the point of the line (a 3-step student at 7000
 iterations, the image-to-video example) are parsed and planned, their training stood in for;
-tests/test_config_resolve.py and tests/test_i2v.py train them at tiny counts.
+tests/test_config_resolve.py and tests/test_i2v.py train them at tiny counts. The real-scale
+section's image-to-video commands run on a tiny Wan2.1-I2V folder.
 """
 
 from __future__ import annotations
@@ -125,3 +126,46 @@ def test_a_readme_training_example_runs(command, request, tmp_path, monkeypatch,
                 capsys.readouterr().err
     rc = main([*shlex.split(command), *flags])
     assert rc == 0, f"`python -m gpd_train {command}` exited {rc}: {capsys.readouterr().err}"
+
+
+def _real_scale_line(needle: str) -> list[str]:
+    """The README's real-scale command holding ``needle``, split, its comment cut."""
+    line = next(line for line in README.read_text().splitlines()
+                if line.startswith("python -m") and needle in line)
+    return shlex.split(line.partition("  #")[0])
+
+
+@pytest.mark.slow
+def test_the_readme_image_to_video_examples_run(tmp_path, monkeypatch):
+    """encode_prompts --images and sample --image as the README prints them, on a tiny
+    Wan2.1-I2V folder at a tiny video size ($I the folder; runs/i2v imported from it)."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+    from realscale_fixtures import VIDEO, build_wan_i2v_folder
+
+    from gpd_train.data import encode_prompts
+    from gpd_train.infer import sample
+
+    folder = build_wan_i2v_folder(tmp_path / "Wan-I2V")
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((30, 44, 3), 200, dtype=np.uint8)).save("cat.png")
+    Path("prompts.txt").write_text("a cat\na dog\n")
+    Path("images.txt").write_text("cat.png\ncat.png\n")
+    tiny = ["--device", "cpu", *(str(v) for name in ("height", "width", "frames")
+                                 for v in (f"--{name}", VIDEO[name]))]
+
+    def run(command: list[str], main_of) -> None:
+        argv = [str(folder) if arg == "$I" else arg for arg in command[3:]]  # after the module
+        assert main_of([*argv, *tiny]) == 0
+
+    encode = _real_scale_line("--images images.txt")
+    assert encode[:3] == ["python", "-m", "gpd_train.encode_prompts"]
+    run(encode, encode_prompts.main)
+    data = encode[encode.index("--out") + 1]
+    assert main(["--stage", "0", "--teacher", str(folder), "--data", data, "--run-dir",
+                 "runs/i2v", "--device", "cpu", "--threads", "1"]) == 0
+    sampled = _real_scale_line("--image cat.png")
+    assert sampled[:3] == ["python", "-m", "gpd_train.sample"]
+    run(sampled, sample.main)
+    assert (tmp_path / sampled[sampled.index("--out") + 1] / "latents.safetensors").is_file()

@@ -21,6 +21,12 @@ Prompt-embedding data set layout (real scale), a folder holding:
   ``data`` state source). Either every shard has ``latents`` or none does. A shard without
   latents must carry safetensors metadata ``latent_shape`` = ``"C,T,H,W"`` (e.g.
   ``"16,21,60,104"`` for Wan 480p), the shape of the noise the sampler starts from.
+  Image-to-video shards (``encode_prompts --images``, gpd_train/data/image_condition.py) also
+  hold each row's condition: ``image_latent`` [N, 4 + C, T, H, W] (the 4-channel frame mask,
+  then the VAE latent of the image followed by zero frames, normalised; what diffusers'
+  WanImageToVideoPipeline concatenates after the noisy latent) and, for Wan2.1-I2V,
+  ``image_tokens`` [N, 257, D] (CLIP ViT-H's second-to-last hidden state), with metadata
+  ``images`` (the image paths, JSON). Every shard holds the same condition tensors, or none.
 - ``negative.safetensors``: ``context`` [1, L, text_dim] or [L, text_dim], the encoded
   negative prompt used as the unconditional branch of classifier-free guidance.
 
@@ -55,6 +61,8 @@ DEFAULT_SPEED = 2
 _EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data seed
 _IMAGE_SEED = 20240602  # the fixed "image encoder" of image-to-video tasks
 _IMAGE_PATCH = 4  # pixels per side of one image token
+# A prompt-embedding shard's image-condition tensors (image-to-video) and their ranks.
+CONDITION_KEYS = {"image_latent": 5, "image_tokens": 3}
 
 
 def _check_generator(generator: torch.Generator) -> None:
@@ -316,6 +324,9 @@ class PromptEmbeddingSet(_Negative):
             self._rows.append((shard, self._inspect_shard(shard, layout)))
         self.context_len, self.text_dim = layout["context"][1:]  # type: ignore[index]
         self.has_latents = bool(layout["latents"])
+        # Per-row shapes of the image condition (image-to-video), None when absent.
+        self.condition_shapes: dict[str, tuple[int, ...] | None] = {
+            name: layout[name] for name in CONDITION_KEYS}  # type: ignore[misc]
         self.latent_shape: tuple[int, ...] = tuple(layout["latent_shape"])  # type: ignore[arg-type]
         if text_dim is not None and self.text_dim != text_dim:
             raise ConfigError(f"data set text_dim {self.text_dim} does not match the model's "
@@ -377,8 +388,15 @@ class PromptEmbeddingSet(_Negative):
                                      f"latent_shape='C,T,H,W', got {meta!r}") from None
                 if len(per_item) != 4:
                     raise ConfigError(f"{shard}: latent_shape must have 4 entries, got {meta!r}")
+            conditions = {}
+            for name, rank in CONDITION_KEYS.items():
+                found = tuple(handle.get_slice(name).get_shape()) if name in keys else None
+                if found is not None and (len(found) != rank or found[0] != shape[0]):
+                    raise ConfigError(f"{shard}: {name!r} must have {rank} dims with "
+                                     f"{shape[0]} rows (context's), got {found}")
+                conditions[name] = None if found is None else found[1:]
         expected = {"context": (None,) + shape[1:], "latents": has_latents,
-                    "latent_shape": per_item}
+                    "latent_shape": per_item, **conditions}
         for key, value in expected.items():
             if key not in layout:
                 layout[key] = value
@@ -387,21 +405,58 @@ class PromptEmbeddingSet(_Negative):
                                  f"{layout[key]}")
         return shape[0]
 
-    def rows(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Contexts [B, L, D] (float32) and latents (or None) of the given global rows."""
-        contexts, latents = [], []
+    def check_condition(self, cfg: DiTConfig) -> None:
+        """The rows' image condition must be what the model takes: none for text-to-video,
+        the mask and condition latent for image-to-video (and CLIP tokens for Wan2.1-I2V)."""
+        made_for = "i2v" if cfg.image_to_video else "t2v"
+        encode = ("python -m gpd_train.encode_prompts --model WAN_FOLDER --prompts FILE "
+                  "--out DIR" + (" --images FILE" if made_for == "i2v" else ""))
+        if self.task != made_for:
+            held = ("prompt embeddings without images" if self.task == "t2v" else
+                    "image conditions (image_latent) for an image-to-video model")
+            raise ConfigError(f"{self.folder} holds {held}; the model is {made_for} "
+                             f"(in_channels {cfg.in_channels}): encode a data set for it with "
+                             f"`{encode}`")
+        wanted = {"image_latent": None, "image_tokens": None}
+        if made_for == "i2v":
+            wanted["image_latent"] = (cfg.in_channels - cfg.out_channels, *self.latent_shape[1:])
+            wanted["image_tokens"] = cfg.image_dim
+        for name, want in wanted.items():
+            got = self.condition_shapes[name]
+            if name == "image_tokens" and got is not None and want is not None:
+                got = got[-1]  # any number of tokens, each image_dim wide
+            if got != want:
+                raise ConfigError(f"{self.folder}: {name} per row is {got}, the model takes "
+                                 f"{want} (image_dim {cfg.image_dim}, in_channels "
+                                 f"{cfg.in_channels}): encode a data set for it with "
+                                 f"`{encode}`")
+
+    @property
+    def task(self) -> str:
+        """'i2v' when the rows carry an image condition, else 't2v'."""
+        return "t2v" if self.condition_shapes["image_latent"] is None else "i2v"
+
+    def rows(self, indices: Sequence[int]) -> tuple[Conditioning, torch.Tensor | None]:
+        """The Conditioning (float32) and latents (or None) of the given global rows."""
+        names = ["context", *(name for name, shape in self.condition_shapes.items()
+                              if shape is not None)]
+        if self.has_latents:
+            names.append("latents")
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for index in indices:
             if not 0 <= index < self.num_rows:
                 raise ConfigError(f"row {index} out of range [0, {self.num_rows})")
             position = bisect.bisect_right(self._starts, index) - 1
             shard, offset = self._rows[position][0], index - self._starts[position]
             with safe_open(str(shard), framework="pt") as handle:
-                contexts.append(handle.get_slice("context")[offset:offset + 1].float())
-                if self.has_latents:
-                    latents.append(handle.get_slice("latents")[offset:offset + 1].float())
-        context = torch.cat(contexts)
-        self._check_finite(context, self.folder)
-        return context, (torch.cat(latents) if self.has_latents else None)
+                for name in names:
+                    parts[name].append(handle.get_slice(name)[offset:offset + 1].float())
+        tensors = {name: torch.cat(rows) for name, rows in parts.items()}
+        for tensor in tensors.values():
+            self._check_finite(tensor, self.folder)
+        latents = tensors.pop("latents", None)
+        tensors["text"] = tensors.pop("context")
+        return Conditioning.from_tensors(tensors), latents
 
     def draw(self, generator: torch.Generator, batch_size: int,
              with_latents: bool) -> tuple[Conditioning, torch.Tensor | None]:
@@ -413,13 +468,13 @@ class PromptEmbeddingSet(_Negative):
                              "training stage 0 needs them (import it with --teacher W instead) "
                              "and so does state_source 'data' (use 'teacher' or 'student')")
         indices = torch.randint(0, self.num_rows, (batch_size,), generator=generator).tolist()
-        context, latents = self.rows(indices)
-        return Conditioning(context), (latents if with_latents else None)
+        cond, latents = self.rows(indices)
+        return cond, (latents if with_latents else None)
 
     def eval_prompts(self, count: int) -> tuple[Conditioning, list[str]]:
         """The first ``count`` rows (cycling), named by row number."""
         indices = [i % self.num_rows for i in range(count)]
-        return Conditioning(self.rows(indices)[0]), [f"row {i}" for i in indices]
+        return self.rows(indices)[0], [f"row {i}" for i in indices]
 
 
 def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
@@ -435,7 +490,6 @@ def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
                              f"{cfg.in_channels} and {cfg.out_channels}: pass --data with a "
                              "prompt-embedding data set")
         return ProceduralVideos(cfg.text_dim, seed=seed, task=task, image_dim=cfg.image_dim)
-    if task == "i2v":
-        raise ConfigError(f"image-to-video trains on the built-in data set only; {path} holds "
-                         "prompt embeddings without images")
-    return PromptEmbeddingSet(path, text_dim=cfg.text_dim, latent_channels=cfg.in_channels)
+    data = PromptEmbeddingSet(path, text_dim=cfg.text_dim, latent_channels=cfg.out_channels)
+    data.check_condition(cfg)
+    return data

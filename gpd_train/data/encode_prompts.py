@@ -21,6 +21,14 @@ size) or another ``--dtype`` is an error, never overwritten. ``--out`` follows t
 every gpd_train output (gpd_train/run/destination.py): a new or empty folder, or a data set
 this command wrote.
 
+Image-to-video folders (Wan2.1-I2V, Wan2.2-I2V): ``--images FILE`` gives one image path per
+line, line i for prompt i (relative paths are read from FILE's folder); each image becomes
+the row's ``image_latent`` (and, Wan2.1-I2V, ``image_tokens``) at ``--height/--width/--frames``
+as diffusers' WanImageToVideoPipeline builds them (gpd_train/data/image_condition.py), stored
+beside ``context`` in the same shards. An I2V folder without ``--images``, a text-to-video
+folder with them, a missing or unreadable image and a video size that is not a multiple of
+the VAE stride times the patch (16 for Wan) are refused before anything is encoded.
+
 Negative prompt: ``--negative TEXT``; by default the empty string, which is what WanPipeline
 uses when it is given none. Wan2.1's own sampling scripts use this one (its English
 translation is in diffusers' WanPipeline example):
@@ -38,16 +46,30 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from gpd_train.config.settings import RunConfig, check_device, resolve_device
+from gpd_train.data.image_condition import (
+    ImageConditioner,
+    check_image_model,
+    check_images,
+    check_video_size,
+    folder_model,
+    image_sha256,
+)
 from gpd_train.errors import GPDError
 from gpd_train.run.destination import DATA, check_destination, claim
 from gpd_train.run.files import save_weights
-from gpd_train.run.wan_folder import WanFolderError, component, diffusers_root
+from gpd_train.run.wan_folder import (
+    WanFolderError,
+    component,
+    diffusers_root,
+    transformer_folder,
+)
 from gpd_train.run.writes import output_error
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
@@ -64,24 +86,39 @@ class EncodeError(GPDError, ValueError):
     """A user-facing problem with the prompts, the model folder or the output folder."""
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a UTF-8 file, one per line; empty files and blank lines are errors."""
+def read_prompts(path: str | Path, what: str = "prompt") -> list[str]:
+    """The ``what``s (prompts) of a UTF-8 file, one per line; empty files and blank lines are
+    errors."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise EncodeError(f"prompts file {path} does not exist") from None
+        raise EncodeError(f"{what}s file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise EncodeError(f"cannot read prompts file {path} as UTF-8 text: {exc}") from None
+        raise EncodeError(f"cannot read {what}s file {path} as UTF-8 text: {exc}") from None
     if not any(line.strip() for line in lines):
-        raise EncodeError(f"prompts file {path} is empty: expected one prompt per line")
+        raise EncodeError(f"{what}s file {path} is empty: expected one {what} per line")
     blank = [number for number, line in enumerate(lines, 1) if not line.strip()]
     if blank:
         shown = ", ".join(map(str, blank[:10])) + (" ..." if len(blank) > 10 else "")
-        raise EncodeError(f"prompts file {path} has blank lines ({shown}): one prompt per line, "
+        raise EncodeError(f"{what}s file {path} has blank lines ({shown}): one {what} per line, "
                           "no blank lines (row i of the data set is line i + 1); remove them, "
                           f"e.g. `sed -i '/^[[:space:]]*$/d' {path}`")
     return lines
+
+
+def read_image_list(path: str | Path, count: int) -> list[Path]:
+    """The image paths of an images file, one per line for each of ``count`` prompts (line i
+    is prompt i's image); relative paths are read from the file's folder. Every image is
+    opened here, before any model is loaded."""
+    path = Path(path)
+    lines = read_prompts(path, what="image")
+    if len(lines) != count:
+        raise EncodeError(f"images file {path} has {len(lines)} lines, expected {count} (one "
+                          "image per prompt, line i for prompt i)")
+    paths = [path.parent / line.strip() for line in lines]
+    check_images(paths)
+    return paths
 
 
 def clean_prompt(text: str) -> str:
@@ -147,8 +184,11 @@ def latent_shape_for(model_dir: str | Path, height: int, width: int, frames: int
     return f"{raw['z_dim']},{(frames - 1) // temporal + 1},{height // spatial},{width // spatial}"
 
 
-def _digest(texts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+def _digest(texts: list[str], images: list[Path] | None = None) -> str:
+    """What a shard was encoded from: its prompts and (image-to-video) its images' bytes."""
+    rows: list[Any] = texts if images is None else [
+        [text, image_sha256(image)] for text, image in zip(texts, images, strict=True)]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 
 def _written_for(path: Path) -> dict[str, str] | None:
@@ -162,19 +202,26 @@ def _written_for(path: Path) -> dict[str, str] | None:
         return None
 
 
-def _write(path: Path, texts: list[str], context: torch.Tensor, metadata: dict[str, str]) -> None:
-    save_weights(path, {"context": context}, {
+def _write(path: Path, texts: list[str], tensors: dict[str, torch.Tensor],
+           metadata: dict[str, str], images: list[Path] | None) -> None:
+    if images is not None:
+        metadata = {**metadata, "images": json.dumps([str(i) for i in images])}
+    save_weights(path, tensors, {
         **metadata, "prompts": json.dumps(texts, ensure_ascii=False),
-        "prompts_sha256": _digest(texts)})
+        "prompts_sha256": _digest(texts, images)})
 
 
 def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path, *,
                      negative: str = "", latent_shape: str, shard_size: int = 128,
                      batch_size: int = 8, dtype: str = "bf16", device: str = "auto",
-                     progress: bool = True, flag: str = "--out") -> int:
+                     progress: bool = True, flag: str = "--out",
+                     images: list[Path] | None = None,
+                     video: tuple[int, int, int] | None = None) -> int:
     """Write the data set for ``prompts`` into ``out`` (resumable); returns how many shards
     (the negative prompt's included) were written, 0 when all were there already. ``flag``
-    is the option that chose ``out``, named in the remedies (the trainer's: --run-dir)."""
+    is the option that chose ``out``, named in the remedies (the trainer's: --run-dir).
+    ``images`` (one per prompt, image-to-video) are encoded at ``video`` = (height, width,
+    frames) into each row's ``image_latent`` and, Wan2.1-I2V, ``image_tokens``."""
     if dtype not in DTYPES:
         raise EncodeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -182,15 +229,20 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
             raise EncodeError(f"{name} must be >= 1, got {value}")
     if not prompts:
         raise EncodeError("no prompts to encode")
+    if images is not None and (len(images) != len(prompts) or video is None):
+        raise EncodeError(f"{len(images)} images for {len(prompts)} prompts (and video size "
+                          f"{video}): give one image per prompt and the video size")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shards = [prompts[i:i + shard_size] for i in range(0, len(prompts), shard_size)]
-    jobs = [(out / f"shard-{k:05d}.safetensors", texts) for k, texts in enumerate(shards)]
-    jobs.append((out / "negative.safetensors", [negative]))
+    jobs: list[tuple[Path, list[str], list[Path] | None]] = [
+        (out / f"shard-{k:05d}.safetensors", prompts[begin:begin + shard_size],
+         None if images is None else images[begin:begin + shard_size])
+        for k, begin in enumerate(range(0, len(prompts), shard_size))]
+    jobs.append((out / "negative.safetensors", [negative], None))  # text only: Wan's I2V CFG
     todo = []
-    for path, texts in jobs:
+    for path, texts, shard_images in jobs:
         found = _written_for(path) if path.exists() else None
-        if path.exists() and (found or {}).get("prompts_sha256") != _digest(texts):
+        if path.exists() and (found or {}).get("prompts_sha256") != _digest(texts, shard_images):
             raise EncodeError(f"{path} exists but was written for other prompts (or is "
                               f"unreadable); use another {flag}, or delete {path} to re-encode")
         # The shape of the noise the shards are trained with: another video size (--height,
@@ -209,23 +261,46 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
             raise EncodeError(f"{out} holds shards stored as {found['dtype']} ({path}); this "
                               f"run asks for {dtype}: {remedy}")
         if not path.exists():
-            todo.append((path, texts))
+            todo.append((path, texts, shard_images))
     if not todo:
         return 0
     claim(out, DATA)
     encoder = TextEncoder(model_dir, device)
+    conditioner = None if images is None else ImageConditioner(model_dir, device)
     metadata = {"latent_shape": latent_shape, "text_encoder": str(Path(model_dir).resolve()),
                 "max_tokens": str(MAX_TOKENS)}
-    bar = tqdm(total=sum(len(texts) for _, texts in todo), desc="encode", unit="prompt",
+    bar = tqdm(total=sum(len(texts) for _, texts, _ in todo), desc="encode", unit="prompt",
                disable=not progress)
-    for path, texts in todo:
-        parts = []
+    for path, texts, shard_images in todo:
+        parts: dict[str, list[torch.Tensor]] = {}
         for begin in range(0, len(texts), batch_size):
-            parts.append(encoder.encode(texts[begin:begin + batch_size]).to(DTYPES[dtype]).cpu())
-            bar.update(len(parts[-1]))
-        _write(path, texts, torch.cat(parts), metadata)
+            batch = {"context": encoder.encode(texts[begin:begin + batch_size])}
+            if conditioner is not None and shard_images is not None:
+                assert video is not None  # checked above
+                latent, tokens = conditioner.encode(shard_images[begin:begin + batch_size],
+                                                    *video)
+                batch["image_latent"] = latent
+                if tokens is not None:
+                    batch["image_tokens"] = tokens
+            for name, tensor in batch.items():
+                parts.setdefault(name, []).append(tensor.to(DTYPES[dtype]).cpu())
+            bar.update(len(texts[begin:begin + batch_size]))
+        _write(path, texts, {name: torch.cat(p) for name, p in parts.items()}, metadata,
+               shard_images)
     bar.close()
     return len(todo)
+
+
+def check_prompts_teacher(config: RunConfig) -> None:
+    """The trainer's ``--prompts`` are text only: refused for an image-to-video teacher."""
+    if config.prompts is None or config.teacher is None:
+        return
+    root = diffusers_root(config.teacher)
+    if transformer_folder(root) is not None and folder_model(root).image_to_video:
+        raise EncodeError(f"--teacher {config.teacher} is an image-to-video model: --prompts "
+                          "alone is text-only data; encode the prompts with their images, "
+                          f"`python -m gpd_train.encode_prompts --model {root} --prompts "
+                          f"{config.prompts} --images FILE --out DIR`, then train with --data DIR")
 
 
 def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DEFAULTS["height"],
@@ -239,6 +314,7 @@ def encode_for_run(config: RunConfig, negative: str = "", height: int = VIDEO_DE
     if config.data is not None and Path(os.path.abspath(config.data)) != folder:
         raise EncodeError(f"give either --data ({config.data}) or --prompts ({config.prompts}), "
                           f"not both: --prompts is encoded into {folder}")
+    check_prompts_teacher(config)
     root = diffusers_root(config.teacher)
     shape = latent_shape_for(root, height, width, frames)
     encode_to_folder(root, read_prompts(config.prompts), folder, negative=negative,
@@ -252,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Wan2.1-T2V-Diffusers folder")
     parser.add_argument("--prompts", required=True, help="UTF-8 text file, one prompt per line")
+    parser.add_argument("--images", help="image-to-video folders: a text file, one image path "
+                                         "per line (line i: prompt i's first frame)")
     parser.add_argument("--out", required=True, help="data-set folder to write")
     parser.add_argument("--negative", default="",
                         help="negative prompt (default '' as WanPipeline; 'wan' = Wan's own)")
@@ -264,6 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="storage dtype of the embeddings")
     parser.add_argument("--device", default="auto")
     return parser
+
+
+def image_rows(model_dir: str | Path, images: str | Path | None, count: int,
+               height: int, width: int, one_for_all: bool = False) -> list[Path] | None:
+    """The image of each of ``count`` prompts (None: text only) from ``images``, an images
+    file or (``one_for_all``) the one image of every prompt, checked against the folder's
+    model before any work: an image-to-video folder needs them (and Wan2.1-I2V its image
+    encoder), a text-to-video one refuses them; the video size must fit the model."""
+    if images is None and transformer_folder(model_dir) is None:
+        return None  # a text-encoder folder: nothing says it is image-to-video
+    cfg = check_image_model(model_dir, images=images is not None)
+    if images is None:
+        return None
+    check_video_size(model_dir, cfg, height, width)
+    if not one_for_all:
+        return read_image_list(images, count)
+    check_images([Path(images)])
+    return [Path(images)] * count
 
 
 def negative_text(value: str) -> str:
@@ -281,10 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(os.path.abspath(args.out))
         prompts = read_prompts(args.prompts)
         shape = latent_shape_for(args.model, args.height, args.width, args.frames)
+        images = image_rows(args.model, args.images, len(prompts), args.height, args.width)
         written = encode_to_folder(args.model, prompts, out,
                                    negative=negative_text(args.negative), latent_shape=shape,
                                    shard_size=args.shard_size, batch_size=args.batch_size,
-                                   dtype=args.dtype, device=args.device)
+                                   dtype=args.dtype, device=args.device, images=images,
+                                   video=(args.height, args.width, args.frames))
     except GPDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -292,10 +292,12 @@ def _judge(run: RunFolder, data: Any, cond: Conditioning, out: Path) -> _Judge:
     first_frames = (None if cond.image_latent is None
                     else ProceduralVideos.condition_frames(cond))
     if not isinstance(data, ProceduralVideos):
+        # Image-to-video embeddings hold VAE latents, not the condition's pixels: no
+        # first-frame PSNR without decoding.
         tqdm.write("[eval] prompt embeddings: PSNR, HF and motion ratios only (learned FD, "
-                   "detail KID and prompt accuracy need the built-in data's real videos and "
-                   "labels)")
-        return _Judge(data, None, None, None, first_frames=first_frames)
+                   "detail KID, prompt accuracy and first-frame PSNR need the built-in data's "
+                   "real videos and labels)")
+        return _Judge(data, None, None, None)
     prompt_ids = torch.arange(prompts) % data.num_prompts
     net = feature_net(data, run.config.seed, out / "feature_net.safetensors")
     real = real_videos(data, prompts)

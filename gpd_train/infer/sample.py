@@ -15,7 +15,10 @@ Text prompts (`--prompt "..."`, repeatable, or `--prompts FILE`, one per line) a
 on the fly by the umT5 of `--model DIR` (a Wan2.1-T2V-Diffusers folder), padded to 512
 tokens as WanPipeline does; the noise shape then follows `--height/--width/--frames`
 (WanPipeline's defaults 480 x 832 x 81) through the folder's VAE. `--prompts 0 3` (numbers)
-picks built-in prompts instead.
+picks built-in prompts instead. An image-to-video model (a Wan I2V folder or a run trained
+from one, with `--model` its folder) takes an image with each text prompt: `--image PATH`
+(the same for every prompt) or `--images FILE` (one image path per line, line i for prompt
+i), encoded as `encode_prompts --images` does (gpd_train/data/image_condition.py).
 
 Writes `latents.safetensors` ([N, C, T, H, W] float32 plus the prompts' names in the
 metadata), `summary.json`, and for the built-in set one GIF per video and a contact sheet.
@@ -77,10 +80,12 @@ from gpd_train.data.encode_prompts import (
     VIDEO_DEFAULTS,
     EncodeError,
     TextEncoder,
+    image_rows,
     latent_shape_for,
     negative_text,
     read_prompts,
 )
+from gpd_train.data.image_condition import ImageConditioner
 from gpd_train.errors import ConfigError, GPDError, SampleError
 from gpd_train.infer.media import (
     WAN_FPS,
@@ -101,7 +106,7 @@ DEFAULT_STEPS = 6  # a model without a stage record: the final student's step co
 
 @dataclass
 class Prompts:
-    cond: Conditioning  # text [N, L, text_dim]
+    cond: Conditioning  # text [N, L, text_dim]; image-to-video: the image slots too
     negative: Conditioning | None  # text [1, L, text_dim], the CFG pairs' unconditional prompt
     names: list[str]
     latent_shape: tuple[int, ...]
@@ -182,8 +187,29 @@ def _prompt_request(args: argparse.Namespace) -> tuple[list[int] | None, list[st
         raise SampleError(str(exc)) from None
 
 
+def _image_paths(args: argparse.Namespace, texts: list[str] | None) -> list[Path] | None:
+    """The image of each text prompt (--image, --images), checked against --model's
+    transformer before any model is loaded: None for a text-to-video model."""
+    if args.image is not None and args.images is not None:
+        raise ConfigError("give --image PATH (one image for every prompt) or --images FILE "
+                          "(one per prompt), not both")
+    given = "--image" if args.image is not None else "--images" if args.images else None
+    if given is not None and not texts:
+        raise ConfigError(f"{given} conditions text prompts (--prompt, --prompts FILE, with "
+                          "--model DIR, an image-to-video Wan folder): add them")
+    if given is not None and args.latent_shape is not None:
+        raise ConfigError(f"{given}: the image is encoded at --height/--width/--frames, which "
+                          f"give the noise shape too; drop --latent-shape {args.latent_shape}")
+    if not texts or args.model is None:
+        return None
+    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+    return image_rows(args.model, args.image or args.images, len(texts), size["height"],
+                      size["width"], one_for_all=args.image is not None)
+
+
 def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
-    """Text prompts through the umT5 of --model, cycled to --num rows."""
+    """Text prompts through the umT5 of --model (with their images through its VAE and
+    image encoder, image-to-video), cycled to --num rows."""
     if args.model is None:
         raise SampleError("text prompts are encoded by a Wan2.1 text encoder: pass --model DIR "
                           "(a Wan2.1-T2V-Diffusers folder)")
@@ -203,7 +229,20 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
             encoder.encode([negative_text(args.negative or "")]).float().cpu())
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
     shape = args.latent_shape or latent_shape_for(args.model, **size)
-    return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
+    images = _image_paths(args, texts)  # checked in check_args; the same answer
+    if images is None:  # an image-to-video model is refused by sample() then
+        return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
+    if not cfg.image_to_video:
+        raise SampleError(f"{loaded.description} is a text-to-video model: --image/--images "
+                          "condition an image-to-video one; drop them")
+    wanted = [images[i % len(texts)] for i in range(args.num)]
+    unique_images = list(dict.fromkeys(wanted))
+    latent, tokens = ImageConditioner(args.model, args.device).encode(
+        unique_images, size["height"], size["width"], size["frames"])
+    pick = [unique_images.index(path) for path in wanted]
+    cond = Conditioning(context, image_latent=latent[pick],
+                        image_tokens=None if tokens is None else tokens[pick])
+    return Prompts(cond, negative, rows, _parse_shape(shape), built_in=False)
 
 
 def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
@@ -222,7 +261,8 @@ def choose_prompts(loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
         path = Path(args.prompt_embeddings)
         if path.is_dir():
             try:
-                data_set = PromptEmbeddingSet(path, cfg.text_dim, cfg.in_channels)
+                data_set = PromptEmbeddingSet(path, cfg.text_dim, cfg.out_channels)
+                data_set.check_condition(cfg)
             except ValueError as exc:  # made for another model: channels, text_dim, layout
                 raise SampleError(f"--prompt-embeddings {path}: {exc}") from None
             return _from_data_set(data_set, args.num, ids)
@@ -266,6 +306,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
+    _image_paths(args, _prompt_request(args)[1])
     _check_sequence_parallel(args)
 
 
@@ -357,13 +398,18 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         model = model.to(torch.bfloat16)
         low = None if low is None else low.to(torch.bfloat16)
     prompts = choose_prompts(loaded, args)
-    if prompts.latent_shape[0] != loaded.model.cfg.in_channels:
+    if loaded.model.cfg.image_to_video and prompts.cond.image_latent is None:
+        raise SampleError(f"{loaded.description} is an image-to-video model and these prompts "
+                          "carry no image: give text prompts with --model DIR and --image PATH "
+                          "or --images FILE, or a data set encoded with --images")
+    if prompts.latent_shape[0] != loaded.model.cfg.out_channels:
         raise SampleError(f"the prompts' latent shape {','.join(map(str, prompts.latent_shape))} "
                           f"has {prompts.latent_shape[0]} channels, the model takes "
-                          f"{loaded.model.cfg.in_channels} (in_channels): give embeddings (or "
-                          "--latent-shape C,T,H,W) made for this model's VAE")
+                          f"{loaded.model.cfg.out_channels} (its latent channels, out_channels): "
+                          "give embeddings (or --latent-shape C,T,H,W) made for this "
+                          "model's VAE")
     vae = None if args.vae is None else load_vae(  # loaded first: a wrong VAE fails fast
-        args.vae, loaded.model.cfg.in_channels, device=device, tiling=args.vae_tiling,
+        args.vae, loaded.model.cfg.out_channels, device=device, tiling=args.vae_tiling,
         dtype=torch.bfloat16 if args.vae_dtype == "bf16" else torch.float32,
         slicing=args.vae_slicing)
     args.steps, shift = _sampling_grid(loaded, args)
@@ -511,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a text prompt (repeatable); needs --model")
     parser.add_argument("--model", help="Wan2.1-T2V-Diffusers folder whose umT5 encodes prompts")
+    parser.add_argument("--image", metavar="PATH",
+                        help="image-to-video: the first frame of every text prompt's video")
+    parser.add_argument("--images", metavar="FILE",
+                        help="image-to-video: one image path per line, line i for prompt i")
     parser.add_argument("--negative",
                         help="negative prompt with --guidance (default '' as WanPipeline; "
                              "'wan' = Wan's own)")

@@ -37,6 +37,8 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "transformer": ("config.json", "diffusers' WanTransformer3DModel"),
     "vae": ("config.json", "diffusers' AutoencoderKLWan"),
     "scheduler": ("scheduler_config.json", "the sampling scheduler"),
+    "image_encoder": ("config.json", "transformers' CLIPVisionModel (Wan2.1-I2V)"),
+    "image_processor": ("preprocessor_config.json", "transformers' CLIPImageProcessor"),
 }
 LAYOUT_HINT = ("expected a Wan2.1-T2V-Diffusers folder (model_index.json, text_encoder/, "
                "tokenizer/, transformer/, vae/, scheduler/), e.g. a download of "
@@ -165,14 +167,17 @@ def diffusers_root(teacher: str | Path) -> Path:
 
 def with_teacher_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` (gpd_train.config.settings.read_settings: the values given, before the rules)
-    with a Diffusers teacher's defaults when no preset was given: the preset of that shape,
-    else Wan's shift and CFG scale where those were not given either.
+    with a Diffusers teacher's defaults: task 'i2v' for an image-to-video folder unless a task
+    was given; when no preset was given, the preset of that shape, else Wan's shift and CFG
+    scale where those were not given either.
 
     The model's shape comes from the folder (gpd_train.run.folder); the preset only picks shift
     and CFG defaults, and the tiny preset's (made for the built-in RGB set) would be wrong.
     """
     teacher = settings.get("teacher")
     shape = teacher_dit_config(teacher) if isinstance(teacher, str) else None
+    if shape is not None and shape.image_to_video and "task" not in settings:
+        settings = {**settings, "task": "i2v"}  # an I2V folder's run is image-to-video
     if shape is None or "preset" in settings:
         return settings
     matching = [name for name, preset in PRESETS.items() if preset == shape]

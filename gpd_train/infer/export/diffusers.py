@@ -3,7 +3,9 @@ LoRA stage as a diffusers Wan LoRA.
 
 A full stage (``--base`` needed) or a LoRA stage with ``--merged`` is written as a whole
 pipeline folder: the base's ``text_encoder/``, ``tokenizer/`` and ``vae/`` (symbolic links by
-default, ``--copy`` for copies), the student as ``transformer/`` and a
+default, ``--copy`` for copies; an image-to-video base's ``image_encoder/`` and
+``image_processor/`` too, where it has them, and its WanImageToVideoPipeline
+model_index.json), the student as ``transformer/`` and a
 FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
 ``gpd_model.sigma_grid(steps, shift)`` (see ``student_scheduler_config``)::
 
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gpd_model import WanDiT, has_guidance_input, save_diffusers
+from gpd_model import DiTConfig, WanDiT, has_guidance_input, save_diffusers
 from gpd_train.config.chains import DEFAULT_CHAIN
 from gpd_train.config.settings import LoraSpec
 from gpd_train.errors import ConfigError, SampleError
@@ -47,6 +49,9 @@ from gpd_train.run.wan_folder import WanFolderError, component
 from gpd_train.run.writes import copy_error
 
 LINKED = ("text_encoder", "tokenizer", "vae")
+IMAGE_LINKED = ("image_encoder", "image_processor")  # Wan2.1-I2V's CLIP, where the base has it
+# The pipelines a base folder may be (model_index.json's _class_name) and the student each runs.
+PIPELINES = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -142,7 +147,8 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
         weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
         _write_scheduler(staging, steps, shift)
-        record = {"run": str(Path(run_dir).resolve()), "stage": sid.name,
+        pipeline = "WanImageToVideoPipeline" if run.dit_config.image_to_video else "WanPipeline"
+        record = {"run": str(Path(run_dir).resolve()), "stage": sid.name, "pipeline": pipeline,
                   "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
                            "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
                   "steps": steps, "shift": shift, "guidance_scale": 1.0}
@@ -170,16 +176,40 @@ def _model_index(base: Path) -> dict[str, Any]:
                              "Wan2.1-T2V-Diffusers folder") from None
     except (OSError, ValueError) as exc:
         raise WanFolderError(f"cannot read {path}: {exc}") from None
-    if index.get("_class_name") != "WanPipeline":
-        raise WanFolderError(f"{path} describes {index.get('_class_name')!r}, expected "
-                             "'WanPipeline' (a Wan2.1-T2V-Diffusers folder)")
+    if index.get("_class_name") not in PIPELINES:
+        raise WanFolderError(f"{path} describes {index.get('_class_name')!r}, expected one of "
+                             f"{sorted(PIPELINES)} (a Wan2.1-T2V- or Wan I2V-Diffusers folder)")
     return index
 
 
 def base_components(base: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """(model_index.json, the folders linked into an export) of a Wan2.1-T2V-Diffusers
-    folder; a clear error naming what is missing."""
-    return _model_index(base), {name: component(base, name) for name in LINKED}
+    """(model_index.json, the folders linked into an export) of a Wan2.1-T2V- or Wan
+    I2V-Diffusers folder (with its image encoder and processor where it lists them); a clear
+    error naming what is missing."""
+    index = _model_index(base)
+    names = LINKED + tuple(name for name in IMAGE_LINKED
+                           if index.get(name) not in (None, [None, None]))
+    return index, {name: component(base, name) for name in names}
+
+
+def _check_base_fits(base: Path, index: dict[str, Any], sources: dict[str, Path],
+                     cfg: DiTConfig) -> None:
+    """The base's pipeline runs this student: its VAE's channels, text- or image-to-video,
+    and the CLIP image encoder a Wan2.1-I2V student takes tokens from."""
+    vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
+    if vae_channels != cfg.out_channels:
+        raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "
+                             f"the student {cfg.out_channels}: --base must be the folder the "
+                             "teacher came from")
+    task = "i2v" if cfg.image_to_video else "t2v"
+    if PIPELINES[index["_class_name"]] != task:
+        raise WanFolderError(f"--base {base} is a {index['_class_name']} folder, the student is "
+                             f"{task} (in_channels {cfg.in_channels}): --base must be the folder "
+                             "the teacher came from")
+    if cfg.image_dim is not None and "image_encoder" not in sources:
+        raise WanFolderError(f"the student takes CLIP image tokens (image_dim {cfg.image_dim}, "
+                             f"Wan2.1-I2V) but --base {base} has no image_encoder: give the "
+                             "Wan2.1-I2V folder the teacher came from")
 
 
 def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
@@ -200,17 +230,14 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
                           "run's steps); pass the --run-dir of `python -m gpd_train`")
     run = loaded.run_config
     steps, shift = student_grid(loaded.record, loaded.plan)
-    vae_channels = json.loads((sources["vae"] / "config.json").read_text()).get("z_dim")
-    if vae_channels != loaded.model.cfg.in_channels:
-        raise WanFolderError(f"the VAE at {sources['vae']} has {vae_channels} latent channels, "
-                             f"the student {loaded.model.cfg.in_channels}: --base must be the "
-                             "folder the teacher came from")
+    _check_base_fits(base, index, sources, loaded.model.cfg)
     folded_at = None
     if has_guidance_input(loaded.model):
         folded_at = guidance if guidance is not None else run.resolved_guidance
     index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  transformer=["diffusers", "WanTransformer3DModel"])
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
+              "pipeline": index["_class_name"],
               "base": str(base.resolve()), "steps": steps, "shift": shift,
               "guidance_scale": sampling_guidance(loaded.record, loaded.plan),
               "student_guidance": folded_at,
@@ -237,7 +264,7 @@ def write(request: ExportRequest, kind: str) -> str:
     if kind == LORA:
         lora = export_lora(request.run, out, chain=request.chain, stage=request.stage,
                            overwrite=request.overwrite)
-        return (f"exported the LoRA of {lora['stage']} -> {out}: pipe = WanPipeline."
+        return (f"exported the LoRA of {lora['stage']} -> {out}: pipe = {lora['pipeline']}."
                 f"from_pretrained(BASE); pipe.load_lora_weights({out!r}); "
                 "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("
                 f"{out!r}, subfolder='scheduler'); pipe(prompt, "
@@ -246,8 +273,9 @@ def write(request: ExportRequest, kind: str) -> str:
     record = export_pipeline(request.run, request.base, out, chain=request.chain,
                              stage=request.stage, copy=request.copy,
                              guidance=request.guidance, overwrite=request.overwrite)
-    return (f"exported {record['model']} -> {out}: WanPipeline.from_pretrained("
-            f"{out!r})(prompt, num_inference_steps={record['steps']}, "
+    image = "image, " if record["pipeline"] == "WanImageToVideoPipeline" else ""
+    return (f"exported {record['model']} -> {out}: {record['pipeline']}.from_pretrained("
+            f"{out!r})({image}prompt, num_inference_steps={record['steps']}, "
             f"guidance_scale={record['guidance_scale']!r})")
 
 
