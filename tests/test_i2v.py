@@ -17,6 +17,7 @@ from gpd_model import CFG, Conditioning, DiTDenoiser, WanDiT, get_preset, uncond
 from gpd_train.config.settings import RunConfig
 from gpd_train.data.datasets import ProceduralVideos, open_data
 from gpd_train.errors import ConfigError
+from gpd_train.eval.metric_registry import FIRST_FRAME, Sample
 from gpd_train.eval.metrics import first_frame_psnr
 from gpd_train.train.objectives import FlowMatching
 
@@ -203,6 +204,18 @@ def test_first_frame_psnr_is_each_first_frames_psnr_to_its_condition():
     with pytest.raises(ValueError, match=r"frames must be a \[N, C, H, W\] tensor, got "
                                          r"\(4, 3, 1, 6, 7\)"):
         first_frame_psnr(videos, frames[:, :, None])
+
+
+def test_first_frame_fidelity_is_not_measured_on_sets_not_sampled_from_the_conditions():
+    # The held-out data row: other videos, whose first frames may even equal a condition
+    # (an infinite PSNR); its column shows nan instead.
+    g = torch.Generator().manual_seed(1)
+    videos = torch.rand(3, 3, 4, 5, 5, generator=g) * 2 - 1
+    judge = type("Judge", (), {"first_frames": videos[:, :, 0].clone()})()
+    sampled = FIRST_FRAME.compute(judge, Sample("GPD@6", "ref", videos, videos, 0.1))
+    assert torch.isinf(sampled).all()
+    data = FIRST_FRAME.compute(judge, Sample("data", "ref", videos, videos, 0.1, sampled=False))
+    assert torch.isnan(data).all() and data.shape == (3,)
 
 
 # -- the tiny I2V pipeline -------------------------------------------------------------------

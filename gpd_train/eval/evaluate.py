@@ -253,7 +253,8 @@ class _Judge:
         row: dict[str, Any] = {"model": candidate.label, "group": candidate.group,
                                "steps": candidate.steps, "cfg": candidate.cfg,
                                "nfe": candidate.nfe}
-        sample = Sample(candidate.label, candidate.reference, videos, reference, seconds)
+        sample = Sample(candidate.label, candidate.reference, videos, reference, seconds,
+                        sampled=candidate.denoiser is not None)
         measured = self.measured.setdefault(candidate.label, {})
         for metric in METRICS.values():
             if metric.available(self):

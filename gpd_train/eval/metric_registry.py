@@ -54,6 +54,8 @@ class Sample:
     videos: torch.Tensor
     reference: torch.Tensor
     seconds: float  # wall-clock sampling seconds per video
+    # False for a set that was not generated from the evaluation's conditions (held-out data)
+    sampled: bool = True
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ def _psnr(judge: Any, sample: Sample) -> torch.Tensor | None:
 
 
 def _first_frame_psnr(judge: Any, sample: Sample) -> torch.Tensor:
+    if not sample.sampled:  # other videos' first frames: no fidelity to measure
+        return torch.full((len(sample.videos),), float("nan"))
     return first_frame_psnr(sample.videos, judge.first_frames)
 
 
