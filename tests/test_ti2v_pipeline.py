@@ -1,7 +1,8 @@
 """Wan2.2-TI2V end to end on a tiny random TI2V Diffusers folder made in code (no downloads):
 the folder runs in diffusers' WanPipeline and WanImageToVideoPipeline, imports as a stage-0
-teacher (text-to-video), and a distilled student's export runs in diffusers' pipeline with
-the latents of our sampler."""
+teacher (text-to-video), its image-to-video through our denoiser equals
+WanImageToVideoPipeline's, and a distilled student's export runs in diffusers' pipeline with
+the latents of our sampler. Then tiny-ti2v's image-to-video on the built-in data."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from gpd_model import (  # noqa: E402
 )
 from gpd_model.checkpoint import config_from_diffusers  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
+from gpd_train.config.settings import RunConfig  # noqa: E402
+from gpd_train.data.datasets import ProceduralVideos, open_data  # noqa: E402
+from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.run.files import read_metadata  # noqa: E402
 
@@ -135,3 +139,55 @@ def test_image_to_video_matches_wan_image_to_video_pipeline(ti2v_dir, guidance):
     assert ours.shape == theirs.shape == (len(PROMPTS), *TI2V_LATENT_SHAPE)
     torch.testing.assert_close(ours, theirs, atol=PIPELINE_ATOL, rtol=0)
     torch.testing.assert_close(ours[:, :, :1], condition, atol=1e-6, rtol=0)
+
+
+# -- tiny-ti2v on the built-in data: the first frame as Wan2.2-TI2V's condition -------------
+
+def test_built_in_i2v_data_for_a_ti2v_model_gives_the_first_frame_as_first_frames():
+    cfg = get_preset("tiny-ti2v")
+    RunConfig(preset="tiny-ti2v", task="i2v")  # a TI2V model does both tasks
+    RunConfig(preset="tiny-ti2v", task="t2v")
+    data = open_data(None, cfg, 0, "i2v")
+    cond, videos = data.draw(torch.Generator().manual_seed(0), 3, with_latents=True)
+    assert set(cond.tensors()) == {"text", "first_frames"}
+    assert torch.equal(cond.first_frames, videos[:, :, :1])
+    assert torch.equal(data.condition_frames(cond), videos[:, :, 0])
+    assert set(open_data(None, cfg, 0, "t2v").draw(
+        torch.Generator().manual_seed(0), 3, with_latents=False)[0].tensors()) == {"text"}
+    with pytest.raises(ConfigError, match=r"first_frames \(Wan2.2-TI2V's condition\) needs task "
+                                          r"'i2v' and no image tokens, got task 't2v'"):
+        ProceduralVideos(32, first_frames=True)
+
+
+TINY_PIPELINE = """
+preset = "tiny-ti2v"
+task = "i2v"
+pipeline_chains = ["gpd"]
+steps = [8, 4, 2]
+batch_size = 4
+[stage0]
+iterations = 4
+[distill]
+iterations = [2, 2]
+freq_weight = [0.0, 1.0]
+stage_guidance = [1.5, 1.0]
+[eval]
+prompts = 8
+batch_size = 8
+"""
+
+
+@pytest.mark.slow
+def test_tiny_ti2v_image_to_video_pipeline_keeps_the_condition_as_first_frame(tmp_path):
+    """The built-in --task i2v path with tiny-ti2v: teacher, two GPD stages and the
+    evaluation run through DiTDenoiser's first-frame condition; every sampled video (teacher,
+    naive and students) starts with its condition frame, to float32 rounding."""
+    config = tmp_path / "ti2v.toml"
+    config.write_text(TINY_PIPELINE)
+    run = tmp_path / "run"
+    assert train_main(_args("--config", config, "--run-dir", run, "--device", "cpu",
+                            "--threads", 1)) == 0
+    rows = json.loads((run / "eval" / "report.json").read_text())["rows"]
+    assert {row["model"] for row in rows} >= {"teacher@8 (ref)", "GPD@2", "teacher@2 naive"}
+    # PSNR 10 log10(4 / MSE) over 100 dB: the first frames differ by float rounding only.
+    assert all(row["first_frame_psnr_db"] > 100 for row in rows), rows
