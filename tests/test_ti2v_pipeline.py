@@ -10,10 +10,16 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from diffusers import WanImageToVideoPipeline, WanPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    FlowMatchEulerDiscreteScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+)
 from realscale_fixtures import (  # noqa: E402
     TI2V_CHANNELS,
     TI2V_LATENT_SHAPE,
@@ -36,8 +42,11 @@ from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.settings import RunConfig  # noqa: E402
 from gpd_train.data.datasets import ProceduralVideos, open_data  # noqa: E402
 from gpd_train.errors import ConfigError  # noqa: E402
+from gpd_train.infer import sample  # noqa: E402
+from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.run.files import read_metadata  # noqa: E402
+from gpd_train.run.loading import load_model, recorded_grid  # noqa: E402
 
 PROMPTS = ["a red cat runs in the park", "the blue dog jumps over water"]
 VIDEO_ARGS = [str(a) for k, v in TI2V_VIDEO.items() for a in (f"--{k}", v)]
@@ -45,6 +54,7 @@ SIZE = {"num_frames": TI2V_VIDEO["frames"], "height": TI2V_VIDEO["height"],
         "width": TI2V_VIDEO["width"]}  # as diffusers' pipelines name them
 # Our sampler against diffusers' pipeline, float32: the issue's 1e-4.
 PIPELINE_ATOL = 1e-4
+STUDENT_STEPS = 4
 
 
 def _args(*values: object) -> list[str]:
@@ -81,22 +91,74 @@ def test_the_folder_runs_in_both_diffusers_pipelines(ti2v_dir):
 
 
 @pytest.mark.slow
-def test_imports_as_a_stage0_teacher(ti2v_dir, prompts_file, tmp_path):
+def test_import_distil_export_and_diffusers_runs_the_student(ti2v_dir, prompts_file, tmp_path):
+    """Stage 0 imports the TI2V folder, stage 1 distils it (text-to-video), the export keeps
+    expand_timesteps, and diffusers' WanPipeline (text-to-video) and WanImageToVideoPipeline
+    (image-to-video) on the export give our sampler's latents from the same noise."""
     run = tmp_path / "run"
-    assert train_main(["--stage", "0", *_args("--run-dir", run, "--device", "cpu", "--teacher",
-                                              ti2v_dir, "--prompts", prompts_file, "--threads",
-                                              1), *VIDEO_ARGS]) == 0
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = [8, 4]\nbatch_size = 2\ncheckpoint_every = 100\n"
+                    "[distill]\niterations = [3]\nfreq_weight = [1.0]\nlane_groups = 1\n"
+                    "[vanilla]\niterations = [3]\nfreq_weight = [0.0]\n")
+    common = _args("--config", toml, "--run-dir", run, "--device", "cpu", "--teacher", ti2v_dir,
+                   "--prompts", prompts_file, "--threads", 1, *VIDEO_ARGS)
+    assert train_main(["--stage", "0", *common]) == 0
     meta = read_metadata(run / "stage0" / "model.safetensors")
     assert json.loads(meta["dit_config"]) == {
         **json.loads(get_preset("tiny").to_json()), "dim": 32, "ffn_dim": 64, "num_heads": 2,
         "num_layers": 2, "patch_size": [1, 2, 2], "in_channels": TI2V_CHANNELS,
         "out_channels": TI2V_CHANNELS, "expand_timesteps": True}
     shard = next((run / "prompt-embeddings").glob("shard-*.safetensors"))
-    from safetensors import safe_open
-
     with safe_open(str(shard), framework="pt") as handle:
         assert handle.metadata()["latent_shape"] == ",".join(map(str, TI2V_LATENT_SHAPE))
+    assert train_main(["--stage", "1", *common]) == 0
 
+    out = tmp_path / "videos"
+    assert sample.main(_args("--checkpoint", run, "--model", ti2v_dir, "--prompt", PROMPTS[0],
+                             "--prompt", PROMPTS[1], "--steps", STUDENT_STEPS, "--seed", 7,
+                             "--out", out, "--device", "cpu", *VIDEO_ARGS)) == 0
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    student = tmp_path / "student"
+    assert export.main(_args("--run", run, "--base", ti2v_dir, "--out", student)) == 0
+    assert json.loads((student / "model_index.json").read_text())["expand_timesteps"] is True
+    t2v = WanPipeline.from_pretrained(str(student))
+    theirs = t2v(prompt=PROMPTS, num_inference_steps=STUDENT_STEPS, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(7), output_type="latent",
+                 **SIZE).frames
+    assert theirs.shape == latents.shape == (2, *TI2V_LATENT_SHAPE)
+    torch.testing.assert_close(theirs, latents, atol=PIPELINE_ATOL, rtol=0)
+
+    i2v = WanImageToVideoPipeline.from_pretrained(str(student))
+    assert isinstance(i2v.scheduler, FlowMatchEulerDiscreteScheduler)
+    text = i2v.encode_prompt(PROMPTS, do_classifier_free_guidance=False,
+                             max_sequence_length=16, device=torch.device("cpu"))[0]
+    image, noise, condition = _image_noise_and_condition(i2v, 5)
+    theirs = i2v(image=image, prompt_embeds=text, latents=noise.clone(),
+                 num_inference_steps=STUDENT_STEPS, guidance_scale=1.0, output_type="latent",
+                 **SIZE).frames
+    loaded = load_model(run, device="cpu")
+    steps, shift = recorded_grid(loaded.record)
+    assert steps == STUDENT_STEPS
+    ours = euler_sample(DiTDenoiser(loaded.model.eval()), noise,
+                        Conditioning(text, first_frames=condition), sigma_grid(steps, shift))
+    torch.testing.assert_close(ours, theirs, atol=PIPELINE_ATOL, rtol=0)
+    torch.testing.assert_close(ours[:, :, :1], condition, atol=1e-6, rtol=0)
+
+
+def _image_noise_and_condition(pipe, seed: int):
+    """A random image, and the pipeline's own noise and condition latent for it (its VAE
+    encoding of the image) for len(PROMPTS) videos."""
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (SIZE["height"], SIZE["width"], 3),
+                           generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    noise, condition, _ = pipe.prepare_latents(
+        pipe.video_processor.preprocess(image, height=SIZE["height"], width=SIZE["width"]),
+        len(PROMPTS), TI2V_CHANNELS, SIZE["height"], SIZE["width"], SIZE["num_frames"],
+        torch.float32, torch.device("cpu"), torch.Generator().manual_seed(seed + 4))
+    assert condition.shape == (len(PROMPTS), TI2V_CHANNELS, 1, *TI2V_LATENT_SHAPE[2:])
+    return image, noise, condition
 
 def _folder_denoiser(ti2v_dir):
     model = WanDiT(config_from_diffusers(ti2v_dir / "transformer"))
@@ -110,23 +172,12 @@ def test_image_to_video_matches_wan_image_to_video_pipeline(ti2v_dir, guidance):
     """Our Euler sampler through DiTDenoiser with Conditioning.first_frames against diffusers'
     WanImageToVideoPipeline (expand_timesteps) on its Euler grid, from the same noise; with
     CFG the condition is in both branches."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from PIL import Image
-
     steps, shift = 4, 3.0
     pipe = WanImageToVideoPipeline.from_pretrained(str(ti2v_dir))
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift))
-    pixels = torch.randint(0, 256, (SIZE["height"], SIZE["width"], 3),
-                           generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-    image = Image.fromarray(pixels.numpy())
     text, negative = pipe.encode_prompt(PROMPTS, negative_prompt=[""] * len(PROMPTS),
                                         max_sequence_length=16, device=torch.device("cpu"))
-    # The pipeline's own noise and condition latent (its VAE encoding of the image).
-    noise, condition, _ = pipe.prepare_latents(
-        pipe.video_processor.preprocess(image, height=SIZE["height"], width=SIZE["width"]),
-        len(PROMPTS), TI2V_CHANNELS, SIZE["height"], SIZE["width"], SIZE["num_frames"],
-        torch.float32, torch.device("cpu"), torch.Generator().manual_seed(7))
-    assert condition.shape == (len(PROMPTS), TI2V_CHANNELS, 1, *TI2V_LATENT_SHAPE[2:])
+    image, noise, condition = _image_noise_and_condition(pipe, 3)
     theirs = pipe(image=image, prompt_embeds=text, negative_prompt_embeds=negative,
                   latents=noise.clone(), num_inference_steps=steps, guidance_scale=guidance,
                   output_type="latent", **SIZE).frames
