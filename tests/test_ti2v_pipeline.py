@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from builders import refused
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -40,6 +41,7 @@ from gpd_model import (  # noqa: E402
 from gpd_model.checkpoint import config_from_diffusers  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.settings import RunConfig  # noqa: E402
+from gpd_train.data import encode_prompts  # noqa: E402
 from gpd_train.data.datasets import ProceduralVideos, open_data  # noqa: E402
 from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
@@ -242,3 +244,30 @@ def test_tiny_ti2v_image_to_video_pipeline_keeps_the_condition_as_first_frame(tm
     assert {row["model"] for row in rows} >= {"teacher@8 (ref)", "GPD@2", "teacher@2 naive"}
     # PSNR 10 log10(4 / MSE) over 100 dB: the first frames differ by float rounding only.
     assert all(row["first_frame_psnr_db"] > 100 for row in rows), rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("size", "wrong"), [
+    ({"height": 48}, "height a multiple of 32"),  # a multiple of the VAE's 16, not of 32
+    ({"width": 80}, "width of 32"),
+    ({"frames": 6}, "frames must be 4k + 1"),
+])
+def test_sizes_the_16x_vae_cannot_encode_are_refused_before_work(ti2v_dir, prompts_file,
+                                                                 tmp_path, capsys, size, wrong):
+    video = {**TI2V_VIDEO, **size}
+    args = [str(a) for k, v in video.items() for a in (f"--{k}", v)]
+    said = (f"video size {video['frames']} frames x {video['height']} x {video['width']} does "
+            f"not fit the VAE ({ti2v_dir / 'vae' / 'config.json'}): ")
+    expected = ("frames must be 4k + 1, height a multiple of 32 and width of 32 (its 16x "
+                "compression times the transformer's 2 x 2 patch")
+    for command, argv in (
+            (encode_prompts.main, _args("--model", ti2v_dir, "--prompts", prompts_file,
+                                        "--out", tmp_path / "data", "--device", "cpu")),
+            (train_main, _args("--stage", "0", "--run-dir", tmp_path / "run", "--device", "cpu",
+                               "--teacher", ti2v_dir, "--prompts", prompts_file)),
+            (sample.main, _args("--checkpoint", ti2v_dir, "--model", ti2v_dir, "--prompt",
+                                PROMPTS[0], "--steps", 1, "--out", tmp_path / "videos",
+                                "--device", "cpu"))):
+        err = refused(capsys, [*argv, *args], said + expected, command=command)
+        assert wrong in err and len(err.strip().splitlines()) == 1, (command, err)
+    assert not any((tmp_path / name).exists() for name in ("data", "videos", "run/stage0"))

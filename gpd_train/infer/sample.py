@@ -201,9 +201,15 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     if _needs_negative(loaded, args):
         negative = Conditioning(
             encoder.encode([negative_text(args.negative or "")]).float().cpu())
+    return Prompts(Conditioning(context), negative, rows, _parse_shape(_latent_shape(args)),
+                   built_in=False)
+
+
+def _latent_shape(args: argparse.Namespace) -> str:
+    """'C,T,H,W' of text prompts' noise: --latent-shape, else the video size through
+    --model's VAE (a size it cannot encode is refused)."""
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
-    shape = args.latent_shape or latent_shape_for(args.model, **size)
-    return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
+    return args.latent_shape or latent_shape_for(args.model, **size)
 
 
 def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
@@ -267,6 +273,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
     _check_sequence_parallel(args)
+    if _prompt_request(args)[1] and args.model is not None:
+        _latent_shape(args)  # the video size, before any model is loaded
 
 
 def _check_guidance_2(args: argparse.Namespace) -> None:
