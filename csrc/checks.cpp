@@ -17,6 +17,8 @@ std::string py_dtype(c10::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
+}  // namespace
+
 std::string py_shape(at::IntArrayRef sizes) {
   std::ostringstream out;
   out << "(";
@@ -58,8 +60,6 @@ std::string py_float(double value) {
   }
   return text;
 }
-
-}  // namespace
 
 void check_float_tensor(const char* name, const at::Tensor& t) {
   for (const auto dtype : kFloatDtypes) {

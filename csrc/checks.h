@@ -14,6 +14,10 @@ namespace gpd {
 
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
+// Python's tuple(shape) and repr(float), for messages that read as the Python path's.
+std::string py_shape(at::IntArrayRef sizes);
+std::string py_float(double value);
+
 void check_float_tensor(const char* name, const at::Tensor& t);
 void check_rank(const char* name, const at::Tensor& t, int64_t rank, const char* layout);
 void check_same_shape(const char* reference_name, const at::Tensor& reference,

@@ -25,4 +25,22 @@ at::Tensor double_step_target_cpu(const at::Tensor& g1, const at::Tensor& u_cond
                                   const at::Tensor& s_a, const at::Tensor& s_b,
                                   const at::Tensor& s_c);
 
+// adaLN (adaln.cpp): modulation vectors per sample ([B, D] or [B, 1, D]) or per token
+// ([B, L, D]); mean and rstd are float32 [B L]; gradients of the vectors in their shape.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(const at::Tensor& x,
+                                                                      const at::Tensor& shift,
+                                                                      const at::Tensor& scale,
+                                                                      double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scale,
+    const at::Tensor& mean, const at::Tensor& rstd);
+
+at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y,
+                                  const at::Tensor& gate);
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& grad_out,
+                                                          const at::Tensor& y,
+                                                          const at::Tensor& gate);
+
 }  // namespace gpd

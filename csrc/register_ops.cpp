@@ -16,6 +16,10 @@ TORCH_LIBRARY_IMPL(gpd, CPU, m) {
   m.impl("freq_loss_fwd", TORCH_FN(gpd::freq_loss_fwd_cpu));
   m.impl("cfg_euler_step", TORCH_FN(gpd::cfg_euler_step_cpu));
   m.impl("double_step_target", TORCH_FN(gpd::double_step_target_cpu));
+  m.impl("adaln_modulate_fwd", TORCH_FN(gpd::adaln_modulate_fwd_cpu));
+  m.impl("adaln_modulate_bwd", TORCH_FN(gpd::adaln_modulate_bwd_cpu));
+  m.impl("gated_residual_fwd", TORCH_FN(gpd::gated_residual_fwd_cpu));
+  m.impl("gated_residual_bwd", TORCH_FN(gpd::gated_residual_bwd_cpu));
 }
 
 extern "C" __attribute__((visibility("default"))) int gpd_native_schema_count() {

@@ -34,8 +34,13 @@ if not NATIVE_CPU:
     _define_schemas()
 
 
-def register_kernels(name: str, cpu_kernel, cuda_kernel) -> None:
-    """Attach the CPU reference (unless native serves CPU) and the CUDA Triton kernel."""
+def register_cpu(name: str, cpu_kernel) -> None:
+    """Attach the CPU reference, unless native serves CPU."""
     if not NATIVE_CPU:
         _LIBRARY.impl(name, cpu_kernel, "CPU")
+
+
+def register_kernels(name: str, cpu_kernel, cuda_kernel) -> None:
+    """Attach the CPU reference (unless native serves CPU) and the CUDA Triton kernel."""
+    register_cpu(name, cpu_kernel)
     _LIBRARY.impl(name, cuda_kernel, "CUDA")

@@ -17,6 +17,11 @@ per-sample path runs the same code as before per-token support.
 Inputs fp32 or bf16/fp16; math in fp32; outputs in `x`'s dtype. The Triton path runs
 on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests); plain CPU
 calls and float64 inputs use the reference (launch rules: `_launch`).
+
+The forward and backward are also CPU ops, `torch.ops.gpd.adaln_modulate_fwd/bwd` and
+`gated_residual_fwd/bwd` (for other trainers and C++ callers, as the other gpd:: ops):
+the native library's kernels (csrc/adaln.cpp) when built, else the references below, with
+the same checks and messages.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, check_rank, check_same_device, check_same_shape
 from ._launch import num_warps, rows_per_program, use_triton
+from ._registry import register_cpu
 
 _MAX_WARPS = 16
 
@@ -373,3 +379,109 @@ class GatedResidual(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return gated_residual(x, y, gate)
+
+
+# -- the gpd:: CPU ops: references (the native library replaces them when built) -----------
+
+def _op_tokens(name: str, x: torch.Tensor) -> None:
+    check_float_tensor(name, x)
+    check_rank(name, x, 3, "[B, L, D]")
+
+
+def _compute(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _op_tokens("x", x)
+    per_token = modulation_vector("shift", shift, x)
+    if modulation_vector("scale", scale, x) != per_token:
+        raise ValueError(
+            "shift and scale must both be per sample or both per token, got shift "
+            f"{tuple(shift.shape)} and scale {tuple(scale.shape)} for x of shape {tuple(x.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    x_c = x.to(_compute(x))
+    mean = x_c.mean(-1)
+    rstd = torch.rsqrt((x_c - mean[..., None]).square().mean(-1) + eps)
+    out = layernorm_modulate_reference(x, shift, scale, eps).contiguous()
+    return out, mean.reshape(-1).float(), rstd.reshape(-1).float()
+
+
+def _modulate_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                     mean: torch.Tensor, rstd: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _op_tokens("x", x)
+    check_same_shape("x", x, grad_out=grad_out)
+    per_token = modulation_vector("scale", scale, x)
+    rows = x.shape[0] * x.shape[1]
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        check_float_tensor(name, t)
+        if t.shape != (rows,):
+            raise ValueError(f"{name} must be the forward's ({rows},) (one per row of x), got "
+                             f"{tuple(t.shape)}")
+    compute = _compute(x)
+    x_hat = (x.to(compute) - mean.view(*x.shape[:2], 1)) * rstd.view(*x.shape[:2], 1)
+    go = grad_out.to(compute)
+    g = go * (1 + _broadcastable(scale, x).to(compute))
+    grad_x = rstd.view(*x.shape[:2], 1) * (
+        g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    dshift, dscale = go, go * x_hat
+    if not per_token:
+        dshift, dscale = dshift.sum(1), dscale.sum(1)
+    return (grad_x.to(x.dtype), dshift.reshape(scale.shape).to(scale.dtype),
+            dscale.reshape(scale.shape).to(scale.dtype))
+
+
+def _gated_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    _op_tokens("x", x)
+    _op_tokens("y", y)
+    check_same_shape("x", x, y=y)
+    check_same_device(x=x, y=y)
+    modulation_vector("gate", gate, x)
+    return gated_residual_reference(x, y, gate).contiguous()
+
+
+def _gated_bwd_op(grad_out: torch.Tensor, y: torch.Tensor,
+                  gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _op_tokens("y", y)
+    check_same_shape("y", y, grad_out=grad_out)
+    per_token = modulation_vector("gate", gate, y)
+    compute = _compute(y)
+    go = grad_out.to(compute)
+    grad_y = go * _broadcastable(gate, y).to(compute)
+    dgate = go * y.to(compute)
+    if not per_token:
+        dgate = dgate.sum(1)
+    return grad_y.to(y.dtype), dgate.reshape(gate.shape).to(gate.dtype)
+
+
+register_cpu("adaln_modulate_fwd", _modulate_fwd_op)
+register_cpu("adaln_modulate_bwd", _modulate_bwd_op)
+register_cpu("gated_residual_fwd", _gated_fwd_op)
+register_cpu("gated_residual_bwd", _gated_bwd_op)
+
+
+@torch.library.register_fake("gpd::adaln_modulate_fwd")
+def _modulate_fwd_fake(x, shift, scale, eps):
+    rows = x.shape[0] * x.shape[1]
+    mean = x.new_empty(rows, dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("gpd::adaln_modulate_bwd")
+def _modulate_bwd_fake(grad_out, x, scale, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale),
+            torch.empty_like(scale))
+
+
+@torch.library.register_fake("gpd::gated_residual_fwd")
+def _gated_fwd_fake(x, y, gate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("gpd::gated_residual_bwd")
+def _gated_bwd_fake(grad_out, y, gate):
+    return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(gate)

@@ -118,6 +118,8 @@ PRESETS: dict[str, DiTConfig] = {
     # into one as Wan's VAE does) + the first frame then zeros 3, and a small image embedder.
     "tiny-i2v": replace(_TINY, in_channels=7, image_dim=32),
     # tiny sampled as Wan2.2-TI2V: per-token timesteps, the first latent frame as condition.
+    # Its (4, 2, 2) patch puts the condition frame in one token with 3 noisy frames, so on
+    # the built-in videos no token is at timestep 0; the condition replaces the first frame.
     "tiny-ti2v": replace(_TINY, expand_timesteps=True),
     # Twice tiny's width (4x its linear-layer FLOPs): the capacity check of the step
     # schedules on the same built-in data.

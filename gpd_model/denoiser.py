@@ -6,8 +6,9 @@ level ``sigma`` [B] (one per sample) and a ``Conditioning``. A Wan DiT is one de
 classifier-free guidance wraps any of them (``CFG``), so a new model family is a new
 denoiser, never a change to a sampler or an objective.
 
-Per-token sigma ([B, T_tokens], for models that give conditioned frames their own timestep)
-is the planned extension of ``sigma``; today every denoiser refuses it with a clear error.
+Wan2.2-TI2V gives its conditioned first frame timestep 0 per token; that is the denoiser's
+business (``DiTDenoiser`` with ``Conditioning.first_frames``), so ``sigma`` stays one per
+sample for every caller and every denoiser refuses [B, T_tokens] with a clear error.
 
 A denoiser is deliberately *not* an ``nn.Module``: it holds its networks by reference, so
 the trained module stays the ``WanDiT`` itself (state-dict keys, FSDP wrapping, LoRA, EMA
@@ -28,10 +29,10 @@ from .guidance import has_guidance_input
 from .schedule import _broadcast_to, _per_sample, timestep_from_sigma
 
 # Each slot's rank; the first dimension of every set slot is the batch.
-_RANKS = {"text": 3, "image_latent": 5, "image_tokens": 3, "guidance": 1}
+_RANKS = {"text": 3, "image_latent": 5, "image_tokens": 3, "first_frames": 5, "guidance": 1}
 # Slots that ``to(dtype=...)`` casts: the network inputs. The CFG scale stays float32, the
 # precision its sinusoidal embedding and the CFG combine are computed in.
-_CAST = ("text", "image_latent", "image_tokens")
+_CAST = ("text", "image_latent", "image_tokens", "first_frames")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class Conditioning:
 
     ``text`` [B, L, D]: text embeddings. ``image_latent`` [B, C, T, H, W]: the VAE latent of
     the conditioned frames with its mask (image-to-video). ``image_tokens`` [B, N, D_img]:
-    image-encoder tokens. ``guidance`` [B]: the CFG scale w each trajectory follows; it is
+    image-encoder tokens. ``first_frames`` [B, C, F, H, W]: Wan2.2-TI2V's condition, the
+    latent of the first F latent frames (F = 1: the image), which replace the noisy latent's
+    (``DiTDenoiser``); not the channel concatenation of ``image_latent``, which Wan2.1-I2V and
+    Wan2.2-I2V-A14B take. ``guidance`` [B]: the CFG scale w each trajectory follows; it is
     here because it is per sample like the rest (rollout lanes carry it, slicing and
     batching keep it with its sample) and because a student with a guidance input takes it
     as an input, exactly as it takes the text. Unset slots stay None through every operation.
@@ -49,6 +53,7 @@ class Conditioning:
     text: torch.Tensor
     image_latent: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
+    first_frames: torch.Tensor | None = None
     guidance: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -210,22 +215,72 @@ class DiTDenoiser:
     Image-to-video: the model's input is ``cat([x, cond.image_latent], channels)`` (the mask
     and condition latent after the noisy latent, as diffusers' WanImageToVideoPipeline
     concatenates) and ``cond.image_tokens`` go to its image embedder; a model takes exactly
-    the image slots it has inputs for."""
+    the image slots it has inputs for.
+
+    Wan2.2-TI2V image-to-video (``cond.first_frames`` c, F latent frames, on a model with
+    ``expand_timesteps``), as diffusers' WanImageToVideoPipeline with ``expand_timesteps``:
+    the model sees c in place of x's first F frames, with timestep 0 on the tokens made of
+    those frames only. Its output there is not used: the velocity of the first frames is
+    ``(x - c) / sigma``, the straight path to c, so that an Euler step from sigma to 0 lands
+    them on c, where the pipeline's last step writes c. Samplers, objectives and the
+    evaluation thus see an ordinary velocity field whose sample starts with the condition."""
 
     model: nn.Module
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
         check_sigma(x, sigma, "DiTDenoiser")
-        inputs = self._inputs(x, cond)
+        first = self._first_frames(x, cond)
+        inputs = self._inputs(x if first is None else torch.cat(
+            [first, x[:, :, first.shape[2]:]], dim=2), cond)
         extra = {} if cond.image_tokens is None else {"image_tokens": cond.image_tokens}
         timestep = timestep_from_sigma(sigma)
+        if first is not None:
+            timestep = self._per_token(timestep, x, first.shape[2])
         if not has_guidance_input(self.model):
-            return self.model(inputs, timestep, cond.text, **extra)
-        if cond.guidance is None:
+            u = self.model(inputs, timestep, cond.text, **extra)
+        elif cond.guidance is None:
             raise ValueError("DiTDenoiser: the model takes the CFG scale as an input; set "
                              "Conditioning.guidance [B]")
-        return self.model(inputs, timestep, cond.text, guidance=cond.guidance, **extra)
+        else:
+            u = self.model(inputs, timestep, cond.text, guidance=cond.guidance, **extra)
+        if first is None:
+            return u
+        frames = first.shape[2]
+        # sigma 0 (a sample at its end): no direction is left; 0 instead of 0 / 0.
+        positive = sigma > 0
+        scale = _broadcast_to(torch.where(positive, sigma, torch.ones_like(sigma)), x)
+        to_condition = ((x[:, :, :frames] - first) / scale).where(
+            _broadcast_to(positive, x), 0.0)
+        return torch.cat([to_condition.to(u.dtype), u[:, :, frames:]], dim=2)
+
+    def _first_frames(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor | None:
+        """``cond.first_frames`` in ``x``'s dtype, checked against the model and ``x``."""
+        first = cond.first_frames
+        if first is None:
+            return None
+        if not self.model.cfg.expand_timesteps:
+            raise ValueError("DiTDenoiser: Conditioning.first_frames is Wan2.2-TI2V's "
+                             "condition, for a model with expand_timesteps; this Wan DiT has "
+                             "none (give image_latent to an image-to-video model)")
+        want = (x.shape[0], x.shape[1], x.shape[3], x.shape[4])
+        got = (first.shape[0], first.shape[1], first.shape[3], first.shape[4])
+        if got != want or not 0 < first.shape[2] < x.shape[2]:
+            raise ValueError(f"DiTDenoiser: first_frames must be [{x.shape[0]}, {x.shape[1]}, "
+                             f"F, {x.shape[3]}, {x.shape[4]}] with 0 < F < {x.shape[2]} (x's "
+                             f"frames), got {tuple(first.shape)}")
+        return first.to(x.dtype)
+
+    def _per_token(self, timestep: torch.Tensor, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """[B, N] timesteps: 0 on the tokens whose frames are all among the first ``frames``
+        (with a temporal patch of one, the tokens of those frames, as diffusers' mask), the
+        sample's timestep on the others (a token that mixes both is noisy)."""
+        pt, ph, pw = self.model.cfg.patch_size
+        per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
+        clean = (frames // pt) * per_frame
+        tokens = (x.shape[2] // pt) * per_frame
+        keep = torch.arange(tokens, device=timestep.device) >= clean
+        return timestep[:, None] * keep
 
     def _inputs(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's input: ``x``, with the image latent after it along channels."""
@@ -254,16 +309,20 @@ class DiTDenoiser:
         return (self.model,)
 
 
+# The slots of the image condition, which both branches of CFG share.
+_IMAGE_SLOTS = ("image_latent", "image_tokens", "first_frames")
+
+
 def unconditional(cond: Conditioning, negative: Conditioning) -> Conditioning:
     """The unconditional Conditioning of each of ``cond``'s rows: ``negative``'s text (batch
     1 or ``cond``'s) with ``cond``'s image slots and CFG scale. Wan guides image-to-video on
     the text alone: the image condition is kept in both branches, so CFG and CFG dropout
     both take their negative from here."""
-    if negative.image_latent is not None or negative.image_tokens is not None:
+    if any(getattr(negative, name) is not None for name in _IMAGE_SLOTS):
         raise ValueError("unconditional: the negative Conditioning carries text only; its "
                          "image slots come from each sample's own")
     return dataclasses.replace(negative.to(cond.text.device).expand(len(cond)),
-                               image_latent=cond.image_latent, image_tokens=cond.image_tokens,
+                               **{name: getattr(cond, name) for name in _IMAGE_SLOTS},
                                guidance=cond.guidance)
 
 

@@ -89,7 +89,7 @@ CONFIG_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--run-dir", "run_dir", str, "run folder (default runs/default)"),
     ("--preset", "preset", str, "gpd_model preset (default tiny)"),
     ("--task", "task", str, "t2v | i2v: image-to-video from each built-in video's first "
-     "frame (with --preset tiny-i2v)"),
+     "frame (with --preset tiny-i2v or tiny-ti2v)"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--threads", "threads", int, "CPU threads for torch (0 = torch's default, fewer when "
      "other processes keep cores busy)"),

@@ -231,10 +231,12 @@ def refused(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str,
     return err
 
 
-def random_dit(seed: int) -> WanDiT:
-    """A 1-layer DiT whose every weight is random (no zero-initialised output)."""
+def random_dit(seed: int, **changes: object) -> WanDiT:
+    """A 1-layer DiT whose every weight is random (no zero-initialised output); ``changes``
+    override its config (a TI2V one: ``expand_timesteps=True``)."""
     torch.manual_seed(seed)
-    model = WanDiT(get_preset("tiny", dim=32, ffn_dim=64, num_layers=1))
+    model = WanDiT(get_preset("tiny", **{"dim": 32, "ffn_dim": 64, "num_layers": 1,
+                                         **changes}))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

@@ -12,6 +12,10 @@ Wan2.1-I2V-Diffusers layout (a 12-channel transformer input: noisy latent, 4-cha
 condition latent; image keys/values in cross-attention; a random transformers CLIPVisionModel
 and its CLIPImageProcessor) or, with ``image_encoder=False``, the Wan2.2-I2V single-expert
 layout (no image encoder, no image tokens), written by diffusers' WanImageToVideoPipeline.
+``build_wan_ti2v_folder``: the Wan2.2-TI2V-5B layout, a WanPipeline with ``expand_timesteps``
+whose VAE is configured as diffusers configures the Wan2.2 one (residual blocks, RGB
+patchified 2 x 2 into 12 channels, 16x spatial compression) and whose transformer takes and
+gives the VAE's latent (in = out = z_dim).
 """
 
 from __future__ import annotations
@@ -110,6 +114,37 @@ def build_wan_i2v_folder(root: Path, image_encoder: bool = True, seed: int = 0) 
                                    **transformer_image)
     WanImageToVideoPipeline(**_shared_components(), **image_parts, transformer=transformer
                             ).save_pretrained(str(root))
+    return root
+
+
+# Wan2.2-TI2V: a 16x spatial VAE (3 halvings x the 2 x 2 patchify) and a latent of its own
+# width (48 at scale; 6 here, unlike the 4 of the folders above); 5 frames of 64 x 96 ->
+# latents [6, 2, 4, 6] (height and width multiples of 16 x the transformer's patch 2).
+TI2V_CHANNELS = 6
+TI2V_VIDEO = {"frames": 5, "height": 64, "width": 96}
+TI2V_LATENT_SHAPE = (TI2V_CHANNELS, 2, 4, 6)
+
+
+def ti2v_vae():
+    """A random tiny Wan2.2-style AutoencoderKLWan (16x spatial, TI2V_CHANNELS latent)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=TI2V_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+        out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1], latents_std=[1.5, 0.5, 2.0, 1.0, 0.8, 1.2])
+
+
+def build_wan_ti2v_folder(root: Path, seed: int = 0) -> Path:
+    """Write a tiny Wan2.2-TI2V-layout folder at ``root`` and return it."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(seed)
+    components = {**_shared_components(), "vae": ti2v_vae()}
+    transformer = tiny_transformer(in_channels=TI2V_CHANNELS, out_channels=TI2V_CHANNELS)
+    WanPipeline(**components, transformer=transformer, expand_timesteps=True
+                ).save_pretrained(str(root))
     return root
 
 

@@ -5,6 +5,8 @@ stage, is evaluated and is sampled with no caller changed."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 
 import pytest
 import torch
@@ -18,8 +20,10 @@ from gpd_model import (
     ExpertPair,
     add_guidance_input,
     euler_sample,
+    euler_step,
     make_noise,
     sigma_grid,
+    unconditional,
 )
 from gpd_model.graph_sampler import GraphSampler
 from gpd_train.data.datasets import ProceduralVideos
@@ -38,6 +42,7 @@ def full_cond(batch: int = 3) -> Conditioning:
     return Conditioning(torch.randn(batch, 4, 6, generator=g),
                         image_latent=torch.randn(batch, 2, 1, 2, 2, generator=g),
                         image_tokens=torch.randn(batch, 3, 5, generator=g),
+                        first_frames=torch.randn(batch, 3, 1, 2, 2, generator=g),
                         guidance=torch.rand(batch, generator=g))
 
 
@@ -47,7 +52,8 @@ def full_cond(batch: int = 3) -> Conditioning:
 def test_conditioning_rows_follow_their_sample_in_every_operation(full):
     cond = full_cond() if full else Conditioning(texts(3, 0))
     slots = set(cond.tensors())
-    assert slots == ({"text", "image_latent", "image_tokens", "guidance"} if full else {"text"})
+    assert slots == ({"text", "image_latent", "image_tokens", "first_frames", "guidance"}
+                     if full else {"text"})
     assert cond.batch == len(cond) == 3
     picks = {"slice": slice(1, 3), "mask": torch.tensor([True, False, True]),
              "index": torch.tensor([2, 0])}
@@ -83,7 +89,8 @@ def test_conditioning_rows_follow_their_sample_in_every_operation(full):
 
 def test_conditioning_to_casts_the_network_inputs_not_the_scale():
     cond = full_cond().to(dtype=torch.bfloat16)
-    assert {cond.text.dtype, cond.image_latent.dtype, cond.image_tokens.dtype} == {torch.bfloat16}
+    assert {cond.text.dtype, cond.image_latent.dtype, cond.image_tokens.dtype,
+            cond.first_frames.dtype} == {torch.bfloat16}
     assert cond.guidance.dtype == torch.float32  # the CFG combine and w's embedding stay fp32
     assert Conditioning(texts(2, 0)).to("cpu").guidance is None
 
@@ -153,6 +160,64 @@ def test_denoisers_refuse_per_token_sigma_and_image_conditions_they_do_not_take(
         DiTDenoiser(model)(x, torch.rand(2), image)
     with pytest.raises(ValueError, match=r"boundary must be a sigma in \(0, 1\], got 1.5"):
         ExpertPair(DiTDenoiser(model), DiTDenoiser(model), 1.5)
+
+
+# -- DiTDenoiser, Wan2.2-TI2V image-to-video (Conditioning.first_frames) ---------------
+
+def test_first_frames_replace_the_input_at_timestep_zero_and_move_straight_to_the_condition():
+    model = random_dit(6, patch_size=(1, 2, 2), expand_timesteps=True)
+    x = make_noise((3, 3, 3, 4, 6), 1)
+    first = make_noise((3, 3, 1, 4, 6), 2)
+    sigma = torch.tensor([0.8, 0.25, 0.0])
+    cond = Conditioning(texts(3, 1), first_frames=first)
+    with torch.no_grad():
+        u = DiTDenoiser(model)(x, sigma, cond)
+        # Written out: 2 x 3 tokens per latent frame, the first frame's at timestep 0.
+        timestep = (1000 * sigma)[:, None].repeat(1, 18)
+        timestep[:, :6] = 0
+        model_u = model(torch.cat([first, x[:, :, 1:]], dim=2), timestep, cond.text)
+    torch.testing.assert_close(u[:, :, 1:], model_u[:, :, 1:], atol=1e-6, rtol=0)
+    straight = (x[:2, :, :1] - first[:2]) / sigma[:2].view(2, 1, 1, 1, 1)
+    torch.testing.assert_close(u[:2, :, :1], straight, atol=1e-6, rtol=0)
+    assert torch.equal(u[2, :, :1], torch.zeros_like(u[2, :, :1]))  # sigma 0: at its end
+    # An Euler step to sigma 0 lands the first frame on the condition.
+    torch.testing.assert_close(euler_step(x, u, sigma, 0.0)[:2, :, :1], first[:2],
+                               atol=1e-6, rtol=0)
+    # x's own first frame reaches no other frame's velocity.
+    other = x.clone()
+    other[:, :, 0] += 1.0
+    with torch.no_grad():
+        moved = DiTDenoiser(model)(other, sigma, cond)
+    assert torch.equal(moved[:, :, 1:], u[:, :, 1:])
+    # A temporal patch of 4 frames: no token is made of the first frame only, all are at t.
+    coarse = random_dit(6, expand_timesteps=True)
+    x = make_noise((3, 3, 8, 4, 6), 3)
+    with torch.no_grad():
+        got = DiTDenoiser(coarse)(x, sigma, cond)
+        want = coarse(torch.cat([first, x[:, :, 1:]], dim=2), 1000 * sigma, cond.text)
+    # (the per-token modulation rounds differently from the per-sample one)
+    torch.testing.assert_close(got[:, :, 1:], want[:, :, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_first_frames_are_refused_where_they_do_not_fit():
+    x, cond = make_noise((2, 3, 3, 4, 6), 1), Conditioning(texts(2, 1))
+    sigma = torch.rand(2)
+    ti2v = DiTDenoiser(random_dit(0, patch_size=(1, 2, 2), expand_timesteps=True))
+    wan21 = DiTDenoiser(random_dit(0, patch_size=(1, 2, 2)))
+    first = dataclasses.replace(cond, first_frames=torch.zeros(2, 3, 1, 4, 6))
+    with pytest.raises(ValueError, match=r"Conditioning.first_frames is Wan2.2-TI2V's condition, "
+                                         "for a model with expand_timesteps; this Wan DiT has "
+                                         "none"):
+        wan21(x, sigma, first)
+    for shape in ((2, 4, 1, 4, 6), (2, 3, 3, 4, 6), (2, 3, 1, 4, 4)):
+        got = re.escape(str(shape))
+        with pytest.raises(ValueError, match=r"first_frames must be \[2, 3, F, 4, 6\] with "
+                                             rf"0 < F < 3 \(x's frames\), got {got}$"):
+            ti2v(x, sigma, dataclasses.replace(cond, first_frames=torch.zeros(shape)))
+    uncond = unconditional(first, cond[:1])
+    assert uncond.first_frames is first.first_frames
+    with pytest.raises(ValueError, match="the negative Conditioning carries text only"):
+        unconditional(first, first[:1])
 
 
 # -- CFG ---------------------------------------------------------------------------------

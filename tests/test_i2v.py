@@ -180,6 +180,18 @@ def test_task_is_refused_with_a_preset_of_the_other_task(changes, message):
     RunConfig(preset="tiny-i2v", task="i2v")
 
 
+def test_a_ti2v_model_does_image_to_video_on_the_built_in_data_only(tmp_path):
+    cfg = get_preset("tiny-ti2v")
+    save_file({"context": torch.zeros(2, 4, cfg.text_dim)}, str(tmp_path / "shard-0.safetensors"),
+              metadata={"latent_shape": "3,4,16,16"})
+    save_file({"context": torch.zeros(1, 4, cfg.text_dim)}, str(tmp_path / "negative.safetensors"))
+    with pytest.raises(ConfigError, match=r"Wan2.2-TI2V model trains image-to-video on the "
+                                          r"built-in data set only .* use --task t2v"):
+        open_data(tmp_path, cfg, 0, "i2v")
+    assert open_data(tmp_path, cfg, 0, "t2v").task == "t2v"
+    assert open_data(None, cfg, 0, "i2v").task == "i2v"
+
+
 def test_open_data_refuses_what_the_i2v_model_cannot_train_on(tmp_path):
     cfg = get_preset("tiny-i2v")
     # Prompt embeddings without images (real-scale image data: tests/test_i2v_realscale.py).

@@ -7,7 +7,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
-    task = "t2v"               # t2v | i2v (the preset's: tiny-i2v; built-in data only)
+    task = "t2v"               # t2v | i2v (tiny-i2v's; tiny-ti2v does both; built-in data only)
     device = "auto"            # auto | cpu | cuda | cuda:N
     threads = 0                # CPU threads for torch; 0: its default, fewer on busy cores
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)
@@ -177,11 +177,11 @@ TASKS = ("t2v", "i2v")  # text-to-video; image-to-video (built-in data: from the
 LOG_BACKENDS = ("none", "tensorboard")  # --log: where training's scalars also go
 
 # Per-preset defaults for values the DiT config does not carry.
-PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0, "tiny-i2v": 3.0}
+PRESET_SHIFT = {"tiny": 3.0, "tiny-wide": 3.0, "tiny-i2v": 3.0, "tiny-ti2v": 3.0}
 DEFAULT_SHIFT = 5.0  # Wan2.1 T2V at 480p
 # The tiny teacher follows prompts as well unguided as at scale 4 (prompt accuracy 0.77 vs
 # 0.71 over 48 videos), while the guidance-free stage-1 student's loss grows ~(w - 1)^2.
-PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5, "tiny-i2v": 1.5}
+PRESET_GUIDANCE = {"tiny": 1.5, "tiny-wide": 1.5, "tiny-i2v": 1.5, "tiny-ti2v": 1.5}
 DEFAULT_GUIDANCE = 5.0  # Wan2.1 T2V
 # A horizon chain's CFG anneal ends at this share of the guidance beyond 1 (the GPD paper's
 # 6.0 -> 1.5 for Wan2.1: 5.0 -> 0.5).
@@ -196,8 +196,12 @@ PER_STAGE = {"iterations": "--iterations", "freq_weight": "--freq-weight"}
 
 
 def check_task(task: str, cfg: DiTConfig, model: str = "the model") -> None:
-    """``task`` must be the one ``cfg`` is made for (an image-to-video input is wider)."""
+    """``task`` must be one ``cfg`` is made for: an image-to-video input is wider; a
+    Wan2.2-TI2V model (``expand_timesteps``, input as wide as its output) does both, its
+    image condition replacing the first latent frame (gpd_model.DiTDenoiser)."""
     made_for = "i2v" if cfg.image_to_video else "t2v"
+    if cfg.expand_timesteps and not cfg.image_to_video and task in TASKS:
+        return
     if task != made_for:
         raise ConfigError(f"task {task!r} does not fit {model}: it is {made_for} (in_channels "
                          f"{cfg.in_channels}, out_channels {cfg.out_channels}); give task "

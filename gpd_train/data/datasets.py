@@ -11,7 +11,9 @@ carries its first frame as the condition, ``image_latent`` = [mask, frame] [B, 1
 (the mask 1 on the first frame, the frame there and zeros after, as Wan's image-to-video
 pipeline lays out its VAE latent with no temporal compression) and, for a model with an image
 embedder, ``image_tokens``: the first frame's 4 x 4 patches through a fixed random projection
-(the built-in set's stand-in for CLIP, as its prompt embeddings stand in for umT5).
+(the built-in set's stand-in for CLIP, as its prompt embeddings stand in for umT5). For a
+Wan2.2-TI2V model (``first_frames=True``) the condition is instead ``first_frames``, the first
+frame [B, 3, 1, H, W], which the denoiser puts in place of the noisy one.
 
 Prompt-embedding data set layout (real scale), a folder holding:
 
@@ -116,7 +118,8 @@ class ProceduralVideos(_Negative):
     context_len = 4
 
     def __init__(self, text_dim: int, frames: int = 4, size: int = 16, speed: int | None = None,
-                 seed: int = 0, task: str = "t2v", image_dim: int | None = None) -> None:
+                 seed: int = 0, task: str = "t2v", image_dim: int | None = None,
+                 first_frames: bool = False) -> None:
         if speed is None and isinstance(frames, int) and isinstance(size, int) and frames >= 2:
             # 2 px per frame (one 2x2 patch), slower when a small canvas leaves no room.
             speed = max(1, min(DEFAULT_SPEED, (size - 5) // (frames - 1)))
@@ -129,7 +132,11 @@ class ProceduralVideos(_Negative):
         if image_dim is not None and (task != "i2v" or size % _IMAGE_PATCH):
             raise ConfigError(f"image tokens (image_dim {image_dim}) need task 'i2v' and a size "
                              f"divisible by {_IMAGE_PATCH}, got task {task!r}, size {size}")
+        if first_frames and (task != "i2v" or image_dim is not None):
+            raise ConfigError(f"first_frames (Wan2.2-TI2V's condition) needs task 'i2v' and no "
+                             f"image tokens, got task {task!r}, image_dim {image_dim}")
         self.task = task
+        self.first_frames = first_frames
         self.text_dim = text_dim
         self.frames = frames
         self.size = size
@@ -220,6 +227,8 @@ class ProceduralVideos(_Negative):
             return Conditioning(text), None
         videos = self.videos(indices)
         first = videos[:, :, :1]
+        if self.first_frames:
+            return Conditioning(text, first_frames=first), videos
         image_latent = torch.cat([torch.ones_like(first[:, :1]), first], dim=1)
         image_latent = torch.cat([image_latent, image_latent.new_zeros(
             (*image_latent.shape[:2], self.frames - 1, self.size, self.size))], dim=2)
@@ -250,6 +259,8 @@ class ProceduralVideos(_Negative):
     @staticmethod
     def condition_frames(cond: Conditioning) -> torch.Tensor:
         """The condition frames [B, 3, H, W] of an image-to-video Conditioning."""
+        if cond.first_frames is not None:
+            return cond.first_frames[:, :, 0]
         if cond.image_latent is None:
             raise ConfigError("condition_frames: the Conditioning has no image_latent "
                              "(text-to-video)")
@@ -483,13 +494,20 @@ def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
     for ``task`` (text- or image-to-video), which must be the model's."""
     check_task(task, cfg)
     if path is None:
-        channels = 3 + (1 + 3 if task == "i2v" else 0)  # video; i2v: + mask and first frame
+        # The video; Wan2.1-style i2v: + the mask and first frame (TI2V replaces frames).
+        first_frames = task == "i2v" and not cfg.image_to_video
+        channels = 3 + (1 + 3 if task == "i2v" and not first_frames else 0)
         if (cfg.in_channels, cfg.out_channels) != (channels, 3):
             raise ConfigError(f"the built-in data set is RGB video: a model for {task} on it has "
                              f"in_channels {channels} and out_channels 3, got "
                              f"{cfg.in_channels} and {cfg.out_channels}: pass --data with a "
                              "prompt-embedding data set")
-        return ProceduralVideos(cfg.text_dim, seed=seed, task=task, image_dim=cfg.image_dim)
+        return ProceduralVideos(cfg.text_dim, seed=seed, task=task, image_dim=cfg.image_dim,
+                                first_frames=first_frames)
+    if task == "i2v" and not cfg.image_to_video:
+        raise ConfigError(f"a Wan2.2-TI2V model trains image-to-video on the built-in data set "
+                         f"only (its first-frame condition is not encoded into data sets yet); "
+                         f"{path} is a prompt-embedding set: drop --data, or use --task t2v")
     data = PromptEmbeddingSet(path, text_dim=cfg.text_dim, latent_channels=cfg.out_channels)
     data.check_condition(cfg)
     return data

@@ -170,17 +170,37 @@ class TextEncoder:
         return hidden * (mask > 0).unsqueeze(-1).to(hidden.dtype)
 
 
+WAN_PATCH = (1, 2, 2)  # every Wan transformer's (t, h, w) patch: for a folder without one
+
+
+def _patch(model_dir: str | Path) -> tuple[int, int, int]:
+    """The (t, h, w) patch of the folder's transformer, Wan's where it has none."""
+    folder = transformer_folder(model_dir)
+    if folder is None:
+        return WAN_PATCH
+    try:
+        return tuple(json.loads((folder / "config.json").read_text()).get("patch_size",
+                                                                         WAN_PATCH))
+    except (OSError, ValueError) as exc:
+        raise WanFolderError(f"cannot read {folder / 'config.json'}: {exc}") from None
+
+
 def latent_shape_for(model_dir: str | Path, height: int, width: int, frames: int) -> str:
-    """'C,T,H,W' of the noise for a video of this size, from the folder's VAE config."""
+    """'C,T,H,W' of the noise for a video of this size, from the folder's VAE config; a size
+    the VAE cannot encode, or whose latent the transformer's patch does not tile (height and
+    width multiples of 16 at Wan2.1's 8x VAE, of 32 at Wan2.2-TI2V's 16x), is refused."""
     vae_config = component(model_dir, "vae") / "config.json"
     raw = json.loads(vae_config.read_text())
     temporal = int(raw.get("scale_factor_temporal") or 4)
     spatial = int(raw.get("scale_factor_spatial") or 8)
-    if (frames - 1) % temporal or height % spatial or width % spatial or min(height, width,
-                                                                           frames) < 1:
+    _, ph, pw = _patch(model_dir)
+    if (frames - 1) % temporal or height % (spatial * ph) or width % (spatial * pw) \
+            or min(height, width, frames) < 1:
         raise EncodeError(f"video size {frames} frames x {height} x {width} does not fit the VAE "
-                          f"({vae_config}): frames must be {temporal}k + 1, height and width "
-                          f"multiples of {spatial} (Wan 480p: 81 x 480 x 832)")
+                          f"({vae_config}): frames must be {temporal}k + 1, height a multiple "
+                          f"of {spatial * ph} and width of {spatial * pw} (its {spatial}x "
+                          f"compression times the transformer's {ph} x {pw} patch; Wan 480p: "
+                          "81 x 480 x 832)")
     return f"{raw['z_dim']},{(frames - 1) // temporal + 1},{height // spatial},{width // spatial}"
 
 

@@ -290,7 +290,7 @@ class _Judge:
 
 def _judge(run: RunFolder, data: Any, cond: Conditioning, out: Path) -> _Judge:
     prompts = len(cond)
-    first_frames = (None if cond.image_latent is None
+    first_frames = (None if cond.image_latent is None and cond.first_frames is None
                     else ProceduralVideos.condition_frames(cond))
     if not isinstance(data, ProceduralVideos):
         # Image-to-video embeddings hold VAE latents, not the condition's pixels: no

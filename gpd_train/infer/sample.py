@@ -227,14 +227,14 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     if _needs_negative(loaded, args):
         negative = Conditioning(
             encoder.encode([negative_text(args.negative or "")]).float().cpu())
-    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
-    shape = args.latent_shape or latent_shape_for(args.model, **size)
+    shape = _parse_shape(_latent_shape(args))
     images = _image_paths(args, texts)  # checked in check_args; the same answer
     if images is None:  # an image-to-video model is refused by sample() then
-        return Prompts(Conditioning(context), negative, rows, _parse_shape(shape), built_in=False)
+        return Prompts(Conditioning(context), negative, rows, shape, built_in=False)
     if not cfg.image_to_video:
         raise SampleError(f"{loaded.description} is a text-to-video model: --image/--images "
                           "condition an image-to-video one; drop them")
+    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
     wanted = [images[i % len(texts)] for i in range(args.num)]
     unique_images = list(dict.fromkeys(wanted))
     latent, tokens = ImageConditioner(args.model, args.device).encode(
@@ -242,7 +242,14 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     pick = [unique_images.index(path) for path in wanted]
     cond = Conditioning(context, image_latent=latent[pick],
                         image_tokens=None if tokens is None else tokens[pick])
-    return Prompts(cond, negative, rows, _parse_shape(shape), built_in=False)
+    return Prompts(cond, negative, rows, shape, built_in=False)
+
+
+def _latent_shape(args: argparse.Namespace) -> str:
+    """'C,T,H,W' of text prompts' noise: --latent-shape, else the video size through
+    --model's VAE (a size it cannot encode is refused)."""
+    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+    return args.latent_shape or latent_shape_for(args.model, **size)
 
 
 def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
@@ -308,6 +315,8 @@ def check_args(args: argparse.Namespace) -> None:
     _check_option_use(args)
     _image_paths(args, _prompt_request(args)[1])
     _check_sequence_parallel(args)
+    if _prompt_request(args)[1] and args.model is not None:
+        _latent_shape(args)  # the video size, before any model is loaded
 
 
 def _check_guidance_2(args: argparse.Namespace) -> None:

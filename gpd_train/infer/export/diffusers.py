@@ -12,6 +12,9 @@ FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
     pipe = WanPipeline.from_pretrained("student/")
     video = pipe(prompt, num_inference_steps=6, guidance_scale=1.0).frames[0]
 
+A Wan2.2-TI2V student keeps ``expand_timesteps`` in model_index.json, so diffusers'
+WanImageToVideoPipeline.from_pretrained("student/") runs its image-to-video as well.
+
 A LoRA stage is written as ``student/pytorch_lora_weights.safetensors`` and
 ``student/scheduler/`` (no ``--base``)::
 
@@ -234,8 +237,10 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     folded_at = None
     if has_guidance_input(loaded.model):
         folded_at = guidance if guidance is not None else run.resolved_guidance
+    # expand_timesteps: the student's own (Wan2.2-TI2V), which diffusers reads from here.
     index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                 transformer=["diffusers", "WanTransformer3DModel"])
+                 transformer=["diffusers", "WanTransformer3DModel"],
+                 expand_timesteps=loaded.model.cfg.expand_timesteps)
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "pipeline": index["_class_name"],
               "base": str(base.resolve()), "steps": steps, "shift": shift,
