@@ -339,21 +339,26 @@ def check_evaluable(config: RunConfig) -> None:
                           "stage, then the evaluation)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def configure(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration: flags the action does not read refused (harmless ones warned
+    about), then the one resolve step: defaults <- TOML <- flags (and a Diffusers teacher
+    folder's defaults) merged first, then every rule once."""
     skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
             *VIDEO_FLAGS}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    for warning in check_flag_use(args, set(overrides)):
+        print(f"warning: {warning}", file=sys.stderr)
+    iterations = overrides.pop("distill.iterations", None)
+    settings = with_teacher_defaults(read_settings(args.config, overrides))
+    return resolve(with_iterations(args, settings, iterations))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
     held = contextlib.ExitStack()
     try:
-        for warning in check_flag_use(args, set(overrides)):
-            print(f"warning: {warning}", file=sys.stderr)
-        # The one resolve step: defaults <- TOML <- flags (and a Diffusers teacher folder's
-        # defaults) merged first, then every rule once.
-        iterations = overrides.pop("distill.iterations", None)
-        settings = with_teacher_defaults(read_settings(args.config, overrides))
-        config = resolve(with_iterations(args, settings, iterations))
+        config = configure(args)
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         if args.eval:
