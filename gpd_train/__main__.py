@@ -28,12 +28,13 @@ from gpd_train.config.settings import (
     resolve,
 )
 from gpd_train.data.encode_prompts import VIDEO_DEFAULTS, encode_for_run, negative_text
-from gpd_train.errors import ConfigError, GPDError
+from gpd_train.errors import ConfigError
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.run import preflight
 from gpd_train.run.destination import RUN, check_destination
 from gpd_train.run.records import OUTPUT, RECORD, RunLock, check_run_paths
 from gpd_train.run.wan_folder import with_teacher_defaults
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 from gpd_train.train import threads
 from gpd_train.train.builders import TrainingRun
 from gpd_train.train.monitor import check_log_backend
@@ -394,9 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 report = None
         else:
             report = run_pipeline(config, resume=True)
-    except (GPDError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:
+        return command_failed(exc)
     finally:
         held.close()
         parallel.teardown()

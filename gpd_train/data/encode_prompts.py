@@ -48,7 +48,7 @@ from gpd_train.errors import GPDError
 from gpd_train.run.destination import DATA, check_destination, claim
 from gpd_train.run.files import save_weights
 from gpd_train.run.wan_folder import WanFolderError, component, diffusers_root
-from gpd_train.run.writes import output_error
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
 WAN_NEGATIVE_PROMPT = (
@@ -285,12 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                    negative=negative_text(args.negative), latent_shape=shape,
                                    shard_size=args.shard_size, batch_size=args.batch_size,
                                    dtype=args.dtype, device=args.device)
-    except GPDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
-        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:  # e.g. a full disk: one line naming the file
+        return command_failed(exc, args.out)
     done = (f"encoded {len(prompts)} prompts -> {out}" if written else
             f"{out} already holds these {len(prompts)} prompts, encoded as {args.dtype}")
     print(f"{done} (latent shape {shape}); train with "
