@@ -222,21 +222,6 @@ TORCHRUN_PLANNED = (
     "--run-dir runs/wan14-720p --precision bf16 --batch-size 1 --activation-checkpointing "
     "--sequence-parallel 4",
 )
-# The budgets of the Wan folder's runs (the defaults' would train for hours).
-WAN_TOML = """\
-steps = [8, 4, 2, 1]
-pipeline_chains = ["gpd", "vanilla"]
-batch_size = 2
-checkpoint_every = 2
-[distill]
-iterations = [1, 1, 1]
-[vanilla]
-iterations = [1, 1, 1]
-[eval]
-prompts = 4
-batch_size = 4
-examples = 2
-"""
 PROMPTS = ("a red cat runs in the park", "the blue dog jumps over water", "green bird flies",
            "a dog runs quickly", "the cat jumps slowly")
 
@@ -279,7 +264,7 @@ def test_the_readme_examples_of_a_wan_folder(tmp_path, monkeypatch, capsys):
     wan = build_wan_folder(tmp_path / "Wan2.1-T2V-1.3B-Diffusers")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "wan.toml").write_text(WAN_TOML)
+    (tmp_path / "wan.toml").write_text(EXAMPLES_TOML)  # budgets: the defaults' take hours
     # bf16 is CUDA's autocast, refused on the CPU: let it pass here (a no-op, fp32 training).
     monkeypatch.setattr(preflight, "check_precision", lambda precision, device: None)
     paths = {"$W": str(wan)}
