@@ -38,11 +38,11 @@ checkpoint_every = 2
 iterations = 2
 [distill]
 iterations = [2, 2, 2]
-guidance_iterations = 2
 [vanilla]
 iterations = [2, 2, 2]
 [guided]
 iterations = [2, 2, 2]
+guidance_iterations = 2
 [horizon]
 horizons = [2, 4]
 iterations = [2, 2]
