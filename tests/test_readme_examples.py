@@ -25,6 +25,7 @@ import pytest
 
 import gpd_train.__main__ as train_cli
 from gpd_train.__main__ import main
+from gpd_train.run import preflight
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -241,7 +242,7 @@ def run_readme(command: str, capsys, paths: dict[str, str], *appended: str) -> N
 @pytest.mark.slow
 def test_the_readme_samples_a_micro_run(micro, tmp_path, monkeypatch, capsys):
     toml = Path(micro[micro.index("--config") + 1])
-    toml.write_text(EXAMPLES_TOML.replace('"gpd", "vanilla"', '"gpd"'))
+    toml.write_text(EXAMPLES_TOML.replace('"gpd", "vanilla"', '"gpd"'))  # evaluated: trained
     monkeypatch.chdir(tmp_path)
     flags = ["--config", str(toml), "--run-dir", "runs/default", "--device", "cpu",
              "--threads", "1"]
@@ -258,8 +259,6 @@ def test_the_readme_examples_of_a_wan_folder(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("av")
     from realscale_fixtures import VIDEO, build_wan_folder
-
-    from gpd_train.run import preflight
 
     wan = build_wan_folder(tmp_path / "Wan2.1-T2V-1.3B-Diffusers")
     monkeypatch.chdir(tmp_path)
