@@ -33,12 +33,13 @@ from gpd_train.data.encode_prompts import (
     encode_for_run,
     negative_text,
 )
-from gpd_train.errors import ConfigError, GPDError
+from gpd_train.errors import ConfigError
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.run import preflight
 from gpd_train.run.destination import RUN, check_destination
 from gpd_train.run.records import OUTPUT, RECORD, RunLock, check_run_paths
 from gpd_train.run.wan_folder import with_teacher_defaults
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 from gpd_train.train import threads
 from gpd_train.train.builders import TrainingRun
 from gpd_train.train.monitor import check_log_backend
@@ -345,21 +346,26 @@ def check_evaluable(config: RunConfig) -> None:
                           "stage, then the evaluation)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def configure(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration: flags the action does not read refused (harmless ones warned
+    about), then the one resolve step: defaults <- TOML <- flags (and a Diffusers teacher
+    folder's defaults) merged first, then every rule once."""
     skip = {"stage", "eval", "all", "chain", "resume", "restart", "config", "compare",
             *VIDEO_FLAGS}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    for warning in check_flag_use(args, set(overrides)):
+        print(f"warning: {warning}", file=sys.stderr)
+    iterations = overrides.pop("distill.iterations", None)
+    settings = with_teacher_defaults(read_settings(args.config, overrides))
+    return resolve(with_iterations(args, settings, iterations))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
     held = contextlib.ExitStack()
     try:
-        for warning in check_flag_use(args, set(overrides)):
-            print(f"warning: {warning}", file=sys.stderr)
-        # The one resolve step: defaults <- TOML <- flags (and a Diffusers teacher folder's
-        # defaults) merged first, then every rule once.
-        iterations = overrides.pop("distill.iterations", None)
-        settings = with_teacher_defaults(read_settings(args.config, overrides))
-        config = resolve(with_iterations(args, settings, iterations))
+        config = configure(args)
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
         check_run_paths(config)  # before anything is written or started
         if args.eval:
@@ -395,9 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 report = None
         else:
             report = run_pipeline(config, resume=True)
-    except (GPDError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:
+        return command_failed(exc)
     finally:
         held.close()
         parallel.teardown()

@@ -100,3 +100,36 @@ def loss_and_grads(run, params: dict[str, torch.Tensor], x, timestep, context, *
     (out * weights).sum().backward()
     input_grads = {name: tensor.grad for name, tensor in inputs.items()}
     return out.detach(), input_grads, {name: p.grad for name, p in params.items()}
+
+
+# Our WanDiT against diffusers' with the same weights: float32 rounding, relative to the norm.
+PARITY = 1e-5
+
+
+def diffusers_gradients(reference, x, timestep, context, **extra):
+    """``reference``'s (diffusers') output and gradients, as ``loss_and_grads`` gives them;
+    ``image_tokens`` in ``extra`` is its encoder_hidden_states_image."""
+    def run(x, timestep, context, image_tokens=None):
+        return reference(x, timestep, context, encoder_hidden_states_image=image_tokens).sample
+    return loss_and_grads(run, dict(reference.named_parameters()), x, timestep, context, **extra)
+
+
+def assert_matches_diffusers(ours, want, x, timestep, context, label: str = "", **extra):
+    """``ours`` (a WanDiT holding the reference's weights) gives ``want`` (diffusers_gradients
+    of the reference): the output, the inputs' gradients and every parameter's (diffusers'
+    parameters gathered through gpd_model's key map) to PARITY; returns our output."""
+    from gpd_model.checkpoint import key_map
+
+    want_out, want_inputs, want_grads = want
+    out, inputs, grads = loss_and_grads(ours, dict(ours.named_parameters()), x, timestep,
+                                        context, **extra)
+    assert out.shape == want_out.shape and relative_error(out, want_out) <= PARITY, label
+    assert set(inputs) == set(want_inputs) == {"x", "context", *extra}, label
+    for name, grad in inputs.items():
+        assert relative_error(grad, want_inputs[name]) <= PARITY, (label, name)
+    names = key_map(ours.cfg.num_layers, "diffusers", image=ours.cfg.image_dim is not None)
+    assert {s for sources in names.values() for s in sources} == set(want_grads), label
+    for name, sources in names.items():
+        gathered = torch.cat([want_grads[s] for s in sources])
+        assert relative_error(grads[name], gathered) <= PARITY, (label, name)
+    return out

@@ -63,3 +63,24 @@ def test_installed_scripts_run(tmp_path):
     refused = subprocess.run([str(paths["gpd-export"]), "--no-such-option"], capture_output=True,
                              text=True, cwd=tmp_path, timeout=120)
     assert refused.returncode == 2 and "error:" in refused.stderr
+
+
+@pytest.mark.slow
+def test_each_python_m_form_exits_with_the_status_its_main_returns(tmp_path):
+    """`python -m MODULE` on a request its main refuses: one error line and exit status 2
+    (the module's `__main__` block passes main's status on, as the console script does)."""
+    missing = str(tmp_path / "missing")
+    refusals = {"gpd_train": ["--eval", "--run-dir", missing],
+                "gpd_train.sample": ["--checkpoint", missing, "--out", "o"],
+                "gpd_train.export": ["--run", missing, "--out", "o"],
+                "gpd_train.encode_prompts": ["--model", missing, "--prompts", missing, "--out",
+                                             "o"],
+                "gpd_train.report_html": ["--run-dir", missing]}
+    # Started together: each spends its seconds importing torch.
+    runs = {module: subprocess.Popen([sys.executable, "-m", module, *args], cwd=tmp_path,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for module, args in refusals.items()}
+    for module, run in runs.items():
+        err = run.communicate(timeout=300)[1]
+        assert run.returncode == 2 and err.count("error: ") == 1, (module, run.returncode, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written

@@ -7,11 +7,17 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from model_reference import diffusers_model, loss_and_grads, relative_error, write_checkpoints
+from model_reference import (
+    assert_matches_diffusers,
+    diffusers_gradients,
+    diffusers_model,
+    relative_error,
+    write_checkpoints,
+)
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import CheckpointError, DiTConfig, WanDiT, get_preset, load_checkpoint
-from gpd_model.checkpoint import config_from_diffusers, diffusers_config, key_map, save_diffusers
+from gpd_model.checkpoint import config_from_diffusers, diffusers_config, save_diffusers
 
 pytest.importorskip("diffusers")
 
@@ -61,22 +67,11 @@ def test_per_token_forward_and_gradients_match_diffusers(case: int, tmp_path) ->
     diffusers_file, _ = write_checkpoints(reference, tmp_path)
     x, timestep, context = _inputs(cfg, batch, frames, height, width, case)
     assert timestep.shape == (batch, frames * (height // 2) * (width // 2))
-
-    ref_params = dict(reference.named_parameters())
-    ref_out, ref_inputs, ref_grads = loss_and_grads(
-        lambda *a: reference(*a).sample, ref_params, x, timestep, context
-    )
+    want = diffusers_gradients(reference, x, timestep, context)
     ours = WanDiT(cfg)
     assert load_checkpoint(ours, diffusers_file) == "diffusers"
-    params = dict(ours.named_parameters())
-    out, inputs, grads = loss_and_grads(ours, params, x, timestep, context)
-    assert out.shape == ref_out.shape == (batch, channels, frames, height, width)
-    assert relative_error(out, ref_out) <= 1e-5
-    for name, grad in inputs.items():
-        assert relative_error(grad, ref_inputs[name]) <= 1e-5, name
-    for name, sources in key_map(cfg.num_layers, "diffusers").items():
-        want = torch.cat([ref_grads[s] for s in sources])
-        assert relative_error(grads[name], want) <= 1e-5, name
+    out = assert_matches_diffusers(ours, want, x, timestep, context)
+    assert out.shape == (batch, channels, frames, height, width)
 
 
 def _tiny_case():

@@ -422,10 +422,14 @@ def test_missing_stage_still_names_the_command(micro, capsys):
     assert issubclass(MissingStageError, RuntimeError)
 
 
+# The micro run with the guided chain's guidance stage and one halving stage.
+GUIDED_TOML = (MICRO_TOML + "[guided]\nguidance_iterations = 2\niterations = [2]\n"
+               "freq_weight = [0.0]\n")
+
+
 def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refused(
         micro, tmp_path, capsys):
-    (tmp_path / "micro.toml").write_text(
-        MICRO_TOML + "[guided]\nguidance_iterations = 2\niterations = [2]\nfreq_weight = [0.0]\n")
+    (tmp_path / "micro.toml").write_text(GUIDED_TOML)
     assert main(["--stage", "0", *micro]) == 0
     assert main(["--stage", "g", "--chain", "guided", *micro]) == 0  # learns w in 1..3
     before = hashes(tmp_path / "run")
@@ -440,20 +444,29 @@ def test_a_guided_stage_on_a_wider_range_than_its_guidance_stage_learned_is_refu
     assert main(wider) == 0  # now its teacher learned every scale it is taught at
 
 
-@pytest.mark.parametrize("target", ["run folder", "stage folder", "stage file"])
+@pytest.mark.parametrize("target", ["run folder", "stage folder", "stage file",
+                                    "guidance stage folder", "guidance stage file"])
 def test_a_stale_stage_is_refused_however_it_is_named(micro, tmp_path, capsys, target):
     run_dir = tmp_path / "run"
+    (tmp_path / "micro.toml").write_text(GUIDED_TOML)
+    stage, name = (["g", "--chain", "guided"], "guided/guidance") if "guidance" in target else (
+        ["1"], "stage1")
     assert main(["--stage", "0", *micro]) == 0
-    assert main(["--stage", "1", *micro]) == 0
-    assert main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0  # stage1 now stale
-    checkpoint = {"run folder": run_dir, "stage folder": run_dir / "stage1",
-                  "stage file": run_dir / "stage1" / "model.safetensors"}[target]
+    assert main(["--stage", *stage, *micro]) == 0
+    checkpoint = {"run folder": run_dir, "folder": run_dir / name,
+                  "file": run_dir / name / "model.safetensors"}[target.rpartition("stage ")[2]]
+    if "guidance" in target:  # fresh, it samples as its run's stage (w an input)
+        assert sample.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--steps", "1",
+                            "--guidance", "2", "--out", str(tmp_path / "fresh")]) == 0
+        summary = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+        assert summary["checkpoint"] == f"{run_dir}/{name}", summary
+    assert main(["--stage", "0", "--restart", "--seed", "7", *micro]) == 0  # {name} now stale
     capsys.readouterr()
     code = sample.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--steps", "1",
                         "--out", str(tmp_path / "samples"), "--stage", "1"][
         :None if target == "run folder" else -2])
     err = capsys.readouterr().err
-    assert code == 2 and "stage1 is stale: its stage teacher stage0 changed since" in err, err
+    assert code == 2 and f"{name} is stale: its stage teacher stage0 changed since" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "samples").exists()
 
 

@@ -70,7 +70,7 @@ from gpd_train.run.wan_folder import (
     diffusers_root,
     transformer_folder,
 )
-from gpd_train.run.writes import output_error
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 MAX_TOKENS = 512  # Wan2.1's text length: WanPipeline's max_sequence_length default
 WAN_NEGATIVE_PROMPT = (
@@ -403,12 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                                    shard_size=args.shard_size, batch_size=args.batch_size,
                                    dtype=args.dtype, device=args.device, images=images,
                                    video=(args.height, args.width, args.frames))
-    except GPDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
-        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:  # e.g. a full disk: one line naming the file
+        return command_failed(exc, args.out)
     done = (f"encoded {len(prompts)} prompts -> {out}" if written else
             f"{out} already holds these {len(prompts)} prompts, encoded as {args.dtype}")
     print(f"{done} (latent shape {shape}); train with "

@@ -9,8 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from gpd_train.errors import ConfigError, GPDError
+from gpd_train.errors import ConfigError
 from gpd_train.eval.report_page import report_problems, write_report_html
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{source} is not an evaluation report gpd_train can read: "
                               f"{shown}; {rerun}")
         print(f"report: {write_report_html(report, run_dir)}")
-    except (GPDError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:
+        return command_failed(exc)
     return 0
 
 

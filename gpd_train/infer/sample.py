@@ -86,7 +86,7 @@ from gpd_train.data.encode_prompts import (
     read_prompts,
 )
 from gpd_train.data.image_condition import ImageConditioner
-from gpd_train.errors import ConfigError, GPDError, SampleError
+from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.media import (
     WAN_FPS,
     decode_latents,
@@ -99,7 +99,7 @@ from gpd_train.run.destination import SAMPLES, check_destination, staged_output
 from gpd_train.run.loading import LoadedModel, load_model, recorded_grid
 from gpd_train.run.preflight import check_environment, check_guidance_in_range
 from gpd_train.run.wan_folder import expert_folders
-from gpd_train.run.writes import output_error
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 DEFAULT_NUM = 4
 DEFAULT_STEPS = 6  # a model without a stage record: the final student's step count
@@ -611,12 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sampled {summary['num']} videos from {summary['checkpoint']}: "
               f"{summary['seconds_per_video']:.3f} s/video, NFE {summary['nfe_per_video']} "
               f"({summary['steps']} steps, guidance {summary['guidance']}) -> {args.out}")
-    except GPDError as exc:  # SampleError, EncodeError, WanFolderError, ConfigError ...
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
-        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:  # SampleError, ..., a full disk: one line naming the file
+        return command_failed(exc, args.out)
     finally:
         parallel.teardown()
     return 0

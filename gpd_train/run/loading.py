@@ -122,34 +122,42 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
     return run, StageId(chain, stage)
 
 
-def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
-    run, sid = run_stage_of(folder, chain, stage, device)
+def _load_stage(folder: Path, run: RunFolder, sid: StageId) -> LoadedModel:
     # Verified against its done.json, whose shift and steps sample() uses.
     model = run.load_stage_model(sid, check_grid=False)
     return LoadedModel(model, f"{folder}/{sid}", run.config, run.plan(sid), run.record(sid))
 
 
-def _stage_of_run(run: Path | None, path: Path, meta: dict[str, str]) -> StageId | None:
-    """The numbered stage of ``run`` whose output ``path`` is (None: not one of the stages
-    its configuration holds; such a file is loaded as it is, verified by its done.json)."""
-    if run is None or path.name != OUTPUT:
+def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
+    return _load_stage(folder, *run_stage_of(folder, chain, stage, device))
+
+
+def _stage_of_run(config: RunConfig, run: Path, path: Path,
+                  meta: dict[str, str]) -> StageId | None:
+    """The stage of ``run`` (its guidance stage included) whose output ``path`` is (None:
+    not one of the stages its configuration holds; such a file is loaded as it is,
+    verified by its done.json)."""
+    if path.name != OUTPUT:
         return None
     try:
         sid = StageId.parse(meta.get("stage", ""))
     except ValueError:
         return None
-    if sid.is_guidance or sid.folder(run).resolve() != path.parent.resolve():
+    if sid.folder(run).resolve() != path.parent.resolve():
         return None
-    return sid if int(sid.stage) <= _run_config(run, "cpu").stage_count(sid.chain) else None
+    if sid.is_guidance:
+        return sid if config.chain(sid.chain).guidance_stage else None
+    return sid if int(sid.stage) <= config.stage_count(sid.chain) else None
 
 
 def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedModel:
     meta = read_metadata(path)
-    run = _enclosing_run(path)
-    sid = _stage_of_run(run, path, meta)
-    if sid is not None:  # a stage of its run: the run folder's checks (staleness, ...)
-        assert run is not None
-        return _load_from_run(run, sid.chain, int(sid.stage), run_device)
+    run, config = _enclosing_run(path), None
+    if run is not None:
+        config = _run_config(run, run_device)
+        sid = _stage_of_run(config, run, path, meta)
+        if sid is not None:  # a stage of its run: the run folder's checks (staleness, ...)
+            return _load_stage(run, RunFolder(config), sid)
     if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
         raise SampleError(f"{path} holds a LoRA adapter, not a model (it needs its stage-0 "
                           "base): pass its run folder with --chain/--stage instead")
@@ -159,8 +167,7 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
         record = read_record(path.parent)
     cfg = DiTConfig(**json.loads(meta["dit_config"]))
     model = load_stage_output(WanDiT(cfg), path, meta)
-    return LoadedModel(model.to(device), str(path),
-                       None if run is None else _run_config(run, run_device), record=record)
+    return LoadedModel(model.to(device), str(path), config, record=record)
 
 
 def _load_external(path: Path, preset: str | None, device: torch.device) -> LoadedModel:

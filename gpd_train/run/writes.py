@@ -1,6 +1,7 @@
 """Clear errors for faults while writing: ``writing(path)`` turns an OSError (a full disk,
 an unwritable path) into one line naming the file and what to do, and removes the partial
-file; ``check_can_create`` refuses an output path before any work.
+file; ``check_can_create`` refuses an output path before any work; ``command_failed`` is
+every CLI's last word on an error (one ``error:`` line, exit status 2).
 
 Imports only the error family, so the lowest writers (gpd_train.train.checkpoint) can use it.
 """
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,9 @@ from gpd_train.errors import ConfigError, GPDError
 
 # -- writing --------------------------------------------------------------------------------
 AGAIN = "run the command again"
+# What a command turns into its one error line (``command_failed``); anything else is a bug
+# and keeps its traceback.
+COMMAND_ERRORS = (GPDError, OSError, SafetensorError)
 
 
 class WriteError(GPDError, OSError):
@@ -54,6 +59,16 @@ def check_can_create(where: str, path: str | Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{where} {path} cannot be written (no file can be created in "
                          f"{existing}: {exc.strerror or exc}); choose another path") from None
+
+
+def command_failed(exc: GPDError | OSError | SafetensorError, out: str | Path | None = None) -> int:
+    """Print a command's error as one ``error:`` line on stderr; returns the exit status, 2.
+    An OSError of a command writing the folder ``out`` is said about that folder or the file
+    it names (``output_error``); without ``out`` it is printed as the OS says it."""
+    if out is not None and not isinstance(exc, GPDError):
+        exc = output_error(out, exc)
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def output_error(out: str | Path, exc: OSError | SafetensorError) -> WriteError:

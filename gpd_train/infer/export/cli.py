@@ -21,15 +21,13 @@ with ``--overwrite``, which moves it aside (see gpd_train/run/destination.py).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from gpd_train.config.chains import add_chain_argument
 from gpd_train.config.settings import check_number
-from gpd_train.errors import ConfigError, GPDError, SampleError
+from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.export import (
     DEFAULT_FORMAT,
     FULL,
@@ -46,7 +44,7 @@ from gpd_train.run.loading import run_stage_of
 from gpd_train.run.lora import METADATA_KEY as LORA_KEY
 from gpd_train.run.preflight import check_base_matches, check_environment, check_guidance_in_range
 from gpd_train.run.records import OUTPUT
-from gpd_train.run.writes import output_error
+from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 
 def request_of(args: argparse.Namespace) -> ExportRequest:
@@ -132,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         check_format_takes(fmt, request, kind)
         with torch.no_grad():
             done = fmt.write(request, kind)
-    except GPDError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, SafetensorError) as exc:  # e.g. a full disk: one line naming the file
-        print(f"error: {output_error(args.out, exc)}", file=sys.stderr)
-        return 2
+    except COMMAND_ERRORS as exc:  # e.g. a full disk: one line naming the file
+        return command_failed(exc, args.out)
     print(done)
     return 0
