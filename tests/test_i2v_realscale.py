@@ -203,7 +203,8 @@ def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     # A video size the VAE x patch stride does not divide (the pipeline would round it).
     refused(capsys, _encode(wan_i2v, inputs, out, "--height", 40),
-            "video size 40 x 48 does not fit the model", "multiple of 16",
+            "video size 5 frames x 40 x 48 does not fit the VAE", "height a multiple of 16",
+            "e.g. 5 x 32 x 48",
             command=encode_prompts.main)
     # Missing and unreadable images; a list that is not one image per prompt.
     listed = tmp_path / "list.txt"
@@ -231,7 +232,7 @@ def test_bad_inputs_are_refused_before_work(wan_i2v, inputs, tmp_path, capsys):
     refused(capsys, _args(*common, "--image", tmp_path / "bad.png", *VIDEO_ARGS),
             "cannot read image file", command=sample.main)
     refused(capsys, _args(*common, "--image", images.parent / "a.png", "--width", 56),
-            "video size 480 x 56 does not fit the model", command=sample.main)
+            "x 480 x 56 does not fit the VAE", "width of 16", command=sample.main)
     refused(capsys, _args(*common, "--image", images.parent / "a.png", "--images", images),
             "give --image PATH (one image for every prompt) or --images FILE", command=sample.main)
     refused(capsys, _args("--checkpoint", wan_i2v, "--image", images.parent / "a.png",

@@ -57,7 +57,6 @@ from gpd_train.data.image_condition import (
     ImageConditioner,
     check_image_model,
     check_images,
-    check_video_size,
     folder_model,
     image_sha256,
 )
@@ -194,13 +193,17 @@ def latent_shape_for(model_dir: str | Path, height: int, width: int, frames: int
     temporal = int(raw.get("scale_factor_temporal") or 4)
     spatial = int(raw.get("scale_factor_spatial") or 8)
     _, ph, pw = _patch(model_dir)
-    if (frames - 1) % temporal or height % (spatial * ph) or width % (spatial * pw) \
+    step_h, step_w = spatial * ph, spatial * pw
+    if (frames - 1) % temporal or height % step_h or width % step_w \
             or min(height, width, frames) < 1:
+        fit = " x ".join(str(v) for v in (max(1, (frames - 1) // temporal * temporal + 1),
+                                          max(step_h, height // step_h * step_h),
+                                          max(step_w, width // step_w * step_w)))
         raise EncodeError(f"video size {frames} frames x {height} x {width} does not fit the VAE "
                           f"({vae_config}): frames must be {temporal}k + 1, height a multiple "
-                          f"of {spatial * ph} and width of {spatial * pw} (its {spatial}x "
-                          f"compression times the transformer's {ph} x {pw} patch; Wan 480p: "
-                          "81 x 480 x 832)")
+                          f"of {step_h} and width of {step_w} (its {spatial}x compression times "
+                          f"the transformer's {ph} x {pw} patch; Wan 480p: 81 x 480 x 832); give "
+                          f"--frames/--height/--width, e.g. {fit}")
     return f"{raw['z_dim']},{(frames - 1) // temporal + 1},{height // spatial},{width // spatial}"
 
 
@@ -365,17 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def image_rows(model_dir: str | Path, images: str | Path | None, count: int,
-               height: int, width: int, one_for_all: bool = False) -> list[Path] | None:
+               one_for_all: bool = False) -> list[Path] | None:
     """The image of each of ``count`` prompts (None: text only) from ``images``, an images
     file or (``one_for_all``) the one image of every prompt, checked against the folder's
     model before any work: an image-to-video folder needs them (and Wan2.1-I2V its image
-    encoder), a text-to-video one refuses them; the video size must fit the model."""
+    encoder), a text-to-video one refuses them (the video size: ``latent_shape_for``)."""
     if images is None and transformer_folder(model_dir) is None:
         return None  # a text-encoder folder: nothing says it is image-to-video
-    cfg = check_image_model(model_dir, images=images is not None)
+    check_image_model(model_dir, images=images is not None)
     if images is None:
         return None
-    check_video_size(model_dir, cfg, height, width)
     if not one_for_all:
         return read_image_list(images, count)
     check_images([Path(images)])
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(os.path.abspath(args.out))
         prompts = read_prompts(args.prompts)
         shape = latent_shape_for(args.model, args.height, args.width, args.frames)
-        images = image_rows(args.model, args.images, len(prompts), args.height, args.width)
+        images = image_rows(args.model, args.images, len(prompts))
         written = encode_to_folder(args.model, prompts, out,
                                    negative=negative_text(args.negative), latent_shape=shape,
                                    shard_size=args.shard_size, batch_size=args.batch_size,

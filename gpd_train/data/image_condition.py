@@ -19,7 +19,6 @@ image latent alone; a Wan2.1-I2V folder without its image encoder is refused by 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -93,21 +92,6 @@ def check_image_model(model_dir: str | Path, images: bool) -> DiTConfig:
             f"image_processor/; download the whole folder (e.g. "
             "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)")
     return cfg
-
-
-def check_video_size(model_dir: str | Path, cfg: DiTConfig, height: int, width: int) -> None:
-    """The video size must be a multiple of the VAE's spatial stride times the patch: the
-    pipeline would silently round it down, and the image would be resized to another size
-    than the noise."""
-    vae = json.loads((component(model_dir, "vae") / "config.json").read_text())
-    spatial = int(vae.get("scale_factor_spatial") or 8)
-    step_h, step_w = spatial * cfg.patch_size[1], spatial * cfg.patch_size[2]
-    if height % step_h or width % step_w:
-        fit = f"{max(step_h, height // step_h * step_h)} x {max(step_w, width // step_w * step_w)}"
-        raise ImageError(f"video size {height} x {width} does not fit the model: height must be "
-                         f"a multiple of {step_h} and width of {step_w} (the VAE's {spatial}x "
-                         f"times the {cfg.patch_size[1]} x {cfg.patch_size[2]} patch); give "
-                         f"--height/--width, e.g. {fit}")
 
 
 class ImageConditioner:

@@ -202,9 +202,8 @@ def _image_paths(args: argparse.Namespace, texts: list[str] | None) -> list[Path
                           f"give the noise shape too; drop --latent-shape {args.latent_shape}")
     if not texts or args.model is None:
         return None
-    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
-    return image_rows(args.model, args.image or args.images, len(texts), size["height"],
-                      size["width"], one_for_all=args.image is not None)
+    return image_rows(args.model, args.image or args.images, len(texts),
+                      one_for_all=args.image is not None)
 
 
 def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespace) -> Prompts:
@@ -313,10 +312,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
-    _image_paths(args, _prompt_request(args)[1])
-    _check_sequence_parallel(args)
     if _prompt_request(args)[1] and args.model is not None:
         _latent_shape(args)  # the video size, before any model is loaded
+    _image_paths(args, _prompt_request(args)[1])
+    _check_sequence_parallel(args)
 
 
 def _check_guidance_2(args: argparse.Namespace) -> None:
