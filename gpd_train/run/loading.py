@@ -20,6 +20,7 @@ from gpd_train.config.chains import DEFAULT_CHAIN, StageId
 from gpd_train.config.plan import StagePlan
 from gpd_train.config.settings import RunConfig, load_run_config, resolve_device
 from gpd_train.errors import SampleError
+from gpd_train.run.experts import BOUNDARY_KEY
 from gpd_train.run.files import load_stage_output, read_metadata
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import METADATA_KEY as LORA_KEY
@@ -125,6 +126,11 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
 def _load_from_run(folder: Path, chain: str, stage: int | None, device: str) -> LoadedModel:
     run, sid = run_stage_of(folder, chain, stage, device)
     # Verified against its done.json, whose shift and steps sample() uses.
+    if run.is_pair:  # a Wan2.2 run: both experts (gpd_train.run.experts)
+        high, low = run.load_stage_experts(sid, check_grid=False)
+        return LoadedModel(high, f"{folder}/{sid} (expert pair, boundary sigma "
+                           f"{run.boundary:g})", run.config, run.plan(sid), run.record(sid),
+                           low_expert=low, boundary=run.boundary)
     model = run.load_stage_model(sid, check_grid=False)
     return LoadedModel(model, f"{folder}/{sid}", run.config, run.plan(sid), run.record(sid))
 
@@ -150,6 +156,9 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
     if sid is not None:  # a stage of its run: the run folder's checks (staleness, ...)
         assert run is not None
         return _load_from_run(run, sid.chain, int(sid.stage), run_device)
+    if BOUNDARY_KEY in meta:  # the run folder knows the boundary and checks the stage
+        raise SampleError(f"{path} holds a Wan2.2 expert pair outside its run folder's stages: "
+                          "pass its run folder with --chain/--stage instead")
     if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
         raise SampleError(f"{path} holds a LoRA adapter, not a model (it needs its stage-0 "
                           "base): pass its run folder with --chain/--stage instead")
