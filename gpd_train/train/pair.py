@@ -250,6 +250,20 @@ class PairTrainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_weights(path, weights, self._phase_metadata(phase))
 
+    def expert_summaries(self) -> dict[str, dict[str, Any]]:
+        """Each expert's phase for done.json: its starts, iterations, final loss (mean of
+        the last 20) and loss curve (the mean loss of each tenth of the phase)."""
+        summaries = {}
+        for phase, log in zip(self.phases, self.metrics.logs, strict=True):
+            losses = [record["loss"] for record in log.records()]
+            tenths = [losses[len(losses) * k // 10:len(losses) * (k + 1) // 10]
+                      for k in range(10)]
+            summaries[phase.name] = {
+                "starts": [phase.first, phase.count], "iterations": phase.iterations,
+                "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                "loss_curve": [sum(part) / len(part) for part in tenths if part]}
+        return summaries
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both experts' finished weights, joined as the stage output stores them."""
         states = [load_weights(self.folder / phase.name / PHASE_OUTPUT)

@@ -37,7 +37,7 @@ from gpd_train.run.records import (
 from gpd_train.run.wan_folder import expert_folders, transformer_folder
 from gpd_train.train.builders import TrainingRun, build_distill, build_stage0, check_cuda_graph
 from gpd_train.train.monitor import stage_monitor
-from gpd_train.train.pair import build_pair_distill, check_pair_stage
+from gpd_train.train.pair import PairTrainer, build_pair_distill, check_pair_stage
 
 
 def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
@@ -137,6 +137,8 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
                "seconds": time.perf_counter() - started, "steps": run.steps(sid)}
     if "teacher_sha256" in trainer.metadata:
         summary["teacher_sha256"] = trainer.metadata["teacher_sha256"]
+    if isinstance(trainer, PairTrainer):
+        summary["experts"] = trainer.expert_summaries()
     weights = trainer.ema.state_dict()
     if run.lora_spec(sid) is not None:
         weights = adapter_from_params(weights)  # a LoRA stage's output is its adapter alone
