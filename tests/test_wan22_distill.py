@@ -22,17 +22,26 @@ from gpd_model import (  # noqa: E402
     ExpertPair,
     WanDiT,
     load_checkpoint,
+    shift_sigma,
     sigma_grid,
 )
 from gpd_train.__main__ import main as train_main  # noqa: E402
+from gpd_train.config.chains import StageId  # noqa: E402
+from gpd_train.config.settings import load_run_config  # noqa: E402
 from gpd_train.data.datasets import ProceduralVideos  # noqa: E402
+from gpd_train.eval.evaluate import stage_denoiser  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.run.experts import BOUNDARY_KEY, expert_phases, split_experts  # noqa: E402
 from gpd_train.run.files import read_metadata  # noqa: E402
+from gpd_train.run.folder import RunFolder  # noqa: E402
 from gpd_train.run.wan_folder import expert_folders  # noqa: E402
-from gpd_train.train import pair  # noqa: E402
-from gpd_train.train.objectives import GuidanceRange, StageGrid  # noqa: E402
+from gpd_train.train import pair, tiny_moe  # noqa: E402
+from gpd_train.train.objectives import (  # noqa: E402
+    FlowMatching,  # noqa: E402
+    GuidanceRange,
+    StageGrid,
+)
 
 # 6 student steps at shift 5: starts 1, .96, .91, .83 | .71, .5. The boundary leaves four
 # starts to the high expert, two to the low one, and the teacher's 12-step grid has a point
@@ -270,3 +279,56 @@ def test_what_a_pair_stage_does_not_support_is_refused_before_work(pair_run, cap
     assert "stage1 distils a Wan2.2 expert pair" in err and f"not supported {why}" in err
     assert "\n" not in err
     assert not (run / "stage1").exists()
+
+
+def test_the_evaluation_samples_a_pair_stage_through_both_experts(trained):
+    run = RunFolder(load_run_config(trained, device="cpu"))
+    denoiser = stage_denoiser(run, StageId("gpd", 1))
+    assert isinstance(denoiser, ExpertPair) and denoiser.boundary == BOUNDARY
+    for net, state in zip((denoiser.high.model, denoiser.low.model),
+                          _experts(trained / "stage1" / "model.safetensors"), strict=True):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+# -- tiny-moe: the two-expert tiny teacher -------------------------------------------------
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_an_expert_is_fine_tuned_on_its_side_of_the_boundary_alone(expert):
+    shift = 3.0
+    t_range = tiny_moe.expert_t_ranges(tiny_moe.DEFAULT_BOUNDARY, shift)[expert]
+    t = torch.tensor(t_range[1] if expert == "low" else t_range[0], dtype=torch.float64)
+    assert float(shift_sigma(t, shift)) == pytest.approx(tiny_moe.DEFAULT_BOUNDARY, abs=1e-12)
+    data = ProceduralVideos(32, frames=4, size=8, seed=1)
+    objective = FlowMatching(model=random_dit(0), data=data,
+                             generator=torch.Generator().manual_seed(0), batch_size=256,
+                             shift=shift, cfg_dropout=0.1, device=torch.device("cpu"),
+                             precision="fp32", t_range=t_range)
+    sigma = objective.prepare(1)["sigma"]
+    side = sigma >= tiny_moe.DEFAULT_BOUNDARY
+    assert bool(side.all() if expert == "high" else (~side).all())
+    assert float(sigma.max() - sigma.min()) > 0.25  # its whole side, not a point of it
+
+
+def test_tiny_moe_writes_a_wan22_folder_of_two_fine_tuned_experts(tmp_path):
+    (tmp_path / "moe.toml").write_text(f"""\
+run_dir = "{tmp_path / 'run'}"
+teacher = "{tmp_path / 'teacher'}"
+preset = "tiny"
+batch_size = 2
+checkpoint_every = 100
+[stage0]
+iterations = 3
+""")
+    assert tiny_moe.main(_args("--config", tmp_path / "moe.toml", "--expert-iterations", 2,
+                               "--threads", 1)) == 0
+    experts = expert_folders(tmp_path / "teacher")
+    assert experts is not None and experts.boundary == tiny_moe.DEFAULT_BOUNDARY
+    base = load_file(str(tmp_path / "teacher.work" / "base-run" / "stage0" /
+                         "model.safetensors"))
+    models = []
+    for folder in (experts.high, experts.low):
+        model = WanDiT(experts.config)
+        load_checkpoint(model, folder)
+        models.append(model.state_dict())
+        assert any(not torch.equal(model.state_dict()[k], v) for k, v in base.items())
+    assert any(not torch.equal(models[0][k], v) for k, v in models[1].items())
