@@ -16,11 +16,11 @@ The first command builds the folder the TOML's ``teacher`` names, in three steps
    WanTransformer3DModel folder. The second command imports it as a pair stage 0 and
    distils it (gpd_train.train.pair).
 
-The default boundary, sigma 0.7, is t = 0.4375 before the tiny preset's shift 3: of the
-48-step teacher grid's starts 28 are the high expert's and 20 the low one's, and every GPD
+The default boundary, sigma 0.71, is t = 0.449 before the tiny preset's shift 3: of the
+48-step teacher grid's starts 27 are the high expert's and 21 the low one's, and every GPD
 student grid (24, 12, 6 steps) puts starts on both sides (14/10, 7/5, 4/2), so both
-experts are distilled at every stage. It sits on no grid point of those grids (0.75 is one),
-so no start's expert hangs on float rounding.
+experts are distilled at every stage. It is 0.007 or more from every point of those grids
+(0.7 is the 48-step grid's point t = 21/48), so no start's expert hangs on float rounding.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from gpd_train.train.objectives import FlowMatching
 from gpd_train.train.pipeline import run_stage
 from gpd_train.train.threads import set_threads
 
-DEFAULT_BOUNDARY = 0.7
+DEFAULT_BOUNDARY = 0.71
 
 
 def unshifted_time(sigma: float, shift: float) -> float:
