@@ -185,6 +185,13 @@ def test_each_expert_moves_only_in_its_phase(trained):
             expert]
     record = json.loads((run / "stage1" / "done.json").read_text())
     assert record["iterations"] == 6 and record["teacher"] == "stage0"
+    for expert, starts in (("high", [0, 4]), ("low", [4, 2])):  # the report's expert rows
+        phase = record["experts"][expert]
+        losses = [json.loads(line)["loss"] for line in
+                  (run / "stage1" / expert / "metrics.jsonl").read_text().splitlines()]
+        assert phase["starts"] == starts and phase["iterations"] == len(losses)
+        assert phase["loss_curve"] == losses  # fewer than ten steps: one per tenth
+        assert phase["final_loss_mean20"] == pytest.approx(sum(losses) / len(losses))
 
 
 def test_a_kill_in_the_low_phase_resumes_to_the_same_weights(pair_run, trained, monkeypatch,
