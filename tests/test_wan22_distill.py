@@ -258,6 +258,22 @@ def test_the_pair_stage_exports_as_a_wan22_folder_that_wanpipeline_runs_as_we_sa
     assert (swapped - theirs).abs().max() > 10 * PIPELINE_ATOL
 
 
+def test_a_pair_runs_stage0_samples_with_a_cfg_scale_per_expert_as_its_folder(
+        wan22, trained, tmp_path):
+    """--guidance-2 guides the low expert of a pair run's stage 0 as of the Wan2.2 folder."""
+    latents = []
+    for checkpoint in (trained, wan22):
+        out = tmp_path / checkpoint.name
+        assert sample.main(_args("--checkpoint", checkpoint, "--stage", 0, "--model", wan22,
+                                 "--prompt", "a red cat runs", "--steps", 6, "--shift", 5.0,
+                                 "--guidance", 5.0, "--guidance-2", 2.0, "--seed", 7,
+                                 "--device", "cpu", "--out", out, "--height", VIDEO["height"],
+                                 "--width", VIDEO["width"], "--frames", VIDEO["frames"])) == 0
+        assert json.loads((out / "summary.json").read_text())["guidance_2"] == 2.0
+        latents.append(load_file(str(out / "latents.safetensors"))["latents"])
+    assert torch.equal(latents[0], latents[1])
+
+
 def test_the_pair_stage_exports_for_comfyui_as_one_file_per_expert(wan22, trained, tmp_path):
     out = tmp_path / "wan22_student"
     assert export.main(_args("--run", trained, "--format", "comfyui", "--out", out)) == 0

@@ -193,6 +193,17 @@ def _load_external(path: Path, preset: str | None, device: torch.device) -> Load
     return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
 
 
+def expert_boundary(path: str | Path) -> float | None:
+    """The boundary sigma of a two-expert checkpoint: a Wan2.2 folder, or a run folder whose
+    stages are expert pairs (its teacher is a Wan2.2 folder); None for one model."""
+    path = Path(path)
+    experts = expert_folders(path)
+    if experts is None and path.is_dir() and _is_run_folder(path):
+        teacher = _run_config(path, "cpu").teacher
+        experts = None if teacher is None else expert_folders(teacher)
+    return None if experts is None else experts.boundary
+
+
 def _load_experts(experts: ExpertFolders, device: torch.device) -> LoadedModel:
     """Both experts of a Wan2.2 folder; their shape and boundary were checked already."""
     models = []
