@@ -19,11 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from realscale_fixtures import VIDEO, build_wan22_folder, tiny_transformer  # noqa: E402
 
 from gpd_model import CFG, Conditioning, ExpertPair, ExpertScales, guided_branches  # noqa: E402
-from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.run import loading  # noqa: E402
-from gpd_train.run.wan_folder import WanFolderError, teacher_dit_config  # noqa: E402
 
 STEPS, SHIFT = 4, 3.0  # sigma grid 1, 0.9, 0.75, 0.5, 0
 BOUNDARY = 0.8  # inside the grid: one step on transformer/, three on transformer_2/
@@ -123,17 +121,6 @@ def test_sampler_through_the_experts_equals_wanpipeline(wan22, tmp_path):
     # the tolerance (random tiny experts guide weakly: 6.8e-3 measured here).
     same = pipe(**call, generator=torch.Generator().manual_seed(7), output_type="latent").frames
     assert (same - theirs).abs().max() > 10 * PIPELINE_ATOL
-
-
-def test_a_two_expert_folder_is_not_taken_for_a_training_teacher(wan22, tmp_path, capsys):
-    """The trainer would otherwise distil transformer/ alone, silently."""
-    with pytest.raises(WanFolderError, match="training from an expert pair is not supported"):
-        teacher_dit_config(wan22)
-    run = tmp_path / "run"
-    assert train_main(_args("--stage", 0, "--teacher", wan22, "--run-dir", run, "--device",
-                            "cpu", "--prompt", "a cat")) == 2
-    assert "is a Wan2.2 two-expert folder" in capsys.readouterr().err
-    assert not run.exists()
 
 
 # -- bad folders refused before any weight is read -----------------------------------------

@@ -26,6 +26,7 @@ against the teacher at those scales. VBench needs models that cannot be download
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, euler_sample, make_noise, sigma_grid
+from gpd_model import (
+    CFG,
+    Conditioning,
+    Denoiser,
+    DiTDenoiser,
+    ExpertPair,
+    euler_sample,
+    make_noise,
+    sigma_grid,
+)
 from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, GUIDANCE_STAGE, StageId, get_chain
 from gpd_train.config.settings import load_run_config
 from gpd_train.data.datasets import ProceduralVideos
@@ -117,6 +127,24 @@ def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modul
     return copied
 
 
+def _perturbed_denoiser(denoiser: Denoiser) -> Denoiser:
+    """The ceiling's denoiser: ``perturbed`` weights of each of ``denoiser``'s networks."""
+    if isinstance(denoiser, ExpertPair):
+        return dataclasses.replace(denoiser, high=_perturbed_denoiser(denoiser.high),
+                                   low=_perturbed_denoiser(denoiser.low))
+    assert isinstance(denoiser, DiTDenoiser)
+    return DiTDenoiser(perturbed(denoiser.model, CEILING_NOISE, CEILING_SEED))
+
+
+def stage_denoiser(run: RunFolder, sid: StageId, fold_at: float | None = None) -> Denoiser:
+    """A finished stage as the evaluation samples it: its model (a guidance input folded at
+    ``fold_at``), or both experts of a Wan2.2 run's stage."""
+    if run.boundary is not None:
+        high, low = run.load_stage_experts(sid)
+        return ExpertPair(DiTDenoiser(high), DiTDenoiser(low), run.boundary)
+    return DiTDenoiser(run.load_stage_model(sid, fold_at=fold_at))
+
+
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
 
@@ -135,10 +163,10 @@ def _candidates(run: RunFolder, compared_steps: list[int],
     ``negative``: the CFG pairs' unconditional prompt."""
     cfg = run.config
     w, full = cfg.resolved_guidance, cfg.steps[0]
-    model = run.load_stage_model(TEACHER)
-    teacher = CFG(DiTDenoiser(model), negative, w)  # one object: the naive rows are its own
+    base = stage_denoiser(run, TEACHER)
+    teacher = CFG(base, negative, w)  # one object: the naive rows are its own
     reference = f"teacher@{full} (ref)"
-    ceiling = CFG(DiTDenoiser(perturbed(model, CEILING_NOISE, CEILING_SEED)), negative, w)
+    ceiling = CFG(_perturbed_denoiser(base), negative, w)
     rows = [Candidate(reference, teacher, full, reference),
             Candidate(f"ceiling: teacher@{full}, weights x(1+{CEILING_NOISE:g}N)",
                       ceiling, full, reference)]
@@ -146,7 +174,7 @@ def _candidates(run: RunFolder, compared_steps: list[int],
     rows += [Candidate(f"teacher@{k} naive", teacher, k, reference) for k in naive]
     for chain in cfg.pipeline_chains:
         rows += _chain_rows(run, chain, reference, compared_steps)
-    return rows + _other_guidance_rows(run, model, negative)
+    return rows + _other_guidance_rows(run, base, negative)
 
 
 def _chain_rows(run: RunFolder, chain: str, reference: str,
@@ -165,12 +193,12 @@ def _chain_rows(run: RunFolder, chain: str, reference: str,
         steps = run.steps(sid)
         name = (f"{declared.label} guidance stage@{steps}" if sid.is_guidance
                 else f"{declared.label}@{steps}")
-        rows.append(Candidate(name, DiTDenoiser(run.load_stage_model(sid, fold_at=w)), steps,
-                              reference, cfg=how))
+        rows.append(Candidate(name, stage_denoiser(run, sid, fold_at=w), steps, reference,
+                              cfg=how))
     return rows
 
 
-def _other_guidance_rows(run: RunFolder, model: torch.nn.Module,
+def _other_guidance_rows(run: RunFolder, base: Denoiser,
                          negative: Conditioning) -> list[Candidate]:
     """Final w-conditioned students at other CFG scales, each against the teacher there."""
     cfg = run.config
@@ -185,7 +213,7 @@ def _other_guidance_rows(run: RunFolder, model: torch.nn.Module,
     rows = []
     for w in scales:
         group, reference = f"guidance w={w:g}", f"teacher@{full} w={w:g} (ref)"
-        teacher = CFG(DiTDenoiser(model), negative, w)
+        teacher = CFG(base, negative, w)
         rows += [Candidate(reference, teacher, full, reference, group),
                  Candidate(f"teacher@{last} naive w={w:g}", teacher, last, reference, group)]
         rows += [Candidate(f"{get_chain(chain).label}@{last} w={w:g}",

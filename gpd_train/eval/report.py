@@ -174,6 +174,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {info.get('steps', '')} | {info.get('iterations', 'import')} | "
                      f"{fmt(info.get('seconds', float('nan')), 0)} | "
                      f"{fmt(info.get('final_loss_mean20', float('nan')), 5)} |")
+        for expert, phase in info.get("experts", {}).items():  # a Wan2.2 pair's phases
+            first, count = phase["starts"]
+            lines.append(f"| {name} {expert} expert (starts {first}-{first + count - 1}) | | "
+                         f"{phase['iterations']} | | {fmt(phase['final_loss_mean20'], 5)} |")
+    curves = [(f"{name} {expert}", phase["loss_curve"])
+              for name, info in report["stages"].items()
+              for expert, phase in info.get("experts", {}).items()]
+    if curves:
+        lines += ["", "Each expert's loss curve (mean loss of each tenth of its phase; "
+                  "stageK/<expert>/metrics.jsonl has every step):", ""]
+        lines += [f"- {label}: {', '.join(fmt(v, 4) for v in curve)}" for label, curve in curves]
     lines += ["", "Files: contact_sheet.png (one row per model), one GIF per model, "
               "report.json (everything above, plus the configuration).", ""]
     return "\n".join(lines)

@@ -96,9 +96,8 @@ from gpd_train.infer.media import (
     write_mp4,
 )
 from gpd_train.run.destination import SAMPLES, check_destination, staged_output
-from gpd_train.run.loading import LoadedModel, load_model, recorded_grid
+from gpd_train.run.loading import LoadedModel, expert_boundary, load_model, recorded_grid
 from gpd_train.run.preflight import check_environment, check_guidance_in_range
-from gpd_train.run.wan_folder import expert_folders
 from gpd_train.run.writes import COMMAND_ERRORS, command_failed
 
 DEFAULT_NUM = 4
@@ -324,9 +323,9 @@ def _check_guidance_2(args: argparse.Namespace) -> None:
     if args.guidance is None:
         raise ConfigError(f"--guidance-2 {args.guidance_2:g} is the low-noise expert's CFG "
                           "scale beside --guidance W (the high-noise one's): add --guidance")
-    if expert_folders(args.checkpoint) is None:
+    if expert_boundary(args.checkpoint) is None:
         raise ConfigError(f"--guidance-2 is the low-noise expert's CFG scale of a Wan2.2 "
-                          f"two-expert folder; {args.checkpoint} is one model: drop it")
+                          f"two-expert folder or run; {args.checkpoint} is one model: drop it")
 
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:

@@ -16,7 +16,9 @@ Layout of a run folder::
     vanilla/stage1/ ...          the vanilla progressive-distillation ablation chain
     eval/                        report.md, report.json, contact_sheet.png, *.gif
 
-Each stage folder holds ``model.safetensors`` (the stage output: the EMA weights),
+A run whose teacher is a Wan2.2 folder stores each stage as an expert pair
+(gpd_train.run.experts). Each stage folder holds ``model.safetensors`` (the stage output:
+the EMA weights),
 ``done.json`` (written last: the stage is complete; its SHA-256, its stage teacher's and
 the options that shaped it, see gpd_train.run.records), ``metrics.jsonl``, ``ckpt/`` and,
 for full-weight stages, ``diffusers/`` (the output as a diffusers model folder).
@@ -45,9 +47,11 @@ from gpd_train.config.settings import LoraSpec, RunConfig, resolve_device
 from gpd_train.errors import GPDError
 from gpd_train.run.checkpoint_store import MANIFEST, CheckpointStore
 from gpd_train.run.destination import claim
+from gpd_train.run.experts import BOUNDARY_KEY, COMPONENT, EXPERTS, split_experts
 from gpd_train.run.files import (
     GUIDANCE_INPUT_KEY,
     atomic_write_text,
+    load_exact,
     load_stage_output,
     load_weights,
     read_metadata,
@@ -64,7 +68,7 @@ from gpd_train.run.records import (
     read_record,
     verify_output,
 )
-from gpd_train.run.wan_folder import teacher_dit_config
+from gpd_train.run.wan_folder import expert_folders, teacher_dit_config
 
 TEACHER = StageId(DEFAULT_CHAIN, 0)
 DIFFUSERS_FOLDER = "diffusers"
@@ -101,6 +105,9 @@ class RunFolder:
         self.device = device or resolve_device(config.device)
         self.dit_config: DiTConfig = (dit_config or teacher_dit_config(config.teacher)
                                       or get_preset(config.preset))
+        # A Wan2.2 teacher folder makes every stage an expert pair (gpd_train.run.experts).
+        experts = None if config.teacher is None else expert_folders(config.teacher)
+        self.boundary: float | None = None if experts is None else experts.boundary
 
     # -- where stages are and what they are ----------------------------------------------
     def stage_folder(self, sid: StageId) -> Path:
@@ -114,6 +121,19 @@ class RunFolder:
     def plan(self, sid: StageId) -> StagePlan:
         """The stage's plan (gpd_train.config.plan) under this run's configuration."""
         return stage_plan(self.config, sid)
+
+    @property
+    def is_pair(self) -> bool:
+        """Whether the run's stages are Wan2.2 expert pairs."""
+        return self.boundary is not None
+
+    def checkpoint_folders(self, sid: StageId) -> list[Path]:
+        """Where the stage's checkpoints are: ``ckpt/``, or one per expert phase of a pair's
+        distillation stage."""
+        folder = self.stage_folder(sid)
+        if self.is_pair and not sid.is_teacher:
+            return [folder / name / "ckpt" for name in EXPERTS]
+        return [folder / "ckpt"]
 
     def has_guidance_stage(self, chain: str) -> bool:
         return self.config.chain(chain).guidance_stage
@@ -138,9 +158,10 @@ class RunFolder:
         """The safetensors metadata of the stage's output and checkpoints."""
         spec = self.lora_spec(sid)
         lora = {} if spec is None else {METADATA_KEY: spec.to_metadata()}
+        pair = {} if self.boundary is None else {BOUNDARY_KEY: repr(self.boundary)}
         return {"format": "gpd_train", "stage": sid.name,
                 "dit_config": self.dit_config.to_json(),
-                GUIDANCE_INPUT_KEY: str(int(self.guidance_input(sid))), **lora}
+                GUIDANCE_INPUT_KEY: str(int(self.guidance_input(sid))), **lora, **pair}
 
     # -- records and provenance ---------------------------------------------------------
     def is_done(self, sid: StageId) -> bool:
@@ -187,7 +208,8 @@ class RunFolder:
         """Why an unfinished stage's checkpoints no longer follow from its stage teacher
         (None: they do, there are none, or they record no teacher or cannot be read, which
         resuming reports itself)."""
-        newest = CheckpointStore(self.stage_folder(sid) / "ckpt").candidates()
+        newest = [path for folder in reversed(self.checkpoint_folders(sid))  # latest phase
+                  for path in CheckpointStore(folder).candidates()]
         if sid.is_teacher or self.is_done(sid) or not newest:
             return None
         previous = self.previous_stage(sid)
@@ -287,6 +309,10 @@ class RunFolder:
         ``device`` overrides the folder's (e.g. the CPU, to cast before moving).
         """
         path, meta = self.verified_output(sid, check_grid)
+        if BOUNDARY_KEY in meta:
+            raise RunFolderError(f"{path} holds a Wan2.2 expert pair (boundary sigma "
+                                 f"{meta[BOUNDARY_KEY]}), not one model: load both experts "
+                                 "(RunFolder.load_stage_experts)")
         if METADATA_KEY in meta:
             spec = LoraSpec.from_metadata(meta[METADATA_KEY], path)
             model = merge_adapter(self.load_stage_model(TEACHER, device=device),
@@ -296,6 +322,23 @@ class RunFolder:
         if fold_at is not None and has_guidance_input(model):
             return fold_guidance(model, fold_at)
         return model
+
+    def load_stage_experts(self, sid: StageId, check_grid: bool = True,
+                           device: torch.device | None = None) -> tuple[WanDiT, WanDiT]:
+        """(high, low) experts of a pair run's finished, current stage, verified as
+        ``load_stage_model`` verifies one model."""
+        path, meta = self.verified_output(sid, check_grid)
+        if meta.get(BOUNDARY_KEY) != repr(self.boundary):
+            raise RunFolderError(f"{path} holds boundary sigma {meta.get(BOUNDARY_KEY)} "
+                                 f"(metadata {BOUNDARY_KEY}), this run's teacher has "
+                                 f"{self.boundary}: retrain it with "
+                                 f"`{self.command(sid)} --restart`")
+        models = []
+        for state in split_experts(load_weights(path), path):
+            model = self.new_model(device)
+            load_exact(model, state, path)
+            models.append(model)
+        return models[0], models[1]
 
     def stage_adapter(self, sid: StageId, check_grid: bool = True
                       ) -> tuple[LoraSpec, dict[str, torch.Tensor]] | None:
@@ -340,7 +383,11 @@ class RunFolder:
         # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
         save_weights(output, weights, {**self.metadata(sid),
                                        OPTIONS_KEY: json.dumps(options, sort_keys=True)})
-        if self.lora_spec(sid) is None:  # an adapter is exported by gpd_train.export
+        if self.is_pair:  # each expert as its WanPipeline component
+            for name, state in zip(EXPERTS, split_experts(weights, output), strict=True):
+                export_diffusers(self.dit_config, state, folder / DIFFUSERS_FOLDER /
+                                 COMPONENT[name], self.config.resolved_guidance)
+        elif self.lora_spec(sid) is None:  # an adapter is exported by gpd_train.export
             export_diffusers(self.dit_config, weights, folder / DIFFUSERS_FOLDER,
                              self.config.resolved_guidance)
         record = {"options": options, **summary, "sha256": sha256_file(output)}

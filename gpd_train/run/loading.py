@@ -20,6 +20,7 @@ from gpd_train.config.chains import DEFAULT_CHAIN, StageId
 from gpd_train.config.plan import StagePlan
 from gpd_train.config.settings import RunConfig, load_run_config, resolve_device
 from gpd_train.errors import SampleError
+from gpd_train.run.experts import BOUNDARY_KEY
 from gpd_train.run.files import load_stage_output, read_metadata
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import METADATA_KEY as LORA_KEY
@@ -124,6 +125,11 @@ def run_stage_of(folder: Path, chain: str, stage: int | None,
 
 def _load_stage(folder: Path, run: RunFolder, sid: StageId) -> LoadedModel:
     # Verified against its done.json, whose shift and steps sample() uses.
+    if run.is_pair:  # a Wan2.2 run: both experts (gpd_train.run.experts)
+        high, low = run.load_stage_experts(sid, check_grid=False)
+        return LoadedModel(high, f"{folder}/{sid} (expert pair, boundary sigma "
+                           f"{run.boundary:g})", run.config, run.plan(sid), run.record(sid),
+                           low_expert=low, boundary=run.boundary)
     model = run.load_stage_model(sid, check_grid=False)
     return LoadedModel(model, f"{folder}/{sid}", run.config, run.plan(sid), run.record(sid))
 
@@ -158,6 +164,9 @@ def _load_gpd_file(path: Path, device: torch.device, run_device: str) -> LoadedM
         sid = _stage_of_run(config, run, path, meta)
         if sid is not None:  # a stage of its run: the run folder's checks (staleness, ...)
             return _load_stage(run, RunFolder(config), sid)
+    if BOUNDARY_KEY in meta:  # the run folder knows the boundary and checks the stage
+        raise SampleError(f"{path} holds a Wan2.2 expert pair outside its run folder's stages: "
+                          "pass its run folder with --chain/--stage instead")
     if LORA_KEY in meta:  # an adapter: the run folder holds the base it merges into
         raise SampleError(f"{path} holds a LoRA adapter, not a model (it needs its stage-0 "
                           "base): pass its run folder with --chain/--stage instead")
@@ -189,6 +198,17 @@ def _load_external(path: Path, preset: str | None, device: torch.device) -> Load
         raise SampleError(f"checkpoint {path} does not fit the {preset or 'configured'} model: "
                           f"{exc}") from None
     return LoadedModel(model.to(device), f"{path} ({fmt} format)", None)
+
+
+def expert_boundary(path: str | Path) -> float | None:
+    """The boundary sigma of a two-expert checkpoint: a Wan2.2 folder, or a run folder whose
+    stages are expert pairs (its teacher is a Wan2.2 folder); None for one model."""
+    path = Path(path)
+    experts = expert_folders(path)
+    if experts is None and path.is_dir() and _is_run_folder(path):
+        teacher = _run_config(path, "cpu").teacher
+        experts = None if teacher is None else expert_folders(teacher)
+    return None if experts is None else experts.boundary
 
 
 def _load_experts(experts: ExpertFolders, device: torch.device) -> LoadedModel:

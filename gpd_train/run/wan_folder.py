@@ -148,11 +148,11 @@ def expert_folders(path: str | Path) -> ExpertFolders | None:
 
 
 def teacher_dit_config(path: str | Path | None) -> DiTConfig | None:
-    """The DiT configuration of a diffusers teacher folder, None for other checkpoints."""
-    if path is not None and expert_folders(path) is not None:
-        raise WanFolderError(f"{path} is a Wan2.2 two-expert folder: training from an expert "
-                             "pair is not supported yet (sample it with python -m "
-                             "gpd_train.sample --checkpoint)")
+    """The DiT configuration of a diffusers teacher folder (of each expert of a Wan2.2
+    folder), None for other checkpoints."""
+    experts = None if path is None else expert_folders(path)
+    if experts is not None:
+        return experts.config
     folder = None if path is None else transformer_folder(path)
     return None if folder is None else config_from_diffusers(folder)
 

@@ -25,6 +25,7 @@ from gpd_train.config.settings import DistillConfig, RunConfig, Stage0Config
 from gpd_train.data.datasets import ProceduralVideos, PromptEmbeddingSet, open_data
 from gpd_train.errors import ConfigError
 from gpd_train.parallel import owned_streams, prepare_teacher, set_sequence, shard_student, world
+from gpd_train.run.experts import ExpertPhase
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import lora_stage_model
 from gpd_train.train.loop import Objective, StageTrainer
@@ -73,26 +74,37 @@ def stage_generator(run: RunFolder, sid: StageId) -> torch.Generator:
     return torch.Generator().manual_seed(run.config.seed * 1000 + offset)
 
 
-def _trainer(run: TrainingRun, sid: StageId, model: torch.nn.Module, objective: Objective,
-             optim: Stage0Config | DistillConfig, generator: torch.Generator,
-             teacher_sha256: str | None = None) -> StageTrainer:
+def stage_trainer(run: TrainingRun, sid: StageId, model: torch.nn.Module,
+                  objective: Objective, optim: Stage0Config | DistillConfig,
+                  generator: torch.Generator, teacher_sha256: str | None = None,
+                  phase: ExpertPhase | None = None) -> StageTrainer:
+    """The stage's trainer; ``phase``: one expert's phase of a pair's stage, in its own
+    sub-folder, its checkpoints recording which expert and starts they train."""
     check_cuda_graph(run, sid)
     model = shard_student(model, run.config.parallel, run.config.precision, run.device)
     # The teacher's hash goes into every checkpoint: resuming under another teacher is refused.
     teacher = {} if teacher_sha256 is None else {"teacher_sha256": teacher_sha256}
+    name, folder, iterations = sid.name, run.stage_folder(sid), run.plan(sid).iterations
+    if phase is not None:
+        name, folder, iterations = f"{name}/{phase.name}", folder / phase.name, phase.iterations
     return StageTrainer(
-        name=sid.name, model=model, objective=objective, folder=run.stage_folder(sid),
-        iterations=run.plan(sid).iterations, lr=optim.lr, warmup=optim.warmup,
+        name=name, model=model, objective=objective, folder=folder,
+        iterations=iterations, lr=optim.lr, warmup=optim.warmup,
         final_lr_ratio=optim.final_lr_ratio, ema_decay=optim.ema_decay,
         checkpoint_every=run.config.checkpoint_every, generator=generator,
         metadata={**run.metadata(sid), **teacher}, cuda_graph=run.config.cuda_graph,
-        recipe=stage_recipe(run, sid))
+        recipe=stage_recipe(run, sid, phase))
 
 
-def stage_recipe(run: RunFolder, sid: StageId) -> dict[str, Any]:
+def stage_recipe(run: RunFolder, sid: StageId,
+                 phase: ExpertPhase | None = None) -> dict[str, Any]:
     """Every option that shapes the stage's result, by its configuration key (a per-stage
     list entry as ``key[i]``, resolved: the stage teacher's CFG scale even where the run's
-    guidance set it): each checkpoint records it and --resume refuses another value."""
+    guidance set it): each checkpoint records it and --resume refuses another value.
+    ``phase``: one expert's phase of a pair's stage, with which expert and starts."""
+    if phase is not None:
+        return {**stage_recipe(run, sid), "expert": phase.name,
+                "expert_starts": [phase.first, phase.count]}
     cfg, plan = run.config, run.plan(sid)
     recipe: dict[str, Any] = {"seed": cfg.seed, "shift": plan.shift, "steps": plan.steps,
                               # the global batch: resuming on another rank count keeps it
@@ -135,7 +147,7 @@ def build_stage0(run: TrainingRun) -> StageTrainer:
             model=model, data=run.data, generator=generator, batch_size=batch_size,
             shift=run.plan(TEACHER).shift, cfg_dropout=cfg.stage0.cfg_dropout, device=run.device,
             precision=cfg.precision))
-    return _trainer(run, TEACHER, model, objective, cfg.stage0, generator)
+    return stage_trainer(run, TEACHER, model, objective, cfg.stage0, generator)
 
 
 @dataclass
@@ -223,4 +235,5 @@ def build_distill(run: TrainingRun, sid: StageId) -> StageTrainer:
     objective, generator = stream_objectives(
         stage_generator(run, sid), cfg.batch_size, cfg.parallel,
         lambda generator, batch_size: make(setup, generator, batch_size))
-    return _trainer(run, sid, models.student, objective, chain_cfg, generator, teacher_sha256)
+    return stage_trainer(run, sid, models.student, objective, chain_cfg, generator,
+                         teacher_sha256)

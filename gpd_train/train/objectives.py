@@ -30,11 +30,14 @@ from gpd_train.train.step import eager_loss
 
 
 class FlowMatching:
-    """Stage 0: train the base teacher to predict ``u = eps - x0`` with CFG dropout."""
+    """Stage 0: train the base teacher to predict ``u = eps - x0`` with CFG dropout.
+
+    ``t_range``: the uniform time drawn before the shift, on [low, high] instead of [0, 1]
+    (an expert learning its side of a boundary, gpd_train.train.tiny_moe)."""
 
     def __init__(self, *, model: nn.Module, data: Any, generator: torch.Generator,
                  batch_size: int, shift: float, cfg_dropout: float, device: torch.device,
-                 precision: str) -> None:
+                 precision: str, t_range: tuple[float, float] | None = None) -> None:
         self.model = model
         self.denoiser = DiTDenoiser(model)
         self.data = data
@@ -44,13 +47,17 @@ class FlowMatching:
         self.cfg_dropout = cfg_dropout
         self.device = device
         self.precision = precision
+        self.t_range = t_range
 
     def prepare(self, step: int) -> dict[str, torch.Tensor]:
         cond, clean = self.data.draw(self.generator, self.batch_size, with_latents=True)
         dropped = torch.rand(self.batch_size, generator=self.generator) < self.cfg_dropout
         # Dropout drops the text only: an image condition stays (Wan's I2V guidance).
         cond = cond.where(dropped, unconditional(cond, self.data.negative))
-        sigma = shift_sigma(torch.rand(self.batch_size, generator=self.generator), self.shift)
+        t = torch.rand(self.batch_size, generator=self.generator)
+        if self.t_range is not None:
+            t = self.t_range[0] + (self.t_range[1] - self.t_range[0]) * t
+        sigma = shift_sigma(t, self.shift)
         noise = torch.randn(clean.shape, generator=self.generator)
         return {"noisy": add_noise(clean, noise, sigma).to(self.device),
                 "target": (noise - clean).to(self.device), "sigma": sigma.to(self.device),

@@ -22,6 +22,7 @@ from gpd_train.data.needs import missing_latents, trainable_chains
 from gpd_train.errors import ConfigError
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.parallel import full_value, is_main, main_only, world
+from gpd_train.run.experts import join_experts
 from gpd_train.run.files import CheckpointError
 from gpd_train.run.folder import TEACHER, RunFolder
 from gpd_train.run.lora import adapter_from_params
@@ -33,9 +34,10 @@ from gpd_train.run.records import (
     move_aside,
     verify_output,
 )
-from gpd_train.run.wan_folder import transformer_folder
+from gpd_train.run.wan_folder import expert_folders, transformer_folder
 from gpd_train.train.builders import TrainingRun, build_distill, build_stage0, check_cuda_graph
 from gpd_train.train.monitor import stage_monitor
+from gpd_train.train.pair import PairTrainer, build_pair_distill, check_pair_stage
 
 
 def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
@@ -72,10 +74,12 @@ def prepare_stage_folder(run: RunFolder, sid: StageId, resume: bool,
         raise StageExistsError(
             f"{name} is already complete ({folder / OUTPUT}); to train it again "
             f"run `{command} --restart` (moves it aside to {folder.name}.old-<time>/)")
-    checkpoints = sorted((folder / "ckpt").glob("step-*"))
-    if checkpoints and not resume:
+    held = [(ckpt, sorted(ckpt.glob("step-*"))) for ckpt in run.checkpoint_folders(sid)]
+    held = [(ckpt, found) for ckpt, found in held if found]
+    if held and not resume:
+        ckpt, checkpoints = held[-1]
         raise StageExistsError(
-            f"{name} has checkpoints up to {checkpoints[-1].name} in {folder / 'ckpt'}; run "
+            f"{name} has checkpoints up to {checkpoints[-1].name} in {ckpt}; run "
             f"`{command} --resume` to continue it, or `{command} --restart` to move it aside "
             f"(to {folder.name}.old-<time>/) and start over")
     return None
@@ -118,7 +122,10 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
         run.save_config()
         return main_only(import_teacher, run, run.config.teacher)  # one reader/writer
     check_cuda_graph(run, sid)  # before loading anything
-    trainer = build_stage0(run) if sid.is_teacher else build_distill(run, sid)
+    if sid.is_teacher:
+        trainer = build_stage0(run)
+    else:
+        trainer = build_pair_distill(run, sid) if run.is_pair else build_distill(run, sid)
     if resume:
         trainer.checkpoints.check_recipe()
     trainer.monitor = stage_monitor(run, sid, run.data)  # --log / --validate-every
@@ -130,6 +137,8 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
                "seconds": time.perf_counter() - started, "steps": run.steps(sid)}
     if "teacher_sha256" in trainer.metadata:
         summary["teacher_sha256"] = trainer.metadata["teacher_sha256"]
+    if isinstance(trainer, PairTrainer):
+        summary["experts"] = trainer.expert_summaries()
     weights = trainer.ema.state_dict()
     if run.lora_spec(sid) is not None:
         weights = adapter_from_params(weights)  # a LoRA stage's output is its adapter alone
@@ -139,10 +148,21 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
 
 
 def import_teacher(run: RunFolder, path: str) -> Path:
-    """Stage 0 from pretrained Wan2.1 weights (either key format) through gpd_model."""
-    model = run.new_model()
-    load_checkpoint(model, transformer_folder(path) or path)
-    output = run.finish_stage(TEACHER, model.state_dict(), {
+    """Stage 0 from pretrained Wan2.1 weights (either key format) through gpd_model, or
+    from a Wan2.2 folder's two experts (one output, gpd_train.run.experts)."""
+    experts = expert_folders(path)
+    if experts is None:
+        model = run.new_model()
+        load_checkpoint(model, transformer_folder(path) or path)
+        weights = model.state_dict()
+    else:
+        states = []
+        for folder in (experts.high, experts.low):  # one expert in memory at a time
+            model = run.new_model(torch.device("cpu"))
+            load_checkpoint(model, folder)
+            states.append(model.state_dict())
+        weights = join_experts(*states)
+    output = run.finish_stage(TEACHER, weights, {
         "stage": TEACHER.name, "imported_from": str(path), "steps": run.config.steps[0]})
     tqdm.write(f"[{TEACHER}] imported {path} -> {output}")
     return output
@@ -179,6 +199,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, evaluate: bool = True) 
     plan, evaluated = trainable_plan(run)  # before anything trains
     for sid in plan:
         check_cuda_graph(run, sid)  # every stage, before the first trains
+        check_pair_stage(run, sid)
     for sid in plan:
         if run.is_done(sid):
             reason = run.stale_reason(sid)

@@ -5,6 +5,9 @@ A full stage (a guidance input folded at ``--guidance``, as for diffusers) or a 
 with ``--merged`` is written for ComfyUI's ``models/diffusion_models/``; a LoRA stage as a
 LoRA for ``models/loras/`` (``diffusion_model.<module>.lora_down``/``lora_up``/``alpha``,
 which diffusers' ``load_lora_weights`` reads too), applied to the run's stage 0.
+
+A stage of a Wan2.2 run (an expert pair) is written as one file per expert, as ComfyUI
+shares Wan2.2: ``<name>_high_noise.safetensors`` and ``<name>_low_noise.safetensors``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gpd_train.infer.export.stage import (
     student_grid,
 )
 from gpd_train.run.destination import EXPORT, staged_output
+from gpd_train.run.experts import EXPERTS
 from gpd_train.run.folder import TEACHER
 from gpd_train.run.loading import run_stage_of
 from gpd_train.run.lora import split_lora
@@ -52,9 +56,11 @@ def comfyui_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
     return tensors
 
 
-def comfyui_file(out: str | Path) -> str:
-    """The ComfyUI export's one weights file, named after ``--out`` (the name ComfyUI lists)."""
-    return f"{Path(out).resolve().name}.safetensors"
+def comfyui_file(out: str | Path, expert: str | None = None) -> str:
+    """The ComfyUI export's weights file, named after ``--out`` (the name ComfyUI lists);
+    ``expert``: the file of that expert of a pair."""
+    suffix = "" if expert is None else f"_{expert}_noise"
+    return f"{Path(out).resolve().name}{suffix}.safetensors"
 
 
 def export_comfyui(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
@@ -77,30 +83,45 @@ def export_comfyui(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT
         spec, adapter = found
         refuse_guided_lora(sid, adapter, "a ComfyUI LoRA",
                             "--format comfyui --merged [--guidance W]")
-        tensors = comfyui_lora_state(adapter, spec, run.dit_config.num_layers)
+        files = {record["file"]: comfyui_lora_state(adapter, spec, run.dit_config.num_layers)}
         record.update(comfyui_folder="models/loras", base=TEACHER.name,
                       lora={"rank": spec.rank, "alpha": spec.alpha,
                             "targets": list(spec.targets)})
     else:
         folded_at = run.config.resolved_guidance if guidance is None else guidance
-        model = run.load_stage_model(sid, check_grid=False).float()
+        if run.is_pair:  # one file per expert
+            models = dict(zip((comfyui_file(out, name) for name in EXPERTS),
+                              run.load_stage_experts(sid, check_grid=False), strict=True))
+            record.update(file=list(models), boundary=run.boundary)
+        else:
+            models = {record["file"]: run.load_stage_model(sid, check_grid=False)}
+        models = {name: model.float() for name, model in models.items()}
+        guided = has_guidance_input(next(iter(models.values())))
         record.update(comfyui_folder="models/diffusion_models",
-                      student_guidance=folded_at if has_guidance_input(model) else None)
-        tensors = export_state_dict(plain_student(model, folded_at), "wan")
+                      student_guidance=folded_at if guided else None)
+        files = {name: export_state_dict(plain_student(model, folded_at), "wan")
+                 for name, model in models.items()}
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
-        save_file(tensors, str(staging / record["file"]),
-                  metadata={"format": "pt", "gpd_export": json.dumps(record)})
+        for name, tensors in files.items():
+            save_file(tensors, str(staging / name),
+                      metadata={"format": "pt", "gpd_export": json.dumps(record)})
         (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
 def comfyui_usage(record: dict[str, Any], out: str | Path) -> str:
     """What to do with a ComfyUI export: where the file goes and how to sample it."""
-    path = Path(out) / record["file"]
+    path = Path(out) / record["file"] if isinstance(record["file"], str) else " and ".join(
+        str(Path(out) / name) for name in record["file"])
     if "lora" in record:
         where = (f"a LoRA of {record['stage']}: put {path} in ComfyUI/{record['comfyui_folder']}/"
                  f" and apply it (LoraLoaderModelOnly, strength 1.0) to the run's "
                  f"{record['base']} (export it with --format comfyui --stage 0)")
+    elif "boundary" in record:
+        where = (f"{record['stage']}, a Wan2.2 pair: put {path} in "
+                 f"ComfyUI/{record['comfyui_folder']}/ (Load Diffusion Model each); the high-"
+                 f"noise file samples the steps whose sigma >= {record['boundary']:g}, the "
+                 "low-noise one the rest (two KSamplerAdvanced, as Wan2.2's workflows)")
     else:
         where = (f"{record['stage']}: put {path} in ComfyUI/{record['comfyui_folder']}/ "
                  "(Load Diffusion Model)")

@@ -15,6 +15,11 @@ FlowMatchEulerDiscreteScheduler whose grid at the student's step count is our
 A Wan2.2-TI2V student keeps ``expand_timesteps`` in model_index.json, so diffusers'
 WanImageToVideoPipeline.from_pretrained("student/") runs its image-to-video as well.
 
+A stage of a Wan2.2 run (an expert pair) is written as Wan2.2's pipeline folder: the high-noise
+expert as ``transformer/``, the low-noise one as ``transformer_2/``, the boundary sigma as
+``boundary_ratio`` in model_index.json (WanPipeline switches at timestep 1000 x boundary_ratio,
+our sigma boundary).
+
 A LoRA stage is written as ``student/pytorch_lora_weights.safetensors`` and
 ``student/scheduler/`` (no ``--base``)::
 
@@ -241,6 +246,9 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
     index.update(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
                  transformer=["diffusers", "WanTransformer3DModel"],
                  expand_timesteps=loaded.model.cfg.expand_timesteps)
+    if loaded.low_expert is not None:  # Wan2.2: transformer_2 below boundary_ratio
+        index.update(transformer_2=["diffusers", "WanTransformer3DModel"],
+                     boundary_ratio=loaded.boundary)
     record = {"run": str(Path(run_dir).resolve()), "model": loaded.description,
               "pipeline": index["_class_name"],
               "base": str(base.resolve()), "steps": steps, "shift": shift,
@@ -251,6 +259,8 @@ def export_pipeline(run_dir: str | Path, base: str | Path, out: str | Path, *,
         for name, source in sources.items():
             _place(source, staging / name, copy)
         export_transformer(loaded.model.float(), staging / "transformer", folded_at)
+        if loaded.low_expert is not None:
+            export_transformer(loaded.low_expert.float(), staging / "transformer_2", folded_at)
         _write_scheduler(staging, steps, shift)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,0 +1,276 @@
+"""Distilling a Wan2.2 expert pair: a stage whose teacher and student are two experts.
+
+The stage teacher is the previous stage's pair, frozen: ``ExpertPair`` routes each sample of
+a target's teacher steps to the expert of its sigma, so the steps inside one student step
+may cross the boundary. The student is a pair too, each expert starting as the previous
+stage's; a student step is taken by the expert of its start sigma.
+
+The experts train one after the other, in phases over the student starts
+(gpd_train.run.experts ``expert_phases``): first the high expert on the starts at or above
+the boundary, then the low expert on the rest. Only one trainable expert and its optimizer
+state are in memory at a time (its phase's StageTrainer, in ``<stage>/<expert>/``). High
+first because, with student rollouts as the state source, the low expert then trains on
+the states the finished high expert leads into, the ones it meets when the pair samples;
+alternating blocks would train it on states of a high expert that later moves on, and keep
+both optimizer states or rebuild them at every switch.
+
+A phase's lanes live on its own starts: fresh noise is first carried down to the phase's
+first start (``lead_in``: the finished high expert for student rollouts, the teacher for
+teacher rollouts), so the low phase never spends a step on the high starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, ExpertPair, WanDiT, euler_step
+from gpd_train.config.chains import StageId, get_chain
+from gpd_train.config.plan import check_fits
+from gpd_train.devices import autocast
+from gpd_train.errors import ConfigError
+from gpd_train.parallel import prepare_teacher, world
+from gpd_train.run.experts import PHASE_OUTPUT, ExpertPhase, expert_phases, join_experts
+from gpd_train.run.files import CheckpointError, load_weights, read_metadata, save_weights
+from gpd_train.train.builders import (
+    TrainingRun,
+    stage_generator,
+    stage_grid,
+    stage_recipe,
+    stage_trainer,
+)
+from gpd_train.train.checkpoint import Checkpointer
+from gpd_train.train.loop import MetricsLog, StageTrainer
+from gpd_train.train.objectives import (
+    DistillSetup,
+    GuidanceRange,
+    OnlineDistillation,
+    StageGrid,
+    online_arguments,
+)
+from gpd_train.train.streams import stream_objectives
+
+
+class PhaseGrid:
+    """The student starts ``first .. first + steps - 1`` of ``grid`` as indices 0 .. steps - 1:
+    what OnlineDistillation and its lanes read of a grid, shifted to one expert's starts."""
+
+    lane_stride = 1
+
+    def __init__(self, grid: StageGrid, first: int, steps: int) -> None:
+        self.full = grid
+        self.first = first
+        self.steps = steps
+        self.student = grid.student[first:]
+
+    def next_sigma(self, index: torch.Tensor) -> torch.Tensor:
+        return self.full.next_sigma(index + self.first)
+
+    def target(self, teacher: Denoiser, x: torch.Tensor, cond: Conditioning,
+               index: torch.Tensor) -> torch.Tensor:
+        return self.full.target(teacher, x, cond, index + self.first)
+
+
+class PhaseDistillation(OnlineDistillation):
+    """OnlineDistillation on one expert's starts (``PhaseGrid``); fresh lanes are carried from
+    pure noise to the first of them by ``lead_in`` (None: by the stage teacher's targets)."""
+
+    def __init__(self, *, first: int, count: int, lead_in: Denoiser | None,
+                 **arguments: Any) -> None:
+        self.full_grid: StageGrid = arguments["grid"]
+        self.first = first
+        self.lead_in = lead_in
+        super().__init__(**{**arguments, "grid": PhaseGrid(self.full_grid, first, count)})
+
+    @torch.no_grad()
+    def _fresh(self, count: int) -> tuple[torch.Tensor, Conditioning]:
+        x, cond = super()._fresh(count)
+        grid = self.full_grid
+        for position in range(self.first):
+            index = torch.full((count,), position, device=self.device)
+            with autocast(self.device, self.precision):
+                velocity = (grid.target(self.teacher, x, cond, index) if self.lead_in is None
+                            else self.lead_in(x, grid.student[index], cond).float())
+            x = euler_step(x, velocity, grid.student[index], grid.next_sigma(index))
+        return x, cond
+
+
+def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
+    """Refuse, before any work, what a pair stage does not support (yet)."""
+    if not run.is_pair or sid.is_teacher:
+        return
+    cfg, plan = run.config, run.plan(sid)
+    what = f"{sid} distils a Wan2.2 expert pair ({cfg.teacher})"
+    refusals = (
+        (world().distributed, "under torchrun (FSDP / sequence parallel); run it in one "
+                              "process"),
+        (plan.lora is not None, "with LoRA (--lora-rank); train full weights"),
+        (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
+                              "without one, e.g. distill"),
+        (plan.jumps is not None or get_chain(sid.chain).objective_factory() is not None,
+         f"with the {sid.chain} chain's own objective; use distill or vanilla"),
+        (cfg.cuda_graph, "with --cuda-graph (the pair picks experts on the host)"),
+        (cfg.log != "none" or bool(cfg.validate_every),
+         "with --log / --validate-every; read <stage>/<expert>/metrics.jsonl"),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(f"{what}: not supported {why}")
+
+
+def pair_teacher(run: TrainingRun, sid: StageId) -> tuple[Denoiser, GuidanceRange]:
+    """The previous stage's pair, frozen, as the targets query it (a CFG pair around both
+    experts at the stage's CFG scale, where it is not 1)."""
+    cfg, plan = run.config, run.plan(sid)
+    assert run.boundary is not None and plan.teacher is not None
+    experts = [DiTDenoiser(prepare_teacher(model.eval().requires_grad_(False), cfg.parallel,
+                                           cfg.precision, run.device))
+               for model in run.load_stage_experts(plan.teacher)]
+    teacher: Denoiser = ExpertPair(experts[0], experts[1], run.boundary)
+    scale = plan.teacher_guidance
+    if scale != 1.0:
+        teacher = CFG(teacher, run.data.negative.to(run.device))
+    return teacher, GuidanceRange(scale, scale)
+
+
+class PairMetrics:
+    """The phases' metrics logs read as one (each record's ``stage`` names its expert)."""
+
+    def __init__(self, logs: list[MetricsLog]) -> None:
+        self.logs = logs
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for log in self.logs:
+            yield from log.records()
+
+
+class PairTrainer:
+    """A pair's distillation stage as gpd_train.train.pipeline.run_stage drives a
+    StageTrainer: ``run``, ``checkpoints.check_recipe``, ``metrics``, ``iterations``,
+    ``metadata`` and ``ema.state_dict()`` (both experts' EMA weights, joined)."""
+
+    def __init__(self, run: TrainingRun, sid: StageId) -> None:
+        check_pair_stage(run, sid)
+        check_fits(run.config, sid.chain)
+        plan = run.plan(sid)
+        assert run.boundary is not None and plan.teacher is not None
+        self.run_folder, self.sid = run, sid
+        self.folder = run.stage_folder(sid)
+        self.iterations = plan.iterations
+        self.phases = expert_phases(stage_grid(run, sid).student[:-1], run.boundary,
+                                    plan.iterations)
+        self.metadata = {**run.metadata(sid),
+                         "teacher_sha256": run.output_sha256(plan.teacher)}
+        self.monitor = None  # refused for pairs (check_pair_stage)
+        self.metrics = PairMetrics([MetricsLog(self.folder / p.name / "metrics.jsonl")
+                                    for p in self.phases])
+        self.checkpoints = self  # check_recipe, as a StageTrainer's Checkpointer offers it
+        self.ema = self  # state_dict, as a StageTrainer's EMA offers it
+
+    def check_recipe(self) -> None:
+        """Refuse resuming a phase under another stage, teacher or recipe (manifests only)."""
+        cfg = self.run_folder.config
+        for phase in self.phases:
+            Checkpointer(self.folder / phase.name / "ckpt", {}, self.metadata, cfg.batch_size,
+                         stage_recipe(self.run_folder, self.sid, phase)).check_recipe()
+
+    def _phase_metadata(self, phase: ExpertPhase) -> dict[str, str]:
+        recipe = stage_recipe(self.run_folder, self.sid, phase)
+        return {**self.metadata, "recipe": json.dumps(recipe, sort_keys=True)}
+
+    def _finished(self, phase: ExpertPhase) -> Path | None:
+        """The phase's output when an earlier run finished it for this very recipe."""
+        path = self.folder / phase.name / PHASE_OUTPUT
+        if not path.is_file():
+            return None
+        if read_metadata(path) != self._phase_metadata(phase):
+            raise CheckpointError(f"{path} was written for another teacher or recipe than "
+                                  f"this run's; start the stage over with --restart (moves "
+                                  "it aside)")
+        return path
+
+    def _expert(self, phase: ExpertPhase) -> WanDiT:
+        """The phase's student expert as it starts: the previous stage's."""
+        plan = self.run_folder.plan(self.sid)
+        assert plan.teacher is not None
+        high, low = self.run_folder.load_stage_experts(plan.teacher)
+        return high if phase.name == "high" else low
+
+    def _lead_in(self, phase: ExpertPhase) -> Denoiser | None:
+        """What carries fresh noise to the phase's first start: the finished high expert
+        when the student's rollouts are the states (None: the teacher, or no start before)."""
+        run = self.run_folder
+        if phase.first == 0 or run.config.chain(self.sid.chain).state_source != "student":
+            return None
+        high = run.new_model()
+        high.load_state_dict(load_weights(self.folder / "high" / PHASE_OUTPUT))
+        return DiTDenoiser(high.eval().requires_grad_(False))
+
+    def _phase_trainer(self, phase: ExpertPhase) -> StageTrainer:
+        run, sid = self.run_folder, self.sid
+        cfg, plan = run.config, run.plan(sid)
+        teacher, guidance = pair_teacher(run, sid)
+        student = self._expert(phase)
+        chain_cfg = cfg.chain(sid.chain)
+        setup = DistillSetup(student=student, teacher=teacher, data=run.data,
+                             grid=stage_grid(run, sid), guidance=guidance, chain=chain_cfg,
+                             freq_weight=plan.freq_weight, device=run.device,
+                             precision=cfg.precision)
+        lead_in = self._lead_in(phase)
+
+        def make(generator: torch.Generator, batch_size: int) -> PhaseDistillation:
+            return PhaseDistillation(first=phase.first, count=phase.count, lead_in=lead_in,
+                                     **online_arguments(setup, generator, batch_size))
+
+        # Both phases draw the stage's stream from its start (they train different experts).
+        objective, generator = stream_objectives(stage_generator(run, sid), cfg.batch_size,
+                                                 cfg.parallel, make)
+        return stage_trainer(run, sid, student, objective, chain_cfg, generator,
+                        self.metadata["teacher_sha256"], phase)
+
+    def run(self, resume: bool) -> None:
+        """Train each expert's phase in turn (a finished one is kept), writing its EMA
+        weights to ``<stage>/<expert>/expert.safetensors``."""
+        for phase in self.phases:
+            if self._finished(phase) is not None:
+                continue
+            if phase.iterations == 0:  # no start on its side: it stays the previous expert
+                weights = {k: v.detach().float() for k, v in
+                           self._expert(phase).state_dict().items()}
+            else:
+                trainer = self._phase_trainer(phase)
+                trainer.run(resume=resume)
+                weights = trainer.ema.state_dict()
+                del trainer  # its optimizer state, before the next phase builds its own
+            path = self.folder / phase.name / PHASE_OUTPUT
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(path, weights, self._phase_metadata(phase))
+
+    def expert_summaries(self) -> dict[str, dict[str, Any]]:
+        """Each expert's phase for done.json: its starts, iterations, final loss (mean of
+        the last 20) and loss curve (the mean loss of each tenth of the phase)."""
+        summaries = {}
+        for phase, log in zip(self.phases, self.metrics.logs, strict=True):
+            losses = [record["loss"] for record in log.records()]
+            tenths = [losses[len(losses) * k // 10:len(losses) * (k + 1) // 10]
+                      for k in range(10)]
+            summaries[phase.name] = {
+                "starts": [phase.first, phase.count], "iterations": phase.iterations,
+                "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                "loss_curve": [sum(part) / len(part) for part in tenths if part]}
+        return summaries
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Both experts' finished weights, joined as the stage output stores them."""
+        states = [load_weights(self.folder / phase.name / PHASE_OUTPUT)
+                  for phase in self.phases]
+        return join_experts(*states)
+
+
+def build_pair_distill(run: TrainingRun, sid: StageId) -> PairTrainer:
+    """Stage ``sid`` of a pair run (gpd_train.train.pipeline.run_stage drives it)."""
+    return PairTrainer(run, sid)
