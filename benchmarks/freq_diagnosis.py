@@ -78,13 +78,13 @@ def band_amplitudes(x: torch.Tensor) -> torch.Tensor:
 
 def diagnose(objective, batches: int, freq_weight: float, params: dict[str, float],
              form: str) -> None:
-    student = objective.student
-    weights = [p for p in student.parameters() if p.requires_grad]
+    network = objective.student.model  # the DiT inside the stage's DiTDenoiser
+    weights = [p for p in network.parameters() if p.requires_grad]
     norms, cosines = [], []
     error_power = target_power = None
     student_bands = target_bands = 0
     for step in range(batches):
-        batch = LaneBatch(**objective.prepare(step))
+        batch = LaneBatch.from_inputs(objective.prepare(step))
         with torch.no_grad():
             u_star = objective._target(batch)  # the stage's own target and student call
         u_student = objective._student_velocity(batch)
@@ -116,6 +116,8 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
         objective.finish({"x_next": objective._next_state(batch, u_star)})
     mse_norm = sum(n for n, _ in norms) / len(norms)
     excess_norm = sum(e for _, e in norms) / len(norms)
+    if not math.isfinite(mse_norm):
+        raise SystemExit("non-finite gradients")
     term = "frequency excess" if form == "fourier_mse" else "band-amplitude term"
     print(f"gradient norms over {batches} batches: MSE {mse_norm:.4g}, {term} x "
           f"weight {freq_weight:g} {excess_norm:.4g} (ratio {excess_norm / mse_norm:.3f}); "
@@ -125,6 +127,7 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
         ratios = (student_bands / target_bands).sqrt()
         print("clean-prediction band amplitude, student over target (temporal band x spatial "
               "ring, temporal-major): " + " ".join(f"{float(r):.4f}" for r in ratios))
+        return  # the table below is the error against the Fourier form's per-bin weight
     frames, height, width = error_power.shape
     w = frequency_weights(frames, height, width, params["alpha_s"], params["alpha_t"],
                           params["gamma"], torch.float64)
@@ -148,8 +151,6 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
           f"the whole loss's mean relative weight there {weighted(slice(1, None)):.3f} "
           f"against {weighted(slice(0, 1)):.3f} at k_t = 0 (error-power weighted)")
     sys.stdout.flush()
-    if not math.isfinite(mse_norm):
-        raise SystemExit("non-finite gradients")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, trained in students:
         objective = build_distill(run, sid).objective  # fresh stream: the same batches
         if trained is not None:
-            objective.student.load_state_dict(trained.state_dict())
+            objective.student.model.load_state_dict(trained.state_dict())
         print(f"\n## student: {name}")
         diagnose(objective, args.batches, weight, params, form)
     return 0
