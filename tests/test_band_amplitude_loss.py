@@ -2,19 +2,24 @@
 float64 DFT written out with explicit matrices and bins assigned one by one, its gradient,
 what it sees (amplitude, not phase) and its place in the stage objective and configuration."""
 
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from builders import random_dit
+from builders import micro_run, random_dit, with_random_stages
 
 from gpd_kernels.reference import band_amplitude_loss_reference, spectral_bands
 from gpd_model import CFG, DiTDenoiser
+from gpd_train.config.chains import StageId
 from gpd_train.config.settings import load_config
 from gpd_train.data.datasets import ProceduralVideos
 from gpd_train.errors import ConfigError
 from gpd_train.eval.detail_metric import BAND_EDGES
 from gpd_train.eval.metrics import spectral_radius
+from gpd_train.train.builders import build_distill
 from gpd_train.train.lanes import LaneBatch
 from gpd_train.train.objectives import GuidanceRange, OnlineDistillation, StageGrid
 
@@ -201,3 +206,21 @@ def test_the_objective_matches_the_clean_predictions_band_amplitudes():
     assert loss.item() == pytest.approx((extras["mse"] + 3.0 * extras["freq"]).item(), rel=1e-6)
     velocity_form = band_amplitude_loss_reference(u_student, u_star)
     assert not math.isclose(extras["freq"].item(), velocity_form.item(), rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("form", ["fourier_mse", "band_amplitude"])
+def test_the_diagnosis_measures_either_form(tmp_path, capsys, form):
+    """benchmarks/freq_diagnosis.py on a micro stage (its numbers are in docs/results.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        diagnosis = importlib.import_module("freq_diagnosis")
+    finally:
+        sys.path.pop(0)
+    run = micro_run(tmp_path)
+    with_random_stages(run, "gpd", 2)
+    objective = build_distill(run, StageId("gpd", 3)).objective
+    diagnosis.diagnose(objective, 2, 1.0, {"alpha_s": 4.0, "alpha_t": 1.0, "gamma": 2.0}, form)
+    out = capsys.readouterr().out
+    term = "frequency excess" if form == "fourier_mse" else "band-amplitude term"
+    assert f"{term} x weight 1" in out and "cosine(MSE gradient, whole loss's)" in out
+    assert ("clean-prediction band amplitude" in out) == (form == "band_amplitude")
