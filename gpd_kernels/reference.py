@@ -20,6 +20,8 @@ gpd_kernels.double_step).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._checks import (
@@ -129,6 +131,14 @@ def spectral_bands(t: int, h: int, w: int) -> tuple[torch.Tensor, int]:
     return numbered, present.numel()
 
 
+@functools.lru_cache(maxsize=16)
+def _bands_on(t: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``spectral_bands`` on ``device``, made once per shape: a captured training step
+    (gpd_train --cuda-graph) may not copy from the host, and its eager warm-up fills this."""
+    band, count = spectral_bands(t, h, w)
+    return band.to(device), count
+
+
 def _band_amplitudes(x: torch.Tensor, band: torch.Tensor, count: int) -> torch.Tensor:
     """||X_band|| [B, C, bands] of x's orthonormal spectrum, with gradient 0 where a band's
     energy is 0 (sqrt's is infinite there; 0 is a subgradient of the norm)."""
@@ -151,8 +161,7 @@ def band_amplitude_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> t
     """
     check_latent_pair(pred, target)
     dtype = _compute_dtype(pred, target)
-    band, count = spectral_bands(*pred.shape[2:])
-    band = band.to(pred.device)
+    band, count = _bands_on(*pred.shape[2:], pred.device)
     gap = _band_amplitudes(pred.to(dtype), band, count) - _band_amplitudes(target.to(dtype),
                                                                          band, count)
     return gap.square().sum() / pred.numel()
