@@ -11,11 +11,14 @@ output) and, with ``--trained``, the stage's finished student:
 - the error ``u_S - u*`` by temporal frequency and spatial ring (the detail metric's bands):
   its share of the error power, its power over the target's (how much of that band the
   student misses), and the loss's mean weight ``w`` there;
-- the share of the error in frame differences (temporal frequencies above 0).
+- the share of the error in frame differences (temporal frequencies above 0);
+- with ``--freq-form band_amplitude`` (the run's form by default): the band-amplitude term's
+  gradient instead of the excess (the loss is then ``mse + weight x band``), and each band's
+  amplitude of the student's clean prediction ``x - sigma u`` over the target's.
 
-The PyTorch reference of the loss (``freq_loss_reference``) is used, so the numbers do not
-depend on a kernel. Run on a copy of a run folder (building the stage's trainer opens its
-checkpoint folder):
+The PyTorch references of the loss (``freq_loss_reference``, ``band_amplitude_loss_reference``)
+are used, so the numbers do not depend on a kernel. Run on a copy of a run folder (building
+the stage's trainer opens its checkpoint folder):
 
     python benchmarks/freq_diagnosis.py --run-dir COPY --stage 3 --trained --batches 8
 """
@@ -28,9 +31,14 @@ import sys
 
 import torch
 
-from gpd_kernels.reference import freq_loss_reference, frequency_weights
+from gpd_kernels.reference import (
+    band_amplitude_loss_reference,
+    freq_loss_reference,
+    frequency_weights,
+    spectral_bands,
+)
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_run_config
+from gpd_train.config.settings import FREQ_FORMS, load_run_config
 from gpd_train.eval.detail_metric import BAND_EDGES
 from gpd_train.eval.metrics import spectral_radius
 from gpd_train.train.builders import TrainingRun, build_distill
@@ -54,24 +62,48 @@ def spectral_bins(frames: int, height: int, width: int) -> list[tuple[str, torch
     return bins
 
 
-def diagnose(objective, batches: int, freq_weight: float, params: dict[str, float]) -> None:
-    student = objective.student
-    weights = [p for p in student.parameters() if p.requires_grad]
+def clean_predictions(batch: LaneBatch, grid, velocity: torch.Tensor) -> torch.Tensor:
+    """x / sigma - u: the clean sample x - sigma u in velocity units (the band form's input)."""
+    sigma = grid.student[batch.index].reshape(-1, 1, 1, 1, 1)
+    return batch.x.float() / sigma - velocity
+
+
+def band_amplitudes(x: torch.Tensor) -> torch.Tensor:
+    """Each band's energy [bands] (float64), summed over the batch and channels."""
+    band, count = spectral_bands(*x.shape[2:])
+    power = torch.fft.fftn(x.double(), dim=(2, 3, 4), norm="ortho").abs().square()
+    power = power.sum(dim=(0, 1)).flatten()
+    return power.new_zeros(count).index_add(0, band.flatten(), power)
+
+
+def diagnose(objective, batches: int, freq_weight: float, params: dict[str, float],
+             form: str) -> None:
+    network = objective.student.model  # the DiT inside the stage's DiTDenoiser
+    weights = [p for p in network.parameters() if p.requires_grad]
     norms, cosines = [], []
     error_power = target_power = None
+    student_bands = target_bands = 0
     for step in range(batches):
-        batch = LaneBatch(**objective.prepare(step))
+        batch = LaneBatch.from_inputs(objective.prepare(step))
         with torch.no_grad():
             u_star = objective._target(batch)  # the stage's own target and student call
         u_student = objective._student_velocity(batch)
         mse = (u_student - u_star).square().mean()
-        excess = freq_loss_reference(u_student, u_star, **params) - mse
+        if form == "fourier_mse":
+            excess = freq_loss_reference(u_student, u_star, **params) - mse
+        else:
+            clean_student = clean_predictions(batch, objective.grid, u_student)
+            clean_target = clean_predictions(batch, objective.grid, u_star)
+            excess = band_amplitude_loss_reference(clean_student, clean_target)
+            student_bands = student_bands + band_amplitudes(clean_student.detach())
+            target_bands = target_bands + band_amplitudes(clean_target)
         g_mse = torch.autograd.grad(mse, weights, retain_graph=True)
         g_excess = torch.autograd.grad(freq_weight * excess, weights)
         flat_mse = torch.cat([g.flatten() for g in g_mse]).double()
         flat_excess = torch.cat([g.flatten() for g in g_excess]).double()
-        # The whole loss is mse + fw * freq = (1 + fw) mse + fw * excess.
-        total = (1 + freq_weight) * flat_mse + flat_excess
+        # The whole loss is mse + fw * freq: = (1 + fw) mse + fw * excess for the Fourier
+        # form (freq = mse + excess), mse + fw * band for the band form.
+        total = (1 + freq_weight * (form == "fourier_mse")) * flat_mse + flat_excess
         norms.append((float(flat_mse.norm()), float(flat_excess.norm())))
         cosines.append(float(torch.dot(flat_mse, total) / (flat_mse.norm() * total.norm())))
         d = (u_student - u_star).detach().double()
@@ -84,10 +116,18 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
         objective.finish({"x_next": objective._next_state(batch, u_star)})
     mse_norm = sum(n for n, _ in norms) / len(norms)
     excess_norm = sum(e for _, e in norms) / len(norms)
-    print(f"gradient norms over {batches} batches: MSE {mse_norm:.4g}, frequency excess x "
+    if not math.isfinite(mse_norm):
+        raise SystemExit("non-finite gradients")
+    term = "frequency excess" if form == "fourier_mse" else "band-amplitude term"
+    print(f"gradient norms over {batches} batches: MSE {mse_norm:.4g}, {term} x "
           f"weight {freq_weight:g} {excess_norm:.4g} (ratio {excess_norm / mse_norm:.3f}); "
           f"cosine(MSE gradient, whole loss's) {sum(cosines) / len(cosines):.4f} "
           f"(min {min(cosines):.4f})")
+    if form == "band_amplitude":
+        ratios = (student_bands / target_bands).sqrt()
+        print("clean-prediction band amplitude, student over target (temporal band x spatial "
+              "ring, temporal-major): " + " ".join(f"{float(r):.4f}" for r in ratios))
+        return  # the table below is the error against the Fourier form's per-bin weight
     frames, height, width = error_power.shape
     w = frequency_weights(frames, height, width, params["alpha_s"], params["alpha_t"],
                           params["gamma"], torch.float64)
@@ -111,8 +151,6 @@ def diagnose(objective, batches: int, freq_weight: float, params: dict[str, floa
           f"the whole loss's mean relative weight there {weighted(slice(1, None)):.3f} "
           f"against {weighted(slice(0, 1)):.3f} at k_t = 0 (error-power weighted)")
     sys.stdout.flush()
-    if not math.isfinite(mse_norm):
-        raise SystemExit("non-finite gradients")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the stage's finished student (its done output)")
     parser.add_argument("--freq-weight", type=float, default=None,
                         help="the weight to measure at (default: the run's for the stage)")
+    parser.add_argument("--freq-form", choices=FREQ_FORMS, default=None,
+                        help="the loss form to measure (default: the run's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_run_config(args.run_dir, device="cpu")
@@ -137,16 +177,17 @@ def main(argv: list[str] | None = None) -> int:
               "gamma": chain.freq_gamma}
     weight = (chain.freq_weight[args.stage - 1] if args.freq_weight is None
               else args.freq_weight)
-    print(f"{args.run_dir} stage {args.stage}: freq weight {weight:g}, {params}")
+    form = chain.freq_form if args.freq_form is None else args.freq_form
+    print(f"{args.run_dir} stage {args.stage}: freq weight {weight:g}, {form}, {params}")
     students = [("start (previous stage's output)", None)]
     if args.trained:
         students.append(("trained (this stage's output)", run.load_stage_model(sid)))
     for name, trained in students:
         objective = build_distill(run, sid).objective  # fresh stream: the same batches
         if trained is not None:
-            objective.student.load_state_dict(trained.state_dict())
+            objective.student.model.load_state_dict(trained.state_dict())
         print(f"\n## student: {name}")
-        diagnose(objective, args.batches, weight, params)
+        diagnose(objective, args.batches, weight, params, form)
     return 0
 
 

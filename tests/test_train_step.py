@@ -204,9 +204,12 @@ def test_the_device_part_of_a_step_can_be_captured(tmp_path, monkeypatch, stage,
     trainer.objective.finish(outputs)
 
 
-@pytest.mark.parametrize("stage,source", [(0, "teacher"), (1, "teacher"), (2, "student")])
+@pytest.mark.parametrize("stage,source,form", [(0, "teacher", "fourier_mse"),
+                                               (1, "teacher", "fourier_mse"),
+                                               (2, "student", "fourier_mse"),
+                                               (1, "teacher", "band_amplitude")])
 def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypatch, stage,
-                                                             source):
+                                                             source, form):
     """GraphStep's own logic on the CPU, with torch.cuda's graph API emulated
     (tests/cpu_graphs.py: a capture records the ops and changes nothing; a replay reruns them
     on the same tensors, so Python numbers are baked in and tensors are read afresh): three
@@ -218,7 +221,8 @@ def test_graph_step_emulated_on_cpu_trains_as_the_eager_step(tmp_path, monkeypat
     trainers = {}
     for mode in ("eager", "graph"):
         trainers[mode] = trainer = _build(tmp_path / mode, stage, source, iterations,
-                                          cuda_graph=mode == "graph", checkpoint_every=4)
+                                          cuda_graph=mode == "graph", checkpoint_every=4,
+                                          **{"distill.freq_form": form})
         trainer.run(resume=False)
     eager, graph = trainers["eager"], trainers["graph"]
     assert eager.graph is None and graph.graph.graph.replays == iterations - 3

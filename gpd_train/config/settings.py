@@ -39,6 +39,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
     state_source = "teacher"   # student | teacher | data
     lane_groups = 4            # rollout lanes = batch_size x lane_groups; one group per update
     freq_weight = [0.0, 0.0, 1.0]
+    freq_form = "fourier_mse"  # fourier_mse (the paper's, alpha/gamma below) | band_amplitude
     freq_alpha_s = 4.0
     freq_alpha_t = 1.0
     freq_gamma = 2.0
@@ -107,6 +108,9 @@ from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, cha
 from gpd_train.errors import ConfigError, LoraError
 
 STATE_SOURCES = ("student", "teacher", "data")
+# The frequency loss's forms: the paper's frequency-weighted MSE (gpd_kernels.freq_loss) and
+# band-amplitude matching of the clean-sample predictions (aimed at blur; objectives.py).
+FREQ_FORMS = ("fourier_mse", "band_amplitude")
 # The projections LoRA adapters may target (gpd_train.run.lora), and how a frozen stage teacher
 # is held under torchrun (gpd_train.parallel).
 LORA_TARGETS = ("self_attn.qkv", "self_attn.o", "cross_attn.q", "cross_attn.kv",
@@ -227,6 +231,7 @@ class DistillConfig:
     state_source: str = "teacher"
     lane_groups: int = 4
     freq_weight: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
+    freq_form: str = "fourier_mse"
     freq_alpha_s: float = 4.0
     freq_alpha_t: float = 1.0
     freq_gamma: float = 2.0
@@ -440,6 +445,9 @@ class RunConfig:
             if chain.state_source not in STATE_SOURCES:
                 raise ConfigError(f"{name}.state_source must be one of {STATE_SOURCES}, got "
                                  f"{chain.state_source!r}")
+            if chain.freq_form not in FREQ_FORMS:
+                raise ConfigError(f"{declared.section}.freq_form must be one of {FREQ_FORMS}, "
+                                 f"got {chain.freq_form!r}")
             if (not isinstance(chain.lane_groups, int) or isinstance(chain.lane_groups, bool)
                     or chain.lane_groups < 1):
                 section = declared.section

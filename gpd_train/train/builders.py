@@ -115,8 +115,8 @@ def stage_recipe(run: RunFolder, sid: StageId,
     chain_cfg, spec = cfg.chain(sid.chain), plan.lora
     options: dict[str, Any] = {
         key: getattr(chain_cfg, key) for key in ("lr", "warmup", "final_lr_ratio", "ema_decay",
-                                                 "state_source", "lane_groups", "freq_alpha_s",
-                                                 "freq_alpha_t", "freq_gamma")}
+                                                 "state_source", "lane_groups", "freq_form",
+                                                 "freq_alpha_s", "freq_alpha_t", "freq_gamma")}
     options["lora_rank"] = 0 if spec is None else spec.rank
     if spec is not None:
         options.update(lora_alpha=spec.alpha, lora_targets=list(spec.targets))

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
+from gpd_kernels.reference import band_amplitude_loss_reference
 from gpd_model import (
     CFG,
     Conditioning,
@@ -243,7 +244,7 @@ class OnlineDistillation:
                  generator: torch.Generator, grid: StageGrid, guidance: GuidanceRange,
                  source: str, batch_size: int, freq_weight: float,
                  freq_params: dict[str, float], device: torch.device, precision: str,
-                 lane_groups: int = 1) -> None:
+                 lane_groups: int = 1, freq_form: str = "fourier_mse") -> None:
         if source not in ("student", "teacher", "data"):
             raise ValueError(f"state source must be student, teacher or data, got {source!r}")
         self.student = student
@@ -256,6 +257,7 @@ class OnlineDistillation:
         self.batch_size = batch_size
         self.freq_weight = freq_weight
         self.freq_params = freq_params
+        self.freq_form = freq_form
         self.device = device
         self.precision = precision
         self.lanes = None if source == "data" else RolloutLanes(
@@ -314,7 +316,7 @@ class OnlineDistillation:
         loss = mse
         extras = {"mse": mse.detach(), "mean_index": batch.index.float().mean()}
         if self.freq_weight > 0:
-            freq = freq_loss(u_student, u_star, **self.freq_params)
+            freq = self._freq_loss(batch, u_student, u_star)
             loss = loss + self.freq_weight * freq
             extras["freq"] = freq.detach()
         outputs = {}
@@ -322,6 +324,18 @@ class OnlineDistillation:
             velocity = u_star if self.source == "teacher" else u_student.detach()
             outputs["x_next"] = self._next_state(batch, velocity)
         return loss, extras, outputs
+
+    def _freq_loss(self, batch: LaneBatch, u_student: torch.Tensor,
+                   u_star: torch.Tensor) -> torch.Tensor:
+        if self.freq_form == "fourier_mse":
+            return freq_loss(u_student, u_star, **self.freq_params)
+        # Blur is lost amplitude of the clean sample x - sigma u, not of the velocity (whose
+        # bands also hold the state's noise): compare x / sigma - u, the clean predictions in
+        # velocity units, so the term weighs each step as the velocity MSE does (their
+        # difference is u* - u_S). A student grid's start points have sigma > 0.
+        sigma = self.grid.student[batch.index].reshape(-1, *(1,) * (u_star.dim() - 1))
+        scaled = batch.x.float() / sigma
+        return band_amplitude_loss_reference(scaled - u_student, scaled - u_star)
 
     def finish(self, outputs: dict[str, torch.Tensor]) -> None:
         if self.lanes is not None:
@@ -368,7 +382,7 @@ def online_arguments(setup: DistillSetup, generator: torch.Generator, batch_size
             "freq_params": {"alpha_s": chain.freq_alpha_s, "alpha_t": chain.freq_alpha_t,
                             "gamma": chain.freq_gamma},
             "device": setup.device, "precision": setup.precision,
-            "lane_groups": chain.lane_groups}
+            "lane_groups": chain.lane_groups, "freq_form": chain.freq_form}
 
 
 def online_distillation(setup: DistillSetup, generator: torch.Generator,
