@@ -344,6 +344,13 @@ def check_evaluable(config: RunConfig) -> None:
         raise ConfigError(f"--eval: {config.run_dir} holds no trained run (no complete "
                           f"{folder}); train it first with `python -m gpd_train{where}` (every "
                           "stage, then the evaluation)")
+    for chain in config.pipeline_chains:  # a stage past this configuration's: trained with others
+        beyond = StageId(chain, config.stage_count(chain) + 1)
+        if (beyond.folder(config.run_dir) / RECORD).is_file():
+            raise ConfigError(f"--eval: {beyond.folder(config.run_dir)} is a finished stage "
+                              f"beyond the {config.stage_count(chain)} {chain} stages of steps "
+                              f"{config.steps}, so the report would leave it out: give the "
+                              "--steps (or --config) it was trained with")
 
 
 def configure(args: argparse.Namespace) -> RunConfig:

@@ -331,3 +331,18 @@ def test_eval_where_no_run_exists_is_one_line_and_writes_nothing(micro, tmp_path
     ran = []
     monkeypatch.setattr("gpd_train.__main__.run_pipeline", lambda config, **k: ran.append(1))
     assert main([*micro, *suggested_args(err)]) == 0 and ran == [1]
+
+
+def test_eval_refuses_a_run_holding_a_stage_beyond_its_steps(micro, tmp_path, capsys):
+    # Stage 2 trained with `--steps 8 4 2`, evaluated with the micro run's `steps = [8, 4]`:
+    # the report would silently leave the 2-step student out.
+    run = tmp_path / "run"
+    for sid in (StageId("gpd", 0), StageId("gpd", 2)):
+        folder = sid.folder(run)
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+    beyond = StageId("gpd", 2).folder(run)
+    err = refused(capsys, ["--eval", *micro], f"--eval: {beyond} is a finished stage beyond the "
+                  "1 gpd stages of steps [8, 4]", "give the --steps (or --config) it was trained")
+    assert len(err.strip().splitlines()) == 1 and not (run / ".lock").exists()
