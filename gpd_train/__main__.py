@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     held = contextlib.ExitStack()
+    config: RunConfig | None = None
     try:
         config = configure(args)
         check_destination("--run-dir", config.run_dir, RUN)  # never someone else's folder
@@ -408,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 report = None
         else:
             report = run_pipeline(config, resume=True)
-    except COMMAND_ERRORS as exc:
-        return command_failed(exc)
+    except COMMAND_ERRORS as exc:  # an OSError: said about the run folder or the file it names
+        return command_failed(exc, None if config is None else config.run_dir)
     finally:
         held.close()
         parallel.teardown()

@@ -346,3 +346,20 @@ def test_eval_refuses_a_run_holding_a_stage_beyond_its_steps(micro, tmp_path, ca
     err = refused(capsys, ["--eval", *micro], f"--eval: {beyond} is a finished stage beyond the "
                   "1 gpd stages of steps [8, 4]", "give the --steps (or --config) it was trained")
     assert len(err.strip().splitlines()) == 1 and not (run / ".lock").exists()
+
+
+def test_an_os_error_escaping_the_trainer_is_said_about_the_file(micro, tmp_path, capsys,
+                                                                 monkeypatch):
+    # A fault no writer wrapped (here the pipeline's own): one line naming the file and the
+    # next step, not the OS's bare words.
+    inside, outside = tmp_path / "run" / "stage1" / "x.bin", tmp_path / "teacher.bin"
+    for fault, needles in (
+            (OSError(errno.ENOSPC, "No space left on device", str(inside)),
+             (f"no space left while writing {tmp_path / 'run'}", ", then run the command again")),
+            (PermissionError(errno.EACCES, "Permission denied", str(outside)),
+             (f"cannot access {outside}: Permission denied; make it accessible",))):
+        def failing(config, resume, fault=fault):
+            raise fault
+        monkeypatch.setattr("gpd_train.__main__.run_pipeline", failing)
+        err = refused(capsys, micro, *needles)
+        assert len(err.strip().splitlines()) == 1

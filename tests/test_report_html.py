@@ -252,6 +252,23 @@ def test_rebuild_of_a_malformed_report_is_one_line(tmp_path, capsys, monkeypatch
     assert rebuild(["--run-dir", str(tmp_path)]) == 0
 
 
+def test_rebuild_that_cannot_write_names_the_folder_and_the_remedy(tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(REPORT))
+
+    def read_only(report, run_dir):
+        raise PermissionError(13, "Permission denied", str(run_dir / "eval" / "report.html"))
+    monkeypatch.setattr("gpd_train.eval.report_html.write_report_html", read_only)
+    assert rebuild(["--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'eval'} "
+                          f"({tmp_path / 'eval' / 'report.html'}): Permission denied; choose a "
+                          "path in a writable folder"), err
+    assert err.count("\n") == 1
+
+
 def test_loss_curves_read_only_metrics_records(tmp_path):
     from gpd_train.eval.report_page import read_metrics
 

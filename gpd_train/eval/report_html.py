@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{source} is not an evaluation report gpd_train can read: "
                               f"{shown}; {rerun}")
         print(f"report: {write_report_html(report, run_dir)}")
-    except COMMAND_ERRORS as exc:
-        return command_failed(exc)
+    except COMMAND_ERRORS as exc:  # an OSError: said about eval/ or the file it names
+        return command_failed(exc, run_dir / "eval")
     return 0
 
 
