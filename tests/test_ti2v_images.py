@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
+from builders import refused  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from realscale_fixtures import TI2V_LATENT_SHAPE, TI2V_VIDEO, build_wan_ti2v_folder  # noqa: E402
@@ -131,7 +132,9 @@ def test_sampling_with_an_image_equals_the_pipeline(ti2v_dir, inputs, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_ti2v_run_trains_image_to_video_on_encoded_images(ti2v_dir, encoded, tmp_path):
+def test_a_ti2v_run_trains_image_to_video_on_encoded_images(ti2v_dir, inputs, encoded,
+                                                            tmp_path):
+    image = inputs[1].parent / "c.png"
     run = tmp_path / "run"
     toml = tmp_path / "run.toml"
     toml.write_text("steps = [8, 4]\nbatch_size = 2\ncheckpoint_every = 100\n"
@@ -142,3 +145,24 @@ def test_a_ti2v_run_trains_image_to_video_on_encoded_images(ti2v_dir, encoded, t
     assert json.loads((run / "config.json").read_text())["task"] == "i2v"
     assert train_main(["--stage", "1", *common]) == 0
     assert (run / "stage1" / "done.json").is_file()
+    assert train_main(["--eval", *common]) == 0  # latents: no first-frame PSNR, no crash
+    # The student samples from an image; its first latent frame is the image's condition.
+    out = tmp_path / "videos"
+    assert sample.main(_args("--checkpoint", run, "--model", ti2v_dir, "--prompt", PROMPTS[0],
+                             "--image", image, "--seed", 3, "--out", out, "--device", "cpu",
+                             *VIDEO_ARGS)) == 0
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    condition = _pipeline_condition(WanImageToVideoPipeline.from_pretrained(str(ti2v_dir)),
+                                    Image.open(image))
+    assert latents.shape == (1, *TI2V_LATENT_SHAPE)
+    torch.testing.assert_close(latents[0, :, :1], condition, atol=1e-6, rtol=0)
+
+
+def test_text_only_prompts_are_refused_for_ti2v_image_to_video_before_work(
+        ti2v_dir, inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    refused(capsys, _args("--stage", 0, "--teacher", ti2v_dir, "--prompts", inputs[0],
+                          "--task", "i2v", "--run-dir", run, "--device", "cpu", *VIDEO_ARGS),
+            "is a Wan2.2-TI2V model trained here with --task i2v: --prompts alone is text-only "
+            "data", "--images FILE --out DIR", command=train_main)
+    assert not run.exists()

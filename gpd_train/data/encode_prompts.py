@@ -317,12 +317,18 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
 
 
 def check_prompts_teacher(config: RunConfig) -> None:
-    """The trainer's ``--prompts`` are text only: refused for an image-to-video teacher."""
+    """The trainer's ``--prompts`` are text only: refused for an image-to-video teacher, and
+    for a Wan2.2-TI2V one trained image-to-video (``--task i2v``)."""
     if config.prompts is None or config.teacher is None:
         return
     root = diffusers_root(config.teacher)
-    if transformer_folder(root) is not None and folder_model(root).image_to_video:
-        raise EncodeError(f"--teacher {config.teacher} is an image-to-video model: --prompts "
+    if transformer_folder(root) is None:
+        return
+    cfg = folder_model(root)
+    if cfg.image_to_video or (cfg.expand_timesteps and config.task == "i2v"):
+        what = ("an image-to-video model" if cfg.image_to_video else
+                "a Wan2.2-TI2V model trained here with --task i2v")
+        raise EncodeError(f"--teacher {config.teacher} is {what}: --prompts "
                           "alone is text-only data; encode the prompts with their images, "
                           f"`python -m gpd_train.encode_prompts --model {root} --prompts "
                           f"{config.prompts} --images FILE --out DIR`, then train with --data DIR")
