@@ -180,13 +180,15 @@ def test_task_is_refused_with_a_preset_of_the_other_task(changes, message):
     RunConfig(preset="tiny-i2v", task="i2v")
 
 
-def test_a_ti2v_model_does_image_to_video_on_the_built_in_data_only(tmp_path):
+def test_a_ti2v_model_does_image_to_video_on_data_with_first_frames_only(tmp_path):
+    """Text-only embeddings serve a TI2V model's t2v, not its i2v (data with first frames:
+    tests/test_ti2v_images.py)."""
     cfg = get_preset("tiny-ti2v")
     save_file({"context": torch.zeros(2, 4, cfg.text_dim)}, str(tmp_path / "shard-0.safetensors"),
               metadata={"latent_shape": "3,4,16,16"})
     save_file({"context": torch.zeros(1, 4, cfg.text_dim)}, str(tmp_path / "negative.safetensors"))
-    with pytest.raises(ConfigError, match=r"Wan2.2-TI2V model trains image-to-video on the "
-                                          r"built-in data set only .* use --task t2v"):
+    with pytest.raises(ConfigError, match=r"holds prompt embeddings without images; the run's "
+                                          r"task is i2v .* --images FILE"):
         open_data(tmp_path, cfg, 0, "i2v")
     assert open_data(tmp_path, cfg, 0, "t2v").task == "t2v"
     assert open_data(None, cfg, 0, "i2v").task == "i2v"

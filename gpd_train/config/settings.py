@@ -7,7 +7,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
-    task = "t2v"               # t2v | i2v (tiny-i2v's; tiny-ti2v does both; built-in data only)
+    task = "t2v"               # t2v | i2v (tiny-i2v's; a TI2V model, tiny-ti2v's too, does both)
     device = "auto"            # auto | cpu | cuda | cuda:N
     threads = 0                # CPU threads for torch; 0: its default, fewer on busy cores
     precision = "fp32"         # fp32 | bf16 (bf16 autocast; CUDA only)

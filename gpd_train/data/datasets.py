@@ -28,7 +28,11 @@ Prompt-embedding data set layout (real scale), a folder holding:
   then the VAE latent of the image followed by zero frames, normalised; what diffusers'
   WanImageToVideoPipeline concatenates after the noisy latent) and, for Wan2.1-I2V,
   ``image_tokens`` [N, 257, D] (CLIP ViT-H's second-to-last hidden state), with metadata
-  ``images`` (the image paths, JSON). Every shard holds the same condition tensors, or none.
+  ``images`` (the image paths, JSON). For a Wan2.2-TI2V model the condition is instead
+  ``first_frames`` [N, C, 1, H, W]: the image alone encoded as a one-frame video, normalised
+  the same way, no mask (the pipeline's ``prepare_latents`` with ``expand_timesteps``), which
+  the denoiser puts in place of the first latent frame. Every shard holds the same condition
+  tensors, or none.
 - ``negative.safetensors``: ``context`` [1, L, text_dim] or [L, text_dim], the encoded
   negative prompt used as the unconditional branch of classifier-free guidance.
 
@@ -64,7 +68,7 @@ _EMBEDDING_SEED = 20240601  # the fixed "text encoder": independent of the data 
 _IMAGE_SEED = 20240602  # the fixed "image encoder" of image-to-video tasks
 _IMAGE_PATCH = 4  # pixels per side of one image token
 # A prompt-embedding shard's image-condition tensors (image-to-video) and their ranks.
-CONDITION_KEYS = {"image_latent": 5, "image_tokens": 3}
+CONDITION_KEYS = {"image_latent": 5, "image_tokens": 3, "first_frames": 5}
 
 
 def _check_generator(generator: torch.Generator) -> None:
@@ -416,20 +420,28 @@ class PromptEmbeddingSet(_Negative):
                                  f"{layout[key]}")
         return shape[0]
 
-    def check_condition(self, cfg: DiTConfig) -> None:
-        """The rows' image condition must be what the model takes: none for text-to-video,
-        the mask and condition latent for image-to-video (and CLIP tokens for Wan2.1-I2V)."""
-        made_for = "i2v" if cfg.image_to_video else "t2v"
+    def check_condition(self, cfg: DiTConfig, task: str | None = None) -> None:
+        """The rows' image condition must be what the model takes for ``task`` (None: the
+        model's own; a Wan2.2-TI2V model does both, so the rows' task): none for
+        text-to-video, the mask and condition latent for image-to-video (and CLIP tokens for
+        Wan2.1-I2V), the first frame's latent for Wan2.2-TI2V's image-to-video."""
+        ti2v = cfg.expand_timesteps and not cfg.image_to_video  # does both: the task decides
+        made_for = (task or self.task) if ti2v else "i2v" if cfg.image_to_video else "t2v"
         encode = ("python -m gpd_train.encode_prompts --model WAN_FOLDER --prompts FILE "
                   "--out DIR" + (" --images FILE" if made_for == "i2v" else ""))
         if self.task != made_for:
             held = ("prompt embeddings without images" if self.task == "t2v" else
+                    "image conditions (first_frames) for a Wan2.2-TI2V model"
+                    if self.condition_shapes["first_frames"] else
                     "image conditions (image_latent) for an image-to-video model")
-            raise ConfigError(f"{self.folder} holds {held}; the model is {made_for} "
+            model = "the run's task is" if ti2v else "the model is"
+            raise ConfigError(f"{self.folder} holds {held}; {model} {made_for} "
                              f"(in_channels {cfg.in_channels}): encode a data set for it with "
                              f"`{encode}`")
-        wanted = {"image_latent": None, "image_tokens": None}
-        if made_for == "i2v":
+        wanted = {"image_latent": None, "image_tokens": None, "first_frames": None}
+        if made_for == "i2v" and ti2v:  # the first latent frame's condition
+            wanted["first_frames"] = (cfg.out_channels, 1, *self.latent_shape[2:])
+        elif made_for == "i2v":
             wanted["image_latent"] = (cfg.in_channels - cfg.out_channels, *self.latent_shape[1:])
             wanted["image_tokens"] = cfg.image_dim
         for name, want in wanted.items():
@@ -445,7 +457,7 @@ class PromptEmbeddingSet(_Negative):
     @property
     def task(self) -> str:
         """'i2v' when the rows carry an image condition, else 't2v'."""
-        return "t2v" if self.condition_shapes["image_latent"] is None else "i2v"
+        return "t2v" if all(shape is None for shape in self.condition_shapes.values()) else "i2v"
 
     def rows(self, indices: Sequence[int]) -> tuple[Conditioning, torch.Tensor | None]:
         """The Conditioning (float32) and latents (or None) of the given global rows."""
@@ -504,10 +516,6 @@ def open_data(path: str | Path | None, cfg: DiTConfig, seed: int,
                              "prompt-embedding data set")
         return ProceduralVideos(cfg.text_dim, seed=seed, task=task, image_dim=cfg.image_dim,
                                 first_frames=first_frames)
-    if task == "i2v" and not cfg.image_to_video:
-        raise ConfigError(f"a Wan2.2-TI2V model trains image-to-video on the built-in data set "
-                         f"only (its first-frame condition is not encoded into data sets yet); "
-                         f"{path} is a prompt-embedding set: drop --data, or use --task t2v")
     data = PromptEmbeddingSet(path, text_dim=cfg.text_dim, latent_channels=cfg.out_channels)
-    data.check_condition(cfg)
+    data.check_condition(cfg, task)
     return data

@@ -25,9 +25,10 @@ Image-to-video folders (Wan2.1-I2V, Wan2.2-I2V): ``--images FILE`` gives one ima
 line, line i for prompt i (relative paths are read from FILE's folder); each image becomes
 the row's ``image_latent`` (and, Wan2.1-I2V, ``image_tokens``) at ``--height/--width/--frames``
 as diffusers' WanImageToVideoPipeline builds them (gpd_train/data/image_condition.py), stored
-beside ``context`` in the same shards. An I2V folder without ``--images``, a text-to-video
-folder with them, a missing or unreadable image and a video size that is not a multiple of
-the VAE stride times the patch (16 for Wan) are refused before anything is encoded.
+beside ``context`` in the same shards; a Wan2.2-TI2V folder (text- and image-to-video) stores
+``first_frames`` instead, and takes ``--images`` or not. An I2V folder without ``--images``, a
+text-to-video folder with them, a missing or unreadable image and a video size that is not a
+multiple of the VAE stride times the patch (16 for Wan) are refused before anything is encoded.
 
 Negative prompt: ``--negative TEXT``; by default the empty string, which is what WanPipeline
 uses when it is given none. Wan2.1's own sampling scripts use this one (its English
@@ -244,7 +245,8 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
     (the negative prompt's included) were written, 0 when all were there already. ``flag``
     is the option that chose ``out``, named in the remedies (the trainer's: --run-dir).
     ``images`` (one per prompt, image-to-video) are encoded at ``video`` = (height, width,
-    frames) into each row's ``image_latent`` and, Wan2.1-I2V, ``image_tokens``."""
+    frames) into each row's ``image_latent`` (Wan2.2-TI2V: ``first_frames``) and, Wan2.1-I2V,
+    ``image_tokens``."""
     if dtype not in DTYPES:
         raise EncodeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -302,7 +304,7 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
                 assert video is not None  # checked above
                 latent, tokens = conditioner.encode(shard_images[begin:begin + batch_size],
                                                     *video)
-                batch["image_latent"] = latent
+                batch[conditioner.latent_name] = latent
                 if tokens is not None:
                     batch["image_tokens"] = tokens
             for name, tensor in batch.items():
@@ -315,12 +317,18 @@ def encode_to_folder(model_dir: str | Path, prompts: list[str], out: str | Path,
 
 
 def check_prompts_teacher(config: RunConfig) -> None:
-    """The trainer's ``--prompts`` are text only: refused for an image-to-video teacher."""
+    """The trainer's ``--prompts`` are text only: refused for an image-to-video teacher, and
+    for a Wan2.2-TI2V one trained image-to-video (``--task i2v``)."""
     if config.prompts is None or config.teacher is None:
         return
     root = diffusers_root(config.teacher)
-    if transformer_folder(root) is not None and folder_model(root).image_to_video:
-        raise EncodeError(f"--teacher {config.teacher} is an image-to-video model: --prompts "
+    if transformer_folder(root) is None:
+        return
+    cfg = folder_model(root)
+    if cfg.image_to_video or (cfg.expand_timesteps and config.task == "i2v"):
+        what = ("an image-to-video model" if cfg.image_to_video else
+                "a Wan2.2-TI2V model trained here with --task i2v")
+        raise EncodeError(f"--teacher {config.teacher} is {what}: --prompts "
                           "alone is text-only data; encode the prompts with their images, "
                           f"`python -m gpd_train.encode_prompts --model {root} --prompts "
                           f"{config.prompts} --images FILE --out DIR`, then train with --data DIR")

@@ -14,6 +14,11 @@ One image per video becomes, once (``encode_prompts --images``, ``sample --image
 
 A Wan2.2-I2V-style folder (no ``image_encoder/``, transformer without ``image_dim``) makes the
 image latent alone; a Wan2.1-I2V folder without its image encoder is refused by name.
+
+A Wan2.2-TI2V folder (transformer with ``expand_timesteps``, input as wide as its output) makes
+``first_frames`` [C, 1, H/16, W/16] instead: the same resized image encoded alone as a one-frame
+video and normalised the same way, no mask (the pipeline's ``prepare_latents`` with
+``expand_timesteps``); the denoiser puts it in place of the first latent frame.
 """
 
 from __future__ import annotations
@@ -69,12 +74,17 @@ def folder_model(model_dir: str | Path) -> DiTConfig:
     return config_from_diffusers(folder)
 
 
+def takes_image(cfg: DiTConfig) -> bool:
+    """Whether the model takes an image condition: image-to-video, or Wan2.2-TI2V (both)."""
+    return cfg.image_to_video or cfg.expand_timesteps
+
+
 def check_image_model(model_dir: str | Path, images: bool) -> DiTConfig:
     """The folder's transformer, checked to take images exactly when ``images`` are given,
     and (Wan2.1-I2V) to come with its image encoder."""
     cfg = folder_model(model_dir)
     root = Path(model_dir)
-    if images and not cfg.image_to_video:
+    if images and not takes_image(cfg):
         raise ImageError(f"{root} is a text-to-video model (its transformer takes "
                          f"{cfg.in_channels} input channels, no image condition): images are "
                          "for an image-to-video folder (e.g. Wan-AI/Wan2.1-I2V-14B-480P-"
@@ -126,23 +136,38 @@ class ImageConditioner:
     def takes_tokens(self) -> bool:
         return self.encoder is not None
 
+    @property
+    def first_frames(self) -> bool:
+        """Wan2.2-TI2V: the condition replaces the first latent frame (no mask, one frame)."""
+        return not self.cfg.image_to_video
+
+    @property
+    def latent_name(self) -> str:
+        """The Conditioning field (and shard tensor) :meth:`condition_latent` fills."""
+        return "first_frames" if self.first_frames else "image_latent"
+
     @torch.no_grad()
     def condition_latent(self, image: Any, height: int, width: int,
                          frames: int) -> torch.Tensor:
-        """[4 + C, T, H/8, W/8] float32 on the CPU: the mask then the condition latent."""
+        """[4 + C, T, H/8, W/8] float32 on the CPU: the mask then the condition latent
+        (Wan2.2-TI2V: [C, 1, H/16, W/16], the image's latent alone)."""
         import numpy as np
         from PIL import Image
 
         resized = image.resize((width, height), resample=Image.LANCZOS)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
         pixels = (pixels.permute(2, 0, 1) * 2.0 - 1.0).to(self.device)  # [3, H, W]
-        video = torch.cat([pixels[:, None], pixels.new_zeros(3, frames - 1, height, width)], 1)
+        # Wan2.2-TI2V encodes the image alone; the others follow it with zero frames.
+        padding = 0 if self.first_frames else frames - 1
+        video = torch.cat([pixels[:, None], pixels.new_zeros(3, padding, height, width)], 1)
         latent = self.vae.encode(video[None]).latent_dist.mode()[0]  # [C, T, h, w]
         config = self.vae.config
         view = (-1, 1, 1, 1)
         mean = torch.tensor(config.latents_mean, device=latent.device).view(view)
         inverse_std = 1.0 / torch.tensor(config.latents_std, device=latent.device).view(view)
         latent = (latent - mean) * inverse_std  # the pipeline's own order of operations
+        if self.first_frames:
+            return latent.float().cpu()
         mask = torch.zeros(int(config.scale_factor_temporal), *latent.shape[1:],
                            device=latent.device)
         mask[:, 0] = 1.0  # the first latent frame is the given image
@@ -158,7 +183,8 @@ class ImageConditioner:
 
     def encode(self, paths: list[Path], height: int, width: int, frames: int
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(image_latent [N, 4 + C, T, h, w], image_tokens [N, 257, D] or None) of the images."""
+        """(image_latent [N, 4 + C, T, h, w] or, Wan2.2-TI2V, first_frames [N, C, 1, h, w];
+        image_tokens [N, 257, D] or None) of the images."""
         latents, tokens = [], []
         for path in paths:  # one at a time: a 480p 81-frame VAE encode is large already
             image = load_image(path)

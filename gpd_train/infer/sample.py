@@ -85,7 +85,7 @@ from gpd_train.data.encode_prompts import (
     negative_text,
     read_prompts,
 )
-from gpd_train.data.image_condition import ImageConditioner
+from gpd_train.data.image_condition import ImageConditioner, takes_image
 from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.media import (
     WAN_FPS,
@@ -229,17 +229,19 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     images = _image_paths(args, texts)  # checked in check_args; the same answer
     if images is None:  # an image-to-video model is refused by sample() then
         return Prompts(Conditioning(context), negative, rows, shape, built_in=False)
-    if not cfg.image_to_video:
+    if not takes_image(cfg):
         raise SampleError(f"{loaded.description} is a text-to-video model: --image/--images "
-                          "condition an image-to-video one; drop them")
+                          "condition an image-to-video (or Wan2.2-TI2V) one; drop them")
     size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
     wanted = [images[i % len(texts)] for i in range(args.num)]
     unique_images = list(dict.fromkeys(wanted))
-    latent, tokens = ImageConditioner(args.model, args.device).encode(
+    conditioner = ImageConditioner(args.model, args.device)
+    latent, tokens = conditioner.encode(
         unique_images, size["height"], size["width"], size["frames"])
     pick = [unique_images.index(path) for path in wanted]
-    cond = Conditioning(context, image_latent=latent[pick],
-                        image_tokens=None if tokens is None else tokens[pick])
+    cond = Conditioning.from_tensors({
+        "text": context, conditioner.latent_name: latent[pick],
+        **({} if tokens is None else {"image_tokens": tokens[pick]})})
     return Prompts(cond, negative, rows, shape, built_in=False)
 
 
