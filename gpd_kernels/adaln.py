@@ -324,12 +324,9 @@ def _check_tokens(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} must be [B, L, D], got shape {tuple(tensor.shape)}")
 
 
-def layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """`LayerNorm(x) * (1 + scale) + shift`; x [B, L, D], shift and scale both per sample
-    ([B, 1, D] or [B, D]) or both per token ([B, L, D])."""
-    _check_tokens("x", x)
+def _check_modulation(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      eps: float) -> bool:
+    """Whether the modulation is per token; shift and scale must agree on it, eps be > 0."""
     per_token = modulation_vector("shift", shift, x)
     if modulation_vector("scale", scale, x) != per_token:
         raise ValueError(
@@ -338,6 +335,16 @@ def layernorm_modulate(
         )
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    return per_token
+
+
+def layernorm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """`LayerNorm(x) * (1 + scale) + shift`; x [B, L, D], shift and scale both per sample
+    ([B, 1, D] or [B, D]) or both per token ([B, L, D])."""
+    _check_tokens("x", x)
+    per_token = _check_modulation(x, shift, scale, eps)
     if x.numel() == 0:
         return layernorm_modulate_reference(x, shift, scale, eps)
     if use_triton(x):
@@ -395,14 +402,7 @@ def _compute(x: torch.Tensor) -> torch.dtype:
 def _modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _op_tokens("x", x)
-    per_token = modulation_vector("shift", shift, x)
-    if modulation_vector("scale", scale, x) != per_token:
-        raise ValueError(
-            "shift and scale must both be per sample or both per token, got shift "
-            f"{tuple(shift.shape)} and scale {tuple(scale.shape)} for x of shape {tuple(x.shape)}"
-        )
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    _check_modulation(x, shift, scale, eps)
     x_c = x.to(_compute(x))
     mean = x_c.mean(-1)
     rstd = torch.rsqrt((x_c - mean[..., None]).square().mean(-1) + eps)

@@ -38,6 +38,21 @@ from gpd_train.train.builders import TrainingRun, build_stage0
 
 # -- tiny runs ------------------------------------------------------------------------------
 # A run of one distillation stage on the micro model and data (the `micro` fixture's TOML).
+# A whole tiny pipeline in seconds: teacher 8 -> 4 -> 2 steps, a short evaluation (appended to
+# a preset's lines or to an example TOML's).
+TINY_PIPELINE_BUDGETS = """
+steps = [8, 4, 2]
+batch_size = 4
+[stage0]
+iterations = 4
+[distill]
+iterations = [2, 2]
+freq_weight = [0.0, 1.0]
+stage_guidance = [1.5, 1.0]
+[eval]
+prompts = 8
+batch_size = 8
+"""
 MICRO_TOML = """\
 steps = [8, 4]
 pipeline_chains = ["gpd", "vanilla"]

@@ -165,3 +165,24 @@ def _shared_components() -> dict[str, object]:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0, num_train_timesteps=1000)
     return {"tokenizer": tokenizer, "text_encoder": encoder, "vae": vae, "scheduler": scheduler}
+
+
+# Image-to-video inputs: odd sizes and a grey one (the pipelines stretch each image to the video
+# size; grey becomes RGB).
+IMAGE_PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
+IMAGES = {"a.png": ((37, 53), "RGB"), "b.jpg": ((64, 40), "RGB"), "c.png": ((21, 90), "L")}
+
+
+def write_image_inputs(folder: Path) -> tuple[Path, Path]:
+    """IMAGES and a prompts file and an images file (line i: prompt i's image, relative to
+    its folder) in ``folder``; returns (prompts file, images file)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, ((height, width), mode) in IMAGES.items():
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(folder / name)
+    (folder / "prompts.txt").write_text("\n".join(IMAGE_PROMPTS) + "\n")
+    (folder / "images.txt").write_text("\n".join(IMAGES) + "\n")
+    return folder / "prompts.txt", folder / "images.txt"

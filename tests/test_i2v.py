@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import TINY_PIPELINE_BUDGETS
 from safetensors.torch import save_file
 
 from gpd_model import CFG, Conditioning, DiTDenoiser, WanDiT, get_preset, unconditional
@@ -234,25 +235,11 @@ def test_first_frame_fidelity_is_not_measured_on_sets_not_sampled_from_the_condi
 
 # -- the tiny I2V pipeline -------------------------------------------------------------------
 
-REDUCED = """
-steps = [8, 4, 2]
-batch_size = 4
-[stage0]
-iterations = 4
-[distill]
-iterations = [2, 2]
-freq_weight = [0.0, 1.0]
-stage_guidance = [1.5, 1.0]
-[eval]
-prompts = 8
-batch_size = 8
-"""
-
 
 @pytest.mark.slow
 def test_examples_i2v_runs_the_pipeline_with_first_frame_fidelity(tmp_path):
     config = tmp_path / "i2v.toml"
-    config.write_text((ROOT / "examples" / "i2v.toml").read_text() + REDUCED)
+    config.write_text((ROOT / "examples" / "i2v.toml").read_text() + TINY_PIPELINE_BUDGETS)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "gpd_train", "--config", str(config), "--run-dir",
                     str(tmp_path / "run"), "--threads", "1"], check=True, env=env,

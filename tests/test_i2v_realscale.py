@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -25,7 +24,15 @@ from diffusers import (  # noqa: E402
     WanTransformer3DModel,
 )
 from PIL import Image  # noqa: E402
-from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder, build_wan_i2v_folder  # noqa: E402
+from realscale_fixtures import IMAGE_PROMPTS as PROMPTS  # noqa: E402
+from realscale_fixtures import (  # noqa: E402
+    IMAGES,
+    LATENT_SHAPE,
+    VIDEO,
+    build_wan_folder,
+    build_wan_i2v_folder,
+    write_image_inputs,
+)
 
 from gpd_model import make_noise  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
@@ -38,9 +45,6 @@ from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 from gpd_train.train.builders import TrainingRun  # noqa: E402
 
-PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
-# Odd sizes and modes: the pipeline resizes each to the video size; grey becomes RGB.
-IMAGES = {"a.png": ((37, 53), "RGB"), "b.jpg": ((64, 40), "RGB"), "c.png": ((21, 90), "L")}
 VIDEO_ARGS = ["--height", VIDEO["height"], "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
 VARIANTS = {"wan21": True, "wan22": False}  # image encoder (CLIP tokens) or not
 STUDENT_STEPS = 6
@@ -61,14 +65,7 @@ def wan_i2v(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(prompts file, images file) with images of odd sizes."""
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    for name, ((height, width), mode) in IMAGES.items():
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).convert(mode).save(folder / name)
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (folder / "images.txt").write_text("\n".join(IMAGES) + "\n")  # relative to its folder
-    return folder / "prompts.txt", folder / "images.txt"
+    return write_image_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def _encode(model, inputs, out, *extra: object) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +17,14 @@ pytest.importorskip("transformers")
 from builders import refused  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
-from realscale_fixtures import TI2V_LATENT_SHAPE, TI2V_VIDEO, build_wan_ti2v_folder  # noqa: E402
+from realscale_fixtures import IMAGE_PROMPTS as PROMPTS  # noqa: E402
+from realscale_fixtures import (  # noqa: E402
+    IMAGES,
+    TI2V_LATENT_SHAPE,
+    TI2V_VIDEO,
+    build_wan_ti2v_folder,
+    write_image_inputs,
+)
 
 from gpd_model import make_noise  # noqa: E402
 from gpd_model.checkpoint import config_from_diffusers  # noqa: E402
@@ -29,9 +35,6 @@ from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402
 
-PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
-# Odd sizes and a grey one: the pipeline stretches each to the video size; grey becomes RGB.
-IMAGES = {"a.png": ((37, 53), "RGB"), "b.jpg": ((64, 40), "RGB"), "c.png": ((21, 90), "L")}
 VIDEO_ARGS = [a for k, v in TI2V_VIDEO.items() for a in (f"--{k}", str(v))]
 SIZE = {"num_frames": TI2V_VIDEO["frames"], "height": TI2V_VIDEO["height"],
         "width": TI2V_VIDEO["width"]}  # as diffusers' pipelines name them
@@ -51,14 +54,7 @@ def ti2v_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(prompts file, images file) with images of odd sizes."""
-    folder = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    for name, ((height, width), mode) in IMAGES.items():
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).convert(mode).save(folder / name)
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (folder / "images.txt").write_text("\n".join(IMAGES) + "\n")  # relative to its folder
-    return folder / "prompts.txt", folder / "images.txt"
+    return write_image_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from builders import refused
+from builders import TINY_PIPELINE_BUDGETS, refused
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -216,18 +216,7 @@ TINY_PIPELINE = """
 preset = "tiny-ti2v"
 task = "i2v"
 pipeline_chains = ["gpd"]
-steps = [8, 4, 2]
-batch_size = 4
-[stage0]
-iterations = 4
-[distill]
-iterations = [2, 2]
-freq_weight = [0.0, 1.0]
-stage_guidance = [1.5, 1.0]
-[eval]
-prompts = 8
-batch_size = 8
-"""
+""" + TINY_PIPELINE_BUDGETS
 
 
 @pytest.mark.slow
