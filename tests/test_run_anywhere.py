@@ -96,7 +96,8 @@ def test_prompt_pipeline_finishes_and_its_run_folder_works_from_anywhere(
     rows = [row["model"] for row in json.loads((run / "eval" / "report.json").read_text())
             ["rows"]]
     assert "GPD@2" in rows and not any("vanilla" in row for row in rows)
-    assert "learned FD, detail KID and prompt accuracy need the built-in data" in out.out
+    assert "learned FD, detail KID, prompt accuracy and first-frame PSNR need the built-in data" \
+        in out.out
     assert not any("held out" in row for row in rows)  # no sanity rows without real videos
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == "prompt-embeddings"  # inside the run folder: relative to it
