@@ -37,7 +37,6 @@ from gpd_train.run.lora import adapter_shapes
 from gpd_train.train.builders import TrainingRun, build_stage0
 
 # -- tiny runs ------------------------------------------------------------------------------
-# A run of one distillation stage on the micro model and data (the `micro` fixture's TOML).
 # A whole tiny pipeline in seconds: teacher 8 -> 4 -> 2 steps, a short evaluation (appended to
 # a preset's lines or to an example TOML's).
 TINY_PIPELINE_BUDGETS = """
@@ -53,6 +52,7 @@ stage_guidance = [1.5, 1.0]
 prompts = 8
 batch_size = 8
 """
+# A run of one distillation stage on the micro model and data (the `micro` fixture's TOML).
 MICRO_TOML = """\
 steps = [8, 4]
 pipeline_chains = ["gpd", "vanilla"]

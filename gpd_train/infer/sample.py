@@ -232,7 +232,7 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     if not takes_image(cfg):
         raise SampleError(f"{loaded.description} is a text-to-video model: --image/--images "
                           "condition an image-to-video (or Wan2.2-TI2V) one; drop them")
-    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+    size = _video_size(args)
     wanted = [images[i % len(texts)] for i in range(args.num)]
     unique_images = list(dict.fromkeys(wanted))
     conditioner = ImageConditioner(args.model, args.device)
@@ -245,11 +245,15 @@ def _encode_texts(texts: list[str], loaded: LoadedModel, args: argparse.Namespac
     return Prompts(cond, negative, rows, shape, built_in=False)
 
 
+def _video_size(args: argparse.Namespace) -> dict[str, int]:
+    """--height, --width, --frames, each Wan's 480p default when not given."""
+    return {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
+
+
 def _latent_shape(args: argparse.Namespace) -> str:
     """'C,T,H,W' of text prompts' noise: --latent-shape, else the video size through
     --model's VAE (a size it cannot encode is refused)."""
-    size = {name: getattr(args, name) or default for name, default in VIDEO_DEFAULTS.items()}
-    return args.latent_shape or latent_shape_for(args.model, **size)
+    return args.latent_shape or latent_shape_for(args.model, **_video_size(args))
 
 
 def _needs_negative(loaded: LoadedModel, args: argparse.Namespace) -> bool:
@@ -313,9 +317,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_environment()
     check_destination("--out", args.out, SAMPLES, args.overwrite)
     _check_option_use(args)
-    if _prompt_request(args)[1] and args.model is not None:
+    texts = _prompt_request(args)[1]
+    if texts and args.model is not None:
         _latent_shape(args)  # the video size, before any model is loaded
-    _image_paths(args, _prompt_request(args)[1])
+    _image_paths(args, texts)
     _check_sequence_parallel(args)
 
 
