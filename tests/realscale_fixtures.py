@@ -88,10 +88,12 @@ IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2 + 1
 MASK_CHANNELS = 4
 
 
-def build_wan_i2v_folder(root: Path, image_encoder: bool = True, seed: int = 0) -> Path:
+def build_wan_i2v_folder(root: Path, image_encoder: bool = True, seed: int = 0,
+                         boundary_ratio: float | None = None) -> Path:
     """Write a tiny image-to-video Wan folder at ``root`` and return it.
 
     ``image_encoder=True``: Wan2.1-I2V (CLIP image tokens); ``False``: Wan2.2-I2V style (none).
+    ``boundary_ratio``: a second expert, ``transformer_2``, below it (Wan2.2-I2V-A14B).
     """
     from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -110,10 +112,14 @@ def build_wan_i2v_folder(root: Path, image_encoder: bool = True, seed: int = 0) 
                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         }
         transformer_image = {"image_dim": IMAGE_DIM, "added_kv_proj_dim": 32}
-    transformer = tiny_transformer(in_channels=2 * LATENT_CHANNELS + MASK_CHANNELS,
-                                   **transformer_image)
-    WanImageToVideoPipeline(**_shared_components(), **image_parts, transformer=transformer
-                            ).save_pretrained(str(root))
+    def transformer():
+        return tiny_transformer(in_channels=2 * LATENT_CHANNELS + MASK_CHANNELS,
+                                **transformer_image)
+
+    experts = {} if boundary_ratio is None else {"transformer_2": transformer(),
+                                                 "boundary_ratio": boundary_ratio}
+    WanImageToVideoPipeline(**_shared_components(), **image_parts, transformer=transformer(),
+                            **experts).save_pretrained(str(root))
     return root
 
 

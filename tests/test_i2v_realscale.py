@@ -337,3 +337,55 @@ def test_a_lora_stage_exports_as_diffusers_lora_and_comfyui(wan_i2v, inputs, tmp
         got = transformer(hidden_states=x, timestep=t, encoder_hidden_states=text,
                           encoder_hidden_states_image=image_tokens, return_dict=False)[0]
         torch.testing.assert_close(got, student(x, t, text, **extra), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_wan22_i2v_expert_pair_samples_trains_and_exports(inputs, tmp_path):
+    """Wan2.2-I2V-A14B's layout (two experts, no image encoder): sampling the folder with a
+    CFG scale per expert, the import, a stage 1 that trains each expert, and the export all
+    equal WanImageToVideoPipeline from the same noise."""
+    # 4 steps at shift 3 visit sigmas 1, 0.9, 0.75, 0.5: two steps on each side of 0.85.
+    steps, shift, guidance, guidance_2 = 4, 3.0, 2.5, 1.5
+    folder = build_wan_i2v_folder(tmp_path / "Wan22-I2V-A14B-tiny", image_encoder=False,
+                                  boundary_ratio=0.85)
+    image = inputs[1].parent / "a.png"
+    out = tmp_path / "teacher-videos"
+    assert sample.main(_args("--checkpoint", folder, "--model", folder, "--prompt", PROMPTS[0],
+                             "--image", image, "--steps", steps, "--shift", shift, "--guidance",
+                             guidance, "--guidance-2", guidance_2, "--seed", 3, "--out", out,
+                             "--device", "cpu", *VIDEO_ARGS)) == 0
+    ours = load_file(str(out / "latents.safetensors"))["latents"]
+    pipe = WanImageToVideoPipeline.from_pretrained(str(folder))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**student_scheduler_config(steps, shift))
+    noise = make_noise((1, *LATENT_SHAPE), 3, torch.device("cpu"))
+    theirs = pipe(image=Image.open(image).convert("RGB"), prompt=PROMPTS[:1],
+                  num_inference_steps=steps, guidance_scale=guidance,
+                  guidance_scale_2=guidance_2, num_frames=VIDEO["frames"],
+                  height=VIDEO["height"], width=VIDEO["width"], output_type="latent",
+                  latents=noise).frames
+    torch.testing.assert_close(theirs, ours, atol=PIPELINE_ATOL, rtol=0)
+
+    data = tmp_path / "data"
+    assert encode_prompts.main(_encode(folder, inputs, data)) == 0
+    run = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = [12, 6]\nbatch_size = 2\ncheckpoint_every = 100\n"
+                    "[distill]\niterations = [4]\nlane_groups = 1\n")
+    common = _args("--config", toml, "--run-dir", run, "--device", "cpu", "--teacher", folder,
+                   "--data", data, "--threads", 1)
+    assert train_main(["--stage", "0", *common]) == 0
+    assert train_main(["--stage", "1", *common]) == 0
+    for expert in ("high", "low"):  # each expert trained in its own phase
+        assert (run / "stage1" / expert / "metrics.jsonl").read_text().strip()
+
+    out = tmp_path / "student-videos"
+    assert sample.main(_args("--checkpoint", run, "--model", folder, "--prompt", PROMPTS[1],
+                             "--image", image, "--seed", 9, "--out", out, "--device", "cpu",
+                             *VIDEO_ARGS)) == 0
+    ours = load_file(str(out / "latents.safetensors"))["latents"]
+    student = tmp_path / "student"
+    assert export.main(_args("--run", run, "--base", folder, "--out", student)) == 0
+    exported = WanImageToVideoPipeline.from_pretrained(str(student))
+    assert exported.config.boundary_ratio == 0.85
+    theirs = _pipeline_latents(exported, Image.open(image), PROMPTS[1:2], STUDENT_STEPS, 1.0, 9)
+    torch.testing.assert_close(theirs, ours, atol=PIPELINE_ATOL, rtol=0)
