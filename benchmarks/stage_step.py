@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from gpd_model import Conditioning, Denoiser, DiTDenoiser, WanDiT, get_preset
 from gpd_train.config.settings import LoraSpec
-from gpd_train.data.datasets import PromptEmbeddingSet
+from gpd_train.data.embeddings import PromptEmbeddingSet
 from gpd_train.parallel import checkpoint_blocks
 from gpd_train.run.lora import adapter_shapes, lora_stage_model
 from gpd_train.train.loop import Ema, ModelState

@@ -31,7 +31,8 @@ from gpd_model import DiTConfig, WanDiT, add_guidance_input, get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.settings import load_config
-from gpd_train.data.datasets import ProceduralVideos, PromptEmbeddingSet
+from gpd_train.data.embeddings import PromptEmbeddingSet
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.run.files import atomic_write_text
 from gpd_train.run.lora import adapter_shapes
 from gpd_train.train.builders import TrainingRun, build_stage0

@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from gpd_model import get_preset
-from gpd_train.data.datasets import MOTIONS, SHAPES, ProceduralVideos, PromptEmbeddingSet, open_data
+from gpd_train.data.datasets import open_data
+from gpd_train.data.embeddings import PromptEmbeddingSet
+from gpd_train.data.procedural import MOTIONS, SHAPES, ProceduralVideos
 
 
 @pytest.mark.parametrize("frames,size,speed", [(4, 16, 2), (8, 12, 1), (3, 9, 2)])

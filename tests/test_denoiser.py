@@ -26,7 +26,7 @@ from gpd_model import (
     unconditional,
 )
 from gpd_model.graph_sampler import GraphSampler
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.eval.evaluate import Candidate, sample_set
 from gpd_train.train.objectives import GuidanceRange, OnlineDistillation, StageGrid
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.eval.detail_metric import (
     BAND_EDGES,
     HELD_OUT_OFFSET,

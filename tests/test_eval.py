@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.eval.evaluate import perturbed
 from gpd_train.eval.feature_net import (
     HELD_OUT_OFFSET,

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from gpd_model import CFG, Conditioning, DiTDenoiser, WanDiT, get_preset, unconditional
 from gpd_train.config.settings import RunConfig
-from gpd_train.data.datasets import ProceduralVideos, open_data
+from gpd_train.data.datasets import open_data
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.errors import ConfigError
 from gpd_train.eval.metric_registry import FIRST_FRAME, Sample
 from gpd_train.eval.metrics import first_frame_psnr

@@ -39,7 +39,7 @@ from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
 from gpd_train.config.settings import load_run_config  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
-from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
+from gpd_train.data.embeddings import PromptEmbeddingSet  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402

@@ -24,7 +24,7 @@ from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder  # noqa: E4
 from gpd_model import sigma_grid  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.data import encode_prompts
-from gpd_train.data.datasets import PromptEmbeddingSet  # noqa: E402
+from gpd_train.data.embeddings import PromptEmbeddingSet  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402

@@ -30,7 +30,8 @@ from gpd_model import make_noise  # noqa: E402
 from gpd_model.checkpoint import config_from_diffusers  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
-from gpd_train.data.datasets import PromptEmbeddingSet, open_data  # noqa: E402
+from gpd_train.data.datasets import open_data  # noqa: E402
+from gpd_train.data.embeddings import PromptEmbeddingSet  # noqa: E402
 from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export.diffusers import student_scheduler_config  # noqa: E402

@@ -42,7 +42,8 @@ from gpd_model.checkpoint import config_from_diffusers  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.settings import RunConfig  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
-from gpd_train.data.datasets import ProceduralVideos, open_data  # noqa: E402
+from gpd_train.data.datasets import open_data  # noqa: E402
+from gpd_train.data.procedural import ProceduralVideos  # noqa: E402
 from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402

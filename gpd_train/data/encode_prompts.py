@@ -10,7 +10,7 @@ unescaped, whitespace collapsed; padded or truncated to 512 tokens, end-of-seque
 appended), encoded with the attention mask, and the positions after the prompt's tokens
 are set to zero, as Wan's reference code and WanPipeline feed them to the DiT.
 
-Output (the layout of gpd_train/data/datasets.py, read by ``--data``): ``shard-NNNNN.safetensors``
+Output (the layout of gpd_train/data/embeddings.py, read by ``--data``): ``shard-NNNNN.safetensors``
 with ``context`` [N, 512, text_dim] (bf16 by default) and metadata ``latent_shape`` (the
 noise shape for ``--height/--width/--frames`` through the VAE's compression), ``prompts``
 (the texts, JSON) and ``prompts_sha256``; ``negative.safetensors`` with the encoded

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.errors import ConfigError
 from gpd_train.eval.feature_net import FEATURES, VideoFeatureNet, video_features
 from gpd_train.eval.metrics import (

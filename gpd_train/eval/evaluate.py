@@ -48,7 +48,7 @@ from gpd_model import (
 )
 from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, GUIDANCE_STAGE, StageId, get_chain
 from gpd_train.config.settings import load_run_config
-from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
 from gpd_train.eval.detail_metric import SANITY, DetailJudge, real_videos, sanity_pairs, sanity_sets

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpd_train.data.datasets import MOTIONS, SHAPES, ProceduralVideos
+from gpd_train.data.procedural import MOTIONS, SHAPES, ProceduralVideos
 from gpd_train.run.files import load_weights, read_metadata, save_weights
 
 FEATURES = 32

@@ -75,7 +75,8 @@ from gpd_train.config.settings import (
     check_device,
     check_number,
 )
-from gpd_train.data.datasets import ProceduralVideos, PromptEmbeddingSet, open_data
+from gpd_train.data.datasets import open_data
+from gpd_train.data.embeddings import PromptEmbeddingSet
 from gpd_train.data.encode_prompts import (
     VIDEO_DEFAULTS,
     EncodeError,
@@ -86,6 +87,7 @@ from gpd_train.data.encode_prompts import (
     read_prompts,
 )
 from gpd_train.data.image_condition import ImageConditioner, takes_image
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.media import (
     WAN_FPS,

@@ -22,7 +22,9 @@ from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.horizon import HorizonGrid
 from gpd_train.config.plan import check_fits
 from gpd_train.config.settings import DistillConfig, RunConfig, Stage0Config
-from gpd_train.data.datasets import ProceduralVideos, PromptEmbeddingSet, open_data
+from gpd_train.data.datasets import open_data
+from gpd_train.data.embeddings import PromptEmbeddingSet
+from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.errors import ConfigError
 from gpd_train.parallel import owned_streams, prepare_teacher, set_sequence, shard_student, world
 from gpd_train.run.experts import ExpertPhase
