@@ -150,6 +150,15 @@ class RunFolder:
         """The LoRA spec the stage trains with; None: full weights (always for stage 0)."""
         return self.plan(sid).lora
 
+    def stage_options(self, sid: StageId) -> dict[str, Any]:
+        """What shaped the stage (its plan's options), with a pair's distillation stage's
+        low-expert teacher CFG scale (``guidance_2``; ``guidance`` is the high one's)."""
+        options = self.plan(sid).options()
+        guidance_2 = self.plan(sid).guidance_2
+        if self.is_pair and guidance_2 is not None:
+            options["guidance_2"] = guidance_2
+        return options
+
     def steps(self, sid: StageId) -> int:
         """The stage's sampling steps (its plan's)."""
         return self.plan(sid).steps
@@ -259,7 +268,7 @@ class RunFolder:
         recorded = self.record(sid)
         want: dict[str, Any] = {"iterations": self.plan(sid).iterations}
         if not sid.is_teacher:  # the teacher samples at any grid and CFG scale
-            want.update(self.plan(sid).options())
+            want.update(self.stage_options(sid))
         want = json.loads(json.dumps(want))  # as done.json reads back
         options = recorded.get("options")
         had = {**(options if isinstance(options, dict) else {}),
@@ -387,7 +396,7 @@ class RunFolder:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RECORD).unlink(missing_ok=True)
         output = folder / OUTPUT
-        options = self.plan(sid).options()
+        options = self.stage_options(sid)
         # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
         save_weights(output, weights, {**self.metadata(sid),
                                        OPTIONS_KEY: json.dumps(options, sort_keys=True)})

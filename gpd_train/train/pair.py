@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, ExpertPair, WanDiT, euler_step
+from gpd_model import (
+    CFG,
+    Conditioning,
+    Denoiser,
+    DiTDenoiser,
+    ExpertPair,
+    ExpertScales,
+    WanDiT,
+    euler_step,
+)
 from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.plan import check_fits
 from gpd_train.devices import autocast
@@ -140,9 +149,11 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
 def pair_teacher(run: TrainingRun, sid: StageId,
                  experts: tuple[Denoiser, Denoiser] | None = None
                  ) -> tuple[Denoiser, GuidanceRange]:
-    """The previous stage's pair, frozen, as the targets query it (a CFG pair around both
-    experts at the stage's CFG scale, where it is not 1). ``experts``: its (high, low) as a
-    LoRA stage runs them on its bases; None: the previous stage's full weights, loaded."""
+    """The previous stage's pair, frozen, as the targets query it: a CFG pair around both
+    experts where a scale is not 1, each sample guided by its expert's scale (the stage's
+    ``stage_guidance`` above the boundary, ``stage_guidance_2`` below). ``experts``: its
+    (high, low) as a LoRA stage runs them on its bases; None: the previous stage's full
+    weights, loaded."""
     cfg, plan = run.config, run.plan(sid)
     assert run.boundary is not None and plan.teacher is not None
     if experts is None:
@@ -150,11 +161,13 @@ def pair_teacher(run: TrainingRun, sid: StageId,
                                                  cfg.parallel, cfg.precision, run.device))
                      for model in run.load_stage_experts(plan.teacher))
         experts = high, low
-    teacher: Denoiser = ExpertPair(experts[0], experts[1], run.boundary)
-    scale = plan.teacher_guidance
-    if scale != 1.0:
-        teacher = CFG(teacher, run.data.negative.to(run.device))
-    return teacher, GuidanceRange(scale, scale)
+    pair = ExpertPair(experts[0], experts[1], run.boundary)
+    scales = ExpertScales(plan.teacher_guidance, plan.guidance_2)  # type: ignore[arg-type]
+    teacher: Denoiser = pair
+    if (scales.high, scales.low) != (1.0, 1.0):
+        teacher = CFG(pair, run.data.negative.to(run.device), scales)
+    # The lanes' w (Conditioning.guidance) is not read: the CFG pair's scales are fixed.
+    return teacher, GuidanceRange(scales.high, scales.high)
 
 
 class PairMetrics:
