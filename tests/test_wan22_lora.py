@@ -268,3 +268,21 @@ def test_an_adapter_pair_that_does_not_fit_is_refused_in_one_line_naming_the_exp
     with pytest.raises(ExpertPairError, match=r"expert\(s\) missing: \['low'\]"):
         expert_adapters({k: v for k, v in joined.items() if k.startswith("high.")}, model, spec,
                         "stage1")
+
+
+def test_an_expert_without_starts_keeps_its_teachers_adapter(tmp_path):
+    """Boundary 0.3, below every student start: the low expert has no phase to train, so
+    stage 1 keeps stage 0's low expert (a zero update) and stage 2 stage 1's adapter."""
+    wan22 = build_wan22_folder(tmp_path / "Wan2.2-low-boundary", boundary_ratio=0.3)
+    args = _run_args(wan22, tmp_path)
+    for stage in (0, 1, 2):
+        assert train_main(["--stage", str(stage), *args]) == 0
+    run = tmp_path / "run"
+    record = json.loads((run / "stage2" / "done.json").read_text())
+    assert record["experts"]["low"]["iterations"] == 0
+    (high1, low1), (high2, low2) = (_adapters(run / stage / "model.safetensors")
+                                    for stage in ("stage1", "stage2"))
+    assert all(torch.equal(low2[k], v) for k, v in low1.items())
+    # Stage 1's low adapter is a student adapter as it starts: random A, zero B.
+    assert all(bool(torch.count_nonzero(v)) != ("lora_B" in k) for k, v in low1.items())
+    assert any(not torch.equal(high2[k], v) for k, v in high1.items())
