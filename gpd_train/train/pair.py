@@ -17,6 +17,12 @@ both optimizer states or rebuild them at every switch.
 A phase's lanes live on its own starts: fresh noise is first carried down to the phase's
 first start (``lead_in``: the finished high expert for student rollouts, the teacher for
 teacher rollouts), so the low phase never spends a step on the high starts.
+
+With LoRA (``--lora-rank``) each expert trains its own adapter in its phase, on that expert
+of stage 0 as the frozen base (``PairTrainer._lora_models``: one base per expert serves its
+teacher, student and lead-in adapters); a phase's output and the stage's are adapters, in
+gpd_train.run.lora's layout under the experts' prefixes. The teacher pair guides each
+sample by its expert's CFG scale (``stage_guidance``, ``stage_guidance_2`` for the low one).
 """
 
 from __future__ import annotations
