@@ -18,6 +18,7 @@ from gpd_model import Conditioning, sigma_grid  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
 from gpd_train.config.settings import load_config, load_run_config  # noqa: E402
+from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.train import pair  # noqa: E402
 from gpd_train.train.builders import TrainingRun, stage_grid, stage_recipe  # noqa: E402
 
@@ -119,3 +120,14 @@ def test_a_low_expert_scale_on_a_one_model_run_is_refused_in_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert "distill.stage_guidance_2 (--stage-guidance-2) is the low-noise expert's" in err
     assert "\n" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,why", [
+    ({"distill.stage_guidance_2": [2.0]}, "needs one CFG scale > 0 per stage (3), got [2.0]"),
+    ({"distill.stage_guidance_2": [2.0, 0.0, 1.0]}, "needs one CFG scale > 0 per stage"),
+    ({"guided.stage_guidance_2": [2.0, 1.0, 1.0]}, "and guided.guidance_stage exclude each"),
+])
+def test_bad_low_scales_are_refused_in_one_line(overrides, why):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert why in str(caught.value) and "\n" not in str(caught.value)
