@@ -178,6 +178,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         dest="distill.stage_guidance",
                         help="without a guidance stage: each GPD stage teacher's CFG scale "
                              "(default: --guidance for stage 1, then 1 = none)")
+    parser.add_argument("--stage-guidance-2", type=float, nargs="+", metavar="W", default=None,
+                        dest="distill.stage_guidance_2",
+                        help="a Wan2.2 pair run: each GPD stage teacher's CFG scale for its "
+                             "low-noise expert, as the sampler's --guidance-2 (default: "
+                             "--stage-guidance's)")
 
 
 def _add_video_and_device_flags(parser: argparse.ArgumentParser) -> None:
@@ -212,8 +217,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Flags that only some stages read: given elsewhere they would be silently ignored.
 DISTILL_FLAGS = {"distill.lr": "--lr", "distill.state_source": "--state-source",
                  "distill.iterations": "--iterations", "distill.freq_weight": "--freq-weight",
-                 "distill.stage_guidance": "--stage-guidance", "distill.lora_rank": "--lora-rank",
-                 "distill.lora_alpha": "--lora-alpha"}
+                 "distill.stage_guidance": "--stage-guidance",
+                 "distill.stage_guidance_2": "--stage-guidance-2",
+                 "distill.lora_rank": "--lora-rank", "distill.lora_alpha": "--lora-alpha"}
 GUIDED_FLAGS = {"guided.guidance_range": "--guidance-range"}
 HORIZON_FLAGS = {"horizon.horizons": "--horizons"}
 CHAIN_TABLE_FLAGS = {**DISTILL_FLAGS, **GUIDED_FLAGS, **HORIZON_FLAGS}
@@ -259,6 +265,7 @@ def check_before_work(args: argparse.Namespace, config: RunConfig, run: Training
             preflight.check_teacher_matches(config)
         check_video_flags(args, config)
         check_prompts_teacher(config)
+        preflight.check_expert_guidance(config)
         return
     preflight.check_precision(config.precision, run.device)
     if not args.eval:

@@ -290,7 +290,6 @@ def test_the_pair_stage_exports_for_comfyui_as_one_file_per_expert(wan22, traine
 
 
 @pytest.mark.parametrize("flags,why", [
-    (["--lora-rank", "4"], "with LoRA (--lora-rank)"),
     (["--validate-every", "2"], "with --log / --validate-every"),
 ])
 def test_what_a_pair_stage_does_not_support_is_refused_before_work(pair_run, capsys, flags,

@@ -42,12 +42,16 @@ class StagePlan:
     freq_weight: float
     lora: LoraSpec | None  # None: full weights
     state_source: str | None  # where its rollout states start (None for stage 0)
+    # A Wan2.2 pair's low expert's stage-teacher CFG scale (the high one's is ``guidance``);
+    # None where w is an input or for stage 0.
+    guidance_2: float | None = None
 
     @property
     def teacher_forwards(self) -> float:
         """Frozen-model forwards per training sample and update (its schedule's count; two
         per step where the stage teacher is a CFG pair)."""
-        cfg_pair = self.stage.is_guidance or self.teacher_guidance not in (None, 1.0)
+        cfg_pair = self.stage.is_guidance or self.teacher_guidance not in (None, 1.0) \
+            or self.guidance_2 not in (None, 1.0)
         return get_chain(self.stage.chain).schedule.teacher_forwards(self, cfg_pair)
 
     @property
@@ -124,10 +128,12 @@ def stage_plan(config: RunConfig, sid: StageId) -> StagePlan:
         index = int(sid.stage) - 1
         iterations, freq_weight = int(table.iterations[index]), float(table.freq_weight[index])
     guidance: float | list[float]
+    guidance_2 = None
     if table.guidance_stage:  # the guidance stage and the students after it take w
         guidance = [float(w) for w in table.guidance_range]
     else:
         guidance = table.stage_guidance[int(sid.stage) - 1]  # type: ignore[index]
+        guidance_2 = table.stage_guidance_2[int(sid.stage) - 1]  # type: ignore[index]
     return StagePlan(sid, teacher, steps, _student_steps(config, teacher)[0], fine, shift, jumps,
                      iterations, table.guidance_stage, guidance, freq_weight, table.lora_spec(),
-                     table.state_source)
+                     table.state_source, guidance_2)

@@ -245,6 +245,10 @@ class DistillConfig:
     # a stage teacher after T0 is a student, guided with its own unconditional branch).
     # Default: the run's guidance for stage 1 (T0), none after.
     stage_guidance: list[float] | None = None
+    # A Wan2.2 pair run only: the low-noise expert's stage-teacher CFG scale, one per stage
+    # (the pipeline's guidance_scale_2, the sampler's --guidance-2); stage_guidance guides
+    # the high-noise one. Default: stage_guidance's.
+    stage_guidance_2: list[float] | None = None
     # Linear from/to over the stages, where stage_guidance is not given (the horizon chain).
     guidance_anneal: list[float] | None = None
     # A horizon chain (gpd_train/train/horizon.py): stage k's student jumps horizons[k-1] teacher
@@ -340,7 +344,7 @@ class RunConfig:
         object.__setattr__(self, "resolved_shift", float(shift))
         object.__setattr__(self, "resolved_guidance", float(guidance))
         object.__setattr__(self, "chains", MappingProxyType({
-            name: dataclasses.replace(table, stage_guidance=self._stage_guidance(name, table))
+            name: self._with_stage_guidance(name, table)
             for name, table in self._inherited_tables().items()}))
 
     def _inherited_tables(self) -> dict[str, DistillConfig]:
@@ -354,6 +358,14 @@ class RunConfig:
                          if getattr(table, key) is None}
             tables[name] = dataclasses.replace(table, **inherited)
         return tables
+
+    def _with_stage_guidance(self, name: str, table: DistillConfig) -> DistillConfig:
+        """``table`` with its stage teachers' CFG scales filled in: each high expert's (or
+        the one model's) and each low expert's, the high one's where not given."""
+        high = self._stage_guidance(name, table)
+        low = table.stage_guidance_2
+        return dataclasses.replace(table, stage_guidance=high, stage_guidance_2=(
+            high if low is None else [float(w) for w in low]))
 
     def _stage_guidance(self, name: str, table: DistillConfig) -> list[float] | None:
         """Each stage teacher's CFG scale in a chain without a guidance stage (None with one)."""
@@ -636,6 +648,15 @@ def _check_guidance_options(name: str, chain: DistillConfig, stages: int) -> Non
     if anneal is not None and chain.guidance_stage:
         raise ConfigError(f"{section}.guidance_anneal and {section}.guidance_stage exclude each "
                          "other: after a guidance stage the students take w as an input")
+    low = chain.stage_guidance_2
+    if low is not None and chain.guidance_stage:
+        raise ConfigError(f"{section}.stage_guidance_2 (the low expert's stage-teacher CFG "
+                         f"scales) and {section}.guidance_stage exclude each other: after a "
+                         "guidance stage the students take w as an input; set one of them")
+    if low is not None and (not isinstance(low, (list, tuple)) or len(low) != stages
+                            or not all(_finite_scale(w) for w in low)):
+        raise ConfigError(f"{section}.stage_guidance_2 needs one CFG scale > 0 per stage "
+                         f"({stages}), got {low!r}")
     scales = chain.stage_guidance
     if scales is None:
         return

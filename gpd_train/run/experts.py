@@ -11,7 +11,9 @@ SHA-256 in done.json covers both experts (a stage is stale when either changed),
 keeps or refuses it whole, and ``--restart`` moves it aside whole. A distillation stage
 trains its experts one after the other (gpd_train.train.pair), each phase in its own
 sub-folder (``stage1/high/``, ``stage1/low/``: ``ckpt/``, ``metrics.jsonl`` and, once the phase
-is done, ``expert.safetensors``, its EMA weights).
+is done, ``expert.safetensors``, its EMA weights). A LoRA pair stage stores its two adapters
+so (gpd_train.run.lora's layout under the same prefixes, the spec in the metadata), each
+applied to its expert of stage 0.
 """
 
 from __future__ import annotations

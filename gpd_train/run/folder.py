@@ -58,7 +58,7 @@ from gpd_train.run.files import (
     save_weights,
     sha256_file,
 )
-from gpd_train.run.lora import METADATA_KEY, merge_adapter
+from gpd_train.run.lora import METADATA_KEY, expert_adapters, merge_adapter
 from gpd_train.run.records import (
     OPTIONS_KEY,
     OUTPUT,
@@ -149,6 +149,15 @@ class RunFolder:
     def lora_spec(self, sid: StageId) -> LoraSpec | None:
         """The LoRA spec the stage trains with; None: full weights (always for stage 0)."""
         return self.plan(sid).lora
+
+    def stage_options(self, sid: StageId) -> dict[str, Any]:
+        """What shaped the stage (its plan's options), with a pair's distillation stage's
+        low-expert teacher CFG scale (``guidance_2``; ``guidance`` is the high one's)."""
+        options = self.plan(sid).options()
+        guidance_2 = self.plan(sid).guidance_2
+        if self.is_pair and guidance_2 is not None:
+            options["guidance_2"] = guidance_2
+        return options
 
     def steps(self, sid: StageId) -> int:
         """The stage's sampling steps (its plan's)."""
@@ -259,7 +268,7 @@ class RunFolder:
         recorded = self.record(sid)
         want: dict[str, Any] = {"iterations": self.plan(sid).iterations}
         if not sid.is_teacher:  # the teacher samples at any grid and CFG scale
-            want.update(self.plan(sid).options())
+            want.update(self.stage_options(sid))
         want = json.loads(json.dumps(want))  # as done.json reads back
         options = recorded.get("options")
         had = {**(options if isinstance(options, dict) else {}),
@@ -326,13 +335,21 @@ class RunFolder:
     def load_stage_experts(self, sid: StageId, check_grid: bool = True,
                            device: torch.device | None = None) -> tuple[WanDiT, WanDiT]:
         """(high, low) experts of a pair run's finished, current stage, verified as
-        ``load_stage_model`` verifies one model."""
+        ``load_stage_model`` verifies one model; a LoRA pair stage's adapters merged each into
+        its expert of stage 0."""
         path, meta = self.verified_output(sid, check_grid)
         if meta.get(BOUNDARY_KEY) != repr(self.boundary):
             raise RunFolderError(f"{path} holds boundary sigma {meta.get(BOUNDARY_KEY)} "
                                  f"(metadata {BOUNDARY_KEY}), this run's teacher has "
                                  f"{self.boundary}: retrain it with "
                                  f"`{self.command(sid)} --restart`")
+        if METADATA_KEY in meta:  # a LoRA pair: each expert's adapter merged into stage 0's
+            spec = LoraSpec.from_metadata(meta[METADATA_KEY], path)
+            bases = self.load_stage_experts(TEACHER, device=device)
+            adapters = expert_adapters(load_weights(path), bases[0], spec, path)
+            high, low = (merge_adapter(base, adapter, spec, f"{path} ({name} expert)")
+                         for name, base, adapter in zip(EXPERTS, bases, adapters, strict=True))
+            return high, low
         models = []
         for state in split_experts(load_weights(path), path):
             model = self.new_model(device)
@@ -379,15 +396,16 @@ class RunFolder:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RECORD).unlink(missing_ok=True)
         output = folder / OUTPUT
-        options = self.plan(sid).options()
+        options = self.stage_options(sid)
         # Also inside the output, which done.json's SHA-256 covers: a hand edit is detected.
         save_weights(output, weights, {**self.metadata(sid),
                                        OPTIONS_KEY: json.dumps(options, sort_keys=True)})
-        if self.is_pair:  # each expert as its WanPipeline component
+        lora = self.lora_spec(sid) is not None  # an adapter is exported by gpd_train.export
+        if self.is_pair and not lora:  # each expert as its WanPipeline component
             for name, state in zip(EXPERTS, split_experts(weights, output), strict=True):
                 export_diffusers(self.dit_config, state, folder / DIFFUSERS_FOLDER /
                                  COMPONENT[name], self.config.resolved_guidance)
-        elif self.lora_spec(sid) is None:  # an adapter is exported by gpd_train.export
+        elif not lora:
             export_diffusers(self.dit_config, weights, folder / DIFFUSERS_FOLDER,
                              self.config.resolved_guidance)
         record = {"options": options, **summary, "sha256": sha256_file(output)}

@@ -40,6 +40,7 @@ from gpd_model import CheckpointError, add_guidance_input, has_guidance_input
 from gpd_model.checkpoint import key_map
 from gpd_train.config.settings import LoraSpec
 from gpd_train.errors import LoraError
+from gpd_train.run.experts import EXPERTS, split_experts
 from gpd_train.run.files import signature_mismatch
 
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
@@ -107,6 +108,28 @@ def check_adapter(adapter: dict[str, torch.Tensor], model: nn.Module, spec: Lora
             f"{list(spec.targets)}); nothing was loaded.\n{problem}")
 
 
+def expert_adapters(joined: dict[str, torch.Tensor], model: nn.Module, spec: LoraSpec,
+                    source: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(high, low) adapters of a LoRA pair stage's output ``joined`` (gpd_train.run.experts'
+    prefixes), each checked to fit ``model`` (either expert: they share one shape) under
+    ``spec``; a misfit is refused in one line naming the expert."""
+    adapters = split_experts(joined, source)
+    expected = {key: (shape,) for key, shape in adapter_shapes(model, spec).items()}
+    for name, adapter in zip(EXPERTS, adapters, strict=True):
+        lora = split_guidance(adapter)[0]
+        stored = {key: (tuple(value.shape),) for key, value in lora.items()}
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        mismatched = sorted(k for k in set(expected) & set(stored) if stored[k] != expected[k])
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                f"{source}: the {name} expert's LoRA adapter does not fit the model (rank "
+                f"{spec.rank}, targets {list(spec.targets)}): {len(missing)} key(s) missing "
+                f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}), "
+                f"{len(mismatched)} of another shape (e.g. {mismatched[:1]})")
+    return adapters
+
+
 def _param_name(key: str, adapter: str) -> str:
     """'x.lora_A.weight' -> peft's parameter name 'x.lora_A.<adapter>.weight'."""
     module, factor, leaf = key.rsplit(".", 2)
@@ -146,16 +169,22 @@ def attach_adapters(model: nn.Module, spec: LoraSpec,
         dtype = torch.promote_types(layer.get_base_layer().weight.dtype, torch.float32)
         layer.lora_A.to(dtype)
         layer.lora_B.to(dtype)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            for key, value in (teacher or {}).items():
-                params[_param_name(key, name)].copy_(value)
+    for name in names:
+        set_adapter_weights(model, name, teacher or {})
     for layer in lora_layers(model):
         layer.set_adapter(STUDENT)  # the student is the model's default forward
-    for key, param in params.items():
+    for key, param in model.named_parameters():
         param.requires_grad_(any(f".{factor}.{STUDENT}." in key for factor in _FACTORS))
     return model
+
+
+@torch.no_grad()
+def set_adapter_weights(model: nn.Module, name: str, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy ``adapter`` (the output layout, checked by ``check_adapter``) into the attached
+    adapter ``name``'s parameters."""
+    params = dict(model.named_parameters())
+    for key, value in adapter.items():
+        params[_param_name(key, name)].copy_(value)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from gpd_train.config.settings import RunConfig
 from gpd_train.errors import ConfigError
 from gpd_train.run.folder import RunFolder
 from gpd_train.run.records import RECORD
-from gpd_train.run.wan_folder import diffusers_root
+from gpd_train.run.wan_folder import diffusers_root, expert_folders
 
 
 # -- the machine ----------------------------------------------------------------------------
@@ -122,6 +122,18 @@ def check_lora_width(config: RunConfig, dit: DiTConfig) -> None:
                              f"{dit.dim} of the layers it adapts (the model's dim): an update of "
                              f"a {dit.dim}-wide projection has rank <= {dit.dim}; give "
                              f"--lora-rank 1..{dit.dim}")
+
+
+def check_expert_guidance(config: RunConfig) -> None:
+    """Refuse a low expert's stage-teacher CFG scale (``stage_guidance_2``) on a run whose
+    teacher is not a Wan2.2 expert pair: it would guide nothing."""
+    given = [section for section, table in config.chain_tables.items()
+             if table.stage_guidance_2 is not None]
+    if given and (config.teacher is None or expert_folders(config.teacher) is None):
+        raise ConfigError(f"{given[0]}.stage_guidance_2 (--stage-guidance-2) is the low-noise "
+                          "expert's stage-teacher CFG scale of a Wan2.2 pair run, but this "
+                          f"run's teacher ({config.teacher or 'trained, preset ' + config.preset}"
+                          ") is one model: drop it, or give --teacher a Wan2.2 folder")
 
 
 def check_precision(precision: str, device: torch.device) -> None:

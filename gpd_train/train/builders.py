@@ -134,6 +134,8 @@ def stage_recipe(run: RunFolder, sid: StageId,
         options[f"freq_weight[{index}]"] = chain_cfg.freq_weight[index]
         if not plan.guidance_input:
             options[f"stage_guidance[{index}]"] = plan.teacher_guidance
+            if run.is_pair:  # the low expert's (a checkpoint without it is not compared)
+                options[f"stage_guidance_2[{index}]"] = plan.guidance_2
     if plan.guidance_input:
         options["guidance_range"] = plan.guidance
     section = get_chain(sid.chain).section

@@ -17,6 +17,12 @@ both optimizer states or rebuild them at every switch.
 A phase's lanes live on its own starts: fresh noise is first carried down to the phase's
 first start (``lead_in``: the finished high expert for student rollouts, the teacher for
 teacher rollouts), so the low phase never spends a step on the high starts.
+
+With LoRA (``--lora-rank``) each expert trains its own adapter in its phase, on that expert
+of stage 0 as the frozen base (``PairTrainer._lora_models``: one base per expert serves its
+teacher, student and lead-in adapters); a phase's output and the stage's are adapters, in
+gpd_train.run.lora's layout under the experts' prefixes. The teacher pair guides each
+sample by its expert's CFG scale (``stage_guidance``, ``stage_guidance_2`` for the low one).
 """
 
 from __future__ import annotations
@@ -28,14 +34,38 @@ from typing import Any
 
 import torch
 
-from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, ExpertPair, WanDiT, euler_step
+from gpd_model import (
+    CFG,
+    Conditioning,
+    Denoiser,
+    DiTDenoiser,
+    ExpertPair,
+    ExpertScales,
+    WanDiT,
+    euler_step,
+)
 from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.plan import check_fits
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
 from gpd_train.parallel import prepare_teacher, world
-from gpd_train.run.experts import PHASE_OUTPUT, ExpertPhase, expert_phases, join_experts
+from gpd_train.run.experts import (
+    EXPERTS,
+    PHASE_OUTPUT,
+    ExpertPhase,
+    expert_phases,
+    join_experts,
+)
 from gpd_train.run.files import CheckpointError, load_weights, read_metadata, save_weights
+from gpd_train.run.folder import TEACHER
+from gpd_train.run.lora import (
+    STUDENT,
+    adapter_from_params,
+    expert_adapters,
+    lora_stage_model,
+    set_adapter_weights,
+)
+from gpd_train.run.records import OUTPUT
 from gpd_train.train.builders import (
     TrainingRun,
     stage_generator,
@@ -46,6 +76,7 @@ from gpd_train.train.builders import (
 from gpd_train.train.checkpoint import Checkpointer
 from gpd_train.train.loop import MetricsLog, StageTrainer
 from gpd_train.train.objectives import (
+    AdapterDenoiser,
     DistillSetup,
     GuidanceRange,
     OnlineDistillation,
@@ -108,7 +139,6 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
     refusals = (
         (world().distributed, "under torchrun (FSDP / sequence parallel); run it in one "
                               "process"),
-        (plan.lora is not None, "with LoRA (--lora-rank); train full weights"),
         (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
                               "without one, e.g. distill"),
         (plan.jumps is not None or get_chain(sid.chain).objective_factory() is not None,
@@ -122,19 +152,28 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
             raise ConfigError(f"{what}: not supported {why}")
 
 
-def pair_teacher(run: TrainingRun, sid: StageId) -> tuple[Denoiser, GuidanceRange]:
-    """The previous stage's pair, frozen, as the targets query it (a CFG pair around both
-    experts at the stage's CFG scale, where it is not 1)."""
+def pair_teacher(run: TrainingRun, sid: StageId,
+                 experts: tuple[Denoiser, Denoiser] | None = None
+                 ) -> tuple[Denoiser, GuidanceRange]:
+    """The previous stage's pair, frozen, as the targets query it: a CFG pair around both
+    experts where a scale is not 1, each sample guided by its expert's scale (the stage's
+    ``stage_guidance`` above the boundary, ``stage_guidance_2`` below). ``experts``: its
+    (high, low) as a LoRA stage runs them on its bases; None: the previous stage's full
+    weights, loaded."""
     cfg, plan = run.config, run.plan(sid)
     assert run.boundary is not None and plan.teacher is not None
-    experts = [DiTDenoiser(prepare_teacher(model.eval().requires_grad_(False), cfg.parallel,
-                                           cfg.precision, run.device))
-               for model in run.load_stage_experts(plan.teacher)]
-    teacher: Denoiser = ExpertPair(experts[0], experts[1], run.boundary)
-    scale = plan.teacher_guidance
-    if scale != 1.0:
-        teacher = CFG(teacher, run.data.negative.to(run.device))
-    return teacher, GuidanceRange(scale, scale)
+    if experts is None:
+        high, low = (DiTDenoiser(prepare_teacher(model.eval().requires_grad_(False),
+                                                 cfg.parallel, cfg.precision, run.device))
+                     for model in run.load_stage_experts(plan.teacher))
+        experts = high, low
+    pair = ExpertPair(experts[0], experts[1], run.boundary)
+    scales = ExpertScales(plan.teacher_guidance, plan.guidance_2)  # type: ignore[arg-type]
+    teacher: Denoiser = pair
+    if (scales.high, scales.low) != (1.0, 1.0):
+        teacher = CFG(pair, run.data.negative.to(run.device), scales)
+    # The lanes' w (Conditioning.guidance) is not read: the CFG pair's scales are fixed.
+    return teacher, GuidanceRange(scales.high, scales.high)
 
 
 class PairMetrics:
@@ -200,27 +239,75 @@ class PairTrainer:
         high, low = self.run_folder.load_stage_experts(plan.teacher)
         return high if phase.name == "high" else low
 
+    def _leads_in(self, phase: ExpertPhase) -> bool:
+        """Whether the finished high expert carries fresh noise to the phase's first start:
+        when the student's rollouts are the states (else the teacher, or no start before)."""
+        state_source = self.run_folder.config.chain(self.sid.chain).state_source
+        return phase.first > 0 and state_source == "student"
+
     def _lead_in(self, phase: ExpertPhase) -> Denoiser | None:
-        """What carries fresh noise to the phase's first start: the finished high expert
-        when the student's rollouts are the states (None: the teacher, or no start before)."""
+        """The finished high expert as the phase's lead-in (``_leads_in``; None: none)."""
         run = self.run_folder
-        if phase.first == 0 or run.config.chain(self.sid.chain).state_source != "student":
+        if not self._leads_in(phase):
             return None
         high = run.new_model()
         high.load_state_dict(load_weights(self.folder / "high" / PHASE_OUTPUT))
         return DiTDenoiser(high.eval().requires_grad_(False))
 
+    def _lora_models(self, phase: ExpertPhase
+                     ) -> tuple[torch.nn.Module, tuple[Denoiser, Denoiser], Denoiser | None]:
+        """A LoRA phase's (student, teacher pair's experts, lead-in): each expert is its
+        stage-0 base, frozen, carrying the previous stage's adapter as the teacher's (none in
+        stage 1: the base is) and a student adapter. The phase's expert trains its student
+        adapter; the other's is frozen and, where it leads in (the finished high expert
+        before the low phase), holds the high phase's output. So one base per expert serves
+        the teacher, the student and the lead-in, and one adapter trains at a time."""
+        run, plan = self.run_folder, self.run_folder.plan(self.sid)
+        spec, previous = plan.lora, plan.teacher
+        assert spec is not None and previous is not None
+        bases = run.load_stage_experts(TEACHER, device=torch.device("cpu"))  # cast there
+        adapters: tuple[dict[str, torch.Tensor] | None, ...] = (None, None)
+        if not previous.is_teacher:
+            adapters = expert_adapters(run.load_adapter(previous, spec), bases[0], spec,
+                                       run.stage_folder(previous) / OUTPUT)
+        views, student, lead_in = [], None, None
+        for name, base, adapter in zip(EXPERTS, bases, adapters, strict=True):
+            lora = lora_stage_model(base, spec, adapter, run.config.precision,
+                                    device=run.device)
+            views.append(AdapterDenoiser(lora.model, lora.adapter))
+            if name == phase.name:
+                student = lora.model
+                continue
+            lora.model.requires_grad_(False)
+            if name == "high" and self._leads_in(phase):
+                set_adapter_weights(lora.model, STUDENT,
+                                    load_weights(self.folder / "high" / PHASE_OUTPUT))
+                lead_in = AdapterDenoiser(lora.model, STUDENT)
+        assert student is not None
+        return student, (views[0], views[1]), lead_in
+
+    def _initial_weights(self, phase: ExpertPhase) -> dict[str, torch.Tensor]:
+        """The phase's student as it starts (kept as its output where it has no start)."""
+        if self.run_folder.plan(self.sid).lora is None:
+            return {k: v.detach().float() for k, v in self._expert(phase).state_dict().items()}
+        student = self._lora_models(phase)[0]
+        return adapter_from_params({k: v.detach().float() for k, v in
+                                    student.named_parameters() if v.requires_grad})
+
     def _phase_trainer(self, phase: ExpertPhase) -> StageTrainer:
         run, sid = self.run_folder, self.sid
         cfg, plan = run.config, run.plan(sid)
-        teacher, guidance = pair_teacher(run, sid)
-        student = self._expert(phase)
+        if plan.lora is None:
+            teacher, guidance = pair_teacher(run, sid)
+            student, lead_in = self._expert(phase), self._lead_in(phase)
+        else:
+            student, experts, lead_in = self._lora_models(phase)
+            teacher, guidance = pair_teacher(run, sid, experts)
         chain_cfg = cfg.chain(sid.chain)
         setup = DistillSetup(student=student, teacher=teacher, data=run.data,
                              grid=stage_grid(run, sid), guidance=guidance, chain=chain_cfg,
                              freq_weight=plan.freq_weight, device=run.device,
                              precision=cfg.precision)
-        lead_in = self._lead_in(phase)
 
         def make(generator: torch.Generator, batch_size: int) -> PhaseDistillation:
             return PhaseDistillation(first=phase.first, count=phase.count, lead_in=lead_in,
@@ -239,12 +326,13 @@ class PairTrainer:
             if self._finished(phase) is not None:
                 continue
             if phase.iterations == 0:  # no start on its side: it stays the previous expert
-                weights = {k: v.detach().float() for k, v in
-                           self._expert(phase).state_dict().items()}
+                weights = self._initial_weights(phase)
             else:
                 trainer = self._phase_trainer(phase)
                 trainer.run(resume=resume)
                 weights = trainer.ema.state_dict()
+                if self.run_folder.plan(self.sid).lora is not None:
+                    weights = adapter_from_params(weights)  # the adapter alone, as one stage's
                 del trainer  # its optimizer state, before the next phase builds its own
             path = self.folder / phase.name / PHASE_OUTPUT
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -140,8 +140,9 @@ def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = Fals
     if isinstance(trainer, PairTrainer):
         summary["experts"] = trainer.expert_summaries()
     weights = trainer.ema.state_dict()
-    if run.lora_spec(sid) is not None:
+    if run.lora_spec(sid) is not None and not isinstance(trainer, PairTrainer):
         weights = adapter_from_params(weights)  # a LoRA stage's output is its adapter alone
+        # (a pair's phases wrote their adapters so already)
     output = finish_stage(run, sid, weights, summary)
     tqdm.write(f"[{sid}] done in {summary['seconds']:.0f} s -> {output}")
     return output

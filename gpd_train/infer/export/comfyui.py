@@ -7,7 +7,8 @@ LoRA for ``models/loras/`` (``diffusion_model.<module>.lora_down``/``lora_up``/`
 which diffusers' ``load_lora_weights`` reads too), applied to the run's stage 0.
 
 A stage of a Wan2.2 run (an expert pair) is written as one file per expert, as ComfyUI
-shares Wan2.2: ``<name>_high_noise.safetensors`` and ``<name>_low_noise.safetensors``.
+shares Wan2.2: ``<name>_high_noise.safetensors`` and ``<name>_low_noise.safetensors``; a
+LoRA stage of one as one LoRA per expert under the same names.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from gpd_train.infer.export.stage import (
     student_grid,
 )
 from gpd_train.run.destination import EXPORT, staged_output
-from gpd_train.run.experts import EXPERTS
+from gpd_train.run.experts import EXPERTS, split_experts
 from gpd_train.run.folder import TEACHER
 from gpd_train.run.loading import run_stage_of
 from gpd_train.run.lora import split_lora
+from gpd_train.run.records import OUTPUT
 
 NAME = "comfyui"
 LORA_PREFIX = "diffusion_model."  # the diffusion model's keys in a ComfyUI LoRA
@@ -83,7 +85,14 @@ def export_comfyui(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT
         spec, adapter = found
         refuse_guided_lora(sid, adapter, "a ComfyUI LoRA",
                             "--format comfyui --merged [--guidance W]")
-        files = {record["file"]: comfyui_lora_state(adapter, spec, run.dit_config.num_layers)}
+        adapters = {record["file"]: adapter}
+        if run.is_pair:  # one LoRA per expert, each applied to its expert of stage 0
+            adapters = dict(zip((comfyui_file(out, name) for name in EXPERTS),
+                                split_experts(adapter, run.stage_folder(sid) / OUTPUT),
+                                strict=True))
+            record.update(file=list(adapters), boundary=run.boundary)
+        files = {name: comfyui_lora_state(part, spec, run.dit_config.num_layers)
+                 for name, part in adapters.items()}
         record.update(comfyui_folder="models/loras", base=TEACHER.name,
                       lora={"rank": spec.rank, "alpha": spec.alpha,
                             "targets": list(spec.targets)})
@@ -114,8 +123,9 @@ def comfyui_usage(record: dict[str, Any], out: str | Path) -> str:
     path = Path(out) / record["file"] if isinstance(record["file"], str) else " and ".join(
         str(Path(out) / name) for name in record["file"])
     if "lora" in record:
+        each = " each to its expert of" if "boundary" in record else ""
         where = (f"a LoRA of {record['stage']}: put {path} in ComfyUI/{record['comfyui_folder']}/"
-                 f" and apply it (LoraLoaderModelOnly, strength 1.0) to the run's "
+                 f" and apply it (LoraLoaderModelOnly, strength 1.0){each} the run's "
                  f"{record['base']} (export it with --format comfyui --stage 0)")
     elif "boundary" in record:
         where = (f"{record['stage']}, a Wan2.2 pair: put {path} in "

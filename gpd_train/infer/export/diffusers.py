@@ -27,6 +27,13 @@ A LoRA stage is written as ``student/pytorch_lora_weights.safetensors`` and
     pipe.load_lora_weights("student/")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("student/",
                                                                      subfolder="scheduler")
+
+A LoRA stage of a Wan2.2 run writes one adapter per expert, each into its transformer of
+the Wan2.2 base (``PAIR_LORA_WEIGHT_NAMES``)::
+
+    pipe.load_lora_weights("student/", weight_name="pytorch_lora_weights_high_noise.safetensors")
+    pipe.load_lora_weights("student/", weight_name="pytorch_lora_weights_low_noise.safetensors",
+                           load_into_transformer_2=True)
 """
 
 from __future__ import annotations
@@ -51,8 +58,10 @@ from gpd_train.infer.export.stage import (
     student_grid,
 )
 from gpd_train.run.destination import EXPORT, check_export_destination, staged_output
+from gpd_train.run.experts import EXPERTS, split_experts
 from gpd_train.run.loading import load_model, run_stage_of
 from gpd_train.run.lora import split_lora
+from gpd_train.run.records import OUTPUT
 from gpd_train.run.wan_folder import WanFolderError, component
 from gpd_train.run.writes import copy_error
 
@@ -62,6 +71,10 @@ IMAGE_LINKED = ("image_encoder", "image_processor")  # Wan2.1-I2V's CLIP, where 
 PIPELINES = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's: the DiT's timestep input is 1000 * sigma
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# A pair's adapters, one file per expert (the high one loads into ``transformer``, the low
+# one with ``load_into_transformer_2=True``), named as the ComfyUI export names its files.
+PAIR_LORA_WEIGHT_NAMES = {name: f"pytorch_lora_weights_{name}_noise.safetensors"
+                          for name in EXPERTS}
 
 
 def student_scheduler_config(steps: int, shift: float,
@@ -126,25 +139,26 @@ def diffusers_lora_state(adapter: dict[str, torch.Tensor], spec: LoraSpec,
 
 
 def save_diffusers_lora(adapter: dict[str, torch.Tensor], spec: LoraSpec, num_layers: int,
-                        folder: str | Path) -> Path:
-    """Write ``adapter`` where ``WanPipeline.load_lora_weights(folder)`` finds it; returns
-    the weights file."""
+                        folder: str | Path, weight_name: str = LORA_WEIGHT_NAME) -> Path:
+    """Write ``adapter`` where ``WanPipeline.load_lora_weights(folder, weight_name=...)``
+    finds it (the default name: without ``weight_name``); returns the weights file."""
     from diffusers import WanPipeline
 
     tensors, modules = diffusers_lora_state(adapter, spec, num_layers)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     WanPipeline.save_lora_weights(
-        folder, transformer_lora_layers=tensors, weight_name=LORA_WEIGHT_NAME,
+        folder, transformer_lora_layers=tensors, weight_name=weight_name,
         transformer_lora_adapter_metadata={"r": spec.rank, "lora_alpha": spec.rank,
                                            "target_modules": sorted(set(modules))})
-    return folder / LORA_WEIGHT_NAME
+    return folder / weight_name
 
 
 def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CHAIN,
                 stage: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write a LoRA stage's adapter as a diffusers Wan LoRA in ``out``, with the scheduler
-    that samples on its grid; returns what was exported."""
+    that samples on its grid (a pair's: one file per expert, ``PAIR_LORA_WEIGHT_NAMES``);
+    returns what was exported."""
     run, sid = run_stage_of(Path(run_dir), chain, stage)
     found = run.stage_adapter(sid, check_grid=False)
     if found is None:
@@ -152,14 +166,21 @@ def export_lora(run_dir: str | Path, out: str | Path, *, chain: str = DEFAULT_CH
     spec, adapter = found
     refuse_guided_lora(sid, adapter, "a diffusers LoRA", "--merged --base W [--guidance W]")
     steps, shift = student_grid(run.record(sid), run.plan(sid))
+    adapters = ({LORA_WEIGHT_NAME: adapter} if not run.is_pair else dict(zip(
+        PAIR_LORA_WEIGHT_NAMES.values(),
+        split_experts(adapter, run.stage_folder(sid) / OUTPUT), strict=True)))
     with staged_output(out, EXPORT, overwrite=overwrite) as staging:
-        weights = save_diffusers_lora(adapter, spec, run.dit_config.num_layers, staging)
+        names = [save_diffusers_lora(part, spec, run.dit_config.num_layers, staging, name).name
+                 for name, part in adapters.items()]
         _write_scheduler(staging, steps, shift)
         pipeline = "WanImageToVideoPipeline" if run.dit_config.image_to_video else "WanPipeline"
         record = {"run": str(Path(run_dir).resolve()), "stage": sid.name, "pipeline": pipeline,
-                  "lora": {"file": weights.name, "rank": spec.rank, "alpha": spec.alpha,
-                           "targets": list(spec.targets), "scale_folded_into_B": spec.scale},
+                  "lora": {"file": names[0] if len(names) == 1 else names, "rank": spec.rank,
+                           "alpha": spec.alpha, "targets": list(spec.targets),
+                           "scale_folded_into_B": spec.scale},
                   "steps": steps, "shift": shift, "guidance_scale": 1.0}
+        if run.is_pair:
+            record["boundary"] = run.boundary
         (staging / "gpd_export.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -279,8 +300,14 @@ def write(request: ExportRequest, kind: str) -> str:
     if kind == LORA:
         lora = export_lora(request.run, out, chain=request.chain, stage=request.stage,
                            overwrite=request.overwrite)
+        load = f"pipe.load_lora_weights({out!r}); "
+        if "boundary" in lora:  # a Wan2.2 pair: each expert's adapter into its transformer
+            high, low = lora["lora"]["file"]
+            load = (f"pipe.load_lora_weights({out!r}, weight_name={high!r}); "
+                    f"pipe.load_lora_weights({out!r}, weight_name={low!r}, "
+                    "load_into_transformer_2=True); ")
         return (f"exported the LoRA of {lora['stage']} -> {out}: pipe = {lora['pipeline']}."
-                f"from_pretrained(BASE); pipe.load_lora_weights({out!r}); "
+                f"from_pretrained(BASE); {load}"
                 "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("
                 f"{out!r}, subfolder='scheduler'); pipe(prompt, "
                 f"num_inference_steps={lora['steps']}, guidance_scale=1.0)")
