@@ -38,7 +38,8 @@ from gpd_kernels.reference import (
     spectral_bands,
 )
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import FREQ_FORMS, load_run_config
+from gpd_train.config.load import load_run_config
+from gpd_train.config.settings import FREQ_FORMS
 from gpd_train.eval.detail_metric import BAND_EDGES
 from gpd_train.eval.metrics import spectral_radius
 from gpd_train.train.builders import TrainingRun, build_distill

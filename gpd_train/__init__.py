@@ -13,7 +13,8 @@ evaluation never load the trainer.
 """
 
 from gpd_train.config.chains import CHAINS, Chain, StageId, register
-from gpd_train.config.settings import RunConfig, load_config
+from gpd_train.config.load import load_config
+from gpd_train.config.settings import RunConfig
 from gpd_train.errors import GPDError
 
 __all__ = ["CHAINS", "Chain", "GPDError", "RunConfig", "StageId", "load_config", "register"]

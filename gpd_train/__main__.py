@@ -18,15 +18,9 @@ from gpd_train.config.chains import (
     StageId,
     add_chain_argument,
 )
+from gpd_train.config.load import fit_stage_lists, read_settings, resolve
 from gpd_train.config.plan import stage_plan
-from gpd_train.config.settings import (
-    DEFAULT_STEPS,
-    STATE_SOURCES,
-    RunConfig,
-    fit_stage_lists,
-    read_settings,
-    resolve,
-)
+from gpd_train.config.settings import DEFAULT_STEPS, STATE_SOURCES, RunConfig
 from gpd_train.data.encode_prompts import (
     VIDEO_DEFAULTS,
     check_prompts_teacher,

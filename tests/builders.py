@@ -30,7 +30,7 @@ import torch
 from gpd_model import DiTConfig, WanDiT, add_guidance_input, get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.data.embeddings import PromptEmbeddingSet
 from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.run.files import atomic_write_text
@@ -87,7 +87,7 @@ def micro_data(dit_config: DiTConfig, speed: int | None = 1) -> ProceduralVideos
 
 def tiny_run(values: dict[str, Any], dit_config: DiTConfig | None = None,
              data: ProceduralVideos | PromptEmbeddingSet | None = None) -> TrainingRun:
-    """A training run of the configuration ``values`` (gpd_train.config.settings.load_config
+    """A training run of the configuration ``values`` (gpd_train.config.load.load_config
     keys) on ``dit_config`` (default: micro_dit()) and ``data`` (default: micro_data)."""
     dit_config = dit_config or micro_dit()
     return TrainingRun(load_config(None, values), dit_config=dit_config,

@@ -14,7 +14,7 @@ from builders import micro_run, random_dit, with_random_stages
 from gpd_kernels.reference import band_amplitude_loss_reference, spectral_bands
 from gpd_model import CFG, DiTDenoiser
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.errors import ConfigError
 from gpd_train.eval.detail_metric import BAND_EDGES

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from gpd_model import add_guidance_input, fold_guidance
 from gpd_model.checkpoint import diffusers_config
 from gpd_train.config.chains import GUIDANCE_STAGE, StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.infer.export.cli import main as export
 from gpd_train.train.builders import TrainingRun
 

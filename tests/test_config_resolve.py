@@ -21,9 +21,10 @@ import gpd_train.__main__ as train_cli
 from gpd_model import sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.config.chains import Chain, StageId, register, unregister
+from gpd_train.config.load import fit_to_stages, load_config
 from gpd_train.config.plan import stage_plan
 from gpd_train.config.schedule import Schedule, ScheduleStage
-from gpd_train.config.settings import RunConfig, fit_to_stages, load_config
+from gpd_train.config.settings import RunConfig
 from gpd_train.errors import ConfigError
 from gpd_train.infer.export.comfyui import export_comfyui
 from gpd_train.run.files import read_metadata, sha256_file

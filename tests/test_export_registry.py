@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.errors import ConfigError
 from gpd_train.infer.export import FULL, LORA, ExportFormat, ExportRequest, register, unregister
 from gpd_train.infer.export.cli import main as export

@@ -37,7 +37,7 @@ from realscale_fixtures import (  # noqa: E402
 from gpd_model import make_noise  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
-from gpd_train.config.settings import load_run_config  # noqa: E402
+from gpd_train.config.load import load_run_config  # noqa: E402
 from gpd_train.data import encode_prompts  # noqa: E402
 from gpd_train.data.embeddings import PromptEmbeddingSet  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402

@@ -176,7 +176,7 @@ def test_exported_lora_in_diffusers_equals_the_merged_student(tmp_path, capsys):
 
     from gpd_model import save_diffusers
     from gpd_train.__main__ import main as train
-    from gpd_train.config.settings import load_config
+    from gpd_train.config.load import load_config
     from gpd_train.infer.export.cli import main as export
     run_dir, out = tmp_path / "run", tmp_path / "lora"
     assert train(["--stage", "0", "--teacher-iterations", "2", "--run-dir", str(run_dir),
@@ -220,7 +220,7 @@ def test_sampler_loads_a_lora_stage_file_through_its_run(tmp_path):
     import shutil
 
     from gpd_train.__main__ import main as train
-    from gpd_train.config.settings import load_config
+    from gpd_train.config.load import load_config
     from gpd_train.infer.sample import SampleError
     from gpd_train.run.loading import load_model
 
@@ -329,7 +329,7 @@ def test_lora_halving_after_a_guidance_stage_keeps_w(tmp_path):
 
 def test_export_refuses_a_w_conditioned_lora_and_names_merged(tmp_path, capsys):
     from gpd_train.__main__ import main as train
-    from gpd_train.config.settings import load_config
+    from gpd_train.config.load import load_config
     from gpd_train.infer.export.cli import main as export
     run_dir = tmp_path / "run"
     assert train(["--stage", "0", "--teacher-iterations", "1", "--run-dir", str(run_dir),

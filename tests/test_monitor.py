@@ -14,7 +14,7 @@ from PIL import Image
 from gpd_model import CFG, DiTDenoiser, euler_sample, make_noise, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_run_config
+from gpd_train.config.load import load_run_config
 from gpd_train.infer.media import write_contact_sheet
 from gpd_train.run.files import load_weights
 from gpd_train.run.folder import TEACHER

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from gpd_model import add_guidance_input, get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.infer import sample
 from gpd_train.run import preflight, writes
 from gpd_train.run.files import atomic_write_text

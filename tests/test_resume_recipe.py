@@ -16,7 +16,7 @@ from builders import configured_run, hashes, killed_stage0, run_until_killed, su
 
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.infer import sample
 from gpd_train.run.checkpoint_store import MANIFEST, STATE_FILE
 from gpd_train.run.files import CheckpointError, sha256_file

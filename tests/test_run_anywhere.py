@@ -24,7 +24,8 @@ from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan_folder  # noqa: E4
 from safetensors.torch import load_file  # noqa: E402
 
 from gpd_train.__main__ import main as train_main  # noqa: E402
-from gpd_train.config.settings import DEFAULT_GUIDANCE, RunConfig, load_run_config  # noqa: E402
+from gpd_train.config.load import load_run_config  # noqa: E402
+from gpd_train.config.settings import DEFAULT_GUIDANCE, RunConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO_ARGS = ["--height", str(VIDEO["height"]), "--width", str(VIDEO["width"]),

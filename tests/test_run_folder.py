@@ -27,7 +27,7 @@ from gpd_kernels.reference import double_step_target_reference
 from gpd_model import get_preset
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.infer import sample
 from gpd_train.run.files import CheckpointError
 from gpd_train.run.folder import MissingStageError, RunFolder

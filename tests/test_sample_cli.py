@@ -21,7 +21,8 @@ from gpd_model import (
 from gpd_model.checkpoint import export_state_dict
 from gpd_model.graph_sampler import GraphSampler
 from gpd_train.config.chains import StageId
-from gpd_train.config.settings import RunConfig, load_config
+from gpd_train.config.load import load_config
+from gpd_train.config.settings import RunConfig
 from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.infer.sample import main
 from gpd_train.train.builders import TrainingRun

@@ -16,7 +16,7 @@ from gpd_model import CFG, Conditioning, sigma_grid
 from gpd_train.__main__ import main
 from gpd_train.config.chains import StageId
 from gpd_train.config.horizon import HorizonGrid
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.errors import ConfigError
 from gpd_train.infer.sample import main as sample
 from gpd_train.train.builders import build_distill, stage_grid

@@ -17,7 +17,7 @@ from gpd_model import (
 )
 from gpd_train.__main__ import main
 from gpd_train.config.chains import GUIDANCE_STAGE, StageId
-from gpd_train.config.settings import load_config
+from gpd_train.config.load import load_config
 from gpd_train.eval.detail_metric import SANITY, sanity_pairs
 from gpd_train.eval.evaluate import evaluate_run
 from gpd_train.run.checkpoint_store import read_manifest

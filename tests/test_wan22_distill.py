@@ -27,7 +27,7 @@ from gpd_model import (  # noqa: E402
 )
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
-from gpd_train.config.settings import load_run_config  # noqa: E402
+from gpd_train.config.load import load_run_config  # noqa: E402
 from gpd_train.data.procedural import ProceduralVideos  # noqa: E402
 from gpd_train.eval.evaluate import stage_denoiser  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402

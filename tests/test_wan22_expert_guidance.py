@@ -17,7 +17,7 @@ from realscale_fixtures import VIDEO, build_wan22_folder  # noqa: E402
 from gpd_model import Conditioning, sigma_grid  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
-from gpd_train.config.settings import load_config, load_run_config  # noqa: E402
+from gpd_train.config.load import load_config, load_run_config  # noqa: E402
 from gpd_train.errors import ConfigError  # noqa: E402
 from gpd_train.train import pair  # noqa: E402
 from gpd_train.train.builders import TrainingRun, stage_grid, stage_recipe  # noqa: E402

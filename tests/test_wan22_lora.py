@@ -24,7 +24,7 @@ from gpd_model import (  # noqa: E402
 )
 from gpd_train.__main__ import main as train_main  # noqa: E402
 from gpd_train.config.chains import StageId  # noqa: E402
-from gpd_train.config.settings import load_run_config  # noqa: E402
+from gpd_train.config.load import load_run_config  # noqa: E402
 from gpd_train.infer import sample  # noqa: E402
 from gpd_train.infer.export import cli as export  # noqa: E402
 from gpd_train.run.experts import BOUNDARY_KEY, ExpertPairError, split_experts  # noqa: E402

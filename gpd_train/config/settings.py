@@ -1,9 +1,9 @@
 """Run configuration: defaults for the embedded demo, a TOML file, and command-line flags.
 
 Precedence: flags > TOML file > defaults, merged before any rule runs; then every rule runs
-once on the merged values and the result is frozen (``load_config``: ``read_settings``, then
-``resolve``). Per-stage lists a user leaves unset follow the chain's schedule (``steps``, or
-a horizon chain's ``horizons``). TOML layout (every key optional)::
+once on the merged values and the result is frozen (gpd_train/config/load.py:
+``load_config`` is ``read_settings``, then ``resolve``). Per-stage lists a user leaves unset
+follow the chain's schedule (``steps``, or a horizon chain's ``horizons``). TOML layout (every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
@@ -83,7 +83,7 @@ a horizon chain's ``horizons``). TOML layout (every key optional)::
 Input paths (``data``, ``teacher``, ``prompts``) given as flags or in a TOML file are taken
 relative to the current directory and held absolute. A run folder's ``config.json`` stores
 those inside the run folder relative to it and the others absolute, so the folder can be
-moved and read from any directory (``load_run_config``).
+moved and read from any directory (gpd_train/config/load.py ``load_run_config``).
 """
 
 from __future__ import annotations
@@ -93,18 +93,15 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import tomllib
-import torch
-
 from gpd_model import PRESETS, CheckpointError, DiTConfig
 from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, DEFAULT_PIPELINE, chain_names, get_chain
+from gpd_train.config.checks import check_device, check_number, check_numbers, is_int
 from gpd_train.errors import ConfigError, LoraError
 
 STATE_SOURCES = ("student", "teacher", "data")
@@ -270,7 +267,7 @@ class DistillConfig:
         return LoraSpec(self.lora_rank, alpha, targets)
 
 
-def _chain_tables() -> dict[str, DistillConfig]:
+def default_chain_tables() -> dict[str, DistillConfig]:
     """One table per registered chain's TOML section, with the chain's own defaults."""
     tables: dict[str, DistillConfig] = {}
     for chain in CHAINS.values():
@@ -317,7 +314,7 @@ class RunConfig:
     stage0: Stage0Config = field(default_factory=Stage0Config)
     # The chains' TOML tables ([distill], [guided], [vanilla], ...: gpd_train.config.chains),
     # by section name, as given; config.json and TOML files hold them as top-level tables.
-    chain_tables: dict[str, DistillConfig] = field(default_factory=_chain_tables)
+    chain_tables: dict[str, DistillConfig] = field(default_factory=default_chain_tables)
     # The chains the embedded pipeline trains and the evaluation reports, in order. The
     # guided chain is opt-in: at w = 1.5 its 6-step student is ~1 dB further from the
     # teacher than the GPD chain's (README's ablations), and it adds ~6 minutes to the demo.
@@ -405,7 +402,7 @@ class RunConfig:
         per-stage lists they size, the lists before the numbers in them."""
         steps = self.steps
         if (not isinstance(steps, list) or len(steps) < 2
-                or any(not _is_int(k) or k < 1 for k in steps)):
+                or any(not is_int(k) or k < 1 for k in steps)):
             raise ConfigError(f"steps must list >= 2 positive ints, got {steps!r}")
         for k, (teacher_steps, student_steps) in enumerate(zip(steps, steps[1:], strict=False)):
             if student_steps >= teacher_steps or teacher_steps % student_steps:
@@ -478,7 +475,7 @@ class RunConfig:
         for name, declared in CHAINS.items():
             section = declared.section
             table = self.table(section)
-            defaults = _chain_tables()[section]
+            defaults = default_chain_tables()[section]
             stages = self.stage_count(name)
             schedule = declared.schedule.describe(section, self.steps, table)
             for key, flag in PER_STAGE.items():
@@ -557,73 +554,6 @@ class RunConfig:
         return json.dumps(values, indent=2, sort_keys=True)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_number(where: str, value: Any, *, integer: bool = False, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, high_open: bool = False,
-                 note: str = "") -> None:
-    """Refuse ``value`` unless it is a finite number (an int with ``integer``) in range.
-
-    The one rule set for the trainer's flags and TOML keys and the sampler's flags.
-    """
-    def shown(bound: float) -> str:
-        return str(bound) if _is_int(bound) else f"{bound:g}"
-
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {shown(low)}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {shown(high)}")
-    text = " and ".join(bounds)
-    if not (_is_int(value) if integer else (isinstance(value, (int, float))
-                                            and not isinstance(value, bool)
-                                            and math.isfinite(value))):
-        kind = "an int" if integer else "a finite number"
-        raise ConfigError(f"{where} must be {kind}{' ' + text if text else ''}{note}, got "
-                         f"{value!r}")
-    in_range = ((low is None or (value > low if low_open else value >= low))
-                and (high is None or (value < high if high_open else value <= high)))
-    if not in_range:
-        raise ConfigError(f"{where} must be {text}{note}, got {value!r}")
-
-
-def check_numbers(where: str, values: Any, **rule: Any) -> None:
-    """``check_number`` for each entry of the list ``values`` (named ``where[i]``)."""
-    if not isinstance(values, (list, tuple)):
-        raise ConfigError(f"{where} must be a list, got {values!r}")
-    for index, value in enumerate(values):
-        check_number(f"{where}[{index}]", value, **rule)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device of a config's ``device`` (``auto``: CUDA when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def check_device(name: str) -> None:
-    """``auto`` or a torch device this machine has (cpu, cuda, cuda:N)."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0 or (device.index is not None and device.index >= count):
-            raise ConfigError(f"device {name!r} requested, but this machine has {count} CUDA "
-                             "device(s); use --device cpu or auto")
-    elif device.type != "cpu":
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
 def _finite_scale(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0)
@@ -690,157 +620,3 @@ def _check_lora_options(name: str, chain: DistillConfig) -> None:
                                 or len(set(targets)) != len(targets)):
         raise ConfigError(f"{section}.lora_targets must list distinct projections of "
                          f"{list(LORA_TARGETS)}, got {targets!r}")
-
-
-_TABLES = {"stage0": Stage0Config, "eval": EvalConfig, "parallel": ParallelConfig}  # and the
-# chains' tables (DistillConfig): RunConfig's tables in a TOML file and config.json
-
-
-def _table_names() -> dict[str, set[str]]:
-    """The keys of each table, and under "" the top-level keys (tables included)."""
-    names = {key: {f.name for f in dataclasses.fields(kind)} for key, kind in _TABLES.items()}
-    chain_keys = {f.name for f in dataclasses.fields(DistillConfig)}
-    names.update((chain.section, chain_keys) for chain in CHAINS.values())
-    top = {f.name for f in dataclasses.fields(RunConfig) if f.init} - {"chain_tables"}
-    return {"": top | set(names), **names}
-
-
-def _merge(settings: dict[str, Any], values: dict[str, Any]) -> None:
-    """``values`` (a TOML document, flags as tables) into ``settings``, table by table;
-    unknown keys and tables that are not tables refused."""
-    names = _table_names()
-    for key, value in values.items():
-        if key not in names[""]:
-            raise ConfigError(f"unknown key {key!r}; expected one of {sorted(names[''])}")
-        if key not in names:
-            settings[key] = value
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{key}] must be a table, got {type(value).__name__}")
-        for name in value:
-            if name not in names[key]:
-                raise ConfigError(f"unknown key {key}.{name!r}; expected one of "
-                                 f"{sorted(names[key])}")
-        settings.setdefault(key, {}).update(value)
-
-
-def read_settings(path: str | Path | None = None,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The values given, before any rule: the TOML file at ``path`` (read once), then
-    ``overrides`` ("a.b" keys allowed), as one nested dict of tables (``resolve`` them)."""
-    settings: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with path.open("rb") as handle:
-            try:
-                document = tomllib.load(handle)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-        _merge(settings, document)
-    nested: dict[str, Any] = {}
-    for key, value in (overrides or {}).items():
-        section, _, name = key.rpartition(".")
-        (nested.setdefault(section, {}) if section else nested)[name or key] = value
-    _merge(settings, nested)
-    return settings
-
-
-def fit_to_stages(default: list[Any], stages: int) -> list[Any]:
-    """A chain's default per-stage list for ``stages`` stages: its first entry for stage 1
-    (which absorbs CFG), its last for the last stage (the largest steps), its middle entries
-    in between, the last of them repeated (e.g. [2000, 1000, 2000] -> [2000, 1000, 1000,
-    2000], [0, 0, 1] -> [0, 1])."""
-    if len(default) == stages or stages < 1:
-        return list(default) if stages >= 1 else []
-    if stages == 1:
-        return [default[-1]]
-    middle = default[1:-1] or default[:1]
-    return [default[0], *(middle[min(k, len(middle) - 1)] for k in range(stages - 2)),
-            default[-1]]
-
-
-def fit_stage_lists(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with each chain's per-stage lists that were not given sized to the
-    chain's stages, as its defaults would be for them (a schedule that is not a valid list
-    is left to the rules to name)."""
-    fitted = {key: dict(value) if isinstance(value, dict) else value
-              for key, value in settings.items()}
-    steps = fitted.get("steps", list(DEFAULT_STEPS))
-    for chain in CHAINS.values():
-        given = fitted.get(chain.section, {})
-        if not isinstance(given, dict):
-            continue
-        table = dataclasses.replace(DistillConfig(**chain.defaults), **given)
-        try:
-            stages = chain.schedule.stage_count(steps, table)
-        except TypeError:
-            continue
-        for key in PER_STAGE:
-            default = getattr(table, key)
-            if key not in given and isinstance(default, list):
-                fitted.setdefault(chain.section, {})[key] = fit_to_stages(default, stages)
-    return fitted
-
-
-def resolve(settings: dict[str, Any]) -> RunConfig:
-    """The frozen configuration of ``settings`` (from ``read_settings``): defaults filled
-    in, unset per-stage lists sized to the schedules, every rule run once (RunConfig's
-    ``_resolve``), relative input paths made absolute against the current directory."""
-    settings = fit_stage_lists(settings)
-    top = {key: value for key, value in settings.items() if key not in _table_names()}
-    for key in PATH_KEYS:  # a path that is not a string is left for the rules to name
-        if isinstance(top.get(key), str):
-            top[key] = os.path.abspath(top[key])
-    tables = {key: kind(**settings.get(key, {})) for key, kind in _TABLES.items()}
-    chain_tables = {section: dataclasses.replace(table, **settings.get(section, {}))
-                    for section, table in _chain_tables().items()}
-    return RunConfig(**top, **tables, chain_tables=chain_tables)
-
-
-def load_config(path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` ("a.b" keys allowed),
-    merged first and then resolved once (``resolve``)."""
-    return resolve(read_settings(path, overrides))
-
-
-def load_run_config(folder: str | Path, **overrides: Any) -> RunConfig:
-    """The configuration in a run folder's config.json, read from any directory: ``run_dir``
-    is ``folder`` (wherever it now is), relative paths are resolved by ``_run_path``, then
-    ``overrides`` (e.g. ``device``) apply."""
-    folder = Path(folder)
-    path = folder / RUN_CONFIG
-    raw = json.loads(path.read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    for key in PATH_KEYS:
-        if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
-            raw[key] = _run_path(key, raw[key], folder, raw.get("run_dir"))
-    raw.update(overrides, run_dir=str(folder))
-    return load_config(None, raw)
-
-
-def _run_path(key: str, value: str, folder: Path, recorded_run_dir: Any) -> str:
-    """The absolute path meant by a relative ``key`` path of ``folder``'s config.json.
-
-    Current files hold paths relative to the run folder; older ones hold them as typed,
-    relative to the directory training ran in. Candidates, in order: the run folder, the
-    current directory, and that training directory when the folder still ends in its
-    recorded relative ``run_dir``. The first that exists is used (the run folder's when
-    none does), and a warning names it when another candidate exists too.
-    """
-    bases = [folder, Path.cwd()]
-    if isinstance(recorded_run_dir, str) and not os.path.isabs(recorded_run_dir):
-        depth = len(Path(recorded_run_dir).parts)
-        absolute = Path(os.path.abspath(folder))
-        if depth and absolute.parts[-depth:] == Path(recorded_run_dir).parts:
-            bases.append(absolute.parents[depth - 1])
-    candidates = list(dict.fromkeys(os.path.abspath(base / value) for base in bases))
-    existing = [path for path in candidates if os.path.exists(path)]
-    if len(existing) > 1:
-        warnings.warn(f"{folder / RUN_CONFIG}: {key} {value!r} is ambiguous; using {existing[0]} "
-                      f"(not {', '.join(existing[1:])}); store an absolute path to choose",
-                      stacklevel=3)
-    return existing[0] if existing else candidates[0]

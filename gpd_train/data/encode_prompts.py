@@ -53,7 +53,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from gpd_train.config.settings import RunConfig, check_device, resolve_device
+from gpd_train.config.checks import check_device, resolve_device
+from gpd_train.config.settings import RunConfig
 from gpd_train.data.image_condition import (
     ImageConditioner,
     check_image_model,

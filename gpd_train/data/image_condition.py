@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gpd_model import DiTConfig, config_from_diffusers
-from gpd_train.config.settings import resolve_device
+from gpd_train.config.checks import resolve_device
 from gpd_train.errors import GPDError
 from gpd_train.run.wan_folder import WanFolderError, component, transformer_folder
 

@@ -47,7 +47,7 @@ from gpd_model import (
     sigma_grid,
 )
 from gpd_train.config.chains import CHAINS, DEFAULT_CHAIN, GUIDANCE_STAGE, StageId, get_chain
-from gpd_train.config.settings import load_run_config
+from gpd_train.config.load import load_run_config
 from gpd_train.data.procedural import ProceduralVideos
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError

@@ -65,13 +65,8 @@ from gpd_model import (
 from gpd_model.graph_sampler import GraphSampler
 from gpd_train import parallel
 from gpd_train.config.chains import add_chain_argument
-from gpd_train.config.settings import (
-    DEFAULT_SHIFT,
-    PRESET_SHIFT,
-    SEED_MAX,
-    check_device,
-    check_number,
-)
+from gpd_train.config.checks import check_device, check_number
+from gpd_train.config.settings import DEFAULT_SHIFT, PRESET_SHIFT, SEED_MAX
 from gpd_train.data.encode_prompts import VIDEO_DEFAULTS
 from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.media import (

@@ -42,8 +42,9 @@ from gpd_model import (
     save_diffusers,
 )
 from gpd_train.config.chains import DEFAULT_CHAIN, StageId
+from gpd_train.config.checks import resolve_device
 from gpd_train.config.plan import StagePlan, stage_plan
-from gpd_train.config.settings import LoraSpec, RunConfig, resolve_device
+from gpd_train.config.settings import LoraSpec, RunConfig
 from gpd_train.errors import GPDError
 from gpd_train.run.checkpoint_store import MANIFEST, CheckpointStore
 from gpd_train.run.destination import claim

@@ -17,8 +17,10 @@ import torch
 from gpd_model import DiTConfig, WanDiT, get_preset, load_checkpoint
 from gpd_model.checkpoint import config_from_diffusers
 from gpd_train.config.chains import DEFAULT_CHAIN, StageId
+from gpd_train.config.checks import resolve_device
+from gpd_train.config.load import load_run_config
 from gpd_train.config.plan import StagePlan
-from gpd_train.config.settings import RunConfig, load_run_config, resolve_device
+from gpd_train.config.settings import RunConfig
 from gpd_train.errors import SampleError
 from gpd_train.run.experts import BOUNDARY_KEY
 from gpd_train.run.files import load_stage_output, read_metadata

@@ -166,7 +166,7 @@ def diffusers_root(teacher: str | Path) -> Path:
 
 
 def with_teacher_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` (gpd_train.config.settings.read_settings: the values given, before the rules)
+    """``settings`` (gpd_train.config.load.read_settings: the values given, before the rules)
     with a Diffusers teacher's defaults: task 'i2v' for an image-to-video folder unless a task
     was given; when no preset was given, the preset of that shape, else Wan's shift and CFG
     scale where those were not given either.

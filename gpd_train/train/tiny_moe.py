@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 from gpd_model import WanDiT, save_diffusers
-from gpd_train.config.settings import RunConfig, check_number, load_config
+from gpd_train.config.checks import check_number
+from gpd_train.config.load import load_config
+from gpd_train.config.settings import RunConfig
 from gpd_train.errors import ConfigError, GPDError
 from gpd_train.run.experts import COMPONENT, EXPERTS
 from gpd_train.run.files import atomic_write_text

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gpd_train.config.chains import add_chain_argument
-from gpd_train.config.settings import check_number
+from gpd_train.config.checks import check_number
 from gpd_train.errors import ConfigError, SampleError
 from gpd_train.infer.export import (
     DEFAULT_FORMAT,
