@@ -3,7 +3,8 @@
 Precedence: flags > TOML file > defaults, merged before any rule runs; then every rule runs
 once on the merged values and the result is frozen (gpd_train/config/load.py:
 ``load_config`` is ``read_settings``, then ``resolve``). Per-stage lists a user leaves unset
-follow the chain's schedule (``steps``, or a horizon chain's ``horizons``). TOML layout (every key optional)::
+follow the chain's schedule (``steps``, or a horizon chain's ``horizons``). TOML layout
+(every key optional)::
 
     run_dir = "runs/default"
     preset = "tiny"            # gpd_model preset
