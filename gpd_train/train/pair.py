@@ -17,6 +17,12 @@ both optimizer states or rebuild them at every switch.
 A phase's lanes live on its own starts: fresh noise is first carried down to the phase's
 first start (``lead_in``: the finished high expert for student rollouts, the teacher for
 teacher rollouts), so the low phase never spends a step on the high starts.
+
+Under torchrun the phase's expert is sharded as one model's student is, and the frozen
+experts (the teacher pair, the lead-in) are prepared as one model's teacher is
+(gpd_train.parallel: FSDP2 or replicated, split over the sequence ranks). A sharded
+expert's forward is a collective, so the teacher pair runs as ``RankAlignedPair``: every
+rank runs the experts any rank's samples need, in the same order.
 """
 
 from __future__ import annotations
@@ -29,11 +35,19 @@ from typing import Any
 import torch
 
 from gpd_model import CFG, Conditioning, Denoiser, DiTDenoiser, ExpertPair, WanDiT, euler_step
+from gpd_model.denoiser import check_sigma
 from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.plan import check_fits
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
-from gpd_train.parallel import prepare_teacher, world
+from gpd_train.parallel import (
+    any_across_ranks,
+    gathered_on_main,
+    is_main,
+    main_only,
+    prepare_teacher,
+    world,
+)
 from gpd_train.run.experts import PHASE_OUTPUT, ExpertPhase, expert_phases, join_experts
 from gpd_train.run.files import CheckpointError, load_weights, read_metadata, save_weights
 from gpd_train.train.builders import (
@@ -53,6 +67,35 @@ from gpd_train.train.objectives import (
     online_arguments,
 )
 from gpd_train.train.streams import stream_objectives
+
+
+class RankAlignedPair(ExpertPair):
+    """An ExpertPair whose experts' forwards are collectives (FSDP2 gathers each block's
+    shards from every rank): all ranks must run the same experts in the same order, though
+    one rank's samples may all be on one side while another's are not. The ranks agree on
+    the experts any of them needs (one all-reduce per call); a rank without a sample for one
+    runs it on its first sample and drops the result (a WanDiT refuses an empty batch).
+    Each sample's velocity is the plain ExpertPair's."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+        check_sigma(x, sigma, "ExpertPair")
+        high = self.is_high(sigma)
+        sides = ((self.high, high), (self.low, ~high))
+        needed = any_across_ranks([bool(rows.any()) for _, rows in sides])
+        out: torch.Tensor | None = None
+        for (expert, rows), run in zip(sides, needed, strict=True):
+            if not run:
+                continue
+            if not bool(rows.any()):
+                expert(x[:1], sigma[:1], cond[:1])  # the other ranks' gathers wait for it
+                continue
+            u = expert(x[rows], sigma[rows], cond[rows])
+            if out is None:
+                out = u.new_empty((len(x), *u.shape[1:]))
+            out[rows] = u.to(out.dtype)
+        assert out is not None  # every sample is on one side
+        return out
 
 
 class PhaseGrid:
@@ -106,8 +149,6 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
     cfg, plan = run.config, run.plan(sid)
     what = f"{sid} distils a Wan2.2 expert pair ({cfg.teacher})"
     refusals = (
-        (world().distributed, "under torchrun (FSDP / sequence parallel); run it in one "
-                              "process"),
         (plan.lora is not None, "with LoRA (--lora-rank); train full weights"),
         (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
                               "without one, e.g. distill"),
@@ -130,7 +171,8 @@ def pair_teacher(run: TrainingRun, sid: StageId) -> tuple[Denoiser, GuidanceRang
     experts = [DiTDenoiser(prepare_teacher(model.eval().requires_grad_(False), cfg.parallel,
                                            cfg.precision, run.device))
                for model in run.load_stage_experts(plan.teacher)]
-    teacher: Denoiser = ExpertPair(experts[0], experts[1], run.boundary)
+    pair = RankAlignedPair if world().distributed else ExpertPair
+    teacher: Denoiser = pair(experts[0], experts[1], run.boundary)
     scale = plan.teacher_guidance
     if scale != 1.0:
         teacher = CFG(teacher, run.data.negative.to(run.device))
@@ -204,11 +246,13 @@ class PairTrainer:
         """What carries fresh noise to the phase's first start: the finished high expert
         when the student's rollouts are the states (None: the teacher, or no start before)."""
         run = self.run_folder
-        if phase.first == 0 or run.config.chain(self.sid.chain).state_source != "student":
+        cfg = run.config
+        if phase.first == 0 or cfg.chain(self.sid.chain).state_source != "student":
             return None
         high = run.new_model()
         high.load_state_dict(load_weights(self.folder / "high" / PHASE_OUTPUT))
-        return DiTDenoiser(high.eval().requires_grad_(False))
+        return DiTDenoiser(prepare_teacher(high.eval().requires_grad_(False), cfg.parallel,
+                                           cfg.precision, run.device))
 
     def _phase_trainer(self, phase: ExpertPhase) -> StageTrainer:
         run, sid = self.run_folder, self.sid
@@ -246,9 +290,10 @@ class PairTrainer:
                 trainer.run(resume=resume)
                 weights = trainer.ema.state_dict()
                 del trainer  # its optimizer state, before the next phase builds its own
-            path = self.folder / phase.name / PHASE_OUTPUT
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(path, weights, self._phase_metadata(phase))
+            # Rank 0 writes it; main_only returns once it is written, so that every rank
+            # then reads it (the next phase's lead-in, the stage output).
+            main_only(_write_phase, self.folder / phase.name / PHASE_OUTPUT,
+                      gathered_on_main(weights), self._phase_metadata(phase))
 
     def expert_summaries(self) -> dict[str, dict[str, Any]]:
         """Each expert's phase for done.json: its starts, iterations, final loss (mean of
@@ -265,10 +310,20 @@ class PairTrainer:
         return summaries
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Both experts' finished weights, joined as the stage output stores them."""
+        """Both experts' finished weights, joined as the stage output stores them; empty
+        on ranks > 0 (rank 0 writes the output; two full experts per rank would be the
+        host memory of a whole sharded model on each)."""
+        if not is_main():
+            return {}
         states = [load_weights(self.folder / phase.name / PHASE_OUTPUT)
                   for phase in self.phases]
         return join_experts(*states)
+
+
+def _write_phase(path: Path, weights: dict[str, torch.Tensor],
+                 metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, weights, metadata)
 
 
 def build_pair_distill(run: TrainingRun, sid: StageId) -> PairTrainer:
