@@ -93,18 +93,31 @@ def worker(folder: Path) -> None:
 
 
 def _run_layouts(folder: Path) -> None:
-    swaps: list[int] = []
-    all_to_all = dist.all_to_all_single
+    from torch.distributed.fsdp import FSDPModule
 
-    def counted(*args, **kwargs):
-        swaps.append(1)
-        return all_to_all(*args, **kwargs)
-
+    all_to_all, prepare_teacher = dist.all_to_all_single, pair.prepare_teacher
     for name, layout in LAYOUTS.items():
-        dist.all_to_all_single = counted if name == "sequence_parallel" else all_to_all
-        _train(folder, name, layout)
-    dist.all_to_all_single = all_to_all
-    (folder / f"all_to_all_calls.{os.environ['RANK']}").write_text(str(len(swaps)))
+        # How this rank ran the layout: its all-to-alls (the split tokens' exchanges) and
+        # how each frozen expert (teacher pair, lead-in) was prepared: sharded, split.
+        seen: dict[str, list] = {"all_to_all": [], "frozen": []}
+
+        def counted(*args, seen=seen, **kwargs):
+            seen["all_to_all"].append(1)
+            return all_to_all(*args, **kwargs)
+
+        def recorded(model, *args, seen=seen):
+            model = prepare_teacher(model, *args)
+            seen["frozen"].append([isinstance(model, FSDPModule),
+                                   getattr(model, "sequence_parallel", None) is not None])
+            return model
+
+        dist.all_to_all_single, pair.prepare_teacher = counted, recorded
+        try:
+            _train(folder, name, layout)
+        finally:
+            dist.all_to_all_single, pair.prepare_teacher = all_to_all, prepare_teacher
+        seen["all_to_all"] = len(seen["all_to_all"])
+        (folder / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
 
     prepare = pair.PhaseDistillation.prepare
 
@@ -145,7 +158,7 @@ def runs(tmp_path_factory) -> tuple[Path, str]:
             "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
     (folder / "args.json").write_text(json.dumps([str(a) for a in args]))
     result = subprocess.run(torchrun([str(Path(__file__).resolve()), str(folder)]), cwd=ROOT,
-                            capture_output=True, text=True, timeout=600,
+                            capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     _train(folder, "one", ONE_PROCESS)
@@ -179,12 +192,18 @@ def test_a_pair_stage_under_torchrun_follows_the_one_process_run(runs, layout):
 
 
 @pytest.mark.slow
-def test_a_split_pair_stage_ran_its_experts_on_half_the_tokens(runs):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_frozen_experts_are_prepared_as_a_teacher_and_the_tokens_split(runs, layout):
     folder, _ = runs
-    # Each rank's own count: the tokens really were split (the results alone would look
-    # the same if both ranks ran whole videos).
+    split = layout == "sequence_parallel"
     for rank in (0, 1):
-        assert int((folder / f"all_to_all_calls.{rank}").read_text()) > 100
+        seen = json.loads((folder / f"{layout}.rank{rank}.json").read_text())
+        # The teacher pair in each phase, and the low phase's lead-in (the finished high
+        # expert): FSDP2-sharded (--teacher-sharding shard, the default), split if the run is.
+        assert seen["frozen"] == [[True, split]] * 5
+        # Each rank's own count: the tokens really were split (the results alone would
+        # look the same if both ranks ran whole videos).
+        assert (seen["all_to_all"] > 100) == split
 
 
 @pytest.mark.slow
