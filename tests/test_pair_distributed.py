@@ -7,10 +7,12 @@ The reference is the same run in one process with the same global batch in the s
 streams (2 streams of 2 samples), so every sample, its noise and its teacher targets are
 the same. The tolerances are tests/test_distributed.py's (its docstring gives the
 reasoning): the reassociated float32 sums of the gradient average and norm and of the
-logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on the weights. A
-teacher expert run on another rank's samples, a lead-in or expert left unsharded on a
-wrong layout, or a phase's weights written before they are gathered move them by far more
-(or hang the ranks, which the launch's timeout turns into a failure).
+logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on the weights.
+Each rank also records how it prepared the frozen experts (sharded, split) and how many
+all-to-alls it ran: equal results alone would not show that the lead-in was sharded or the
+tokens split. The branch of RankAlignedPair where ranks need different experts is the
+one-process test at the end: the rollout lanes give every rank the same sigmas, so these
+runs never take it.
 """
 
 from __future__ import annotations

@@ -71,11 +71,16 @@ from gpd_train.train.streams import stream_objectives
 
 class RankAlignedPair(ExpertPair):
     """An ExpertPair whose experts' forwards are collectives (FSDP2 gathers each block's
-    shards from every rank): all ranks must run the same experts in the same order, though
-    one rank's samples may all be on one side while another's are not. The ranks agree on
-    the experts any of them needs (one all-reduce per call); a rank without a sample for one
-    runs it on its first sample and drops the result (a WanDiT refuses an empty batch).
-    Each sample's velocity is the plain ExpertPair's."""
+    shards from every rank): all ranks must run the same experts in the same order. Two
+    experts of one shape would otherwise pair one rank's gathers of the low expert with
+    another's of the high one (wrong weights, no error) or hang.
+
+    Today's phases keep the ranks in step by construction: every data stream's rollout
+    lanes sit at the same grid indices at every update (RolloutLanes places them by batch
+    position, not by a draw), so every rank's teacher calls see the same sigmas. This does
+    not rest on that: the ranks agree on the experts any of them needs (one all-reduce per
+    call), and a rank without a sample for one runs it on its first sample and drops the
+    result (a WanDiT refuses an empty batch). Each sample's velocity is the plain pair's."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
