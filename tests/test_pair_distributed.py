@@ -61,7 +61,10 @@ PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies
 ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
 LAYOUTS = {
     "data_parallel": ["--batch-size", "2"],  # a stream per rank, FSDP2 over both
-    "sequence_parallel": ["--sequence-parallel", "2", *ONE_PROCESS],  # one data group of 2
+    # One data group of 2 ranks, each video split over both; blocks recomputed in the
+    # backward.
+    "sequence_parallel": ["--sequence-parallel", "2", "--activation-checkpointing",
+                          *ONE_PROCESS],
 }
 KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
 KILL_STEP = 2
