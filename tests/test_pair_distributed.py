@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ LAYOUTS = {
                           *ONE_PROCESS],
 }
 KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
+KILLED_COPY = "killed_copy"  # the killed run as it was left, resumed in one process
 KILL_STEP = 2
 
 
@@ -139,6 +141,7 @@ def _run_layouts(folder: Path) -> None:
     else:
         raise AssertionError("the low phase was not killed")
     pair.PhaseDistillation.prepare = prepare
+    parallel.main_only(shutil.copytree, folder / KILLED, folder / KILLED_COPY)
     _train(folder, KILLED, LAYOUTS["data_parallel"], "--resume")
 
 
@@ -223,6 +226,16 @@ def test_a_pair_stage_killed_in_its_low_phase_resumes_on_two_ranks_identically(r
     finished = load_file(str(folder / "data_parallel" / "stage1" / "model.safetensors"))
     assert resumed.keys() == finished.keys()
     assert all(torch.equal(resumed[key], value) for key, value in finished.items())
+
+
+@pytest.mark.slow
+def test_a_pair_stage_killed_on_two_ranks_resumes_in_one_process(runs, capsys):
+    folder, _ = runs
+    run = folder / KILLED_COPY
+    assert not (run / "stage1" / "low" / "expert.safetensors").exists()  # as the kill left it
+    _train(folder, KILLED_COPY, ONE_PROCESS, "--resume")
+    assert "stage1/low] resumed from step 1" in capsys.readouterr().out
+    _assert_same_pair_stage(run, folder / "one")
 
 
 # -- one process --------------------------------------------------------------------------
