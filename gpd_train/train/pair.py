@@ -77,10 +77,11 @@ class RankAlignedPair(ExpertPair):
 
     Today's phases keep the ranks in step by construction: every data stream's rollout
     lanes sit at the same grid indices at every update (RolloutLanes places them by batch
-    position, not by a draw), so every rank's teacher calls see the same sigmas. This does
-    not rest on that: the ranks agree on the experts any of them needs (one all-reduce per
-    call), and a rank without a sample for one runs it on its first sample and drops the
-    result (a WanDiT refuses an empty batch). Each sample's velocity is the plain pair's."""
+    position, not by a draw), so every rank's teacher calls see the same sigmas. The pair
+    does not rely on that: the ranks agree on the experts any of them needs (one
+    all-reduce per call), and a rank without a sample for one runs it on its first sample
+    and drops the result (a WanDiT refuses an empty batch). Each sample's velocity is the
+    plain pair's."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
                  cond: Conditioning) -> torch.Tensor:
@@ -316,8 +317,8 @@ class PairTrainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both experts' finished weights, joined as the stage output stores them; empty
-        on ranks > 0 (rank 0 writes the output; two full experts per rank would be the
-        host memory of a whole sharded model on each)."""
+        on ranks > 0 (rank 0 writes the output: the other ranks need no host copy of two
+        full experts each)."""
         if not is_main():
             return {}
         states = [load_weights(self.folder / phase.name / PHASE_OUTPUT)
