@@ -41,9 +41,9 @@ RTOL, ATOL = 2e-5, 1e-7  # the losses (tests/test_distributed.py's)
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-6  # the EMA outputs (tests/test_distributed.py's)
 # 6 student steps at shift 5: starts 1, .96, .91, .83 | .71, .5 (4 high, 2 low); the
 # teacher's 12-step point .78 puts the second teacher step from .83 on the low expert, so
-# a target's steps cross the boundary and a stream's batch of 2 can be mixed while the
-# other rank's is not. Student rollouts: the low phase's lanes are led in by the finished
-# high expert.
+# a target's steps cross the boundary and a stream's batch of 2 (lanes at starts 1 and 3)
+# is split between the experts. Student rollouts: the low phase's lanes are led in by the
+# finished high expert.
 BOUNDARY = 0.8
 TOML = """\
 steps = [12, 6]
