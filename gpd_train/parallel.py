@@ -16,7 +16,9 @@ the same with one process or many:
   contiguous run of streams, so the global batch - and a resumed run - do not depend on
   how many processes share it.
 - ``mean_across_ranks`` / ``all_finite`` / ``main_only`` keep logging, the non-finite
-  guard and one-writer outputs consistent across ranks.
+  guard and one-writer outputs consistent across ranks; ``any_across_ranks`` lets the ranks
+  agree on which sharded networks to run (an expert pair, gpd_train.train.pair) and
+  ``gathered_on_main`` brings sharded weights to the one writer.
 - Sequence parallelism (``parallel.sequence`` = S): the ranks form a (data, sequence)
   mesh of (world / S) x S; the S ranks of a data group run the same data streams (same
   samples and noise) and split each video's tokens (gpd_model.sequence_parallel, Ulysses
@@ -231,6 +233,27 @@ def all_finite(value: torch.Tensor) -> bool:
     flag = torch.tensor([0 if finite else 1], device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item()) == 0
+
+
+def any_across_ranks(flags: list[bool]) -> list[bool]:
+    """Each flag true on any rank (every rank must pass as many flags)."""
+    if not _world.distributed:
+        return list(flags)
+    packed = torch.tensor([int(bool(flag)) for flag in flags], device=_collective_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in packed.tolist()]
+
+
+def gathered_on_main(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s tensors (sharded DTensors or plain) gathered one at a time (peak: one full
+    tensor), on the CPU on rank 0; the other ranks get an empty dict. Collective: every
+    rank passes its own view of the same state."""
+    gathered = {}
+    for key, value in state.items():
+        full = full_value(value).detach()
+        if _world.is_main:
+            gathered[key] = full.cpu()
+    return gathered
 
 
 def main_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -23,6 +23,12 @@ of stage 0 as the frozen base (``PairTrainer._lora_models``: one base per expert
 teacher, student and lead-in adapters); a phase's output and the stage's are adapters, in
 gpd_train.run.lora's layout under the experts' prefixes. The teacher pair guides each
 sample by its expert's CFG scale (``stage_guidance``, ``stage_guidance_2`` for the low one).
+
+Under torchrun the phase's expert is sharded as one model's student is, and the frozen
+experts (the teacher pair, the lead-in) are prepared as one model's teacher is
+(gpd_train.parallel: FSDP2 or replicated, split over the sequence ranks). A sharded
+expert's forward is a collective, so the teacher pair runs as ``RankAlignedPair``: every
+rank runs the experts any rank's samples need, in the same order.
 """
 
 from __future__ import annotations
@@ -44,11 +50,19 @@ from gpd_model import (
     WanDiT,
     euler_step,
 )
+from gpd_model.denoiser import check_sigma
 from gpd_train.config.chains import StageId, get_chain
 from gpd_train.config.plan import check_fits
 from gpd_train.devices import autocast
 from gpd_train.errors import ConfigError
-from gpd_train.parallel import prepare_teacher, world
+from gpd_train.parallel import (
+    any_across_ranks,
+    gathered_on_main,
+    is_main,
+    main_only,
+    prepare_teacher,
+    world,
+)
 from gpd_train.run.experts import (
     EXPERTS,
     PHASE_OUTPUT,
@@ -84,6 +98,41 @@ from gpd_train.train.objectives import (
     online_arguments,
 )
 from gpd_train.train.streams import stream_objectives
+
+
+class RankAlignedPair(ExpertPair):
+    """An ExpertPair whose experts' forwards are collectives (FSDP2 gathers each block's
+    shards from every rank): all ranks must run the same experts in the same order. Two
+    experts of one shape would otherwise pair one rank's gathers of the low expert with
+    another's of the high one (wrong weights, no error) or hang.
+
+    Today's phases keep the ranks in step by construction: every data stream's rollout
+    lanes sit at the same grid indices at every update (RolloutLanes places them by batch
+    position, not by a draw), so every rank's teacher calls see the same sigmas. The pair
+    does not rely on that: the ranks agree on the experts any of them needs (one
+    all-reduce per call), and a rank without a sample for one runs it on its first sample
+    and drops the result (a WanDiT refuses an empty batch). Each sample's velocity is the
+    plain pair's."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: Conditioning) -> torch.Tensor:
+        check_sigma(x, sigma, "ExpertPair")
+        high = self.is_high(sigma)
+        sides = ((self.high, high), (self.low, ~high))
+        needed = any_across_ranks([bool(rows.any()) for _, rows in sides])
+        out: torch.Tensor | None = None
+        for (expert, rows), run in zip(sides, needed, strict=True):
+            if not run:
+                continue
+            if not bool(rows.any()):
+                expert(x[:1], sigma[:1], cond[:1])  # the other ranks' gathers wait for it
+                continue
+            u = expert(x[rows], sigma[rows], cond[rows])
+            if out is None:
+                out = u.new_empty((len(x), *u.shape[1:]))
+            out[rows] = u.to(out.dtype)
+        assert out is not None  # every sample is on one side
+        return out
 
 
 class PhaseGrid:
@@ -137,8 +186,9 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
     cfg, plan = run.config, run.plan(sid)
     what = f"{sid} distils a Wan2.2 expert pair ({cfg.teacher})"
     refusals = (
-        (world().distributed, "under torchrun (FSDP / sequence parallel); run it in one "
-                              "process"),
+        (plan.lora is not None and world().distributed,
+         "with LoRA under torchrun (each works alone, the two together are untested); run "
+         "the LoRA pair in one process"),
         (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
                               "without one, e.g. distill"),
         (plan.jumps is not None or get_chain(sid.chain).objective_factory() is not None,
@@ -167,7 +217,9 @@ def pair_teacher(run: TrainingRun, sid: StageId,
                                                  cfg.parallel, cfg.precision, run.device))
                      for model in run.load_stage_experts(plan.teacher))
         experts = high, low
-    pair = ExpertPair(experts[0], experts[1], run.boundary)
+    # Under torchrun a sharded expert's forward is a collective: RankAlignedPair.
+    pair = (RankAlignedPair if world().distributed else ExpertPair)(experts[0], experts[1],
+                                                                 run.boundary)
     scales = ExpertScales(plan.teacher_guidance, plan.guidance_2)  # type: ignore[arg-type]
     teacher: Denoiser = pair
     if (scales.high, scales.low) != (1.0, 1.0):
@@ -250,9 +302,11 @@ class PairTrainer:
         run = self.run_folder
         if not self._leads_in(phase):
             return None
+        cfg = run.config
         high = run.new_model()
         high.load_state_dict(load_weights(self.folder / "high" / PHASE_OUTPUT))
-        return DiTDenoiser(high.eval().requires_grad_(False))
+        return DiTDenoiser(prepare_teacher(high.eval().requires_grad_(False), cfg.parallel,
+                                           cfg.precision, run.device))
 
     def _lora_models(self, phase: ExpertPhase
                      ) -> tuple[torch.nn.Module, tuple[Denoiser, Denoiser], Denoiser | None]:
@@ -334,9 +388,10 @@ class PairTrainer:
                 if self.run_folder.plan(self.sid).lora is not None:
                     weights = adapter_from_params(weights)  # the adapter alone, as one stage's
                 del trainer  # its optimizer state, before the next phase builds its own
-            path = self.folder / phase.name / PHASE_OUTPUT
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_weights(path, weights, self._phase_metadata(phase))
+            # Rank 0 writes it; main_only returns once it is written, so that every rank
+            # then reads it (the next phase's lead-in, the stage output).
+            main_only(_write_phase, self.folder / phase.name / PHASE_OUTPUT,
+                      gathered_on_main(weights), self._phase_metadata(phase))
 
     def expert_summaries(self) -> dict[str, dict[str, Any]]:
         """Each expert's phase for done.json: its starts, iterations, final loss (mean of
@@ -353,10 +408,20 @@ class PairTrainer:
         return summaries
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Both experts' finished weights, joined as the stage output stores them."""
+        """Both experts' finished weights, joined as the stage output stores them; empty
+        on ranks > 0 (rank 0 writes the output: the other ranks need no host copy of two
+        full experts each)."""
+        if not is_main():
+            return {}
         states = [load_weights(self.folder / phase.name / PHASE_OUTPUT)
                   for phase in self.phases]
         return join_experts(*states)
+
+
+def _write_phase(path: Path, weights: dict[str, torch.Tensor],
+                 metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(path, weights, metadata)
 
 
 def build_pair_distill(run: TrainingRun, sid: StageId) -> PairTrainer:

@@ -21,7 +21,7 @@ from gpd_train.config.settings import RunConfig
 from gpd_train.data.needs import missing_latents, trainable_chains
 from gpd_train.errors import ConfigError
 from gpd_train.eval.evaluate import evaluate_run
-from gpd_train.parallel import full_value, is_main, main_only, world
+from gpd_train.parallel import gathered_on_main, is_main, main_only, world
 from gpd_train.run.experts import join_experts
 from gpd_train.run.files import CheckpointError
 from gpd_train.run.folder import TEACHER, RunFolder
@@ -101,12 +101,7 @@ def finish_stage(run: RunFolder, sid: StageId, ema_state: dict[str, torch.Tensor
     one tensor at a time (peak: one full tensor), which writes it as one process does."""
     if not world().distributed:
         return run.finish_stage(sid, ema_state, summary)
-    gathered = {}
-    for key, value in ema_state.items():
-        full = full_value(value).detach()
-        if is_main():
-            gathered[key] = full.cpu()
-    return main_only(run.finish_stage, sid, gathered, summary)
+    return main_only(run.finish_stage, sid, gathered_on_main(ema_state), summary)
 
 
 def run_stage(run: TrainingRun, sid: StageId, resume: bool, restart: bool = False) -> Path:

@@ -1,0 +1,270 @@
+"""A Wan2.2 expert pair's distillation stage under torchrun (gloo, CPU, 2 processes): FSDP2
+over data-parallel ranks, each video split over both ranks (sequence parallel), and a kill
+in the low expert's phase resumed on the same ranks. Workers are this file run as a script
+under ``python -m torch.distributed.run``; one launch runs every layout (2 cores are shared).
+
+The reference is the same run in one process with the same global batch in the same data
+streams (2 streams of 2 samples), so every sample, its noise and its teacher targets are
+the same. The tolerances are tests/test_distributed.py's (its docstring gives the
+reasoning): the reassociated float32 sums of the gradient average and norm and of the
+logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on the weights.
+Each rank also records how it prepared the frozen experts (sharded, split) and how many
+all-to-alls it ran: equal results alone would not show that the lead-in was sharded or the
+tokens split. The branch of RankAlignedPair where ranks need different experts is the
+one-process test at the end: the rollout lanes give every rank the same sigmas, so these
+runs never take it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from builders import logged_losses, random_dit, torchrun
+from safetensors.torch import load_file
+
+from gpd_model import CFG, DiTDenoiser, ExpertPair
+from gpd_train import parallel
+from gpd_train.__main__ import main as train_main
+from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.train import pair
+
+ROOT = Path(__file__).resolve().parents[1]
+RTOL, ATOL = 2e-5, 1e-7  # the losses (tests/test_distributed.py's)
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-6  # the EMA outputs (tests/test_distributed.py's)
+# 6 student steps at shift 5: starts 1, .96, .91, .83 | .71, .5 (4 high, 2 low); the
+# teacher's 12-step point .78 puts the second teacher step from .83 on the low expert, so
+# a target's steps cross the boundary and a stream's batch of 2 (lanes at starts 1 and 3)
+# is split between the experts. Student rollouts: the low phase's lanes are led in by the
+# finished high expert.
+BOUNDARY = 0.8
+TOML = """\
+steps = [12, 6]
+shift = 5.0
+checkpoint_every = 1
+pipeline_chains = ["gpd"]
+[distill]
+iterations = [6]
+freq_weight = [0.5]
+state_source = "student"
+stage_guidance = [2.0]
+"""
+PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies",
+           "a dog runs under the sky"]
+# The global batch of 4 in 2 data streams of 2 samples, on every layout.
+ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
+LAYOUTS = {
+    "data_parallel": ["--batch-size", "2"],  # a stream per rank, FSDP2 over both
+    # One data group of 2 ranks, each video split over both; blocks recomputed in the
+    # backward.
+    "sequence_parallel": ["--sequence-parallel", "2", "--activation-checkpointing",
+                          *ONE_PROCESS],
+}
+KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
+KILLED_COPY = "killed_copy"  # the killed run as it was left, resumed in one process
+KILL_STEP = 2
+
+
+def _base_args(folder: Path) -> list[str]:
+    """The pair run's CLI arguments but the run folder (files written by the fixture)."""
+    return json.loads((folder / "args.json").read_text())
+
+
+def _train(folder: Path, name: str, layout: list[str], *flags: str) -> None:
+    args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
+    for stage in ("0", "1"):
+        if train_main(["--stage", stage, *args]) != 0:
+            raise RuntimeError(f"{name}: stage {stage} failed")
+
+
+# -- the worker (runs under torchrun) -----------------------------------------------------
+def worker(folder: Path) -> None:
+    """Each layout's stage 0 (imported) and stage 1, then the killed data-parallel run
+    resumed (the kill raised on both ranks at the same step, after its checkpoint)."""
+    # One process group for all the CLI calls: each call's teardown would destroy it, and
+    # a group joined again in the same process hangs where the sequence mesh was built.
+    parallel.setup("cpu")
+    teardown, parallel.teardown = parallel.teardown, lambda: None
+    try:
+        _run_layouts(folder)
+    finally:
+        parallel.teardown = teardown
+        teardown()
+
+
+def _run_layouts(folder: Path) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    all_to_all, prepare_teacher = dist.all_to_all_single, pair.prepare_teacher
+    for name, layout in LAYOUTS.items():
+        # How this rank ran the layout: its all-to-alls (the split tokens' exchanges) and
+        # how each frozen expert (teacher pair, lead-in) was prepared: sharded, split.
+        seen: dict[str, list] = {"all_to_all": [], "frozen": []}
+
+        def counted(*args, seen=seen, **kwargs):
+            seen["all_to_all"].append(1)
+            return all_to_all(*args, **kwargs)
+
+        def recorded(model, *args, seen=seen):
+            model = prepare_teacher(model, *args)
+            seen["frozen"].append([isinstance(model, FSDPModule),
+                                   getattr(model, "sequence_parallel", None) is not None])
+            return model
+
+        dist.all_to_all_single, pair.prepare_teacher = counted, recorded
+        try:
+            _train(folder, name, layout)
+        finally:
+            dist.all_to_all_single, pair.prepare_teacher = all_to_all, prepare_teacher
+        seen["all_to_all"] = len(seen["all_to_all"])
+        (folder / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+
+    prepare = pair.PhaseDistillation.prepare
+
+    def killed(self, step):
+        if self.first > 0 and step == KILL_STEP:
+            raise KeyboardInterrupt("simulated kill")
+        return prepare(self, step)
+
+    pair.PhaseDistillation.prepare = killed
+    try:
+        _train(folder, KILLED, LAYOUTS["data_parallel"])
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the low phase was not killed")
+    pair.PhaseDistillation.prepare = prepare
+    parallel.main_only(shutil.copytree, folder / KILLED, folder / KILLED_COPY)
+    _train(folder, KILLED, LAYOUTS["data_parallel"], "--resume")
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
+    sys.exit(0)
+
+
+# -- tests --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, str]:
+    """The folder of every layout's run (and the one-process run, ``one``) and the
+    launch's stdout."""
+    from realscale_fixtures import VIDEO, build_wan22_folder
+
+    folder = tmp_path_factory.mktemp("pair_ranks")
+    wan22 = build_wan22_folder(folder / "Wan2.2-T2V-tiny-Diffusers", boundary_ratio=BOUNDARY)
+    (folder / "run.toml").write_text(TOML)
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = ["--config", folder / "run.toml", "--device", "cpu", "--teacher", wan22,
+            "--prompts", folder / "prompts.txt", "--threads", 1, "--height", VIDEO["height"],
+            "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
+    (folder / "args.json").write_text(json.dumps([str(a) for a in args]))
+    result = subprocess.run(torchrun([str(Path(__file__).resolve()), str(folder)]), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    _train(folder, "one", ONE_PROCESS)
+    return folder, result.stdout
+
+
+def _assert_same_pair_stage(ours: Path, reference: Path) -> None:
+    """Each phase's losses and the stage output (both experts) of two runs agree."""
+    for expert, steps in (("high", 4), ("low", 2)):
+        got = logged_losses(ours / "stage1" / expert / "metrics.jsonl")
+        want = logged_losses(reference / "stage1" / expert / "metrics.jsonl")
+        assert len(got) == len(want) == steps, expert
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                   torch.tensor(want, dtype=torch.float64), rtol=RTOL,
+                                   atol=ATOL, msg=lambda m, e=expert: f"{e} losses: {m}")
+    got = load_file(str(ours / "stage1" / "model.safetensors"))
+    want = load_file(str(reference / "stage1" / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    assert {key.split(".")[0] for key in want} == {"high", "low"}
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_a_pair_stage_under_torchrun_follows_the_one_process_run(runs, layout):
+    folder, _ = runs
+    _assert_same_pair_stage(folder / layout, folder / "one")
+    record = json.loads((folder / layout / "stage1" / "done.json").read_text())
+    assert sorted(record["experts"]) == ["high", "low"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_frozen_experts_are_prepared_as_a_teacher_and_the_tokens_split(runs, layout):
+    folder, _ = runs
+    split = layout == "sequence_parallel"
+    for rank in (0, 1):
+        seen = json.loads((folder / f"{layout}.rank{rank}.json").read_text())
+        # The teacher pair in each phase, and the low phase's lead-in (the finished high
+        # expert): FSDP2-sharded (--teacher-sharding shard, the default), split if the run is.
+        assert seen["frozen"] == [[True, split]] * 5
+        # Each rank's own count: the tokens really were split (the results alone would
+        # look the same if both ranks ran whole videos).
+        assert (seen["all_to_all"] > 100) == split
+
+
+@pytest.mark.slow
+def test_a_pair_stage_killed_in_its_low_phase_resumes_on_two_ranks_identically(runs):
+    folder, stdout = runs
+    assert "stage1/low] resumed from step 1" in stdout
+    # Same ranks, same shards, same reductions: the resumed run is bit-identical.
+    for expert in ("high", "low"):
+        assert logged_losses(folder / KILLED / "stage1" / expert / "metrics.jsonl") == \
+            logged_losses(folder / "data_parallel" / "stage1" / expert / "metrics.jsonl")
+    resumed = load_file(str(folder / KILLED / "stage1" / "model.safetensors"))
+    finished = load_file(str(folder / "data_parallel" / "stage1" / "model.safetensors"))
+    assert resumed.keys() == finished.keys()
+    assert all(torch.equal(resumed[key], value) for key, value in finished.items())
+
+
+@pytest.mark.slow
+def test_a_pair_stage_killed_on_two_ranks_resumes_in_one_process(runs, capsys):
+    folder, _ = runs
+    run = folder / KILLED_COPY
+    assert not (run / "stage1" / "low" / "expert.safetensors").exists()  # as the kill left it
+    _train(folder, KILLED_COPY, ONE_PROCESS, "--resume")
+    assert "stage1/low] resumed from step 1" in capsys.readouterr().out
+    _assert_same_pair_stage(run, folder / "one")
+
+
+# -- one process --------------------------------------------------------------------------
+def test_a_rank_runs_an_expert_another_rank_needs_and_keeps_its_own_velocities(monkeypatch):
+    """RankAlignedPair with every rank's needs given: an expert no own sample needs runs on
+    one sample when another rank needs it (its forward gathers the shards), not otherwise;
+    the velocities are the plain pair's."""
+    data = ProceduralVideos(32, frames=4, size=8, seed=1)
+    high, low = random_dit(4), random_dit(5)
+    calls: list[tuple[str, int]] = []
+    for name, model in (("high", high), ("low", low)):
+        model.register_forward_pre_hook(
+            lambda _, inputs, name=name: calls.append((name, inputs[0].shape[0])))
+    plain = CFG(ExpertPair(DiTDenoiser(high), DiTDenoiser(low), BOUNDARY), data.negative, 2.0)
+    aligned = CFG(pair.RankAlignedPair(DiTDenoiser(high), DiTDenoiser(low), BOUNDARY),
+                  data.negative, 2.0)
+    generator = torch.Generator().manual_seed(0)
+    cond, _ = data.draw(generator, 2, with_latents=False)
+    x = torch.randn((2, *data.latent_shape), generator=generator)
+    for sigma, everyone, want in (
+            ([0.9, 0.85], [True, True], [("high", 4), ("low", 1)]),  # another rank: low
+            ([0.5, 0.3], [True, True], [("high", 1), ("low", 4)]),
+            ([0.9, 0.5], [True, True], [("high", 2), ("low", 2)]),  # mixed: as the pair
+            ([0.9, 0.85], [True, False], [("high", 4)])):  # no rank needs the low expert
+        sigma = torch.tensor(sigma)
+        monkeypatch.setattr(pair, "any_across_ranks", lambda flags, e=everyone: e)
+        with torch.no_grad():
+            reference = plain(x, sigma, cond)
+            calls.clear()
+            ours = aligned(x, sigma, cond)
+        assert calls == want, sigma
+        assert torch.equal(ours, reference)
