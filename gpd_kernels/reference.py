@@ -120,13 +120,19 @@ def _band_of(values: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
     return torch.bucketize(values, torch.tensor(edges, dtype=values.dtype) + 1e-9)
 
 
+def band_tables(t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temporal band [T], spatial ring [H, W]) of each FFT bin along its axes, int64: bin
+    (kt, kh, kw) is in band temporal[kt] * len(SPATIAL_RING_EDGES) + ring[kh, kw]."""
+    f_t, f_h, f_w = (axis_frequency(n, torch.float64) for n in (t, h, w))
+    radius = ((f_h[:, None].square() + f_w[None, :].square()) / 2).sqrt()
+    return _band_of(f_t, TEMPORAL_BAND_EDGES), _band_of(radius, SPATIAL_RING_EDGES)
+
+
 def spectral_bands(t: int, h: int, w: int) -> tuple[torch.Tensor, int]:
     """([T, H, W] int64 band of each FFT bin, numbered over the bands that hold a bin, and
     their count): temporal band x spatial ring, ordered temporal-major."""
-    f_t, f_h, f_w = (axis_frequency(n, torch.float64) for n in (t, h, w))
-    radius = ((f_h[:, None].square() + f_w[None, :].square()) / 2).sqrt()
-    band = (_band_of(f_t, TEMPORAL_BAND_EDGES)[:, None, None] * len(SPATIAL_RING_EDGES)
-            + _band_of(radius, SPATIAL_RING_EDGES)[None])
+    temporal, ring = band_tables(t, h, w)
+    band = temporal[:, None, None] * len(SPATIAL_RING_EDGES) + ring[None]
     present, numbered = torch.unique(band, return_inverse=True)
     return numbered, present.numel()
 
