@@ -92,7 +92,7 @@ def real_fourier_basis(n: int) -> torch.Tensor:
     j = torch.arange(n, dtype=torch.float64)[None, :]
     angle = 2 * math.pi * ((r * j) % n) / n  # the remainder keeps large n accurate
     own_mirror = (r == 0) | (2 * r == n)  # bins 0 and n / 2 are their own k -> n - k
-    scale = torch.where(own_mirror, 1.0, math.sqrt(2.0)).double() / math.sqrt(n)
+    scale = (2.0 - own_mirror.double()).sqrt() / math.sqrt(n)  # 1 or sqrt(2), in float64
     return scale * torch.where(2 * r <= n, torch.cos(angle), torch.sin(angle))
 
 
@@ -248,8 +248,9 @@ def band_amplitude_loss_triton(pred: torch.Tensor, target: torch.Tensor,
 def _band_amplitude_loss_cpu(pred, target, need_grad):
     """The reference backend's CPU kernel (without the native library): torch.fft and its
     autograd."""
-    with torch.enable_grad():
-        leaf = pred.detach().requires_grad_(need_grad)
+    with torch.enable_grad():  # a leaf in the reference's arithmetic dtype, not bf16's
+        leaf = pred.detach().to(torch.promote_types(pred.dtype, torch.float32))
+        leaf.requires_grad_(need_grad)
         loss = band_amplitude_loss_reference(leaf, target.detach())
         grad = (torch.autograd.grad(loss, leaf)[0] if need_grad
                 else pred.new_empty(0, dtype=torch.float32))

@@ -17,6 +17,12 @@ OPCHECK_CASES = {
         torch.ops.gpd.freq_loss_fwd.default,
         (torch.randn(1, 2, 3, 1, 7), torch.randn(1, 2, 3, 1, 7, requires_grad=True),
          0.3, 2.0, 1.0, False)),
+    "band_amplitude_loss_with_grad": lambda: (
+        torch.ops.gpd.band_amplitude_loss_fwd.default,
+        (torch.randn(2, 3, 4, 5, 6, requires_grad=True), torch.randn(2, 3, 4, 5, 6), True)),
+    "band_amplitude_loss_without_grad": lambda: (
+        torch.ops.gpd.band_amplitude_loss_fwd.default,
+        (torch.randn(1, 2, 3, 1, 7), torch.randn(1, 2, 3, 1, 7, requires_grad=True), False)),
     "cfg_euler_step_guided": lambda: (
         torch.ops.gpd.cfg_euler_step.default,
         (torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4), torch.randn(2, 3, 4),
