@@ -173,6 +173,16 @@ def band_amplitude_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> t
     return gap.square().sum() / pred.numel()
 
 
+def band_amplitude_loss_grad_reference(pred: torch.Tensor, target: torch.Tensor
+                                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d pred) of ``band_amplitude_loss_reference`` by torch.fft's autograd,
+    in its arithmetic dtype (float64 when an input is, else float32)."""
+    with torch.enable_grad():
+        leaf = pred.detach().to(_compute_dtype(pred, target)).requires_grad_(True)
+        loss = band_amplitude_loss_reference(leaf, target.detach())
+        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 

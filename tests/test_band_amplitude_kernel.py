@@ -4,8 +4,8 @@ reference, loss and gradient, and the public op's autograd for both inputs.
 
 Tolerances: the interpreter and the native op compute in fp32 (bf16 inputs are upcast exactly,
 and the oracle reads the same bf16 values in float64), so they agree to fp32 rounding; on CUDA
-the dots run in tf32, hence the looser GPU tolerance. Interpreter shapes stay tiny (it runs
-every program in Python).
+the dots run in tf32x3 (about fp32; the looser GPU bound is a guess to be checked there).
+Interpreter shapes stay tiny (it runs every program in Python).
 """
 
 import math
@@ -20,10 +20,14 @@ from gpd_kernels.band_amplitude_loss import (
     band_amplitude_loss_triton,
     real_fourier_basis,
 )
-from gpd_kernels.reference import band_amplitude_loss_reference, band_tables
+from gpd_kernels.reference import (
+    band_amplitude_loss_grad_reference,
+    band_amplitude_loss_reference,
+    band_tables,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RTOL = 2e-3 if DEVICE == "cuda" else 1e-5
+TRITON_RTOL = 1e-4 if DEVICE == "cuda" else 1e-5
 NATIVE_RTOL = 1e-5
 NATIVE = gpd_kernels.cpu_backend() == "native"
 
@@ -57,9 +61,7 @@ def _pair(shape, dtype, seed):
 
 def _expected(pred, target):
     """float64 loss and d loss / d pred of the reference, on the values the kernel read."""
-    leaf = pred.double().requires_grad_(True)
-    loss = band_amplitude_loss_reference(leaf, target.double())
-    return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+    return band_amplitude_loss_grad_reference(pred.double(), target.double())
 
 
 def _relative_error(got, expected):
