@@ -14,43 +14,38 @@ which is 2/numel sum_b (1 - ||Q_b|| / ||P_b||) P_b p, the reference's gradient (
 ||P_b|| = 0, the reference's subgradient). The loss is symmetric in pred and target, so the
 target's gradient is the same op with the two swapped (the autograd below).
 
-Passes (each transform a tl.dot with the zero-padded R on power-of-two tiles; tl.dot needs
-every dim >= 16):
-  1. time kernel, once for pred and once for target: R_T @ x over [T_PAD, BLOCK_S] tiles of
-     each slab, into a float32 scratch [2, B, C, T, H, W].
-  2. plane kernel over every (input, b, c, t) plane: u = R_H z R_W^T, the energy of each
-     spatial ring of the plane (4 partials), and u kept in place for pred when a gradient is
-     wanted.
-  3. band kernel, one program per slab: the plane partials summed per band in float64 in a
+Passes. Each is one axis of R (or R^T) as a tl.dot of the zero-padded R with a tile (tl.dot
+needs every dim >= 16), the contraction in 32-wide slices so that registers and shared
+memory stay bounded at any axis length; all write a float32 scratch [2, B, C, T, H, W]
+(pred's coefficients, then target's), in place after the first:
+  1. T (left kernel, [T_PAD, BLOCK_S] tiles over H * W): pred and target into the scratch.
+  2. H (left kernel, [H_PAD, BLOCK_S] tiles of each plane): both halves.
+  3. W (right kernel, [BLOCK_R, W_PAD] blocks of a slab's T * H rows): both halves, and each
+     block's energy per band (12 partials); pred's u is kept when a gradient is wanted.
+  4. scale kernel, one program per slab: the block partials summed per band in float64 in a
      fixed order, the slab's loss partial and the band scales s; then freq_loss's loss
      kernel sums the slab partials in float64 (deterministic, as the paper's form).
-  4. (gradient) plane kernel in inverse mode: R_H^T (s u) R_W in place, then the time kernel
-     with R_T^T writes the float32 gradient.
+  5. (gradient) W with s applied as u is loaded, then H, then T with R^T, the last writing
+     the float32 gradient.
 A band's energy needs its whole slab before any gradient element can be formed, so the
-gradient is a second pass over the coefficients whatever the tiling.
+gradient is a second sweep whatever the tiling. One kernel per axis instead of one plane
+kernel holding R_H, R_W and a whole plane: that form (this module's first) compiled for
+sm_90 to 97 spilled registers at 480p and 512 KB of shared memory at 720p
+(benchmarks/kernel_resources.py); these compile without spills at both (benchmarks/RESULTS.md).
 
 Roofline, arithmetic from datasheet rates only (H200: HBM 4.8 TB/s, dense tf32 ~495 TFLOP/s);
 nothing here was run on a GPU. The 480p latent [1, 16, 21, 60, 104] has N = 2,096,640
-elements, padded to T_PAD 32, H_PAD 64, W_PAD 128. Dots: the time kernel 2 T_PAD = 64 FLOP
-per padded tile element (1.53 N of them, three times: pred, target, inverse), 0.62 GFLOP;
-a plane 2 (64 x 128 x 128 + 64 x 64 x 128) = 3.15 MFLOP, 1,008 planes (672 forward, 336
-inverse), 3.17 GFLOP; 3.79 GFLOP in all, 7.7 us at peak tf32, 23 us as the three tf32
-passes of tf32x3 (below). Memory: the least is pred and
-target read once and the gradient written once, 8 B/element in bf16 (16.8 MB, 3.5 us); the
-passes move 40 B/element if no scratch access hits L2 (inputs 4, time pass writes 8, plane
-pass reads 8 and writes 4, inverse plane 4 + 4, inverse time 4 + 4: 83.9 MB, 17.5 us), about
-45 FLOP/B (135 counting tf32x3's three passes, against a ridge of ~100): the dots and the
-traffic cost about the same, so they must overlap. The scratch of one 480p batch-1 call is
-16.8 MB, so on a GPU whose L2 holds it much of that traffic may stay on chip; each plane
-program also reads R_H and R_W (80 KB, 82.6 MB of L2 reads over the 1,008 planes: a
-persistent grid as freq_loss.py's would cut that, not done). So the time should lie between
-the 3.5 us floor and the sum of 17.5 us of traffic at HBM rate, 23 us of dots and seven
-launches (five without the gradient); benchmarks/device_check.sh measures it beside the
-torch.fft reference.
-Not done: the plane kernel holds a whole padded plane and both operators, so planes over
-128 x 128 padded (the 720p latent's 90 x 160) are likely to exceed shared memory on a GPU;
-freq_loss.py streams operator slices there, this kernel does not yet (the interpreter and
-the native op take any size).
+elements, padded per pass to T 32 (x 6,272 columns), H 64 (x 128 columns), W 128 (x 64-row
+blocks). Dots with the gradient: T 0.62 GFLOP (pred, target, inverse), H 1.06, W 2.01:
+3.69 GFLOP, 7.4 us at peak tf32, 22 us as tf32x3's three tf32 products (below). Memory: the
+least is pred and target read once and the gradient written once, 8 B/element in bf16
+(16.8 MB, 3.5 us); the passes move 64 B/element if no scratch access hits L2 (forward T
+4 + 8, H 8 + 8, W 8 + 4; gradient W, H, T 8 each: 134 MB, 28 us), 82 FLOP/B counting
+tf32x3, near the ridge (~100): the dots and the traffic cost about the same and must
+overlap. The scratch of one 480p batch-1 call is 16.8 MB, under an H100's L2 (50 MB by its
+datasheet), so much of its traffic may stay on chip. So the time should lie between the
+3.5 us floor and about 28 + 22 us plus ten launches (six without the gradient);
+benchmarks/device_check.sh measures it beside the torch.fft reference.
 
 Dots in tf32x3 (three tf32 products, about fp32's accuracy), not freq_loss.py's tf32: every
 term here goes through a dot, and near the optimum the band scale 1 - ||Q_b|| / ||P_b|| is a
@@ -72,6 +67,7 @@ from ._registry import register_kernels
 from .freq_loss import _check_reduction, _loss_kernel
 from .reference import (
     SPATIAL_RING_EDGES,
+    TEMPORAL_BAND_EDGES,
     band_amplitude_loss_grad_reference,
     band_amplitude_loss_reference,
     band_tables,
@@ -83,7 +79,9 @@ DOT_PRECISION = "tf32x3"
 RINGS = len(SPATIAL_RING_EDGES)
 _BANDS_PAD = 16  # the 3 x 4 bands, padded to a power of two
 _MIN_DOT_DIM = 16
-_TIME_TILE = 4096
+_K_SLICE = 32  # contraction slice: registers and shared memory bounded at any axis length
+_LEFT_TILE = 4096  # output elements per program of the T and H passes (4 warps)
+_RIGHT_TILE = 8192  # of the W pass (8 warps): 32 float32 registers per thread
 _FINAL_BLOCK = 1024
 
 
@@ -121,78 +119,96 @@ def _tables_on(t: int, h: int, w: int, device: torch.device) -> tuple[torch.Tens
 
 
 @triton.jit
-def _time_kernel(src_ptr, dst_ptr, basis_ptr, T: tl.constexpr, HW: tl.constexpr,
-                 T_PAD: tl.constexpr, BLOCK_S: tl.constexpr, COL_BLOCKS: tl.constexpr,
-                 TRANSPOSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dst = R_T @ src (R_T^T @ src when TRANSPOSE) on one [T_PAD, BLOCK_S] tile of a slab."""
+def _band_left_kernel(src_ptr, dst_ptr, basis_ptr, N: tl.constexpr, INNER: tl.constexpr,
+                      N_PAD: tl.constexpr, BLOCK_S: tl.constexpr, COL_BLOCKS: tl.constexpr,
+                      K_SLICE: tl.constexpr, TRANSPOSE: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """dst = R @ src (R^T @ src when TRANSPOSE) along the middle axis of [outer, N, INNER], on
+    one [N_PAD, BLOCK_S] tile. The contraction runs in K_SLICE slices: registers stay bounded
+    at any N, and every read of the tile precedes its write, so dst may be src."""
     item = tl.program_id(0)
-    base = tl.cast(item // COL_BLOCKS, tl.int64) * (T * HW)
-    times = tl.arange(0, T_PAD)
+    base = tl.cast(item // COL_BLOCKS, tl.int64) * (N * INNER)
+    index = tl.arange(0, N_PAD)
     cols = (item % COL_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)
-    tile = base + times[:, None] * HW + cols[None, :]
-    tile_ok = (times[:, None] < T) & (cols[None, :] < HW)
-    x = tl.load(src_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    if TRANSPOSE:
-        basis = tl.load(basis_ptr + times[None, :] * T_PAD + times[:, None])
-    else:
-        basis = tl.load(basis_ptr + times[:, None] * T_PAD + times[None, :])
-    tl.store(dst_ptr + tile, tl.dot(basis, x, input_precision=DOT_PRECISION), mask=tile_ok)
+    col_ok = cols[None, :] < INNER
+    acc = tl.zeros((N_PAD, BLOCK_S), dtype=tl.float32)
+    for k in range(0, N, K_SLICE):
+        ks = k + tl.arange(0, K_SLICE)
+        x = tl.load(src_ptr + base + ks[:, None] * INNER + cols[None, :],
+                    mask=(ks[:, None] < N) & col_ok, other=0.0).to(tl.float32)
+        if TRANSPOSE:  # R^T[i, k] = R[k, i]
+            basis = tl.load(basis_ptr + ks[None, :] * N_PAD + index[:, None])
+        else:
+            basis = tl.load(basis_ptr + index[:, None] * N_PAD + ks[None, :])
+        acc = tl.dot(basis, x, acc, input_precision=DOT_PRECISION)
+    tl.store(dst_ptr + base + index[:, None] * INNER + cols[None, :], acc,
+             mask=(index[:, None] < N) & col_ok)
 
 
 @triton.jit
-def _plane_kernel(coef_ptr, energy_ptr, scale_ptr, basis_h_ptr, basis_w_ptr, ring_ptr,
-                  temporal_ptr, stored_planes, T: tl.constexpr, H: tl.constexpr,
-                  W: tl.constexpr, H_PAD: tl.constexpr, W_PAD: tl.constexpr,
-                  RINGS: tl.constexpr, BANDS_PAD: tl.constexpr, INVERSE: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """One [H, W] plane (flat (input, b, c, t)) of the scratch. Forward: u = R_H z R_W^T,
-    its ring energies, u stored in place for planes below stored_planes. Inverse:
-    R_H^T (s u) R_W in place, s the plane's band scales."""
-    plane = tl.program_id(0)
-    rows = tl.arange(0, H_PAD)
+def _band_right_kernel(coef_ptr, basis_ptr, scale_ptr, energy_ptr, temporal_ptr, ring_ptr,
+                       stored_slabs, ROWS: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                       W_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+                       K_SLICE: tl.constexpr, RINGS: tl.constexpr,
+                       TEMPORAL_BANDS: tl.constexpr, BANDS_PAD: tl.constexpr,
+                       INVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Along W, in place, on [BLOCK_R, W_PAD] row blocks of one slab's [T * H, W] rows.
+    Forward: u = x @ R_W^T, this block's energy per band, u kept for slabs below
+    stored_slabs. Inverse: (s * u) @ R_W, s the slab's band scales."""
+    item = tl.program_id(0)
+    slab = item // ROW_BLOCKS
+    rows = (item % ROW_BLOCKS) * BLOCK_R + tl.arange(0, BLOCK_R)  # t * H + h in the slab
+    row_ok = rows < ROWS
+    base = tl.cast(slab, tl.int64) * (ROWS * W)
     cols = tl.arange(0, W_PAD)
-    in_plane = rows[:, None] * W + cols[None, :]
-    ok = (rows[:, None] < H) & (cols[None, :] < W)
-    offsets = tl.cast(plane, tl.int64) * (H * W) + in_plane
-    z = tl.load(coef_ptr + offsets, mask=ok, other=0.0)
-    ring = tl.load(ring_ptr + in_plane, mask=ok, other=0)
+    first_band = tl.load(temporal_ptr + rows // H, mask=row_ok, other=0)  # the frame's band
+    heights = rows % H
+    acc = tl.zeros((BLOCK_R, W_PAD), dtype=tl.float32)
+    for k in range(0, W, K_SLICE):
+        ks = k + tl.arange(0, K_SLICE)
+        part_ok = row_ok[:, None] & (ks[None, :] < W)
+        x = tl.load(coef_ptr + base + rows[:, None] * W + ks[None, :], mask=part_ok, other=0.0)
+        if INVERSE:
+            ring = tl.load(ring_ptr + heights[:, None] * W + ks[None, :], mask=part_ok, other=0)
+            x *= tl.load(scale_ptr + slab * BANDS_PAD + first_band[:, None] + ring, mask=part_ok,
+                         other=0.0)
+            basis = tl.load(basis_ptr + ks[:, None] * W_PAD + cols[None, :])
+        else:  # R_W^T[k, j] = R_W[j, k]
+            basis = tl.load(basis_ptr + cols[None, :] * W_PAD + ks[:, None])
+        acc = tl.dot(x, basis, acc, input_precision=DOT_PRECISION)
+    offsets = base + rows[:, None] * W + cols[None, :]
     if INVERSE:
-        band = tl.load(temporal_ptr + plane % T) + ring
-        scale = tl.load(scale_ptr + (plane // T) * BANDS_PAD + band, mask=ok, other=0.0)
-        basis_h_t = tl.load(basis_h_ptr + rows[None, :] * H_PAD + rows[:, None])
-        basis_w = tl.load(basis_w_ptr + cols[:, None] * W_PAD + cols[None, :])
-        scaled = tl.dot(basis_h_t, scale * z, input_precision=DOT_PRECISION)
-        tl.store(coef_ptr + offsets, tl.dot(scaled, basis_w, input_precision=DOT_PRECISION),
-                 mask=ok)
+        tl.store(coef_ptr + offsets, acc, mask=row_ok[:, None] & (cols[None, :] < W))
     else:
-        basis_h = tl.load(basis_h_ptr + rows[:, None] * H_PAD + rows[None, :])
-        basis_w_t = tl.load(basis_w_ptr + cols[None, :] * W_PAD + cols[:, None])
-        mixed = tl.dot(z, basis_w_t, input_precision=DOT_PRECISION)
-        u = tl.dot(basis_h, mixed, input_precision=DOT_PRECISION)
-        power = u * u  # padded rows and columns are 0: the operators' padding is 0
+        ok = row_ok[:, None] & (cols[None, :] < W)
+        ring = tl.load(ring_ptr + heights[:, None] * W + cols[None, :], mask=ok, other=0)
+        power = acc * acc  # 0 outside the slab's rows and columns
         for r in tl.static_range(RINGS):
-            tl.store(energy_ptr + plane * RINGS + r, tl.sum(tl.where(ring == r, power, 0.0)))
-        kept_rows = tl.where(plane < stored_planes, H, 0)  # a tensor mask, not a scalar one
-        tl.store(coef_ptr + offsets, u, mask=(rows[:, None] < kept_rows) & (cols[None, :] < W))
+            per_row = tl.sum(tl.where(ring == r, power, 0.0), axis=1)
+            for band in tl.static_range(TEMPORAL_BANDS):
+                tl.store(energy_ptr + item * BANDS_PAD + band * RINGS + r,
+                         tl.sum(tl.where(first_band == band * RINGS, per_row, 0.0)))
+        kept_rows = tl.where(slab < stored_slabs, ROWS, 0)  # a tensor mask, not a scalar one
+        tl.store(coef_ptr + offsets, acc, mask=(rows[:, None] < kept_rows) & (cols[None, :] < W))
 
 
 @triton.jit
-def _band_kernel(energy_ptr, temporal_ptr, scale_ptr, partial_ptr, slabs, grad_scale,
-                 T: tl.constexpr, T_PAD: tl.constexpr, RINGS: tl.constexpr,
-                 BANDS_PAD: tl.constexpr):
-    """One slab: band energies (float64, fixed order), its loss partial and band scales."""
+def _band_scale_kernel(energy_ptr, scale_ptr, partial_ptr, slabs, grad_scale,
+                       ROW_BLOCKS: tl.constexpr, BLOCKS_PAD: tl.constexpr,
+                       BANDS: tl.constexpr, BANDS_PAD: tl.constexpr):
+    """One slab: band energies (its row blocks' partials summed in float64 in a fixed order),
+    its loss partial and band scales."""
     slab = tl.program_id(0)
-    entries = tl.arange(0, T_PAD * RINGS)  # (frame, ring) of the slab's plane partials
-    frame_ok = entries // RINGS < T
-    entry_band = tl.load(temporal_ptr + entries // RINGS, mask=frame_ok, other=0) + entries % RINGS
+    blocks = tl.arange(0, BLOCKS_PAD)
     bands = tl.arange(0, BANDS_PAD)
-    hit = (bands[:, None] == entry_band[None, :]) & frame_ok[None, :]
-    start = tl.cast(slab, tl.int64) * (T * RINGS)
-    e_pred = tl.load(energy_ptr + start + entries, mask=frame_ok, other=0.0).to(tl.float64)
-    e_target = tl.load(energy_ptr + slabs * (T * RINGS) + start + entries, mask=frame_ok,
+    ok = (blocks[:, None] < ROW_BLOCKS) & (bands[None, :] < BANDS)
+    tile = blocks[:, None] * BANDS_PAD + bands[None, :]
+    start = tl.cast(slab, tl.int64) * (ROW_BLOCKS * BANDS_PAD)
+    e_pred = tl.load(energy_ptr + start + tile, mask=ok, other=0.0).to(tl.float64)
+    e_target = tl.load(energy_ptr + slabs * (ROW_BLOCKS * BANDS_PAD) + start + tile, mask=ok,
                        other=0.0).to(tl.float64)
-    amp_pred = tl.sqrt(tl.sum(tl.where(hit, e_pred[None, :], 0.0), axis=1))
-    amp_target = tl.sqrt(tl.sum(tl.where(hit, e_target[None, :], 0.0), axis=1))
+    amp_pred = tl.sqrt(tl.sum(e_pred, axis=0))
+    amp_target = tl.sqrt(tl.sum(e_target, axis=0))
     gap = amp_pred - amp_target
     tl.store(partial_ptr + slab, tl.sum(gap * gap))
     filled = amp_pred > 0  # an empty band of pred: gradient 0 (the reference's subgradient)
@@ -201,19 +217,27 @@ def _band_kernel(energy_ptr, temporal_ptr, scale_ptr, partial_ptr, slabs, grad_s
     tl.store(scale_ptr + slab * BANDS_PAD + bands, scale.to(tl.float32))
 
 
-def kernel_configs(shape: tuple[int, ...]) -> tuple[dict, dict]:
-    """Constexpr arguments and launch options of the time and plane kernels for a
+def _left_config(n: int, inner: int) -> dict:
+    n_pad = _padded(n)
+    block_s = min(max(_MIN_DOT_DIM, _LEFT_TILE // n_pad), _padded(inner))
+    return {"N": n, "INNER": inner, "N_PAD": n_pad, "BLOCK_S": block_s,
+            "COL_BLOCKS": triton.cdiv(inner, block_s), "K_SLICE": min(_K_SLICE, n_pad),
+            "DOT_PRECISION": DOT_PRECISION, "num_warps": 4}
+
+
+def kernel_configs(shape: tuple[int, ...]) -> dict[str, dict]:
+    """Constexpr arguments and launch options of the T, H and W passes for a
     [B, C, T, H, W] shape (TRANSPOSE / INVERSE are added per launch)."""
     frames, height, width = shape[2:]
-    t_pad = _padded(frames)
-    block_s = max(_MIN_DOT_DIM, _TIME_TILE // t_pad)
-    time = {"T": frames, "HW": height * width, "T_PAD": t_pad, "BLOCK_S": block_s,
-            "COL_BLOCKS": triton.cdiv(height * width, block_s), "DOT_PRECISION": DOT_PRECISION,
-            "num_warps": 4}
-    plane = {"T": frames, "H": height, "W": width, "H_PAD": _padded(height),
-             "W_PAD": _padded(width), "RINGS": RINGS, "BANDS_PAD": _BANDS_PAD,
+    rows, w_pad = frames * height, _padded(width)
+    block_r = min(max(_MIN_DOT_DIM, _RIGHT_TILE // w_pad), _padded(rows))
+    row_blocks = triton.cdiv(rows, block_r)
+    right = {"ROWS": rows, "H": height, "W": width, "W_PAD": w_pad, "BLOCK_R": block_r,
+             "ROW_BLOCKS": row_blocks, "K_SLICE": min(_K_SLICE, w_pad), "RINGS": RINGS,
+             "TEMPORAL_BANDS": len(TEMPORAL_BAND_EDGES), "BANDS_PAD": _BANDS_PAD,
              "DOT_PRECISION": DOT_PRECISION, "num_warps": 8}
-    return time, plane
+    return {"time": _left_config(frames, height * width), "height": _left_config(height, width),
+            "width": right}
 
 
 def band_amplitude_loss_triton(pred: torch.Tensor, target: torch.Tensor,
@@ -222,32 +246,44 @@ def band_amplitude_loss_triton(pred: torch.Tensor, target: torch.Tensor,
     loss, float32 d loss / d pred, or an empty tensor without need_grad). Non-contiguous
     inputs are copied to contiguous ones first; arithmetic is float32 for any input dtype."""
     check_latent_pair(pred, target)
-    time, plane = kernel_configs(pred.shape)
+    configs = kernel_configs(pred.shape)
+    time, height, width = configs["time"], configs["height"], configs["width"]
     pred, target = pred.contiguous(), target.contiguous()
-    batch, channels, frames, height, width = pred.shape
+    batch, channels, frames, rows_h, cols_w = pred.shape
     slabs, device, numel = batch * channels, pred.device, pred.numel()
-    basis_t, basis_h, basis_w = (_basis_on(n, device) for n in (frames, height, width))
-    temporal, ring = _tables_on(frames, height, width, device)
-    coef = torch.empty(2, numel, dtype=torch.float32, device=device)
+    basis_t, basis_h, basis_w = (_basis_on(n, device) for n in (frames, rows_h, cols_w))
+    temporal, ring = _tables_on(frames, rows_h, cols_w, device)
+    coef = torch.empty(2, numel, dtype=torch.float32, device=device)  # pred's, then target's
     for side, x in enumerate((pred, target)):
-        _time_kernel[(slabs * time["COL_BLOCKS"],)](x, coef[side], basis_t, TRANSPOSE=False,
-                                                    **time)
+        _band_left_kernel[(slabs * time["COL_BLOCKS"],)](x, coef[side], basis_t,
+                                                         TRANSPOSE=False, **time)
     planes = slabs * frames
-    energy = torch.empty(2 * planes * RINGS, dtype=torch.float32, device=device)
+    _band_left_kernel[(2 * planes * height["COL_BLOCKS"],)](coef, coef, basis_h,
+                                                            TRANSPOSE=False, **height)
+    row_blocks = width["ROW_BLOCKS"]
+    energy = torch.empty(2 * slabs * row_blocks * _BANDS_PAD, dtype=torch.float32,
+                         device=device)
     scale = torch.empty(slabs * _BANDS_PAD, dtype=torch.float32, device=device)
-    _plane_kernel[(2 * planes,)](coef, energy, scale, basis_h, basis_w, ring, temporal,
-                                 planes if need_grad else 0, INVERSE=False, **plane)
+    _band_right_kernel[(2 * slabs * row_blocks,)](coef, basis_w, scale, energy, temporal, ring,
+                                                  slabs if need_grad else 0, INVERSE=False,
+                                                  **width)
     partials = torch.empty(slabs, dtype=torch.float64, device=device)
-    _band_kernel[(slabs,)](energy, temporal, scale, partials, slabs, 2.0 / numel, T=frames,
-                           T_PAD=time["T_PAD"], RINGS=RINGS, BANDS_PAD=_BANDS_PAD)
+    _band_scale_kernel[(slabs,)](energy, scale, partials, slabs, 2.0 / numel,
+                                 ROW_BLOCKS=row_blocks,
+                                 BLOCKS_PAD=triton.next_power_of_2(row_blocks),
+                                 BANDS=len(TEMPORAL_BAND_EDGES) * RINGS, BANDS_PAD=_BANDS_PAD)
     loss = torch.empty((), dtype=torch.float32, device=device)
     _loss_kernel[(1,)](partials, loss, slabs, numel, BLOCK=_FINAL_BLOCK)
     if not need_grad:
         return loss, torch.empty(0, dtype=torch.float32, device=device)
-    _plane_kernel[(planes,)](coef, energy, scale, basis_h, basis_w, ring, temporal, planes,
-                             INVERSE=True, **plane)
+    # The gradient R^T (s * u) from pred's coefficients, W first (where s is applied).
+    _band_right_kernel[(slabs * row_blocks,)](coef, basis_w, scale, energy, temporal, ring,
+                                              slabs, INVERSE=True, **width)
+    _band_left_kernel[(planes * height["COL_BLOCKS"],)](coef, coef, basis_h, TRANSPOSE=True,
+                                                        **height)
     grad = torch.empty(pred.shape, dtype=torch.float32, device=device)
-    _time_kernel[(slabs * time["COL_BLOCKS"],)](coef[0], grad, basis_t, TRANSPOSE=True, **time)
+    _band_left_kernel[(slabs * time["COL_BLOCKS"],)](coef, grad, basis_t, TRANSPOSE=True,
+                                                     **time)
     return loss, grad
 
 

@@ -118,6 +118,17 @@ def test_zero_for_a_target_of_the_same_band_amplitudes(backend, shifts):
         assert (pred - target).square().mean().item() > scale
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 33, 2, 3), (1, 2, 2, 20, 200)])
+def test_triton_sliced_contractions_and_blocks(shape):
+    """T 33 (T_PAD 64: two contraction slices of R_T); W 200 (W_PAD 256: eight slices of R_W,
+    32-row blocks, two per slab) and H * W 4,000 (sixteen column blocks of the T pass)."""
+    pred, target = _pair(shape, torch.float32, seed=sum(shape))
+    loss, grad = _triton(pred, target, True)
+    loss_ref, grad_ref = _expected(pred, target)
+    assert math.isclose(loss.item(), loss_ref.item(), rel_tol=TRITON_RTOL)
+    assert _relative_error(grad, grad_ref) < TRITON_RTOL
+
+
 def test_triton_non_contiguous_inputs():
     pred, target = _pair((2, 3, 3, 5, 6), torch.float32, seed=11)
     view = pred.permute(1, 0, 2, 3, 4).contiguous().permute(1, 0, 2, 3, 4)
