@@ -4,9 +4,8 @@ Every implementation of an op computes the same outputs from the same inputs:
   freq_loss           (loss, d loss / d pred) once: the fused op, the closed-form torch.fft
                       reference (fft, weight, ifft: cheaper than autograd), or that
                       reference under torch.compile.
-  band_amplitude_loss (loss, d loss / d pred) once: the fused op, or the torch.fft reference
-                      with its autograd (fft, band sums, backward), or that under
-                      torch.compile.
+  band_amplitude_loss (loss, d loss / d pred) once: the fused op, the closed-form torch.fft
+                      reference (fft, band sums, ifft), or that under torch.compile.
   cfg_euler_step      guided step with CFG: (x_next, g).
   double_step_target  u* with CFG from g1 (float32) and the second teacher output.
 Bytes are the least any implementation must move: each input read once, each output

@@ -148,9 +148,14 @@ def _bands_on(t: int, h: int, w: int, device: torch.device) -> tuple[torch.Tenso
 def _band_amplitudes(x: torch.Tensor, band: torch.Tensor, count: int) -> torch.Tensor:
     """||X_band|| [B, C, bands] of x's orthonormal spectrum, with gradient 0 where a band's
     energy is 0 (sqrt's is infinite there; 0 is a subgradient of the norm)."""
-    power = torch.fft.fftn(x, dim=(2, 3, 4), norm="ortho").abs().square()
-    energy = power.new_zeros(*x.shape[:2], count).index_add(2, band.flatten(),
-                                                              power.flatten(2))
+    return _spectrum_band_amplitudes(torch.fft.fftn(x, dim=(2, 3, 4), norm="ortho"), band, count)
+
+
+def _spectrum_band_amplitudes(spectrum: torch.Tensor, band: torch.Tensor,
+                              count: int) -> torch.Tensor:
+    power = spectrum.abs().square()
+    energy = power.new_zeros(*spectrum.shape[:2], count).index_add(2, band.flatten(),
+                                                                     power.flatten(2))
     nonzero = energy > 0
     return torch.where(nonzero, torch.where(nonzero, energy, 1).sqrt(), 0)
 
@@ -175,12 +180,21 @@ def band_amplitude_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> t
 
 def band_amplitude_loss_grad_reference(pred: torch.Tensor, target: torch.Tensor
                                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d pred) of ``band_amplitude_loss_reference`` by torch.fft's autograd,
-    in its arithmetic dtype (float64 when an input is, else float32)."""
-    with torch.enable_grad():
-        leaf = pred.detach().to(_compute_dtype(pred, target)).requires_grad_(True)
-        loss = band_amplitude_loss_reference(leaf, target.detach())
-        return loss.detach(), torch.autograd.grad(loss, leaf)[0]
+    """(loss, d loss / d pred) by the closed form real(ifftn(s P)), s = 2/numel
+    (1 - ||Q_b|| / ||P_b||) on band b and 0 where ||P_b|| = 0 (no autograd: it also serves
+    as an op's CPU kernel, where autograd does not record)."""
+    check_latent_pair(pred, target)
+    dtype = _compute_dtype(pred, target)
+    band, count = _bands_on(*pred.shape[2:], pred.device)
+    spectrum = torch.fft.fftn(pred.to(dtype), dim=(2, 3, 4), norm="ortho")
+    amp_pred = _spectrum_band_amplitudes(spectrum, band, count)
+    amp_target = _band_amplitudes(target.to(dtype), band, count)
+    loss = (amp_pred - amp_target).square().sum() / pred.numel()
+    filled = amp_pred > 0
+    ratio = amp_target / torch.where(filled, amp_pred, 1)
+    scale = torch.where(filled, 1 - ratio, 0)
+    grad = torch.fft.ifftn(scale[:, :, band] * spectrum, dim=(2, 3, 4), norm="ortho").real
+    return loss, grad * (2.0 / pred.numel())
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -60,8 +60,11 @@ def _pair(shape, dtype, seed):
 
 
 def _expected(pred, target):
-    """float64 loss and d loss / d pred of the reference, on the values the kernel read."""
-    return band_amplitude_loss_grad_reference(pred.double(), target.double())
+    """float64 loss and d loss / d pred (autograd) of the reference, on the values the kernel
+    read."""
+    leaf = pred.double().requires_grad_(True)
+    loss = band_amplitude_loss_reference(leaf, target.double())
+    return loss.detach(), torch.autograd.grad(loss, leaf)[0]
 
 
 def _relative_error(got, expected):
@@ -153,6 +156,19 @@ def test_real_fourier_basis_is_orthogonal_and_carries_each_bins_energy(n):
         pair = sorted({k, (n - k) % n})
         assert coefficients[pair].sum().item() == pytest.approx(power[pair].sum().item(),
                                                                 rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 3, 5, 6), (1, 1, 1, 4, 1)])
+def test_closed_form_gradient_reference_is_autograds(shape):
+    """The closed form (the reference backend's CPU kernel and the benchmark's baseline)
+    against autograd of the reference, float64; an empty band of pred gets 0."""
+    pred, target = _pair(shape, torch.float64, seed=14)
+    pred[0, 0] = 0  # every band of this slab empty
+    loss, grad = band_amplitude_loss_grad_reference(pred, target)
+    loss_ref, grad_ref = _expected(pred, target)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-14)
+    assert grad.dtype == torch.float64 and torch.equal(grad[0, 0], torch.zeros_like(grad[0, 0]))
 
 
 def test_band_tables_number_the_reference_bands():
