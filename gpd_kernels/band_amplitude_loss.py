@@ -329,6 +329,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
 
 torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
+
 def band_amplitude_loss(pred: torch.Tensor, target: torch.Tensor,
                         reduction: str = "mean") -> torch.Tensor:
     """Squared band-amplitude difference of [B, C, T, H, W] latents (the reference's
