@@ -1,10 +1,11 @@
 """Native C++ CPU ops (libgpd_native) vs the Python torch.fft / eager references, on the CPU.
 
-Groups: the frequency loss forward+backward at the tiny preset's latent [16, 3, 8, 16, 16] and
-Wan 480p's [1, 16, 21, 60, 104] (fp32 and bf16 inputs), and the teacher double-step ops at 480p.
-"native-op" calls torch.ops.gpd.freq_loss_fwd(need_grad=True) (loss and gradient in one pass);
-"native-api" is gpd_kernels.freq_loss(...).backward() (autograd around it); "reference" is
-gpd_kernels.reference.freq_loss_reference(...).backward() (torch.fft, autograd).
+Groups: the frequency loss in both forms (the paper's freq_loss and band_amplitude_loss)
+forward+backward at the tiny preset's latent [16, 3, 8, 16, 16] and Wan 480p's
+[1, 16, 21, 60, 104] (fp32 and bf16 inputs), and the teacher double-step ops at 480p.
+"native-op" calls torch.ops.gpd.<loss>_fwd(need_grad=True) (loss and gradient in one pass);
+"native-api" is gpd_kernels.<loss>(...).backward() (autograd around it); "reference" is
+gpd_kernels.reference.<loss>_reference(...).backward() (torch.fft, autograd).
 Native cases skip, with the reason, when the library is not built.
 
 Run: `python -m pytest benchmarks/bench_native.py` (threads: benchmarks/conftest.py).
@@ -18,6 +19,7 @@ import torch
 import gpd_kernels
 from gpd_kernels._native import native_unavailable_reason
 from gpd_kernels.reference import (
+    band_amplitude_loss_reference,
     cfg_euler_step_reference,
     double_step_target_reference,
     freq_loss_reference,
@@ -42,32 +44,40 @@ def _latents(shape, dtype):
     return pred, target
 
 
-def _native_op(pred, target):
-    torch.ops.gpd.freq_loss_fwd(pred.detach(), target, *WEIGHTS, True)
+def _backward(loss_fn):
+    """A step of loss_fn(pred, target).backward() on a fresh gradient."""
+    def step(pred, target):
+        pred.grad = None
+        loss_fn(pred, target).backward()
+    return step
 
 
-def _native_api(pred, target):
-    pred.grad = None
-    gpd_kernels.freq_loss(pred, target, *WEIGHTS).backward()
+LOSS_IMPLS = {
+    "freq_loss": {
+        "native-op": lambda pred, target: torch.ops.gpd.freq_loss_fwd(
+            pred.detach(), target, *WEIGHTS, True),
+        "native-api": _backward(lambda pred, target: gpd_kernels.freq_loss(pred, target,
+                                                                           *WEIGHTS)),
+        "reference": _backward(lambda pred, target: freq_loss_reference(pred, target,
+                                                                        *WEIGHTS))},
+    "band_amplitude_loss": {
+        "native-op": lambda pred, target: torch.ops.gpd.band_amplitude_loss_fwd(
+            pred.detach(), target, True),
+        "native-api": _backward(gpd_kernels.band_amplitude_loss),
+        "reference": _backward(band_amplitude_loss_reference)},
+}
 
 
-def _reference(pred, target):
-    pred.grad = None
-    freq_loss_reference(pred, target, *WEIGHTS).backward()
-
-
-FREQ_IMPLS = {"native-op": _native_op, "native-api": _native_api, "reference": _reference}
-
-
-@pytest.mark.parametrize("impl", FREQ_IMPLS)
+@pytest.mark.parametrize("impl", ["native-op", "native-api", "reference"])
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("shape_name", LATENTS)
-def test_freq_loss_fwd_bwd(benchmark, shape_name, dtype_name, impl):
+@pytest.mark.parametrize("loss", LOSS_IMPLS)
+def test_loss_fwd_bwd(benchmark, loss, shape_name, dtype_name, impl):
     if impl.startswith("native") and not NATIVE:
         pytest.skip(NO_NATIVE)
-    benchmark.group = f"freq_loss fwd+bwd {shape_name} {dtype_name} {_cpu_tag()}"
+    benchmark.group = f"{loss} fwd+bwd {shape_name} {dtype_name} {_cpu_tag()}"
     pred, target = _latents(LATENTS[shape_name], DTYPES[dtype_name])
-    benchmark.pedantic(FREQ_IMPLS[impl], args=(pred, target), rounds=ROUNDS[shape_name],
+    benchmark.pedantic(LOSS_IMPLS[loss][impl], args=(pred, target), rounds=ROUNDS[shape_name],
                        warmup_rounds=2)
 
 

@@ -41,9 +41,10 @@ from kernel_cases import (
     median_seconds_per_call,
 )
 
-from gpd_kernels import freq_loss
+from gpd_kernels import band_amplitude_loss, freq_loss
 from gpd_kernels.dit import BACKENDS, ENV_VAR, environment_value
 from gpd_kernels.reference import (
+    band_amplitude_loss_grad_reference,
     cfg_euler_step_reference,
     double_step_target_reference,
     freq_loss_grad_reference,
@@ -58,6 +59,7 @@ CHECK_SHAPES = {
     "all1": (1, 2, 1, 1, 1), "720p-like": (1, 2, 9, 90, 160), "t130": (1, 2, 130, 6, 10),
 }
 FREQ_RTOL = 2e-3  # tf32 dots on the alpha-weighted terms
+BAND_RTOL = 1e-4  # tf32x3 dots (about fp32): a bound to check, not a measured one
 STEP_TOL = {"rtol": 1e-5, "atol": 1e-5}
 # x_next is rounded once to bf16 by kernel and reference alike (double_step.py,
 # "Rounding"): they must agree to the bit.
@@ -65,6 +67,9 @@ BF16_STEP_TOL = {"rtol": 0.0, "atol": 0.0}
 TIMING_CASES = [
     ("freq_loss", "wan480p-b1", torch.bfloat16), ("freq_loss", "wan480p-b4", torch.bfloat16),
     ("freq_loss", "wan480p-b1", torch.float32), ("freq_loss", "wan480p-b4", torch.float32),
+    ("band_amplitude_loss", "wan480p-b1", torch.bfloat16),
+    ("band_amplitude_loss", "wan480p-b4", torch.bfloat16),
+    ("band_amplitude_loss", "wan480p-b1", torch.float32),
     ("cfg_euler_step", "wan480p-b1", torch.bfloat16),
     ("double_step_target", "wan480p-b1", torch.bfloat16),
 ]
@@ -103,6 +108,34 @@ def check_freq_loss(shape, dtype, device, generator) -> list[str]:
     limits = {"autograd": 1e-2 if dtype == torch.bfloat16 else FREQ_RTOL}
     return [f"{name} rel err {err:.2e}" for name, err in errors.items()
             if not err <= limits.get(name, FREQ_RTOL)]
+
+
+def check_band_amplitude_loss(shape, dtype, device, generator) -> list[str]:
+    """The op (need_grad on and off) and the public function's autograd for both inputs
+    against float64 torch.fft. A launch that raises (a kernel that does not compile on this
+    GPU, say) is reported as a failure of this case, not of the whole check."""
+    # target 1.3 x as large: band amplitudes apart, as in training's early steps (random pairs
+    # of one scale have nearly equal ones, whose difference would measure only rounding)
+    pred = torch.randn(shape, generator=generator, device=device).to(dtype)
+    target = (1.3 * torch.randn(shape, generator=generator, device=device)).to(dtype)
+    poison_allocator(pred.numel() * 4, device)
+    try:
+        loss, grad = torch.ops.gpd.band_amplitude_loss_fwd(pred, target, True)
+        loss_only, _ = torch.ops.gpd.band_amplitude_loss_fwd(pred, target, False)
+        leaf, target_leaf = pred.detach().requires_grad_(), target.detach().requires_grad_()
+        band_amplitude_loss(leaf, target_leaf).backward()
+    except Exception as exc:  # one broken shape must not hide the other checks
+        return [f"raised {type(exc).__name__}: {exc}"[:200]]
+    loss_ref, grad_ref = band_amplitude_loss_grad_reference(pred.double(), target.double())
+    _, target_grad_ref = band_amplitude_loss_grad_reference(target.double(), pred.double())
+    errors = {"loss": _relative(loss, loss_ref), "loss(no grad)": _relative(loss_only, loss_ref),
+              "grad": _relative(grad, grad_ref), "autograd": _relative(leaf.grad, grad_ref),
+              "autograd(target)": _relative(target_leaf.grad, target_grad_ref)}
+    # autograd casts the gradients to the input dtype: bf16 rounding on top of tf32
+    bf16 = dtype == torch.bfloat16
+    limits = {name: 1e-2 for name in ("autograd", "autograd(target)") if bf16}
+    return [f"{name} rel err {err:.2e}" for name, err in errors.items()
+            if not err <= limits.get(name, BAND_RTOL)]
 
 
 def check_freq_loss_variants(dtype, generator) -> list[dict]:
@@ -152,6 +185,7 @@ def run_checks(device: str) -> list[dict]:
     for shape_name, shape in CHECK_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             for op_name, check in (("freq_loss", check_freq_loss),
+                                   ("band_amp_loss", check_band_amplitude_loss),
                                    ("double_step", check_double_step)):
                 failures = check(shape, dtype, device, generator)
                 rows.append({"op": op_name, "shape": shape_name, "dtype": DTYPE_NAMES[dtype],
@@ -250,6 +284,9 @@ def summary_line(checks, timings, dit_rows) -> str:
     for r in timings:
         if r["op"] == "freq_loss" and "pct_peak" in r:
             parts.append(f"freq_loss {r['shape']} {r['dtype']} {r['pct_peak']:.1f}% HBM")
+        if r["op"] == "band_amplitude_loss":
+            parts.append(f"band_amplitude_loss {r['shape']} {r['dtype']} x torch.fft "
+                         f"{_ratio(r, 'eager', 'triton')}")
     parts += [f"{r['op']} x compile {_ratio(r, 'compile', 'triton')}" for r in dit_rows]
     return "SUMMARY " + "; ".join(parts)
 

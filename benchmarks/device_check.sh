@@ -71,19 +71,20 @@ run_block() {
 
 pytest_args=(-q -rs -p no:cacheprovider)
 # ---- correctness ----------------------------------------------------------------------
-# The kernel tests on CUDA (DiT ops, double-step, frequency loss, the model's fused path
-# against its CPU reference, the sampler's real CUDA graph against eager), then the
-# registered gpd:: ops against float64 on fresh inputs.
+# The kernel tests on CUDA (DiT ops, double-step, frequency loss in both forms, the model's
+# fused path against its CPU reference, the sampler's real CUDA graph against eager), then
+# the registered gpd:: ops against float64 on fresh inputs.
 run_block kernel-tests 180 "$PYTHON" -m pytest "${pytest_args[@]}" tests/test_adaln.py \
   tests/test_rope_norm.py tests/test_double_step.py tests/test_freq_loss.py \
-  tests/test_graph_sampler.py
+  tests/test_band_amplitude_kernel.py tests/test_graph_sampler.py
 if [[ $quick == 1 ]]; then
   run_block kernel-checks 120 "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
     --quick "${passthrough[@]}"
 else
   # ---- timings, most wanted first --------------------------------------------------------
-  # Library kernels (checks, then timings: freq_loss % of HBM) and the fused DiT ops against
-  # eager and torch.compile, with the faster backend per op; its tables end its log.
+  # Library kernels (checks, then timings: freq_loss % of HBM; the band-amplitude loss beside
+  # its torch.fft reference, x torch.fft in the summary) and the fused DiT ops against eager
+  # and torch.compile, with the faster backend per op; its tables end its log.
   run_block kernels 240 "$PYTHON" benchmarks/device_check.py ${OUT:+--out "$OUT"} \
     "${passthrough[@]}"
   # Issue 14 item 2's decision, inside the model: 4 blocks of the 1.3B DiT fwd+bwd at 480p

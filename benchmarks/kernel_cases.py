@@ -4,6 +4,8 @@ Every implementation of an op computes the same outputs from the same inputs:
   freq_loss           (loss, d loss / d pred) once: the fused op, the closed-form torch.fft
                       reference (fft, weight, ifft: cheaper than autograd), or that
                       reference under torch.compile.
+  band_amplitude_loss (loss, d loss / d pred) once: the fused op, the closed-form torch.fft
+                      reference (fft, band sums, ifft), or that under torch.compile.
   cfg_euler_step      guided step with CFG: (x_next, g).
   double_step_target  u* with CFG from g1 (float32) and the second teacher output.
 Bytes are the least any implementation must move: each input read once, each output
@@ -21,9 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpd_kernels.band_amplitude_loss import band_amplitude_loss_triton
 from gpd_kernels.double_step import cfg_euler_step_triton, double_step_target_triton
 from gpd_kernels.freq_loss import freq_loss_triton
 from gpd_kernels.reference import (
+    band_amplitude_loss_grad_reference,
     cfg_euler_step_reference,
     double_step_target_reference,
     freq_loss_grad_reference,
@@ -67,9 +71,12 @@ def _per_sample(shape, low, high, device, generator):
     return low + (high - low) * values
 
 
+def _pair_inputs(shape, dtype, device, generator):
+    return _randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator)
+
+
 def _freq_inputs(shape, dtype, device, generator):
-    return (_randn(shape, dtype, device, generator), _randn(shape, dtype, device, generator),
-            *LOSS_PARAMS)
+    return (*_pair_inputs(shape, dtype, device, generator), *LOSS_PARAMS)
 
 
 def _step_inputs(shape, dtype, device, generator):
@@ -105,6 +112,13 @@ OPS = {
             slabs_per_launch=pred.shape[0] * pred.shape[1]),
          "triton_rows32": lambda pred, target, *params: freq_loss_triton(
             pred, target, *params, need_grad=True, plane_rows=32)},
+    ),
+    "band_amplitude_loss": OpCase(
+        "band_amplitude_loss", _pair_inputs,
+        # read pred and target, write the float32 gradient
+        lambda shape, dtype: math.prod(shape) * (2 * _size(dtype) + 4),
+        lambda pred, target: band_amplitude_loss_triton(pred, target, need_grad=True),
+        band_amplitude_loss_grad_reference,
     ),
     "cfg_euler_step": OpCase(
         "cfg_euler_step", _step_inputs,

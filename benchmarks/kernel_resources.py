@@ -46,6 +46,7 @@ from triton.runtime.jit import JITFunction
 import gpd_kernels._launch as launch
 import gpd_kernels.dit as dit
 from gpd_kernels import force_fused_dit_ops
+from gpd_kernels.band_amplitude_loss import band_amplitude_loss_triton
 from gpd_kernels.double_step import cfg_euler_step_triton, double_step_target_triton
 from gpd_kernels.freq_loss import freq_loss_triton
 from gpd_model import WanDiT, get_preset
@@ -139,6 +140,11 @@ def _freq_loss(shape: tuple[int, ...], dtype: torch.dtype, plane_rows: int | Non
     freq_loss_triton(pred, target, 1.0, 1.0, 1.0, True, plane_rows=plane_rows)
 
 
+def _band_amplitude_loss(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    pred, target = (torch.empty(shape, dtype=dtype) for _ in range(2))
+    band_amplitude_loss_triton(pred, target, need_grad=True)
+
+
 # name: what to run. The model cases cover the three DiT ops; the others the library ops.
 CASES: dict[str, Callable[[], None]] = {
     "dit-1.3B-bf16": lambda: _model_step("wan2.1-t2v-1.3b", 1, torch.bfloat16),
@@ -153,6 +159,9 @@ CASES: dict[str, Callable[[], None]] = {
     "freq-loss-480p-bf16-rows32": lambda: _freq_loss(WAN_480P, torch.bfloat16, 32),
     "freq-loss-720p-bf16": lambda: _freq_loss(WAN_720P, torch.bfloat16),
     "freq-loss-t130-fp32": lambda: _freq_loss((1, 2, 130, 6, 10), torch.float32),
+    "band-loss-480p-bf16": lambda: _band_amplitude_loss(WAN_480P, torch.bfloat16),
+    "band-loss-480p-fp32": lambda: _band_amplitude_loss(WAN_480P, torch.float32),
+    "band-loss-720p-bf16": lambda: _band_amplitude_loss(WAN_720P, torch.bfloat16),
 }
 
 

@@ -12,6 +12,12 @@ std::tuple<at::Tensor, at::Tensor> freq_loss_fwd_cpu(const at::Tensor& pred,
                                                      const at::Tensor& target, double alpha_s,
                                                      double alpha_t, double gamma, bool need_grad);
 
+// Band-amplitude loss (band_amplitude_loss.cpp): (float32 loss, float32 d loss / d pred or
+// an empty tensor).
+std::tuple<at::Tensor, at::Tensor> band_amplitude_loss_fwd_cpu(const at::Tensor& pred,
+                                                               const at::Tensor& target,
+                                                               bool need_grad);
+
 std::tuple<at::Tensor, at::Tensor> cfg_euler_step_cpu(const at::Tensor& x,
                                                       const at::Tensor& u_cond,
                                                       const std::optional<at::Tensor>& u_uncond,

@@ -14,6 +14,7 @@ TORCH_LIBRARY(gpd, m) {
 
 TORCH_LIBRARY_IMPL(gpd, CPU, m) {
   m.impl("freq_loss_fwd", TORCH_FN(gpd::freq_loss_fwd_cpu));
+  m.impl("band_amplitude_loss_fwd", TORCH_FN(gpd::band_amplitude_loss_fwd_cpu));
   m.impl("cfg_euler_step", TORCH_FN(gpd::cfg_euler_step_cpu));
   m.impl("double_step_target", TORCH_FN(gpd::double_step_target_cpu));
   m.impl("adaln_modulate_fwd", TORCH_FN(gpd::adaln_modulate_fwd_cpu));

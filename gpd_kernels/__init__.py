@@ -1,6 +1,7 @@
 """Fused ops for GPD training (imports only torch and triton).
 
-Distillation ops: the latent frequency loss and the online-target teacher double-step.
+Distillation ops: the latent frequency loss (the paper's form and the band-amplitude form)
+and the online-target teacher double-step.
 DiT ops: adaLN LayerNorm+modulation, gated residual, and q/k RMSNorm fused with 3D RoPE.
 The distillation ops live in the `gpd` torch.library namespace (Triton on CUDA; the
 native C++ library or a PyTorch reference on the CPU, see `cpu_backend()`) and work under
@@ -13,6 +14,7 @@ on CPU tensors under TRITON_INTERPRET=1, as the tests do.
 
 from ._native import cpu_backend
 from .adaln import GatedResidual, LayerNormModulate, gated_residual, layernorm_modulate
+from .band_amplitude_loss import BandAmplitudeLoss, band_amplitude_loss
 from .dit import (
     dit_op,
     dit_op_backend,
@@ -25,10 +27,12 @@ from .freq_loss import FrequencyLoss, freq_loss
 from .rope_norm import RMSNormRoPE, rms_norm_rope
 
 __all__ = [
+    "BandAmplitudeLoss",
     "FrequencyLoss",
     "GatedResidual",
     "LayerNormModulate",
     "RMSNormRoPE",
+    "band_amplitude_loss",
     "cfg_euler_step",
     "cpu_backend",
     "dit_op",

@@ -120,13 +120,19 @@ def _band_of(values: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
     return torch.bucketize(values, torch.tensor(edges, dtype=values.dtype) + 1e-9)
 
 
+def band_tables(t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temporal band [T], spatial ring [H, W]) of each FFT bin along its axes, int64: bin
+    (kt, kh, kw) is in band temporal[kt] * len(SPATIAL_RING_EDGES) + ring[kh, kw]."""
+    f_t, f_h, f_w = (axis_frequency(n, torch.float64) for n in (t, h, w))
+    radius = ((f_h[:, None].square() + f_w[None, :].square()) / 2).sqrt()
+    return _band_of(f_t, TEMPORAL_BAND_EDGES), _band_of(radius, SPATIAL_RING_EDGES)
+
+
 def spectral_bands(t: int, h: int, w: int) -> tuple[torch.Tensor, int]:
     """([T, H, W] int64 band of each FFT bin, numbered over the bands that hold a bin, and
     their count): temporal band x spatial ring, ordered temporal-major."""
-    f_t, f_h, f_w = (axis_frequency(n, torch.float64) for n in (t, h, w))
-    radius = ((f_h[:, None].square() + f_w[None, :].square()) / 2).sqrt()
-    band = (_band_of(f_t, TEMPORAL_BAND_EDGES)[:, None, None] * len(SPATIAL_RING_EDGES)
-            + _band_of(radius, SPATIAL_RING_EDGES)[None])
+    temporal, ring = band_tables(t, h, w)
+    band = temporal[:, None, None] * len(SPATIAL_RING_EDGES) + ring[None]
     present, numbered = torch.unique(band, return_inverse=True)
     return numbered, present.numel()
 
@@ -142,9 +148,14 @@ def _bands_on(t: int, h: int, w: int, device: torch.device) -> tuple[torch.Tenso
 def _band_amplitudes(x: torch.Tensor, band: torch.Tensor, count: int) -> torch.Tensor:
     """||X_band|| [B, C, bands] of x's orthonormal spectrum, with gradient 0 where a band's
     energy is 0 (sqrt's is infinite there; 0 is a subgradient of the norm)."""
-    power = torch.fft.fftn(x, dim=(2, 3, 4), norm="ortho").abs().square()
-    energy = power.new_zeros(*x.shape[:2], count).index_add(2, band.flatten(),
-                                                              power.flatten(2))
+    return _spectrum_band_amplitudes(torch.fft.fftn(x, dim=(2, 3, 4), norm="ortho"), band, count)
+
+
+def _spectrum_band_amplitudes(spectrum: torch.Tensor, band: torch.Tensor,
+                              count: int) -> torch.Tensor:
+    power = spectrum.abs().square()
+    energy = power.new_zeros(*spectrum.shape[:2], count).index_add(2, band.flatten(),
+                                                                     power.flatten(2))
     nonzero = energy > 0
     return torch.where(nonzero, torch.where(nonzero, energy, 1).sqrt(), 0)
 
@@ -165,6 +176,25 @@ def band_amplitude_loss_reference(pred: torch.Tensor, target: torch.Tensor) -> t
     gap = _band_amplitudes(pred.to(dtype), band, count) - _band_amplitudes(target.to(dtype),
                                                                          band, count)
     return gap.square().sum() / pred.numel()
+
+
+def band_amplitude_loss_grad_reference(pred: torch.Tensor, target: torch.Tensor
+                                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d pred) by the closed form real(ifftn(s P)), s = 2/numel
+    (1 - ||Q_b|| / ||P_b||) on band b and 0 where ||P_b|| = 0 (no autograd: it also serves
+    as an op's CPU kernel, where autograd does not record)."""
+    check_latent_pair(pred, target)
+    dtype = _compute_dtype(pred, target)
+    band, count = _bands_on(*pred.shape[2:], pred.device)
+    spectrum = torch.fft.fftn(pred.to(dtype), dim=(2, 3, 4), norm="ortho")
+    amp_pred = _spectrum_band_amplitudes(spectrum, band, count)
+    amp_target = _band_amplitudes(target.to(dtype), band, count)
+    loss = (amp_pred - amp_target).square().sum() / pred.numel()
+    filled = amp_pred > 0
+    ratio = amp_target / torch.where(filled, amp_pred, 1)
+    scale = torch.where(filled, 1 - ratio, 0)
+    grad = torch.fft.ifftn(scale[:, :, band] * spectrum, dim=(2, 3, 4), norm="ortho").real
+    return loss, grad * (2.0 / pred.numel())
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

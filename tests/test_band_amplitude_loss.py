@@ -206,6 +206,15 @@ def test_the_objective_matches_the_clean_predictions_band_amplitudes():
     assert loss.item() == pytest.approx((extras["mse"] + 3.0 * extras["freq"]).item(), rel=1e-6)
     velocity_form = band_amplitude_loss_reference(u_student, u_star)
     assert not math.isclose(extras["freq"].item(), velocity_form.item(), rel_tol=1e-2)
+    # The term runs through the fused op: its gradient w.r.t. the student's velocity is the
+    # reference's (float64) within float tolerance.
+    leaf = u_student.clone().requires_grad_(True)
+    (fused,) = torch.autograd.grad(objective._freq_loss(batch, leaf, u_star), leaf)
+    leaf64 = u_student.double().requires_grad_(True)
+    scaled = batch.x.double() / sigma.double()
+    (expected,) = torch.autograd.grad(
+        band_amplitude_loss_reference(scaled - leaf64, scaled - u_star.double()), leaf64)
+    assert ((fused.double() - expected).norm() / expected.norm()).item() < 1e-4
 
 
 @pytest.mark.parametrize("form", ["fourier_mse", "band_amplitude"])

@@ -26,7 +26,7 @@ def _launched_kernels() -> set[str]:
     """Names of the module-level kernels of gpd_kernels (helpers they inline excluded);
     interpreted here when the suite runs under TRITON_INTERPRET=1."""
     names = set()
-    for module in ("adaln", "rope_norm", "double_step", "freq_loss"):
+    for module in ("adaln", "rope_norm", "double_step", "freq_loss", "band_amplitude_loss"):
         names |= {name.lstrip("_") for name, value in
                   vars(importlib.import_module(f"gpd_kernels.{module}")).items()
                   if isinstance(value, JITFunction | InterpretedFunction)
@@ -59,7 +59,8 @@ def test_every_kernel_is_compiled_for_sm90(table):
     compiled = {kernel for _, kernel in table}
     assert _launched_kernels() == compiled
     assert {case for case, _ in table} >= {"dit-1.3B-bf16", "dit-14B-bf16", "double-step-bf16",
-                                          "freq-loss-480p-bf16", "freq-loss-720p-bf16"}
+                                          "freq-loss-480p-bf16", "freq-loss-720p-bf16",
+                                          "band-loss-480p-bf16", "band-loss-720p-bf16"}
 
 
 def test_frequency_loss_dots_use_tensor_cores(table):

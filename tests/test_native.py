@@ -17,6 +17,7 @@ import torch
 import gpd_kernels
 from gpd_kernels._native import native_library_path, native_unavailable_reason, schema_mismatches
 from gpd_kernels.reference import (
+    band_amplitude_loss_reference,
     cfg_euler_step_reference,
     double_step_target_reference,
     freq_loss_grad_reference,
@@ -30,6 +31,7 @@ if gpd_kernels.cpu_backend() != "native":
     pytest.skip(reason, allow_module_level=True)
 
 freq_loss_fwd = torch.ops.gpd.freq_loss_fwd
+band_amplitude_loss_fwd = torch.ops.gpd.band_amplitude_loss_fwd
 cfg_euler_step = torch.ops.gpd.cfg_euler_step
 double_step_target = torch.ops.gpd.double_step_target
 
@@ -241,6 +243,12 @@ FREQ_BAD = {
     "tiny-negative-gamma": lambda: (torch.randn(LATENT), torch.randn(LATENT), 1., 1., -2.5e-05),
     "large-negative-alpha_s": lambda: (torch.randn(LATENT), torch.randn(LATENT), -1e20, 1., 1.),
 }
+BAND_BAD = {
+    "band-int-pred": lambda: (torch.ones(LATENT, dtype=torch.int64), torch.randn(LATENT)),
+    "band-rank-4": lambda: (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)),
+    "band-shape-mismatch": lambda: (torch.randn(LATENT), torch.randn(1, 2, 3, 4, 6)),
+    "band-empty": lambda: (torch.randn(0, 2, 3, 4, 5), torch.randn(0, 2, 3, 4, 5)),
+}
 X = (2, 3)
 CFG_BAD = {
     "0-D-x": lambda: (torch.tensor(1.0), torch.tensor(1.0), None, None, _b(0.5), _b(0.2)),
@@ -270,6 +278,8 @@ TARGET_BAD = {
                                _b(.9, .9), _b(.5, .5), _b(.2, .2)),
 }
 BAD_CASES = [(freq_loss_fwd, freq_loss_reference, name, make) for name, make in FREQ_BAD.items()]
+BAD_CASES += [(band_amplitude_loss_fwd, band_amplitude_loss_reference, name, make)
+              for name, make in BAND_BAD.items()]
 BAD_CASES += [(cfg_euler_step, cfg_euler_step_reference, name, make)
               for name, make in CFG_BAD.items()]
 BAD_CASES += [(double_step_target, double_step_target_reference, name, make)
@@ -280,7 +290,7 @@ BAD_CASES += [(double_step_target, double_step_target_reference, name, make)
                          ids=[case[2] for case in BAD_CASES])
 def test_bad_input_same_error_as_python_path(native_op, python_path, name, make_args):
     args = make_args()
-    native_args = args + (True,) if native_op is freq_loss_fwd else args
+    native_args = args + (True,) if native_op in (freq_loss_fwd, band_amplitude_loss_fwd) else args
     native_type, native_message = _error(native_op, *native_args)
     python_type, python_message = _error(python_path, *args)
     assert (native_type, native_message) == (python_type, python_message)

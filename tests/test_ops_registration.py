@@ -6,7 +6,11 @@ import torch
 import gpd_kernels
 from gpd_kernels._native import native_unavailable_reason
 from gpd_kernels._registry import SCHEMA_FILE
-from gpd_kernels.reference import cfg_euler_step_reference, freq_loss_grad_reference
+from gpd_kernels.reference import (
+    band_amplitude_loss_grad_reference,
+    cfg_euler_step_reference,
+    freq_loss_grad_reference,
+)
 
 OPCHECK_CASES = {
     "freq_loss_with_grad": lambda: (
@@ -17,6 +21,12 @@ OPCHECK_CASES = {
         torch.ops.gpd.freq_loss_fwd.default,
         (torch.randn(1, 2, 3, 1, 7), torch.randn(1, 2, 3, 1, 7, requires_grad=True),
          0.3, 2.0, 1.0, False)),
+    "band_amplitude_loss_with_grad": lambda: (
+        torch.ops.gpd.band_amplitude_loss_fwd.default,
+        (torch.randn(2, 3, 4, 5, 6, requires_grad=True), torch.randn(2, 3, 4, 5, 6), True)),
+    "band_amplitude_loss_without_grad": lambda: (
+        torch.ops.gpd.band_amplitude_loss_fwd.default,
+        (torch.randn(1, 2, 3, 1, 7), torch.randn(1, 2, 3, 1, 7, requires_grad=True), False)),
     "cfg_euler_step_guided": lambda: (
         torch.ops.gpd.cfg_euler_step.default,
         (torch.randn(2, 3, 4).bfloat16(), torch.randn(2, 3, 4), torch.randn(2, 3, 4),
@@ -52,16 +62,27 @@ def test_python_definitions_follow_schema_file():
         assert str(schema) == f"gpd::{line}"
 
 
-def test_freq_loss_compiles_fullgraph_forward_and_backward():
+# Each loss form as a module with reduction="sum", and its float64 (loss, d loss / d pred).
+COMPILE_CASES = {
+    "freq_loss": (
+        lambda: gpd_kernels.FrequencyLoss(alpha_s=1.5, alpha_t=0.5, gamma=2.0, reduction="sum"),
+        lambda pred, target: freq_loss_grad_reference(pred, target, 1.5, 0.5, 2.0)),
+    "band_amplitude_loss": (lambda: gpd_kernels.BandAmplitudeLoss(reduction="sum"),
+                            band_amplitude_loss_grad_reference),
+}
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_losses_compile_fullgraph_forward_and_backward(case):
+    make_criterion, grad_reference = COMPILE_CASES[case]
     generator = torch.Generator().manual_seed(0)
     pred = torch.randn(2, 2, 3, 6, 5, generator=generator, requires_grad=True)
     target = torch.randn(2, 2, 3, 6, 5, generator=generator)
-    criterion = gpd_kernels.FrequencyLoss(alpha_s=1.5, alpha_t=0.5, gamma=2.0, reduction="sum")
+    criterion = make_criterion()
     compiled = torch.compile(lambda p, t: criterion(p, t) * 0.5, fullgraph=True)
     loss = compiled(pred, target)
     loss.backward()
-    loss_ref, grad_ref = freq_loss_grad_reference(pred.detach().double(), target.double(),
-                                                  1.5, 0.5, 2.0)
+    loss_ref, grad_ref = grad_reference(pred.detach().double(), target.double())
     numel = pred.numel()
     assert loss.item() == pytest.approx(loss_ref.item() * numel * 0.5, rel=1e-5)
     torch.testing.assert_close(pred.grad.double(), grad_ref * numel * 0.5, rtol=1e-5, atol=1e-6)

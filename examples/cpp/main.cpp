@@ -56,7 +56,7 @@ double weighted_spectrum_1d(const at::Tensor& d, double c, double gamma) {
 }  // namespace
 
 int main() {
-  expect(gpd_native_schema_count() == 7, "libgpd_native defines the 7 gpd:: schemas");
+  expect(gpd_native_schema_count() == 8, "libgpd_native defines the 8 gpd:: schemas");
   const auto freq_loss = find_op<FreqLossFn>("gpd::freq_loss_fwd");
   const auto cfg_euler_step = find_op<CfgEulerFn>("gpd::cfg_euler_step");
   const auto double_step_target = find_op<TargetFn>("gpd::double_step_target");

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpd_kernels import cfg_euler_step, double_step_target, freq_loss
-from gpd_kernels.reference import band_amplitude_loss_reference
+from gpd_kernels import band_amplitude_loss, cfg_euler_step, double_step_target, freq_loss
 from gpd_model import (
     CFG,
     Conditioning,
@@ -335,7 +334,7 @@ class OnlineDistillation:
         # difference is u* - u_S). A student grid's start points have sigma > 0.
         sigma = self.grid.student[batch.index].reshape(-1, *(1,) * (u_star.dim() - 1))
         scaled = batch.x.float() / sigma
-        return band_amplitude_loss_reference(scaled - u_student, scaled - u_star)
+        return band_amplitude_loss(scaled - u_student, scaled - u_star)
 
     def finish(self, outputs: dict[str, torch.Tensor]) -> None:
         if self.lanes is not None:
