@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "latent_loss.h"
 #include "ops.h"
 
 namespace gpd {
@@ -177,32 +178,12 @@ std::tuple<at::Tensor, at::Tensor> band_amplitude_loss_fwd_cpu(const at::Tensor&
   TORCH_CHECK_VALUE(pred.numel() > 0, "pred: expected a non-empty tensor, got shape ",
                     py_shape(pred.sizes()));
 
-  // float64 arithmetic when an input is float64, else float32 (as the reference); the
-  // outputs are float32 either way (the op's contract).
-  const bool wide = pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
-  const auto acc_dtype = wide ? at::kDouble : at::kFloat;
-  const bool mixed = pred.scalar_type() != target.scalar_type();
-  const at::Tensor pred_c = mixed ? pred.to(acc_dtype).contiguous() : pred.contiguous();
-  const at::Tensor target_c = mixed ? target.to(acc_dtype).contiguous() : target.contiguous();
-  const auto out_options = pred.options().dtype(at::kFloat);
-  at::Tensor grad_acc;
-  if (need_grad) grad_acc = at::empty(pred.sizes(), pred.options().dtype(acc_dtype));
-  double loss = 0.0;
-  switch (pred_c.scalar_type()) {
-    case at::kDouble:
-      loss = band_amplitude_kernel<double, double>(pred_c, target_c, grad_acc);
-      break;
-    case at::kBFloat16:
-      loss = band_amplitude_kernel<at::BFloat16, float>(pred_c, target_c, grad_acc);
-      break;
-    case at::kHalf:
-      loss = band_amplitude_kernel<at::Half, float>(pred_c, target_c, grad_acc);
-      break;
-    default:
-      loss = band_amplitude_kernel<float, float>(pred_c, target_c, grad_acc);
-  }
-  at::Tensor grad = need_grad ? grad_acc.to(at::kFloat) : at::empty({0}, out_options);
-  return {at::scalar_tensor(loss, out_options), grad};
+  return run_latent_loss(pred, target, need_grad,
+                         [](auto input, auto acc, const at::Tensor& p, const at::Tensor& t,
+                            at::Tensor& grad) {
+                           return band_amplitude_kernel<decltype(input), decltype(acc)>(p, t,
+                                                                                       grad);
+                         });
 }
 
 }  // namespace gpd

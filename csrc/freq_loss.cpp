@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "latent_loss.h"
 #include "ops.h"
 
 namespace gpd {
@@ -152,39 +153,17 @@ std::tuple<at::Tensor, at::Tensor> freq_loss_fwd_cpu(const at::Tensor& pred,
   check_same_device({{"pred", &pred}, {"target", &target}});
   check_loss_params(alpha_s, alpha_t, gamma);
 
-  // float64 arithmetic when an input is float64, else float32 (as the reference);
-  // the outputs are float32 either way (the op's contract).
-  const bool wide = pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble;
-  const auto acc_dtype = wide ? at::kDouble : at::kFloat;
-  // Mixed input dtypes are rare: bring both to the arithmetic dtype instead of instantiating
-  // every pair.
-  const bool mixed = pred.scalar_type() != target.scalar_type();
-  const at::Tensor pred_c = mixed ? pred.to(acc_dtype).contiguous() : pred.contiguous();
-  const at::Tensor target_c = mixed ? target.to(acc_dtype).contiguous() : target.contiguous();
-  const auto out_options = pred.options().dtype(at::kFloat);
   if (pred.numel() == 0) {  // 0 / 0, as the reference's mean over nothing
+    const auto out_options = pred.options().dtype(at::kFloat);
     return {at::scalar_tensor(std::nan(""), out_options),
             at::empty(need_grad ? pred.sizes() : at::IntArrayRef{0}, out_options)};
   }
-  at::Tensor grad_acc;
-  if (need_grad) grad_acc = at::empty(pred.sizes(), pred.options().dtype(acc_dtype));
-  double loss = 0.0;
-  switch (pred_c.scalar_type()) {
-    case at::kDouble:
-      loss = freq_loss_kernel<double, double>(pred_c, target_c, alpha_s, alpha_t, gamma, grad_acc);
-      break;
-    case at::kBFloat16:
-      loss = freq_loss_kernel<at::BFloat16, float>(pred_c, target_c, alpha_s, alpha_t, gamma,
-                                                   grad_acc);
-      break;
-    case at::kHalf:
-      loss = freq_loss_kernel<at::Half, float>(pred_c, target_c, alpha_s, alpha_t, gamma, grad_acc);
-      break;
-    default:
-      loss = freq_loss_kernel<float, float>(pred_c, target_c, alpha_s, alpha_t, gamma, grad_acc);
-  }
-  at::Tensor grad = need_grad ? grad_acc.to(at::kFloat) : at::empty({0}, out_options);
-  return {at::scalar_tensor(loss, out_options), grad};
+  return run_latent_loss(pred, target, need_grad,
+                         [&](auto input, auto acc, const at::Tensor& p, const at::Tensor& t,
+                             at::Tensor& grad) {
+                           return freq_loss_kernel<decltype(input), decltype(acc)>(
+                               p, t, alpha_s, alpha_t, gamma, grad);
+                         });
 }
 
 }  // namespace gpd

@@ -20,6 +20,7 @@ gives the VAE's latent (in = out = z_dim).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,6 +79,23 @@ def build_wan22_folder(root: Path, boundary_ratio: float, seed: int = 0) -> Path
                 transformer_2=tiny_transformer(), boundary_ratio=boundary_ratio
                 ).save_pretrained(str(root))
     return root
+
+
+PAIR_PROMPTS = ("a red cat runs in the park", "the blue dog jumps", "green bird flies")
+
+
+def pair_run_args(wan22: Path, folder: Path, toml: str,
+                  prompts: Sequence[str] = PAIR_PROMPTS, run_dir: bool = True) -> list[str]:
+    """The training CLI arguments of a run distilling the two-expert folder ``wan22`` at the
+    tiny video size, its TOML and prompts written into ``folder`` (its run in
+    ``folder/run``, unless ``run_dir`` is False: the caller adds --run-dir)."""
+    (folder / "run.toml").write_text(toml)
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    where = ["--run-dir", folder / "run"] if run_dir else []
+    return [str(v) for v in (
+        "--config", folder / "run.toml", *where, "--device", "cpu", "--teacher", wan22,
+        "--prompts", folder / "prompts.txt", "--threads", 1, "--height", VIDEO["height"],
+        "--width", VIDEO["width"], "--frames", VIDEO["frames"])]
 
 
 # CLIP stand-in: 28 x 28 pixels in 14 x 14 patches -> 4 patch tokens + 1 class token.

@@ -155,16 +155,12 @@ if __name__ == "__main__":
 def runs(tmp_path_factory) -> tuple[Path, str]:
     """The folder of every layout's run (and the one-process run, ``one``) and the
     launch's stdout."""
-    from realscale_fixtures import VIDEO, build_wan22_folder
+    from realscale_fixtures import build_wan22_folder, pair_run_args
 
     folder = tmp_path_factory.mktemp("pair_ranks")
     wan22 = build_wan22_folder(folder / "Wan2.2-T2V-tiny-Diffusers", boundary_ratio=BOUNDARY)
-    (folder / "run.toml").write_text(TOML)
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    args = ["--config", folder / "run.toml", "--device", "cpu", "--teacher", wan22,
-            "--prompts", folder / "prompts.txt", "--threads", 1, "--height", VIDEO["height"],
-            "--width", VIDEO["width"], "--frames", VIDEO["frames"]]
-    (folder / "args.json").write_text(json.dumps([str(a) for a in args]))
+    args = pair_run_args(wan22, folder, TOML, PROMPTS, run_dir=False)
+    (folder / "args.json").write_text(json.dumps(args))
     result = subprocess.run(torchrun([str(Path(__file__).resolve()), str(folder)]), cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from builders import random_dit  # noqa: E402
-from realscale_fixtures import VIDEO, build_wan22_folder  # noqa: E402
+from realscale_fixtures import VIDEO, build_wan22_folder, pair_run_args  # noqa: E402
 
 from gpd_model import (  # noqa: E402
     CFG,
@@ -61,7 +61,6 @@ stage_guidance = [2.0]
 """
 # Our sampler through the student pair vs WanPipeline on its export (float32): the task's bound.
 PIPELINE_ATOL = 1e-4
-PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
 
 
 def _args(*values: object) -> list[str]:
@@ -74,20 +73,10 @@ def wan22(tmp_path_factory):
                               boundary_ratio=BOUNDARY)
 
 
-def _run_args(wan22: Path, folder: Path) -> list[str]:
-    """The CLI arguments of a pair run in ``folder`` (its TOML and prompts written there)."""
-    (folder / "run.toml").write_text(TOML)
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return _args("--config", folder / "run.toml", "--run-dir", folder / "run", "--device",
-                 "cpu", "--teacher", wan22, "--prompts", folder / "prompts.txt", "--threads", 1,
-                 "--height", VIDEO["height"], "--width", VIDEO["width"], "--frames",
-                 VIDEO["frames"])
-
-
 @pytest.fixture
 def pair_run(wan22, tmp_path):
     """The CLI arguments of a pair run and its folder, stage 0 imported."""
-    args = _run_args(wan22, tmp_path)
+    args = pair_run_args(wan22, tmp_path, TOML)
     assert train_main(["--stage", "0", *args]) == 0
     return args, tmp_path / "run"
 
@@ -96,7 +85,7 @@ def pair_run(wan22, tmp_path):
 def trained(wan22, tmp_path_factory):
     """A pair run's folder with stage 1 trained without interruption."""
     folder = tmp_path_factory.mktemp("trained")
-    args = _run_args(wan22, folder)
+    args = pair_run_args(wan22, folder, TOML)
     assert train_main(["--stage", "0", *args]) == 0
     assert train_main(["--stage", "1", *args]) == 0
     return folder / "run"

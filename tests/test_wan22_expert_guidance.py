@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from realscale_fixtures import VIDEO, build_wan22_folder  # noqa: E402
+from realscale_fixtures import PAIR_PROMPTS, build_wan22_folder, pair_run_args  # noqa: E402
 
 from gpd_model import Conditioning, sigma_grid  # noqa: E402
 from gpd_train.__main__ import main as train_main  # noqa: E402
@@ -45,12 +45,7 @@ stage_guidance_2 = [{LOW}]
 def run_args(tmp_path_factory):
     folder = tmp_path_factory.mktemp("expert-guidance")
     wan22 = build_wan22_folder(folder / "Wan2.2-T2V-tiny-Diffusers", boundary_ratio=BOUNDARY)
-    (folder / "run.toml").write_text(TOML)
-    (folder / "prompts.txt").write_text("a red cat runs in the park\nthe blue dog jumps\n")
-    args = [str(v) for v in (
-        "--config", folder / "run.toml", "--run-dir", folder / "run", "--device", "cpu",
-        "--teacher", wan22, "--prompts", folder / "prompts.txt", "--threads", 1, "--height",
-        VIDEO["height"], "--width", VIDEO["width"], "--frames", VIDEO["frames"])]
+    args = pair_run_args(wan22, folder, TOML, PAIR_PROMPTS[:2])
     assert train_main(["--stage", "0", *args]) == 0
     return args, folder / "run"
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from realscale_fixtures import VIDEO, build_wan22_folder  # noqa: E402
+from realscale_fixtures import VIDEO, build_wan22_folder, pair_run_args  # noqa: E402
 
 from gpd_model import (  # noqa: E402
     CheckpointError,  # noqa: E402
@@ -55,7 +55,6 @@ lora_rank = 2
 lora_alpha = 4.0
 """
 PIPELINE_ATOL = 1e-4  # our sampler vs WanPipeline on the export (float32): the task's bound
-PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies"]
 
 
 def _args(*values: object) -> list[str]:
@@ -68,20 +67,11 @@ def wan22(tmp_path_factory):
                               boundary_ratio=BOUNDARY)
 
 
-def _run_args(wan22: Path, folder: Path) -> list[str]:
-    (folder / "run.toml").write_text(TOML)
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return _args("--config", folder / "run.toml", "--run-dir", folder / "run", "--device",
-                 "cpu", "--teacher", wan22, "--prompts", folder / "prompts.txt", "--threads", 1,
-                 "--height", VIDEO["height"], "--width", VIDEO["width"], "--frames",
-                 VIDEO["frames"])
-
-
 @pytest.fixture(scope="module")
 def trained(wan22, tmp_path_factory):
     """A LoRA pair run's folder with stages 0 (imported), 1 and 2 trained."""
     folder = tmp_path_factory.mktemp("lora-pair")
-    args = _run_args(wan22, folder)
+    args = pair_run_args(wan22, folder, TOML)
     for stage in (0, 1, 2):
         assert train_main(["--stage", str(stage), *args]) == 0
     return folder / "run"
@@ -169,7 +159,7 @@ def test_the_stage_teacher_and_lead_in_are_the_merged_previous_experts(trained):
 
 def test_a_kill_in_the_low_phase_resumes_to_the_same_adapters(wan22, trained, tmp_path,
                                                               monkeypatch, capsys):
-    args = _run_args(wan22, tmp_path)
+    args = pair_run_args(wan22, tmp_path, TOML)
     assert train_main(["--stage", "0", *args]) == 0
     real_prepare = pair.PhaseDistillation.prepare
 
@@ -276,7 +266,7 @@ def test_an_expert_without_starts_keeps_its_teachers_adapter(tmp_path):
     """Boundary 0.3, below every student start: the low expert has no phase to train, so
     stage 1 keeps stage 0's low expert (a zero update) and stage 2 stage 1's adapter."""
     wan22 = build_wan22_folder(tmp_path / "Wan2.2-low-boundary", boundary_ratio=0.3)
-    args = _run_args(wan22, tmp_path)
+    args = pair_run_args(wan22, tmp_path, TOML)
     for stage in (0, 1, 2):
         assert train_main(["--stage", str(stage), *args]) == 0
     run = tmp_path / "run"
