@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from builders import LORA_VANILLA, logged_losses, parallel_run, point_latest, torchrun
+from realscale_fixtures import LATENT_SHAPE, VIDEO, build_wan22_folder
 
 from gpd_kernels import force_fused_dit_ops
 from gpd_model import WanDiT, get_preset, save_diffusers
@@ -188,6 +189,23 @@ def train_worker(run_dir: Path) -> None:
         parallel.teardown()
 
 
+def sample_worker(out_file: Path, argv: list[str]) -> None:
+    """The sampler CLI on ``argv``; each rank writes its exit status and, per model that ran
+    a forward, whether every forward of it was split (a pair's latents alone would look the
+    same with an expert left whole on every rank)."""
+    split: dict[int, bool] = {}
+    plain = WanDiT.forward
+
+    def recorded(self, *args, **kwargs):
+        split[id(self)] = split.get(id(self), True) and self.sequence_parallel is not None
+        return plain(self, *args, **kwargs)
+
+    WanDiT.forward = recorded
+    status = sample_main(argv)
+    out_file.with_suffix(f".{os.environ['RANK']}.json").write_text(
+        json.dumps({"status": status, "split": list(split.values())}))
+
+
 def count_calls(module, names: list[str], patch=setattr) -> list[str]:
     """The names of the ``module`` functions called from now on (each still runs);
     ``patch`` is setattr, or pytest's monkeypatch.setattr to undo it after a test."""
@@ -204,7 +222,10 @@ def count_calls(module, names: list[str], patch=setattr) -> list[str]:
 
 
 if __name__ == "__main__":
-    (train_worker if sys.argv[1] == "train" else worker)(Path(sys.argv[2]))
+    if sys.argv[1] == "sample":
+        sample_worker(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        (train_worker if sys.argv[1] == "train" else worker)(Path(sys.argv[2]))
     sys.exit(0)
 
 
@@ -313,6 +334,34 @@ def test_sampler_split_over_two_ranks_writes_the_one_process_latents(sequence_ru
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
     # One writer: no second folder, no staging leftovers.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "split"]
+
+
+def test_a_wan22_pair_split_over_two_ranks_writes_the_one_process_latents(tmp_path,
+                                                                          one_thread):
+    # Sigma grid 1, 0.9, 0.75, 0.5: one step on the high-noise expert, three on the low one,
+    # each guided with its own scale.
+    wan22 = build_wan22_folder(tmp_path / "Wan2.2-T2V-tiny-Diffusers", boundary_ratio=0.8)
+    flags = [str(v) for v in (
+        "--checkpoint", wan22, "--model", wan22, "--prompt", "a red cat runs",
+        "--prompt", "the dog jumps over water", "--steps", 4, "--shift", 3.0,
+        "--guidance", 5.0, "--guidance-2", 2.0, "--seed", 7, "--device", "cpu",
+        "--height", VIDEO["height"], "--width", VIDEO["width"], "--frames", VIDEO["frames"])]
+    record = tmp_path / "ranks"
+    launch(torchrun([str(Path(__file__).resolve()), "sample", str(record), *flags,
+                     "--sequence-parallel", "2", "--out", str(tmp_path / "split")]))
+    for rank in (0, 1):
+        ran = json.loads(record.with_suffix(f".{rank}.json").read_text())
+        assert ran == {"status": 0, "split": [True, True]}, f"rank {rank}: {ran}"
+    assert sample_main([*flags, "--out", str(tmp_path / "one")]) == 0
+    split = load_weights(tmp_path / "split" / "latents.safetensors")["latents"]
+    one = load_weights(tmp_path / "one" / "latents.safetensors")["latents"]
+    assert split.shape == one.shape == (2, *LATENT_SHAPE)  # 12 tokens per video
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert (summary["boundary"], summary["guidance_2"]) == (0.8, 2.0)
+    # One writer: no folder but the two outputs, the fixture and the ranks' records.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "Wan2.2-T2V-tiny-Diffusers", "one", "ranks.0.json", "ranks.1.json", "split"]
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ bound the decoder's memory. Sampling uses the CUDA-graph sampler on CUDA (`--eag
 turn it off), eager Euler elsewhere.
 
 Under `torchrun --nproc_per_node N`, `--sequence-parallel N` splits each video's tokens over
-the N ranks (Ulysses attention, gpd_model.sequence_parallel; eager sampler only) and rank 0
-writes the outputs.
+the N ranks (Ulysses attention, gpd_model.sequence_parallel; eager sampler only; both
+experts of a Wan2.2 pair) and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -150,20 +150,23 @@ def _check_sequence_parallel(args: argparse.Namespace) -> None:
                           "single-GPU): add --eager")
 
 
-def _split_over_ranks(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """Under torchrun: every rank samples the same videos, each holding 1/N of the tokens."""
+def _split_over_ranks(args: argparse.Namespace, *models: torch.nn.Module) -> None:
+    """Under torchrun: every rank samples the same videos, each holding 1/N of the tokens
+    in every model given (both experts of a Wan2.2 pair: every rank sees the same sigmas,
+    so all switch experts at the same step)."""
     world = parallel.world()
     if not world.distributed:
         if (args.sequence_parallel or 1) > 1:  # refused with the torchrun command to use
-            parallel.set_sequence(args.sequence_parallel, model.cfg.num_heads)
+            parallel.set_sequence(args.sequence_parallel, models[0].cfg.num_heads)
         return
     size = args.sequence_parallel or world.world_size
     if size != world.world_size:
         raise ConfigError(f"--sequence-parallel {size}: the sampler splits each video over all "
                           f"{world.world_size} processes torchrun started; pass "
                           f"--sequence-parallel {world.world_size} or --nproc_per_node {size}")
-    parallel.set_sequence(size, model.cfg.num_heads)
-    parallel.split_sequence(model)
+    for model in models:
+        parallel.set_sequence(size, model.cfg.num_heads)  # checks each model's heads
+        parallel.split_sequence(model)
 
 
 def _check_option_use(args: argparse.Namespace) -> None:
@@ -203,10 +206,8 @@ def sample(args: argparse.Namespace) -> dict[str, object]:
         parallel.setup(args.device)  # joins torchrun's process group (one GPU per rank)
     loaded = load_model(args.checkpoint, preset=args.preset, chain=args.chain, stage=args.stage,
                         device=args.device)
-    if loaded.low_expert is not None and parallel.world().distributed:
-        raise SampleError("--sequence-parallel / torchrun: a Wan2.2 two-expert folder samples "
-                          "on one device for now; run it without torchrun")
-    _split_over_ranks(args, loaded.model)
+    _split_over_ranks(args, loaded.model,
+                      *(() if loaded.low_expert is None else (loaded.low_expert,)))
     model, cfg_scale, folded_at = _guidance_plan(loaded, args)
     device = next(model.parameters()).device
     low = None if loaded.low_expert is None else loaded.low_expert.eval()
