@@ -186,9 +186,6 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
     cfg, plan = run.config, run.plan(sid)
     what = f"{sid} distils a Wan2.2 expert pair ({cfg.teacher})"
     refusals = (
-        (plan.lora is not None and world().distributed,
-         "with LoRA under torchrun (each works alone, the two together are untested); run "
-         "the LoRA pair in one process"),
         (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
                               "without one, e.g. distill"),
         (plan.jumps is not None or get_chain(sid.chain).objective_factory() is not None,
@@ -337,6 +334,9 @@ class PairTrainer:
                 set_adapter_weights(lora.model, STUDENT,
                                     load_weights(self.folder / "high" / PHASE_OUTPUT))
                 lead_in = AdapterDenoiser(lora.model, STUDENT)
+            # After its weights are set: sharding turns the parameters into DTensors. The
+            # views above hold the model itself, which is sharded and split in place.
+            prepare_teacher(lora.model, run.config.parallel, run.config.precision, run.device)
         assert student is not None
         return student, (views[0], views[1]), lead_in
 
