@@ -1,16 +1,17 @@
 """A Wan2.2 expert pair's distillation stage under torchrun (gloo, CPU, 2 processes): FSDP2
-over data-parallel ranks, each video split over both ranks (sequence parallel), and a kill
-in the low expert's phase resumed on the same ranks. Workers are this file run as a script
-under ``python -m torch.distributed.run``; one launch runs every layout (2 cores are shared).
+over data-parallel ranks, each video split over both ranks (sequence parallel), both again
+with LoRA (one adapter per expert), and a kill in the low expert's phase resumed on the
+same ranks. Workers are this file run as a script under ``python -m
+torch.distributed.run``; one launch runs every layout (2 cores are shared).
 
-The reference is the same run in one process with the same global batch in the same data
-streams (2 streams of 2 samples), so every sample, its noise and its teacher targets are
-the same. The tolerances are tests/test_distributed.py's (its docstring gives the
-reasoning): the reassociated float32 sums of the gradient average and norm and of the
-logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on the weights.
-Each rank also records how it prepared the frozen experts (sharded, split) and how many
-all-to-alls it ran: equal results alone would not show that the lead-in was sharded or the
-tokens split. The branch of RankAlignedPair where ranks need different experts is the
+The reference is the same run (with or without LoRA) in one process with the same global
+batch in the same data streams (2 streams of 2 samples), so every sample, its noise and its
+teacher targets are the same. The tolerances are tests/test_distributed.py's (its
+docstring gives the reasoning): the reassociated float32 sums of the gradient average and
+norm and of the logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on
+the weights. Each rank also records how it prepared the frozen experts (sharded, split) and
+how many all-to-alls it ran: equal results alone would not show that the lead-in was sharded
+or the tokens split. The branch of RankAlignedPair where ranks need different experts is the
 one-process test at the end: the rollout lanes give every rank the same sigmas, so these
 runs never take it.
 """
@@ -63,7 +64,8 @@ ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
 DATA_PARALLEL = ["--batch-size", "2"]  # a stream per rank, FSDP2 over both
 # One data group of 2 ranks, each video split over both; blocks recomputed in the backward.
 SEQUENCE_PARALLEL = ["--sequence-parallel", "2", "--activation-checkpointing", *ONE_PROCESS]
-LORA = ["--lora-rank", "2"]  # stage 1 only: one adapter per expert on its stage-0 base
+# Stage 1 only: one adapter per expert on its stage-0 base, at an lr that moves it visibly.
+LORA = ["--lora-rank", "2", "--lr", "0.02"]
 # Each layout's flags and its stage 1's own (stage 0 refuses the LoRA flags).
 LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_PARALLEL, []),
            "lora_data_parallel": (DATA_PARALLEL, LORA),

@@ -28,7 +28,9 @@ Under torchrun the phase's expert is sharded as one model's student is, and the 
 experts (the teacher pair, the lead-in) are prepared as one model's teacher is
 (gpd_train.parallel: FSDP2 or replicated, split over the sequence ranks). A sharded
 expert's forward is a collective, so the teacher pair runs as ``RankAlignedPair``: every
-rank runs the experts any rank's samples need, in the same order.
+rank runs the experts any rank's samples need, in the same order. With LoRA the phase's
+expert (its teacher view included: the same model) is sharded as the student, the other
+expert's base with its adapters as a teacher, and rank 0 writes the adapters alone.
 """
 
 from __future__ import annotations
