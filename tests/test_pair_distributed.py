@@ -1,16 +1,17 @@
 """A Wan2.2 expert pair's distillation stage under torchrun (gloo, CPU, 2 processes): FSDP2
-over data-parallel ranks, each video split over both ranks (sequence parallel), and a kill
-in the low expert's phase resumed on the same ranks. Workers are this file run as a script
-under ``python -m torch.distributed.run``; one launch runs every layout (2 cores are shared).
+over data-parallel ranks, each video split over both ranks (sequence parallel), both again
+with LoRA (one adapter per expert), and a kill in the low expert's phase resumed on the
+same ranks. Workers are this file run as a script under ``python -m
+torch.distributed.run``; one launch runs every layout (2 cores are shared).
 
-The reference is the same run in one process with the same global batch in the same data
-streams (2 streams of 2 samples), so every sample, its noise and its teacher targets are
-the same. The tolerances are tests/test_distributed.py's (its docstring gives the
-reasoning): the reassociated float32 sums of the gradient average and norm and of the
-logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on the weights.
-Each rank also records how it prepared the frozen experts (sharded, split) and how many
-all-to-alls it ran: equal results alone would not show that the lead-in was sharded or the
-tokens split. The branch of RankAlignedPair where ranks need different experts is the
+The reference is the same run (with or without LoRA) in one process with the same global
+batch in the same data streams (2 streams of 2 samples), so every sample, its noise and its
+teacher targets are the same. The tolerances are tests/test_distributed.py's (its
+docstring gives the reasoning): the reassociated float32 sums of the gradient average and
+norm and of the logged mean, a few ulps per step, 2e-5 relative on the losses and 1e-4 on
+the weights. Each rank also records how it prepared the frozen experts (sharded, split) and
+how many all-to-alls it ran: equal results alone would not show that the lead-in was sharded
+or the tokens split. The branch of RankAlignedPair where ranks need different experts is the
 one-process test at the end: the rollout lanes give every rank the same sigmas, so these
 runs never take it.
 """
@@ -60,13 +61,15 @@ PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies
            "a dog runs under the sky"]
 # The global batch of 4 in 2 data streams of 2 samples, on every layout.
 ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
-LAYOUTS = {
-    "data_parallel": ["--batch-size", "2"],  # a stream per rank, FSDP2 over both
-    # One data group of 2 ranks, each video split over both; blocks recomputed in the
-    # backward.
-    "sequence_parallel": ["--sequence-parallel", "2", "--activation-checkpointing",
-                          *ONE_PROCESS],
-}
+DATA_PARALLEL = ["--batch-size", "2"]  # a stream per rank, FSDP2 over both
+# One data group of 2 ranks, each video split over both; blocks recomputed in the backward.
+SEQUENCE_PARALLEL = ["--sequence-parallel", "2", "--activation-checkpointing", *ONE_PROCESS]
+# Stage 1 only: one adapter per expert on its stage-0 base, at an lr that moves it visibly.
+LORA = ["--lora-rank", "2", "--lr", "0.02"]
+# Each layout's flags and its stage 1's own (stage 0 refuses the LoRA flags).
+LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_PARALLEL, []),
+           "lora_data_parallel": (DATA_PARALLEL, LORA),
+           "lora_sequence_parallel": (SEQUENCE_PARALLEL, LORA)}
 KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
 KILLED_COPY = "killed_copy"  # the killed run as it was left, resumed in one process
 KILL_STEP = 2
@@ -77,10 +80,12 @@ def _base_args(folder: Path) -> list[str]:
     return json.loads((folder / "args.json").read_text())
 
 
-def _train(folder: Path, name: str, layout: list[str], *flags: str) -> None:
+def _train(folder: Path, name: str, layout: list[str], *flags: str,
+           distill: list[str] | None = None) -> None:
+    """Stages 0 and 1 of the run ``name``; ``distill``: stage 1's own flags."""
     args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
-    for stage in ("0", "1"):
-        if train_main(["--stage", stage, *args]) != 0:
+    for stage, own in (("0", []), ("1", distill or [])):
+        if train_main(["--stage", stage, *args, *own]) != 0:
             raise RuntimeError(f"{name}: stage {stage} failed")
 
 
@@ -103,7 +108,7 @@ def _run_layouts(folder: Path) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     all_to_all, prepare_teacher = dist.all_to_all_single, pair.prepare_teacher
-    for name, layout in LAYOUTS.items():
+    for name, (layout, distill) in LAYOUTS.items():
         # How this rank ran the layout: its all-to-alls (the split tokens' exchanges) and
         # how each frozen expert (teacher pair, lead-in) was prepared: sharded, split.
         seen: dict[str, list] = {"all_to_all": [], "frozen": []}
@@ -120,7 +125,7 @@ def _run_layouts(folder: Path) -> None:
 
         dist.all_to_all_single, pair.prepare_teacher = counted, recorded
         try:
-            _train(folder, name, layout)
+            _train(folder, name, layout, distill=distill)
         finally:
             dist.all_to_all_single, pair.prepare_teacher = all_to_all, prepare_teacher
         seen["all_to_all"] = len(seen["all_to_all"])
@@ -135,14 +140,14 @@ def _run_layouts(folder: Path) -> None:
 
     pair.PhaseDistillation.prepare = killed
     try:
-        _train(folder, KILLED, LAYOUTS["data_parallel"])
+        _train(folder, KILLED, DATA_PARALLEL)
     except KeyboardInterrupt:
         pass
     else:
         raise AssertionError("the low phase was not killed")
     pair.PhaseDistillation.prepare = prepare
     parallel.main_only(shutil.copytree, folder / KILLED, folder / KILLED_COPY)
-    _train(folder, KILLED, LAYOUTS["data_parallel"], "--resume")
+    _train(folder, KILLED, DATA_PARALLEL, "--resume")
 
 
 if __name__ == "__main__":
@@ -153,8 +158,8 @@ if __name__ == "__main__":
 # -- tests --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, str]:
-    """The folder of every layout's run (and the one-process run, ``one``) and the
-    launch's stdout."""
+    """The folder of every layout's run (and the one-process runs, ``one`` and
+    ``one_lora``) and the launch's stdout."""
     from realscale_fixtures import build_wan22_folder, pair_run_args
 
     folder = tmp_path_factory.mktemp("pair_ranks")
@@ -166,7 +171,13 @@ def runs(tmp_path_factory) -> tuple[Path, str]:
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     _train(folder, "one", ONE_PROCESS)
+    _train(folder, "one_lora", ONE_PROCESS, distill=LORA)
     return folder, result.stdout
+
+
+def _reference(layout: str) -> str:
+    """The one-process run a layout is compared with."""
+    return "one_lora" if layout.startswith("lora") else "one"
 
 
 def _assert_same_pair_stage(ours: Path, reference: Path) -> None:
@@ -190,21 +201,27 @@ def _assert_same_pair_stage(ours: Path, reference: Path) -> None:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_a_pair_stage_under_torchrun_follows_the_one_process_run(runs, layout):
     folder, _ = runs
-    _assert_same_pair_stage(folder / layout, folder / "one")
+    _assert_same_pair_stage(folder / layout, folder / _reference(layout))
     record = json.loads((folder / layout / "stage1" / "done.json").read_text())
     assert sorted(record["experts"]) == ["high", "low"]
+    output = load_file(str(folder / layout / "stage1" / "model.safetensors"))
+    # A LoRA stage's output is the two adapters alone (rank 0 gathered no base weight).
+    assert all(".lora_" in key for key in output) == layout.startswith("lora")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_the_frozen_experts_are_prepared_as_a_teacher_and_the_tokens_split(runs, layout):
     folder, _ = runs
-    split = layout == "sequence_parallel"
+    split = layout.endswith("sequence_parallel")
     for rank in (0, 1):
         seen = json.loads((folder / f"{layout}.rank{rank}.json").read_text())
         # The teacher pair in each phase, and the low phase's lead-in (the finished high
         # expert): FSDP2-sharded (--teacher-sharding shard, the default), split if the run is.
-        assert seen["frozen"] == [[True, split]] * 5
+        # With LoRA the phase's expert is the student's model (sharded as the student), so
+        # only the other expert is prepared, once per phase (teacher and lead-in views).
+        frozen = 2 if layout.startswith("lora") else 5
+        assert seen["frozen"] == [[True, split]] * frozen
         # Each rank's own count: the tokens really were split (the results alone would
         # look the same if both ranks ran whole videos).
         assert (seen["all_to_all"] > 100) == split

@@ -28,7 +28,9 @@ Under torchrun the phase's expert is sharded as one model's student is, and the 
 experts (the teacher pair, the lead-in) are prepared as one model's teacher is
 (gpd_train.parallel: FSDP2 or replicated, split over the sequence ranks). A sharded
 expert's forward is a collective, so the teacher pair runs as ``RankAlignedPair``: every
-rank runs the experts any rank's samples need, in the same order.
+rank runs the experts any rank's samples need, in the same order. With LoRA the phase's
+expert (its teacher view included: the same model) is sharded as the student, the other
+expert's base with its adapters as a teacher, and rank 0 writes the adapters alone.
 """
 
 from __future__ import annotations
@@ -186,9 +188,6 @@ def check_pair_stage(run: TrainingRun, sid: StageId) -> None:
     cfg, plan = run.config, run.plan(sid)
     what = f"{sid} distils a Wan2.2 expert pair ({cfg.teacher})"
     refusals = (
-        (plan.lora is not None and world().distributed,
-         "with LoRA under torchrun (each works alone, the two together are untested); run "
-         "the LoRA pair in one process"),
         (plan.guidance_input, "with a guidance input (a guidance stage); use a chain "
                               "without one, e.g. distill"),
         (plan.jumps is not None or get_chain(sid.chain).objective_factory() is not None,
@@ -337,6 +336,9 @@ class PairTrainer:
                 set_adapter_weights(lora.model, STUDENT,
                                     load_weights(self.folder / "high" / PHASE_OUTPUT))
                 lead_in = AdapterDenoiser(lora.model, STUDENT)
+            # After its weights are set: sharding turns the parameters into DTensors. The
+            # views above hold the model itself, which is sharded and split in place.
+            prepare_teacher(lora.model, run.config.parallel, run.config.precision, run.device)
         assert student is not None
         return student, (views[0], views[1]), lead_in
 
