@@ -1,7 +1,8 @@
 """A Wan2.2 expert pair's distillation stage under torchrun (gloo, CPU, 2 processes): FSDP2
 over data-parallel ranks, each video split over both ranks (sequence parallel), both again
-with LoRA (one adapter per expert), and a kill in the low expert's phase resumed on the
-same ranks. Workers are this file run as a script under ``python -m
+with LoRA (one adapter per expert), the LoRA data-parallel run's stage 2 (each expert's
+teacher: its stage-1 adapter on its base), and a kill in the low expert's phase resumed on
+the same ranks. Workers are this file run as a script under ``python -m
 torch.distributed.run``; one launch runs every layout (2 cores are shared).
 
 The reference is the same run (with or without LoRA) in one process with the same global
@@ -47,16 +48,18 @@ WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-6  # the EMA outputs (tests/test_distributed
 # finished high expert.
 BOUNDARY = 0.8
 TOML = """\
-steps = [12, 6]
+steps = [12, 6, 3]
 shift = 5.0
 checkpoint_every = 1
 pipeline_chains = ["gpd"]
 [distill]
-iterations = [6]
-freq_weight = [0.5]
+iterations = [6, 3]
+freq_weight = [0.5, 0.5]
 state_source = "student"
-stage_guidance = [2.0]
+stage_guidance = [2.0, 2.0]
 """
+# Each stage's iterations per phase: stage 2's 3 student steps start at 1, .91 | .71.
+PHASE_STEPS = {"stage1": {"high": 4, "low": 2}, "stage2": {"high": 2, "low": 1}}
 PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies",
            "a dog runs under the sky"]
 # The global batch of 4 in 2 data streams of 2 samples, on every layout.
@@ -64,7 +67,7 @@ ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
 DATA_PARALLEL = ["--batch-size", "2"]  # a stream per rank, FSDP2 over both
 # One data group of 2 ranks, each video split over both; blocks recomputed in the backward.
 SEQUENCE_PARALLEL = ["--sequence-parallel", "2", "--activation-checkpointing", *ONE_PROCESS]
-# Stage 1 only: one adapter per expert on its stage-0 base, at an lr that moves it visibly.
+# One adapter per expert on its stage-0 base, at an lr that moves it visibly.
 LORA = ["--lora-rank", "2", "--lr", "0.02"]
 # Each layout's flags and its stage 1's own (stage 0 refuses the LoRA flags).
 LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_PARALLEL, []),
@@ -73,6 +76,10 @@ LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_
 KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
 KILLED_COPY = "killed_copy"  # the killed run as it was left, resumed in one process
 KILL_STEP = 2
+# Stage 2 of a LoRA pair: the data-parallel LoRA run's, and in one process on a copy of the
+# same stages 0-1 (so both start from the same stage-1 adapters).
+LORA_STAGE2 = "lora_data_parallel"
+LORA_STAGE2_ONE = "lora_stage2_one"
 
 
 def _base_args(folder: Path) -> list[str]:
@@ -80,19 +87,25 @@ def _base_args(folder: Path) -> list[str]:
     return json.loads((folder / "args.json").read_text())
 
 
+def _stage(folder: Path, name: str, stage: str, layout: list[str], *flags: str) -> None:
+    """Stage ``stage`` of the run ``name``."""
+    args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
+    if train_main(["--stage", stage, *args]) != 0:
+        raise RuntimeError(f"{name}: stage {stage} failed")
+
+
 def _train(folder: Path, name: str, layout: list[str], *flags: str,
            distill: list[str] | None = None) -> None:
     """Stages 0 and 1 of the run ``name``; ``distill``: stage 1's own flags."""
-    args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
     for stage, own in (("0", []), ("1", distill or [])):
-        if train_main(["--stage", stage, *args, *own]) != 0:
-            raise RuntimeError(f"{name}: stage {stage} failed")
+        _stage(folder, name, stage, layout, *flags, *own)
 
 
 # -- the worker (runs under torchrun) -----------------------------------------------------
 def worker(folder: Path) -> None:
-    """Each layout's stage 0 (imported) and stage 1, then the killed data-parallel run
-    resumed (the kill raised on both ranks at the same step, after its checkpoint)."""
+    """Each layout's stage 0 (imported) and stage 1, the LoRA data-parallel run's stage 2,
+    then the killed data-parallel run resumed (the kill raised on both ranks at the same
+    step, after its checkpoint)."""
     # One process group for all the CLI calls: each call's teardown would destroy it, and
     # a group joined again in the same process hangs where the sequence mesh was built.
     parallel.setup("cpu")
@@ -130,6 +143,9 @@ def _run_layouts(folder: Path) -> None:
             dist.all_to_all_single, pair.prepare_teacher = all_to_all, prepare_teacher
         seen["all_to_all"] = len(seen["all_to_all"])
         (folder / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+
+    parallel.main_only(shutil.copytree, folder / LORA_STAGE2, folder / LORA_STAGE2_ONE)
+    _stage(folder, LORA_STAGE2, "2", DATA_PARALLEL, *LORA)
 
     prepare = pair.PhaseDistillation.prepare
 
@@ -172,6 +188,7 @@ def runs(tmp_path_factory) -> tuple[Path, str]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     _train(folder, "one", ONE_PROCESS)
     _train(folder, "one_lora", ONE_PROCESS, distill=LORA)
+    _stage(folder, LORA_STAGE2_ONE, "2", ONE_PROCESS, *LORA)
     return folder, result.stdout
 
 
@@ -180,17 +197,17 @@ def _reference(layout: str) -> str:
     return "one_lora" if layout.startswith("lora") else "one"
 
 
-def _assert_same_pair_stage(ours: Path, reference: Path) -> None:
+def _assert_same_pair_stage(ours: Path, reference: Path, stage: str = "stage1") -> None:
     """Each phase's losses and the stage output (both experts) of two runs agree."""
-    for expert, steps in (("high", 4), ("low", 2)):
-        got = logged_losses(ours / "stage1" / expert / "metrics.jsonl")
-        want = logged_losses(reference / "stage1" / expert / "metrics.jsonl")
+    for expert, steps in PHASE_STEPS[stage].items():
+        got = logged_losses(ours / stage / expert / "metrics.jsonl")
+        want = logged_losses(reference / stage / expert / "metrics.jsonl")
         assert len(got) == len(want) == steps, expert
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
                                    torch.tensor(want, dtype=torch.float64), rtol=RTOL,
                                    atol=ATOL, msg=lambda m, e=expert: f"{e} losses: {m}")
-    got = load_file(str(ours / "stage1" / "model.safetensors"))
-    want = load_file(str(reference / "stage1" / "model.safetensors"))
+    got = load_file(str(ours / stage / "model.safetensors"))
+    want = load_file(str(reference / stage / "model.safetensors"))
     assert sorted(got) == sorted(want)
     assert {key.split(".")[0] for key in want} == {"high", "low"}
     for key, value in want.items():
@@ -225,6 +242,14 @@ def test_the_frozen_experts_are_prepared_as_a_teacher_and_the_tokens_split(runs,
         # Each rank's own count: the tokens really were split (the results alone would
         # look the same if both ranks ran whole videos).
         assert (seen["all_to_all"] > 100) == split
+
+
+@pytest.mark.slow
+def test_a_lora_pairs_stage_2_under_torchrun_follows_the_one_process_run(runs):
+    folder, _ = runs
+    _assert_same_pair_stage(folder / LORA_STAGE2, folder / LORA_STAGE2_ONE, "stage2")
+    output = load_file(str(folder / LORA_STAGE2 / "stage2" / "model.safetensors"))
+    assert all(".lora_" in key for key in output)  # the two adapters alone
 
 
 @pytest.mark.slow
