@@ -32,10 +32,13 @@ import torch.distributed as dist
 from builders import logged_losses, random_dit, torchrun
 from safetensors.torch import load_file
 
-from gpd_model import CFG, DiTDenoiser, ExpertPair
+from gpd_model import CFG, Conditioning, DiTDenoiser, ExpertPair
 from gpd_train import parallel
 from gpd_train.__main__ import main as train_main
+from gpd_train.config.chains import StageId
+from gpd_train.config.load import load_run_config
 from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.run.folder import RunFolder
 from gpd_train.train import pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +83,7 @@ KILL_STEP = 2
 # same stages 0-1 (so both start from the same stage-1 adapters).
 LORA_STAGE2 = "lora_data_parallel"
 LORA_STAGE2_ONE = "lora_stage2_one"
+PROBE_SIGMA = [0.95, 0.3]  # the stage-2 teacher views' probe: a sigma on each side
 
 
 def _base_args(folder: Path) -> list[str]:
@@ -145,7 +149,11 @@ def _run_layouts(folder: Path) -> None:
         (folder / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
 
     parallel.main_only(shutil.copytree, folder / LORA_STAGE2, folder / LORA_STAGE2_ONE)
-    _stage(folder, LORA_STAGE2, "2", DATA_PARALLEL, *LORA)
+    pair.PairTrainer._lora_models = _probed
+    try:
+        _stage(folder, LORA_STAGE2, "2", DATA_PARALLEL, *LORA)
+    finally:
+        pair.PairTrainer._lora_models = _LORA_MODELS
 
     prepare = pair.PhaseDistillation.prepare
 
@@ -164,6 +172,33 @@ def _run_layouts(folder: Path) -> None:
     pair.PhaseDistillation.prepare = prepare
     parallel.main_only(shutil.copytree, folder / KILLED, folder / KILLED_COPY)
     _train(folder, KILLED, DATA_PARALLEL, "--resume")
+
+
+_LORA_MODELS = pair.PairTrainer._lora_models
+
+
+def _probed(self, phase):
+    """_lora_models, its teacher pair's experts run on a fixed probe and saved per phase
+    and rank (the comparison with one process alone would pass a teacher built wrongly
+    the same way in both). The frozen expert is sharded: its forward is a collective,
+    which both ranks run in the same order."""
+    student, views, lead_in = _LORA_MODELS(self, phase)
+    run = self.run_folder
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((len(PROBE_SIGMA), *run.data.latent_shape), generator=generator)
+    text = torch.randn((len(PROBE_SIGMA), 5, run.dit_config.text_dim), generator=generator)
+    with torch.no_grad():
+        outputs = {name: view(x, torch.tensor(PROBE_SIGMA), Conditioning(text))
+                   for name, view in zip(("high", "low"), views, strict=True)}
+    torch.save({"x": x, "text": text, **outputs}, _probe_path(run.folder, phase.name,
+                                                              os.environ["RANK"]))
+    return student, views, lead_in
+
+
+
+def _probe_path(run: Path, phase: str, rank: int | str) -> Path:
+    """Where ``_probed`` saves the teacher pair of stage 2's ``phase`` on ``rank``."""
+    return run.parent / f"{run.name}.stage2_{phase}.rank{rank}.probe.pt"
 
 
 if __name__ == "__main__":
@@ -250,6 +285,24 @@ def test_a_lora_pairs_stage_2_under_torchrun_follows_the_one_process_run(runs):
     _assert_same_pair_stage(folder / LORA_STAGE2, folder / LORA_STAGE2_ONE, "stage2")
     output = load_file(str(folder / LORA_STAGE2 / "stage2" / "model.safetensors"))
     assert all(".lora_" in key for key in output)  # the two adapters alone
+
+
+@pytest.mark.slow
+def test_a_lora_pairs_stage_2_teacher_under_torchrun_is_the_stage_1_output(runs):
+    """Each phase's teacher pair on each rank (its adapters on the frozen bases, one expert
+    sharded) against stage 1's experts with their adapters merged (float64 product)."""
+    folder, _ = runs
+    run = RunFolder(load_run_config(folder / LORA_STAGE2, device="cpu"))
+    experts = run.load_stage_experts(StageId("gpd", 1))
+    for phase in ("high", "low"):
+        for rank in (0, 1):
+            probe = torch.load(_probe_path(folder / LORA_STAGE2, phase, rank))
+            cond = Conditioning(probe["text"])
+            for name, expert in zip(("high", "low"), experts, strict=True):
+                with torch.no_grad():
+                    want = DiTDenoiser(expert)(probe["x"], torch.tensor(PROBE_SIGMA), cond)
+                torch.testing.assert_close(probe[name], want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, e=(phase, rank, name): f"{e}: {m}")
 
 
 @pytest.mark.slow
