@@ -1,7 +1,8 @@
 """A Wan2.2 expert pair's distillation stage under torchrun (gloo, CPU, 2 processes): FSDP2
 over data-parallel ranks, each video split over both ranks (sequence parallel), both again
-with LoRA (one adapter per expert), and a kill in the low expert's phase resumed on the
-same ranks. Workers are this file run as a script under ``python -m
+with LoRA (one adapter per expert), the LoRA data-parallel run's stage 2 (each expert's
+teacher: its stage-1 adapter on its base), and a kill in the low expert's phase resumed on
+the same ranks. Workers are this file run as a script under ``python -m
 torch.distributed.run``; one launch runs every layout (2 cores are shared).
 
 The reference is the same run (with or without LoRA) in one process with the same global
@@ -31,10 +32,13 @@ import torch.distributed as dist
 from builders import logged_losses, random_dit, torchrun
 from safetensors.torch import load_file
 
-from gpd_model import CFG, DiTDenoiser, ExpertPair
+from gpd_model import CFG, Conditioning, DiTDenoiser, ExpertPair
 from gpd_train import parallel
 from gpd_train.__main__ import main as train_main
+from gpd_train.config.chains import StageId
+from gpd_train.config.load import load_run_config
 from gpd_train.data.datasets import ProceduralVideos
+from gpd_train.run.folder import RunFolder
 from gpd_train.train import pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +51,18 @@ WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-6  # the EMA outputs (tests/test_distributed
 # finished high expert.
 BOUNDARY = 0.8
 TOML = """\
-steps = [12, 6]
+steps = [12, 6, 3]
 shift = 5.0
 checkpoint_every = 1
 pipeline_chains = ["gpd"]
 [distill]
-iterations = [6]
-freq_weight = [0.5]
+iterations = [6, 3]
+freq_weight = [0.5, 0.5]
 state_source = "student"
-stage_guidance = [2.0]
+stage_guidance = [2.0, 2.0]
 """
+# Each stage's iterations per phase: stage 2's 3 student steps start at 1, .91 | .71.
+PHASE_STEPS = {"stage1": {"high": 4, "low": 2}, "stage2": {"high": 2, "low": 1}}
 PROMPTS = ["a red cat runs in the park", "the blue dog jumps", "green bird flies",
            "a dog runs under the sky"]
 # The global batch of 4 in 2 data streams of 2 samples, on every layout.
@@ -64,7 +70,7 @@ ONE_PROCESS = ["--batch-size", "4", "--data-streams", "2"]
 DATA_PARALLEL = ["--batch-size", "2"]  # a stream per rank, FSDP2 over both
 # One data group of 2 ranks, each video split over both; blocks recomputed in the backward.
 SEQUENCE_PARALLEL = ["--sequence-parallel", "2", "--activation-checkpointing", *ONE_PROCESS]
-# Stage 1 only: one adapter per expert on its stage-0 base, at an lr that moves it visibly.
+# One adapter per expert on its stage-0 base, at an lr that moves it visibly.
 LORA = ["--lora-rank", "2", "--lr", "0.02"]
 # Each layout's flags and its stage 1's own (stage 0 refuses the LoRA flags).
 LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_PARALLEL, []),
@@ -73,6 +79,11 @@ LAYOUTS = {"data_parallel": (DATA_PARALLEL, []), "sequence_parallel": (SEQUENCE_
 KILLED = "killed"  # the data-parallel layout killed at the low phase's step 2, resumed
 KILLED_COPY = "killed_copy"  # the killed run as it was left, resumed in one process
 KILL_STEP = 2
+# Stage 2 of a LoRA pair: the data-parallel LoRA run's, and in one process on a copy of the
+# same stages 0-1 (so both start from the same stage-1 adapters).
+LORA_STAGE2 = "lora_data_parallel"
+LORA_STAGE2_ONE = "lora_stage2_one"
+PROBE_SIGMA = [0.95, 0.3]  # the stage-2 teacher views' probe: a sigma on each side
 
 
 def _base_args(folder: Path) -> list[str]:
@@ -80,19 +91,25 @@ def _base_args(folder: Path) -> list[str]:
     return json.loads((folder / "args.json").read_text())
 
 
+def _stage(folder: Path, name: str, stage: str, layout: list[str], *flags: str) -> None:
+    """Stage ``stage`` of the run ``name``."""
+    args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
+    if train_main(["--stage", stage, *args]) != 0:
+        raise RuntimeError(f"{name}: stage {stage} failed")
+
+
 def _train(folder: Path, name: str, layout: list[str], *flags: str,
            distill: list[str] | None = None) -> None:
     """Stages 0 and 1 of the run ``name``; ``distill``: stage 1's own flags."""
-    args = [*_base_args(folder), "--run-dir", str(folder / name), *layout, *flags]
     for stage, own in (("0", []), ("1", distill or [])):
-        if train_main(["--stage", stage, *args, *own]) != 0:
-            raise RuntimeError(f"{name}: stage {stage} failed")
+        _stage(folder, name, stage, layout, *flags, *own)
 
 
 # -- the worker (runs under torchrun) -----------------------------------------------------
 def worker(folder: Path) -> None:
-    """Each layout's stage 0 (imported) and stage 1, then the killed data-parallel run
-    resumed (the kill raised on both ranks at the same step, after its checkpoint)."""
+    """Each layout's stage 0 (imported) and stage 1, the LoRA data-parallel run's stage 2,
+    then the killed data-parallel run resumed (the kill raised on both ranks at the same
+    step, after its checkpoint)."""
     # One process group for all the CLI calls: each call's teardown would destroy it, and
     # a group joined again in the same process hangs where the sequence mesh was built.
     parallel.setup("cpu")
@@ -131,6 +148,13 @@ def _run_layouts(folder: Path) -> None:
         seen["all_to_all"] = len(seen["all_to_all"])
         (folder / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
 
+    parallel.main_only(shutil.copytree, folder / LORA_STAGE2, folder / LORA_STAGE2_ONE)
+    pair.PairTrainer._lora_models = _probed
+    try:
+        _stage(folder, LORA_STAGE2, "2", DATA_PARALLEL, *LORA)
+    finally:
+        pair.PairTrainer._lora_models = _LORA_MODELS
+
     prepare = pair.PhaseDistillation.prepare
 
     def killed(self, step):
@@ -148,6 +172,33 @@ def _run_layouts(folder: Path) -> None:
     pair.PhaseDistillation.prepare = prepare
     parallel.main_only(shutil.copytree, folder / KILLED, folder / KILLED_COPY)
     _train(folder, KILLED, DATA_PARALLEL, "--resume")
+
+
+_LORA_MODELS = pair.PairTrainer._lora_models
+
+
+def _probed(self, phase):
+    """_lora_models, its teacher pair's experts run on a fixed probe and saved per phase
+    and rank (the comparison with one process alone would pass a teacher built wrongly
+    the same way in both). The frozen expert is sharded: its forward is a collective,
+    which both ranks run in the same order."""
+    student, views, lead_in = _LORA_MODELS(self, phase)
+    run = self.run_folder
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn((len(PROBE_SIGMA), *run.data.latent_shape), generator=generator)
+    text = torch.randn((len(PROBE_SIGMA), 5, run.dit_config.text_dim), generator=generator)
+    with torch.no_grad():
+        outputs = {name: view(x, torch.tensor(PROBE_SIGMA), Conditioning(text))
+                   for name, view in zip(("high", "low"), views, strict=True)}
+    torch.save({"x": x, "text": text, **outputs}, _probe_path(run.folder, phase.name,
+                                                              os.environ["RANK"]))
+    return student, views, lead_in
+
+
+
+def _probe_path(run: Path, phase: str, rank: int | str) -> Path:
+    """Where ``_probed`` saves the teacher pair of stage 2's ``phase`` on ``rank``."""
+    return run.parent / f"{run.name}.stage2_{phase}.rank{rank}.probe.pt"
 
 
 if __name__ == "__main__":
@@ -172,6 +223,7 @@ def runs(tmp_path_factory) -> tuple[Path, str]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     _train(folder, "one", ONE_PROCESS)
     _train(folder, "one_lora", ONE_PROCESS, distill=LORA)
+    _stage(folder, LORA_STAGE2_ONE, "2", ONE_PROCESS, *LORA)
     return folder, result.stdout
 
 
@@ -180,17 +232,17 @@ def _reference(layout: str) -> str:
     return "one_lora" if layout.startswith("lora") else "one"
 
 
-def _assert_same_pair_stage(ours: Path, reference: Path) -> None:
+def _assert_same_pair_stage(ours: Path, reference: Path, stage: str = "stage1") -> None:
     """Each phase's losses and the stage output (both experts) of two runs agree."""
-    for expert, steps in (("high", 4), ("low", 2)):
-        got = logged_losses(ours / "stage1" / expert / "metrics.jsonl")
-        want = logged_losses(reference / "stage1" / expert / "metrics.jsonl")
+    for expert, steps in PHASE_STEPS[stage].items():
+        got = logged_losses(ours / stage / expert / "metrics.jsonl")
+        want = logged_losses(reference / stage / expert / "metrics.jsonl")
         assert len(got) == len(want) == steps, expert
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
                                    torch.tensor(want, dtype=torch.float64), rtol=RTOL,
                                    atol=ATOL, msg=lambda m, e=expert: f"{e} losses: {m}")
-    got = load_file(str(ours / "stage1" / "model.safetensors"))
-    want = load_file(str(reference / "stage1" / "model.safetensors"))
+    got = load_file(str(ours / stage / "model.safetensors"))
+    want = load_file(str(reference / stage / "model.safetensors"))
     assert sorted(got) == sorted(want)
     assert {key.split(".")[0] for key in want} == {"high", "low"}
     for key, value in want.items():
@@ -225,6 +277,32 @@ def test_the_frozen_experts_are_prepared_as_a_teacher_and_the_tokens_split(runs,
         # Each rank's own count: the tokens really were split (the results alone would
         # look the same if both ranks ran whole videos).
         assert (seen["all_to_all"] > 100) == split
+
+
+@pytest.mark.slow
+def test_a_lora_pairs_stage_2_under_torchrun_follows_the_one_process_run(runs):
+    folder, _ = runs
+    _assert_same_pair_stage(folder / LORA_STAGE2, folder / LORA_STAGE2_ONE, "stage2")
+    output = load_file(str(folder / LORA_STAGE2 / "stage2" / "model.safetensors"))
+    assert all(".lora_" in key for key in output)  # the two adapters alone
+
+
+@pytest.mark.slow
+def test_a_lora_pairs_stage_2_teacher_under_torchrun_is_the_stage_1_output(runs):
+    """Each phase's teacher pair on each rank (its adapters on the frozen bases, one expert
+    sharded) against stage 1's experts with their adapters merged (float64 product)."""
+    folder, _ = runs
+    run = RunFolder(load_run_config(folder / LORA_STAGE2, device="cpu"))
+    experts = run.load_stage_experts(StageId("gpd", 1))
+    for phase in ("high", "low"):
+        for rank in (0, 1):
+            probe = torch.load(_probe_path(folder / LORA_STAGE2, phase, rank))
+            cond = Conditioning(probe["text"])
+            for name, expert in zip(("high", "low"), experts, strict=True):
+                with torch.no_grad():
+                    want = DiTDenoiser(expert)(probe["x"], torch.tensor(PROBE_SIGMA), cond)
+                torch.testing.assert_close(probe[name], want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, e=(phase, rank, name): f"{e}: {m}")
 
 
 @pytest.mark.slow
