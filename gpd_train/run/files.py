@@ -123,16 +123,24 @@ def _signature(tensors: Mapping[str, torch.Tensor]) -> Signature:
     return {key: (tuple(value.shape), value.dtype) for key, value in tensors.items()}
 
 
+def signature_differences(expected: Mapping[str, tuple], stored: Mapping[str, tuple]
+                          ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mismatched) keys of ``stored`` against ``expected``, sorted;
+    mismatched: in both, with another tuple (shape, dtype or whatever each key holds)."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(stored) if stored[k] != expected[k])
+    return missing, unexpected, mismatched
+
+
 def signature_mismatch(expected: Mapping[str, tuple], stored: Mapping[str, tuple]) -> str | None:
     """The keys, and the shapes and dtypes (or whatever each key's tuple holds) by which
     ``stored`` differs from ``expected``, or None."""
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    mismatched = [f"{k}: checkpoint {' '.join(map(str, stored[k]))}, model "
-                  f"{' '.join(map(str, expected[k]))}" for k in sorted(set(expected) & set(stored))
-                  if stored[k] != expected[k]]
-    if not (missing or unexpected or mismatched):
+    missing, unexpected, differing = signature_differences(expected, stored)
+    if not (missing or unexpected or differing):
         return None
+    mismatched = [f"{k}: checkpoint {' '.join(map(str, stored[k]))}, model "
+                  f"{' '.join(map(str, expected[k]))}" for k in differing]
     return (f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
             f"  mismatched: {mismatched}")
 

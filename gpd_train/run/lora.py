@@ -41,7 +41,7 @@ from gpd_model.checkpoint import key_map
 from gpd_train.config.settings import LoraSpec
 from gpd_train.errors import LoraError
 from gpd_train.run.experts import EXPERTS, split_experts
-from gpd_train.run.files import signature_mismatch
+from gpd_train.run.files import signature_differences, signature_mismatch
 
 # Our projection names inside a block (their diffusers names: gpd_model.checkpoint.key_map).
 TEACHER = "teacher"
@@ -117,10 +117,8 @@ def expert_adapters(joined: dict[str, torch.Tensor], model: nn.Module, spec: Lor
     expected = {key: (shape,) for key, shape in adapter_shapes(model, spec).items()}
     for name, adapter in zip(EXPERTS, adapters, strict=True):
         lora = split_guidance(adapter)[0]
-        stored = {key: (tuple(value.shape),) for key, value in lora.items()}
-        missing = sorted(set(expected) - set(stored))
-        unexpected = sorted(set(stored) - set(expected))
-        mismatched = sorted(k for k in set(expected) & set(stored) if stored[k] != expected[k])
+        missing, unexpected, mismatched = signature_differences(
+            expected, {key: (tuple(value.shape),) for key, value in lora.items()})
         if missing or unexpected or mismatched:
             raise CheckpointError(
                 f"{source}: the {name} expert's LoRA adapter does not fit the model (rank "
